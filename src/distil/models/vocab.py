@@ -1,0 +1,297 @@
+"""Vocabulary checks for logit distillation: same tokenizer, padded embedding rows, fingerprints.
+
+Token-level distillation compares the teacher's and the student's distributions id by id, so
+both must read the same tokenizer. Two cases are handled here, before step 0:
+
+- Same tokenizer, different embedding sizes (models often pad their embedding to a multiple of
+  64 or 128): both logit tensors are sliced to the tokenizer's real size. Padded rows are never
+  scored and nothing is ever padded with zero logits (a zero logit is not a zero probability).
+- Different tokenizers (compared by token strings, ids and special tokens): a hard error, since
+  cross-tokenizer distillation is not supported yet.
+
+``tokenizer_fingerprint`` hashes everything that decides which ids a text becomes, for caches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from distil.errors import DistilError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+# Any of these makes a folder loadable by AutoTokenizer (fast JSON, config, or a slow vocab).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "vocab.txt",
+    "tokenizer.model",
+    "spiece.model",
+)
+_FINGERPRINT_SECTIONS = ("model", "normalizer", "pre_tokenizer", "post_processor", "added_tokens")
+_MAX_LISTED = 5
+
+
+@dataclass(frozen=True)
+class VocabAlignment:
+    """How teacher and student logits map onto the shared tokenizer.
+
+    Attributes:
+        tokenizer_vocab_size: Ids the tokenizer can produce (max id + 1); logits are sliced to it.
+        teacher_vocab_rows: Rows of the teacher's output layer.
+        student_vocab_rows: Rows of the student's output layer.
+    """
+
+    tokenizer_vocab_size: int
+    teacher_vocab_rows: int
+    student_vocab_rows: int
+
+    @property
+    def needs_slicing(self) -> bool:
+        """Whether either model has padded rows beyond the tokenizer's vocabulary."""
+        return max(self.teacher_vocab_rows, self.student_vocab_rows) > self.tokenizer_vocab_size
+
+
+def load_tokenizer_folder(
+    folder: Path | str, *, trust_remote_code: bool = False
+) -> PreTrainedTokenizerBase:
+    """Load a tokenizer from a local folder, with a clear error when its files are missing.
+
+    Raises:
+        DistilError: If the folder does not exist, has no tokenizer files, or loading fails.
+    """
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DistilError(f"tokenizer folder {folder} does not exist")
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        present = sorted(path.name for path in folder.iterdir())
+        raise DistilError(
+            f"{folder} has no tokenizer files (looked for {', '.join(TOKENIZER_FILES)}; found {present}); "
+            "save the tokenizer next to the model (tokenizer.save_pretrained(folder), or "
+            "distil.models.lm.save_model_folder(model, folder, tokenizer=tokenizer)) or point the "
+            "tokenizer path at the folder that has it"
+        )
+    try:
+        return AutoTokenizer.from_pretrained(
+            str(folder), local_files_only=True, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        raise DistilError(
+            f"cannot load the tokenizer in {folder}: {str(exc).splitlines()[0]}"
+        ) from exc
+
+
+def tokenizer_vocab_size(tokenizer: PreTrainedTokenizerBase) -> int:
+    """Number of logit rows the tokenizer can address: its largest id + 1, added tokens included.
+
+    This is neither ``tokenizer.vocab_size`` (which leaves out added tokens) nor the model's
+    ``config.vocab_size`` (which may be padded).
+    """
+    vocab = tokenizer.get_vocab()
+    if not vocab:
+        raise DistilError("the tokenizer has an empty vocabulary")
+    size = max(vocab.values()) + 1
+    if size != len(tokenizer):
+        logger.warning(
+            "tokenizer ids have gaps: largest id + 1 = %d but len(tokenizer) = %d",
+            size,
+            len(tokenizer),
+        )
+    return int(size)
+
+
+def output_vocab_rows(model: nn.Module) -> int:
+    """Rows of the model's output layer (the last logits dimension), padding included."""
+    get_output = getattr(model, "get_output_embeddings", None)
+    output = get_output() if callable(get_output) else None
+    weight = getattr(output, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        return int(weight.shape[0])
+    vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
+    if isinstance(vocab_size, int):
+        return vocab_size
+    raise DistilError(f"cannot tell the output vocabulary size of {type(model).__name__}")
+
+
+def check_same_tokenizer(
+    teacher_tokenizer: PreTrainedTokenizerBase, student_tokenizer: PreTrainedTokenizerBase
+) -> None:
+    """Refuse teacher/student pairs whose tokenizers map strings to different ids.
+
+    Compares the full vocabularies (token string → id, added tokens included) and the special
+    tokens (eos, pad, bos, ...). When those agree but the fingerprints differ (another
+    normalizer or pre-tokenizer), a warning is logged: the same text may still split differently.
+
+    Raises:
+        DistilError: Naming the differences, saying cross-tokenizer distillation is not
+            supported yet and what to do instead.
+    """
+    teacher_vocab = teacher_tokenizer.get_vocab()
+    student_vocab = student_tokenizer.get_vocab()
+    problems: list[str] = []
+    only_teacher = sorted(set(teacher_vocab) - set(student_vocab), key=teacher_vocab.__getitem__)
+    only_student = sorted(set(student_vocab) - set(teacher_vocab), key=student_vocab.__getitem__)
+    moved = sorted(
+        (
+            token
+            for token in set(teacher_vocab) & set(student_vocab)
+            if teacher_vocab[token] != student_vocab[token]
+        ),
+        key=teacher_vocab.__getitem__,
+    )
+    if only_teacher:
+        problems.append(
+            f"{len(only_teacher)} token(s) only in the teacher's, e.g. {only_teacher[:_MAX_LISTED]}"
+        )
+    if only_student:
+        problems.append(
+            f"{len(only_student)} token(s) only in the student's, e.g. {only_student[:_MAX_LISTED]}"
+        )
+    if moved:
+        examples = [
+            f"{token!r}: {teacher_vocab[token]} vs {student_vocab[token]}"
+            for token in moved[:_MAX_LISTED]
+        ]
+        problems.append(f"{len(moved)} token(s) with different ids, e.g. {examples}")
+    teacher_special = _special_tokens(teacher_tokenizer)
+    student_special = _special_tokens(student_tokenizer)
+    if teacher_special != student_special:
+        problems.append(
+            f"special tokens differ: teacher {teacher_special}, student {student_special}"
+        )
+    if problems:
+        raise DistilError(
+            "teacher and student tokenizers differ ("
+            + "; ".join(problems)
+            + "). Cross-tokenizer distillation is not supported yet: token-level losses compare "
+            "distributions id by id. Give the student the teacher's tokenizer (and an embedding of at "
+            "least its size, e.g. a student initialised from the teacher), or distil on teacher-generated "
+            "text (sequence-level KD), which needs no shared vocabulary."
+        )
+    if tokenizer_fingerprint(teacher_tokenizer) != tokenizer_fingerprint(student_tokenizer):
+        logger.warning(
+            "teacher and student tokenizers share vocabulary and special tokens but differ in normalizer, "
+            "pre-tokenizer, post-processor or merges; the data is tokenized once, with the student's"
+        )
+
+
+def check_vocab_alignment(
+    tokenizer: PreTrainedTokenizerBase, *, teacher_vocab_rows: int, student_vocab_rows: int
+) -> VocabAlignment:
+    """Check both models can score every tokenizer id and describe how logits are aligned.
+
+    Raises:
+        DistilError: If a model has fewer output rows than the tokenizer has ids.
+    """
+    vocab_size = tokenizer_vocab_size(tokenizer)
+    short = {
+        name: rows
+        for name, rows in (("teacher", teacher_vocab_rows), ("student", student_vocab_rows))
+        if rows < vocab_size
+    }
+    if short:
+        raise DistilError(
+            f"the tokenizer has {vocab_size} ids but the output layer of {short} has fewer rows, so some "
+            "tokens cannot be scored; resize the model's embeddings (model.resize_token_embeddings(n)) or "
+            "use the tokenizer the model was trained with"
+        )
+    alignment = VocabAlignment(vocab_size, teacher_vocab_rows, student_vocab_rows)
+    logger.info(
+        "vocab policy: tokenizer %d ids; teacher logits %d rows, student logits %d rows; %s",
+        vocab_size,
+        teacher_vocab_rows,
+        student_vocab_rows,
+        f"both sliced to the first {vocab_size} (padded rows never scored)"
+        if alignment.needs_slicing
+        else "no slicing",
+    )
+    return alignment
+
+
+def check_distillation_vocab(
+    teacher_tokenizer: PreTrainedTokenizerBase,
+    student_tokenizer: PreTrainedTokenizerBase,
+    *,
+    teacher_vocab_rows: int,
+    student_vocab_rows: int,
+) -> VocabAlignment:
+    """Run ``check_same_tokenizer`` then ``check_vocab_alignment``: the check before step 0."""
+    check_same_tokenizer(teacher_tokenizer, student_tokenizer)
+    return check_vocab_alignment(
+        student_tokenizer,
+        teacher_vocab_rows=teacher_vocab_rows,
+        student_vocab_rows=student_vocab_rows,
+    )
+
+
+def align_logits_to_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Keep the first ``vocab_size`` logits of the last dimension (a view, no copy).
+
+    Args:
+        logits: ``[..., V_model]`` with ``V_model >= vocab_size``.
+        vocab_size: The tokenizer's size, e.g. ``VocabAlignment.tokenizer_vocab_size``.
+
+    Returns:
+        ``[..., vocab_size]``.
+
+    Raises:
+        DistilError: If the logits have fewer entries than ``vocab_size``; they are never padded.
+    """
+    if logits.shape[-1] < vocab_size:
+        raise DistilError(
+            f"logits have {logits.shape[-1]} entries but the tokenizer has {vocab_size} ids; padding logits "
+            "would invent probabilities, so the model's output layer must cover the tokenizer"
+        )
+    return logits[..., :vocab_size]  # [..., V]
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A sha256 over what decides token ids: vocabulary, merges, special and added tokens.
+
+    For fast tokenizers it hashes the ``model`` (type, vocab, merges), ``normalizer``,
+    ``pre_tokenizer``, ``post_processor`` and ``added_tokens`` sections of ``tokenizer.json``
+    plus the special-token map, as canonical JSON (sorted keys). The decoder, padding and
+    truncation state and the chat template are left out: they do not change the ids of a text.
+    Other tokenizers are hashed by their vocabulary and special tokens only (logged).
+
+    Returns:
+        A 64-character hex digest, equal for tokenizers that tokenize identically.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    canonical: dict[str, Any] = {"special_tokens": _special_tokens(tokenizer)}
+    if backend is not None:
+        serialized = json.loads(backend.to_str())
+        canonical.update({section: serialized.get(section) for section in _FINGERPRINT_SECTIONS})
+    else:
+        logger.warning(
+            "%s is not a fast tokenizer; fingerprinting its vocabulary only",
+            type(tokenizer).__name__,
+        )
+        canonical["vocab"] = sorted(
+            tokenizer.get_vocab().items(), key=lambda item: (item[1], item[0])
+        )
+    payload = json.dumps(canonical, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+def _special_tokens(tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+    """The special-token map as plain strings (or lists of strings), for comparison and hashing."""
+    special = getattr(tokenizer, "special_tokens_map", {}) or {}
+    return {
+        name: [str(token) for token in value] if isinstance(value, list | tuple) else str(value)
+        for name, value in sorted(special.items())
+    }
