@@ -1,0 +1,180 @@
+"""The ``distil`` command line: run, validate, recipes, cp, report."""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import shutil
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from distil.config.loading import ConfigError, apply_overrides, load_yaml, validate_config
+from distil.errors import DistilError
+from distil.recipes import RECIPES, load_recipe
+
+app = typer.Typer(
+    name="distil",
+    help="Knowledge distillation: turn a large teacher into a small, fast student that keeps what matters.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+DEFAULT_CONFIG = "classifier_kd"
+
+
+def shipped_configs() -> dict[str, Path]:
+    """Config files shipped inside the package, by name without ``.yaml``."""
+    root = resources.files("distil") / "configs"
+    return {Path(str(p)).stem: Path(str(p)) for p in root.iterdir() if str(p).endswith(".yaml")}
+
+
+def resolve_config_path(spec: str) -> Path:
+    """A local YAML path, or the name of a shipped config or recipe."""
+    path = Path(spec)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        return path
+    shipped = shipped_configs()
+    if spec in shipped:
+        return shipped[spec]
+    if spec in RECIPES:
+        return shipped[Path(RECIPES[spec].default_config).stem]
+    close = difflib.get_close_matches(spec, [*shipped, *RECIPES], n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise ConfigError([f"{spec!r} is neither a YAML file nor a shipped config.{hint} See `distil recipes`."])
+
+
+def load_config(spec: str, overrides: list[str]) -> tuple[str, Any, dict[str, Any]]:
+    """Read, override and validate a config; return (recipe name, Config, resolved dict)."""
+    path = resolve_config_path(spec)
+    data = apply_overrides(load_yaml(path), overrides)
+    recipe = data.get("recipe")
+    if recipe not in RECIPES:
+        close = difflib.get_close_matches(str(recipe), list(RECIPES), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError([f"recipe: {recipe!r} is not a recipe{hint} (known: {', '.join(RECIPES)})"], source=str(path))
+    module = load_recipe(recipe)
+    cfg = validate_config(module.Config, data, source=str(path))
+    return recipe, cfg, cfg.model_dump(mode="json")
+
+
+def _fail(exc: Exception) -> None:
+    err_console.print(f"[bold red]error:[/bold red] {exc}", soft_wrap=True, markup=True, highlight=False)
+    raise typer.Exit(code=2)
+
+
+@app.command()
+def run(
+    config: Annotated[str, typer.Argument(help="YAML file or shipped config name")] = DEFAULT_CONFIG,
+    overrides: Annotated[list[str] | None, typer.Argument(help="dotted overrides, e.g. train.lr=3e-4")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue the newest run of this name (or --run-dir)")] = False,
+    run_dir: Annotated[Path | None, typer.Option("--run-dir", help="use exactly this run folder")] = None,
+) -> None:
+    """Run a distillation. With no argument: the built-in default job (digits, CNN → MLP)."""
+    from distil.training import run_dir as rd
+    from distil.training.session import open_session
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        recipe, cfg, resolved = load_config(config, overrides or [])
+        name = cfg.run.name or recipe
+
+        def choose() -> Path:
+            if run_dir is not None:
+                if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+                    raise DistilError(f"{run_dir} already holds a run; add --resume to continue it, or pick a new --run-dir")
+                return run_dir
+            return rd.latest_run_dir(cfg.run.output_dir, name) if resume else rd.new_run_dir(cfg.run.output_dir, name)
+
+        def prepare(path: Path) -> None:
+            if resume and (path / "config.resolved.yaml").is_file():
+                rd.check_resume_config(path, resolved)
+            rd.write_resolved_config(path, resolved)
+
+        session = open_session(
+            choose, resume=resume, device=cfg.train.device.value, mixed_precision=cfg.train.mixed_precision.value,
+            log_with=cfg.run.log_with, project=name, on_run_dir=prepare,
+        )  # fmt: skip
+        if session.accelerator.is_main_process:
+            console.print(f"[bold]run folder[/bold] {session.run_dir}")
+        load_recipe(recipe).main(cfg, session)
+        session.accelerator.end_training()
+        if session.accelerator.is_main_process:
+            console.print(f"[bold]report[/bold] {session.run_dir / 'report.md'}")
+    except DistilError as exc:
+        _fail(exc)
+
+
+@app.command()
+def validate(
+    config: Annotated[str, typer.Argument(help="YAML file or shipped config name")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="dotted overrides")] = None,
+) -> None:
+    """Check a config (and overrides) without running it; print every problem at once."""
+    try:
+        recipe, _cfg, _ = load_config(config, overrides or [])
+    except DistilError as exc:
+        _fail(exc)
+        return
+    console.print(f"[green]ok[/green]: {config} is a valid {recipe} config")
+
+
+@app.command()
+def recipes() -> None:
+    """List the recipes and the configs shipped with distil."""
+    table = Table(title="distil recipes")
+    table.add_column("recipe")
+    table.add_column("what it does")
+    table.add_column("shipped configs")
+    shipped = shipped_configs()
+    for name, entry in RECIPES.items():
+        mine = sorted(k for k in shipped if load_yaml(shipped[k]).get("recipe") == name)
+        table.add_row(name, entry.description, ", ".join(mine))
+    console.print(table)
+
+
+@app.command()
+def cp(
+    recipe: Annotated[str, typer.Argument(help="recipe or shipped config name")],
+    dest: Annotated[Path, typer.Argument(help="where to write the YAML copy")],
+) -> None:
+    """Copy a shipped config to hack on; run it with `distil run DEST`."""
+    try:
+        src = resolve_config_path(recipe)
+        if not src.is_file():
+            raise DistilError(f"{recipe!r}: no such shipped config")
+        target = dest / src.name if dest.is_dir() else dest
+        if target.exists():
+            raise DistilError(f"{target} exists; choose another destination or delete it first")
+        shutil.copyfile(src, target)
+    except DistilError as exc:
+        _fail(exc)
+        return
+    console.print(f"copied {src.name} to {target}; run it with: distil run {target}")
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="a run folder")]) -> None:
+    """Rewrite report.md from a run's report.json and print the summary."""
+    from distil.evaluation.report import load_report, print_report, write_report
+
+    try:
+        data = load_report(run_dir)
+    except DistilError as exc:
+        _fail(exc)
+        return
+    write_report(run_dir, data)
+    print_report(data, console)
+    console.print(f"[bold]report[/bold] {run_dir / 'report.md'}")
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app(sys.argv[1:])

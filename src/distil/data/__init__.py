@@ -1,0 +1,1 @@
+"""Data: built-in datasets, local files, tokenisation, masking, packing, collate."""

@@ -1,0 +1,1 @@
+"""Evaluation: metrics, latency and size measurement, reports."""

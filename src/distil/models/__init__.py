@@ -1,0 +1,1 @@
+"""Models: zoo, loading from folders or factories, layer maps, vocab checks."""

@@ -1,0 +1,32 @@
+"""Recipes: one module per method family, each with a pydantic ``Config`` and ``main(cfg, session)``.
+
+The table below is the only place a recipe is registered: no decorators, no import side
+effects. A test keeps it in sync with the CLI help, the shipped configs and the README.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from types import ModuleType
+
+
+@dataclass(frozen=True)
+class RecipeEntry:
+    module: str
+    description: str
+    default_config: str  # file name under distil/configs/
+
+
+RECIPES: dict[str, RecipeEntry] = {
+    "classifier_kd": RecipeEntry(
+        "distil.recipes.classifier_kd",
+        "Classifier → smaller classifier: Hinton KD (soft CE at kd_temperature, T²) + hard CE, with a no-teacher baseline",
+        "classifier_kd.yaml",
+    ),
+}
+
+
+def load_recipe(name: str) -> ModuleType:
+    """Import a recipe module by its table name."""
+    return importlib.import_module(RECIPES[name].module)

@@ -1,0 +1,388 @@
+"""Recipe ``classifier_kd``: distil a classifier teacher into a smaller classifier student.
+
+Hinton et al. (2015): the student minimises ``(1 - kd_weight) * CE(labels) + kd_weight * T² *
+KL(teacher_T || student_T)``; the mix lives in ``distil.losses.objective``. The run trains the
+teacher first when asked (so the built-in job needs nothing downloaded), distils the student,
+trains the same student without the teacher as a baseline, and reports what the student kept
+and what it costs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, field_validator, model_validator
+from torch import nn
+
+from distil.config.base import StrictModel
+from distil.config.sections import ModelSpec, RunSection, TrainSection
+from distil.data.classification import (
+    BUILTIN_DATASETS,
+    ClassificationData,
+    check_labels,
+    load_files,
+)
+from distil.errors import DistilError
+from distil.evaluation import classification as metrics
+from distil.evaluation.cost import cpu_latency_ms
+from distil.evaluation.report import print_report, write_report
+from distil.losses.objective import classifier_objective
+from distil.models.classifier import (
+    BuiltModel,
+    Inputs,
+    build_classifier,
+    count_parameters,
+    load_weights,
+    logits_of,
+    save_model,
+)
+from distil.training.batches import global_batches, rank_slice
+from distil.training.checkpoint import (
+    MARKER,
+    TrainState,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from distil.training.metrics import MetricsLog
+from distil.training.optim import build_optimizer, build_scheduler
+from distil.training.progress import progress_bar, rate_text
+from distil.training.session import Session
+
+logger = logging.getLogger(__name__)
+
+PHASES = {"teacher": 1, "student": 2, "baseline": 3}  # offsets that decorrelate per-phase RNG streams
+
+
+class DataSection(StrictModel):
+    """A built-in dataset by name, or local files with named columns."""
+
+    dataset: str | None = "digits"
+    train_file: str | None = None
+    test_file: str | None = None
+    text_column: str | None = None
+    image_column: str | None = None
+    label_column: str = "label"
+    test_fraction: float = Field(default=0.25, gt=0, lt=1)
+    train_limit: int | None = Field(default=None, ge=1, description="use only this many training examples")
+
+    @field_validator("dataset")
+    @classmethod
+    def _known(cls, v: str | None) -> str | None:
+        if v is not None and v not in BUILTIN_DATASETS:
+            import difflib
+
+            close = difflib.get_close_matches(v, list(BUILTIN_DATASETS), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(f"unknown dataset {v!r}; {hint}built-in: {sorted(BUILTIN_DATASETS)} (or set train_file)")
+        return v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataSection:
+        if (self.dataset is None) == (self.train_file is None):
+            raise ValueError("set exactly one of data.dataset (built-in) or data.train_file (local file)")
+        return self
+
+
+class TeacherSection(StrictModel):
+    model: ModelSpec = ModelSpec(zoo="cnn", kwargs={"channels": [32, 64, 64]})
+    checkpoint: str | None = Field(default=None, description="safetensors weights for a zoo/factory teacher")
+    train: bool = Field(default=False, description="train the teacher first, in this run")
+    training: TrainSection = TrainSection()
+
+
+class StudentSection(StrictModel):
+    model: ModelSpec = ModelSpec(zoo="mlp", kwargs={"hidden": [32]})
+
+
+class KDSection(StrictModel):
+    kd_weight: float = Field(default=0.9, ge=0, le=1, description="weight of the soft term; 1 - it weighs hard CE")
+    kd_temperature: float = Field(default=4.0, gt=0)
+    divergence: str = "forward_kl"
+
+
+class EvalSection(StrictModel):
+    baseline: bool = Field(default=True, description="also train the student without the teacher")
+    throughput_batch: int = Field(default=256, ge=1)
+
+
+class Config(StrictModel):
+    recipe: Literal["classifier_kd"] = "classifier_kd"
+    seed: int = 0
+    run: RunSection = RunSection()
+    data: DataSection = DataSection()
+    teacher: TeacherSection = TeacherSection()
+    student: StudentSection = StudentSection()
+    train: TrainSection = TrainSection()
+    kd: KDSection = KDSection()
+    eval: EvalSection = EvalSection()
+
+
+def load_data(cfg: Config) -> ClassificationData:
+    d = cfg.data
+    if d.dataset is not None:
+        data = BUILTIN_DATASETS[d.dataset][0](d.test_fraction, cfg.seed)
+    else:
+        assert d.train_file is not None
+        data = load_files(
+            d.train_file, d.test_file, text_column=d.text_column, image_column=d.image_column,
+            label_column=d.label_column, test_fraction=d.test_fraction, seed=cfg.seed,
+        )  # fmt: skip
+    if d.train_limit is not None and d.train_limit < len(data.train):
+        keep = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(cfg.seed))[: d.train_limit]
+        data = ClassificationData(data.name, data.train.subset(keep.sort().values.numpy()), data.test,
+                                  data.class_names, data.modality)  # fmt: skip
+    check_labels(data)
+    return data
+
+
+def _take(inputs: Inputs, index: torch.Tensor, device: torch.device) -> Inputs:
+    return {k: v[index].to(device) for k, v in inputs.items()}
+
+
+def _check_classes(built: BuiltModel, inputs: Inputs, num_classes: int, role: str) -> None:
+    with torch.no_grad():
+        out = logits_of(built.module.eval(), {k: v[:2] for k, v in inputs.items()})
+    if out.shape[-1] != num_classes:
+        raise DistilError(
+            f"the {role} outputs {out.shape[-1]} classes but the dataset has {num_classes}; "
+            f"give the {role} a head of {num_classes} classes"
+        )
+
+
+def train_phase(
+    phase: str, s: Session, built: BuiltModel, cfg: Config, tcfg: TrainSection, inputs: Inputs,
+    labels: torch.Tensor, test_inputs: Inputs, test_labels: torch.Tensor, log: MetricsLog,
+    teacher: BuiltModel | None = None, teacher_inputs: Inputs | None = None,
+) -> None:  # fmt: skip
+    """Train ``built.module`` in place: CE only, or CE + KD when a teacher is given."""
+    acc, phase_dir = s.accelerator, s.run_dir / phase
+    final = phase_dir / "final"
+    if (final / MARKER).is_file():  # finished before a crash or in an earlier call: reuse it
+        load_weights(built.module, final / "model.safetensors")
+        logger.info("%s: reusing finished weights from %s", phase, final)
+        return
+    world, rank = acc.num_processes, acc.process_index
+    if tcfg.batch_size % (world * tcfg.grad_accum):
+        raise DistilError(
+            f"train.batch_size={tcfg.batch_size} must be divisible by processes × grad_accum = "
+            f"{world} × {tcfg.grad_accum}; change train.batch_size or train.grad_accum"
+        )
+    n = len(labels)
+    steps_per_epoch = n // tcfg.batch_size
+    if steps_per_epoch == 0:
+        raise DistilError(f"{phase}: {n} training examples is fewer than one batch ({tcfg.batch_size})")
+    total = steps_per_epoch * tcfg.epochs if tcfg.max_steps is None else min(tcfg.max_steps, steps_per_epoch * tcfg.epochs)
+    optimizer = build_optimizer(built.module.parameters(), name=tcfg.optimizer.value, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    scheduler = build_scheduler(optimizer, name=tcfg.scheduler.value, total_steps=total, warmup_steps=tcfg.warmup_steps)
+    state = TrainState(step=0, epoch=0, batch_in_epoch=0, extra={})
+    ckpt = latest_checkpoint(phase_dir / "checkpoints") if s.resume else None
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model=built.module, optimizer=optimizer, scheduler=scheduler)
+        logger.info("%s: resumed from %s (step %d, epoch %d, batch %d)", phase, ckpt, state.step, state.epoch, state.batch_in_epoch)
+    model, optimizer = acc.prepare(built.module, optimizer)
+    if teacher is not None:
+        teacher.module.to(acc.device).eval().requires_grad_(False)
+    kd = cfg.kd
+    step, epoch, start_batch = state.step, state.epoch, state.batch_in_epoch
+    seen: list[int] = []  # example ids this rank consumed in epoch 0, written out as an audit of sharding
+    if epoch == 0:  # resumed inside epoch 0: the batches before the checkpoint are a pure function of the seed
+        first = global_batches(n, global_batch_size=tcfg.batch_size, seed=cfg.seed + PHASES[phase], epoch=0, drop_last=True)
+        seen = [i for bb in first[:start_batch] for mb in bb.tensor_split(tcfg.grad_accum) for i in rank_slice(mb, rank=rank, world_size=world).tolist()]
+    with progress_bar(acc.is_main_process) as bar:
+        task = bar.add_task(phase, total=total, completed=step, rate="", info="")
+        t_start, samples = _now(), 0
+        while step < total:
+            batches = global_batches(n, global_batch_size=tcfg.batch_size, seed=cfg.seed + PHASES[phase], epoch=epoch, drop_last=True)
+            for b in range(start_batch, len(batches)):
+                if step >= total:
+                    break
+                torch.manual_seed(cfg.seed + 1_000_003 * PHASES[phase] + 7919 * step + rank)  # per-step RNG: exact resume
+                model.train()
+                batch = batches[b]
+                window_items = len(batch) / world  # normaliser: supervised examples per rank over the window
+                sums: dict[str, float] = {}
+                for m, micro in enumerate(batch.tensor_split(tcfg.grad_accum)):
+                    mine = rank_slice(micro, rank=rank, world_size=world)
+                    if epoch == 0:
+                        seen.extend(mine.tolist())
+                    sync = nullcontext() if m == tcfg.grad_accum - 1 else acc.no_sync(model)
+                    with sync, acc.autocast():
+                        student_logits = logits_of(model, _take(inputs, mine, acc.device))  # (b, C)
+                        teacher_logits = None
+                        if teacher is not None and teacher_inputs is not None:
+                            with torch.no_grad():
+                                teacher_logits = logits_of(teacher.module, _take(teacher_inputs, mine, acc.device))
+                        out = classifier_objective(
+                            student_logits.float(), None if teacher_logits is None else teacher_logits.float(),
+                            labels[mine].to(acc.device), kd_weight=kd.kd_weight, kd_temperature=kd.kd_temperature,
+                            divergence=kd.divergence, num_items=window_items,
+                        )  # fmt: skip
+                    _stop_if_not_finite(out.loss, s, phase_dir, built.module, optimizer, scheduler,
+                                        TrainState(step, epoch, b, {}), tcfg, phase, m)  # fmt: skip
+                    acc.backward(out.loss)
+                    for k, v in out.components.items():
+                        sums[k] = sums.get(k, 0.0) + float(v)
+                grad_norm = acc.clip_grad_norm_(model.parameters(), tcfg.max_grad_norm or math.inf)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                samples += len(batch)
+                bar.update(task, advance=1, rate=rate_text(samples, _now() - t_start, "samples"), info=f"loss {sum(v for k, v in sums.items() if k.endswith('/weighted')):.4f}")
+                log.log({**sums, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "epoch": epoch}, step=step, phase=phase)
+                if step % tcfg.checkpoint_every == 0 or step == total:
+                    nxt = (epoch, b + 1) if b + 1 < len(batches) else (epoch + 1, 0)
+                    _save(s, phase_dir / "checkpoints", acc.unwrap_model(model), optimizer, scheduler, TrainState(step, nxt[0], nxt[1], {}), tcfg)
+            else:
+                if tcfg.eval_every_epoch:
+                    test_acc = metrics.accuracy(metrics.predict_logits(acc.unwrap_model(model), test_inputs), test_labels)
+                    log.log({"test_accuracy": test_acc, "epoch": epoch}, step=step, phase=phase)
+                if epoch == 0:
+                    s.write_json(phase_dir / f"seen-epoch0-rank{rank}.json", seen)
+                epoch, start_batch = epoch + 1, 0
+                continue
+            break
+    built.module = acc.unwrap_model(model)
+    if acc.is_main_process:
+        save_model(built, final)
+        (final / MARKER).write_text("ok\n")
+    acc.wait_for_everyone()
+
+
+def _now() -> float:
+    import time
+
+    return time.perf_counter()
+
+
+def _save(s: Session, folder: Path, module: nn.Module, optimizer: Any, scheduler: Any, state: TrainState, tcfg: TrainSection) -> None:
+    if s.accelerator.is_main_process:
+        save_checkpoint(folder, model=module, optimizer=optimizer, scheduler=scheduler, state=state, keep=tcfg.keep_checkpoints)
+    s.accelerator.wait_for_everyone()
+
+
+def _stop_if_not_finite(
+    loss: torch.Tensor, s: Session, phase_dir: Path, module: nn.Module, optimizer: Any, scheduler: Any,
+    state: TrainState, tcfg: TrainSection, phase: str, micro: int,
+) -> None:  # fmt: skip
+    bad = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0], device=s.accelerator.device)
+    if s.accelerator.num_processes > 1:
+        bad = s.accelerator.reduce(bad, reduction="sum")
+    if bad.item() == 0:
+        return
+    _save(s, phase_dir / "last-good", module, optimizer, scheduler, state, tcfg)
+    raise DistilError(
+        f"{phase}: the loss is {loss.item()} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch}, "
+        f"micro-batch {micro}); the last good state is saved in {phase_dir / 'last-good'}. "
+        "Lower train.lr, set train.max_grad_norm, or check the data for NaN/inf values"
+    )
+
+
+def _cost(built: BuiltModel, inputs: Inputs, folder: Path, throughput_batch: int) -> dict[str, Any]:
+    module = built.module.cpu().eval()
+    one = {k: v[:1] for k, v in inputs.items()}
+    many = {k: v[:throughput_batch] for k, v in inputs.items()}
+    n_many = next(iter(many.values())).shape[0]
+    lat1 = cpu_latency_ms(lambda: logits_of(module, one))
+    lat_many = cpu_latency_ms(lambda: logits_of(module, many), repeats=10)
+    return {
+        "params": count_parameters(module),
+        "size_bytes": sum(f.stat().st_size for f in folder.glob("*.safetensors")),
+        "latency_b1_ms": lat1,
+        f"latency_b{n_many}_ms": lat_many,
+        "throughput_per_s": n_many / (lat_many / 1e3),
+    }
+
+
+def main(cfg: Config, s: Session) -> dict[str, Any]:
+    """Run the recipe in the session's run folder; return the report."""
+    data = load_data(cfg)
+    acc = s.accelerator
+    torch.manual_seed(cfg.seed)
+    teacher = build_classifier(**cfg.teacher.model.model_dump(), data=data)
+    if cfg.teacher.model.zoo is not None and not cfg.teacher.train and cfg.teacher.checkpoint is None:
+        raise DistilError("the zoo teacher has no weights: set teacher.checkpoint: PATH.safetensors, or teacher.train: true")
+    if cfg.teacher.checkpoint is not None:
+        load_weights(teacher.module, Path(cfg.teacher.checkpoint))
+    t_train, t_test = teacher.encoder(data.train), teacher.encoder(data.test)
+    _check_classes(teacher, t_train, data.num_classes, "teacher")
+    train_labels, test_labels = torch.from_numpy(data.train.labels), torch.from_numpy(data.test.labels)
+    log = MetricsLog(s.run_dir / "metrics.jsonl", acc, acc.is_main_process)
+    s.announce(
+        f"classifier_kd on {data.name} ({len(data.train)} train / {len(data.test)} test, {data.num_classes} classes): "
+        f"teacher {teacher.source} ({'trained here' if cfg.teacher.train else 'loaded'}), student {cfg.student.model.zoo or cfg.student.model.hf or cfg.student.model.factory}, "
+        f"loss = {1 - cfg.kd.kd_weight:g}·CE + {cfg.kd.kd_weight:g}·T²·{cfg.kd.divergence} at kd_temperature={cfg.kd.kd_temperature:g}; "
+        f"{acc.num_processes} process(es) on {acc.device}"
+    )
+    if cfg.teacher.train:
+        train_phase("teacher", s, teacher, cfg, cfg.teacher.training, t_train, train_labels, t_test, test_labels, log)
+    teacher.module.eval().requires_grad_(False)
+
+    def fresh_student() -> BuiltModel:
+        torch.manual_seed(cfg.seed + 17)  # the same initial weights for the KD student and the baseline
+        built = build_classifier(**cfg.student.model.model_dump(), data=data)
+        return built
+
+    student = fresh_student()
+    s_train, s_test = student.encoder(data.train), student.encoder(data.test)
+    _check_classes(student, s_train, data.num_classes, "student")
+    train_phase("student", s, student, cfg, cfg.train, s_train, train_labels, s_test, test_labels, log, teacher, t_train)
+    baseline = None
+    if cfg.eval.baseline:
+        baseline = fresh_student()
+        train_phase("baseline", s, baseline, cfg, cfg.train, s_train, train_labels, s_test, test_labels, log)
+    if not acc.is_main_process:
+        return {}
+    report = build_report(cfg, s, data, teacher, student, baseline, t_test, s_test, test_labels)
+    write_report(s.run_dir, report)
+    print_report(report, s.console)
+    return report
+
+
+def build_report(
+    cfg: Config, s: Session, data: ClassificationData, teacher: BuiltModel, student: BuiltModel,
+    baseline: BuiltModel | None, t_test: Inputs, s_test: Inputs, test_labels: torch.Tensor,
+) -> dict[str, Any]:  # fmt: skip
+    teacher_dir = s.run_dir / "teacher" / "final"
+    if not teacher_dir.is_dir():
+        save_model(teacher, teacher_dir)
+    t_logits = metrics.predict_logits(teacher.module, t_test)
+    rows: list[dict[str, Any]] = []
+    roles = [("teacher", teacher, t_test), ("student (KD)", student, s_test)]
+    if baseline is not None:
+        roles.append(("baseline (no teacher)", baseline, s_test))
+    for role, built, inp in roles:
+        logits = t_logits if built is teacher else metrics.predict_logits(built.module, inp)
+        folder = s.run_dir / {"teacher": "teacher", "student (KD)": "student", "baseline (no teacher)": "baseline"}[role] / "final"
+        row = {"model": role, "source": built.source, "accuracy": metrics.accuracy(logits, test_labels),
+               "agreement": metrics.agreement(logits, t_logits), **_cost(built, inp, folder, cfg.eval.throughput_batch)}  # fmt: skip
+        row["per_class_accuracy"] = metrics.per_class_accuracy(logits, test_labels, data.num_classes)
+        rows.append(row)
+    for row in rows:
+        row["speedup"] = rows[0]["latency_b1_ms"] / row["latency_b1_ms"]
+        row["size_ratio"] = rows[0]["params"] / row["params"]
+    highlights: dict[str, Any] = {"dataset": f"{data.name} ({len(data.test)} test examples)"}
+    if baseline is not None:
+        gain = rows[1]["accuracy"] - rows[2]["accuracy"]
+        gap = rows[0]["accuracy"] - rows[2]["accuracy"]
+        highlights["KD gain over baseline (accuracy points)"] = 100 * gain
+        highlights["gap closed (student - baseline) / (teacher - baseline)"] = gain / gap if gap > 0 else None
+    highlights["student is smaller by"] = f"{rows[1]['size_ratio']:.1f}x params, {rows[1]['speedup']:.1f}x faster at batch 1"
+    columns = [
+        ("model", "model"), ("accuracy", "test acc"), ("agreement", "agree w/ teacher"), ("params", "params"),
+        ("size_bytes", "bytes"), ("latency_b1_ms", "ms @ b1"), ("throughput_per_s", "ex/s @ b256"), ("speedup", "speed-up"),
+    ]  # fmt: skip
+    return {
+        "title": f"classifier_kd: {data.name}",
+        "recipe": "classifier_kd",
+        "table": {"columns": [{"key": k, "label": lbl} for k, lbl in columns], "rows": rows},
+        "highlights": highlights,
+        "details": {"kd": cfg.kd.model_dump(), "seed": cfg.seed, "class_names": data.class_names,
+                    "processes": s.accelerator.num_processes},
+    }

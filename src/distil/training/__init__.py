@@ -1,0 +1,1 @@
+"""Loop pieces: accelerate setup, optimiser, schedule, checkpoint/resume, metrics, progress."""

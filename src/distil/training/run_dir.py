@@ -1,0 +1,100 @@
+"""The run folder: resolved config, environment, metrics, checkpoints, report."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from distil.errors import DistilError
+
+_PACKAGES = ("distil", "torch", "transformers", "accelerate", "safetensors", "pydantic", "numpy", "datasets", "tokenizers")
+
+
+def git_sha() -> str | None:
+    """The git commit of the working directory's repository, with ``-dirty`` if it has changes."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, check=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{sha}-dirty" if dirty else sha
+
+
+def environment(devices: list[str], num_processes: int) -> dict[str, Any]:
+    """Versions, git sha, devices: what is needed to know how a run was made."""
+    import torch
+
+    versions: dict[str, str | None] = {}
+    for name in _PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "packages": versions,
+        "git_sha": git_sha(),
+        "devices": devices,
+        "num_processes": num_processes,
+        "torch_threads": torch.get_num_threads(),
+        "cuda_available": torch.cuda.is_available(),
+        "time_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "argv": sys.argv,
+    }
+
+
+def new_run_dir(output_dir: str, name: str) -> Path:
+    """A fresh folder ``output_dir/name-YYYYmmdd-HHMMSS`` (suffixed if that exists)."""
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path(output_dir) / f"{name}-{stamp}"
+    path, i = base, 1
+    while path.exists():
+        path = base.with_name(f"{base.name}-{i}")
+        i += 1
+    return path
+
+
+def latest_run_dir(output_dir: str, name: str) -> Path:
+    """The newest run folder of ``name`` under ``output_dir``, for ``--resume`` without a path."""
+    root = Path(output_dir)
+    candidates = sorted(
+        (p for p in root.glob(f"{name}-*") if (p / "config.resolved.yaml").is_file()),
+        key=lambda p: p.stat().st_mtime,
+    )
+    if not candidates:
+        raise DistilError(f"--resume: no earlier run named {name!r} under {root}; start one without --resume")
+    return candidates[-1]
+
+
+def write_resolved_config(run_dir: Path, config: dict[str, Any]) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.resolved.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def check_resume_config(run_dir: Path, config: dict[str, Any]) -> None:
+    """Refuse to resume a run with a config that changed anything but the run section."""
+    path = run_dir / "config.resolved.yaml"
+    if not path.is_file():
+        raise DistilError(f"--resume: {run_dir} has no config.resolved.yaml; is it a distil run folder?")
+    old = yaml.safe_load(path.read_text())
+    differing = sorted(
+        k for k in set(old) | set(config) if k != "run" and old.get(k) != config.get(k)
+    )
+    if differing:
+        raise DistilError(
+            f"--resume: the config differs from the one {run_dir} was started with in {differing}; "
+            "resume with the same config, or start a new run"
+        )
+
+
+def write_env(run_dir: Path, env: dict[str, Any]) -> None:
+    (run_dir / "env.json").write_text(json.dumps(env, indent=1))

@@ -1,0 +1,74 @@
+"""A run session: the Accelerator, the run folder, resume state and the console.
+
+Created once per ``distil run`` by ``open_session``; recipes receive it and never build their
+own Accelerator, so device placement and multi-process execution are configured in one place.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from distil.training.run_dir import environment, write_env
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Session:
+    accelerator: Any  # accelerate.Accelerator (imported lazily: it is heavy)
+    run_dir: Path
+    resume: bool
+    console: Console = field(default_factory=Console)
+
+    def announce(self, text: str) -> None:
+        """Log the effective mode of the run: printed at start and kept in ``mode.txt``."""
+        logger.info("%s", text)
+        if self.accelerator.is_main_process:
+            self.console.print(f"[bold green]distil[/bold green] {text}")
+            with open(self.run_dir / "mode.txt", "a", encoding="utf-8") as f:
+                f.write(text + "\n")
+
+    def write_json(self, path: Path, payload: Any) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(payload))
+        tmp.replace(path)
+
+
+def open_session(
+    choose_run_dir: Callable[[], Path], *, resume: bool, device: str, mixed_precision: str, log_with: list[str],
+    project: str, on_run_dir: Callable[[Path], None] | None = None,
+) -> Session:  # fmt: skip
+    """Create the Accelerator, agree on one run folder across processes (the main process
+    chooses it), start the trackers there and record the environment."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, broadcast_object_list
+
+    accelerator = Accelerator(cpu=device == "cpu", mixed_precision=mixed_precision)
+    chosen = [str(choose_run_dir()) if accelerator.is_main_process else ""]
+    if accelerator.num_processes > 1:
+        chosen = broadcast_object_list(chosen, from_process=0)
+    run_dir = Path(chosen[0])
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if on_run_dir is not None:
+            on_run_dir(run_dir)
+    accelerator.wait_for_everyone()
+    if log_with:  # the run folder is known only now, so the trackers are attached after construction
+        from accelerate.tracking import filter_trackers
+
+        accelerator.project_configuration = ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir))
+        accelerator.log_with = filter_trackers(log_with, str(run_dir))
+    if log_with:
+        accelerator.init_trackers(project)  # TensorBoard events land in run_dir/<project>/
+    if accelerator.is_main_process:
+        write_env(run_dir, environment([str(accelerator.device)], accelerator.num_processes))
+    return Session(accelerator=accelerator, run_dir=run_dir, resume=resume)
+

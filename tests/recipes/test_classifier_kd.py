@@ -1,0 +1,163 @@
+"""classifier_kd end to end: run folder, report, resume after SIGKILL, bad input, NaN guard."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from distil.cli import app
+
+FAST = [
+    "teacher.training.epochs=2",
+    "teacher.model.kwargs.channels=[8,16]",
+    "train.epochs=2",
+    "train.checkpoint_every=5",
+]
+
+runner = CliRunner()
+
+
+def _run(args: list[str]) -> tuple[int, str]:
+    result = runner.invoke(app, args)
+    return result.exit_code, result.output + (str(result.exception) if result.exception and result.exit_code not in (0, 2) else "")
+
+
+def test_default_job_small_writes_full_run_folder(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    code, out = _run(["run", "classifier_kd", *FAST, "--run-dir", str(run_dir)])
+    assert code == 0, out
+    for name in ("config.resolved.yaml", "env.json", "metrics.jsonl", "report.json", "report.md", "mode.txt"):
+        assert (run_dir / name).is_file(), name
+    assert list(run_dir.glob("classifier_kd/events.out.tfevents.*")), "no TensorBoard events"
+    for phase in ("teacher", "student", "baseline"):
+        assert (run_dir / phase / "final" / "model.safetensors").is_file()
+        ckpts = sorted((run_dir / phase / "checkpoints").glob("step-*"))
+        assert ckpts and all((c / "COMPLETE").is_file() for c in ckpts)
+        assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng.safetensors", "rng.json", "state.json"} <= {
+            p.name for p in ckpts[-1].iterdir()
+        }
+    env = json.loads((run_dir / "env.json").read_text())
+    assert env["packages"]["torch"] and env["devices"] == ["cpu"]
+    report = json.loads((run_dir / "report.json").read_text())
+    rows = {r["model"]: r for r in report["table"]["rows"]}
+    assert set(rows) == {"teacher", "student (KD)", "baseline (no teacher)"}
+    assert rows["teacher"]["agreement"] == 1.0
+    assert rows["student (KD)"]["params"] == rows["baseline (no teacher)"]["params"] == 2410
+    assert 0.5 < rows["teacher"]["accuracy"] <= 1.0
+    md = (run_dir / "report.md").read_text()
+    assert f"{rows['student (KD)']['accuracy']:.4g}" in md
+    assert "test acc" in out  # the table printed at the end
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    student = [m for m in metrics if m["phase"] == "student" and "kd/raw" in m]
+    assert student and all(np.isfinite(m["kd/weighted"]) for m in student)
+    # every example seen exactly once in epoch 0 (one process)
+    seen = json.loads((run_dir / "student" / "seen-epoch0-rank0.json").read_text())
+    assert len(seen) == len(set(seen)) and len(seen) == (1347 // 64) * 64
+    # `distil report` re-renders from report.json
+    code, out = _run(["report", str(run_dir)])
+    assert code == 0 and "student (KD)" in out
+
+
+def _cli(args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "distil", *args]
+
+
+def test_resume_after_sigkill_gives_identical_weights(tmp_path: Path) -> None:
+    args = ["run", "classifier_kd", "teacher.training.epochs=1", "teacher.model.kwargs.channels=[8,16]",
+            "train.epochs=12", "train.checkpoint_every=7", "eval.baseline=false", "run.log_with=[]",
+            "student.model.kwargs.dropout=0.2"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    full = tmp_path / "full"
+    subprocess.run(_cli([*args, "--run-dir", str(full)]), check=True, env=env, capture_output=True)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_cli([*args, "--run-dir", str(killed)]), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if len(list((killed / "student" / "checkpoints").glob("step-*"))) >= 2:
+            break
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "student" / "final").exists(), "the run finished before it could be killed"
+    resumed = subprocess.run(_cli([*args, "--run-dir", str(killed), "--resume"]), env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = load_file(str(full / "student" / "final" / "model.safetensors"))
+    b = load_file(str(killed / "student" / "final" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_resume_refuses_a_changed_config(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    code, out = _run(["run", "classifier_kd", *FAST, "eval.baseline=false", "--run-dir", str(run_dir)])
+    assert code == 0, out
+    code, out = _run(["run", "classifier_kd", *FAST, "eval.baseline=false", "train.lr=0.1", "--run-dir", str(run_dir), "--resume"])
+    assert code == 2 and "differs" in out and "train" in out
+
+
+def _csv(path: Path, labels: list[int], n: int = 40, nan_at: int | None = None) -> Path:
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n):
+        pixels = rng.random(16).round(3).tolist()
+        if nan_at is not None and i % nan_at == nan_at - 1:
+            pixels[0] = float("nan")
+        rows.append({"pixels": json.dumps(pixels), "label": labels[i % len(labels)]})
+    frame = pd.DataFrame(rows)
+    frame["pixels"] = frame["pixels"].map(json.loads)
+    frame.to_json(path, orient="records", lines=True)
+    return path
+
+
+def test_bad_inputs_stop_before_training(tmp_path: Path) -> None:
+    cases = {
+        "missing file": (["data.dataset=null", f"data.train_file={tmp_path / 'none.csv'}", "data.image_column=pixels"], "data file not found"),
+        "teacher without weights": (["teacher.train=false"], "zoo teacher has no weights"),
+        "teacher checkpoint of another shape": (["teacher.train=false", f"teacher.checkpoint={tmp_path / 'w.safetensors'}"], "does not fit the model"),
+    }  # fmt: skip
+    from safetensors.torch import save_file
+
+    save_file({"head.weight": torch.zeros(3, 3)}, str(tmp_path / "w.safetensors"))
+    header_only = tmp_path / "empty.csv"
+    header_only.write_text("pixels,label\n")
+    cases["empty dataset"] = (["data.dataset=null", f"data.train_file={header_only}", "data.image_column=pixels"], "empty")
+    for name, (overrides, expected) in cases.items():
+        code, out = _run(["run", "classifier_kd", *FAST, *overrides, "--run-dir", str(tmp_path / name.replace(" ", "_"))])
+        assert code == 2, (name, out)
+        assert expected in out, (name, out)
+
+
+def test_teacher_with_other_number_of_classes_is_refused(tmp_path: Path) -> None:
+    data = _csv(tmp_path / "d.jsonl", labels=[0, 1, 2])
+    code, out = _run([
+        "run", "classifier_kd", *FAST, "data.dataset=null", f"data.train_file={data}", "data.image_column=pixels",
+        "teacher.train=false", "teacher.model.factory=tests.recipes.factories:five_class_mlp", "teacher.model.zoo=null",
+        "teacher.model.kwargs={}", "--run-dir", str(tmp_path / "r"),
+    ])  # fmt: skip
+    assert code == 2
+    assert "teacher outputs 5 classes but the dataset has 3" in out
+
+
+def test_nan_loss_stops_with_step_batch_and_last_good_checkpoint(tmp_path: Path) -> None:
+    data = _csv(tmp_path / "d.jsonl", labels=[0, 1], n=64, nan_at=10)  # every 10th example has a NaN pixel
+    run_dir = tmp_path / "r"
+    code, out = _run([
+        "run", "classifier_kd", "data.dataset=null", f"data.train_file={data}", "data.image_column=pixels",
+        "data.test_fraction=0.1", "teacher.training.batch_size=8", "teacher.training.epochs=1",
+        "teacher.model.zoo=mlp", "teacher.model.kwargs={}", "teacher.train=true", "--run-dir", str(run_dir),
+    ])  # fmt: skip
+    assert code == 2, out
+    assert "teacher: the loss is nan at step" in out and "batch" in out
+    assert list((run_dir / "teacher" / "last-good").glob("step-*/COMPLETE"))

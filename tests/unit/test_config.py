@@ -1,0 +1,80 @@
+"""The config system: YAML + dotted overrides, every problem at once, named by dotted key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from distil.cli import load_config, shipped_configs
+from distil.config.loading import ConfigError, apply_overrides, parse_override
+from distil.recipes import RECIPES
+
+
+def test_every_shipped_config_parses() -> None:
+    shipped = shipped_configs()
+    assert shipped, "no configs shipped"
+    for name, path in shipped.items():
+        recipe, _cfg, resolved = load_config(str(path), [])
+        assert recipe in RECIPES, name
+        assert resolved["recipe"] == recipe
+
+
+def test_every_recipe_has_a_shipped_default() -> None:
+    shipped = shipped_configs()
+    for name, entry in RECIPES.items():
+        assert Path(entry.default_config).stem in shipped, name
+
+
+def test_override_sets_nested_value_with_yaml_types() -> None:
+    data = apply_overrides({"train": {"lr": 0.1}}, ["train.lr=3e-4", "train.epochs=2", "kd.divergence=reverse_kl", "eval.baseline=false"])
+    assert data["train"] == {"lr": 3e-4, "epochs": 2}
+    assert data["kd"]["divergence"] == "reverse_kl"
+    assert data["eval"]["baseline"] is False
+
+
+def test_override_without_equals_is_an_error() -> None:
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        parse_override("train.lr")
+
+
+def test_all_errors_reported_together_with_dotted_keys_and_did_you_mean() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config("classifier_kd", ["train.lr=-1", "train.epocs=3", "kd.kd_temperature=hot", "data.datset=digits"])
+    text = str(info.value)
+    assert "train.lr: Input should be greater than 0" in text
+    assert "train.epocs: unknown key; did you mean 'train.epochs'?" in text
+    assert "kd.kd_temperature:" in text and "'hot'" in text
+    assert "data.datset: unknown key; did you mean 'data.dataset'?" in text
+    assert len(info.value.problems) == 4
+
+
+def test_unknown_dataset_and_recipe_named() -> None:
+    with pytest.raises(ConfigError, match="did you mean 'digits'"):
+        load_config("classifier_kd", ["data.dataset=digit"])
+    with pytest.raises(ConfigError, match="did you mean 'classifier_kd'"):
+        load_config("classifier_kd", ["recipe=classifer_kd"])
+
+
+def test_model_spec_needs_exactly_one_source() -> None:
+    with pytest.raises(ConfigError, match="student.model: Value error, set exactly one of zoo, hf, factory"):
+        load_config("classifier_kd", ["student.model.hf=/tmp/x"])
+
+
+def test_config_is_frozen() -> None:
+    _, cfg, _ = load_config("classifier_kd", [])
+    with pytest.raises(Exception, match="frozen"):
+        cfg.train.lr = 1.0
+
+
+def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(str(tmp_path / "nope.yaml"), [])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("recipe: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(bad), [])
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(str(listy), [])
