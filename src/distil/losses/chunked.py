@@ -1,0 +1,406 @@
+"""Memory-efficient distillation losses for large vocabularies, computed from hidden states.
+
+The reference path builds ``student_logits = hidden @ weight.T`` of shape ``(B, T, V)`` and
+then several fp32 tensors of the same size (log-softmax, probabilities, their gradients). At
+``V = 128k`` and 4k tokens each of those is 2 GiB (failure mode F1). This module never builds
+more than ``chunk_size × V`` elements at a time:
+
+1. supervised positions are selected first (``hidden[mask]``), so padding and prompt tokens cost
+   nothing;
+2. for each chunk of ``C`` positions it computes the logits (in the model's dtype, as the model
+   would), upcasts them to fp32, evaluates the hard CE and/or the divergence with the *same*
+   functions as the reference path, and differentiates that chunk's loss with respect to its
+   logits with autograd (a ``(C, V)`` tensor);
+3. it immediately turns that logits gradient into the gradients of the hidden states
+   (``g @ weight``) and of the weight (``g.T @ hidden``, accumulated in place), then frees the
+   chunk.
+
+So the gradients are computed during the forward pass (the approach of fused-linear losses) and
+stored: ``(N, H)`` for the hidden states and one ``(V, H)`` buffer for the weight, the same size
+the reference path's weight gradient has anyway. The custom ``backward`` only scales them by the
+incoming gradient, which is exact because the loss is a scalar that enters the rest of the graph
+linearly. No extra matmul is spent on recomputation (unlike per-chunk checkpointing). Double
+backward is not supported. The teacher is treated as a constant (no gradient flows to it).
+
+:func:`should_use_chunked_loss` decides the default; :func:`default_chunk_size` sizes chunks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+from torch.autograd.function import FunctionCtx, once_differentiable
+
+from distil.losses.divergences import Divergence, per_position_from_logits, upcast
+from distil.losses.reduction import NumItems, normalizer, select_positions
+
+__all__ = [
+    "CHUNKED_ELEMENTS_THRESHOLD",
+    "CHUNKED_VOCAB_THRESHOLD",
+    "DEFAULT_CHUNK_ELEMENTS",
+    "ChunkedLossParts",
+    "chunked_divergence",
+    "default_chunk_size",
+    "fused_linear_loss",
+    "should_use_chunked_loss",
+]
+
+CHUNKED_VOCAB_THRESHOLD = 32_768
+"""Vocabularies at least this wide use the chunked path by default."""
+
+CHUNKED_ELEMENTS_THRESHOLD = 2**28
+"""Narrower vocabularies still use it once ``positions × V`` reaches this (1 GiB per fp32 copy)."""
+
+DEFAULT_CHUNK_ELEMENTS = 2**24
+"""Target ``chunk_size × V`` (64 MiB per fp32 chunk tensor; a chunk holds about ten of them)."""
+
+
+def should_use_chunked_loss(num_positions: int, vocab_size: int) -> bool:
+    """Whether the logits loss should default to the chunked path.
+
+    Chunked when ``vocab_size >= 32768`` (every modern LLM vocabulary) or when
+    ``num_positions × vocab_size >= 2**28`` elements (1 GiB per fp32 tensor, and the reference
+    path holds several). Otherwise the reference path is cheaper in time and small in memory.
+
+    Args:
+        num_positions: positions the loss covers (``B × T``, or the supervised count).
+        vocab_size: ``V``.
+
+    Returns:
+        True if the chunked path should be used.
+    """
+    return vocab_size >= CHUNKED_VOCAB_THRESHOLD or num_positions * vocab_size >= (
+        CHUNKED_ELEMENTS_THRESHOLD
+    )
+
+
+def default_chunk_size(vocab_size: int, *, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> int:
+    """Positions per chunk so that one fp32 ``(chunk, V)`` tensor has about ``chunk_elements``.
+
+    Returns:
+        ``max(1, chunk_elements // vocab_size)`` (128 positions at V = 128k, 512 at V = 32k).
+    """
+    return max(1, chunk_elements // max(vocab_size, 1))
+
+
+class ChunkedLossParts(NamedTuple):
+    """Result of :func:`fused_linear_loss`.
+
+    Attributes:
+        loss: scalar ``hard_ce_coef·hard_ce_sum + kd_coef·kd_sum``, differentiable with respect
+            to the student's hidden states, weight and bias.
+        hard_ce_sum: detached scalar, summed hard cross-entropy (0 if not computed).
+        kd_sum: detached scalar, summed divergence (0 if not computed).
+        num_selected: supervised positions in this call.
+    """
+
+    loss: Tensor
+    hard_ce_sum: Tensor
+    kd_sum: Tensor
+    num_selected: int
+
+
+@dataclass
+class _ChunkPlan:
+    """Everything the chunk loop needs besides the differentiable inputs."""
+
+    labels: Tensor | None  # (N,) int64 hard targets, or None for no CE
+    teacher_rows: Tensor | None  # (N, V) teacher logits rows (may be a lazy index source)
+    teacher_index: Tensor | None  # (N,) rows of teacher_rows to use, or None = identity
+    teacher_hidden: Tensor | None  # (N, Ht)
+    teacher_weight: Tensor | None  # (V, Ht)
+    teacher_bias: Tensor | None  # (V,)
+    hard_ce_coef: float | Tensor
+    kd_coef: float | Tensor
+    divergence: Divergence
+    kd_temperature: float
+    chunk_size: int
+    method_params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def has_teacher(self) -> bool:
+        return self.teacher_rows is not None or self.teacher_hidden is not None
+
+    def teacher_chunk(self, start: int, end: int) -> Tensor:
+        with torch.no_grad():
+            if self.teacher_hidden is not None:
+                assert self.teacher_weight is not None
+                logits = self.teacher_hidden[start:end] @ self.teacher_weight.T  # (C, V)
+                if self.teacher_bias is not None:
+                    logits = logits + self.teacher_bias
+                return logits
+            assert self.teacher_rows is not None
+            if self.teacher_index is None:
+                return self.teacher_rows[start:end]  # (C, V) view
+            return self.teacher_rows.index_select(0, self.teacher_index[start:end])  # (C, V)
+
+    def chunk_loss(self, logits: Tensor, start: int, end: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Weighted loss, CE sum and KD sum of one chunk of fp32 logits ``(C, V)``."""
+        zero = logits.new_zeros(())
+        total, ce_sum, kd_sum = zero, zero, zero
+        if self.labels is not None:
+            targets = self.labels[start:end].unsqueeze(-1)  # (C, 1)
+            per_pos = torch.logsumexp(logits, -1) - logits.gather(-1, targets).squeeze(-1)
+            ce_sum = per_pos.sum()
+            total = total + self.hard_ce_coef * ce_sum
+        if self.has_teacher:
+            teacher = self.teacher_chunk(start, end)
+            kd_sum = per_position_from_logits(
+                self.divergence,
+                logits,
+                teacher,
+                kd_temperature=self.kd_temperature,
+                **self.method_params,
+            ).sum()
+            total = total + self.kd_coef * kd_sum
+        return total, ce_sum, kd_sum
+
+
+def _run_chunks(
+    plan: _ChunkPlan,
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    need: tuple[bool, bool, bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """The chunk loop: loss parts and (if ``need``) gradients of hidden, weight, bias."""
+    need_h, need_w, need_b = need
+    any_grad = need_h or need_w or need_b
+    n = hidden.shape[0]
+    acc_dtype = upcast(weight).dtype  # fp32 (fp64 stays fp64)
+    grad_h = torch.zeros_like(hidden) if need_h else None
+    grad_w = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_w else None
+    grad_b = torch.zeros(weight.shape[0], dtype=acc_dtype, device=weight.device) if need_b else None
+    loss = torch.zeros((), dtype=acc_dtype, device=hidden.device)
+    ce_total = torch.zeros_like(loss)
+    kd_total = torch.zeros_like(loss)
+    for start in range(0, n, plan.chunk_size):
+        end = min(start + plan.chunk_size, n)
+        h = hidden[start:end]  # (C, H)
+        logits = h @ weight.T  # (C, V), model dtype
+        if bias is not None:
+            logits = logits + bias
+        with torch.enable_grad():
+            z = upcast(logits).detach().requires_grad_(any_grad)  # (C, V) fp32 leaf
+            total, ce_sum, kd_sum = plan.chunk_loss(z, start, end)
+            grad_z = torch.autograd.grad(total, z)[0] if any_grad else None  # (C, V)
+        loss += total.detach()
+        ce_total += ce_sum.detach()
+        kd_total += kd_sum.detach()
+        if grad_z is not None:
+            if grad_h is not None:
+                grad_h[start:end] = grad_z.to(weight.dtype) @ weight  # (C, H)
+            if grad_w is not None:
+                grad_w.addmm_(grad_z.T, upcast(h).to(acc_dtype))  # (V, H) += (V, C) @ (C, H)
+            if grad_b is not None:
+                grad_b += grad_z.sum(0)
+        del logits, z, grad_z
+    return loss, ce_total, kd_total, grad_h, grad_w, grad_b
+
+
+class _FusedLinearLoss(torch.autograd.Function):
+    """Chunked linear + loss whose gradients are computed in the forward pass (see module)."""
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx,
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        plan: _ChunkPlan,
+        need: tuple[bool, bool, bool],
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        loss, ce_sum, kd_sum, grad_h, grad_w, grad_b = _run_chunks(plan, hidden, weight, bias, need)
+        ctx.grads = (  # type: ignore[attr-defined]
+            grad_h,
+            None if grad_w is None else grad_w.to(weight.dtype),
+            None if grad_b is None or bias is None else grad_b.to(bias.dtype),
+        )
+        ctx.mark_non_differentiable(ce_sum, kd_sum)
+        return loss, ce_sum, kd_sum
+
+    @staticmethod
+    @once_differentiable
+    def backward(
+        ctx: FunctionCtx, grad_loss: Tensor, _grad_ce: Tensor, _grad_kd: Tensor
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None]:
+        grad_h, grad_w, grad_b = ctx.grads  # type: ignore[attr-defined]
+
+        def scaled(g: Tensor | None) -> Tensor | None:
+            return None if g is None else g * grad_loss.to(g.dtype)
+
+        return scaled(grad_h), scaled(grad_w), scaled(grad_b), None, None
+
+
+def fused_linear_loss(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    mask: Tensor | None = None,
+    *,
+    student_bias: Tensor | None = None,
+    labels: Tensor | None = None,
+    teacher_logits: Tensor | None = None,
+    teacher_hidden: Tensor | None = None,
+    teacher_weight: Tensor | None = None,
+    teacher_bias: Tensor | None = None,
+    hard_ce_coef: float | Tensor = 0.0,
+    kd_coef: float | Tensor = 1.0,
+    divergence: Divergence | str = Divergence.FORWARD_KL,
+    kd_temperature: float = 1.0,
+    chunk_size: int | None = None,
+    **method_params: Any,
+) -> ChunkedLossParts:
+    """Hard CE and a divergence from hidden states, in chunks of positions, in one pass.
+
+    ``loss = hard_ce_coef · Σ CE + kd_coef · Σ D`` over supervised positions, where
+    ``CE = −log softmax(z)[label]`` at temperature 1 and ``D`` is the divergence between
+    ``softmax(z / T)`` and the teacher's ``softmax(z_t / T)``, ``z = hidden @ weight.T + bias``.
+    The coefficients carry normalisation, mixing weights and T² (see objective.py).
+
+    Args:
+        student_hidden: shape ``(..., H)``, the student's final hidden states.
+        student_weight: shape ``(V, H)``, the output (unembedding) weight, same dtype.
+        mask: bool, shape ``(...)``, True = supervised; None = all positions.
+        student_bias: shape ``(V,)`` or None.
+        labels: shape ``(...)`` int64 hard targets (used at supervised positions), or None for
+            no hard term.
+        teacher_logits: shape ``(..., V)``, or None.
+        teacher_hidden: shape ``(..., Ht)``, used with ``teacher_weight`` instead of
+            ``teacher_logits`` so the teacher's logits are also built chunk by chunk.
+        teacher_weight: shape ``(V, Ht)``.
+        teacher_bias: shape ``(V,)`` or None.
+        hard_ce_coef: factor on the summed CE (0 skips the CE).
+        kd_coef: factor on the summed divergence.
+        divergence: a :class:`~distil.losses.divergences.Divergence` name.
+        kd_temperature: divides student and teacher logits in the divergence.
+        chunk_size: positions per chunk; default :func:`default_chunk_size`.
+        **method_params: the divergence's own parameters.
+
+    Returns:
+        :class:`ChunkedLossParts`.
+
+    Raises:
+        ValueError: on inconsistent shapes or teacher arguments.
+    """
+    if student_weight.dim() != 2 or student_hidden.shape[-1] != student_weight.shape[1]:
+        raise ValueError(
+            f"student_hidden {tuple(student_hidden.shape)} and student_weight "
+            f"{tuple(student_weight.shape)} do not fit: expected (..., H) and (V, H)"
+        )
+    vocab = student_weight.shape[0]
+    positions = tuple(student_hidden.shape[:-1])
+    if teacher_logits is not None and teacher_hidden is not None:
+        raise ValueError("pass teacher_logits or teacher_hidden + teacher_weight, not both")
+    if (teacher_hidden is None) != (teacher_weight is None):
+        raise ValueError("teacher_hidden and teacher_weight go together")
+    if teacher_logits is not None and tuple(teacher_logits.shape) != (*positions, vocab):
+        raise ValueError(
+            f"teacher_logits {tuple(teacher_logits.shape)} must have shape {(*positions, vocab)}"
+        )
+    if teacher_weight is not None and teacher_weight.shape[0] != vocab:
+        raise ValueError(
+            f"teacher_weight has {teacher_weight.shape[0]} rows but the student vocabulary is "
+            f"{vocab}; resolve vocabulary mismatches before the loss"
+        )
+    divergence = Divergence(divergence)
+    hidden = select_positions(student_hidden, mask)  # (N, H), differentiable gather
+    n = hidden.shape[0]
+    teacher_rows = teacher_index = t_hidden = None
+    if teacher_logits is not None:
+        teacher_rows = teacher_logits.detach().reshape(-1, vocab)  # view when contiguous
+        if mask is not None:
+            teacher_index = mask.reshape(-1).nonzero().squeeze(-1)  # (N,)
+    if teacher_hidden is not None:
+        t_hidden = select_positions(teacher_hidden.detach(), mask)  # (N, Ht)
+    plan = _ChunkPlan(
+        labels=None if labels is None else select_positions(labels, mask, event_dims=0),
+        teacher_rows=teacher_rows,
+        teacher_index=teacher_index,
+        teacher_hidden=t_hidden,
+        teacher_weight=None if teacher_weight is None else teacher_weight.detach(),
+        teacher_bias=None if teacher_bias is None else teacher_bias.detach(),
+        hard_ce_coef=hard_ce_coef,
+        kd_coef=kd_coef,
+        divergence=divergence,
+        kd_temperature=kd_temperature,
+        chunk_size=chunk_size or default_chunk_size(vocab),
+        method_params=dict(method_params),
+    )
+    if isinstance(hard_ce_coef, float | int) and hard_ce_coef == 0:
+        plan.labels = None
+    grad_on = torch.is_grad_enabled()
+    need = (
+        grad_on and hidden.requires_grad,
+        grad_on and student_weight.requires_grad,
+        grad_on and student_bias is not None and student_bias.requires_grad,
+    )
+    loss, ce_sum, kd_sum = _FusedLinearLoss.apply(hidden, student_weight, student_bias, plan, need)
+    return ChunkedLossParts(loss, ce_sum, kd_sum, n)
+
+
+def chunked_divergence(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_logits: Tensor | None = None,
+    mask: Tensor | None = None,
+    *,
+    student_bias: Tensor | None = None,
+    teacher_hidden: Tensor | None = None,
+    teacher_weight: Tensor | None = None,
+    teacher_bias: Tensor | None = None,
+    divergence: Divergence | str = Divergence.FORWARD_KL,
+    kd_temperature: float = 1.0,
+    num_items: NumItems = None,
+    chunk_size: int | None = None,
+    **method_params: Any,
+) -> Tensor:
+    """A divergence from the student's hidden states without materialising ``(..., V)`` logits.
+
+    Equal (within float tolerance, values and gradients) to
+    ``compute_divergence(divergence, hidden @ weight.T + bias, teacher_logits, mask, ...)``.
+
+    Args:
+        student_hidden: shape ``(..., H)``.
+        student_weight: shape ``(V, H)``.
+        teacher_logits: shape ``(..., V)``; or None when ``teacher_hidden`` is given.
+        mask: bool, shape ``(...)``, True = supervised; None = all positions.
+        student_bias: shape ``(V,)`` or None.
+        teacher_hidden: shape ``(..., Ht)`` (with ``teacher_weight``), instead of logits.
+        teacher_weight: shape ``(V, Ht)``.
+        teacher_bias: shape ``(V,)`` or None.
+        divergence: a :class:`~distil.losses.divergences.Divergence` name.
+        kd_temperature: divides both logits before the softmax (no T² here).
+        num_items: normaliser (supervised positions over the accumulation window); default =
+            supervised positions in this call.
+        chunk_size: positions per chunk; default :func:`default_chunk_size`.
+        **method_params: the divergence's own parameters.
+
+    Returns:
+        Scalar: summed divergence over supervised positions divided by ``num_items``.
+
+    Raises:
+        ValueError: if no teacher is given.
+    """
+    if teacher_logits is None and teacher_hidden is None:
+        raise ValueError("chunked_divergence needs teacher_logits or teacher_hidden")
+    n = int(mask.sum()) if mask is not None else student_hidden[..., 0].numel()
+    parts = fused_linear_loss(
+        student_hidden,
+        student_weight,
+        mask,
+        student_bias=student_bias,
+        teacher_logits=teacher_logits,
+        teacher_hidden=teacher_hidden,
+        teacher_weight=teacher_weight,
+        teacher_bias=teacher_bias,
+        hard_ce_coef=0.0,
+        kd_coef=1.0 / normalizer(num_items, n),
+        divergence=divergence,
+        kd_temperature=kd_temperature,
+        chunk_size=chunk_size,
+        **method_params,
+    )
+    return parts.loss

@@ -1,0 +1,273 @@
+"""Tests for distil.losses.chunked: equal to the reference path, without full-size tensors."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from distil.losses import chunked as ch
+from distil.losses.divergences import DIVERGENCES, compute_divergence
+
+F64 = torch.float64
+
+CASES: list[tuple[str, dict[str, float]]] = [
+    ("forward_kl", {}),
+    ("reverse_kl", {}),
+    ("symmetric_kl", {"reverse_kl_weight": 0.3}),
+    ("generalized_jsd", {"beta": 0.3}),
+    ("skew_kl", {"skew_alpha": 0.2}),
+    ("skew_reverse_kl", {"skew_alpha": 0.2}),
+    ("total_variation", {}),
+    ("tvd_plus_plus", {}),
+]
+IDS = [c[0] for c in CASES]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread() -> Iterator[None]:
+    """Tiny tensors: OpenMP fan-out costs more than it saves; restore the setting after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def randn(*shape: int, seed: int, dtype: torch.dtype = F64) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+class Problem:
+    """A small LM head problem: student hidden/weight/bias, teacher hidden/weight, a mask."""
+
+    def __init__(self, dtype: torch.dtype = F64, b: int = 2, t: int = 7, h: int = 5, v: int = 11):
+        self.hidden = randn(b, t, h, seed=1, dtype=dtype).requires_grad_()
+        self.weight = randn(v, h, seed=2, dtype=dtype).requires_grad_()
+        self.bias = randn(v, seed=3, dtype=dtype).requires_grad_()
+        self.teacher_hidden = randn(b, t, 4, seed=4, dtype=dtype)
+        self.teacher_weight = randn(v, 4, seed=5, dtype=dtype) * 1.5
+        self.mask = randn(b, t, seed=6) > -0.5
+        self.params = (self.hidden, self.weight, self.bias)
+
+    @property
+    def teacher_logits(self) -> torch.Tensor:
+        return self.teacher_hidden @ self.teacher_weight.T
+
+    def reference(self, name: str, **kw: float) -> torch.Tensor:
+        logits = self.hidden @ self.weight.T + self.bias
+        return compute_divergence(name, logits, self.teacher_logits, self.mask, **kw)
+
+
+def value_and_grads(
+    loss_fn: Callable[[], torch.Tensor], params: tuple[torch.Tensor, ...]
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    value = loss_fn()
+    return value.detach(), torch.autograd.grad(value, params)
+
+
+@pytest.mark.parametrize(("name", "params"), CASES, ids=IDS)
+@pytest.mark.parametrize("teacher_form", ["logits", "hidden"])
+@pytest.mark.parametrize("chunk_size", [1, 3, 64])
+def test_chunked_equals_reference_values_and_gradients(
+    name: str, params: dict[str, float], teacher_form: str, chunk_size: int
+) -> None:
+    pb = Problem()
+    teacher = (
+        {"teacher_logits": pb.teacher_logits}
+        if teacher_form == "logits"
+        else {"teacher_hidden": pb.teacher_hidden, "teacher_weight": pb.teacher_weight}
+    )
+    ref_v, ref_g = value_and_grads(
+        lambda: pb.reference(name, kd_temperature=1.7, **params), pb.params
+    )
+    got_v, got_g = value_and_grads(
+        lambda: ch.chunked_divergence(
+            pb.hidden,
+            pb.weight,
+            mask=pb.mask,
+            student_bias=pb.bias,
+            divergence=name,
+            kd_temperature=1.7,
+            chunk_size=chunk_size,
+            **teacher,
+            **params,
+        ),
+        pb.params,
+    )
+    torch.testing.assert_close(got_v, ref_v, rtol=1e-12, atol=1e-14)
+    for got, ref in zip(got_g, ref_g, strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-14)
+
+
+def test_chunked_equals_reference_in_fp32_and_bf16() -> None:
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        pb = Problem(dtype=dtype, t=33, v=50)
+        ref_v, ref_g = value_and_grads(
+            lambda pb=pb: pb.reference("forward_kl", kd_temperature=2.0), pb.params
+        )
+        got_v, got_g = value_and_grads(
+            lambda pb=pb: ch.chunked_divergence(
+                pb.hidden,
+                pb.weight,
+                pb.teacher_logits,
+                pb.mask,
+                student_bias=pb.bias,
+                kd_temperature=2.0,
+                chunk_size=8,
+            ),
+            pb.params,
+        )
+        assert got_v.dtype == torch.float32
+        torch.testing.assert_close(got_v, ref_v.float(), rtol=tol, atol=tol)
+        for got, ref in zip(got_g, ref_g, strict=True):
+            assert got.dtype == dtype
+            torch.testing.assert_close(got.float(), ref.float(), rtol=tol, atol=tol)
+
+
+def test_gradcheck_through_the_custom_backward() -> None:
+    pb = Problem(b=1, t=4, h=3, v=6)
+    teacher = pb.teacher_logits
+    assert torch.autograd.gradcheck(
+        lambda h, w, b: ch.chunked_divergence(
+            h, w, teacher, pb.mask[:1], student_bias=b, divergence="generalized_jsd", chunk_size=2
+        ),
+        pb.params,
+    )
+    # The loss enters the graph linearly, so scaling it scales every gradient (grad_output).
+    (g1,) = torch.autograd.grad(ch.chunked_divergence(pb.hidden, pb.weight, teacher), pb.hidden)
+    (g3,) = torch.autograd.grad(
+        3.0 * ch.chunked_divergence(pb.hidden, pb.weight, teacher), pb.hidden
+    )
+    torch.testing.assert_close(g3, 3.0 * g1)
+
+
+def test_masked_positions_are_ignored_and_all_masked_is_zero() -> None:
+    pb = Problem()
+    teacher = pb.teacher_logits
+
+    def run(
+        hidden: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        h = hidden.detach().clone().requires_grad_()
+        return value_and_grads(
+            lambda: ch.chunked_divergence(h, pb.weight, teacher, mask, chunk_size=2), (h, pb.weight)
+        )
+
+    v1, (gh1, gw1) = run(pb.hidden, pb.mask)
+    garbage = pb.hidden.detach().clone()
+    garbage[~pb.mask] = float("nan")
+    v2, (gh2, gw2) = run(garbage, pb.mask)
+    assert v1 == v2 and torch.equal(gw1, gw2) and torch.equal(gh1, gh2)
+    assert bool((gh1[~pb.mask] == 0).all())
+    v3, (gh3, gw3) = run(pb.hidden, torch.zeros_like(pb.mask))
+    assert float(v3) == 0.0 and bool((gh3 == 0).all()) and bool((gw3 == 0).all())
+
+
+def test_fused_hard_ce_and_kd_parts() -> None:
+    pb = Problem()
+    labels = randn(2, 7, seed=7).abs().mul(3).long() % 11
+    parts = ch.fused_linear_loss(
+        pb.hidden,
+        pb.weight,
+        pb.mask,
+        student_bias=pb.bias,
+        labels=labels,
+        teacher_logits=pb.teacher_logits,
+        hard_ce_coef=0.25,
+        kd_coef=0.5,
+        kd_temperature=2.0,
+        chunk_size=4,
+    )
+    logits = pb.hidden @ pb.weight.T + pb.bias
+    ce = torch.nn.functional.cross_entropy(logits[pb.mask], labels[pb.mask], reduction="sum")
+    kd = compute_divergence(
+        "forward_kl", logits, pb.teacher_logits, pb.mask, kd_temperature=2.0, reduction="sum"
+    )
+    torch.testing.assert_close(parts.hard_ce_sum, ce.detach())
+    torch.testing.assert_close(parts.kd_sum, kd.detach())
+    assert not parts.hard_ce_sum.requires_grad and not parts.kd_sum.requires_grad
+    assert parts.num_selected == int(pb.mask.sum())
+    got = torch.autograd.grad(parts.loss, pb.params)
+    want = torch.autograd.grad(0.25 * ce + 0.5 * kd, pb.params)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)
+
+
+def test_no_grad_mode_gives_the_same_value() -> None:
+    pb = Problem()
+    with torch.no_grad():
+        value = ch.chunked_divergence(
+            pb.hidden, pb.weight, pb.teacher_logits, pb.mask, student_bias=pb.bias
+        )
+    assert not value.requires_grad
+    torch.testing.assert_close(value, pb.reference("forward_kl").detach())
+
+
+def test_default_decision_and_chunk_size() -> None:
+    assert ch.should_use_chunked_loss(1, 32_768)
+    assert ch.should_use_chunked_loss(16, 151_936)
+    assert not ch.should_use_chunked_loss(4096, 30_522)  # BERT-size vocab, 4k tokens
+    assert ch.should_use_chunked_loss(16_384, 30_522)  # ... but not at 16k tokens (>= 2**28)
+    assert not ch.should_use_chunked_loss(64, 1000)
+    assert ch.default_chunk_size(131_072) == 128
+    assert ch.default_chunk_size(32_768) == 512
+    assert ch.default_chunk_size(10**9) == 1
+
+
+def test_invalid_arguments_fail_loudly() -> None:
+    pb = Problem()
+    with pytest.raises(ValueError, match="do not fit"):
+        ch.chunked_divergence(pb.hidden, pb.weight.T, pb.teacher_logits)
+    with pytest.raises(ValueError, match="not both"):
+        ch.chunked_divergence(
+            pb.hidden,
+            pb.weight,
+            pb.teacher_logits,
+            teacher_hidden=pb.teacher_hidden,
+            teacher_weight=pb.teacher_weight,
+        )
+    with pytest.raises(ValueError, match="vocabulary"):
+        ch.chunked_divergence(
+            pb.hidden,
+            pb.weight,
+            teacher_hidden=pb.teacher_hidden,
+            teacher_weight=pb.teacher_weight[:5],
+        )
+    with pytest.raises(ValueError, match="teacher_logits"):
+        ch.chunked_divergence(pb.hidden, pb.weight, pb.teacher_logits[..., :5])
+    with pytest.raises(ValueError, match="needs"):
+        ch.chunked_divergence(pb.hidden, pb.weight)
+
+
+def largest_allocation(loss_fn: Callable[[], torch.Tensor]) -> int:
+    """Largest net CPU allocation of any single profiled op during forward + backward."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        loss_fn().backward()
+    return max(event.cpu_memory_usage for event in prof.events())
+
+
+def test_no_full_size_tensor_is_allocated() -> None:
+    n, h, v, chunk = 512, 16, 2048, 64
+    hidden = randn(n, h, seed=8, dtype=torch.float32).requires_grad_()
+    weight = randn(v, h, seed=9, dtype=torch.float32).requires_grad_()
+    t_hidden, t_weight = (
+        randn(n, h, seed=10, dtype=torch.float32),
+        randn(v, h, seed=11, dtype=torch.float32),
+    )
+    full_bytes = n * v * 4
+    reference = largest_allocation(
+        lambda: compute_divergence("forward_kl", hidden @ weight.T, t_hidden @ t_weight.T)
+    )
+    chunked = largest_allocation(
+        lambda: ch.chunked_divergence(
+            hidden, weight, teacher_hidden=t_hidden, teacher_weight=t_weight, chunk_size=chunk
+        )
+    )
+    assert reference >= full_bytes
+    assert chunked <= 2 * chunk * v * 4 < full_bytes
+
+
+def test_every_divergence_runs_chunked() -> None:
+    assert {name for name, _ in CASES} == set(DIVERGENCES)
