@@ -357,13 +357,19 @@ def build_report(
     roles = [("teacher", teacher, t_test), ("student (KD)", student, s_test)]
     if baseline is not None:
         roles.append(("baseline (no teacher)", baseline, s_test))
+    saved: dict[str, torch.Tensor] = {"labels": test_labels}
     for role, built, inp in roles:
         logits = t_logits if built is teacher else metrics.predict_logits(built.module, inp)
+        saved[role.split(" ")[0]] = logits.contiguous()
         folder = s.run_dir / {"teacher": "teacher", "student (KD)": "student", "baseline (no teacher)": "baseline"}[role] / "final"
         row = {"model": role, "source": built.source, "accuracy": metrics.accuracy(logits, test_labels),
                "agreement": metrics.agreement(logits, t_logits), **_cost(built, inp, folder, cfg.eval.throughput_batch)}  # fmt: skip
         row["per_class_accuracy"] = metrics.per_class_accuracy(logits, test_labels, data.num_classes)
         rows.append(row)
+    from safetensors.torch import save_file
+
+    (s.run_dir / "eval").mkdir(exist_ok=True)
+    save_file(saved, str(s.run_dir / "eval" / "test_logits.safetensors"))  # for calibration/confusion in reports
     for row in rows:
         row["speedup"] = rows[0]["latency_b1_ms"] / row["latency_b1_ms"]
         row["size_ratio"] = rows[0]["params"] / row["params"]
