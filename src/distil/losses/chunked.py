@@ -35,7 +35,7 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from distil.losses.divergences import Divergence, per_position_from_logits, upcast
-from distil.losses.reduction import NumItems, normalizer, select_positions
+from distil.losses.reduction import NumItems, divide_by, normalizer, select_positions
 
 __all__ = [
     "CHUNKED_ELEMENTS_THRESHOLD",
@@ -103,6 +103,11 @@ class ChunkedLossParts(NamedTuple):
     num_selected: int
 
 
+def _as_dtype(coef: float | Tensor, dtype: torch.dtype) -> float | Tensor:
+    """Coefficients may arrive as float64 tensors (exact counts); apply them in the loss dtype."""
+    return coef.to(dtype) if isinstance(coef, Tensor) else coef
+
+
 @dataclass
 class _ChunkPlan:
     """Everything the chunk loop needs besides the differentiable inputs."""
@@ -145,7 +150,7 @@ class _ChunkPlan:
             targets = self.labels[start:end].unsqueeze(-1)  # (C, 1)
             per_pos = torch.logsumexp(logits, -1) - logits.gather(-1, targets).squeeze(-1)
             ce_sum = per_pos.sum()
-            total = total + self.hard_ce_coef * ce_sum
+            total = total + _as_dtype(self.hard_ce_coef, logits.dtype) * ce_sum
         if self.has_teacher:
             teacher = self.teacher_chunk(start, end)
             kd_sum = per_position_from_logits(
@@ -155,7 +160,7 @@ class _ChunkPlan:
                 kd_temperature=self.kd_temperature,
                 **self.method_params,
             ).sum()
-            total = total + self.kd_coef * kd_sum
+            total = total + _as_dtype(self.kd_coef, logits.dtype) * kd_sum
         return total, ce_sum, kd_sum
 
 
@@ -397,7 +402,7 @@ def chunked_divergence(
         teacher_weight=teacher_weight,
         teacher_bias=teacher_bias,
         hard_ce_coef=0.0,
-        kd_coef=1.0 / normalizer(num_items, n),
+        kd_coef=divide_by(torch.ones((), dtype=torch.float64), normalizer(num_items, n)),
         divergence=divergence,
         kd_temperature=kd_temperature,
         chunk_size=chunk_size,

@@ -19,7 +19,14 @@ from enum import Enum
 import torch
 from torch import Tensor
 
-__all__ = ["NumItems", "Reduction", "normalizer", "reduce_positions", "select_positions"]
+__all__ = [
+    "NumItems",
+    "Reduction",
+    "divide_by",
+    "normalizer",
+    "reduce_positions",
+    "select_positions",
+]
 
 NumItems = int | float | Tensor | None
 
@@ -78,6 +85,8 @@ def normalizer(num_items: NumItems, num_selected: int) -> Tensor | float:
     Returns:
         ``max(num_items, 1)``: an empty window sums to exactly 0, and dividing 0 by 1 keeps it 0
         instead of producing ``nan``. Counts are integers, so the floor changes nothing else.
+        A tensor count is returned as a float64 scalar (exact beyond 2**24 tokens); divide with
+        :func:`divide_by` so the result keeps the loss's dtype.
 
     Raises:
         ValueError: on a negative count or a non-scalar tensor.
@@ -87,10 +96,17 @@ def normalizer(num_items: NumItems, num_selected: int) -> Tensor | float:
     if isinstance(num_items, Tensor):
         if num_items.numel() != 1:
             raise ValueError(f"num_items must be a scalar, got shape {tuple(num_items.shape)}")
-        return num_items.detach().to(torch.float32).clamp_min(1.0).reshape(())
+        return num_items.detach().to(torch.float64).clamp_min(1.0).reshape(())
     if num_items < 0:
         raise ValueError(f"num_items must be >= 0, got {num_items}")
     return float(max(num_items, 1))
+
+
+def divide_by(value: Tensor, denominator: Tensor | float) -> Tensor:
+    """``value / denominator`` in ``value``'s dtype (a float64 count must not promote it)."""
+    if isinstance(denominator, Tensor):
+        return value / denominator.to(value.dtype)
+    return value / denominator
 
 
 def reduce_positions(
@@ -129,4 +145,4 @@ def reduce_positions(
     total = per_position.sum()
     if reduction is Reduction.SUM:
         return total
-    return total / normalizer(num_items, per_position.shape[0])
+    return divide_by(total, normalizer(num_items, per_position.shape[0]))

@@ -1,0 +1,143 @@
+"""Distillation losses: pure tensor functions, one family per module.
+
+* :mod:`~distil.losses.divergences` token/class divergences (forward/reverse/symmetric KL,
+  generalised JSD, skew KL, TVD, TVD++) and the :data:`DIVERGENCES` table;
+* :mod:`~distil.losses.sparse` the same against top-k + tail or importance-sampled teachers;
+* :mod:`~distil.losses.chunked` memory-efficient path from hidden states for large vocabularies;
+* :mod:`~distil.losses.classifier` Hinton KD, DKD, PLD, logit standardisation, mixup targets;
+* :mod:`~distil.losses.representation` hint/cosine, attention transfer, CWD, relational KD, MI-α;
+* :mod:`~distil.losses.objective` the one place where terms, weights and T² are combined;
+* :mod:`~distil.losses.reduction` masking and normalisation over supervised positions.
+"""
+
+from distil.losses.chunked import (
+    ChunkedLossParts,
+    chunked_divergence,
+    default_chunk_size,
+    fused_linear_loss,
+    should_use_chunked_loss,
+)
+from distil.losses.classifier import (
+    CLASSIFIER_LOSSES,
+    ClassifierLoss,
+    SoftTargetForm,
+    dkd,
+    hinton_kd,
+    mixed_targets,
+    pld,
+    soft_target_cross_entropy,
+    standardize_logits,
+    standardized_kd,
+)
+from distil.losses.divergences import (
+    DIVERGENCE_TERMS,
+    DIVERGENCES,
+    Divergence,
+    compute_divergence,
+    divergence_per_position,
+    forward_kl,
+    generalized_jsd,
+    reverse_kl,
+    skew_kl,
+    skew_reverse_kl,
+    symmetric_kl,
+    total_variation,
+    tvd_plus_plus,
+)
+from distil.losses.objective import (
+    IGNORE_INDEX,
+    ObjectiveOutput,
+    WeightedTerm,
+    classifier_objective,
+    feature_objective,
+    mixup_classifier_objective,
+    token_objective,
+    token_objective_from_hidden,
+)
+from distil.losses.reduction import Reduction
+from distil.losses.representation import (
+    REPRESENTATION_LOSSES,
+    ProjectorKind,
+    RepresentationLoss,
+    attention_kl,
+    attention_map,
+    attention_transfer,
+    channel_wise_distillation,
+    cosine_loss,
+    hint_loss,
+    make_projector,
+    mi_alpha_bound,
+    mi_alpha_loss,
+    rkd_angle,
+    rkd_distance,
+    separable_critic_scores,
+)
+from distil.losses.sparse import (
+    SampledTargets,
+    TopKTargets,
+    sample_teacher_targets,
+    sampled_divergence,
+    teacher_topk,
+    topk_divergence,
+)
+
+__all__ = [
+    "CLASSIFIER_LOSSES",
+    "DIVERGENCES",
+    "DIVERGENCE_TERMS",
+    "IGNORE_INDEX",
+    "REPRESENTATION_LOSSES",
+    "ChunkedLossParts",
+    "ClassifierLoss",
+    "Divergence",
+    "ObjectiveOutput",
+    "ProjectorKind",
+    "Reduction",
+    "RepresentationLoss",
+    "SampledTargets",
+    "SoftTargetForm",
+    "TopKTargets",
+    "WeightedTerm",
+    "attention_kl",
+    "attention_map",
+    "attention_transfer",
+    "channel_wise_distillation",
+    "chunked_divergence",
+    "classifier_objective",
+    "compute_divergence",
+    "cosine_loss",
+    "default_chunk_size",
+    "divergence_per_position",
+    "dkd",
+    "feature_objective",
+    "forward_kl",
+    "fused_linear_loss",
+    "generalized_jsd",
+    "hint_loss",
+    "hinton_kd",
+    "make_projector",
+    "mi_alpha_bound",
+    "mi_alpha_loss",
+    "mixed_targets",
+    "mixup_classifier_objective",
+    "pld",
+    "reverse_kl",
+    "rkd_angle",
+    "rkd_distance",
+    "sample_teacher_targets",
+    "sampled_divergence",
+    "separable_critic_scores",
+    "should_use_chunked_loss",
+    "skew_kl",
+    "skew_reverse_kl",
+    "soft_target_cross_entropy",
+    "standardize_logits",
+    "standardized_kd",
+    "symmetric_kl",
+    "teacher_topk",
+    "token_objective",
+    "token_objective_from_hidden",
+    "topk_divergence",
+    "total_variation",
+    "tvd_plus_plus",
+]
