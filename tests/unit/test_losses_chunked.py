@@ -271,3 +271,55 @@ def test_no_full_size_tensor_is_allocated() -> None:
 
 def test_every_divergence_runs_chunked() -> None:
     assert {name for name, _ in CASES} == set(DIVERGENCES)
+
+
+@pytest.mark.parametrize(("name", "params"), CASES, ids=IDS)
+def test_chunked_logits_loss_equals_plain_autograd(name: str, params: dict[str, float]) -> None:
+    pb = Problem()
+    logits = (pb.hidden @ pb.weight.T + pb.bias).detach().requires_grad_()
+    labels = randn(2, 7, seed=12).abs().mul(4).long() % 11
+    parts = ch.chunked_logits_loss(
+        logits,
+        pb.mask,
+        labels=labels,
+        teacher_logits=pb.teacher_logits,
+        hard_ce_coef=0.4,
+        kd_coef=0.6,
+        divergence=name,
+        kd_temperature=1.7,
+        chunk_size=3,
+        **params,
+    )
+    ce = torch.nn.functional.cross_entropy(logits[pb.mask], labels[pb.mask], reduction="sum")
+    kd = compute_divergence(
+        name, logits, pb.teacher_logits, pb.mask, kd_temperature=1.7, reduction="sum", **params
+    )
+    torch.testing.assert_close(parts.loss, (0.4 * ce + 0.6 * kd).detach(), rtol=1e-12, atol=1e-14)
+    (got,) = torch.autograd.grad(parts.loss, logits)
+    (want,) = torch.autograd.grad(0.4 * ce + 0.6 * kd, logits)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    assert bool((got[~pb.mask] == 0).all())
+
+
+def test_chunked_logits_loss_gradcheck_dtype_and_double_backward() -> None:
+    pb = Problem(b=1, t=4, h=3, v=6)
+    logits = (pb.hidden @ pb.weight.T).detach().requires_grad_()
+    teacher = pb.teacher_logits
+    assert torch.autograd.gradcheck(
+        lambda z: ch.chunked_logits_loss(z, teacher_logits=teacher, kd_coef=0.5, chunk_size=3).loss,
+        (logits,),
+    )
+    # retain_graph: a second backward gives the same gradient (the stored buffer is not reused).
+    loss = ch.chunked_logits_loss(logits, teacher_logits=teacher, chunk_size=2).loss
+    (g1,) = torch.autograd.grad(loss, logits, retain_graph=True)
+    (g2,) = torch.autograd.grad(loss, logits)
+    assert torch.equal(g1, g2)
+    half = logits.detach().to(torch.bfloat16).requires_grad_()
+    out = ch.chunked_logits_loss(half, teacher_logits=teacher.to(torch.bfloat16), chunk_size=2)
+    (g_half,) = torch.autograd.grad(out.loss, half)
+    assert out.loss.dtype == torch.float32 and g_half.dtype == torch.bfloat16
+    empty = ch.chunked_logits_loss(
+        logits, torch.zeros(1, 4, dtype=torch.bool), teacher_logits=teacher
+    )
+    (g0,) = torch.autograd.grad(empty.loss, logits)
+    assert float(empty.loss.detach()) == 0.0 and bool((g0 == 0).all())

@@ -43,6 +43,7 @@ __all__ = [
     "DEFAULT_CHUNK_ELEMENTS",
     "ChunkedLossParts",
     "chunked_divergence",
+    "chunked_logits_loss",
     "default_chunk_size",
     "fused_linear_loss",
     "should_use_chunked_loss",
@@ -164,6 +165,17 @@ class _ChunkPlan:
         return total, ce_sum, kd_sum
 
 
+def _chunk_step(
+    plan: _ChunkPlan, logits: Tensor, start: int, end: int, any_grad: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Loss parts of one chunk of logits ``(C, V)`` and, if wanted, their gradient ``(C, V)``."""
+    with torch.enable_grad():
+        z = upcast(logits).detach().requires_grad_(any_grad)  # (C, V) fp32 leaf
+        total, ce_sum, kd_sum = plan.chunk_loss(z, start, end)
+        grad_z = torch.autograd.grad(total, z)[0] if any_grad else None  # (C, V)
+    return total.detach(), ce_sum.detach(), kd_sum.detach(), grad_z
+
+
 def _run_chunks(
     plan: _ChunkPlan,
     hidden: Tensor,
@@ -171,7 +183,7 @@ def _run_chunks(
     bias: Tensor | None,
     need: tuple[bool, bool, bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
-    """The chunk loop: loss parts and (if ``need``) gradients of hidden, weight, bias."""
+    """The chunk loop from hidden states: loss parts and gradients of hidden, weight, bias."""
     need_h, need_w, need_b = need
     any_grad = need_h or need_w or need_b
     n = hidden.shape[0]
@@ -179,22 +191,15 @@ def _run_chunks(
     grad_h = torch.zeros_like(hidden) if need_h else None
     grad_w = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_w else None
     grad_b = torch.zeros(weight.shape[0], dtype=acc_dtype, device=weight.device) if need_b else None
-    loss = torch.zeros((), dtype=acc_dtype, device=hidden.device)
-    ce_total = torch.zeros_like(loss)
-    kd_total = torch.zeros_like(loss)
+    sums = torch.zeros(3, dtype=acc_dtype, device=hidden.device)  # loss, ce, kd
     for start in range(0, n, plan.chunk_size):
         end = min(start + plan.chunk_size, n)
         h = hidden[start:end]  # (C, H)
-        logits = h @ weight.T  # (C, V), model dtype
+        logits = h @ weight.T  # (C, V), in the model's dtype, as the model would compute it
         if bias is not None:
             logits = logits + bias
-        with torch.enable_grad():
-            z = upcast(logits).detach().requires_grad_(any_grad)  # (C, V) fp32 leaf
-            total, ce_sum, kd_sum = plan.chunk_loss(z, start, end)
-            grad_z = torch.autograd.grad(total, z)[0] if any_grad else None  # (C, V)
-        loss += total.detach()
-        ce_total += ce_sum.detach()
-        kd_total += kd_sum.detach()
+        *parts, grad_z = _chunk_step(plan, logits, start, end, any_grad)
+        sums += torch.stack(parts).to(acc_dtype)
         if grad_z is not None:
             if grad_h is not None:
                 grad_h[start:end] = grad_z.to(weight.dtype) @ weight  # (C, H)
@@ -202,8 +207,44 @@ def _run_chunks(
                 grad_w.addmm_(grad_z.T, upcast(h).to(acc_dtype))  # (V, H) += (V, C) @ (C, H)
             if grad_b is not None:
                 grad_b += grad_z.sum(0)
-        del logits, z, grad_z
-    return loss, ce_total, kd_total, grad_h, grad_w, grad_b
+        del logits, grad_z
+    return sums[0], sums[1], sums[2], grad_h, grad_w, grad_b
+
+
+def _run_logit_chunks(
+    plan: _ChunkPlan, logits: Tensor, rows: Tensor | None, need_grad: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """The chunk loop over rows of materialised logits ``(M, V)``; ``rows`` picks the N
+    supervised rows (None = all). The gradient is written into one ``(M, V)`` buffer."""
+    n = logits.shape[0] if rows is None else rows.shape[0]
+    grad = torch.zeros_like(logits) if need_grad else None
+    sums = torch.zeros(3, dtype=upcast(logits).dtype, device=logits.device)
+    for start in range(0, n, plan.chunk_size):
+        end = min(start + plan.chunk_size, n)
+        index = None if rows is None else rows[start:end]
+        chunk = logits[start:end] if index is None else logits.index_select(0, index)  # (C, V)
+        *parts, grad_z = _chunk_step(plan, chunk, start, end, need_grad)
+        sums += torch.stack(parts).to(sums.dtype)
+        if grad is not None and grad_z is not None:
+            if index is None:
+                grad[start:end] = grad_z
+            else:
+                grad.index_copy_(0, index, grad_z.to(grad.dtype))
+        del chunk, grad_z
+    return sums[0], sums[1], sums[2], grad
+
+
+def _scaled_grads(ctx: FunctionCtx, grad_loss: Tensor) -> tuple[Tensor | None, ...]:
+    """The gradients stored by forward, times the incoming scalar gradient.
+
+    The usual incoming gradient is exactly 1: the stored buffers are then returned as they are
+    (no copy of a ``(V, H)`` or ``(N, V)`` buffer). Autograd never writes into a buffer that
+    ``ctx`` still references, so calling backward again (``retain_graph``) stays correct.
+    """
+    grads: tuple[Tensor | None, ...] = ctx.grads  # type: ignore[attr-defined]
+    if bool((grad_loss == 1).all()):
+        return grads
+    return tuple(None if g is None else g * grad_loss.to(g.dtype) for g in grads)
 
 
 class _FusedLinearLoss(torch.autograd.Function):
@@ -231,13 +272,87 @@ class _FusedLinearLoss(torch.autograd.Function):
     @once_differentiable
     def backward(
         ctx: FunctionCtx, grad_loss: Tensor, _grad_ce: Tensor, _grad_kd: Tensor
-    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None]:
-        grad_h, grad_w, grad_b = ctx.grads  # type: ignore[attr-defined]
+    ) -> tuple[Tensor | None, ...]:
+        return (*_scaled_grads(ctx, grad_loss), None, None)
 
-        def scaled(g: Tensor | None) -> Tensor | None:
-            return None if g is None else g * grad_loss.to(g.dtype)
 
-        return scaled(grad_h), scaled(grad_w), scaled(grad_b), None, None
+class _ChunkedLogitsLoss(torch.autograd.Function):
+    """The same chunk loop over materialised logits: no fp32 intermediates beyond one chunk."""
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx,
+        logits: Tensor,
+        rows: Tensor | None,
+        plan: _ChunkPlan,
+        need_grad: bool,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        loss, ce_sum, kd_sum, grad = _run_logit_chunks(plan, logits, rows, need_grad)
+        ctx.grads = (grad,)  # type: ignore[attr-defined]
+        ctx.mark_non_differentiable(ce_sum, kd_sum)
+        return loss, ce_sum, kd_sum
+
+    @staticmethod
+    @once_differentiable
+    def backward(
+        ctx: FunctionCtx, grad_loss: Tensor, _grad_ce: Tensor, _grad_kd: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        return (*_scaled_grads(ctx, grad_loss), None, None, None)
+
+
+def _make_plan(
+    *,
+    positions: tuple[int, ...],
+    vocab: int,
+    mask: Tensor | None,
+    labels: Tensor | None,
+    teacher_logits: Tensor | None,
+    teacher_hidden: Tensor | None,
+    teacher_weight: Tensor | None,
+    teacher_bias: Tensor | None,
+    hard_ce_coef: float | Tensor,
+    kd_coef: float | Tensor,
+    divergence: Divergence | str,
+    kd_temperature: float,
+    chunk_size: int | None,
+    method_params: dict[str, Any],
+) -> _ChunkPlan:
+    """Validate the teacher arguments and gather everything per supervised row."""
+    if teacher_logits is not None and teacher_hidden is not None:
+        raise ValueError("pass teacher_logits or teacher_hidden + teacher_weight, not both")
+    if (teacher_hidden is None) != (teacher_weight is None):
+        raise ValueError("teacher_hidden and teacher_weight go together")
+    if teacher_logits is not None and tuple(teacher_logits.shape) != (*positions, vocab):
+        raise ValueError(
+            f"teacher_logits {tuple(teacher_logits.shape)} must have shape {(*positions, vocab)}"
+        )
+    if teacher_weight is not None and teacher_weight.shape[0] != vocab:
+        raise ValueError(
+            f"teacher_weight has {teacher_weight.shape[0]} rows but the student vocabulary is "
+            f"{vocab}; resolve vocabulary mismatches before the loss"
+        )
+    teacher_rows = teacher_index = t_hidden = None
+    if teacher_logits is not None:
+        teacher_rows = teacher_logits.detach().reshape(-1, vocab)  # view when contiguous
+        if mask is not None:
+            teacher_index = mask.reshape(-1).nonzero().squeeze(-1)  # (N,)
+    if teacher_hidden is not None:
+        t_hidden = select_positions(teacher_hidden.detach(), mask)  # (N, Ht)
+    skip_ce = isinstance(hard_ce_coef, float | int) and hard_ce_coef == 0
+    return _ChunkPlan(
+        labels=None if labels is None or skip_ce else select_positions(labels, mask, event_dims=0),
+        teacher_rows=teacher_rows,
+        teacher_index=teacher_index,
+        teacher_hidden=t_hidden,
+        teacher_weight=None if teacher_weight is None else teacher_weight.detach(),
+        teacher_bias=None if teacher_bias is None else teacher_bias.detach(),
+        hard_ce_coef=hard_ce_coef,
+        kd_coef=kd_coef,
+        divergence=Divergence(divergence),
+        kd_temperature=kd_temperature,
+        chunk_size=chunk_size or default_chunk_size(vocab),
+        method_params=dict(method_params),
+    )
 
 
 def fused_linear_loss(
@@ -295,47 +410,23 @@ def fused_linear_loss(
             f"student_hidden {tuple(student_hidden.shape)} and student_weight "
             f"{tuple(student_weight.shape)} do not fit: expected (..., H) and (V, H)"
         )
-    vocab = student_weight.shape[0]
-    positions = tuple(student_hidden.shape[:-1])
-    if teacher_logits is not None and teacher_hidden is not None:
-        raise ValueError("pass teacher_logits or teacher_hidden + teacher_weight, not both")
-    if (teacher_hidden is None) != (teacher_weight is None):
-        raise ValueError("teacher_hidden and teacher_weight go together")
-    if teacher_logits is not None and tuple(teacher_logits.shape) != (*positions, vocab):
-        raise ValueError(
-            f"teacher_logits {tuple(teacher_logits.shape)} must have shape {(*positions, vocab)}"
-        )
-    if teacher_weight is not None and teacher_weight.shape[0] != vocab:
-        raise ValueError(
-            f"teacher_weight has {teacher_weight.shape[0]} rows but the student vocabulary is "
-            f"{vocab}; resolve vocabulary mismatches before the loss"
-        )
-    divergence = Divergence(divergence)
     hidden = select_positions(student_hidden, mask)  # (N, H), differentiable gather
-    n = hidden.shape[0]
-    teacher_rows = teacher_index = t_hidden = None
-    if teacher_logits is not None:
-        teacher_rows = teacher_logits.detach().reshape(-1, vocab)  # view when contiguous
-        if mask is not None:
-            teacher_index = mask.reshape(-1).nonzero().squeeze(-1)  # (N,)
-    if teacher_hidden is not None:
-        t_hidden = select_positions(teacher_hidden.detach(), mask)  # (N, Ht)
-    plan = _ChunkPlan(
-        labels=None if labels is None else select_positions(labels, mask, event_dims=0),
-        teacher_rows=teacher_rows,
-        teacher_index=teacher_index,
-        teacher_hidden=t_hidden,
-        teacher_weight=None if teacher_weight is None else teacher_weight.detach(),
-        teacher_bias=None if teacher_bias is None else teacher_bias.detach(),
+    plan = _make_plan(
+        positions=tuple(student_hidden.shape[:-1]),
+        vocab=student_weight.shape[0],
+        mask=mask,
+        labels=labels,
+        teacher_logits=teacher_logits,
+        teacher_hidden=teacher_hidden,
+        teacher_weight=teacher_weight,
+        teacher_bias=teacher_bias,
         hard_ce_coef=hard_ce_coef,
         kd_coef=kd_coef,
         divergence=divergence,
         kd_temperature=kd_temperature,
-        chunk_size=chunk_size or default_chunk_size(vocab),
-        method_params=dict(method_params),
+        chunk_size=chunk_size,
+        method_params=method_params,
     )
-    if isinstance(hard_ce_coef, float | int) and hard_ce_coef == 0:
-        plan.labels = None
     grad_on = torch.is_grad_enabled()
     need = (
         grad_on and hidden.requires_grad,
@@ -343,6 +434,69 @@ def fused_linear_loss(
         grad_on and student_bias is not None and student_bias.requires_grad,
     )
     loss, ce_sum, kd_sum = _FusedLinearLoss.apply(hidden, student_weight, student_bias, plan, need)
+    return ChunkedLossParts(loss, ce_sum, kd_sum, hidden.shape[0])
+
+
+def chunked_logits_loss(
+    student_logits: Tensor,
+    mask: Tensor | None = None,
+    *,
+    labels: Tensor | None = None,
+    teacher_logits: Tensor | None = None,
+    hard_ce_coef: float | Tensor = 0.0,
+    kd_coef: float | Tensor = 1.0,
+    divergence: Divergence | str = Divergence.FORWARD_KL,
+    kd_temperature: float = 1.0,
+    chunk_size: int | None = None,
+    **method_params: Any,
+) -> ChunkedLossParts:
+    """Hard CE and a divergence over already materialised logits, in chunks of rows.
+
+    The same loop as :func:`fused_linear_loss`, for callers that hold ``(..., V)`` logits:
+    nothing beyond the logits, the teacher's logits and one gradient buffer of the logits'
+    shape and dtype is held, instead of the ~12 fp32 ``(N, V)`` intermediates that autograd
+    keeps for the plain formulas.
+
+    Args:
+        student_logits: shape ``(..., V)`` (contiguous; any float dtype, math in fp32).
+        mask: bool, shape ``(...)``, True = supervised; None = all positions.
+        labels: shape ``(...)`` int64 hard targets, or None for no hard term.
+        teacher_logits: shape ``(..., V)``, or None for no divergence term.
+        hard_ce_coef: factor on the summed CE (0 skips the CE).
+        kd_coef: factor on the summed divergence.
+        divergence: a :class:`~distil.losses.divergences.Divergence` name.
+        kd_temperature: divides student and teacher logits in the divergence.
+        chunk_size: rows per chunk; default :func:`default_chunk_size`.
+        **method_params: the divergence's own parameters.
+
+    Returns:
+        :class:`ChunkedLossParts`; ``loss`` is differentiable with respect to
+        ``student_logits``.
+    """
+    vocab = student_logits.shape[-1]
+    positions = tuple(student_logits.shape[:-1])
+    plan = _make_plan(
+        positions=positions,
+        vocab=vocab,
+        mask=mask,
+        labels=labels,
+        teacher_logits=teacher_logits,
+        teacher_hidden=None,
+        teacher_weight=None,
+        teacher_bias=None,
+        hard_ce_coef=hard_ce_coef,
+        kd_coef=kd_coef,
+        divergence=divergence,
+        kd_temperature=kd_temperature,
+        chunk_size=chunk_size,
+        method_params=method_params,
+    )
+    rows = None if mask is None else mask.reshape(-1).nonzero().squeeze(-1)  # (N,)
+    need_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    loss, ce_sum, kd_sum = _ChunkedLogitsLoss.apply(
+        student_logits.reshape(-1, vocab), rows, plan, need_grad
+    )
+    n = int(rows.shape[0]) if rows is not None else student_logits.reshape(-1, vocab).shape[0]
     return ChunkedLossParts(loss, ce_sum, kd_sum, n)
 
 

@@ -24,7 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from distil.losses.chunked import fused_linear_loss, should_use_chunked_loss
+from distil.losses.chunked import (
+    ChunkedLossParts,
+    chunked_logits_loss,
+    fused_linear_loss,
+    should_use_chunked_loss,
+)
 from distil.losses.classifier import (
     CLASSIFIER_LOSSES,
     ClassifierLoss,
@@ -34,10 +39,9 @@ from distil.losses.classifier import (
 from distil.losses.divergences import (
     DIVERGENCES,
     Divergence,
-    per_position_from_logits,
     upcast,
 )
-from distil.losses.reduction import NumItems, divide_by, normalizer, select_positions
+from distil.losses.reduction import NumItems, divide_by, normalizer
 
 __all__ = [
     "IGNORE_INDEX",
@@ -258,6 +262,37 @@ def _supervised_count(mask: Tensor, num_items: NumItems) -> NumItems:
     return mask.sum() if num_items is None else num_items
 
 
+def _token_output(
+    parts: ChunkedLossParts,
+    denominator: Tensor | float,
+    ce_coef: float,
+    kd_coef: float,
+    has_teacher: bool,
+) -> ObjectiveOutput:
+    """Components of a chunked token objective (its loss already holds the weights)."""
+    ce_raw = divide_by(parts.hard_ce_sum, denominator)
+    components = {"hard_ce/raw": ce_raw, "hard_ce/weighted": ce_coef * ce_raw}
+    if has_teacher:
+        kd_raw = divide_by(parts.kd_sum, denominator)
+        components |= {"kd/raw": kd_raw, "kd/weighted": kd_coef * kd_raw}
+    return ObjectiveOutput(parts.loss, {k: v.detach() for k, v in components.items()})
+
+
+def _token_coefficients(
+    labels: Tensor, num_items: NumItems, kd_weight: float, kd_temperature: float, has_teacher: bool
+) -> tuple[Tensor, Tensor | float, float, float]:
+    """Supervision mask, normaliser and the two mixing factors (T² on the soft term)."""
+    mask = labels != IGNORE_INDEX  # (B, T)
+    denominator = normalizer(_supervised_count(mask, num_items), 0)
+    ce_coef = (1.0 - kd_weight) if has_teacher else 1.0
+    return mask, denominator, ce_coef, kd_weight * kd_temperature**2
+
+
+def _per_item(coef: float, denominator: Tensor | float) -> Tensor:
+    """``coef / denominator`` as a float64 scalar; the chunk loop applies it in the loss dtype."""
+    return divide_by(torch.tensor(coef, dtype=torch.float64), denominator)
+
+
 def token_objective(
     student_logits: Tensor,
     teacher_logits: Tensor | None,
@@ -267,12 +302,16 @@ def token_objective(
     kd_temperature: float,
     divergence: str = "forward_kl",
     num_items: int | float | Tensor | None = None,
+    chunk_size: int | None = None,
     **divergence_params: Any,
 ) -> ObjectiveOutput:
-    """Token-level hard CE mixed with a token-level divergence (reference path, full logits).
+    """Token-level hard CE mixed with a token-level divergence, from full logits.
 
     Positions with ``labels == -100`` are dropped before any math. ``loss = (1 − w)·CE_sum/N +
-    w·T²·KD_sum/N`` with ``N = num_items`` (default: supervised tokens in this call). For large
+    w·T²·KD_sum/N`` with ``N = num_items`` (default: supervised tokens in this call). The
+    logits already exist here, but the loss is evaluated in chunks of rows
+    (:func:`~distil.losses.chunked.chunked_logits_loss`), so beyond the logits it holds only one
+    gradient buffer of their shape rather than a dozen fp32 intermediates. For large
     vocabularies prefer :func:`token_objective_from_hidden`, which never builds ``(B, T, V)``.
 
     Args:
@@ -283,24 +322,30 @@ def token_objective(
         kd_temperature: T > 0 of the divergence (the CE uses T = 1).
         divergence: a :data:`~distil.losses.divergences.DIVERGENCES` name.
         num_items: supervised tokens over the accumulation window; default this call's count.
+        chunk_size: rows per chunk (default sized to the vocabulary).
         **divergence_params: the divergence's own parameters.
 
     Returns:
         :class:`ObjectiveOutput`.
     """
     _check_mix(kd_weight, kd_temperature)
-    mask = labels != IGNORE_INDEX  # (B, T)
-    denominator = normalizer(_supervised_count(mask, num_items), 0)
-    student = upcast(select_positions(student_logits, mask))  # (N, V)
-    targets = select_positions(labels, mask, event_dims=0)  # (N,)
-    ce_raw = divide_by(F.cross_entropy(student, targets, reduction="sum"), denominator)
-    if teacher_logits is None:
-        return _mix(ce_raw, None, kd_weight, kd_temperature)
-    teacher = select_positions(teacher_logits.detach(), mask)  # (N, V)
-    kd_sum = per_position_from_logits(
-        Divergence(divergence), student, teacher, kd_temperature=kd_temperature, **divergence_params
-    ).sum()
-    return _mix(ce_raw, divide_by(kd_sum, denominator), kd_weight, kd_temperature)
+    has_teacher = teacher_logits is not None
+    mask, denominator, ce_coef, kd_coef = _token_coefficients(
+        labels, num_items, kd_weight, kd_temperature, has_teacher
+    )
+    parts = chunked_logits_loss(
+        student_logits,
+        mask,
+        labels=labels,
+        teacher_logits=teacher_logits,
+        hard_ce_coef=_per_item(ce_coef, denominator),
+        kd_coef=_per_item(kd_coef, denominator),
+        divergence=_name(divergence),
+        kd_temperature=kd_temperature,
+        chunk_size=chunk_size,
+        **divergence_params,
+    )
+    return _token_output(parts, denominator, ce_coef, kd_coef, has_teacher)
 
 
 def _linear(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -373,12 +418,12 @@ def token_objective_from_hidden(
             kd_temperature=kd_temperature,
             divergence=divergence,
             num_items=num_items,
+            chunk_size=chunk_size,
             **divergence_params,
         )
-    mask = labels != IGNORE_INDEX
-    denominator = normalizer(_supervised_count(mask, num_items), 0)
-    ce_coef = (1.0 - kd_weight) if has_teacher else 1.0
-    kd_coef = kd_weight * kd_temperature**2
+    mask, denominator, ce_coef, kd_coef = _token_coefficients(
+        labels, num_items, kd_weight, kd_temperature, has_teacher
+    )
     parts = fused_linear_loss(
         student_hidden,
         student_weight,
@@ -389,19 +434,14 @@ def token_objective_from_hidden(
         teacher_hidden=teacher_hidden,
         teacher_weight=teacher_weight,
         teacher_bias=teacher_bias,
-        hard_ce_coef=divide_by(torch.tensor(ce_coef, dtype=torch.float64), denominator),
-        kd_coef=divide_by(torch.tensor(kd_coef, dtype=torch.float64), denominator),
-        divergence=divergence,
+        hard_ce_coef=_per_item(ce_coef, denominator),
+        kd_coef=_per_item(kd_coef, denominator),
+        divergence=_name(divergence),
         kd_temperature=kd_temperature,
         chunk_size=chunk_size,
         **divergence_params,
     )
-    ce_raw = divide_by(parts.hard_ce_sum, denominator)
-    components = {"hard_ce/raw": ce_raw, "hard_ce/weighted": ce_coef * ce_raw}
-    if has_teacher:
-        kd_raw = divide_by(parts.kd_sum, denominator)
-        components |= {"kd/raw": kd_raw, "kd/weighted": kd_coef * kd_raw}
-    return ObjectiveOutput(parts.loss, {k: v.detach() for k, v in components.items()})
+    return _token_output(parts, denominator, ce_coef, kd_coef, has_teacher)
 
 
 def feature_objective(
