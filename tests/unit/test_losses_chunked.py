@@ -323,3 +323,22 @@ def test_chunked_logits_loss_gradcheck_dtype_and_double_backward() -> None:
     )
     (g0,) = torch.autograd.grad(empty.loss, logits)
     assert float(empty.loss.detach()) == 0.0 and bool((g0 == 0).all())
+
+
+def test_shifted_non_contiguous_logits_are_read_in_place() -> None:
+    # Next-token losses usually see logits[:, :-1]; indexing must not depend on contiguity.
+    full = randn(2, 8, 11, seed=13).requires_grad_()
+    teacher = randn(2, 8, 11, seed=14)
+    labels = randn(2, 7, seed=15).abs().mul(4).long() % 11
+    mask = randn(2, 7, seed=16) > -0.3
+    shifted = full[:, :-1]
+    assert not shifted.is_contiguous()
+    kwargs = {"labels": labels, "hard_ce_coef": 0.5, "kd_coef": 0.5, "chunk_size": 3}
+    got = ch.chunked_logits_loss(shifted, mask, teacher_logits=teacher[:, :-1], **kwargs)
+    want = ch.chunked_logits_loss(
+        shifted.contiguous(), mask, teacher_logits=teacher[:, :-1].contiguous(), **kwargs
+    )
+    torch.testing.assert_close(got.loss, want.loss, rtol=0, atol=0)
+    (g_got,) = torch.autograd.grad(got.loss, full)
+    (g_want,) = torch.autograd.grad(want.loss, full)
+    assert torch.equal(g_got, g_want) and bool((g_got[:, -1] == 0).all())

@@ -109,13 +109,20 @@ def _as_dtype(coef: float | Tensor, dtype: torch.dtype) -> float | Tensor:
     return coef.to(dtype) if isinstance(coef, Tensor) else coef
 
 
+def _take(x: Tensor, index: tuple[Tensor, ...], start: int, end: int) -> Tensor:
+    """Rows ``start:end`` of the supervised positions of ``x`` (``(*positions, V)``), as
+    ``(C, V)``. Advanced indexing works on non-contiguous views such as shifted logits
+    ``logits[:, :-1]``, where a ``reshape(-1, V)`` would copy the whole tensor."""
+    return x[tuple(i[start:end] for i in index)]
+
+
 @dataclass
 class _ChunkPlan:
     """Everything the chunk loop needs besides the differentiable inputs."""
 
+    index: tuple[Tensor, ...]  # multi-index of the N supervised positions
     labels: Tensor | None  # (N,) int64 hard targets, or None for no CE
-    teacher_rows: Tensor | None  # (N, V) teacher logits rows (may be a lazy index source)
-    teacher_index: Tensor | None  # (N,) rows of teacher_rows to use, or None = identity
+    teacher_logits: Tensor | None  # (*positions, V), indexed chunk by chunk
     teacher_hidden: Tensor | None  # (N, Ht)
     teacher_weight: Tensor | None  # (V, Ht)
     teacher_bias: Tensor | None  # (V,)
@@ -128,7 +135,7 @@ class _ChunkPlan:
 
     @property
     def has_teacher(self) -> bool:
-        return self.teacher_rows is not None or self.teacher_hidden is not None
+        return self.teacher_logits is not None or self.teacher_hidden is not None
 
     def teacher_chunk(self, start: int, end: int) -> Tensor:
         with torch.no_grad():
@@ -138,10 +145,8 @@ class _ChunkPlan:
                 if self.teacher_bias is not None:
                     logits = logits + self.teacher_bias
                 return logits
-            assert self.teacher_rows is not None
-            if self.teacher_index is None:
-                return self.teacher_rows[start:end]  # (C, V) view
-            return self.teacher_rows.index_select(0, self.teacher_index[start:end])  # (C, V)
+            assert self.teacher_logits is not None
+            return _take(self.teacher_logits, self.index, start, end)  # (C, V)
 
     def chunk_loss(self, logits: Tensor, start: int, end: int) -> tuple[Tensor, Tensor, Tensor]:
         """Weighted loss, CE sum and KD sum of one chunk of fp32 logits ``(C, V)``."""
@@ -212,24 +217,21 @@ def _run_chunks(
 
 
 def _run_logit_chunks(
-    plan: _ChunkPlan, logits: Tensor, rows: Tensor | None, need_grad: bool
+    plan: _ChunkPlan, logits: Tensor, need_grad: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """The chunk loop over rows of materialised logits ``(M, V)``; ``rows`` picks the N
-    supervised rows (None = all). The gradient is written into one ``(M, V)`` buffer."""
-    n = logits.shape[0] if rows is None else rows.shape[0]
+    """The chunk loop over materialised logits ``(*positions, V)``; the gradient is written
+    into one buffer of the logits' shape (zero at unsupervised positions)."""
+    n = plan.index[0].shape[0] if plan.index else 0
     grad = torch.zeros_like(logits) if need_grad else None
     sums = torch.zeros(3, dtype=upcast(logits).dtype, device=logits.device)
     for start in range(0, n, plan.chunk_size):
         end = min(start + plan.chunk_size, n)
-        index = None if rows is None else rows[start:end]
-        chunk = logits[start:end] if index is None else logits.index_select(0, index)  # (C, V)
+        chunk = _take(logits, plan.index, start, end)  # (C, V)
         *parts, grad_z = _chunk_step(plan, chunk, start, end, need_grad)
         sums += torch.stack(parts).to(sums.dtype)
         if grad is not None and grad_z is not None:
-            if index is None:
-                grad[start:end] = grad_z
-            else:
-                grad.index_copy_(0, index, grad_z.to(grad.dtype))
+            rows = tuple(i[start:end] for i in plan.index)
+            grad.index_put_(rows, grad_z.to(grad.dtype))
         del chunk, grad_z
     return sums[0], sums[1], sums[2], grad
 
@@ -283,11 +285,10 @@ class _ChunkedLogitsLoss(torch.autograd.Function):
     def forward(
         ctx: FunctionCtx,
         logits: Tensor,
-        rows: Tensor | None,
         plan: _ChunkPlan,
         need_grad: bool,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        loss, ce_sum, kd_sum, grad = _run_logit_chunks(plan, logits, rows, need_grad)
+        loss, ce_sum, kd_sum, grad = _run_logit_chunks(plan, logits, need_grad)
         ctx.grads = (grad,)  # type: ignore[attr-defined]
         ctx.mark_non_differentiable(ce_sum, kd_sum)
         return loss, ce_sum, kd_sum
@@ -297,13 +298,14 @@ class _ChunkedLogitsLoss(torch.autograd.Function):
     def backward(
         ctx: FunctionCtx, grad_loss: Tensor, _grad_ce: Tensor, _grad_kd: Tensor
     ) -> tuple[Tensor | None, ...]:
-        return (*_scaled_grads(ctx, grad_loss), None, None, None)
+        return (*_scaled_grads(ctx, grad_loss), None, None)
 
 
 def _make_plan(
     *,
     positions: tuple[int, ...],
     vocab: int,
+    device: torch.device,
     mask: Tensor | None,
     labels: Tensor | None,
     teacher_logits: Tensor | None,
@@ -331,18 +333,13 @@ def _make_plan(
             f"teacher_weight has {teacher_weight.shape[0]} rows but the student vocabulary is "
             f"{vocab}; resolve vocabulary mismatches before the loss"
         )
-    teacher_rows = teacher_index = t_hidden = None
-    if teacher_logits is not None:
-        teacher_rows = teacher_logits.detach().reshape(-1, vocab)  # view when contiguous
-        if mask is not None:
-            teacher_index = mask.reshape(-1).nonzero().squeeze(-1)  # (N,)
-    if teacher_hidden is not None:
-        t_hidden = select_positions(teacher_hidden.detach(), mask)  # (N, Ht)
+    keep = mask if mask is not None else torch.ones(positions, dtype=torch.bool, device=device)
+    t_hidden = None if teacher_hidden is None else select_positions(teacher_hidden.detach(), mask)
     skip_ce = isinstance(hard_ce_coef, float | int) and hard_ce_coef == 0
     return _ChunkPlan(
+        index=keep.nonzero(as_tuple=True),
         labels=None if labels is None or skip_ce else select_positions(labels, mask, event_dims=0),
-        teacher_rows=teacher_rows,
-        teacher_index=teacher_index,
+        teacher_logits=None if teacher_logits is None else teacher_logits.detach(),
         teacher_hidden=t_hidden,
         teacher_weight=None if teacher_weight is None else teacher_weight.detach(),
         teacher_bias=None if teacher_bias is None else teacher_bias.detach(),
@@ -414,6 +411,7 @@ def fused_linear_loss(
     plan = _make_plan(
         positions=tuple(student_hidden.shape[:-1]),
         vocab=student_weight.shape[0],
+        device=student_hidden.device,
         mask=mask,
         labels=labels,
         teacher_logits=teacher_logits,
@@ -458,7 +456,8 @@ def chunked_logits_loss(
     keeps for the plain formulas.
 
     Args:
-        student_logits: shape ``(..., V)`` (contiguous; any float dtype, math in fp32).
+        student_logits: shape ``(..., V)``, any float dtype (math in fp32); a non-contiguous
+            view such as shifted logits ``logits[:, :-1]`` is read in place, never copied whole.
         mask: bool, shape ``(...)``, True = supervised; None = all positions.
         labels: shape ``(...)`` int64 hard targets, or None for no hard term.
         teacher_logits: shape ``(..., V)``, or None for no divergence term.
@@ -478,6 +477,7 @@ def chunked_logits_loss(
     plan = _make_plan(
         positions=positions,
         vocab=vocab,
+        device=student_logits.device,
         mask=mask,
         labels=labels,
         teacher_logits=teacher_logits,
@@ -491,13 +491,9 @@ def chunked_logits_loss(
         chunk_size=chunk_size,
         method_params=method_params,
     )
-    rows = None if mask is None else mask.reshape(-1).nonzero().squeeze(-1)  # (N,)
     need_grad = torch.is_grad_enabled() and student_logits.requires_grad
-    loss, ce_sum, kd_sum = _ChunkedLogitsLoss.apply(
-        student_logits.reshape(-1, vocab), rows, plan, need_grad
-    )
-    n = int(rows.shape[0]) if rows is not None else student_logits.reshape(-1, vocab).shape[0]
-    return ChunkedLossParts(loss, ce_sum, kd_sum, n)
+    loss, ce_sum, kd_sum = _ChunkedLogitsLoss.apply(student_logits, plan, need_grad)
+    return ChunkedLossParts(loss, ce_sum, kd_sum, int(plan.index[0].shape[0]))
 
 
 def chunked_divergence(
