@@ -5,7 +5,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import Any
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from distil.config.base import StrictModel
 
@@ -33,6 +33,20 @@ class MixedPrecision(str, Enum):
     fp16 = "fp16"
 
 
+# Accelerate tracker name -> the packages that provide it (any one is enough).
+TRACKER_PACKAGES: dict[str, tuple[str, ...]] = {
+    "tensorboard": ("tensorboard", "tensorboardX"),
+    "wandb": ("wandb",),
+    "mlflow": ("mlflow",),
+    "comet_ml": ("comet_ml",),
+    "aim": ("aim",),
+    "clearml": ("clearml",),
+    "dvclive": ("dvclive",),
+    "trackio": ("trackio",),
+    "swanlab": ("swanlab",),
+}
+
+
 class RunSection(StrictModel):
     """Where the run folder goes and what it is called (``output_dir/name-timestamp``)."""
 
@@ -42,6 +56,24 @@ class RunSection(StrictModel):
         default_factory=lambda: ["tensorboard"],
         description="Accelerate trackers: tensorboard, wandb, mlflow (the last two need their package)",
     )
+
+    @field_validator("log_with")
+    @classmethod
+    def _trackers_available(cls, value: list[str]) -> list[str]:
+        # Accelerate drops a tracker whose package is missing with a debug message only, and
+        # fails deep inside for an unknown name: say it here, at validation time, instead.
+        import importlib.util
+
+        for name in value:
+            if name not in TRACKER_PACKAGES:
+                raise ValueError(f"unknown tracker {name!r}; known: {sorted(TRACKER_PACKAGES)}")
+            packages = TRACKER_PACKAGES[name]
+            if not any(importlib.util.find_spec(p) is not None for p in packages):
+                raise ValueError(
+                    f"tracker {name!r} needs the {packages[0]!r} package, which is not installed: "
+                    f"pip install {packages[0]}, or remove it from run.log_with"
+                )
+        return value
 
 
 class TrainSection(StrictModel):
