@@ -29,8 +29,9 @@ from distil.data.classification import (
 )
 from distil.errors import DistilError
 from distil.evaluation import classification as metrics
-from distil.evaluation.cost import cpu_latency_ms
-from distil.evaluation.report import print_report, write_report
+from distil.evaluation.calibration import fidelity_part
+from distil.evaluation.cost import cpu_latency_ms, cpu_threads, peak_forward_memory_bytes
+from distil.evaluation.report import cost_part, print_report, quality_part, write_report
 from distil.losses.objective import classifier_objective
 from distil.models.classifier import (
     BuiltModel,
@@ -289,14 +290,17 @@ def _cost(built: BuiltModel, inputs: Inputs, folder: Path, throughput_batch: int
     one = {k: v[:1] for k, v in inputs.items()}
     many = {k: v[:throughput_batch] for k, v in inputs.items()}
     n_many = next(iter(many.values())).shape[0]
-    lat1 = cpu_latency_ms(lambda: logits_of(module, one))
-    lat_many = cpu_latency_ms(lambda: logits_of(module, many), repeats=10)
+    with cpu_threads(1):  # comparable between runs on a busy machine (see cpu_threads)
+        lat1 = cpu_latency_ms(lambda: logits_of(module, one))
+        lat_many = cpu_latency_ms(lambda: logits_of(module, many), repeats=10)
     return {
         "params": count_parameters(module),
         "size_bytes": sum(f.stat().st_size for f in folder.glob("*.safetensors")),
+        "peak_memory_bytes": peak_forward_memory_bytes(lambda: logits_of(module, many), module),
         "latency_b1_ms": lat1,
         f"latency_b{n_many}_ms": lat_many,
         "throughput_per_s": n_many / (lat_many / 1e3),
+        "throughput_batch": n_many,
     }
 
 
@@ -382,13 +386,39 @@ def build_report(
     highlights["student is smaller by"] = f"{rows[1]['size_ratio']:.1f}x params, {rows[1]['speedup']:.1f}x faster at batch 1"
     columns = [
         ("model", "model"), ("accuracy", "test acc"), ("agreement", "agree w/ teacher"), ("params", "params"),
-        ("size_bytes", "bytes"), ("latency_b1_ms", "ms @ b1"), ("throughput_per_s", "ex/s @ b256"), ("speedup", "speed-up"),
+        ("size_bytes", "bytes"), ("latency_b1_ms", "ms @ b1"), ("throughput_per_s", f"ex/s @ b{rows[0]['throughput_batch']}"),
+        ("speedup", "speed-up"),
     ]  # fmt: skip
+    role_names = {"teacher": rows[0]["model"], "student": rows[1]["model"]}
+    if baseline is not None:
+        role_names["baseline"] = rows[2]["model"]
+    for row in rows:
+        known = [a for a in row["per_class_accuracy"] if a is not None]
+        row["mean_class_accuracy"] = sum(known) / len(known) if known else None
+    batch = rows[0]["throughput_batch"]
     return {
         "title": f"classifier_kd: {data.name}",
         "recipe": "classifier_kd",
+        "roles": role_names,
         "table": {"columns": [{"key": k, "label": lbl} for k, lbl in columns], "rows": rows},
         "highlights": highlights,
+        "quality": quality_part(
+            rows, [("accuracy", "test accuracy"), ("mean_class_accuracy", "mean per-class accuracy")],
+            roles=role_names, primary="accuracy",
+            per_class={"labels": data.class_names, "metric": "accuracy",
+                       "values": {r["model"]: r["per_class_accuracy"] for r in rows}},
+        ),
+        "fidelity": fidelity_part(
+            {k: saved[k] for k in ("teacher", "student", "baseline") if k in saved}, test_labels,
+            names=role_names, split=f"test split ({len(test_labels)} examples)",
+            class_names=data.class_names,
+        ),
+        "cost": cost_part(rows, [
+            ("params", "params"), ("size_ratio", "teacher/model params"), ("size_bytes", "on disk"),
+            ("peak_memory_bytes", f"peak memory @ b{batch}"), ("latency_b1_ms", "CPU ms @ b1 (1 thread)"),
+            (f"latency_b{batch}_ms", f"CPU ms @ b{batch} (1 thread)"), ("throughput_per_s", f"ex/s @ b{batch}"),
+            ("speedup", "speed-up @ b1"),
+        ]),
         "details": {"kd": cfg.kd.model_dump(), "seed": cfg.seed, "class_names": data.class_names,
                     "processes": s.accelerator.num_processes},
     }
