@@ -1,4 +1,4 @@
-"""The ``distil`` command line: run, validate, recipes, cp, report."""
+"""The ``distil`` command line: run, validate, recipes, cp, report, compare, advise."""
 
 from __future__ import annotations
 
@@ -163,7 +163,7 @@ def cp(
 
 @app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="a run folder")]) -> None:
-    """Rewrite report.md from a run's report.json and print the summary."""
+    """Rewrite report.md and report.html from a run's report.json and print the summary."""
     from distil.evaluation.report import load_report, print_report, write_report
 
     try:
@@ -174,6 +174,79 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a run folder")]) -> Non
     write_report(run_dir, data)
     print_report(data, console)
     console.print(f"[bold]report[/bold] {run_dir / 'report.md'}")
+    console.print(f"[bold]report[/bold] {run_dir / 'report.html'}")
+
+
+@app.command()
+def compare(
+    run_dirs: Annotated[list[Path], typer.Argument(help="two or more run folders")],
+    out: Annotated[Path | None, typer.Option("--out", help="folder for compare.{json,md,html} (default: the runs' parent)")] = None,
+) -> None:
+    """Put runs side by side: the config keys that differ, then each run's headline numbers."""
+    from distil.evaluation.compare import (
+        compare_runs,
+        default_out_dir,
+        terminal_table,
+        write_comparison,
+    )
+    from distil.evaluation.report import print_table
+
+    try:
+        comparison = compare_runs(run_dirs)
+    except DistilError as exc:
+        _fail(exc)
+        return
+    print_table(terminal_table(comparison), console, title=f"distil compare ({len(run_dirs)} runs)")
+    for path in write_comparison(comparison, run_dirs, out or default_out_dir(run_dirs)):
+        console.print(f"[bold]wrote[/bold] {path}")
+
+
+@app.command()
+def advise(
+    teacher: Annotated[str, typer.Argument(help="HF model folder, YAML config, or shape: layers=12,hidden=768,heads=12,ffn=3072,vocab=32000")],
+    speedup: Annotated[float | None, typer.Option("--speedup", help="wanted batch-1 speed-up over the teacher")] = None,
+    size: Annotated[float | None, typer.Option("--size", help="wanted student/teacher parameter fraction, e.g. 0.25")] = None,
+    params: Annotated[str | None, typer.Option("--params", help="largest student, e.g. 125M")] = None,
+    memory: Annotated[str | None, typer.Option("--memory", help="accelerator memory per process, e.g. 24GB")] = None,
+    dataset_tokens: Annotated[str | None, typer.Option("--dataset-tokens", help="tokens the teacher labels, e.g. 500M")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="sequences per step")] = 8,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="tokens per sequence")] = 1024,
+    top_k: Annotated[int, typer.Option("--top-k", help="teacher log-probs a cache keeps per token")] = 64,
+    epochs: Annotated[int, typer.Option("--epochs", help="passes over the data")] = 1,
+    measure: Annotated[bool, typer.Option("--measure", help="also build and time each candidate on CPU (random weights)")] = False,
+    json_out: Annotated[Path | None, typer.Option("--json", help="also write the advice as JSON here")] = None,
+) -> None:
+    """Propose student shapes for a teacher and a target, with estimated size, speed and memory."""
+    import json as _json
+
+    from distil.evaluation import advise as adv
+
+    try:
+        path = Path(teacher)
+        if path.suffix in (".yaml", ".yml") or (not path.exists() and teacher in shipped_configs()):
+            _, cfg, data = load_config(teacher, [])
+            if data.get("recipe") == "classifier_kd" and cfg.teacher.model.zoo is not None:
+                advice = adv.advise_classifier(cfg, teacher, speedup=speedup, size_ratio=size)
+                adv.print_advice(advice, console)
+                if json_out is not None:
+                    json_out.write_text(_json.dumps(advice, indent=1, default=str))
+                return
+            if cfg.teacher.model.hf is not None:
+                teacher = cfg.teacher.model.hf
+        budget = adv.Budget(
+            memory_bytes=adv.parse_count(memory, binary=True) if memory else None,
+            dataset_tokens=adv.parse_count(dataset_tokens) if dataset_tokens else None,
+            batch_size=batch_size, seq_len=seq_len, top_k=top_k, epochs=epochs,
+        )  # fmt: skip
+        max_params = adv.parse_count(params) if params else None
+        advice = adv.advise(teacher, speedup=speedup, size_ratio=size, max_params=max_params, budget=budget, measure=measure)
+    except DistilError as exc:
+        _fail(exc)
+        return
+    adv.print_advice(advice, console)
+    if json_out is not None:
+        json_out.write_text(_json.dumps(advice, indent=1, default=str))
+        console.print(f"[bold]wrote[/bold] {json_out}")
 
 
 def main() -> None:  # pragma: no cover - console entry point
