@@ -24,6 +24,16 @@ RECIPES: dict[str, RecipeEntry] = {
         "Classifier → smaller classifier: Hinton KD (soft CE at kd_temperature, T²) + hard CE, with a no-teacher baseline",
         "classifier_kd.yaml",
     ),
+    "lm_kd": RecipeEntry(
+        "distil.recipes.lm_kd",
+        "Causal LM → smaller causal LM: token-level KD (any divergence, chunked for large vocabularies) + hard LM loss, with a no-teacher baseline",
+        "lm_kd.yaml",
+    ),
+    "lm_pretrain": RecipeEntry(
+        "distil.recipes.lm_pretrain",
+        "Pre-train a causal LM from scratch with next-token CE (makes the built-in teacher from the CPython stdlib corpus)",
+        "lm_pretrain.yaml",
+    ),
 }
 
 

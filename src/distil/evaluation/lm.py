@@ -1,0 +1,217 @@
+"""Causal-LM evaluation: held-out perplexity, agreement with the teacher, KL, generation speed.
+
+Every number is computed on next-token targets from ``distil.data.lm.shift_for_next_token``
+(the one shift) at supervised positions only, summed over the whole held-out set and divided
+once by its number of supervised tokens, so perplexities of different models are comparable.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from distil.data.lm import IGNORE_INDEX, shift_for_next_token
+from distil.losses.divergences import forward_kl
+from distil.teachers.base import Teacher
+
+Batch = Mapping[str, Tensor]
+
+
+def _teacher_logits(teacher: Teacher, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    out = teacher(input_ids, attention_mask)
+    if out.logits is not None:
+        return out.logits
+    assert out.hidden is not None and out.weight is not None
+    logits = out.hidden @ out.weight.T  # (B, T, V)
+    return logits if out.bias is None else logits + out.bias
+
+
+@torch.no_grad()
+def held_out_metrics(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    *,
+    vocab_size: int,
+    device: torch.device,
+    teacher: Teacher | None = None,
+) -> dict[str, float]:
+    """Cross-entropy, perplexity and (with a teacher) top-1 agreement and KL(teacher ‖ student).
+
+    Args:
+        model: A causal LM returning ``.logits`` of shape ``(B, T, V_model)``; evaluated in eval
+            mode and returned to its previous mode.
+        batches: Collated batches (``input_ids``, ``attention_mask``, ``labels``).
+        vocab_size: The tokenizer's vocabulary; logits are sliced to it.
+        device: Where the model runs.
+        teacher: If given, agreement and KL are computed against it.
+
+    Returns:
+        ``ce`` (nats/token), ``perplexity``, ``tokens`` (supervised targets), and with a teacher
+        ``agreement`` (share of targets where both argmaxes agree) and ``kl_teacher_student``
+        (nats/token).
+    """
+    was_training = model.training
+    model.eval()
+    ce_sum = kl_sum = 0.0
+    agree = tokens = 0
+    for batch in batches:
+        ids, att = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        targets = shift_for_next_token(batch["labels"]).to(device)  # (B, T)
+        mask = targets != IGNORE_INDEX
+        logits = model(input_ids=ids, attention_mask=att, use_cache=False).logits[..., :vocab_size]
+        student = logits[mask].float()  # (N, V)
+        ce_sum += float(F.cross_entropy(student, targets[mask], reduction="sum"))
+        tokens += int(mask.sum())
+        if teacher is not None:
+            t_logits = _teacher_logits(teacher, ids, att).to(device)[mask].float()  # (N, V)
+            kl_sum += float(forward_kl(student, t_logits, reduction="sum"))
+            agree += int((student.argmax(-1) == t_logits.argmax(-1)).sum())
+    model.train(was_training)
+    n = max(tokens, 1)
+    out = {
+        "ce": ce_sum / n,
+        "perplexity": math.exp(min(ce_sum / n, 700.0)),
+        "tokens": float(tokens),
+    }
+    if teacher is not None:
+        out |= {"agreement": agree / n, "kl_teacher_student": kl_sum / n}
+    return out
+
+
+@torch.no_grad()
+def generation_speed(
+    model: Any, prompt_ids: Tensor, *, max_new_tokens: int, pad_token_id: int, repeats: int = 3
+) -> float:
+    """Generated tokens per second with greedy decoding and the KV cache, median of ``repeats``.
+
+    Every run generates exactly ``max_new_tokens`` per prompt (EOS does not stop it), so models
+    are timed on the same amount of work.
+
+    Args:
+        model: A Hugging Face causal LM (``.generate``), on the device of ``prompt_ids``.
+        prompt_ids: ``(B, P)`` prompts of equal length.
+        max_new_tokens: Tokens generated per prompt.
+        pad_token_id: Passed to ``generate``.
+        repeats: Timed runs after one warm-up run.
+
+    Returns:
+        ``B * max_new_tokens / median seconds``.
+    """
+    model.eval()
+    kwargs = {
+        "attention_mask": torch.ones_like(prompt_ids),
+        "max_new_tokens": max_new_tokens,
+        "min_new_tokens": max_new_tokens,
+        "do_sample": False,
+        "pad_token_id": pad_token_id,
+        "eos_token_id": None,
+    }
+    model.generate(prompt_ids, **kwargs)  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model.generate(prompt_ids, **kwargs)
+        times.append(time.perf_counter() - start)
+    return prompt_ids.shape[0] * max_new_tokens / statistics.median(times)
+
+
+@torch.no_grad()
+def generate_texts(
+    model: Any,
+    prompts: list[Tensor],
+    tokenizer: Any,
+    *,
+    max_new_tokens: int,
+    sampling_temperature: float,
+    seed: int,
+) -> list[str]:
+    """Continue each prompt; greedy when ``sampling_temperature == 0``, else seeded sampling.
+
+    Returns:
+        The decoded continuations (prompt excluded), one per prompt.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    texts = []
+    for prompt in prompts:
+        ids = prompt.unsqueeze(0).to(device)  # (1, P)
+        sample = sampling_temperature > 0
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=sample,
+                temperature=sampling_temperature if sample else None,
+                top_k=0 if sample else None,
+                top_p=None,
+                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+        texts.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
+    return texts
+
+
+def prompts_from(dataset: Any, n: int, prompt_tokens: int) -> list[Tensor]:
+    """Prompts from the first ``n`` held-out examples.
+
+    The unsupervised prefix (the prompt of prompt/completion or chat data), or the first
+    ``prompt_tokens`` tokens of packed text, at most ``prompt_tokens`` long.
+    """
+    out = []
+    for row in dataset.select(range(min(n, len(dataset)))):
+        labels = row["labels"]
+        cut = next((i for i, lab in enumerate(labels) if lab != IGNORE_INDEX), len(labels))
+        length = max(1, min(cut or prompt_tokens, prompt_tokens))
+        out.append(torch.tensor(row["input_ids"][:length], dtype=torch.long))
+    return out
+
+
+def model_summary(
+    role: str,
+    model: Any,
+    batches: Sequence[Batch],
+    *,
+    vocab_size: int,
+    teacher: Teacher | None,
+    speed_batch: int,
+    speed_prompt_tokens: int,
+    speed_new_tokens: int,
+    pad_token_id: int,
+) -> dict[str, Any]:
+    """One report row: held-out metrics, parameters and generation speed, on the model's device.
+
+    Generation speed uses the first ``speed_batch`` held-out sequences cut to a common prompt
+    length (at most ``speed_prompt_tokens``) and generates ``speed_new_tokens`` per prompt
+    (fewer if the context is shorter).
+    """
+    from distil.models.lm import count_parameters
+
+    device = next(model.parameters()).device
+    metrics = held_out_metrics(
+        model, batches, vocab_size=vocab_size, device=device, teacher=teacher
+    )
+    ids = batches[0]["input_ids"][:speed_batch]  # (b, T)
+    real = int(batches[0]["attention_mask"][:speed_batch].sum(-1).min())
+    ids = ids[:, : max(1, min(speed_prompt_tokens, real))]
+    context = int(getattr(model.config, "max_position_embeddings", ids.shape[1] + speed_new_tokens))
+    new_tokens = max(1, min(speed_new_tokens, context - ids.shape[1]))
+    speed = generation_speed(
+        model, ids.to(device), max_new_tokens=new_tokens, pad_token_id=pad_token_id
+    )
+    params = count_parameters(model)
+    return {
+        "model": role,
+        **metrics,
+        "params": params.total,
+        "non_embedding_params": params.non_embedding,
+        "gen_tokens_per_s": speed,
+    }

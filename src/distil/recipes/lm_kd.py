@@ -1,0 +1,527 @@
+"""Recipe ``lm_kd``: token-level logit distillation of a Hugging Face causal LM into a smaller one.
+
+The student minimises ``(1 - kd_weight) * CE(next token) + kd_weight * T² * D(teacher_T ‖ student_T)``
+over supervised next-token positions, with ``D`` any divergence of ``distil.losses``; the mix lives
+in ``distil.losses.objective``. For large vocabularies the loss runs from final hidden states in
+chunks and never builds ``(B, T, V)`` logits. The same student is then trained without the teacher
+(the baseline), and the report compares teacher, KD student and baseline on held-out data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import math
+import resource
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+
+from distil.config.base import StrictModel
+from distil.config.sections import RunSection, SchedulerName, TrainSection
+from distil.data.lm import shift_for_next_token
+from distil.errors import DistilError
+from distil.evaluation import lm as lm_eval
+from distil.evaluation.report import print_report, write_report
+from distil.losses.chunked import should_use_chunked_loss
+from distil.losses.objective import token_objective, token_objective_from_hidden
+from distil.models.lm import count_parameters, load_causal_lm, save_model_folder
+from distil.models.vocab import check_distillation_vocab, load_tokenizer_folder, output_vocab_rows
+from distil.recipes.lm_setup import (
+    EvalSection,
+    KDSection,
+    LMData,
+    LMDataSection,
+    StudentSection,
+    TeacherSection,
+    check_model_fits,
+    load_lm_data,
+    load_teacher_model,
+    make_student,
+    torch_dtype,
+)
+from distil.teachers import LiveLMTeacher, Teacher, TeacherSignal, head_of, hidden_path_matches
+from distil.teachers.live import final_hidden
+from distil.training.batches import global_batches, rank_slice
+from distil.training.checkpoint import (
+    MARKER,
+    TrainState,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from distil.training.metrics import MetricsLog
+from distil.training.optim import build_optimizer, build_scheduler
+from distil.training.progress import progress_bar, rate_text
+from distil.training.session import Session
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+PHASES = {"student": 2, "baseline": 3, "model": 4}  # offsets that decorrelate per-phase RNG streams
+
+
+class Config(StrictModel):
+    recipe: Literal["lm_kd"] = "lm_kd"
+    seed: int = 0
+    run: RunSection = RunSection()
+    tokenizer: str | None = Field(
+        default=None, description="tokenizer folder; teacher.hf when null"
+    )
+    data: LMDataSection = LMDataSection(builtin="stdlib")
+    teacher: TeacherSection = TeacherSection(hf="runs/lm-teacher")
+    student: StudentSection = StudentSection(num_layers=2)
+    train: TrainSection = TrainSection(
+        epochs=1, batch_size=8, lr=1e-3, scheduler=SchedulerName.linear, max_grad_norm=1.0
+    )
+    kd: KDSection = KDSection()
+    eval: EvalSection = EvalSection()
+
+
+class LMForward(nn.Module):
+    """Runs a causal LM to its final hidden states (``hidden=True``) or logits, so that DDP wraps
+    exactly the forward the loss uses; the output layer is then applied inside the chunked loss."""
+
+    def __init__(self, lm: PreTrainedModel, *, hidden: bool) -> None:
+        super().__init__()
+        self.lm, self.hidden = lm, hidden
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        if self.hidden:
+            return final_hidden(self.lm, input_ids, attention_mask)  # (B, T, H)
+        return self.lm(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+        ).logits  # (B, T, V_model)
+
+
+def epoch_batches(
+    n: int, tcfg: TrainSection, *, seed: int, phase: str, epoch: int, shuffle: bool
+) -> list[Tensor]:
+    """The global batches of example indices of one epoch: a pure function of (seed, phase, epoch)."""
+    return global_batches(
+        n,
+        global_batch_size=tcfg.batch_size,
+        seed=seed + PHASES[phase],
+        epoch=epoch,
+        drop_last=True,
+        shuffle=shuffle,
+    )
+
+
+def _peak_memory_reset(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with contextlib.suppress(OSError):  # Linux: reset VmHWM so the peak covers training only
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def _peak_memory_mb(device: torch.device) -> dict[str, float]:
+    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                out["peak_rss_mb"] = int(line.split()[1]) / 1024
+    if device.type == "cuda":
+        out["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
+
+
+def train_phase(
+    phase: str, s: Session, model: PreTrainedModel, data: LMData, tcfg: TrainSection, *, seed: int, shuffle: bool,
+    log: MetricsLog, vocab_size: int, hidden: bool, tokenizer: PreTrainedTokenizerBase,
+    teacher: Teacher | None = None, kd: KDSection | None = None, chunked: bool = False,
+) -> PreTrainedModel:  # fmt: skip
+    """Train ``model`` on ``data.train`` (CE, or CE + KD with a teacher); return the trained model."""
+    acc, phase_dir = s.accelerator, s.run_dir / phase
+    final = phase_dir / "final"
+    if (final / MARKER).is_file():  # finished before a crash or in an earlier call: reuse it
+        logger.info("%s: reusing finished weights from %s", phase, final)
+        return load_causal_lm(final, dtype=torch.float32)
+    world, rank, n = acc.num_processes, acc.process_index, len(data.train)
+    if tcfg.batch_size % (world * tcfg.grad_accum):
+        raise DistilError(
+            f"train.batch_size={tcfg.batch_size} must be divisible by processes × grad_accum = {world} × {tcfg.grad_accum}"
+        )
+    steps_per_epoch = n // tcfg.batch_size
+    if steps_per_epoch == 0:
+        raise DistilError(
+            f"{phase}: {n} training examples is fewer than one batch ({tcfg.batch_size})"
+        )
+    total = (
+        steps_per_epoch * tcfg.epochs
+        if tcfg.max_steps is None
+        else min(tcfg.max_steps, steps_per_epoch * tcfg.epochs)
+    )
+    optimizer = build_optimizer(
+        model.parameters(), name=tcfg.optimizer.value, lr=tcfg.lr, weight_decay=tcfg.weight_decay
+    )
+    scheduler = build_scheduler(
+        optimizer, name=tcfg.scheduler.value, total_steps=total, warmup_steps=tcfg.warmup_steps
+    )
+    state = TrainState(step=0, epoch=0, batch_in_epoch=0, extra={})
+    ckpt = latest_checkpoint(phase_dir / "checkpoints") if s.resume else None
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler)
+        logger.info(
+            "%s: resumed from %s (step %d, epoch %d, batch %d)",
+            phase,
+            ckpt,
+            state.step,
+            state.epoch,
+            state.batch_in_epoch,
+        )
+    wrapped, optimizer = acc.prepare(LMForward(model, hidden=hidden), optimizer)
+    kd_weight, kd_temperature = (
+        (kd.kd_weight, kd.kd_temperature) if kd is not None and teacher is not None else (0.0, 1.0)
+    )
+    step, epoch, start_batch = state.step, state.epoch, state.batch_in_epoch
+    seen: list[
+        int
+    ] = []  # training-set indices this rank consumed in epoch 0: an audit of sharding and order
+    if (
+        epoch == 0
+    ):  # resumed inside epoch 0: the batches before the checkpoint are a pure function of the seed
+        first = epoch_batches(n, tcfg, seed=seed, phase=phase, epoch=0, shuffle=shuffle)
+        seen = [
+            i
+            for bb in first[:start_batch]
+            for mb in bb.tensor_split(tcfg.grad_accum)
+            for i in rank_slice(mb, rank=rank, world_size=world).tolist()
+        ]
+    _peak_memory_reset(acc.device)
+    t_start, tokens = time.perf_counter(), 0
+    with progress_bar(acc.is_main_process) as bar:
+        task = bar.add_task(phase, total=total, completed=step, rate="", info="")
+        while step < total:
+            batches = epoch_batches(n, tcfg, seed=seed, phase=phase, epoch=epoch, shuffle=shuffle)
+            for b in range(start_batch, len(batches)):
+                if step >= total:
+                    break
+                torch.manual_seed(
+                    seed + 1_000_003 * PHASES[phase] + 7919 * step + rank
+                )  # per-step RNG: exact resume
+                wrapped.train()
+                batch = batches[b]
+                # normaliser: supervised targets of the whole window (all micro-batches, all ranks) per rank,
+                # because DDP averages gradients over ranks; no communication needed, every rank has the data
+                window_items = float(data.targets_per_example[batch.numpy()].sum()) / world
+                sums: dict[str, float] = {}
+                for m, micro in enumerate(batch.tensor_split(tcfg.grad_accum)):
+                    mine = rank_slice(micro, rank=rank, world_size=world).tolist()
+                    cols = data.collate(data.train, mine)
+                    if epoch == 0:
+                        seen.extend(mine)
+                    ids, att = (
+                        cols["input_ids"].to(acc.device),
+                        cols["attention_mask"].to(acc.device),
+                    )
+                    targets = shift_for_next_token(cols["labels"]).to(
+                        acc.device
+                    )  # (b, T): the one shift
+                    t_out = (
+                        teacher(ids, att) if teacher is not None else None
+                    )  # own precision, no autocast
+                    sync = nullcontext() if m == tcfg.grad_accum - 1 else acc.no_sync(wrapped)
+                    with sync, acc.autocast():
+                        out_s = wrapped(ids, att)  # (b, T, H) or (b, T, V_model)
+                        mix: dict[str, Any] = {
+                            "kd_weight": kd_weight,
+                            "kd_temperature": kd_temperature,
+                            "num_items": window_items,
+                        }
+                        if kd is not None:
+                            mix |= {"divergence": kd.divergence.value, **kd.divergence_params}
+                        if hidden:
+                            weight, bias = head_of(acc.unwrap_model(wrapped).lm)
+                            out = token_objective_from_hidden(
+                                out_s, weight[:vocab_size], None if t_out is None else t_out.logits, targets,
+                                student_bias=None if bias is None else bias[:vocab_size],
+                                teacher_hidden=None if t_out is None else t_out.hidden,
+                                teacher_weight=None if t_out is None else t_out.weight,
+                                teacher_bias=None if t_out is None else t_out.bias,
+                                chunked=chunked, chunk_size=None if kd is None else kd.chunk_size, **mix,
+                            )  # fmt: skip
+                        else:
+                            t_logits = None if t_out is None else t_out.logits
+                            out = token_objective(out_s[..., :vocab_size], t_logits, targets, **mix)
+                    _stop_if_not_finite(
+                        out.loss,
+                        s,
+                        phase_dir,
+                        model,
+                        optimizer,
+                        scheduler,
+                        TrainState(step, epoch, b, {}),
+                        tcfg,
+                        phase,
+                        m,
+                    )
+                    acc.backward(out.loss)
+                    tokens += int(att.sum())
+                    for k, v in out.components.items():
+                        sums[k] = sums.get(k, 0.0) + float(v)
+                grad_norm = acc.clip_grad_norm_(
+                    wrapped.parameters(), tcfg.max_grad_norm or math.inf
+                )
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                elapsed = time.perf_counter() - t_start
+                loss_now = sum(v for k, v in sums.items() if k.endswith("/weighted"))
+                bar.update(
+                    task,
+                    advance=1,
+                    rate=rate_text(tokens * world, elapsed, "tok"),
+                    info=f"loss {loss_now:.4f}",
+                )
+                log.log(
+                    {
+                        **sums,
+                        "loss": loss_now,
+                        "lr": scheduler.get_last_lr()[0],
+                        "grad_norm": float(grad_norm),
+                        "epoch": epoch,
+                    },
+                    step=step,
+                    phase=phase,
+                )
+                if step % tcfg.checkpoint_every == 0 or step == total:
+                    nxt = (epoch, b + 1) if b + 1 < len(batches) else (epoch + 1, 0)
+                    _save(
+                        s,
+                        phase_dir / "checkpoints",
+                        model,
+                        optimizer,
+                        scheduler,
+                        TrainState(step, nxt[0], nxt[1], {}),
+                        tcfg,
+                    )
+            else:
+                if epoch == 0:
+                    s.write_json(phase_dir / f"seen-epoch0-rank{rank}.json", seen)
+                epoch, start_batch = epoch + 1, 0
+                continue
+            break
+    wall = time.perf_counter() - t_start
+    summary = {
+        "train_wall_s": wall,
+        "tokens": tokens * world,
+        "tokens_per_s": tokens * world / max(wall, 1e-9),
+        **_peak_memory_mb(acc.device),
+    }
+    log.log(summary, step=step, phase=phase)
+    if epoch == 0 or not (phase_dir / "seen-epoch0-rank0.json").exists():
+        s.write_json(phase_dir / f"seen-epoch0-rank{rank}.json", seen)
+    model = acc.unwrap_model(wrapped).lm
+    if acc.is_main_process:
+        s.write_json(phase_dir / "summary.json", summary)
+        save_model_folder(model, final, tokenizer=tokenizer, overwrite=True)
+        (final / MARKER).write_text("ok\n")
+    acc.wait_for_everyone()
+    return model
+
+
+def _save(
+    s: Session,
+    folder: Path,
+    module: nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    state: TrainState,
+    tcfg: TrainSection,
+) -> None:
+    if s.accelerator.is_main_process:
+        save_checkpoint(
+            folder,
+            model=module,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            state=state,
+            keep=tcfg.keep_checkpoints,
+        )
+    s.accelerator.wait_for_everyone()
+
+
+def _stop_if_not_finite(
+    loss: Tensor, s: Session, phase_dir: Path, module: nn.Module, optimizer: Any, scheduler: Any,
+    state: TrainState, tcfg: TrainSection, phase: str, micro: int,
+) -> None:  # fmt: skip
+    bad = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0], device=s.accelerator.device)
+    if s.accelerator.num_processes > 1:
+        bad = s.accelerator.reduce(bad, reduction="sum")
+    if bad.item() == 0:
+        return
+    _save(s, phase_dir / "last-good", module, optimizer, scheduler, state, tcfg)
+    raise DistilError(
+        f"{phase}: the loss is {loss.item()} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch}, "
+        f"micro-batch {micro}); the last good state is saved in {phase_dir / 'last-good'}. Lower train.lr or set train.max_grad_norm"
+    )
+
+
+def main(cfg: Config, s: Session) -> dict[str, Any]:
+    """Run the recipe in the session's run folder; return the report."""
+    acc = s.accelerator
+    tokenizer = load_tokenizer_folder(
+        cfg.tokenizer or cfg.teacher.hf or "", trust_remote_code=cfg.teacher.trust_remote_code
+    )
+    teacher_model = load_teacher_model(cfg.teacher, tokenizer)
+    student_init, student_source = make_student(cfg.student, teacher_model, tokenizer)
+    for role, m in (("teacher", teacher_model), ("student", student_init)):
+        check_model_fits(m, tokenizer, cfg.data.max_length, role)
+    vocab = check_distillation_vocab(tokenizer, tokenizer, teacher_vocab_rows=output_vocab_rows(teacher_model),
+                                     student_vocab_rows=output_vocab_rows(student_init)).tokenizer_vocab_size  # fmt: skip
+    data = load_lm_data(cfg.data, tokenizer, s.run_dir, acc)
+    probe = data.collate(data.train, [0])
+    hidden = hidden_path_matches(student_init, probe["input_ids"], probe["attention_mask"])
+    chunked = (
+        cfg.kd.chunked
+        if cfg.kd.chunked is not None
+        else should_use_chunked_loss(
+            cfg.train.batch_size // acc.num_processes // cfg.train.grad_accum * cfg.data.max_length,
+            vocab,
+        )
+    )
+    if chunked and not (
+        hidden and hidden_path_matches(teacher_model, probe["input_ids"], probe["attention_mask"])
+    ):
+        raise DistilError(
+            "kd.chunked needs plain linear output layers (logits = hidden @ W.T + b) on both models; set kd.chunked=false"
+        )
+    t_device = torch.device(cfg.teacher.device) if cfg.teacher.device else acc.device
+    teacher = LiveLMTeacher(teacher_model, vocab_size=vocab, device=t_device, dtype=torch_dtype(cfg.teacher.dtype, teacher_model.dtype),
+                            output_device=acc.device, signal=TeacherSignal.HIDDEN if chunked else TeacherSignal.LOGITS)  # fmt: skip
+    teacher.check_deterministic(probe["input_ids"], probe["attention_mask"])
+    kd = cfg.kd
+    s.announce(
+        f"lm_kd: teacher {teacher.describe()}; student {student_source} ({count_parameters(student_init).total:,} params, float32"
+        f"{', autocast ' + cfg.train.mixed_precision.value if cfg.train.mixed_precision.value != 'no' else ''}); "
+        f"loss = {1 - kd.kd_weight:g}·CE + {kd.kd_weight:g}·T²·{kd.divergence.value}{kd.divergence_params or ''} at kd_temperature={kd.kd_temperature:g} "
+        f"({'chunked from hidden states' if chunked else 'full logits'}); vocab policy: tokenizer {vocab} ids, logits sliced to it "
+        f"(teacher {output_vocab_rows(teacher_model)} rows, student {output_vocab_rows(student_init)}); data {cfg.data.format.value}, "
+        f"{len(data.train)} train / {len(data.eval)} held-out examples; off-policy (teacher scores the dataset); "
+        f"{acc.num_processes} process(es) on {acc.device}, each running the teacher on its own shard"
+    )
+    log = MetricsLog(s.run_dir / "metrics.jsonl", acc, acc.is_main_process)
+    common: dict[str, Any] = {
+        "seed": cfg.seed,
+        "shuffle": cfg.data.shuffle,
+        "log": log,
+        "vocab_size": vocab,
+        "hidden": hidden,
+        "tokenizer": tokenizer,
+    }
+    student = train_phase(
+        "student",
+        s,
+        copy.deepcopy(student_init),
+        data,
+        cfg.train,
+        teacher=teacher,
+        kd=kd,
+        chunked=chunked,
+        **common,
+    )
+    baseline = None
+    if cfg.eval.baseline:
+        baseline = train_phase(
+            "baseline", s, copy.deepcopy(student_init), data, cfg.train, chunked=chunked, **common
+        )
+    if not acc.is_main_process:
+        return {}
+    report = build_report(cfg, s, data, tokenizer, teacher, student, baseline, vocab)
+    write_report(s.run_dir, report)
+    print_report(report, s.console)
+    return report
+
+
+def evaluate_models(
+    models: list[tuple[str, Any, Teacher | None]], data: LMData, vocab: int, ev: EvalSection, tokenizer: Any, seed: int
+) -> tuple[list[dict[str, Any]], str]:  # fmt: skip
+    """Report rows (held-out metrics, size, generation speed) and side-by-side sample generations."""
+    gen, batches = ev.generation, data.eval_batches(ev.batch_size)
+    speed = {
+        "speed_batch": gen.speed_batch,
+        "speed_prompt_tokens": gen.prompt_tokens,
+        "speed_new_tokens": gen.speed_new_tokens,
+    }
+    rows = [
+        lm_eval.model_summary(
+            role, m, batches, vocab_size=vocab, teacher=t, pad_token_id=data.pad_token_id, **speed
+        )
+        for role, m, t in models
+    ]
+    samples = []
+    for i, prompt in enumerate(lm_eval.prompts_from(data.eval, gen.prompts, gen.prompt_tokens)):
+        samples.append(
+            f"### Prompt {i + 1}\n\n```\n{tokenizer.decode(prompt, skip_special_tokens=True)}\n```\n"
+        )
+        for role, model, _ in models:
+            text = lm_eval.generate_texts(model, [prompt], tokenizer, max_new_tokens=gen.max_new_tokens,
+                                          sampling_temperature=gen.sampling_temperature, seed=seed)[0]  # fmt: skip
+            samples.append(f"**{role}**\n\n```\n{text}\n```\n")
+    return rows, "\n".join(samples)
+
+
+def build_report(
+    cfg: Config, s: Session, data: LMData, tokenizer: Any, teacher: LiveLMTeacher, student: Any, baseline: Any | None, vocab: int,
+) -> dict[str, Any]:  # fmt: skip
+    """Teacher, KD student and baseline side by side on the held-out data."""
+    device = s.accelerator.device
+    models: list[tuple[str, Any, Teacher | None]] = [
+        ("teacher", teacher.model, None),
+        ("student (KD)", student.to(device), teacher),
+    ]
+    if baseline is not None:
+        models.append(("baseline (no teacher)", baseline.to(device), teacher))
+    rows, samples = evaluate_models(models, data, vocab, cfg.eval, tokenizer, cfg.seed)
+    rows[0] |= {"agreement": 1.0, "kl_teacher_student": 0.0}
+    for row in rows:
+        row["size_ratio"] = rows[0]["params"] / row["params"]
+        row["gen_speedup"] = row["gen_tokens_per_s"] / rows[0]["gen_tokens_per_s"]
+    highlights: dict[str, Any] = {"held-out": f"{int(rows[0]['tokens']):,} next-token targets"}
+    if baseline is not None:
+        kd_ppl, base_ppl = rows[1]["perplexity"], rows[2]["perplexity"]
+        highlights["perplexity KD vs baseline"] = (
+            f"{kd_ppl:.2f} vs {base_ppl:.2f} ({100 * (kd_ppl / base_ppl - 1):+.1f}%)"
+        )
+        gap = rows[2]["ce"] - rows[0]["ce"]
+        highlights["CE gap closed (baseline - KD) / (baseline - teacher)"] = (
+            (rows[2]["ce"] - rows[1]["ce"]) / gap if gap > 0 else None
+        )
+    highlights["student is smaller by"] = (
+        f"{rows[1]['size_ratio']:.1f}x params, generates {rows[1]['gen_speedup']:.1f}x the tokens/s"
+    )
+    summaries = {
+        p: json.loads(f.read_text())
+        for p in ("student", "baseline")
+        if (f := s.run_dir / p / "summary.json").is_file()
+    }
+    columns = [("model", "model"), ("perplexity", "held-out ppl"), ("ce", "CE nats/tok"), ("agreement", "top-1 agree"),
+               ("kl_teacher_student", "KL(t‖s)"), ("params", "params"), ("size_ratio", "smaller by"),
+               ("gen_tokens_per_s", "gen tok/s"), ("gen_speedup", "gen speed-up")]  # fmt: skip
+    greedy = cfg.eval.generation.sampling_temperature == 0
+    return {
+        "title": "lm_kd: token-level distillation of a causal LM",
+        "recipe": "lm_kd",
+        "table": {"columns": [{"key": k, "label": lbl} for k, lbl in columns], "rows": rows},
+        "highlights": highlights,
+        "sections": {"Sample generations" + (" (greedy)" if greedy else ""): samples},
+        "details": {
+            "kd": cfg.kd.model_dump(mode="json"),
+            "seed": cfg.seed,
+            "processes": s.accelerator.num_processes,
+            "train_summaries": summaries,
+            "vocab_size": vocab,
+        },
+    }
