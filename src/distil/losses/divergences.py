@@ -38,6 +38,7 @@ __all__ = [
     "Divergence",
     "DivergenceFn",
     "TermFn",
+    "check_kd_temperature",
     "compute_divergence",
     "divergence_per_position",
     "forward_kl",
@@ -102,7 +103,8 @@ def upcast(x: Tensor) -> Tensor:
     return x
 
 
-def _check_temperature(kd_temperature: float) -> None:
+def check_kd_temperature(kd_temperature: float) -> None:
+    """Raise ValueError unless ``kd_temperature`` is a finite number > 0."""
     if not (kd_temperature > 0 and math.isfinite(kd_temperature)):
         raise ValueError(f"kd_temperature must be a finite number > 0, got {kd_temperature}")
 
@@ -117,7 +119,7 @@ def log_probs(logits: Tensor, kd_temperature: float = 1.0) -> Tensor:
     Returns:
         Log-probabilities of shape ``(..., V)``.
     """
-    _check_temperature(kd_temperature)
+    check_kd_temperature(kd_temperature)
     x = upcast(logits)
     if kd_temperature != 1.0:
         x = x / kd_temperature

@@ -15,7 +15,6 @@ are detached).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from enum import Enum
 from typing import Any, NamedTuple
@@ -36,11 +35,7 @@ from distil.losses.classifier import (
     soft_target_cross_entropy,
     standardize_logits,
 )
-from distil.losses.divergences import (
-    DIVERGENCES,
-    Divergence,
-    upcast,
-)
+from distil.losses.divergences import DIVERGENCES, Divergence, check_kd_temperature, upcast
 from distil.losses.reduction import NumItems, divide_by, normalizer
 
 __all__ = [
@@ -85,15 +80,10 @@ class WeightedTerm(NamedTuple):
     kd_temperature: float | None = None
 
 
-def _check_temperature(kd_temperature: float) -> None:
-    if not (kd_temperature > 0 and math.isfinite(kd_temperature)):
-        raise ValueError(f"kd_temperature must be a finite number > 0, got {kd_temperature}")
-
-
 def _check_mix(kd_weight: float, kd_temperature: float) -> None:
     if not 0.0 <= kd_weight <= 1.0:
         raise ValueError(f"kd_weight must lie in [0, 1], got {kd_weight} (never clamped)")
-    _check_temperature(kd_temperature)
+    check_kd_temperature(kd_temperature)
 
 
 def _name(option: str | Enum) -> str:
@@ -473,7 +463,7 @@ def feature_objective(
             raise ValueError(f"term name {name!r} is already used")
         factor = item.weight
         if item.kd_temperature is not None:
-            _check_temperature(item.kd_temperature)
+            check_kd_temperature(item.kd_temperature)
             factor *= item.kd_temperature**2
         weighted = factor * item.loss
         components[f"{name}/raw"] = item.loss.detach()
