@@ -1,4 +1,4 @@
-"""The ``distil`` command line: run, validate, recipes, cp, report, compare, advise."""
+"""The ``distil`` command line: run, validate, recipes, cp, report, compare, advise, cache."""
 
 from __future__ import annotations
 
@@ -247,6 +247,59 @@ def advise(
     if json_out is not None:
         json_out.write_text(_json.dumps(advice, indent=1, default=str))
         console.print(f"[bold]wrote[/bold] {json_out}")
+
+
+def _cache_write(config: str, overrides: list[str]) -> None:
+    from distil.cache.writer import CacheConfig, cache_config_data, write_cache
+
+    path = resolve_config_path(config)
+    data = cache_config_data(apply_overrides(load_yaml(path), overrides))
+    cfg = validate_config(CacheConfig, data, source=str(path))
+    result = write_cache(cfg)
+    console.print(
+        f"[bold]cache[/bold] {result.path}: wrote {result.shards_written} shard(s), "
+        f"{result.shards_skipped} already complete"
+    )
+    _cache_inspect(result.path, verify=False)
+
+
+def _cache_inspect(path: Path, *, verify: bool) -> None:
+    from distil.cache.reader import CacheReader, summarize
+
+    table = Table(title=f"teacher cache {path}", show_header=False)
+    table.add_column("field")
+    table.add_column("value")
+    for key, value in summarize(path).items():
+        table.add_row(key, f"{value:,.4g}" if isinstance(value, float) else str(value))
+    console.print(table)
+    if verify:
+        problems = CacheReader(path, verify=True).verify_all()
+        for problem in problems:
+            err_console.print(f"[bold red]corrupt:[/bold red] {problem}", soft_wrap=True, highlight=False)
+        if problems:
+            raise typer.Exit(code=1)
+        console.print("[green]ok[/green]: every shard matches its sha256 in the manifest")
+
+
+@app.command()
+def cache(
+    args: Annotated[list[str], typer.Argument(help="CONFIG [overrides], or: inspect PATH")],
+    verify: Annotated[bool, typer.Option("--verify", help="with inspect: re-check every shard's sha256")] = False,
+) -> None:
+    """Run the teacher once and store its top-k outputs: `distil cache CONFIG [cache.k=8 ...]`;
+    summarise a cache: `distil cache inspect PATH [--verify]`."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args[0] == "inspect":
+            if len(args) != 2:
+                raise DistilError("usage: distil cache inspect PATH [--verify]")
+            _cache_inspect(Path(args[1]), verify=verify)
+        else:
+            if verify:
+                raise DistilError("--verify goes with `distil cache inspect PATH`")
+            _cache_write(args[0], args[1:])
+    except DistilError as exc:
+        _fail(exc)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -1,0 +1,177 @@
+"""The cache manifest (``manifest.json``) and the fingerprints it carries.
+
+A manifest says exactly what a cache holds and what it was computed from, so a training run
+can refuse a cache that does not match it instead of silently learning from the wrong targets:
+
+- ``teacher_fingerprint``: sha256 over the teacher's config and every weight tensor,
+- ``tokenizer_fingerprint``: :func:`distil.models.vocab.tokenizer_fingerprint`,
+- ``dataset_fingerprint``: sha256 over every example's id, token ids and labels, i.e. the data
+  *as tokenised for training*, so another corpus, tokenizer, sequence length or masking differs,
+- ``sequence_length``, ``vocab_size``, ``k``, ``kd_temperature`` (of the stored log-probs),
+- ``dtypes`` of the stored tensors, and the shard list with sha256, size and example-id ranges.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from distil.cache.integrity import atomic_write_bytes
+from distil.errors import DistilError
+
+if TYPE_CHECKING:
+    import datasets
+    from torch import nn
+
+FORMAT_NAME = "distil-teacher-cache"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SPEC = "cache-spec.json"  # the manifest minus shards, written first: a rerun must match it
+
+# Fields a training run checks against its own values, in the order errors report them.
+RUN_FIELDS = (
+    "tokenizer_fingerprint",
+    "dataset_fingerprint",
+    "sequence_length",
+    "kd_temperature",
+    "vocab_size",
+    "teacher_fingerprint",
+)
+
+_CONFIG_SKIP = ("transformers_version", "torch_dtype", "dtype", "_name_or_path", "architectures")
+
+
+class CacheMismatchError(DistilError):
+    """A cache that was computed for another teacher, tokenizer, dataset or temperature."""
+
+
+def teacher_fingerprint(model: nn.Module) -> str:
+    """sha256 over a model's config (if any) and every parameter and buffer, in name order.
+
+    Hashes values, not file bytes, so the same weights loaded from another folder or format
+    give the same fingerprint; the dtype is part of the hash (a bf16 copy is another teacher).
+    """
+    digest = hashlib.sha256()
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_dict"):
+        items = {k: v for k, v in config.to_dict().items() if k not in _CONFIG_SKIP}
+        digest.update(json.dumps(items, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def example_hash(input_ids: Sequence[int] | np.ndarray | torch.Tensor) -> int:
+    """A signed 64-bit hash of one example's (unpadded) token ids, to find it by content."""
+    if isinstance(input_ids, torch.Tensor):
+        arr = input_ids.detach().cpu().to(torch.int64).numpy()
+    else:
+        arr = np.asarray(input_ids, dtype=np.int64)
+    raw = hashlib.blake2b(np.ascontiguousarray(arr).tobytes(), digest_size=8).digest()
+    return int.from_bytes(raw, "little", signed=True)
+
+
+def dataset_fingerprint(dataset: datasets.Dataset | Iterable[Mapping[str, Any]]) -> str:
+    """sha256 over every example's ``example_id``, ``input_ids`` and ``labels``, in order."""
+    digest = hashlib.sha256()
+    rows: Iterable[Mapping[str, Any]]
+    if hasattr(dataset, "iter"):
+        rows = (
+            {"example_id": e, "input_ids": i, "labels": lab}
+            for batch in dataset.iter(batch_size=1024)
+            for e, i, lab in zip(
+                batch["example_id"], batch["input_ids"], batch["labels"], strict=True
+            )
+        )
+    else:
+        rows = dataset
+    for row in rows:
+        ids = np.asarray(row["input_ids"], dtype=np.int64)
+        labels = np.asarray(row["labels"], dtype=np.int64)
+        digest.update(np.asarray([int(row["example_id"]), ids.size], dtype=np.int64).tobytes())
+        digest.update(ids.tobytes())
+        digest.update(labels.tobytes())
+    return digest.hexdigest()
+
+
+def write_json_atomic(path: Path, data: Mapping[str, Any]) -> None:
+    """Write JSON (sorted keys, indented) atomically."""
+    atomic_write_bytes(path, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode())
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """Read and check ``folder/manifest.json``.
+
+    Raises:
+        DistilError: If the folder has no manifest (an unfinished or foreign folder), or one of
+            another format or version.
+    """
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        hint = (
+            " (the writer has not finished: re-run `distil cache` with the same config to complete it)"
+            if (Path(folder) / SPEC).is_file()
+            else ""
+        )
+        raise DistilError(f"{folder} is not a distil teacher cache: no {MANIFEST}{hint}")
+    try:
+        manifest: dict[str, Any] = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DistilError(
+            f"{path} is not valid JSON ({exc}); re-run `distil cache` to rewrite it"
+        ) from exc
+    if manifest.get("format") != FORMAT_NAME:
+        raise DistilError(
+            f"{path} is not a distil teacher-cache manifest (format={manifest.get('format')!r})"
+        )
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise DistilError(
+            f"{path} has format_version {manifest.get('format_version')}, this distil reads "
+            f"{FORMAT_VERSION}; rewrite the cache with this version of `distil cache`"
+        )
+    return manifest
+
+
+def _short(value: Any) -> str:
+    text = str(value)
+    return text[:12] + "…" if len(text) > 16 else text
+
+
+def check_matches(
+    manifest: Mapping[str, Any], expected: Mapping[str, Any], *, source: str = "the cache"
+) -> None:
+    """Refuse a cache whose manifest differs from the run on any field given in ``expected``.
+
+    Args:
+        manifest: The cache's manifest.
+        expected: The run's values for some of :data:`RUN_FIELDS` (others are ignored).
+        source: How to name the cache in the message (its path).
+
+    Raises:
+        CacheMismatchError: Naming every differing field with both values, and the fix.
+    """
+    problems = []
+    for field in RUN_FIELDS:
+        if field not in expected:
+            continue
+        ours, theirs = expected[field], manifest.get(field)
+        same = (
+            theirs is not None and abs(float(ours) - float(theirs)) <= 1e-12
+            if isinstance(ours, float)
+            else ours == theirs
+        )
+        if not same:
+            problems.append(f"{field}: cache {_short(theirs)}, run {_short(ours)}")
+    if problems:
+        raise CacheMismatchError(
+            f"{source} does not match this run ({'; '.join(problems)}); re-run `distil cache` with "
+            "this run's teacher, tokenizer, data and kd_temperature, or point teacher.cache at a matching cache"
+        )

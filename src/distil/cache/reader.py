@@ -1,0 +1,199 @@
+"""Reading a teacher cache: bounded-memory shard access by example id, checksums, summaries.
+
+:class:`CacheReader` keeps only an index in memory (example id → shard and row, plus a token
+hash → example id map, 24 bytes per example) and at most ``max_loaded_shards`` decoded shards
+(least recently used first out). Each shard's sha256 is checked against the manifest the first
+time this process loads it, so a corrupt or truncated shard is named before any of its values
+reach a loss.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from safetensors import SafetensorError
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import safe_open
+from torch import Tensor
+
+from distil.cache.integrity import CacheIntegrityError, check_shard
+from distil.cache.manifest import read_manifest
+from distil.errors import DistilError
+
+logger = logging.getLogger(__name__)
+
+_INDEX_TENSORS = ("example_ids", "example_hashes", "offsets")
+
+
+@dataclass(frozen=True)
+class ExampleTargets:
+    """The cached targets of one example (``n`` supervised positions).
+
+    Attributes:
+        positions: ``(n,)`` int64 logits-row indices ``t`` (their target is token ``t + 1``).
+        log_probs: ``(n, k)`` top-k log-probs at the manifest's ``kd_temperature`` (stored dtype).
+        ids: ``(n, k)`` int64 token ids.
+        tail_log_prob: ``(n,)`` log of the mass outside the top-k (stored dtype).
+        example_hash: hash of the example's token ids (see ``manifest.example_hash``).
+    """
+
+    positions: Tensor
+    log_probs: Tensor
+    ids: Tensor
+    tail_log_prob: Tensor
+    example_hash: int
+
+
+class CacheReader:
+    """Random access by example id to a cache folder written by ``distil cache``.
+
+    Args:
+        path: The cache folder (holding ``manifest.json``).
+        verify: Check each shard's sha256 when it is first loaded (recommended; costs one read).
+        max_loaded_shards: Decoded shards kept in memory at once.
+
+    Raises:
+        DistilError: If the folder is not a finished cache, or a shard cannot be indexed.
+    """
+
+    def __init__(
+        self, path: str | Path, *, verify: bool = True, max_loaded_shards: int = 2
+    ) -> None:
+        self.path = Path(path)
+        self.manifest: dict[str, Any] = read_manifest(self.path)
+        self.verify = verify
+        self.max_loaded_shards = max(1, max_loaded_shards)
+        self._loaded: OrderedDict[int, dict[str, Tensor]] = OrderedDict()
+        self._verified: set[int] = set()
+        self._where: dict[int, tuple[int, int]] = {}  # example id -> (shard, row)
+        self._by_hash: dict[int, int] = {}  # token hash -> example id
+        for s, shard in enumerate(self.manifest["shards"]):
+            file = self.path / shard["file"]
+            if not file.is_file():
+                raise CacheIntegrityError(
+                    f"cache shard {file} is missing; re-run `distil cache` with the same config to rewrite it"
+                )
+            try:
+                with safe_open(
+                    str(file), framework="pt"
+                ) as f:  # header + index only: memory-mapped
+                    ids, hashes = (
+                        f.get_tensor("example_ids").tolist(),
+                        f.get_tensor("example_hashes").tolist(),
+                    )
+            except (SafetensorError, OSError, KeyError) as exc:
+                raise CacheIntegrityError(
+                    f"cache shard {file} cannot be read ({exc}); it is corrupt or truncated: delete it and "
+                    "re-run `distil cache` with the same config"
+                ) from exc
+            for row, (e, h) in enumerate(zip(ids, hashes, strict=True)):
+                self._where[e] = (s, row)
+                self._by_hash.setdefault(h, e)
+
+    @property
+    def k(self) -> int:
+        """Log-probs stored per position."""
+        return int(self.manifest["k"])
+
+    @property
+    def kd_temperature(self) -> float:
+        """Temperature the stored log-probs were computed at."""
+        return float(self.manifest["kd_temperature"])
+
+    @property
+    def vocab_size(self) -> int:
+        """The tokenizer's vocabulary size the ids index into."""
+        return int(self.manifest["vocab_size"])
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def __contains__(self, example_id: int) -> bool:
+        return example_id in self._where
+
+    def example_id_for_hash(self, token_hash: int) -> int | None:
+        """The example id whose token ids have this hash, or None."""
+        return self._by_hash.get(token_hash)
+
+    def _shard(self, s: int) -> dict[str, Tensor]:
+        if s in self._loaded:
+            self._loaded.move_to_end(s)
+            return self._loaded[s]
+        info = self.manifest["shards"][s]
+        file = self.path / info["file"]
+        if self.verify and s not in self._verified:
+            check_shard(file, info["sha256"], info.get("bytes"))
+            self._verified.add(s)
+        try:
+            tensors = safetensors_load(file.read_bytes())
+        except (SafetensorError, OSError) as exc:
+            raise CacheIntegrityError(
+                f"cache shard {file} cannot be decoded ({exc}); delete it and re-run `distil cache`"
+            ) from exc
+        self._loaded[s] = tensors
+        while len(self._loaded) > self.max_loaded_shards:
+            self._loaded.popitem(last=False)
+        return tensors
+
+    def get(self, example_id: int) -> ExampleTargets:
+        """The cached targets of one example.
+
+        Raises:
+            DistilError: If the cache has no such example (another dataset or split).
+        """
+        if example_id not in self._where:
+            raise DistilError(
+                f"example_id {example_id} is not in the cache {self.path} (it holds {len(self)} examples); "
+                "the run's data differs from the cached data: re-run `distil cache` with this run's data section"
+            )
+        s, row = self._where[example_id]
+        t = self._shard(s)
+        lo, hi = int(t["offsets"][row]), int(t["offsets"][row + 1])
+        return ExampleTargets(
+            positions=t["positions"][lo:hi].long(),
+            log_probs=t["topk_log_probs"][lo:hi],
+            ids=t["topk_ids"][lo:hi].long(),
+            tail_log_prob=t["tail_log_prob"][lo:hi],
+            example_hash=int(t["example_hashes"][row]),
+        )
+
+    def verify_all(self) -> list[str]:
+        """Re-check every shard's size and sha256; return the problems (empty when all is well)."""
+        problems = []
+        for s, info in enumerate(self.manifest["shards"]):
+            try:
+                check_shard(self.path / info["file"], info["sha256"], info.get("bytes"))
+                self._verified.add(s)
+            except CacheIntegrityError as exc:
+                problems.append(str(exc))
+        return problems
+
+
+def summarize(path: str | Path) -> dict[str, Any]:
+    """The numbers ``distil cache inspect`` shows: tokens, bytes per token, k, coverage, fingerprints."""
+    manifest = read_manifest(Path(path))
+    positions = int(manifest["num_positions"])
+    return {
+        "path": str(path),
+        "format_version": manifest["format_version"],
+        "kind": manifest["kind"],
+        "examples": manifest["num_examples"],
+        "tokens (supervised positions)": positions,
+        "shards": len(manifest["shards"]),
+        "bytes": manifest["total_bytes"],
+        "bytes per token": manifest["total_bytes"] / max(positions, 1),
+        "k": manifest["k"],
+        "vocab_size": manifest["vocab_size"],
+        "top-k mass coverage": manifest["topk_mass_mean"],
+        "kd_temperature": manifest["kd_temperature"],
+        "sequence_length": manifest["sequence_length"],
+        "dtypes": ", ".join(f"{k}={v}" for k, v in manifest["dtypes"].items()),
+        "teacher_dtype": manifest["teacher_dtype"],
+        "teacher_fingerprint": manifest["teacher_fingerprint"],
+        "tokenizer_fingerprint": manifest["tokenizer_fingerprint"],
+        "dataset_fingerprint": manifest["dataset_fingerprint"],
+    }

@@ -1,0 +1,416 @@
+"""``distil cache``: run a causal-LM teacher once over the training data and store its top-k.
+
+For every supervised next-token position (where training computes a loss) a shard stores the
+teacher's top-k log-probs at ``kd_temperature`` (fp16 or bf16), their token ids (the smallest
+integer type that holds the vocabulary) and the log of the remaining tail mass. Examples are
+tokenised by the same code as training (:func:`distil.recipes.lm_setup.load_lm_data`) and keyed
+by example id, plus a hash of their tokens, so a shuffled or resumed run finds its targets.
+
+Shard ``i`` holds examples ``[i·S, (i+1)·S)`` of the training split in dataset order, computed in
+fixed batches, so its bytes depend only on the teacher and those examples: a killed writer,
+re-run with the same config, skips the shards that were finished (each written atomically, with
+a sidecar ``shard-XXXXX.json`` holding its sha256) and produces byte-identical files. Several
+processes (``torchrun``/``accelerate launch``, read from ``RANK``/``WORLD_SIZE``) take every
+``WORLD_SIZE``-th shard; rank 0 waits for all sidecars and merges them into ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from pydantic import Field
+from safetensors.torch import save as safetensors_save
+from torch import Tensor
+
+import distil
+from distil.cache.integrity import atomic_write_bytes, remove_temp_files, sha256_file
+from distil.cache.manifest import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST,
+    SPEC,
+    dataset_fingerprint,
+    example_hash,
+    teacher_fingerprint,
+    write_json_atomic,
+)
+from distil.config.base import StrictModel
+from distil.data.lm import IGNORE_INDEX, collate_lm_batch, shift_for_next_token
+from distil.errors import DistilError
+from distil.losses.sparse import teacher_topk
+from distil.models.vocab import load_tokenizer_folder, tokenizer_fingerprint, tokenizer_vocab_size
+from distil.recipes.lm_setup import (
+    LMDataSection,
+    TeacherSection,
+    check_model_fits,
+    load_lm_data,
+    load_teacher_model,
+    torch_dtype,
+)
+from distil.teachers.live import LiveLMTeacher
+from distil.training.progress import progress_bar, rate_text
+
+if TYPE_CHECKING:
+    import datasets
+
+logger = logging.getLogger(__name__)
+
+# Sections of a training config that do not change what the teacher outputs: `distil cache`
+# accepts an lm_kd YAML as is and ignores them (kd.kd_temperature is read, see below).
+TRAINING_ONLY_KEYS = ("recipe", "run", "student", "train", "kd", "eval")
+
+
+class ValueDtype(str, Enum):
+    """Precision of the stored log-probs (and tail): 2 bytes either way."""
+
+    FLOAT16 = "float16"  # 10-bit mantissa: finer steps for log-probs in [-65504, 0]
+    BFLOAT16 = "bfloat16"  # 7-bit mantissa, fp32 range
+
+
+class CacheSection(StrictModel):
+    """What ``distil cache`` writes and where."""
+
+    out: str = Field(default="runs/teacher-cache", description="folder of the cache")
+    k: int = Field(default=8, ge=1, description="teacher log-probs kept per position")
+    value_dtype: ValueDtype = ValueDtype.FLOAT16
+    kd_temperature: float | None = Field(
+        default=None,
+        gt=0,
+        description="temperature of the stored log-probs; kd.kd_temperature (or 1) when null",
+    )
+    examples_per_shard: int = Field(default=256, ge=1)
+    batch_size: int = Field(default=8, ge=1, description="teacher forward batch")
+    device: str | None = Field(
+        default=None, description="teacher.device, else cuda if available, else cpu"
+    )
+    merge_timeout_s: float = Field(
+        default=3600.0, gt=0, description="rank 0 waits this long for other ranks"
+    )
+
+
+class CacheConfig(StrictModel):
+    """A ``distil cache`` config: the teacher and data sections of a training config plus ``cache``."""
+
+    seed: int = 0
+    tokenizer: str | None = Field(
+        default=None, description="tokenizer folder; teacher.hf when null"
+    )
+    data: LMDataSection = LMDataSection(builtin="stdlib")
+    teacher: TeacherSection = TeacherSection(hf="runs/lm-teacher")
+    cache: CacheSection = CacheSection()
+
+
+def cache_config_data(data: dict[str, Any]) -> dict[str, Any]:
+    """Turn a (training) config mapping into ``CacheConfig`` input.
+
+    Training-only sections are dropped; ``kd.kd_temperature`` becomes ``cache.kd_temperature``
+    unless the latter is set, so caching an lm_kd config stores log-probs at its temperature.
+    """
+    out = {k: v for k, v in data.items() if k not in TRAINING_ONLY_KEYS}
+    kd = data.get("kd") or {}
+    cache = dict(out.get("cache") or {})
+    if cache.get("kd_temperature") is None and isinstance(kd, dict) and "kd_temperature" in kd:
+        cache["kd_temperature"] = kd["kd_temperature"]
+    out["cache"] = cache
+    return out
+
+
+def id_dtype(vocab_size: int) -> torch.dtype:
+    """The smallest signed-or-byte integer type that holds token ids ``< vocab_size``."""
+    if vocab_size <= 256:
+        return torch.uint8
+    if vocab_size <= 2**15:
+        return torch.int16
+    return torch.int32
+
+
+def position_dtype(sequence_length: int) -> torch.dtype:
+    """The integer type of stored positions within an example."""
+    return torch.int16 if sequence_length <= 2**15 else torch.int32
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    """What one ``write_cache`` call did.
+
+    Attributes:
+        path: The cache folder.
+        shards_written: Shards computed by this call.
+        shards_skipped: Shards already complete (resume).
+        positions_written: Supervised positions in the shards written.
+        tokens_read: Non-padding tokens the teacher read for them.
+        seconds: Wall time of the shard loop.
+        merged: Whether this process wrote ``manifest.json``.
+    """
+
+    path: Path
+    shards_written: int
+    shards_skipped: int
+    positions_written: int
+    tokens_read: int
+    seconds: float
+    merged: bool
+
+
+class _OneProcess:
+    """The two members of an Accelerator that ``load_lm_data`` uses, for one process."""
+
+    is_main_process = True
+
+    def wait_for_everyone(self) -> None:
+        """Nothing to wait for."""
+
+
+def shard_name(index: int) -> str:
+    """File name of shard ``index``."""
+    return f"shard-{index:05d}.safetensors"
+
+
+def _sidecar(out: Path, index: int) -> Path:
+    return out / f"shard-{index:05d}.json"
+
+
+def encode_shard(
+    teacher: LiveLMTeacher,
+    rows: dict[str, list[Any]],
+    *,
+    pad_token_id: int,
+    k: int,
+    kd_temperature: float,
+    value_dtype: torch.dtype,
+    vocab_size: int,
+    sequence_length: int,
+    batch_size: int,
+) -> tuple[dict[str, Tensor], float, int]:
+    """Run the teacher over one shard's examples; return its tensors, top-k mass sum and tokens read.
+
+    Tensors (``E`` examples, ``N`` supervised positions): ``example_ids (E,)`` int64,
+    ``example_hashes (E,)`` int64, ``offsets (E + 1,)`` int64 into the position axis,
+    ``positions (N,)`` (index ``t`` of the logits row, whose target is token ``t + 1``),
+    ``topk_log_probs (N, k)``, ``topk_ids (N, k)`` and ``tail_log_prob (N,)``.
+    """
+    n = len(rows["example_id"])
+    lp_parts, id_parts, tail_parts, pos_parts, counts = [], [], [], [], []
+    mass_sum, tokens = 0.0, 0
+    for start in range(0, n, batch_size):
+        batch = [
+            {
+                "example_id": rows["example_id"][i],
+                "input_ids": rows["input_ids"][i],
+                "labels": rows["labels"][i],
+            }
+            for i in range(start, min(start + batch_size, n))
+        ]
+        cols = collate_lm_batch(batch, pad_token_id=pad_token_id)
+        out = teacher(cols["input_ids"], cols["attention_mask"])
+        assert out.logits is not None
+        mask = shift_for_next_token(cols["labels"]) != IGNORE_INDEX  # (b, T) supervised positions
+        top = teacher_topk(out.logits.float(), k, kd_temperature=kd_temperature)  # (b, T, k) each
+        tokens += int(cols["attention_mask"].sum())
+        for r in range(len(batch)):
+            pos = mask[r].nonzero().squeeze(-1)  # (n_r,)
+            lp = top.log_probs[r, pos]  # (n_r, k) fp32
+            mass_sum += float(torch.logsumexp(lp, dim=-1).exp().sum())
+            lp_parts.append(lp.to(value_dtype))
+            id_parts.append(top.ids[r, pos].to(id_dtype(vocab_size)))
+            tail_parts.append(top.tail_log_prob[r, pos].to(value_dtype))
+            pos_parts.append(pos.to(position_dtype(sequence_length)))
+            counts.append(int(pos.numel()))
+    offsets = torch.zeros(n + 1, dtype=torch.int64)  # (E + 1,)
+    offsets[1:] = torch.cumsum(torch.tensor(counts, dtype=torch.int64), 0)
+    tensors = {
+        "example_ids": torch.tensor(
+            [int(e) for e in rows["example_id"]], dtype=torch.int64
+        ),  # (E,)
+        "example_hashes": torch.tensor(
+            [example_hash(i) for i in rows["input_ids"]], dtype=torch.int64
+        ),
+        "offsets": offsets,
+        "positions": torch.cat(pos_parts).contiguous(),  # (N,)
+        "topk_log_probs": torch.cat(lp_parts).contiguous(),  # (N, k)
+        "topk_ids": torch.cat(id_parts).contiguous(),  # (N, k)
+        "tail_log_prob": torch.cat(tail_parts).contiguous(),  # (N,)
+    }
+    return tensors, mass_sum, tokens
+
+
+def _check_spec(out: Path, spec: dict[str, Any]) -> None:
+    path = out / SPEC
+    if not path.is_file():
+        write_json_atomic(path, spec)
+        return
+    old = json.loads(path.read_text())
+    differ = [k for k in sorted(set(old) | set(spec)) if old.get(k) != spec.get(k)]
+    if differ:
+        raise DistilError(
+            f"{out} holds a cache of another teacher, data or settings ({', '.join(differ)} differ); "
+            "choose another cache.out, or delete the folder to rewrite it"
+        )
+
+
+def _rank_world() -> tuple[int, int]:
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def merge_manifest(out: Path, spec: dict[str, Any], num_shards: int) -> dict[str, Any]:
+    """Merge the shard sidecars into ``manifest.json`` (atomically) and return it.
+
+    Raises:
+        DistilError: If a sidecar is missing.
+    """
+    shards = []
+    for i in range(num_shards):
+        side = _sidecar(out, i)
+        if not side.is_file():
+            raise DistilError(
+                f"shard {i} of {out} is not finished; re-run `distil cache` with the same config"
+            )
+        shards.append(json.loads(side.read_text()))
+    positions = sum(s["positions"] for s in shards)
+    shard_bytes = sum(s["bytes"] for s in shards)
+    manifest = {
+        **spec,
+        "shards": shards,
+        "num_examples": sum(s["examples"] for s in shards),
+        "num_positions": positions,
+        "total_bytes": shard_bytes,
+        "bytes_per_position": shard_bytes / max(positions, 1),
+        "topk_mass_mean": sum(s["topk_mass_sum"] for s in shards) / max(positions, 1),
+    }
+    write_json_atomic(out / MANIFEST, manifest)
+    return manifest
+
+
+def write_cache(cfg: CacheConfig) -> WriteResult:
+    """Write (or complete) the cache described by ``cfg``; see the module docstring.
+
+    Raises:
+        DistilError: On bad teacher/data input, a folder holding another cache, or ranks that
+            do not finish within ``cache.merge_timeout_s``.
+    """
+    c = cfg.cache
+    out = Path(c.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rank, world = _rank_world()
+    if rank == 0 and remove_temp_files(out):
+        logger.info("removed temp files of an interrupted writer in %s", out)
+    tokenizer = load_tokenizer_folder(
+        cfg.tokenizer or cfg.teacher.hf or "", trust_remote_code=cfg.teacher.trust_remote_code
+    )
+    model = load_teacher_model(cfg.teacher, tokenizer)
+    check_model_fits(model, tokenizer, cfg.data.max_length, "teacher")
+    vocab = tokenizer_vocab_size(tokenizer)
+    if c.k > vocab:
+        raise DistilError(
+            f"cache.k={c.k} exceeds the vocabulary ({vocab} ids); set cache.k <= {vocab}"
+        )
+    data = load_lm_data(cfg.data, tokenizer, out / "work", _OneProcess())
+    train: datasets.Dataset = data.train
+    kd_temperature = c.kd_temperature if c.kd_temperature is not None else 1.0
+    dtype = torch_dtype(cfg.teacher.dtype, model.dtype)
+    device = torch.device(
+        c.device or cfg.teacher.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    value_dtype = getattr(torch, c.value_dtype.value)
+    spec: dict[str, Any] = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "kind": "lm_topk",
+        "teacher_fingerprint": teacher_fingerprint(
+            model
+        ),  # before the dtype cast: the weights as given
+        "teacher_dtype": str(dtype).removeprefix("torch."),
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "dataset_fingerprint": dataset_fingerprint(train),
+        "vocab_size": vocab,
+        "sequence_length": cfg.data.max_length,
+        "k": c.k,
+        "kd_temperature": kd_temperature,
+        "dtypes": {
+            "topk_log_probs": c.value_dtype.value,
+            "tail_log_prob": c.value_dtype.value,
+            "topk_ids": str(id_dtype(vocab)).removeprefix("torch."),
+            "positions": str(position_dtype(cfg.data.max_length)).removeprefix("torch."),
+            "example_ids": "int64",
+        },
+        "examples_per_shard": c.examples_per_shard,
+        "forward_batch_size": c.batch_size,
+        "split": "train",
+        "created_by": f"distil {getattr(distil, '__version__', 'dev')}",
+    }
+    if rank == 0:
+        _check_spec(out, spec)
+    teacher = LiveLMTeacher(
+        model, vocab_size=vocab, device=device, dtype=dtype, output_device=torch.device("cpu")
+    )
+    n = len(train)
+    num_shards = math.ceil(n / c.examples_per_shard)
+    mine = [i for i in range(num_shards) if i % world == rank]
+    todo = [i for i in mine if not (_sidecar(out, i).is_file() and (out / shard_name(i)).is_file())]
+    logger.info(
+        "cache: %d examples in %d shards (%d done, %d to write on rank %d/%d); teacher %s; k=%d %s at kd_temperature=%g",
+        n, num_shards, len(mine) - len(todo), len(todo), rank, world, teacher.describe(), c.k,
+        c.value_dtype.value, kd_temperature,
+    )  # fmt: skip
+    positions_written = tokens_read = 0
+    t0 = time.perf_counter()
+    with progress_bar(rank == 0) as bar:
+        task = bar.add_task(
+            "cache", total=len(mine), completed=len(mine) - len(todo), rate="", info=""
+        )
+        for i in todo:
+            lo, hi = i * c.examples_per_shard, min((i + 1) * c.examples_per_shard, n)
+            tensors, mass_sum, tokens = encode_shard(
+                teacher, train[lo:hi], pad_token_id=data.pad_token_id, k=c.k, kd_temperature=kd_temperature,
+                value_dtype=value_dtype, vocab_size=vocab, sequence_length=cfg.data.max_length,
+                batch_size=c.batch_size,
+            )  # fmt: skip
+            path = out / shard_name(i)
+            atomic_write_bytes(
+                path, safetensors_save(tensors, metadata={"format": FORMAT_NAME, "shard": str(i)})
+            )
+            ids = tensors["example_ids"]
+            write_json_atomic(
+                _sidecar(out, i),
+                {
+                    "index": i, "file": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size,
+                    "examples": hi - lo, "first_index": lo, "positions": int(tensors["positions"].numel()),
+                    "min_example_id": int(ids.min()), "max_example_id": int(ids.max()),
+                    "topk_mass_sum": mass_sum,
+                },
+            )  # fmt: skip
+            positions_written += int(tensors["positions"].numel())
+            tokens_read += tokens
+            elapsed = time.perf_counter() - t0
+            bar.update(
+                task, advance=1, rate=rate_text(tokens_read, elapsed, "tok"), info=f"shard {i}"
+            )
+    seconds = time.perf_counter() - t0
+    merged = False
+    if rank == 0:
+        deadline = time.monotonic() + c.merge_timeout_s
+        while world > 1 and not all(_sidecar(out, i).is_file() for i in range(num_shards)):
+            if time.monotonic() > deadline:
+                raise DistilError(
+                    f"other ranks did not finish their shards of {out} within cache.merge_timeout_s={c.merge_timeout_s:g}; "
+                    "re-run `distil cache` with the same config to complete it"
+                )
+            time.sleep(0.2)
+        manifest = merge_manifest(out, spec, num_shards)
+        merged = True
+        logger.info(
+            "cache: %s holds %d positions in %d shards, %.1f bytes per position, top-%d mass %.4f",
+            out, manifest["num_positions"], num_shards, manifest["bytes_per_position"], c.k, manifest["topk_mass_mean"],
+        )  # fmt: skip
+    return WriteResult(
+        out, len(todo), len(mine) - len(todo), positions_written, tokens_read, seconds, merged
+    )

@@ -1,0 +1,188 @@
+"""A teacher read from a ``distil cache`` folder, satisfying the ``Teacher`` protocol.
+
+Targets are found by example id when the caller passes ``example_ids`` (collate gives them),
+else by a hash of each row's unpadded token ids; either way a shuffled or resumed run gets the
+targets of the examples it actually holds, and a row whose tokens differ from the cached
+example is a hard error.
+
+Two views of the same cached values:
+
+- :meth:`CachedTeacher.targets` gives top-k log-probs, ids and tail mass aligned with the
+  batch, for :func:`distil.losses.sparse.topk_divergence` (exact bucket loss, no ``(B, T, V)``).
+- Calling the teacher gives ``TeacherOutput(logits=...)`` for the dense losses: the log-probs
+  scaled by the cache's ``kd_temperature`` (so ``log_softmax(logits / T)`` gives them back) with
+  the tail mass spread evenly over the tokens outside the top-k. With ``k = V`` this is the
+  teacher's distribution to fp16/bf16 rounding; with ``k < V`` it is an approximation that
+  keeps the top-k and the tail mass exact. It builds ``(B, T, V)``, so large vocabularies should
+  use ``targets``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from distil.cache.manifest import check_matches, example_hash
+from distil.cache.reader import CacheReader
+from distil.errors import DistilError
+from distil.losses.sparse import TopKTargets
+from distil.teachers.base import TeacherOutput, TeacherSignal
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CachedTargets:
+    """Cached top-k targets aligned with a batch.
+
+    Attributes:
+        topk: ``log_probs (B, T, k)`` fp32, ``ids (B, T, k)`` int64, ``tail_log_prob (B, T)`` fp32;
+            positions without a cached target hold a harmless placeholder (uniform over ids 0..k-1).
+        mask: ``(B, T)`` bool, True where the cache has a target (the supervised positions).
+    """
+
+    topk: TopKTargets
+    mask: Tensor
+
+
+class CachedTeacher:
+    """The ``Teacher`` protocol over a cache folder.
+
+    Args:
+        path: The cache folder.
+        expect: The run's values for fields of ``distil.cache.manifest.RUN_FIELDS``
+            (``tokenizer_fingerprint``, ``dataset_fingerprint``, ``sequence_length``,
+            ``kd_temperature``, ``vocab_size``, ``teacher_fingerprint``); any difference is a
+            :class:`~distil.cache.manifest.CacheMismatchError` naming the field.
+        output_device: Where the outputs go.
+        verify: Check each shard's sha256 when first read.
+        max_loaded_shards: Decoded shards held in memory at once.
+    """
+
+    signal = TeacherSignal.LOGITS
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        expect: Mapping[str, Any] | None = None,
+        output_device: torch.device | str = "cpu",
+        verify: bool = True,
+        max_loaded_shards: int = 2,
+    ) -> None:
+        self.reader = CacheReader(path, verify=verify, max_loaded_shards=max_loaded_shards)
+        check_matches(self.reader.manifest, expect or {}, source=f"the teacher cache {path}")
+        self.path = Path(path)
+        self.output_device = torch.device(output_device)
+
+    @property
+    def k(self) -> int:
+        """Log-probs stored per position."""
+        return self.reader.k
+
+    @property
+    def kd_temperature(self) -> float:
+        """Temperature the cached log-probs were computed at."""
+        return self.reader.kd_temperature
+
+    @property
+    def vocab_size(self) -> int:
+        """Vocabulary the ids index into."""
+        return self.reader.vocab_size
+
+    def _resolve_ids(
+        self, input_ids: Tensor, attention_mask: Tensor, example_ids: Tensor | None
+    ) -> list[int]:
+        lengths = attention_mask.sum(dim=1).tolist()
+        hashes = [example_hash(input_ids[b, : int(n)]) for b, n in enumerate(lengths)]
+        if example_ids is None:
+            found = [self.reader.example_id_for_hash(h) for h in hashes]
+            missing = [b for b, e in enumerate(found) if e is None]
+            if missing:
+                raise DistilError(
+                    f"batch rows {missing} are not in the teacher cache {self.path} (no cached example has their "
+                    "tokens); the run's data or tokenizer differs from the cached one: re-run `distil cache`"
+                )
+            return [int(e) for e in found if e is not None]
+        ids = [int(e) for e in example_ids.tolist()]
+        for b, (e, h) in enumerate(zip(ids, hashes, strict=True)):
+            if self.reader.get(e).example_hash != h:
+                raise DistilError(
+                    f"example_id {e} (batch row {b}) has other tokens than the cached example {e} in {self.path}; "
+                    "the run's data differs from the cached data: re-run `distil cache` with this run's data section"
+                )
+        return ids
+
+    def targets(
+        self, input_ids: Tensor, attention_mask: Tensor, example_ids: Tensor | None = None
+    ) -> CachedTargets:
+        """The cached top-k targets for a batch, on ``output_device``.
+
+        Args:
+            input_ids: ``(B, T)`` token ids (right-padded).
+            attention_mask: ``(B, T)`` 1 for real tokens.
+            example_ids: ``(B,)`` example ids from collate, or None to find rows by their tokens.
+
+        Raises:
+            DistilError: If a row is not in the cache or its tokens differ from the cached example.
+        """
+        bsz, length = input_ids.shape
+        ids = self._resolve_ids(input_ids.cpu(), attention_mask.cpu(), example_ids)
+        k = self.k
+        log_probs = torch.full((bsz, length, k), -math.log(k))  # (B, T, k) placeholder: uniform
+        top_ids = torch.arange(k).expand(bsz, length, k).clone()  # (B, T, k)
+        tail = torch.full((bsz, length), float("-inf"))  # (B, T)
+        mask = torch.zeros(bsz, length, dtype=torch.bool)  # (B, T)
+        for b, e in enumerate(ids):
+            ex = self.reader.get(e)
+            if ex.positions.numel() and int(ex.positions.max()) >= length:
+                raise DistilError(
+                    f"example_id {e} has cached positions up to {int(ex.positions.max())} but the batch is {length} "
+                    "long; the run's sequence length differs from the cache's"
+                )
+            log_probs[b, ex.positions] = ex.log_probs.float()
+            top_ids[b, ex.positions] = ex.ids
+            tail[b, ex.positions] = ex.tail_log_prob.float()
+            mask[b, ex.positions] = True
+        dev = self.output_device
+        return CachedTargets(
+            TopKTargets(log_probs.to(dev), top_ids.to(dev), tail.to(dev)), mask.to(dev)
+        )
+
+    def __call__(
+        self, input_ids: Tensor, attention_mask: Tensor, example_ids: Tensor | None = None
+    ) -> TeacherOutput:
+        """Dense ``(B, T, V)`` logits rebuilt from the cache; see the module docstring."""
+        cached = self.targets(input_ids, attention_mask, example_ids)
+        top = cached.topk
+        vocab, k, temp = self.vocab_size, self.k, self.kd_temperature
+        if k < vocab:
+            fill = top.tail_log_prob - math.log(
+                vocab - k
+            )  # (B, T) log-prob of each non-top-k token
+        else:
+            fill = torch.zeros_like(
+                top.tail_log_prob
+            )  # every token is in the top-k: overwritten below
+        log_p = fill.unsqueeze(-1).expand(*fill.shape, vocab).clone()  # (B, T, V)
+        log_p.scatter_(-1, top.ids, top.log_probs)
+        log_p = torch.where(
+            cached.mask.unsqueeze(-1), log_p, 0.0
+        )  # no target: uniform, masked by the loss
+        return TeacherOutput(logits=log_p * temp)  # log_softmax(logits / temp) == log_p
+
+    def describe(self) -> str:
+        """One line for the mode report."""
+        m = self.reader.manifest
+        return (
+            f"cached {self.path} ({m['num_positions']:,} positions, top-{m['k']} {m['dtypes']['topk_log_probs']} "
+            f"at kd_temperature={m['kd_temperature']:g}, top-k mass {m['topk_mass_mean']:.4f}, "
+            f"{m['bytes_per_position']:.1f} bytes/token)"
+        )

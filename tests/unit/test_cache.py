@@ -1,0 +1,223 @@
+"""Teacher-output cache: format, exactness against the live teacher, lookup by id, integrity."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from distil.cache import CacheIntegrityError, CacheMismatchError, CacheReader
+from distil.cache.integrity import sha256_file
+from distil.cache.manifest import RUN_FIELDS, read_manifest
+from distil.cache.writer import CacheConfig, write_cache
+from distil.data.lm import shift_for_next_token
+from distil.errors import DistilError
+from distil.losses.objective import token_objective
+from distil.losses.sparse import teacher_topk, topk_divergence
+from distil.models.vocab import load_tokenizer_folder, tokenizer_vocab_size
+from distil.teachers import LiveLMTeacher, Teacher
+from distil.teachers.cached import CachedTeacher
+
+SPEC = {
+    "num_layers": 2,
+    "hidden_size": 32,
+    "num_heads": 2,
+    "intermediate_size": 64,
+    "max_context": 64,
+}
+
+
+def cache_config(root: Path, out: Path, **cache: Any) -> CacheConfig:
+    """A config over the fixture: 48 examples of 24 tokens, 16 per shard."""
+    return CacheConfig.model_validate(
+        {
+            "tokenizer": str(root / "tok"),
+            "data": {
+                "train_files": [str(root / "text.jsonl")],
+                "max_length": 24,
+                "train_limit": 48,
+            },
+            "teacher": {"spec": SPEC},
+            "cache": {
+                "out": str(out),
+                "examples_per_shard": 16,
+                "batch_size": 8,
+                "device": "cpu",
+                **cache,
+            },
+        }
+    )
+
+
+def write_fixture(root: Path) -> None:
+    """A 260-id BPE tokenizer and a small text file from the built-in corpus."""
+    from distil.data.corpus import stdlib_root, train_bpe_tokenizer_from_texts
+
+    texts = [p.read_text(encoding="utf-8")[:1500] for p in sorted(stdlib_root().glob("*.py"))[:8]]
+    train_bpe_tokenizer_from_texts(texts, root / "tok", 300)
+    (root / "text.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+
+
+@pytest.fixture(scope="module")
+def fx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models on a shared machine: a second thread mostly waits
+    root = tmp_path_factory.mktemp("cache")
+    write_fixture(root)
+    cfg = cache_config(root, root / "k8", k=8, kd_temperature=2.0)
+    write_cache(cfg)
+    tok = load_tokenizer_folder(root / "tok")
+    teacher_model = cfg.teacher.spec.build(tok, seed=cfg.teacher.seed)  # type: ignore[union-attr]
+    vocab = tokenizer_vocab_size(tok)
+    live = LiveLMTeacher(teacher_model, vocab_size=vocab, device=torch.device("cpu"), dtype=torch.float32,
+                         output_device=torch.device("cpu"))  # fmt: skip
+    from distil.cache.writer import _OneProcess
+    from distil.recipes.lm_setup import load_lm_data
+
+    data = load_lm_data(cfg.data, tok, root / "work", _OneProcess())
+    yield {"root": root, "cfg": cfg, "live": live, "data": data, "vocab": vocab, "tok": tok}
+    torch.set_num_threads(threads)
+
+
+def batch_of(fx: dict[str, Any], indices: list[int]) -> dict[str, torch.Tensor]:
+    return fx["data"].collate(fx["data"].train, indices)
+
+
+def test_manifest_records_format_fingerprints_and_shards(fx: dict[str, Any]) -> None:
+    out = fx["root"] / "k8"
+    m = read_manifest(out)
+    for field in (*RUN_FIELDS, "format_version", "k", "dtypes", "shards", "teacher_dtype"):
+        assert field in m, field
+    assert (m["k"], m["kd_temperature"], m["sequence_length"]) == (8, 2.0, 24)
+    assert m["dtypes"]["topk_log_probs"] == "float16" and m["dtypes"]["topk_ids"] == "int16"
+    assert len(m["shards"]) == 3 and m["num_examples"] == 48
+    for s in m["shards"]:
+        assert sha256_file(out / s["file"]) == s["sha256"]
+        t = load_file(out / s["file"])
+        assert t["topk_log_probs"].dtype == torch.float16 and t["topk_ids"].dtype == torch.int16
+        assert (int(t["example_ids"].min()), int(t["example_ids"].max())) == (
+            s["min_example_id"],
+            s["max_example_id"],
+        )
+    # one supervised position per next-token target of the data
+    assert m["num_positions"] == int(fx["data"].targets_per_example.sum())
+    assert m["bytes_per_position"] < 8 * 4 + 8  # k·(2 + 2) + tail + position + per-example index
+    assert 0 < m["topk_mass_mean"] <= 1
+
+
+def test_cached_teacher_satisfies_protocol_and_rejects_mismatches(fx: dict[str, Any]) -> None:
+    out = fx["root"] / "k8"
+    teacher = CachedTeacher(out, expect={"kd_temperature": 2.0, "sequence_length": 24})
+    assert isinstance(teacher, Teacher)
+    assert "top-8" in teacher.describe()
+    for field, value in (("kd_temperature", 1.0), ("sequence_length", 32), ("tokenizer_fingerprint", "0" * 64),
+                         ("dataset_fingerprint", "f" * 64)):  # fmt: skip
+        with pytest.raises(CacheMismatchError, match=field):
+            CachedTeacher(out, expect={field: value})
+
+
+def test_topk_cache_loss_equals_sparse_loss_from_live_teacher(fx: dict[str, Any]) -> None:
+    teacher = CachedTeacher(fx["root"] / "k8")
+    cols = batch_of(fx, [5, 17, 40, 2])
+    targets = shift_for_next_token(cols["labels"])
+    mask = targets != -100
+    cached = teacher.targets(cols["input_ids"], cols["attention_mask"], cols["example_id"])
+    assert torch.equal(cached.mask, mask)
+    live_logits = fx["live"](cols["input_ids"], cols["attention_mask"]).logits
+    live = teacher_topk(live_logits, 8, kd_temperature=2.0)
+    student = torch.randn(*live_logits.shape, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(cached.topk.ids[mask], live.ids[mask])
+    for div in ("forward_kl", "reverse_kl"):
+        got = topk_divergence(student, cached.topk.log_probs, cached.topk.ids, mask, teacher_tail_log_prob=cached.topk.tail_log_prob,
+                              divergence=div, kd_temperature=2.0)  # fmt: skip
+        want = topk_divergence(student, live.log_probs, live.ids, mask, teacher_tail_log_prob=live.tail_log_prob,
+                               divergence=div, kd_temperature=2.0)  # fmt: skip
+        torch.testing.assert_close(got, want, rtol=2e-3, atol=1e-4)  # fp16 storage rounding
+
+
+@pytest.mark.parametrize("value_dtype", ["float16", "bfloat16"])
+def test_full_vocab_cache_reproduces_live_teacher_loss(
+    fx: dict[str, Any], value_dtype: str
+) -> None:
+    out = fx["root"] / f"full-{value_dtype}"
+    write_cache(
+        cache_config(fx["root"], out, k=fx["vocab"], value_dtype=value_dtype, kd_temperature=2.0)
+    )
+    teacher = CachedTeacher(out)
+    cols = batch_of(fx, [0, 33, 47])
+    targets = shift_for_next_token(cols["labels"])
+    live_logits = fx["live"](cols["input_ids"], cols["attention_mask"]).logits
+    cached_logits = teacher(cols["input_ids"], cols["attention_mask"]).logits  # by token hash
+    student = torch.randn(*live_logits.shape, generator=torch.Generator().manual_seed(1))
+    kw = {"kd_weight": 1.0, "kd_temperature": 2.0}
+    want = token_objective(student, live_logits, targets, **kw).loss
+    got = token_objective(student, cached_logits, targets, **kw).loss
+    # fp16 keeps ~3 decimal digits of each log-prob, bf16 ~2
+    torch.testing.assert_close(
+        got, want, rtol=2e-3 if value_dtype == "float16" else 2e-2, atol=1e-3
+    )
+
+
+def test_shuffled_and_resumed_reading_gets_each_examples_targets(fx: dict[str, Any]) -> None:
+    out = fx["root"] / "k8"
+    order = torch.randperm(48, generator=torch.Generator().manual_seed(3)).tolist()
+    batches = [order[i : i + 6] for i in range(0, 48, 6)]
+    teacher = CachedTeacher(out, max_loaded_shards=1)  # every batch crosses shards: evictions
+    for b, idx in enumerate(batches):
+        if b == 4:  # "resume": a fresh reader in the middle of the epoch
+            teacher = CachedTeacher(out, max_loaded_shards=1)
+        cols = batch_of(fx, idx)
+        by_id = teacher.targets(cols["input_ids"], cols["attention_mask"], cols["example_id"])
+        by_tokens = teacher.targets(cols["input_ids"], cols["attention_mask"])
+        live = teacher_topk(
+            fx["live"](cols["input_ids"], cols["attention_mask"]).logits, 8, kd_temperature=2.0
+        )
+        mask = by_id.mask
+        assert torch.equal(mask, shift_for_next_token(cols["labels"]) != -100)
+        assert torch.equal(by_id.topk.ids, by_tokens.topk.ids)
+        assert torch.equal(by_id.topk.ids[mask], live.ids[mask])
+        torch.testing.assert_close(
+            by_id.topk.log_probs[mask], live.log_probs[mask], rtol=1e-3, atol=1e-3
+        )
+
+
+def test_wrong_example_id_or_unknown_tokens_are_errors(fx: dict[str, Any]) -> None:
+    teacher = CachedTeacher(fx["root"] / "k8")
+    cols = batch_of(fx, [1, 2])
+    with pytest.raises(DistilError, match="other tokens than the cached example"):
+        teacher.targets(cols["input_ids"], cols["attention_mask"], cols["example_id"].flip(0))
+    with pytest.raises(DistilError, match="not in the cache"):
+        teacher.targets(cols["input_ids"], cols["attention_mask"], torch.tensor([10_000, 1]))
+    with pytest.raises(DistilError, match="not in the teacher cache"):
+        teacher.targets(cols["input_ids"].flip(1), cols["attention_mask"])
+
+
+def test_corrupt_or_truncated_shard_is_named(fx: dict[str, Any], tmp_path: Path) -> None:
+    out = tmp_path / "copy"
+    shutil.copytree(fx["root"] / "k8", out)
+    shard = out / "shard-00001.safetensors"
+    raw = bytearray(shard.read_bytes())
+    raw[-5] ^= 0xFF  # flip a value byte: the file still parses
+    shard.write_bytes(bytes(raw))
+    reader = CacheReader(out)
+    reader.get(0)  # shard 0 is fine
+    with pytest.raises(CacheIntegrityError, match="shard-00001.safetensors fails its checksum"):
+        reader.get(20)
+    problems = reader.verify_all()
+    assert len(problems) == 1 and "shard-00001" in problems[0]
+    (out / "shard-00002.safetensors").write_bytes(b"")  # truncated to nothing
+    with pytest.raises(CacheIntegrityError, match="shard-00002.safetensors"):
+        CacheReader(out)
+
+
+def test_rewriting_a_folder_with_other_settings_is_refused(fx: dict[str, Any]) -> None:
+    with pytest.raises(DistilError, match="k differ"):
+        write_cache(cache_config(fx["root"], fx["root"] / "k8", k=4, kd_temperature=2.0))
+    again = write_cache(cache_config(fx["root"], fx["root"] / "k8", k=8, kd_temperature=2.0))
+    assert (again.shards_written, again.shards_skipped) == (0, 3)
