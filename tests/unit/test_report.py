@@ -222,6 +222,12 @@ def test_complete_report_keeps_recipe_parts_and_tolerates_a_bare_folder(tmp_path
     assert '<section id="summary">' in (tmp_path / "report.html").read_text()
     kept = complete_report(tmp_path, {"fidelity": {"sentinel": 1}, "roles": {"teacher": "t"}})
     assert kept["fidelity"] == {"sentinel": 1}
+    # an older report (no roles): the roles come from the model names of the table
+    old = {"table": {"columns": [{"key": "model", "label": "model"}], "rows": [{"model": "teacher"}, {"model": "student (KD)"}]}}
+    assert complete_report(tmp_path, old)["roles"] == {"teacher": "teacher", "student": "student (KD)"}
+    (tmp_path / "plots" / "gone.png").write_bytes(b"")  # drawn by an earlier rendering only
+    write_report(tmp_path, bare)
+    assert not (tmp_path / "plots" / "gone.png").exists()
 
 
 def test_compare_lines_up_differing_keys(tmp_path: Path) -> None:

@@ -29,6 +29,9 @@ from distil.evaluation.report import (
 
 logger = logging.getLogger(__name__)
 
+COMPARE_CSS = (
+    "main { max-width: none; } #table td, #table th { font-size: 12px; padding: 3px 8px; }"
+)
 IGNORED_KEYS = frozenset({"run.output_dir"})  # differs between sweeps without changing the run
 # The summary labels printed in the terminal (all of them go to the files), in this order.
 TERMINAL_METRICS = re.compile(
@@ -165,12 +168,18 @@ def render_compare_markdown(comparison: Mapping[str, Any]) -> str:
 
 def compare_plots(comparison: Mapping[str, Any], run_dirs: Sequence[Path]) -> dict[str, bytes]:
     """Headline metrics across runs, and the student's eval curves of every run overlaid."""
-    from distil.evaluation.plots import EXTRA_COLORS, ROLE_COLORS, new_figure, to_png
+    from distil.evaluation.plots import EXTRA_COLORS, ROLE_COLORS, line, new_figure, to_png
 
     out: dict[str, bytes] = {}
     rows = comparison["table"]["rows"]
     keys = comparison["config_keys"]
-    labels = [", ".join(f"{k.split('.')[-1]}={r.get(k)}" for k in keys) or r["run"] for r in rows]
+    # A sweep over one or two keys reads best as key=value; more keys would not fit under a bar.
+    labels = [
+        ", ".join(f"{k.split('.')[-1]}={r.get(k)}" for k in keys)
+        if 0 < len(keys) <= 2
+        else r["run"]
+        for r in rows
+    ]
     metrics = [
         m
         for m in comparison["metrics"]
@@ -217,16 +226,8 @@ def compare_plots(comparison: Mapping[str, Any], run_dirs: Sequence[Path]) -> di
         axes = fig.subplots(nrows, cols, squeeze=False).flatten()
         for ax, key in zip(axes, keys_to_plot, strict=False):
             for i, (label, points) in enumerate(series[key]):
-                marker = "o" if len(points) <= 30 else None
-                ax.plot(
-                    [p[0] for p in points],
-                    [p[1] for p in points],
-                    marker=marker,
-                    markersize=3,
-                    linewidth=1.1,
-                    color=EXTRA_COLORS[i % len(EXTRA_COLORS)] if i else ROLE_COLORS["student"],
-                    label=label,
-                )
+                color = EXTRA_COLORS[i % len(EXTRA_COLORS)] if i else ROLE_COLORS["student"]
+                line(ax, points, color, label, "o" if len(points) <= 30 else "-")
             ax.set_title(f"student: {key}", fontsize=9)
             ax.set_xlabel("step", fontsize=8)
             ax.legend(fontsize=6, frameon=False)
@@ -271,7 +272,7 @@ def render_compare_html(comparison: Mapping[str, Any], images: Mapping[str, byte
     body.append("</ul></section></main>")
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>distil compare</title>'
-        f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>\n"
+        f"<style>{CSS}{COMPARE_CSS}</style></head><body>{''.join(body)}</body></html>\n"
     )
 
 

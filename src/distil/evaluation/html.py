@@ -80,8 +80,7 @@ def is_distillation_key(key: str) -> bool:
     parts = key.split(".")
     return (
         parts[0] in DISTILLATION_SECTIONS
-        or (key.startswith(DISTILLATION_PREFIXES)
-        and not key.startswith("teacher.training"))
+        or (key.startswith(DISTILLATION_PREFIXES) and not key.startswith("teacher.training"))
         or bool(DISTILLATION_LEAF.search(parts[-1]))
     )
 

@@ -219,7 +219,7 @@ def _moving_average(values: Sequence[float], window: int) -> list[float]:
     return out
 
 
-def _line(
+def line(
     ax: Axes, points: Sequence[tuple[int, float]], color: str, label: str, style: str = "-"
 ) -> None:
     xs = [p[0] for p in points]
@@ -288,7 +288,7 @@ def curve_plots(metrics_rows: Sequence[Mapping[str, Any]]) -> dict[str, bytes]:
                     )
                     if key is None:
                         continue
-                    _line(ax, data[phase][key], color, key, style)
+                    line(ax, data[phase][key], color, key, style)
                     values += [v for _, v in data[phase][key]]
             _log_if_wide(ax, values)
             ax.set_title(f"{phase}: loss components", fontsize=9)
@@ -304,7 +304,7 @@ def curve_plots(metrics_rows: Sequence[Mapping[str, Any]]) -> dict[str, bytes]:
             values = []
             for i, phase in enumerate(phases):
                 if key in data[phase]:
-                    _line(ax, data[phase][key], color_for(phase, i), phase)
+                    line(ax, data[phase][key], color_for(phase, i), phase)
                     values += [v for _, v in data[phase][key]]
             if key == "grad_norm":
                 _log_if_wide(ax, values)
@@ -316,9 +316,14 @@ def curve_plots(metrics_rows: Sequence[Mapping[str, Any]]) -> dict[str, bytes]:
             ax.legend(fontsize=7, frameon=False)
             _style(ax)
         out["curves-optim"] = to_png(fig)
+    # Values logged once per phase (wall time, token counts) are no curve: the report's table of
+    # last values shows them.
     other = list(
         dict.fromkeys(
-            k for p in phases for k in data[p] if not _is_loss(k) and k not in ("lr", "grad_norm")
+            k
+            for p in phases
+            for k in data[p]
+            if not _is_loss(k) and k not in ("lr", "grad_norm") and len(data[p][k]) > 1
         )
     )
     if other:
@@ -329,7 +334,7 @@ def curve_plots(metrics_rows: Sequence[Mapping[str, Any]]) -> dict[str, bytes]:
         for ax, key in zip(axes, other, strict=False):
             for i, phase in enumerate(phases):
                 if key in data[phase]:
-                    _line(ax, data[phase][key], color_for(phase, i), phase, "o")
+                    line(ax, data[phase][key], color_for(phase, i), phase, "o")
             ax.set_title(key, fontsize=9)
             ax.set_xlabel("step", fontsize=8)
             ax.legend(fontsize=7, frameon=False)

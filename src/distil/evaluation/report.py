@@ -412,6 +412,8 @@ def render_markdown(report: dict[str, Any], plots: Mapping[str, str] | None = No
                 f"### Per class ({quality['per_class'].get('metric', quality['primary'])})",
                 "",
             ]
+            if "per_class" in plots:
+                lines += [f"![per class]({plots['per_class']})", ""]
             lines += md_table(per_class_table(quality["per_class"]))
     fidelity = report.get("fidelity")
     if fidelity:
@@ -436,6 +438,8 @@ def render_markdown(report: dict[str, Any], plots: Mapping[str, str] | None = No
                 + ", ".join(f"{p} {fmt(s)} s" for p, s in training["phases"].items())
                 + ")."
             ]
+            if "training_time" in plots:
+                lines.append(f"![training time]({plots['training_time']})")
             if training.get("teacher_overhead") is not None:
                 lines.append(
                     f"The live teacher made the KD phase {fmt(100 * training['teacher_overhead'])} % slower than the baseline."
@@ -485,7 +489,9 @@ def wide(console: Console, width: int = 140) -> Console:
 
 def print_table(table_spec: Mapping[str, Any], console: Console, title: str | None = None) -> None:
     """Print a report table with rich (at least 140 columns wide outside a terminal)."""
-    console = wide(console, max(140, sum(max(len(c["label"]), 8) + 3 for c in table_spec["columns"])))
+    console = wide(
+        console, max(140, sum(max(len(c["label"]), 8) + 3 for c in table_spec["columns"]))
+    )
     table = Table(title=title)
     for i, c in enumerate(table_spec["columns"]):
         table.add_column(c["label"], justify="left" if i == 0 else "right")
@@ -509,6 +515,9 @@ def write_report(run_dir: Path, report: dict[str, Any]) -> None:
     images = report_plots(report, read_metrics_rows(run_dir))
     plot_dir = run_dir / PLOTS_DIR
     plot_dir.mkdir(exist_ok=True)
+    for stale in plot_dir.glob("*.png"):  # a plot an earlier rendering drew but this one does not
+        if stale.stem not in images:
+            stale.unlink()
     links: dict[str, str] = {}
     for name, png in images.items():
         (plot_dir / f"{name}.png").write_bytes(png)
