@@ -616,7 +616,11 @@ def _placement_advice(plan: Mapping[str, Any], budget: Budget) -> str:
             f"a live teacher does not fit next to the student; cache the teacher's top-{budget.top_k} outputs first "
             "(`distil cache`), then train the student from the cache"
         )
-    return "the student alone does not fit: lower the batch size (use grad_accum), the sequence length, or the student size"
+    return (
+        "the student alone does not fit: lower the batch size (raise grad_accum) or the sequence length, "
+        "turn on activation checkpointing, shard optimizer state across GPUs (FSDP/DeepSpeed through "
+        "accelerate), or pick a smaller student"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
