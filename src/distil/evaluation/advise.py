@@ -887,7 +887,7 @@ def print_advice(advice: Mapping[str, Any], console: Any) -> None:
     target = {k: v for k, v in advice["target"].items() if v is not None}
     table = Table(
         title="proposed students"
-        + (f" for {', '.join(f'{k}={v}' for k, v in target.items())}" if target else "")
+        + (f" for {', '.join(f'{k}={fmt(v)}' for k, v in target.items())}" if target else "")
     )
     if advice["kind"] == "transformer":
         cols = {
