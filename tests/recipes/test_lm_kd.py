@@ -196,18 +196,20 @@ def test_grad_accumulation_normalises_once(lm: dict[str, Path], tmp_path: Path) 
 def test_bad_input_stops_before_training(lm: dict[str, Path], tmp_path: Path) -> None:
     from distil.data.corpus import train_bpe_tokenizer_from_texts
     from distil.models.lm import load_causal_lm, save_model_folder
+    from distil.models.vocab import load_tokenizer_folder
 
     no_tok = tmp_path / "teacher-no-tokenizer"
     no_tok.mkdir()
     for name in ("config.json", "model.safetensors"):
         shutil.copy(lm["teacher"] / name, no_tok / name)
     no_template = tmp_path / "tok-no-template"
-    train_bpe_tokenizer_from_texts([lm["text"].read_text()], no_template, 400, chat_template=None)
+    plain = load_tokenizer_folder(lm["tok"])
+    plain.chat_template = None
+    plain.save_pretrained(str(no_template))
     other = tmp_path / "other-student"
     train_bpe_tokenizer_from_texts(
         ["x = 1\n" * 50, "def f(): pass\n" * 40], tmp_path / "other-tok", 300
     )
-    from distil.models.vocab import load_tokenizer_folder
 
     save_model_folder(
         load_causal_lm(lm["teacher"]),
@@ -224,6 +226,7 @@ def test_bad_input_stops_before_training(lm: dict[str, Path], tmp_path: Path) ->
         "longer than the context": (["data.max_length=128"], "longer than the teacher's context of 64"),
         "over-long example": (["data.format=prompt_completion", f"data.train_files=[{long_pc}]"], "longer than max_length=64"),
         "different tokenizers": (["student.init=checkpoint", f"student.hf={other}", "student.num_layers=null"], "tokenizers differ"),
+        "data tokenizer not the teacher's": ([f"tokenizer={tmp_path / 'other-tok'}"], "tokenizers differ"),
         "all-prompt data": (["data.format=chat", f"data.train_files=[{lm['user_only']}]"], "supervised token"),
     }  # fmt: skip
     for name, (overrides, expected) in cases.items():

@@ -33,7 +33,13 @@ from distil.evaluation.report import print_report, write_report
 from distil.losses.chunked import should_use_chunked_loss
 from distil.losses.objective import token_objective, token_objective_from_hidden
 from distil.models.lm import count_parameters, load_causal_lm, save_model_folder
-from distil.models.vocab import check_distillation_vocab, load_tokenizer_folder, output_vocab_rows
+from distil.models.vocab import (
+    TOKENIZER_FILES,
+    check_same_tokenizer,
+    check_vocab_alignment,
+    load_tokenizer_folder,
+    output_vocab_rows,
+)
 from distil.recipes.lm_setup import (
     EvalSection,
     KDSection,
@@ -379,8 +385,16 @@ def main(cfg: Config, s: Session) -> dict[str, Any]:
     student_init, student_source = make_student(cfg.student, teacher_model, tokenizer)
     for role, m in (("teacher", teacher_model), ("student", student_init)):
         check_model_fits(m, tokenizer, cfg.data.max_length, role)
-    vocab = check_distillation_vocab(tokenizer, tokenizer, teacher_vocab_rows=output_vocab_rows(teacher_model),
-                                     student_vocab_rows=output_vocab_rows(student_init)).tokenizer_vocab_size  # fmt: skip
+    if (
+        cfg.tokenizer
+        and cfg.teacher.hf
+        and any((Path(cfg.teacher.hf) / f).is_file() for f in TOKENIZER_FILES)
+    ):
+        check_same_tokenizer(
+            load_tokenizer_folder(cfg.teacher.hf), tokenizer
+        )  # the data must be the teacher's ids
+    vocab = check_vocab_alignment(tokenizer, teacher_vocab_rows=output_vocab_rows(teacher_model),
+                                  student_vocab_rows=output_vocab_rows(student_init)).tokenizer_vocab_size  # fmt: skip
     data = load_lm_data(cfg.data, tokenizer, s.run_dir, acc)
     probe = data.collate(data.train, [0])
     hidden = hidden_path_matches(student_init, probe["input_ids"], probe["attention_mask"])
