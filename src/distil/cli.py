@@ -259,12 +259,14 @@ def _cache_write(config: str, overrides: list[str]) -> None:
     console.print(
         f"[bold]cache[/bold] {result.path}: wrote {result.shards_written} shard(s), "
         f"{result.shards_skipped} already complete"
+        + ("" if result.merged else "; rank 0 merges the manifest")
     )
-    _cache_inspect(result.path, verify=False)
+    if result.merged:
+        _cache_inspect(result.path, verify=False)
 
 
 def _cache_inspect(path: Path, *, verify: bool) -> None:
-    from distil.cache.reader import CacheReader, summarize
+    from distil.cache.reader import summarize, verify_cache
 
     table = Table(title=f"teacher cache {path}", show_header=False)
     table.add_column("field")
@@ -273,7 +275,7 @@ def _cache_inspect(path: Path, *, verify: bool) -> None:
         table.add_row(key, f"{value:,.4g}" if isinstance(value, float) else str(value))
     console.print(table)
     if verify:
-        problems = CacheReader(path, verify=True).verify_all()
+        problems = verify_cache(path)
         for problem in problems:
             err_console.print(f"[bold red]corrupt:[/bold red] {problem}", soft_wrap=True, highlight=False)
         if problems:

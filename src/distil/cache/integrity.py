@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from distil.errors import DistilError
@@ -43,7 +44,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
     The bytes go to ``.<name>.tmp-<pid>`` in the same folder, are fsynced and renamed over
     ``path``; the folder is fsynced so the rename survives a power cut. A leftover temp file
-    from a killed writer is harmless and is removed by the next writer (:func:`remove_temp_files`).
+    from a killed writer is harmless and is removed by the next writer
+    (:func:`remove_temp_files`).
     """
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
@@ -54,12 +56,18 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
-def remove_temp_files(folder: Path) -> int:
-    """Delete temp files left by killed writers; return how many there were."""
-    stale = list(folder.glob(".*.tmp-*"))
-    for p in stale:
-        p.unlink(missing_ok=True)
-    return len(stale)
+def remove_temp_files(folder: Path, names: Iterable[str]) -> int:
+    """Delete temp files that killed writers left for the files ``names``; return how many.
+
+    Only the named files' temps are touched, so a process never removes a temp file that
+    another writer process (owning other shards) is writing right now.
+    """
+    count = 0
+    for name in names:
+        for p in folder.glob(f".{name}.tmp-*"):
+            p.unlink(missing_ok=True)
+            count += 1
+    return count
 
 
 def check_shard(path: Path, expected_sha256: str, expected_bytes: int | None = None) -> None:

@@ -197,3 +197,19 @@ def summarize(path: str | Path) -> dict[str, Any]:
         "tokenizer_fingerprint": manifest["tokenizer_fingerprint"],
         "dataset_fingerprint": manifest["dataset_fingerprint"],
     }
+
+
+def verify_cache(path: str | Path) -> list[str]:
+    """Re-check every shard of a cache against the manifest's size and sha256.
+
+    Reads only the manifest and the shard bytes (not the index), so even shards too damaged to
+    open are reported. Returns one message per bad shard, naming it; empty when all is well.
+    """
+    folder = Path(path)
+    problems = []
+    for info in read_manifest(folder)["shards"]:
+        try:
+            check_shard(folder / info["file"], info["sha256"], info.get("bytes"))
+        except CacheIntegrityError as exc:
+            problems.append(str(exc))
+    return problems

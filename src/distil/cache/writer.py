@@ -301,8 +301,6 @@ def write_cache(cfg: CacheConfig) -> WriteResult:
     out = Path(c.out)
     out.mkdir(parents=True, exist_ok=True)
     rank, world = _rank_world()
-    if rank == 0 and remove_temp_files(out):
-        logger.info("removed temp files of an interrupted writer in %s", out)
     tokenizer = load_tokenizer_folder(
         cfg.tokenizer or cfg.teacher.hf or "", trust_remote_code=cfg.teacher.trust_remote_code
     )
@@ -356,6 +354,9 @@ def write_cache(cfg: CacheConfig) -> WriteResult:
     num_shards = math.ceil(n / c.examples_per_shard)
     mine = [i for i in range(num_shards) if i % world == rank]
     todo = [i for i in mine if not (_sidecar(out, i).is_file() and (out / shard_name(i)).is_file())]
+    own = [n for i in mine for n in (shard_name(i), _sidecar(out, i).name)]
+    if remove_temp_files(out, [*own, *([SPEC, MANIFEST] if rank == 0 else [])]):
+        logger.info("removed temp files of an interrupted writer in %s", out)
     logger.info(
         "cache: %d examples in %d shards (%d done, %d to write on rank %d/%d); teacher %s; k=%d %s at kd_temperature=%g",
         n, num_shards, len(mine) - len(todo), len(todo), rank, world, teacher.describe(), c.k,
@@ -375,9 +376,9 @@ def write_cache(cfg: CacheConfig) -> WriteResult:
                 batch_size=c.batch_size,
             )  # fmt: skip
             path = out / shard_name(i)
-            atomic_write_bytes(
-                path, safetensors_save(tensors, metadata={"format": FORMAT_NAME, "shard": str(i)})
-            )
+            # One metadata key only: safetensors writes a metadata map in hash order, which varies
+            # between processes, and resumed shards must be byte-identical.
+            atomic_write_bytes(path, safetensors_save(tensors, metadata={"format": FORMAT_NAME}))
             ids = tensors["example_ids"]
             write_json_atomic(
                 _sidecar(out, i),
