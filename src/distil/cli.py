@@ -83,8 +83,11 @@ def run(
     from distil.training.session import open_session
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    overrides = list(overrides or [])
+    if "=" in config and not Path(config).exists():  # `distil run train.lr=1e-3`: overrides of the default job
+        overrides, config = [config, *overrides], DEFAULT_CONFIG
     try:
-        recipe, cfg, resolved = load_config(config, overrides or [])
+        recipe, cfg, resolved = load_config(config, overrides)
         name = cfg.run.name or recipe
 
         def choose() -> Path:
@@ -101,7 +104,7 @@ def run(
 
         session = open_session(
             choose, resume=resume, device=cfg.train.device.value, mixed_precision=cfg.train.mixed_precision.value,
-            log_with=cfg.run.log_with, project=name, on_run_dir=prepare,
+            log_with=cfg.run.log_with, project=name, on_run_dir=prepare, cpu_threads=cfg.run.cpu_threads,
         )  # fmt: skip
         if session.accelerator.is_main_process:
             console.print(f"[bold]run folder[/bold] {session.run_dir}")

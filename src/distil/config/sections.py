@@ -52,6 +52,9 @@ class RunSection(StrictModel):
 
     output_dir: str = "runs"
     name: str | None = Field(default=None, description="defaults to the recipe name")
+    cpu_threads: int | None = Field(
+        default=None, ge=1, description="torch intra-op threads per process (None: torch's default)"
+    )
     log_with: list[str] = Field(
         default_factory=lambda: ["tensorboard"],
         description="Accelerate trackers: tensorboard, wandb, mlflow (the last two need their package)",

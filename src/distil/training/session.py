@@ -44,13 +44,17 @@ class Session:
 
 def open_session(
     choose_run_dir: Callable[[], Path], *, resume: bool, device: str, mixed_precision: str, log_with: list[str],
-    project: str, on_run_dir: Callable[[Path], None] | None = None,
+    project: str, on_run_dir: Callable[[Path], None] | None = None, cpu_threads: int | None = None,
 ) -> Session:  # fmt: skip
     """Create the Accelerator, agree on one run folder across processes (the main process
     chooses it), start the trackers there and record the environment."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, broadcast_object_list
 
+    if cpu_threads is not None:
+        import torch
+
+        torch.set_num_threads(cpu_threads)
     accelerator = Accelerator(cpu=device == "cpu", mixed_precision=mixed_precision)
     chosen = [str(choose_run_dir()) if accelerator.is_main_process else ""]
     if accelerator.num_processes > 1:
