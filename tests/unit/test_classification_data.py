@@ -28,7 +28,7 @@ def test_digits_split_is_stratified_and_deterministic() -> None:
     assert a.train.images is not None and a.train.images.shape[1:] == (1, 8, 8)
     assert len(a.train) + len(a.test) == 1797
     assert np.array_equal(a.test.labels, b.test.labels)
-    assert 0.0 <= a.train.images.min() and a.train.images.max() <= 1.0
+    assert a.train.images.min() >= 0.0 and a.train.images.max() <= 1.0
     assert set(np.bincount(a.test.labels)) <= set(range(43, 47))
 
 
