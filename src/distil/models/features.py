@@ -18,17 +18,30 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 
+from distil.config.base import StrictModel
 from distil.errors import DistilError
-from distil.losses.representation import ProjectorKind, make_projector
+from distil.losses.objective import WeightedTerm
+from distil.losses.representation import (
+    ProjectorKind,
+    attention_transfer,
+    channel_wise_distillation,
+    hint_loss,
+    make_projector,
+)
 
 __all__ = [
+    "FeatureDistiller",
+    "FeatureLoss",
+    "FeatureTerm",
     "LayerMapStrategy",
     "align_features",
     "auto_layer_map",
     "build_projectors",
     "capture_features",
+    "feature_distiller",
     "feature_shapes",
     "find_blocks",
     "last_k_layer_map",
@@ -334,3 +347,119 @@ def align_features(
         s = F.adaptive_avg_pool2d(s, size) if tuple(s.shape[2:]) != size else s
         t = F.adaptive_avg_pool2d(t, size) if tuple(t.shape[2:]) != size else t
     return s, t
+
+
+class FeatureLoss(str, Enum):
+    """Feature-KD losses for classifier maps (names used in configs)."""
+
+    HINT = "hint"  # FitNets MSE after a projector
+    CWD = "cwd"  # channel-wise distillation after a 1x1 projector (τ² applied in the objective)
+    ATTENTION = "attention"  # attention transfer: channel counts may differ, no projector
+
+
+class FeatureTerm(StrictModel):
+    """One feature-KD term: which blocks, which loss, what weight."""
+
+    student: str = Field(description="student module name, e.g. stages.1")
+    teacher: str = Field(description="teacher module name, e.g. stages.2")
+    loss: FeatureLoss = FeatureLoss.HINT
+    weight: float = Field(default=1.0, ge=0)
+    kd_temperature: float = Field(
+        default=1.0, gt=0, description="τ of cwd (its τ² factor is applied)"
+    )
+
+    @property
+    def name(self) -> str:
+        """The metric name of the term: ``feature/<loss>/<student>-><teacher>``."""
+        return f"feature/{self.loss.value}/{self.student}->{self.teacher}"
+
+
+class FeatureDistiller(nn.Module):
+    """The projectors of a list of feature terms, and the weighted terms they produce.
+
+    It is trained with the student (put its parameters in the optimiser) and never exported.
+    """
+
+    def __init__(self, terms: Sequence[FeatureTerm], projectors: nn.ModuleDict) -> None:
+        super().__init__()
+        self.specs = list(terms)
+        self.projectors = projectors
+
+    @property
+    def student_names(self) -> list[str]:
+        return [t.student for t in self.specs]
+
+    @property
+    def teacher_names(self) -> list[str]:
+        return [t.teacher for t in self.specs]
+
+    def terms(
+        self,
+        student_features: Mapping[str, Tensor],
+        teacher_features: Mapping[str, Tensor],
+        num_items: float,
+    ) -> dict[str, WeightedTerm]:
+        """Weighted terms for :func:`~distil.losses.objective.feature_objective`.
+
+        Args:
+            student_features: captured student outputs by name.
+            teacher_features: captured teacher outputs by name.
+            num_items: examples over the accumulation window (the normaliser of every term).
+
+        Returns:
+            name → :class:`~distil.losses.objective.WeightedTerm`.
+        """
+        out: dict[str, WeightedTerm] = {}
+        for spec in self.specs:
+            s_raw, t_raw = student_features[spec.student], teacher_features[spec.teacher].detach()
+            projector = (
+                None
+                if spec.loss is FeatureLoss.ATTENTION
+                else self.projectors[projector_key((spec.student, spec.teacher))]
+            )
+            s, t = align_features(s_raw.float(), t_raw.float(), projector)
+            if spec.loss is FeatureLoss.HINT:
+                value = hint_loss(s, t, feature_dims=s.dim() - 1, num_items=num_items)
+                out[spec.name] = WeightedTerm(spec.weight, value)
+            elif spec.loss is FeatureLoss.CWD:
+                # CWD averages over (example, channel) pairs: C pairs per example
+                value = channel_wise_distillation(
+                    s, t, kd_temperature=spec.kd_temperature, num_items=num_items * s.shape[1]
+                )
+                out[spec.name] = WeightedTerm(spec.weight, value, spec.kd_temperature)
+            else:
+                out[spec.name] = WeightedTerm(
+                    spec.weight, attention_transfer(s, t, num_items=num_items)
+                )
+        return out
+
+
+def feature_distiller(
+    terms: Sequence[FeatureTerm], student: nn.Module, teacher: nn.Module, run_student: Callable[[], Any], run_teacher: Callable[[], Any],
+) -> FeatureDistiller:  # fmt: skip
+    """Probe both models once for the feature shapes and build the projectors the terms need.
+
+    Args:
+        terms: the feature terms.
+        student: the student model.
+        teacher: the teacher model.
+        run_student: a no-argument forward of the student on a small batch.
+        run_teacher: the same for the teacher.
+
+    Returns:
+        A :class:`FeatureDistiller`; 4-D maps get 1×1 conv projectors, others linear ones.
+    """
+    s_shapes = feature_shapes(student, [t.student for t in terms], run_student)
+    t_shapes = feature_shapes(teacher, [t.teacher for t in terms], run_teacher)
+    pairs = [(t.student, t.teacher) for t in terms if t.loss is not FeatureLoss.ATTENTION]
+    for spec in terms:
+        if (
+            spec.loss in (FeatureLoss.CWD, FeatureLoss.ATTENTION)
+            and len(s_shapes[spec.student]) != 4
+        ):
+            raise DistilError(
+                f"{spec.loss.value} needs (B, C, H, W) maps; {spec.student} outputs {tuple(s_shapes[spec.student])}"
+            )
+    projectors = build_projectors(pairs, s_shapes, t_shapes)
+    logger.info("feature KD: %s", ", ".join(f"{t.name} (weight {t.weight:g})" for t in terms))
+    return FeatureDistiller(terms, projectors)
