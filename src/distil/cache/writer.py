@@ -319,13 +319,14 @@ def write_cache(cfg: CacheConfig) -> WriteResult:
         c.device or cfg.teacher.device or ("cuda" if torch.cuda.is_available() else "cpu")
     )
     value_dtype = getattr(torch, c.value_dtype.value)
+    teacher = LiveLMTeacher(
+        model, vocab_size=vocab, device=device, dtype=dtype, output_device=torch.device("cpu")
+    )
     spec: dict[str, Any] = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "kind": "lm_topk",
-        "teacher_fingerprint": teacher_fingerprint(
-            model
-        ),  # before the dtype cast: the weights as given
+        "teacher_fingerprint": teacher_fingerprint(teacher.model),  # after the cast: weights as run
         "teacher_dtype": str(dtype).removeprefix("torch."),
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "dataset_fingerprint": dataset_fingerprint(train),
@@ -347,9 +348,6 @@ def write_cache(cfg: CacheConfig) -> WriteResult:
     }
     if rank == 0:
         _check_spec(out, spec)
-    teacher = LiveLMTeacher(
-        model, vocab_size=vocab, device=device, dtype=dtype, output_device=torch.device("cpu")
-    )
     n = len(train)
     num_shards = math.ceil(n / c.examples_per_shard)
     mine = [i for i in range(num_shards) if i % world == rank]

@@ -24,16 +24,27 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from distil.cache.manifest import check_matches, example_hash
+from distil.cache.manifest import (
+    check_matches,
+    dataset_fingerprint,
+    example_hash,
+    teacher_fingerprint,
+)
 from distil.cache.reader import CacheReader
 from distil.errors import DistilError
 from distil.losses.sparse import TopKTargets
+from distil.models.vocab import tokenizer_fingerprint
 from distil.teachers.base import TeacherOutput, TeacherSignal
+
+if TYPE_CHECKING:
+    import datasets
+    from torch import nn
+    from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -186,3 +197,44 @@ class CachedTeacher:
             f"at kd_temperature={m['kd_temperature']:g}, top-k mass {m['topk_mass_mean']:.4f}, "
             f"{m['bytes_per_position']:.1f} bytes/token)"
         )
+
+
+def open_lm_cache(
+    path: str | Path,
+    *,
+    tokenizer: PreTrainedTokenizerBase,
+    dataset: datasets.Dataset,
+    sequence_length: int,
+    kd_temperature: float,
+    vocab_size: int,
+    teacher_model: nn.Module | None = None,
+    output_device: torch.device | str = "cpu",
+) -> CachedTeacher:
+    """Open a causal-LM cache for a training run, refusing it unless it was made for this run.
+
+    Args:
+        path: The cache folder (``teacher.cache``).
+        tokenizer: The run's tokenizer.
+        dataset: The run's tokenised training split (``LMData.train``).
+        sequence_length: ``data.max_length``.
+        kd_temperature: ``kd.kd_temperature``; the cache must store log-probs at it.
+        vocab_size: The tokenizer's vocabulary size.
+        teacher_model: The teacher as the run would use it (after its dtype cast), to check the
+            weights too; None skips that check (a cache of a teacher you no longer have).
+        output_device: The student's device.
+
+    Raises:
+        CacheMismatchError: Naming each field that differs.
+    """
+    expect: dict[str, Any] = {
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "dataset_fingerprint": dataset_fingerprint(dataset),
+        "sequence_length": sequence_length,
+        "kd_temperature": float(kd_temperature),
+        "vocab_size": vocab_size,
+    }
+    if teacher_model is not None:
+        expect["teacher_fingerprint"] = teacher_fingerprint(teacher_model)
+    teacher = CachedTeacher(path, expect=expect, output_device=output_device)
+    logger.info("teacher: %s", teacher.describe())
+    return teacher
