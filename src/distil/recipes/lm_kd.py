@@ -54,6 +54,7 @@ from distil.recipes.lm_setup import (
     torch_dtype,
 )
 from distil.teachers import LiveLMTeacher, Teacher, TeacherSignal, head_of, hidden_path_matches
+from distil.teachers.cached import open_lm_cache
 from distil.teachers.live import final_hidden
 from distil.training.batches import global_batches, rank_slice
 from distil.training.checkpoint import (
@@ -416,6 +417,11 @@ def main(cfg: Config, s: Session) -> dict[str, Any]:
     teacher = LiveLMTeacher(teacher_model, vocab_size=vocab, device=t_device, dtype=torch_dtype(cfg.teacher.dtype, teacher_model.dtype),
                             output_device=acc.device, signal=TeacherSignal.HIDDEN if chunked else TeacherSignal.LOGITS)  # fmt: skip
     teacher.check_deterministic(probe["input_ids"], probe["attention_mask"])
+    train_teacher: Teacher = teacher
+    if cfg.teacher.cache is not None:  # train from `distil cache` outputs; refused unless made for this run
+        train_teacher = open_lm_cache(cfg.teacher.cache, tokenizer=tokenizer, dataset=data.train, sequence_length=cfg.data.max_length,
+                                      kd_temperature=cfg.kd.kd_temperature, vocab_size=vocab, teacher_model=teacher.model, output_device=acc.device)  # fmt: skip
+        s.announce(f"lm_kd: the student learns from the {train_teacher.describe()}")
     kd = cfg.kd
     s.announce(
         f"lm_kd: teacher {teacher.describe()}; student {student_source} ({count_parameters(student_init).total:,} params, float32"
@@ -441,7 +447,7 @@ def main(cfg: Config, s: Session) -> dict[str, Any]:
         copy.deepcopy(student_init),
         data,
         cfg.train,
-        teacher=teacher,
+        teacher=train_teacher,
         kd=kd,
         chunked=chunked,
         **common,

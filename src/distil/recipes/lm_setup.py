@@ -157,6 +157,10 @@ class TeacherSection(StrictModel):
         default=None, description="e.g. cpu or cuda:1; the student's device when null"
     )
     trust_remote_code: bool = False
+    cache: str | None = Field(
+        default=None,
+        description="a `distil cache` folder: lm_kd trains from it (the live teacher still scores the report)",
+    )
 
     @model_validator(mode="after")
     def _one(self) -> TeacherSection:
