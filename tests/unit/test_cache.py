@@ -221,3 +221,51 @@ def test_rewriting_a_folder_with_other_settings_is_refused(fx: dict[str, Any]) -
         write_cache(cache_config(fx["root"], fx["root"] / "k8", k=4, kd_temperature=2.0))
     again = write_cache(cache_config(fx["root"], fx["root"] / "k8", k=8, kd_temperature=2.0))
     assert (again.shards_written, again.shards_skipped) == (0, 3)
+
+
+@pytest.mark.parametrize("proposal_temperature", [None, 3.0])
+def test_sampled_cache_gives_the_live_teachers_sampled_loss(
+    fx: dict[str, Any], proposal_temperature: float | None
+) -> None:
+    from distil.losses.divergences import log_probs
+    from distil.losses.sparse import sampled_divergence
+
+    out = fx["root"] / f"sampled-{proposal_temperature}"
+    cfg = cache_config(fx["root"], out, targets="sampled", num_samples=6, kd_temperature=2.0,
+                       proposal_temperature=proposal_temperature)  # fmt: skip
+    write_cache(cfg)
+    m = read_manifest(out)
+    assert m["kind"] == "lm_sampled" and m["k"] == 6
+    assert ("proposal_log_probs" in m["dtypes"]) == (proposal_temperature is not None)
+    assert m["bytes_per_position"] < 6 * 4 * (1.5 if proposal_temperature else 1) + 8
+    teacher = CachedTeacher(out)
+    cols = batch_of(fx, [3, 30, 44])
+    mask = shift_for_next_token(cols["labels"]) != -100
+    cached = teacher.sampled_targets(cols["input_ids"], cols["attention_mask"], cols["example_id"])
+    assert torch.equal(cached.mask, mask)
+    live_logits = fx["live"](cols["input_ids"], cols["attention_mask"]).logits
+    ids = cached.samples.ids
+    live_lp = log_probs(live_logits, 2.0).gather(-1, ids)  # (B, T, n)
+    live_lr = (
+        live_lp
+        if proposal_temperature is None
+        else log_probs(live_logits, proposal_temperature).gather(-1, ids)
+    )
+    torch.testing.assert_close(
+        cached.samples.teacher_log_probs[mask], live_lp[mask], rtol=2e-3, atol=2e-3
+    )
+    student = torch.randn(*live_logits.shape, generator=torch.Generator().manual_seed(2))
+    got = sampled_divergence(student, ids, cached.samples.teacher_log_probs, mask,
+                             proposal_log_probs=cached.samples.proposal_log_probs, kd_temperature=2.0)  # fmt: skip
+    want = sampled_divergence(
+        student, ids, live_lp, mask, proposal_log_probs=live_lr, kd_temperature=2.0
+    )
+    torch.testing.assert_close(got, want, rtol=5e-3, atol=1e-4)
+    with pytest.raises(DistilError, match="importance-sampled"):
+        teacher(cols["input_ids"], cols["attention_mask"])
+    # sampling is seeded per shard: a rewritten shard draws the same ids, byte for byte
+    before = (out / "shard-00001.safetensors").read_bytes()
+    for name in ("shard-00001.safetensors", "shard-00001.json", "manifest.json"):
+        (out / name).unlink()
+    assert write_cache(cfg).shards_written == 1
+    assert (out / "shard-00001.safetensors").read_bytes() == before

@@ -35,17 +35,21 @@ class ExampleTargets:
 
     Attributes:
         positions: ``(n,)`` int64 logits-row indices ``t`` (their target is token ``t + 1``).
-        log_probs: ``(n, k)`` top-k log-probs at the manifest's ``kd_temperature`` (stored dtype).
-        ids: ``(n, k)`` int64 token ids.
-        tail_log_prob: ``(n,)`` log of the mass outside the top-k (stored dtype).
+        log_probs: ``(n, k)`` teacher log-probs at ``ids``, at the manifest's ``kd_temperature``
+            (stored dtype): the top-k, or the sampled ids' of a sampled cache.
+        ids: ``(n, k)`` int64 token ids (top-k, or sampled with replacement).
+        tail_log_prob: ``(n,)`` log of the mass outside the top-k (stored dtype); None when sampled.
         example_hash: hash of the example's token ids (see ``manifest.example_hash``).
+        proposal_log_probs: ``(n, k)`` proposal log-probs of a sampled cache with a proposal
+            temperature; None otherwise (the proposal is the teacher).
     """
 
     positions: Tensor
     log_probs: Tensor
     ids: Tensor
-    tail_log_prob: Tensor
+    tail_log_prob: Tensor | None
     example_hash: int
+    proposal_log_probs: Tensor | None = None
 
 
 class CacheReader:
@@ -98,6 +102,11 @@ class CacheReader:
     def k(self) -> int:
         """Log-probs stored per position."""
         return int(self.manifest["k"])
+
+    @property
+    def sampled(self) -> bool:
+        """Whether the cache holds importance-sampled ids instead of top-k."""
+        return self.manifest["kind"] == "lm_sampled"
 
     @property
     def kd_temperature(self) -> float:
@@ -153,6 +162,16 @@ class CacheReader:
         s, row = self._where[example_id]
         t = self._shard(s)
         lo, hi = int(t["offsets"][row]), int(t["offsets"][row + 1])
+        if "sample_ids" in t:
+            proposal = t.get("proposal_log_probs")
+            return ExampleTargets(
+                positions=t["positions"][lo:hi].long(),
+                log_probs=t["sample_log_probs"][lo:hi],
+                ids=t["sample_ids"][lo:hi].long(),
+                tail_log_prob=None,
+                example_hash=int(t["example_hashes"][row]),
+                proposal_log_probs=None if proposal is None else proposal[lo:hi],
+            )
         return ExampleTargets(
             positions=t["positions"][lo:hi].long(),
             log_probs=t["topk_log_probs"][lo:hi],
@@ -188,7 +207,11 @@ def summarize(path: str | Path) -> dict[str, Any]:
         "bytes per token": manifest["total_bytes"] / max(positions, 1),
         "k": manifest["k"],
         "vocab_size": manifest["vocab_size"],
-        "top-k mass coverage": manifest["topk_mass_mean"],
+        (
+            "sampled ids' mass coverage"
+            if manifest["kind"] == "lm_sampled"
+            else "top-k mass coverage"
+        ): manifest["topk_mass_mean"],
         "kd_temperature": manifest["kd_temperature"],
         "sequence_length": manifest["sequence_length"],
         "dtypes": ", ".join(f"{k}={v}" for k, v in manifest["dtypes"].items()),

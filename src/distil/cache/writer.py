@@ -46,7 +46,8 @@ from distil.cache.manifest import (
 from distil.config.base import StrictModel
 from distil.data.lm import IGNORE_INDEX, collate_lm_batch, shift_for_next_token
 from distil.errors import DistilError
-from distil.losses.sparse import teacher_topk
+from distil.losses.divergences import log_probs
+from distil.losses.sparse import sample_teacher_targets, teacher_topk
 from distil.models.vocab import load_tokenizer_folder, tokenizer_fingerprint, tokenizer_vocab_size
 from distil.recipes.lm_setup import (
     LMDataSection,
@@ -76,6 +77,13 @@ class ValueDtype(str, Enum):
     BFLOAT16 = "bfloat16"  # 7-bit mantissa, fp32 range
 
 
+class CacheTargets(str, Enum):
+    """What is stored per position."""
+
+    TOPK = "topk"  # the k most likely ids, their log-probs and the tail mass
+    SAMPLED = "sampled"  # ids drawn from a proposal: unbiased estimates of the full loss
+
+
 class CacheSection(StrictModel):
     """What ``distil cache`` writes and where."""
 
@@ -86,6 +94,15 @@ class CacheSection(StrictModel):
         default=None,
         gt=0,
         description="temperature of the stored log-probs; kd.kd_temperature (or 1) when null",
+    )
+    targets: CacheTargets = CacheTargets.TOPK
+    num_samples: int = Field(
+        default=16, ge=1, description="targets=sampled: ids drawn per position"
+    )
+    proposal_temperature: float | None = Field(
+        default=None,
+        gt=0,
+        description="targets=sampled: proposal temperature; the teacher itself when null",
     )
     examples_per_shard: int = Field(default=256, ge=1)
     batch_size: int = Field(default=8, ge=1, description="teacher forward batch")
@@ -179,6 +196,24 @@ def _sidecar(out: Path, index: int) -> Path:
     return out / f"shard-{index:05d}.json"
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """Importance-sampled targets instead of top-k (see ``distil.losses.sparse``).
+
+    Attributes:
+        num_samples: Ids drawn per position, with replacement.
+        proposal_temperature: Temperature of the proposal; None samples from the teacher at
+            ``kd_temperature`` itself (then the proposal log-probs equal the teacher's and are
+            not stored).
+        seed: Seeds each shard's generator with ``seed`` and the shard index, so a rewritten
+            shard draws the same ids.
+    """
+
+    num_samples: int
+    proposal_temperature: float | None
+    seed: int
+
+
 def encode_shard(
     teacher: LiveLMTeacher,
     rows: dict[str, list[Any]],
@@ -190,17 +225,26 @@ def encode_shard(
     vocab_size: int,
     sequence_length: int,
     batch_size: int,
+    sampling: Sampling | None = None,
+    shard_index: int = 0,
 ) -> tuple[dict[str, Tensor], float, int]:
-    """Run the teacher over one shard's examples; return its tensors, top-k mass sum and tokens read.
+    """Run the teacher over one shard's examples; return its tensors, kept-mass sum and tokens read.
 
     Tensors (``E`` examples, ``N`` supervised positions): ``example_ids (E,)`` int64,
     ``example_hashes (E,)`` int64, ``offsets (E + 1,)`` int64 into the position axis,
-    ``positions (N,)`` (index ``t`` of the logits row, whose target is token ``t + 1``),
-    ``topk_log_probs (N, k)``, ``topk_ids (N, k)`` and ``tail_log_prob (N,)``.
+    ``positions (N,)`` (index ``t`` of the logits row, whose target is token ``t + 1``), and
+    either ``topk_log_probs (N, k)``, ``topk_ids (N, k)``, ``tail_log_prob (N,)`` or, with
+    ``sampling``, ``sample_ids (N, n)``, ``sample_log_probs (N, n)`` and (with a proposal
+    temperature) ``proposal_log_probs (N, n)``. The kept mass is that of the top-k, or of the
+    distinct sampled ids.
     """
     n = len(rows["example_id"])
-    lp_parts, id_parts, tail_parts, pos_parts, counts = [], [], [], [], []
+    parts: dict[str, list[Tensor]] = {}
+    counts: list[int] = []
     mass_sum, tokens = 0.0, 0
+    generator = None
+    if sampling is not None:
+        generator = torch.Generator().manual_seed(sampling.seed * 1_000_003 + shard_index)
     for start in range(0, n, batch_size):
         batch = [
             {
@@ -213,33 +257,48 @@ def encode_shard(
         cols = collate_lm_batch(batch, pad_token_id=pad_token_id)
         out = teacher(cols["input_ids"], cols["attention_mask"])
         assert out.logits is not None
+        logits = out.logits.float()  # (b, T, V)
         mask = shift_for_next_token(cols["labels"]) != IGNORE_INDEX  # (b, T) supervised positions
-        top = teacher_topk(out.logits.float(), k, kd_temperature=kd_temperature)  # (b, T, k) each
         tokens += int(cols["attention_mask"].sum())
-        for r in range(len(batch)):
-            pos = mask[r].nonzero().squeeze(-1)  # (n_r,)
-            lp = top.log_probs[r, pos]  # (n_r, k) fp32
-            mass_sum += float(torch.logsumexp(lp, dim=-1).exp().sum())
-            lp_parts.append(lp.to(value_dtype))
-            id_parts.append(top.ids[r, pos].to(id_dtype(vocab_size)))
-            tail_parts.append(top.tail_log_prob[r, pos].to(value_dtype))
-            pos_parts.append(pos.to(position_dtype(sequence_length)))
-            counts.append(int(pos.numel()))
+        pos_of = [mask[r].nonzero().squeeze(-1) for r in range(len(batch))]  # (n_r,) each
+        flat_pos = torch.cat(
+            [torch.full_like(p, r) * logits.shape[1] + p for r, p in enumerate(pos_of)]
+        )
+        rows_logits = logits.reshape(-1, logits.shape[-1])[flat_pos]  # (N_b, V) supervised only
+        if sampling is None:
+            top = teacher_topk(rows_logits, k, kd_temperature=kd_temperature)  # (N_b, k) each
+            mass_sum += float(torch.logsumexp(top.log_probs, dim=-1).exp().sum())
+            new = {
+                "topk_log_probs": top.log_probs.to(value_dtype),
+                "topk_ids": top.ids.to(id_dtype(vocab_size)),
+                "tail_log_prob": top.tail_log_prob.to(value_dtype),
+            }
+        else:
+            drawn = sample_teacher_targets(
+                rows_logits, sampling.num_samples, kd_temperature=kd_temperature,
+                proposal_temperature=sampling.proposal_temperature, generator=generator,
+            )  # fmt: skip
+            probs = log_probs(rows_logits, kd_temperature).exp()  # (N_b, V)
+            seen = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, drawn.ids, True)
+            mass_sum += float((probs * seen).sum())
+            new = {
+                "sample_ids": drawn.ids.to(id_dtype(vocab_size)),
+                "sample_log_probs": drawn.teacher_log_probs.to(value_dtype),
+            }
+            if sampling.proposal_temperature is not None:
+                new["proposal_log_probs"] = drawn.proposal_log_probs.to(value_dtype)
+        new["positions"] = torch.cat(pos_of).to(position_dtype(sequence_length))
+        for name, tensor in new.items():
+            parts.setdefault(name, []).append(tensor)
+        counts.extend(int(p.numel()) for p in pos_of)
     offsets = torch.zeros(n + 1, dtype=torch.int64)  # (E + 1,)
     offsets[1:] = torch.cumsum(torch.tensor(counts, dtype=torch.int64), 0)
     tensors = {
-        "example_ids": torch.tensor(
-            [int(e) for e in rows["example_id"]], dtype=torch.int64
-        ),  # (E,)
-        "example_hashes": torch.tensor(
-            [example_hash(i) for i in rows["input_ids"]], dtype=torch.int64
-        ),
+        "example_ids": torch.tensor([int(e) for e in rows["example_id"]], dtype=torch.int64),
+        "example_hashes": torch.tensor([example_hash(i) for i in rows["input_ids"]], dtype=torch.int64),
         "offsets": offsets,
-        "positions": torch.cat(pos_parts).contiguous(),  # (N,)
-        "topk_log_probs": torch.cat(lp_parts).contiguous(),  # (N, k)
-        "topk_ids": torch.cat(id_parts).contiguous(),  # (N, k)
-        "tail_log_prob": torch.cat(tail_parts).contiguous(),  # (N,)
-    }
+        **{name: torch.cat(ts).contiguous() for name, ts in parts.items()},
+    }  # fmt: skip
     return tensors, mass_sum, tokens
 
 
@@ -322,28 +381,43 @@ def write_cache(cfg: CacheConfig) -> WriteResult:
     teacher = LiveLMTeacher(
         model, vocab_size=vocab, device=device, dtype=dtype, output_device=torch.device("cpu")
     )
+    sampled = c.targets is CacheTargets.SAMPLED
+    sampling = Sampling(c.num_samples, c.proposal_temperature, cfg.seed) if sampled else None
+    value_name, id_name = c.value_dtype.value, str(id_dtype(vocab)).removeprefix("torch.")
     spec: dict[str, Any] = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
-        "kind": "lm_topk",
+        "kind": "lm_sampled" if sampled else "lm_topk",
         "teacher_fingerprint": teacher_fingerprint(teacher.model),  # after the cast: weights as run
         "teacher_dtype": str(dtype).removeprefix("torch."),
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "dataset_fingerprint": dataset_fingerprint(train),
         "vocab_size": vocab,
         "sequence_length": cfg.data.max_length,
-        "k": c.k,
+        "k": c.num_samples if sampled else c.k,  # ids stored per position
         "kd_temperature": kd_temperature,
         "dtypes": {
-            "topk_log_probs": c.value_dtype.value,
-            "tail_log_prob": c.value_dtype.value,
-            "topk_ids": str(id_dtype(vocab)).removeprefix("torch."),
+            **(
+                {"sample_log_probs": value_name, "sample_ids": id_name}
+                | ({"proposal_log_probs": value_name} if c.proposal_temperature is not None else {})
+                if sampled
+                else {
+                    "topk_log_probs": value_name,
+                    "tail_log_prob": value_name,
+                    "topk_ids": id_name,
+                }
+            ),
             "positions": str(position_dtype(cfg.data.max_length)).removeprefix("torch."),
             "example_ids": "int64",
         },
         "examples_per_shard": c.examples_per_shard,
         "forward_batch_size": c.batch_size,
         "split": "train",
+        **(
+            {"proposal_temperature": c.proposal_temperature, "sampling_seed": cfg.seed}
+            if sampled
+            else {}
+        ),
         "created_by": f"distil {getattr(distil, '__version__', 'dev')}",
     }
     if rank == 0:
@@ -371,7 +445,7 @@ def write_cache(cfg: CacheConfig) -> WriteResult:
             tensors, mass_sum, tokens = encode_shard(
                 teacher, train[lo:hi], pad_token_id=data.pad_token_id, k=c.k, kd_temperature=kd_temperature,
                 value_dtype=value_dtype, vocab_size=vocab, sequence_length=cfg.data.max_length,
-                batch_size=c.batch_size,
+                batch_size=c.batch_size, sampling=sampling, shard_index=i,
             )  # fmt: skip
             path = out / shard_name(i)
             # One metadata key only: safetensors writes a metadata map in hash order, which varies

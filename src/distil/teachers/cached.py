@@ -9,7 +9,10 @@ Two views of the same cached values:
 
 - :meth:`CachedTeacher.targets` gives top-k log-probs, ids and tail mass aligned with the
   batch, for :func:`distil.losses.sparse.topk_divergence` (exact bucket loss, no ``(B, T, V)``).
-- Calling the teacher gives ``TeacherOutput(logits=...)`` for the dense losses: the log-probs
+- :meth:`CachedTeacher.sampled_targets` gives the ids of a sampled cache (``cache.targets:
+  sampled``) with teacher and proposal log-probs, for
+  :func:`distil.losses.sparse.sampled_divergence` (unbiased estimate of the full divergence).
+- Calling the teacher (top-k caches) gives ``TeacherOutput(logits=...)`` for the dense losses: the log-probs
   scaled by the cache's ``kd_temperature`` (so ``log_softmax(logits / T)`` gives them back) with
   the tail mass spread evenly over the tokens outside the top-k. With ``k = V`` this is the
   teacher's distribution to fp16/bf16 rounding; with ``k < V`` it is an approximation that
@@ -37,7 +40,7 @@ from distil.cache.manifest import (
 )
 from distil.cache.reader import CacheReader
 from distil.errors import DistilError
-from distil.losses.sparse import TopKTargets
+from distil.losses.sparse import SampledTargets, TopKTargets
 from distil.models.vocab import tokenizer_fingerprint
 from distil.teachers.base import TeacherOutput, TeacherSignal
 
@@ -60,6 +63,21 @@ class CachedTargets:
     """
 
     topk: TopKTargets
+    mask: Tensor
+
+
+@dataclass(frozen=True)
+class CachedSamples:
+    """Cached importance samples aligned with a batch.
+
+    Attributes:
+        samples: ``ids (B, T, n)`` int64, ``teacher_log_probs (B, T, n)`` and
+            ``proposal_log_probs (B, T, n)`` fp32 (equal to the teacher's when the proposal is
+            the teacher); positions without a target hold placeholders.
+        mask: ``(B, T)`` bool, True where the cache has samples.
+    """
+
+    samples: SampledTargets
     mask: Tensor
 
 
@@ -144,6 +162,11 @@ class CachedTeacher:
         Raises:
             DistilError: If a row is not in the cache or its tokens differ from the cached example.
         """
+        if self.reader.sampled:
+            raise DistilError(
+                f"{self.path} holds importance-sampled targets, not top-k; use CachedTeacher.sampled_targets "
+                "with distil.losses.sparse.sampled_divergence, or write a top-k cache (cache.targets=topk)"
+            )
         bsz, length = input_ids.shape
         ids = self._resolve_ids(input_ids.cpu(), attention_mask.cpu(), example_ids)
         k = self.k
@@ -160,12 +183,47 @@ class CachedTeacher:
                 )
             log_probs[b, ex.positions] = ex.log_probs.float()
             top_ids[b, ex.positions] = ex.ids
+            assert ex.tail_log_prob is not None
             tail[b, ex.positions] = ex.tail_log_prob.float()
             mask[b, ex.positions] = True
         dev = self.output_device
         return CachedTargets(
             TopKTargets(log_probs.to(dev), top_ids.to(dev), tail.to(dev)), mask.to(dev)
         )
+
+    def sampled_targets(
+        self, input_ids: Tensor, attention_mask: Tensor, example_ids: Tensor | None = None
+    ) -> CachedSamples:
+        """The cached importance samples for a batch, for ``sampled_divergence``.
+
+        Args:
+            input_ids: ``(B, T)`` token ids (right-padded).
+            attention_mask: ``(B, T)`` 1 for real tokens.
+            example_ids: ``(B,)`` example ids from collate, or None to find rows by their tokens.
+
+        Raises:
+            DistilError: If the cache holds top-k targets, a row is not in the cache, or its
+                tokens differ from the cached example.
+        """
+        if not self.reader.sampled:
+            raise DistilError(f"{self.path} holds top-k targets; use CachedTeacher.targets")
+        bsz, length = input_ids.shape
+        rows = self._resolve_ids(input_ids.cpu(), attention_mask.cpu(), example_ids)
+        n = self.k
+        ids = torch.zeros(bsz, length, n, dtype=torch.int64)  # (B, T, n) placeholder: id 0
+        teacher_lp = torch.zeros(bsz, length, n)  # (B, T, n)
+        proposal_lp = torch.zeros(bsz, length, n)  # (B, T, n)
+        mask = torch.zeros(bsz, length, dtype=torch.bool)  # (B, T)
+        for b, e in enumerate(rows):
+            ex = self.reader.get(e)
+            ids[b, ex.positions] = ex.ids
+            teacher_lp[b, ex.positions] = ex.log_probs.float()
+            proposal = ex.log_probs if ex.proposal_log_probs is None else ex.proposal_log_probs
+            proposal_lp[b, ex.positions] = proposal.float()
+            mask[b, ex.positions] = True
+        dev = self.output_device
+        samples = SampledTargets(ids.to(dev), teacher_lp.to(dev), proposal_lp.to(dev))
+        return CachedSamples(samples, mask.to(dev))
 
     def __call__(
         self, input_ids: Tensor, attention_mask: Tensor, example_ids: Tensor | None = None
@@ -193,8 +251,9 @@ class CachedTeacher:
         """One line for the mode report."""
         m = self.reader.manifest
         return (
-            f"cached {self.path} ({m['num_positions']:,} positions, top-{m['k']} {m['dtypes']['topk_log_probs']} "
-            f"at kd_temperature={m['kd_temperature']:g}, top-k mass {m['topk_mass_mean']:.4f}, "
+            f"cached {self.path} ({m['num_positions']:,} positions, "
+            f"{'sampled ' + str(m['k']) + ' ids' if self.reader.sampled else 'top-' + str(m['k'])} {m['dtypes'].get('topk_log_probs', m['dtypes'].get('sample_log_probs'))} "
+            f"at kd_temperature={m['kd_temperature']:g}, kept mass {m['topk_mass_mean']:.4f}, "
             f"{m['bytes_per_position']:.1f} bytes/token)"
         )
 
