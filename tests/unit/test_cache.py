@@ -269,3 +269,16 @@ def test_sampled_cache_gives_the_live_teachers_sampled_loss(
         (out / name).unlink()
     assert write_cache(cfg).shards_written == 1
     assert (out / "shard-00001.safetensors").read_bytes() == before
+
+
+def test_open_lm_cache_checks_the_run_and_names_the_teacher(fx: dict[str, Any]) -> None:
+    from distil.teachers.cached import open_lm_cache
+
+    kw: dict[str, Any] = {"tokenizer": fx["tok"], "dataset": fx["data"].train, "sequence_length": 24,
+                          "kd_temperature": 2.0, "vocab_size": fx["vocab"]}  # fmt: skip
+    assert open_lm_cache(fx["root"] / "k8", teacher_model=fx["live"].model, **kw).k == 8
+    other = fx["cfg"].teacher.spec.build(fx["tok"], seed=99)
+    with pytest.raises(CacheMismatchError, match="teacher_fingerprint"):
+        open_lm_cache(fx["root"] / "k8", teacher_model=other, **kw)
+    with pytest.raises(CacheMismatchError, match="dataset_fingerprint"):
+        open_lm_cache(fx["root"] / "k8", **{**kw, "dataset": fx["data"].train.select(range(47))})
