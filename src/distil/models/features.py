@@ -243,8 +243,13 @@ def feature_shapes(
     Returns:
         name → shape, in the order of ``names``.
     """
-    with torch.no_grad(), capture_features(module, names, detach=True) as captured:
-        run()
+    was_training = module.training
+    module.eval()  # a probe must not move BatchNorm statistics
+    try:
+        with torch.no_grad(), capture_features(module, names, detach=True) as captured:
+            run()
+    finally:
+        module.train(was_training)
     missing = [n for n in names if n not in captured]
     if missing:
         raise DistilError(

@@ -27,12 +27,18 @@ from distil.data.classification import (
     check_labels,
     load_files,
 )
+from distil.data.mixing import apply_mix, sample_mix
 from distil.errors import DistilError
 from distil.evaluation import classification as metrics
 from distil.evaluation.calibration import fidelity_part
 from distil.evaluation.cost import cpu_latency_ms, cpu_threads, peak_forward_memory_bytes
 from distil.evaluation.report import cost_part, print_report, quality_part, write_report
-from distil.losses.objective import classifier_objective
+from distil.losses.classifier import mixed_targets
+from distil.losses.objective import (
+    classifier_objective,
+    feature_objective,
+    mixup_classifier_objective,
+)
 from distil.models.classifier import (
     BuiltModel,
     Inputs,
@@ -42,6 +48,7 @@ from distil.models.classifier import (
     logits_of,
     save_model,
 )
+from distil.models.features import FeatureTerm, capture_features, feature_distiller
 from distil.training.batches import global_batches, rank_slice
 from distil.training.checkpoint import (
     MARKER,
@@ -106,6 +113,9 @@ class KDSection(StrictModel):
     kd_weight: float = Field(default=0.9, ge=0, le=1, description="weight of the soft term; 1 - it weighs hard CE")
     kd_temperature: float = Field(default=4.0, gt=0)
     divergence: str = "forward_kl"
+    features: list[FeatureTerm] = Field(default_factory=list, description="feature KD: [{student: stages.1, teacher: stages.1, loss: cwd|hint|attention, weight: 1.0}]")
+    mixup_alpha: float = Field(default=0.0, ge=0, description="mixup Beta(α, α) in the student and baseline phases; the teacher sees the same mix")
+    cutmix_alpha: float = Field(default=0.0, ge=0, description="cutmix Beta(α, α); with mixup too, each batch picks one")
 
 
 class EvalSection(StrictModel):
@@ -180,16 +190,25 @@ def train_phase(
     if steps_per_epoch == 0:
         raise DistilError(f"{phase}: {n} training examples is fewer than one batch ({tcfg.batch_size})")
     total = steps_per_epoch * tcfg.epochs if tcfg.max_steps is None else min(tcfg.max_steps, steps_per_epoch * tcfg.epochs)
-    optimizer = build_optimizer(built.module.parameters(), name=tcfg.optimizer.value, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    fkd = None  # feature KD: projectors train with the student and are checkpointed with it, never exported
+    if teacher is not None and teacher_inputs is not None and cfg.kd.features:
+        few = torch.arange(2)
+        fkd = feature_distiller(cfg.kd.features, built.module, teacher.module,
+                                lambda: logits_of(built.module, _take(inputs, few, next(built.module.parameters()).device)),
+                                lambda: logits_of(teacher.module, _take(teacher_inputs, few, next(teacher.module.parameters()).device)))  # fmt: skip
+    trained = built.module if fkd is None else nn.ModuleDict({"student": built.module, "features": fkd})
+    optimizer = build_optimizer(trained.parameters(), name=tcfg.optimizer.value, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     scheduler = build_scheduler(optimizer, name=tcfg.scheduler.value, total_steps=total, warmup_steps=tcfg.warmup_steps)
     state = TrainState(step=0, epoch=0, batch_in_epoch=0, extra={})
     ckpt = latest_checkpoint(phase_dir / "checkpoints") if s.resume else None
     if ckpt is not None:
-        state = load_checkpoint(ckpt, model=built.module, optimizer=optimizer, scheduler=scheduler)
+        state = load_checkpoint(ckpt, model=trained, optimizer=optimizer, scheduler=scheduler)
         logger.info("%s: resumed from %s (step %d, epoch %d, batch %d)", phase, ckpt, state.step, state.epoch, state.batch_in_epoch)
     model, optimizer = acc.prepare(built.module, optimizer)
     if teacher is not None:
         teacher.module.to(acc.device).eval().requires_grad_(False)
+    if fkd is not None:
+        fkd.to(acc.device)
     kd = cfg.kd
     step, epoch, start_batch = state.step, state.epoch, state.batch_in_epoch
     seen: list[int] = []  # example ids this rank consumed in epoch 0, written out as an audit of sharding
@@ -215,21 +234,40 @@ def train_phase(
                         seen.extend(mine.tolist())
                     sync = nullcontext() if m == tcfg.grad_accum - 1 else acc.no_sync(model)
                     with sync, acc.autocast():
-                        student_logits = logits_of(model, _take(inputs, mine, acc.device))  # (b, C)
-                        teacher_logits = None
-                        if teacher is not None and teacher_inputs is not None:
-                            with torch.no_grad():
-                                teacher_logits = logits_of(teacher.module, _take(teacher_inputs, mine, acc.device))
-                        out = classifier_objective(
-                            student_logits.float(), None if teacher_logits is None else teacher_logits.float(),
-                            labels[mine].to(acc.device), kd_weight=kd.kd_weight, kd_temperature=kd.kd_temperature,
-                            divergence=kd.divergence, num_items=window_items,
-                        )  # fmt: skip
+                        x_s, y = _take(inputs, mine, acc.device), labels[mine].to(acc.device)
+                        x_t = None if teacher is None or teacher_inputs is None else _take(teacher_inputs, mine, acc.device)
+                        plan = None if phase == "teacher" else sample_mix(len(mine), mixup_alpha=kd.mixup_alpha, cutmix_alpha=kd.cutmix_alpha)
+                        if plan is not None:  # one plan for both: the teacher must see the student's mixed image
+                            x_s = {k: apply_mix(v, plan) for k, v in x_s.items()}
+                            x_t = None if x_t is None else {k: apply_mix(v, plan) for k, v in x_t.items()}
+                        with capture_features(acc.unwrap_model(model), fkd.student_names if fkd else []) as s_feats:
+                            student_logits = logits_of(model, x_s)  # (b, C)
+                        teacher_logits, t_feats = None, {}
+                        if teacher is not None and x_t is not None:
+                            with torch.no_grad(), capture_features(teacher.module, fkd.teacher_names if fkd else [], detach=True) as t_feats:
+                                teacher_logits = logits_of(teacher.module, x_t)
+                        t_float = None if teacher_logits is None else teacher_logits.float()
+                        if plan is None:
+                            out = classifier_objective(
+                                student_logits.float(), t_float, y, kd_weight=kd.kd_weight, kd_temperature=kd.kd_temperature,
+                                divergence=kd.divergence, num_items=window_items,
+                            )  # fmt: skip
+                        else:
+                            out = mixup_classifier_objective(
+                                student_logits.float(), t_float, mixed_targets(y, y[plan.perm], plan.lam, student_logits.shape[-1]),
+                                kd_weight=kd.kd_weight, kd_temperature=kd.kd_temperature, divergence=kd.divergence, num_items=window_items,
+                            )  # fmt: skip
+                        if fkd is not None:
+                            out = feature_objective(fkd.terms(s_feats, t_feats, window_items), out)
                     _stop_if_not_finite(out.loss, s, phase_dir, built.module, optimizer, scheduler,
                                         TrainState(step, epoch, b, {}), tcfg, phase, m)  # fmt: skip
                     acc.backward(out.loss)
                     for k, v in out.components.items():
                         sums[k] = sums.get(k, 0.0) + float(v)
+                if fkd is not None and world > 1:  # projectors sit outside DDP: average their gradients by hand
+                    for p in fkd.parameters():
+                        if p.grad is not None:
+                            p.grad = acc.reduce(p.grad, reduction="mean")
                 grad_norm = acc.clip_grad_norm_(model.parameters(), tcfg.max_grad_norm or math.inf)
                 optimizer.step()
                 scheduler.step()
@@ -240,7 +278,7 @@ def train_phase(
                 log.log({**sums, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "epoch": epoch}, step=step, phase=phase)
                 if step % tcfg.checkpoint_every == 0 or step == total:
                     nxt = (epoch, b + 1) if b + 1 < len(batches) else (epoch + 1, 0)
-                    _save(s, phase_dir / "checkpoints", acc.unwrap_model(model), optimizer, scheduler, TrainState(step, nxt[0], nxt[1], {}), tcfg)
+                    _save(s, phase_dir / "checkpoints", trained, optimizer, scheduler, TrainState(step, nxt[0], nxt[1], {}), tcfg)
             else:
                 if tcfg.eval_every_epoch:
                     test_acc = metrics.accuracy(metrics.predict_logits(acc.unwrap_model(model), test_inputs), test_labels)
