@@ -155,7 +155,7 @@ def test_full_vocab_cache_reproduces_live_teacher_loss(
     live_logits = fx["live"](cols["input_ids"], cols["attention_mask"]).logits
     cached_logits = teacher(cols["input_ids"], cols["attention_mask"]).logits  # by token hash
     student = torch.randn(*live_logits.shape, generator=torch.Generator().manual_seed(1))
-    kw = {"kd_weight": 1.0, "kd_temperature": 2.0}
+    kw: dict[str, Any] = {"kd_weight": 1.0, "kd_temperature": 2.0}
     want = token_objective(student, live_logits, targets, **kw).loss
     got = token_objective(student, cached_logits, targets, **kw).loss
     # fp16 keeps ~3 decimal digits of each log-prob, bf16 ~2

@@ -195,6 +195,24 @@ class CacheReader:
 def summarize(path: str | Path) -> dict[str, Any]:
     """The numbers ``distil cache inspect`` shows: tokens, bytes per token, k, coverage, fingerprints."""
     manifest = read_manifest(Path(path))
+    if manifest["kind"] == "examples":  # per-example outputs (classifier logits, embeddings)
+        return {
+            "path": str(path),
+            "format_version": manifest["format_version"],
+            "kind": manifest["kind"],
+            "examples": manifest["num_examples"],
+            "shards": len(manifest["shards"]),
+            "bytes": manifest["total_bytes"],
+            "bytes per example": manifest["bytes_per_example"],
+            "tensors": ", ".join(
+                f"{k}={v['dtype']}{v['shape']}" for k, v in manifest["tensors"].items()
+            ),
+            **{
+                k: manifest[k]
+                for k in ("teacher_fingerprint", "dataset_fingerprint", "kd_temperature")
+                if k in manifest
+            },
+        }
     positions = int(manifest["num_positions"])
     return {
         "path": str(path),
