@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 ARGS = [
-    "run", "classifier_kd", "teacher.train=false", "student.model.kwargs.hidden=[32]",
+    "run", "classifier_kd", "data.dataset=digits", "teacher.train=false", "teacher.model.kwargs.channels=[32,64,64]",
+    "student.model.kwargs.hidden=[32]",
     "train.epochs=2", "train.batch_size=64", "train.checkpoint_every=1000", "eval.baseline=false",
     "run.log_with=[]", "train.device=cpu",
 ]  # fmt: skip

@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 from distil.cli import app
 
 FAST = [
+    "data.dataset=digits",
     "teacher.training.epochs=2",
     "teacher.model.kwargs.channels=[8,16]",
     "train.epochs=2",
@@ -74,7 +75,7 @@ def _cli(args: list[str]) -> list[str]:
 
 
 def test_resume_after_sigkill_gives_identical_weights(tmp_path: Path) -> None:
-    args = ["run", "classifier_kd", "teacher.training.epochs=1", "teacher.model.kwargs.channels=[8,16]",
+    args = ["run", "classifier_kd", "data.dataset=digits", "teacher.training.epochs=1", "teacher.model.kwargs.channels=[8,16]",
             "train.epochs=12", "train.checkpoint_every=7", "eval.baseline=false", "run.log_with=[]",
             "student.model.kwargs.dropout=0.2"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
