@@ -12,6 +12,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # OpenMP thread made them hundreds of times slower: the default tier runs single-threaded.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import torch  # noqa: E402
+import torch
 
 torch.set_num_threads(1)

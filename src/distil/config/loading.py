@@ -41,7 +41,7 @@ _Loader.add_implicit_resolver(
 
 def safe_load(text: str) -> Any:
     """``yaml.safe_load`` semantics (no object construction) with YAML 1.2-style floats."""
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+    return yaml.load(text, Loader=_Loader)
 
 
 class ConfigError(DistilError):
