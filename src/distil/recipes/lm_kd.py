@@ -50,6 +50,7 @@ from distil.recipes.lm_setup import (
     check_model_fits,
     load_lm_data,
     load_teacher_model,
+    loss_chunk_rows,
     make_student,
     torch_dtype,
 )
@@ -136,8 +137,10 @@ def _peak_memory_mb(device: torch.device) -> dict[str, float]:
     status = Path("/proc/self/status")
     if status.is_file():
         for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                out["peak_rss_mb"] = int(line.split()[1]) / 1024
+            if line.startswith(("VmHWM:", "VmRSS:")):
+                out["peak_rss_mb" if line.startswith("VmHWM") else "rss_mb"] = (
+                    int(line.split()[1]) / 1024
+                )
     if device.type == "cuda":
         out["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return out
@@ -146,7 +149,7 @@ def _peak_memory_mb(device: torch.device) -> dict[str, float]:
 def train_phase(
     phase: str, s: Session, model: PreTrainedModel, data: LMData, tcfg: TrainSection, *, seed: int, shuffle: bool,
     log: MetricsLog, vocab_size: int, hidden: bool, tokenizer: PreTrainedTokenizerBase,
-    teacher: Teacher | None = None, kd: KDSection | None = None, chunked: bool = False,
+    teacher: Teacher | None = None, kd: KDSection | None = None, chunked: bool = False, chunk_rows: int = 256,
 ) -> PreTrainedModel:  # fmt: skip
     """Train ``model`` on ``data.train`` (CE, or CE + KD with a teacher); return the trained model."""
     acc, phase_dir = s.accelerator, s.run_dir / phase
@@ -206,6 +209,7 @@ def train_phase(
             for i in rank_slice(mb, rank=rank, world_size=world).tolist()
         ]
     _peak_memory_reset(acc.device)
+    rss_at_start = _peak_memory_mb(acc.device).get("rss_mb", 0.0)
     t_start, tokens = time.perf_counter(), 0
     with progress_bar(acc.is_main_process) as bar:
         task = bar.add_task(phase, total=total, completed=step, rate="", info="")
@@ -245,6 +249,7 @@ def train_phase(
                             "kd_weight": kd_weight,
                             "kd_temperature": kd_temperature,
                             "num_items": window_items,
+                            "chunk_size": chunk_rows,
                         }
                         if kd is not None:
                             mix |= {"divergence": kd.divergence.value, **kd.divergence_params}
@@ -256,7 +261,7 @@ def train_phase(
                                 teacher_hidden=None if t_out is None else t_out.hidden,
                                 teacher_weight=None if t_out is None else t_out.weight,
                                 teacher_bias=None if t_out is None else t_out.bias,
-                                chunked=chunked, chunk_size=None if kd is None else kd.chunk_size, **mix,
+                                chunked=chunked, **mix,
                             )  # fmt: skip
                         else:
                             t_logits = None if t_out is None else t_out.logits
@@ -326,6 +331,7 @@ def train_phase(
         "tokens": tokens * world,
         "tokens_per_s": tokens * world / max(wall, 1e-9),
         **_peak_memory_mb(acc.device),
+        "rss_at_start_mb": rss_at_start,
     }
     log.log(summary, step=step, phase=phase)
     if epoch == 0 or not (phase_dir / "seen-epoch0-rank0.json").exists():
@@ -418,7 +424,9 @@ def main(cfg: Config, s: Session) -> dict[str, Any]:
                             output_device=acc.device, signal=TeacherSignal.HIDDEN if chunked else TeacherSignal.LOGITS)  # fmt: skip
     teacher.check_deterministic(probe["input_ids"], probe["attention_mask"])
     train_teacher: Teacher = teacher
-    if cfg.teacher.cache is not None:  # train from `distil cache` outputs; refused unless made for this run
+    if (
+        cfg.teacher.cache is not None
+    ):  # train from `distil cache` outputs; refused unless made for this run
         train_teacher = open_lm_cache(cfg.teacher.cache, tokenizer=tokenizer, dataset=data.train, sequence_length=cfg.data.max_length,
                                       kd_temperature=cfg.kd.kd_temperature, vocab_size=vocab, teacher_model=teacher.model, output_device=acc.device)  # fmt: skip
         s.announce(f"lm_kd: the student learns from the {train_teacher.describe()}")
@@ -427,7 +435,7 @@ def main(cfg: Config, s: Session) -> dict[str, Any]:
         f"lm_kd: teacher {teacher.describe()}; student {student_source} ({count_parameters(student_init).total:,} params, float32"
         f"{', autocast ' + cfg.train.mixed_precision.value if cfg.train.mixed_precision.value != 'no' else ''}); "
         f"loss = {1 - kd.kd_weight:g}·CE + {kd.kd_weight:g}·T²·{kd.divergence.value}{kd.divergence_params or ''} at kd_temperature={kd.kd_temperature:g} "
-        f"({'chunked from hidden states' if chunked else 'full logits'}); vocab policy: tokenizer {vocab} ids, logits sliced to it "
+        f"({'chunked from hidden states' if chunked else 'full logits'}, loss in chunks of {loss_chunk_rows(kd.chunk_size, vocab)} rows); vocab policy: tokenizer {vocab} ids, logits sliced to it "
         f"(teacher {output_vocab_rows(teacher_model)} rows, student {output_vocab_rows(student_init)}); data {cfg.data.format.value}, "
         f"{len(data.train)} train / {len(data.eval)} held-out examples; off-policy (teacher scores the dataset); "
         f"{acc.num_processes} process(es) on {acc.device}, each running the teacher on its own shard"
@@ -440,6 +448,7 @@ def main(cfg: Config, s: Session) -> dict[str, Any]:
         "vocab_size": vocab,
         "hidden": hidden,
         "tokenizer": tokenizer,
+        "chunk_rows": loss_chunk_rows(cfg.kd.chunk_size, vocab),
     }
     student = train_phase(
         "student",

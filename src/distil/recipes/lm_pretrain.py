@@ -32,6 +32,7 @@ from distil.recipes.lm_setup import (
     check_model_fits,
     data_files,
     load_lm_data,
+    loss_chunk_rows,
 )
 from distil.teachers import hidden_path_matches
 from distil.training.metrics import MetricsLog
@@ -105,7 +106,7 @@ def main(cfg: Config, s: Session) -> dict[str, Any]:
     )
     log = MetricsLog(s.run_dir / "metrics.jsonl", acc, acc.is_main_process)
     model = train_phase("model", s, model, data, cfg.train, seed=cfg.seed, shuffle=cfg.data.shuffle, log=log,
-                        vocab_size=vocab, hidden=hidden, tokenizer=tokenizer, chunked=chunked)  # fmt: skip
+                        vocab_size=vocab, hidden=hidden, tokenizer=tokenizer, chunked=chunked, chunk_rows=loss_chunk_rows(None, vocab))  # fmt: skip
     if not acc.is_main_process:
         return {}
     if cfg.export_dir is not None:
