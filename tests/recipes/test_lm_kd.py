@@ -114,6 +114,38 @@ def test_text_kd_with_layer_dropped_student_writes_report(
     assert "frozen, eval, no_grad" in mode
     md = (run_dir / "report.md").read_text()
     assert "## Sample generations" in md and "**student (KD)**" in md and "held-out ppl" in md
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["roles"] == {
+        "teacher": "teacher", "student": "student (KD)", "baseline": "baseline (no teacher)",
+    }  # fmt: skip
+    quality = {r["model"]: r for r in report["quality"]["table"]["rows"]}
+    ce = {m: quality[m]["ce"] for m in rows}
+    assert ce == {m: rows[m]["ce"] for m in rows}  # the quality part is the held-out evaluation
+    expected_gap = (ce["student (KD)"] - ce["baseline (no teacher)"]) / (
+        ce["teacher"] - ce["baseline (no teacher)"]
+    )
+    assert report["quality"]["primary"] == "ce" and not report["quality"]["higher_is_better"]
+    assert abs(report["quality"]["gap_closed"] - expected_gap) < 1e-9
+    fidelity = {r["model"]: r for r in report["fidelity"]["table"]["rows"]}
+    assert fidelity["teacher"]["kl_to_teacher"] == 0 and fidelity["teacher"]["agreement"] == 1
+    assert (
+        fidelity["student (KD)"]["kl_to_teacher"] > 0 and 0 <= fidelity["student (KD)"]["ece"] <= 1
+    )
+    # fidelity rows are a prefix of the held-out positions; with eval_limit=8 x 63 targets < 2048
+    # they are all of them, so agreement and KL equal the headline table's
+    assert abs(fidelity["student (KD)"]["agreement"] - rows["student (KD)"]["agreement"]) < 1e-9
+    assert (
+        abs(fidelity["student (KD)"]["kl_to_teacher"] - rows["student (KD)"]["kl_teacher_student"])
+        < 1e-4
+    )
+    cost = {r["model"]: r for r in report["cost"]["table"]["rows"]}
+    assert cost["teacher"]["size_bytes"] > cost["student (KD)"]["size_bytes"] > 0
+    assert all(
+        r["latency_b1_ms"] > 0 and r["peak_memory_bytes"] > r["size_bytes"] for r in cost.values()
+    )
+    assert set(report["cost"]["training"]["phases"]) >= {"student", "baseline"}
+    assert report["cost"]["training"]["teacher_overhead"] is not None
+    assert "## Quality" in md and "## Fidelity" in md and "## Cost" in md
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     kd_steps = [m for m in metrics if m["phase"] == "student" and "kd/raw" in m]
     assert len(kd_steps) == 6 and all(m["kd/raw"] > 0 and m["hard_ce/raw"] > 0 for m in kd_steps)

@@ -86,6 +86,62 @@ def held_out_metrics(
 
 
 @torch.no_grad()
+def held_out_logits(
+    model: nn.Module, batches: Iterable[Batch], *, vocab_size: int, max_rows: int
+) -> tuple[Tensor, Tensor]:
+    """The logits of the first ``max_rows`` supervised held-out positions and their next-token ids.
+
+    What :func:`distil.evaluation.calibration.fidelity_part` reads: rows are token positions,
+    labels the true next tokens, so ECE and the reliability diagram are token-level. Capped
+    because ``(N, V)`` float32 logits of a whole held-out set can take gigabytes.
+
+    Returns:
+        ``(N, vocab_size)`` float32 logits on the CPU and ``(N,)`` int64 labels, ``N <= max_rows``.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    rows: list[Tensor] = []
+    labels: list[Tensor] = []
+    have = 0
+    for batch in batches:
+        if have >= max_rows:
+            break
+        ids, att = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        targets = shift_for_next_token(batch["labels"]).to(device)  # (B, T)
+        mask = targets != IGNORE_INDEX
+        logits = model(input_ids=ids, attention_mask=att, use_cache=False).logits[..., :vocab_size]
+        take = logits[mask][: max_rows - have].float().cpu()  # (n, V)
+        rows.append(take)
+        labels.append(targets[mask][: take.shape[0]].cpu())
+        have += take.shape[0]
+    model.train(was_training)
+    if not rows:
+        return torch.empty(0, vocab_size), torch.empty(0, dtype=torch.long)
+    return torch.cat(rows), torch.cat(labels)
+
+
+def forward_cost(model: Any, input_ids: Tensor, *, threads: int = 1) -> dict[str, float]:
+    """CPU cost of one forward pass over ``input_ids`` ``(B, T)``: median latency in ms at
+    ``threads`` intra-op threads and the peak memory (weights + live activations, bytes)."""
+    from distil.evaluation.cost import cpu_latency_ms, cpu_threads, peak_forward_memory_bytes
+
+    was_training = model.training
+    model.eval()
+    ids = input_ids.to(next(model.parameters()).device)
+    att = torch.ones_like(ids)
+
+    def run() -> object:
+        return model(input_ids=ids, attention_mask=att, use_cache=False).logits
+
+    with cpu_threads(threads):
+        latency = cpu_latency_ms(run, repeats=10, warmup=2, min_seconds=0.2)
+    peak = peak_forward_memory_bytes(run, model)
+    model.train(was_training)
+    return {"latency_ms": latency, "peak_memory_bytes": float(peak)}
+
+
+@torch.no_grad()
 def generation_speed(
     model: Any, prompt_ids: Tensor, *, max_new_tokens: int, pad_token_id: int, repeats: int = 3
 ) -> float:

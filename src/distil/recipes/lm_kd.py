@@ -29,7 +29,9 @@ from distil.config.sections import RunSection, SchedulerName, TrainSection
 from distil.data.lm import shift_for_next_token
 from distil.errors import DistilError
 from distil.evaluation import lm as lm_eval
-from distil.evaluation.report import print_report, write_report
+from distil.evaluation.calibration import fidelity_part
+from distil.evaluation.cost import weight_bytes
+from distil.evaluation.report import cost_part, print_report, quality_part, write_report
 from distil.losses.chunked import should_use_chunked_loss
 from distil.losses.objective import token_objective, token_objective_from_hidden
 from distil.models.lm import count_parameters, load_causal_lm, save_model_folder
@@ -505,7 +507,8 @@ def evaluate_models(
 def build_report(
     cfg: Config, s: Session, data: LMData, tokenizer: Any, teacher: LiveLMTeacher, student: Any, baseline: Any | None, vocab: int,
 ) -> dict[str, Any]:  # fmt: skip
-    """Teacher, KD student and baseline side by side on the held-out data."""
+    """Teacher, KD student and baseline side by side on the held-out data: quality (perplexity,
+    gap closed), fidelity (agreement, KL/JSD, calibration), cost (size, latency, memory, speed)."""
     device = s.accelerator.device
     models: list[tuple[str, Any, Teacher | None]] = [
         ("teacher", teacher.model, None),
@@ -515,18 +518,31 @@ def build_report(
         models.append(("baseline (no teacher)", baseline.to(device), teacher))
     rows, samples = evaluate_models(models, data, vocab, cfg.eval, tokenizer, cfg.seed)
     rows[0] |= {"agreement": 1.0, "kl_teacher_student": 0.0}
-    for row in rows:
+    batches = data.eval_batches(cfg.eval.batch_size)
+    one = batches[0]["input_ids"][:1]  # (1, T): batch-1 latency and memory of a full sequence
+    fidelity_logits: dict[str, Tensor] = {}
+    labels = torch.empty(0, dtype=torch.long)
+    for row, (_, model, _) in zip(rows, models, strict=True):
         row["size_ratio"] = rows[0]["params"] / row["params"]
         row["gen_speedup"] = row["gen_tokens_per_s"] / rows[0]["gen_tokens_per_s"]
+        row["size_bytes"] = weight_bytes(model)
+        cost = lm_eval.forward_cost(model, one)
+        row["latency_b1_ms"], row["peak_memory_bytes"] = (
+            cost["latency_ms"],
+            cost["peak_memory_bytes"],
+        )
+        fidelity_logits[row["model"]], labels = lm_eval.held_out_logits(
+            model, batches, vocab_size=vocab, max_rows=cfg.eval.fidelity_tokens
+        )
+    for row in rows:
+        row["forward_speedup"] = rows[0]["latency_b1_ms"] / row["latency_b1_ms"]
+    roles = {"teacher": rows[0]["model"], "student": rows[1]["model"]}
     highlights: dict[str, Any] = {"held-out": f"{int(rows[0]['tokens']):,} next-token targets"}
     if baseline is not None:
+        roles["baseline"] = rows[2]["model"]
         kd_ppl, base_ppl = rows[1]["perplexity"], rows[2]["perplexity"]
         highlights["perplexity KD vs baseline"] = (
             f"{kd_ppl:.2f} vs {base_ppl:.2f} ({100 * (kd_ppl / base_ppl - 1):+.1f}%)"
-        )
-        gap = rows[2]["ce"] - rows[0]["ce"]
-        highlights["CE gap closed (baseline - KD) / (baseline - teacher)"] = (
-            (rows[2]["ce"] - rows[1]["ce"]) / gap if gap > 0 else None
         )
     highlights["student is smaller by"] = (
         f"{rows[1]['size_ratio']:.1f}x params, generates {rows[1]['gen_speedup']:.1f}x the tokens/s"
@@ -540,11 +556,39 @@ def build_report(
                ("kl_teacher_student", "KL(t‖s)"), ("params", "params"), ("size_ratio", "smaller by"),
                ("gen_tokens_per_s", "gen tok/s"), ("gen_speedup", "gen speed-up")]  # fmt: skip
     greedy = cfg.eval.generation.sampling_temperature == 0
+    seq = int(one.shape[1])
+    quality = quality_part(rows, [("ce", "CE nats/token"), ("perplexity", "perplexity")], roles=roles,
+                           primary="ce", higher_is_better=False)  # fmt: skip
+    if quality["gap_closed"] is not None:
+        highlights["CE gap closed (student - baseline) / (teacher - baseline)"] = quality[
+            "gap_closed"
+        ]
     return {
         "title": "lm_kd: token-level distillation of a causal LM",
         "recipe": "lm_kd",
+        "roles": roles,
         "table": {"columns": [{"key": k, "label": lbl} for k, lbl in columns], "rows": rows},
         "highlights": highlights,
+        "quality": quality,
+        "fidelity": fidelity_part(
+            fidelity_logits,
+            labels,
+            teacher=rows[0]["model"],
+            split=f"the first {labels.shape[0]:,} held-out next-token positions (full-vocabulary logits, temperature 1)",
+        ),
+        "cost": cost_part(
+            rows,
+            [
+                ("params", "params"),
+                ("size_ratio", "teacher/model params"),
+                ("size_bytes", "weights bytes"),
+                ("peak_memory_bytes", f"peak forward memory @ 1x{seq}"),
+                ("latency_b1_ms", f"CPU ms, 1x{seq} forward (1 thread)"),
+                ("forward_speedup", "forward speed-up"),
+                ("gen_tokens_per_s", f"gen tok/s @ b{cfg.eval.generation.speed_batch}"),
+                ("gen_speedup", "gen speed-up"),
+            ],
+        ),
         "sections": {"Sample generations" + (" (greedy)" if greedy else ""): samples},
         "details": {
             "kd": cfg.kd.model_dump(mode="json"),

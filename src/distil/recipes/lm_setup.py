@@ -237,6 +237,11 @@ class GenerationSection(StrictModel):
 class EvalSection(StrictModel):
     baseline: bool = Field(default=True, description="also train the student without the teacher")
     batch_size: int = Field(default=8, ge=1)
+    fidelity_tokens: int = Field(
+        default=2048,
+        ge=1,
+        description="held-out token positions whose full logits feed agreement, KL/JSD and calibration",
+    )
     generation: GenerationSection = GenerationSection()
 
 
