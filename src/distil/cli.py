@@ -1,8 +1,9 @@
-"""The ``distil`` command line: run, validate, recipes, cp, report, compare, advise, cache."""
+"""The ``distil`` command line: run, validate, recipes, cp, report, compare, advise, cache, generate."""
 
 from __future__ import annotations
 
 import difflib
+import importlib
 import logging
 import shutil
 import sys
@@ -12,6 +13,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from distil.config.loading import ConfigError, apply_overrides, load_yaml, validate_config
@@ -29,6 +31,10 @@ console = Console()
 err_console = Console(stderr=True)
 
 DEFAULT_CONFIG = "classifier_kd"
+
+# Commands other than `run` that read a config of their own: its YAML says `command: NAME` instead
+# of `recipe:`, and `validate` checks it against the model named here (imported when needed).
+CONFIG_COMMANDS: dict[str, str] = {"generate": "distil.generation:GenerateConfig"}
 
 
 def shipped_configs() -> dict[str, Path]:
@@ -57,6 +63,9 @@ def load_config(spec: str, overrides: list[str]) -> tuple[str, Any, dict[str, An
     path = resolve_config_path(spec)
     data = apply_overrides(load_yaml(path), overrides)
     recipe = data.get("recipe")
+    if recipe is None and data.get("command") in CONFIG_COMMANDS:
+        command = data["command"]
+        raise ConfigError([f"command: this is a `distil {command}` config, not a recipe's; run it with `distil {command} {spec}`"], source=str(path))
     if recipe not in RECIPES:
         close = difflib.get_close_matches(str(recipe), list(RECIPES), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
@@ -64,6 +73,17 @@ def load_config(spec: str, overrides: list[str]) -> tuple[str, Any, dict[str, An
     module = load_recipe(recipe)
     cfg = validate_config(module.Config, data, source=str(path))
     return recipe, cfg, cfg.model_dump(mode="json")
+
+
+def load_command_config(command: str, spec: str, overrides: list[str]) -> Any:
+    """Read, override and validate the config of a command in ``CONFIG_COMMANDS``."""
+    path = resolve_config_path(spec)
+    data = apply_overrides(load_yaml(path), overrides)
+    if "recipe" in data:
+        raise ConfigError([f"recipe: this is a `distil run` config ({data['recipe']}); `distil {command}` takes one with "
+                           f"`command: {command}` (copy one with `distil cp {command} FILE`)"], source=str(path))
+    module, _, name = CONFIG_COMMANDS[command].partition(":")
+    return validate_config(getattr(importlib.import_module(module), name), data, source=str(path))
 
 
 def _fail(exc: Exception) -> None:
@@ -123,11 +143,16 @@ def validate(
 ) -> None:
     """Check a config (and overrides) without running it; print every problem at once."""
     try:
-        recipe, _cfg, _ = load_config(config, overrides or [])
+        command = load_yaml(resolve_config_path(config)).get("command")
+        if command in CONFIG_COMMANDS:
+            load_command_config(command, config, overrides or [])
+            kind = f"`distil {command}`"
+        else:
+            kind, _cfg, _ = load_config(config, overrides or [])
     except DistilError as exc:
         _fail(exc)
         return
-    console.print(f"[green]ok[/green]: {config} is a valid {recipe} config")
+    console.print(f"[green]ok[/green]: {config} is a valid {kind} config")
 
 
 @app.command()
@@ -305,6 +330,33 @@ def cache(
             _cache_write(args[0], args[1:])
     except DistilError as exc:
         _fail(exc)
+
+
+@app.command()
+def generate(
+    config: Annotated[str, typer.Argument(help="YAML file or shipped config name")] = "generate",
+    overrides: Annotated[list[str] | None, typer.Argument(help="dotted overrides, e.g. generation.max_new_tokens=128")] = None,
+) -> None:
+    """Sequence-level KD data: the teacher writes completions for a prompt set, in resumable shards
+    that `lm_kd` trains on (data.train_files=[OUTPUT], data.format=prompt_completion)."""
+    from distil.generation import write_generations
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    overrides = list(overrides or [])
+    if "=" in config and not Path(config).exists():  # `distil generate output=...`: the shipped config
+        overrides, config = [config, *overrides], "generate"
+    try:
+        result = write_generations(load_command_config("generate", config, overrides))
+    except DistilError as exc:
+        _fail(exc)
+        return
+    counts = result.manifest["counts"]
+    console.print(
+        f"[bold]generate[/bold] {escape(str(result.path))}: wrote {result.shards_written} shard(s), {result.shards_skipped} already "
+        f"complete; {counts['records']} completions of {counts['prompts']} prompts, {counts['generated_tokens']} tokens "
+        f"({counts['ended_by_eos']} ended by EOS), {counts['tokens_per_s'] or 0:,.1f} tokens/s", soft_wrap=True
+    )
+    console.print(f"train on it: distil run lm_kd data.builtin=null data.train_files=[{result.path}] data.format=prompt_completion", markup=False, soft_wrap=True)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -145,11 +145,17 @@ def load_local_records(
 
 
 def _expand_data_paths(paths: Path | str | Sequence[Path | str]) -> list[Path]:
-    """Files named by ``paths``; a folder contributes its supported files in sorted order."""
+    """Files named by ``paths``; a folder contributes its supported files in sorted order, and a
+    ``distil generate`` output folder its shards (checked against its manifest)."""
+    from distil.generation import generated_shard_files
+
     given = [Path(paths)] if isinstance(paths, str | Path) else [Path(p) for p in paths]
     files: list[Path] = []
     for path in given:
-        if path.is_dir():
+        shards = generated_shard_files(path) if path.is_dir() else None
+        if shards is not None:
+            files.extend(shards)
+        elif path.is_dir():
             found = sorted(
                 p for p in path.rglob("*") if p.is_file() and p.suffix in _SUFFIX_TO_BUILDER
             )

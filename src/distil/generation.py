@@ -1,0 +1,338 @@
+"""``distil generate``: sequence-level KD data, i.e. a teacher LM's completions for a prompt set.
+
+Sequence-level KD (Kim & Rush, 2016) trains the student on what the teacher *writes*, not on its
+token distributions: train on an output folder with ``lm_kd`` (``data.train_files=[FOLDER]``,
+``data.format=prompt_completion``; ``kd.kd_weight=0`` is plain fine-tuning on the teacher's text).
+
+The folder holds ``shard-00000.jsonl``… (shard ``i`` = prompts ``[i·S, (i+1)·S)``, one line
+``{"id", "prompt", "completion"}`` per completion, plus ``"sample"`` when there are several per
+prompt) and ``manifest.json`` (settings, teacher/tokenizer/prompt-set fingerprints, shards with
+sha256 and id range, counts). Each shard and then the manifest are written atomically, so a
+killed run, re-run with the same config, keeps the shards whose sha256 matches the manifest and
+regenerates the rest. Sampling draws row ``r``'s tokens from a generator seeded with
+``(seed, prompt id, sample)``, never from the global RNG, so a prompt's text does not depend on
+the prompts batched beside it and a resumed run writes byte-identical shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, model_validator
+
+import distil
+from distil.cache.integrity import atomic_write_bytes, remove_temp_files, sha256_file
+from distil.cache.manifest import teacher_fingerprint, write_json_atomic
+from distil.config.base import StrictModel
+from distil.data.lm import pad_token_id_for
+from distil.data.prompts import Prompt, PromptsSection, load_prompts, prompts_fingerprint
+from distil.errors import DistilError
+from distil.models.lm import load_causal_lm, model_context_length
+from distil.models.vocab import load_tokenizer_folder, tokenizer_fingerprint, tokenizer_vocab_size
+from distil.recipes.lm_setup import TorchDtype
+from distil.training.progress import progress_bar, rate_text
+
+logger = logging.getLogger(__name__)
+
+FORMAT_NAME = "distil-generated-data"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class GenerationSettings(StrictModel):
+    max_new_tokens: int = Field(default=64, ge=1)
+    sampling_temperature: float = Field(default=0.0, ge=0, description="0 = greedy")
+    top_p: float = Field(default=1.0, gt=0, le=1, description="nucleus sampling (sampling only)")
+    num_return_sequences: int = Field(default=1, ge=1, description="per prompt (sampling only)")
+    batch_size: int = Field(default=16, ge=1, description="sequences per generate call")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _sampling_only(self) -> GenerationSettings:
+        if self.sampling_temperature == 0 and (self.top_p < 1 or self.num_return_sequences > 1):
+            raise ValueError(
+                "greedy decoding (sampling_temperature=0) ignores top_p and repeats one completion: "
+                "set sampling_temperature > 0, or top_p=1 and num_return_sequences=1"
+            )
+        return self
+
+
+class GenerateConfig(StrictModel):
+    """A ``distil generate`` config (``command: generate`` in its YAML)."""
+
+    command: Literal["generate"] = "generate"
+    teacher: str = Field(default="runs/lm-teacher", description="HF causal-LM folder + tokenizer")
+    prompts: PromptsSection = PromptsSection(builtin="stdlib", limit=256)
+    generation: GenerationSettings = GenerationSettings()
+    shard_size: int = Field(default=64, ge=1, description="prompts per shard")
+    output: str = "runs/generated"
+    dtype: TorchDtype = TorchDtype.AUTO
+    device: str | None = Field(default=None, description="cuda if available, else cpu, when null")
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    path: Path
+    shards_written: int
+    shards_skipped: int
+    manifest: dict[str, Any]
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.jsonl"
+
+
+def row_seed(seed: int, prompt_id: int | str, sample: int) -> int:
+    """The seed of one completion's sampler: a function of the run seed, prompt id and sample only."""
+    raw = hashlib.sha256(json.dumps([seed, prompt_id, sample]).encode()).digest()
+    return int.from_bytes(raw[:8], "little") & ((1 << 63) - 1)
+
+
+class _TeacherDecoding:
+    """A logits processor: masks ids the tokenizer lacks and, when sampling, draws each row's token.
+
+    Hugging Face's sampler draws all rows from the global RNG, so a row's text would depend on
+    its neighbours; here row ``r`` uses only its own generator and the drawn token is returned
+    as the one finite score, which greedy decoding then picks (cost: a sort of ``[B, V]`` per step).
+    """
+
+    def __init__(
+        self, vocab: int, seeds: list[int] | None, temperature: float, top_p: float
+    ) -> None:
+        self.vocab_size, self.temperature, self.top_p = vocab, temperature, top_p
+        self.generators = [torch.Generator().manual_seed(s) for s in seeds or []]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.clone()
+        scores[:, self.vocab_size :] = float("-inf")  # padded output rows no token id maps to
+        if not self.generators:
+            return scores
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1)  # [B, V]
+        probs, order = probs.sort(dim=-1, descending=True)  # [B, V] each
+        probs = probs * ((probs.cumsum(-1) - probs) < self.top_p)  # nucleus: the top-1 always stays
+        cdf = probs.double().cumsum(-1)  # [B, V]
+        u = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in self.generators])
+        pick = torch.searchsorted(cdf, (u.to(cdf.device) * cdf[:, -1]).unsqueeze(-1))  # [B, 1]
+        chosen = order.gather(-1, pick.clamp_max(cdf.shape[-1] - 1))  # [B, 1]
+        return torch.full_like(scores, float("-inf")).scatter_(-1, chosen, 0.0)
+
+
+def _eos_ids(tokenizer: Any, model: Any) -> list[int]:
+    found = getattr(model.generation_config, "eos_token_id", None)
+    ids = {tokenizer.eos_token_id, *(found if isinstance(found, list) else [found])} - {None}
+    if not ids:
+        raise DistilError("neither the tokenizer nor the teacher's generation config has an EOS")
+    return sorted(int(i) for i in ids)
+
+
+@torch.no_grad()
+def generate_shard(
+    model: Any, tokenizer: Any, prompts: list[Prompt], prompt_ids: list[list[int]], settings: GenerationSettings,
+    *, device: torch.device,
+) -> tuple[bytes, dict[str, int]]:  # fmt: skip
+    """The JSONL bytes of one shard and its counts (records, generated tokens, ended by EOS)."""
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    n, sampling = settings.num_return_sequences, settings.sampling_temperature > 0
+    rows = [(p, ids, j) for p, ids in zip(prompts, prompt_ids, strict=True) for j in range(n)]
+    pad_id, eos_ids = pad_token_id_for(tokenizer), _eos_ids(tokenizer, model)
+    # Explicit neutral values, so a teacher's generation_config.json cannot add unrecorded processing.
+    config = GenerationConfig(
+        max_new_tokens=settings.max_new_tokens, do_sample=False, num_beams=1, repetition_penalty=1.0,
+        no_repeat_ngram_size=0, pad_token_id=pad_id, eos_token_id=eos_ids, use_cache=True,
+    )  # fmt: skip
+    lines: list[str] = []
+    counts = {"records": 0, "generated_tokens": 0, "ended_by_eos": 0}
+    for start in range(0, len(rows), settings.batch_size):
+        batch = rows[start : start + settings.batch_size]
+        width = max(len(ids) for _, ids, _ in batch)
+        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)  # [b, P], left-padded
+        attention_mask = torch.zeros_like(input_ids)  # [b, P]
+        for r, (_, ids, _) in enumerate(batch):
+            input_ids[r, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[r, width - len(ids) :] = 1
+        seeds = [row_seed(settings.seed, p.id, j) for p, _, j in batch] if sampling else None
+        vocab = tokenizer_vocab_size(tokenizer)
+        decoding = _TeacherDecoding(vocab, seeds, settings.sampling_temperature, settings.top_p)
+        out = model.generate(
+            input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config,
+            logits_processor=LogitsProcessorList([decoding]),
+        )  # fmt: skip
+        for r, (p, _, j) in enumerate(batch):
+            new = out[r, width:].tolist()
+            end = next((i for i, t in enumerate(new) if t in eos_ids), None)
+            kept = new if end is None else new[:end]
+            counts["generated_tokens"] += len(kept) + (end is not None)
+            counts["ended_by_eos"] += end is not None
+            text = tokenizer.decode(kept, skip_special_tokens=True)
+            record = {"id": p.id, "prompt": p.text, "completion": text} | ({"sample": j} if n > 1 else {})  # fmt: skip
+            lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+    counts["records"] = len(lines)
+    return "".join(lines).encode("utf-8"), counts
+
+
+def _settings(cfg: GenerateConfig, dtype: torch.dtype) -> dict[str, Any]:
+    """The config values that decide the output, by dotted key (the prompts file path is not one:
+    its content is, through the prompt-set fingerprint)."""
+    p = cfg.prompts
+    out: dict[str, Any] = {"prompts.source": p.builtin or "file", "prompts.limit": p.limit}
+    if p.builtin is not None:
+        out |= {"prompts.prompt_tokens": p.prompt_tokens, "prompts.corpus_max_bytes": p.corpus_max_bytes}  # fmt: skip
+    out |= {f"generation.{k}": v for k, v in cfg.generation.model_dump(mode="json").items()}
+    return out | {"shard_size": cfg.shard_size, "dtype": str(dtype).removeprefix("torch.")}
+
+
+def _check_same(out: Path, old: dict[str, Any], new: dict[str, Any]) -> None:
+    if old.get("format") != FORMAT_NAME:
+        raise DistilError(f"{out}/{MANIFEST} is not a `distil generate` manifest; use another output")  # fmt: skip
+    fingerprints = ["teacher_fingerprint", "tokenizer_fingerprint", "prompts_fingerprint"]
+    mine, theirs = {**new, **new["settings"]}, {**old, **old.get("settings", {})}
+    keys = ["format_version", *new["settings"], *fingerprints]
+    differ = [f"{k}: {theirs.get(k)!r} there, {mine.get(k)!r} now" for k in keys if theirs.get(k) != mine.get(k)]  # fmt: skip
+    if differ:
+        raise DistilError(
+            f"{out} holds generations made differently ({'; '.join(differ)}); re-run with the settings it was "
+            f"made with to complete it, or choose another output folder, or delete {out} to regenerate it"
+        )
+
+
+def write_generations(cfg: GenerateConfig) -> GenerateResult:
+    """Generate (or complete) ``cfg.output``; see the module docstring.
+
+    Raises:
+        DistilError: On a missing or empty prompt set, a teacher folder without tokenizer files,
+            prompts too long for the context, or an output folder made with other settings.
+    """
+    out = Path(cfg.output)
+    tokenizer = load_tokenizer_folder(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
+    prompts = load_prompts(cfg.prompts, tokenizer)
+    encoded = tokenizer([p.text for p in prompts], add_special_tokens=True)["input_ids"]
+    prompt_ids = [list(ids) for ids in encoded]
+    empty = [p.id for p, ids in zip(prompts, prompt_ids, strict=True) if not ids]
+    if empty:
+        raise DistilError(f"prompt(s) {empty[:5]} tokenize to no token; remove them or add text")
+    dtype = None if cfg.dtype is TorchDtype.AUTO else getattr(torch, cfg.dtype.value)
+    model = load_causal_lm(cfg.teacher, trust_remote_code=cfg.trust_remote_code, dtype=dtype)
+    context = model_context_length(model)
+    longest = max(range(len(prompts)), key=lambda i: len(prompt_ids[i]))
+    if len(prompt_ids[longest]) + cfg.generation.max_new_tokens > context:
+        raise DistilError(
+            f"prompt {prompts[longest].id!r} has {len(prompt_ids[longest])} tokens, + generation.max_new_tokens="
+            f"{cfg.generation.max_new_tokens} exceeds the teacher's context of {context} tokens; lower "
+            "max_new_tokens or prompts.prompt_tokens, or shorten the prompts"
+        )
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(device)  # type: ignore[arg-type]  # transformers types .to() for dtypes only
+    model.eval().requires_grad_(False)
+    spec: dict[str, Any] = {
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "settings": _settings(cfg, model.dtype),
+        "teacher_fingerprint": teacher_fingerprint(model), "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "prompts_fingerprint": prompts_fingerprint(prompts), "num_prompts": len(prompts),
+    }  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    entries: dict[int, dict[str, Any]] = {}
+    if (out / MANIFEST).is_file():
+        try:
+            old = json.loads((out / MANIFEST).read_text())
+        except json.JSONDecodeError as exc:
+            raise DistilError(
+                f"{out / MANIFEST} is not valid JSON; delete {out} to regenerate"
+            ) from exc
+        _check_same(out, old, spec)
+        entries = {int(s["index"]): s for s in old.get("shards", [])}
+    size = cfg.shard_size
+    num_shards = -(-len(prompts) // size)
+    remove_temp_files(out, [MANIFEST, *(shard_name(i) for i in range(num_shards))])
+
+    def done(i: int) -> bool:
+        path = out / shard_name(i)
+        return i in entries and path.is_file() and sha256_file(path) == entries[i]["sha256"]
+
+    todo = [i for i in range(num_shards) if not done(i)]
+    for i in todo:
+        if (out / shard_name(i)).is_file():
+            why = "fails its manifest sha256" if i in entries else "has no manifest entry"
+            logger.warning("%s %s; regenerating it", out / shard_name(i), why)
+    g = cfg.generation
+    sampled = f"sampling_temperature={g.sampling_temperature:g} top_p={g.top_p:g}"
+    decoding = sampled if g.sampling_temperature > 0 else "greedy"
+    logger.info(
+        "generate: %d prompts in %d shards (%d done); teacher %s in %s on %s (frozen, eval, no_grad); %s, %d new tokens, %d per prompt",
+        len(prompts), num_shards, num_shards - len(todo), cfg.teacher, model.dtype, device, decoding, g.max_new_tokens,
+        g.num_return_sequences,
+    )  # fmt: skip
+    version = getattr(distil, "__version__", "dev")
+    manifest = {**spec, "teacher": cfg.teacher, "device": str(device), "created_by": f"distil {version}"}  # fmt: skip
+    written_tokens, t0 = 0, time.perf_counter()
+    with progress_bar() as bar:
+        left = sum(min(size, len(prompts) - i * size) for i in todo)
+        task = bar.add_task("generate", total=len(prompts), completed=len(prompts) - left, rate="", info="")  # fmt: skip
+        for i in todo:
+            chunk = slice(i * size, min((i + 1) * size, len(prompts)))
+            started = time.perf_counter()
+            data, counts = generate_shard(model, tokenizer, prompts[chunk], prompt_ids[chunk], g, device=device)  # fmt: skip
+            path = out / shard_name(i)
+            atomic_write_bytes(path, data)
+            entries[i] = {
+                "index": i, "file": path.name, "sha256": sha256_file(path), "bytes": len(data), "prompts": chunk.stop - chunk.start,
+                "first_id": prompts[chunk.start].id, "last_id": prompts[chunk.stop - 1].id, **counts,
+                "seconds": round(time.perf_counter() - started, 3),
+            }  # fmt: skip
+            write_json_atomic(out / MANIFEST, _finish(manifest, entries, num_shards))
+            written_tokens += counts["generated_tokens"]
+            rate = rate_text(written_tokens, time.perf_counter() - t0, "tok")
+            bar.update(task, advance=chunk.stop - chunk.start, rate=rate, info=f"shard {i}")
+    manifest = _finish(manifest, entries, num_shards)
+    write_json_atomic(out / MANIFEST, manifest)
+    return GenerateResult(out, len(todo), num_shards - len(todo), manifest)
+
+
+def _finish(manifest: dict[str, Any], entries: dict[int, dict[str, Any]], num_shards: int) -> dict[str, Any]:  # fmt: skip
+    shards = [entries[i] for i in sorted(entries) if i < num_shards]
+    seconds = sum(s["seconds"] for s in shards)
+    tokens = sum(s["generated_tokens"] for s in shards)
+    counts = {
+        "prompts": sum(s["prompts"] for s in shards), "records": sum(s["records"] for s in shards),
+        "generated_tokens": tokens, "ended_by_eos": sum(s["ended_by_eos"] for s in shards),
+        "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 2) if seconds > 0 else None,
+    }  # fmt: skip
+    done = {"num_shards": num_shards, "complete": len(shards) == num_shards}
+    return {**manifest, **done, "shards": shards, "counts": counts}
+
+
+def generated_shard_files(folder: Path) -> list[Path] | None:
+    """The shards of a finished ``distil generate`` folder, each checked against its sha256;
+    ``None`` when ``folder`` is not one (``distil.data.lm`` then reads it as a plain folder).
+
+    Raises:
+        DistilError: If the run is unfinished or a shard is missing or corrupt.
+    """
+    path = Path(folder) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text()) if path.is_file() else None
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        return None
+    fix = "re-run `distil generate` with the config that made it"
+    if not manifest.get("complete"):
+        raise DistilError(
+            f"{folder} is an unfinished `distil generate` output; {fix} to complete it"
+        )
+    files = []
+    for shard in manifest["shards"]:
+        file = Path(folder) / shard["file"]
+        if not file.is_file() or sha256_file(file) != shard["sha256"]:
+            raise DistilError(
+                f"generated shard {file} is missing or fails its sha256 in the manifest; {fix} to regenerate it"
+            )
+        files.append(file)
+    return files
