@@ -144,6 +144,7 @@ def generate_shard(
     n, sampling = settings.num_return_sequences, settings.sampling_temperature > 0
     rows = [(p, ids, j) for p, ids in zip(prompts, prompt_ids, strict=True) for j in range(n)]
     pad_id, eos_ids = pad_token_id_for(tokenizer), _eos_ids(tokenizer, model)
+    vocab = tokenizer_vocab_size(tokenizer)
     # Explicit neutral values, so a teacher's generation_config.json cannot add unrecorded processing.
     config = GenerationConfig(
         max_new_tokens=settings.max_new_tokens, do_sample=False, num_beams=1, repetition_penalty=1.0,
@@ -160,7 +161,6 @@ def generate_shard(
             input_ids[r, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
             attention_mask[r, width - len(ids) :] = 1
         seeds = [row_seed(settings.seed, p.id, j) for p, _, j in batch] if sampling else None
-        vocab = tokenizer_vocab_size(tokenizer)
         decoding = _TeacherDecoding(vocab, seeds, settings.sampling_temperature, settings.top_p)
         out = model.generate(
             input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config,
@@ -190,13 +190,17 @@ def _settings(cfg: GenerateConfig, dtype: torch.dtype) -> dict[str, Any]:
     return out | {"shard_size": cfg.shard_size, "dtype": str(dtype).removeprefix("torch.")}
 
 
+def _short(value: Any) -> str:
+    return repr(value)[:14] + "…" if isinstance(value, str) and len(value) > 16 else repr(value)
+
+
 def _check_same(out: Path, old: dict[str, Any], new: dict[str, Any]) -> None:
     if old.get("format") != FORMAT_NAME:
         raise DistilError(f"{out}/{MANIFEST} is not a `distil generate` manifest; use another output")  # fmt: skip
     fingerprints = ["teacher_fingerprint", "tokenizer_fingerprint", "prompts_fingerprint"]
     mine, theirs = {**new, **new["settings"]}, {**old, **old.get("settings", {})}
     keys = ["format_version", *new["settings"], *fingerprints]
-    differ = [f"{k}: {theirs.get(k)!r} there, {mine.get(k)!r} now" for k in keys if theirs.get(k) != mine.get(k)]  # fmt: skip
+    differ = [f"{k}: {_short(theirs.get(k))} there, {_short(mine.get(k))} now" for k in keys if theirs.get(k) != mine.get(k)]  # fmt: skip
     if differ:
         raise DistilError(
             f"{out} holds generations made differently ({'; '.join(differ)}); re-run with the settings it was "

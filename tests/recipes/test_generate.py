@@ -197,6 +197,10 @@ def test_changed_settings_are_refused_and_corrupt_shards_named_then_regenerated(
     assert (
         code == 2 and "generation.max_new_tokens: 12 there, 8 now" in text and "delete" in text
     ), text
+    code, text = _generate(fx, out, f"teacher={fx['teacher']}")  # another teacher, same tokenizer
+    assert code == 2 and "teacher_fingerprint: '" in text and "tokenizer_fingerprint" not in text, (
+        text
+    )
     code, text = _generate(fx, out, "prompts.limit=5")
     assert (
         code == 2 and "prompts.limit: None there, 5 now" in text and "prompts_fingerprint" in text
