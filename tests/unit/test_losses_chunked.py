@@ -342,3 +342,55 @@ def test_shifted_non_contiguous_logits_are_read_in_place() -> None:
     (g_got,) = torch.autograd.grad(got.loss, full)
     (g_want,) = torch.autograd.grad(want.loss, full)
     assert torch.equal(g_got, g_want) and bool((g_got[:, -1] == 0).all())
+
+
+@pytest.mark.parametrize("kd_temperature", [1.0, 1.7])
+@pytest.mark.parametrize("ce_coef", [0.0, 0.3])
+@pytest.mark.parametrize("teacher_rules_out_tokens", [False, True])
+def test_closed_form_forward_kl_and_ce_equal_autograd(
+    kd_temperature: float, ce_coef: float, teacher_rules_out_tokens: bool
+) -> None:
+    """Forward KL (+ CE) take a closed-form gradient path, including the T = 1 case where one
+    softmax serves both terms, teachers that give tokens zero probability, and coefficients that
+    arrive as float64 tensors (exact token counts)."""
+    pb = Problem()
+    teacher = pb.teacher_logits.clone()
+    if teacher_rules_out_tokens:
+        teacher[..., :3] = float("-inf")  # e.g. a masked or padded vocabulary range
+    labels = randn(2, 7, seed=21).abs().mul(4).long() % 11
+    logits = (pb.hidden @ pb.weight.T + pb.bias).detach().requires_grad_()
+    kd_coef = torch.tensor(0.7, dtype=F64)
+    parts = ch.chunked_logits_loss(
+        logits, pb.mask, labels=labels, teacher_logits=teacher, hard_ce_coef=ce_coef,
+        kd_coef=kd_coef, kd_temperature=kd_temperature, chunk_size=3,
+    )  # fmt: skip
+    ce = torch.nn.functional.cross_entropy(logits[pb.mask], labels[pb.mask], reduction="sum")
+    kd = compute_divergence(
+        "forward_kl", logits, teacher, pb.mask, kd_temperature=kd_temperature, reduction="sum"
+    )
+    want_loss = ce_coef * ce + 0.7 * kd
+    torch.testing.assert_close(parts.loss, want_loss.detach(), rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(parts.kd_sum, kd.detach(), rtol=1e-12, atol=1e-13)
+    (got,) = torch.autograd.grad(parts.loss, logits)
+    (want,) = torch.autograd.grad(want_loss, logits)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)
+    fused = ch.fused_linear_loss(
+        pb.hidden, pb.weight, pb.mask, student_bias=pb.bias, labels=labels, teacher_logits=teacher,
+        hard_ce_coef=ce_coef, kd_coef=kd_coef, kd_temperature=kd_temperature, chunk_size=4,
+    )  # fmt: skip
+    torch.testing.assert_close(fused.loss, want_loss.detach(), rtol=1e-12, atol=1e-13)
+    ref_logits = pb.hidden @ pb.weight.T + pb.bias
+    ref = ce_coef * torch.nn.functional.cross_entropy(
+        ref_logits[pb.mask], labels[pb.mask], reduction="sum"
+    ) + 0.7 * compute_divergence(
+        "forward_kl", ref_logits, teacher, pb.mask, kd_temperature=kd_temperature, reduction="sum"
+    )
+    for g, w in zip(
+        torch.autograd.grad(fused.loss, pb.params), torch.autograd.grad(ref, pb.params), strict=True
+    ):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-13)
+
+
+def test_logits_chunks_are_cache_sized_on_cpu() -> None:
+    assert ch.logits_chunk_size(8192) == 64 and ch.logits_chunk_size(131_072) == 4
+    assert ch.logits_chunk_size(8192, "cuda") == ch.default_chunk_size(8192) == 2048

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from distil.losses.divergences import Divergence, per_position_from_logits, upcast
+from distil.losses.divergences import Divergence, _p_log_ratio, per_position_from_logits, upcast
 from distil.losses.reduction import NumItems, divide_by, normalizer, select_positions
 
 __all__ = [
@@ -46,6 +46,7 @@ __all__ = [
     "chunked_logits_loss",
     "default_chunk_size",
     "fused_linear_loss",
+    "logits_chunk_size",
     "should_use_chunked_loss",
 ]
 
@@ -85,6 +86,24 @@ def default_chunk_size(vocab_size: int, *, chunk_elements: int = DEFAULT_CHUNK_E
         ``max(1, chunk_elements // vocab_size)`` (128 positions at V = 128k, 512 at V = 32k).
     """
     return max(1, chunk_elements // max(vocab_size, 1))
+
+
+CPU_LOGITS_CHUNK_ELEMENTS = 2**19
+"""Target ``chunk_size × V`` over materialised logits on CPU (2 MiB per fp32 chunk tensor).
+
+Over logits that already exist a chunk is pure elementwise work, which runs fastest while its
+three ``(C, V)`` buffers stay in the CPU caches: measured on one thread (N = 2040, V = 8192,
+forward + backward of CE + forward KL), 64 rows took 0.42 s, 256 rows 0.72 s and a plain
+``F.kl_div`` + ``F.cross_entropy`` 1.28 s. The fused path from hidden states keeps larger chunks,
+where the ``(C, H) @ (H, V)`` product needs them."""
+
+
+def logits_chunk_size(vocab_size: int, device: torch.device | str | None = None) -> int:
+    """Rows per chunk of :func:`chunked_logits_loss`: :data:`CPU_LOGITS_CHUNK_ELEMENTS` on CPU,
+    :data:`DEFAULT_CHUNK_ELEMENTS` on accelerators (fewer, larger kernels)."""
+    on_cpu = device is None or torch.device(device).type == "cpu"
+    elements = CPU_LOGITS_CHUNK_ELEMENTS if on_cpu else DEFAULT_CHUNK_ELEMENTS
+    return default_chunk_size(vocab_size, chunk_elements=elements)
 
 
 class ChunkedLossParts(NamedTuple):
@@ -170,10 +189,73 @@ class _ChunkPlan:
         return total, ce_sum, kd_sum
 
 
+def _closed_form_step(
+    plan: _ChunkPlan, logits: Tensor, start: int, end: int, any_grad: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """:func:`_chunk_step` for hard CE and forward KL, with their gradients written in closed form.
+
+    ``∂CE/∂z = softmax(z) − onehot(y)`` and ``∂KL(p_T‖q_T)/∂z = (q_T − p_T) / T`` (the
+    ``Σ_v p_v = Σ_v q_v = 1`` terms cancel), so no autograd graph is built and the buffers are
+    reused in place: a chunk holds three ``(C, V)`` fp32 tensors instead of the ~ten autograd
+    saves, and the loop runs about twice as fast on CPU. At ``T = 1`` one softmax serves both
+    terms. Values follow :mod:`distil.losses.divergences` (``0·log 0 = 0`` where the teacher
+    gives a token zero probability).
+    """
+    z = upcast(logits)  # (C, V) fp32 (fp64 stays fp64)
+    zero = z.new_zeros(())
+    ce_sum, kd_sum = zero, zero
+    temp, has_t, has_ce = plan.kd_temperature, plan.has_teacher, plan.labels is not None
+    ce_c, kd_c = _as_dtype(plan.hard_ce_coef, z.dtype), _as_dtype(plan.kd_coef, z.dtype)
+    log_q = torch.log_softmax(z if temp == 1.0 else z / temp, -1) if has_t else None  # (C, V)
+    shared = has_t and temp == 1.0  # softmax(z) is the student's distribution at T
+    log_s = log_q if shared else (torch.log_softmax(z, -1) if has_ce else None)
+    targets = None
+    if has_ce:
+        assert plan.labels is not None and log_s is not None
+        targets = plan.labels[start:end].unsqueeze(-1)  # (C, 1)
+        ce_sum = -log_s.gather(-1, targets).sum()
+    p = None
+    if has_t:
+        assert log_q is not None
+        t = upcast(plan.teacher_chunk(start, end))
+        log_p = torch.log_softmax(t if temp == 1.0 else t / temp, -1)  # (C, V) teacher
+        p = log_p.exp()
+        if bool(torch.isneginf(log_p).any()):  # tokens the teacher rules out: 0·log 0 = 0
+            kd_sum = _p_log_ratio(log_p, log_q).sum()
+        else:
+            kd_sum = torch.vdot(p.reshape(-1), log_p.sub_(log_q).reshape(-1))
+        del log_p, t
+    total = ce_c * ce_sum + kd_c * kd_sum
+    grad = None
+    if any_grad:
+        if has_t:
+            assert log_q is not None and p is not None
+            q = log_q.exp_()  # q_T in place (and softmax(z) for the CE when shared)
+            if shared and targets is not None:
+                grad = q.mul_(kd_c + ce_c).sub_(p.mul_(kd_c))  # (kd+ce)·q − kd·p
+            else:
+                grad = q.sub_(p).mul_(kd_c / temp)
+                if targets is not None:
+                    assert log_s is not None
+                    grad.add_(log_s.exp_().mul_(ce_c))
+        else:
+            assert log_s is not None
+            grad = log_s.exp_().mul_(ce_c)
+        if targets is not None:  # the −onehot(y) of the CE gradient
+            grad.scatter_add_(
+                -1,
+                targets,
+                torch.full(targets.shape, -1.0, dtype=z.dtype, device=z.device).mul_(ce_c),
+            )
+    return total.detach(), ce_sum.detach(), kd_sum.detach(), grad
+
+
 def _chunk_step(
     plan: _ChunkPlan, logits: Tensor, start: int, end: int, any_grad: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """Loss parts of one chunk of logits ``(C, V)`` and, if wanted, their gradient ``(C, V)``."""
+    if plan.divergence is Divergence.FORWARD_KL and not plan.method_params:
+        return _closed_form_step(plan, logits, start, end, any_grad)
     with torch.enable_grad():
         z = upcast(logits).detach().requires_grad_(any_grad)  # (C, V) fp32 leaf
         total, ce_sum, kd_sum = plan.chunk_loss(z, start, end)
@@ -465,7 +547,7 @@ def chunked_logits_loss(
         kd_coef: factor on the summed divergence.
         divergence: a :class:`~distil.losses.divergences.Divergence` name.
         kd_temperature: divides student and teacher logits in the divergence.
-        chunk_size: rows per chunk; default :func:`default_chunk_size`.
+        chunk_size: rows per chunk; default :func:`logits_chunk_size`.
         **method_params: the divergence's own parameters.
 
     Returns:
@@ -473,6 +555,7 @@ def chunked_logits_loss(
         ``student_logits``.
     """
     vocab = student_logits.shape[-1]
+    chunk_size = chunk_size or logits_chunk_size(vocab, student_logits.device)
     positions = tuple(student_logits.shape[:-1])
     plan = _make_plan(
         positions=positions,

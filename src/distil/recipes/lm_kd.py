@@ -437,7 +437,7 @@ def main(cfg: Config, s: Session) -> dict[str, Any]:
         f"lm_kd: teacher {teacher.describe()}; student {student_source} ({count_parameters(student_init).total:,} params, float32"
         f"{', autocast ' + cfg.train.mixed_precision.value if cfg.train.mixed_precision.value != 'no' else ''}); "
         f"loss = {1 - kd.kd_weight:g}·CE + {kd.kd_weight:g}·T²·{kd.divergence.value}{kd.divergence_params or ''} at kd_temperature={kd.kd_temperature:g} "
-        f"({'chunked from hidden states' if chunked else 'full logits'}, loss in chunks of {loss_chunk_rows(kd.chunk_size, vocab)} rows); vocab policy: tokenizer {vocab} ids, logits sliced to it "
+        f"({'chunked from hidden states' if chunked else 'full logits'}, loss in chunks of {loss_chunk_rows(kd.chunk_size, vocab, fused=chunked, device=acc.device)} rows); vocab policy: tokenizer {vocab} ids, logits sliced to it "
         f"(teacher {output_vocab_rows(teacher_model)} rows, student {output_vocab_rows(student_init)}); data {cfg.data.format.value}, "
         f"{len(data.train)} train / {len(data.eval)} held-out examples; off-policy (teacher scores the dataset); "
         f"{acc.num_processes} process(es) on {acc.device}, each running the teacher on its own shard"
@@ -450,7 +450,7 @@ def main(cfg: Config, s: Session) -> dict[str, Any]:
         "vocab_size": vocab,
         "hidden": hidden,
         "tokenizer": tokenizer,
-        "chunk_rows": loss_chunk_rows(cfg.kd.chunk_size, vocab),
+        "chunk_rows": loss_chunk_rows(cfg.kd.chunk_size, vocab, fused=chunked, device=acc.device),
     }
     student = train_phase(
         "student",

@@ -106,7 +106,7 @@ def main(cfg: Config, s: Session) -> dict[str, Any]:
     )
     log = MetricsLog(s.run_dir / "metrics.jsonl", acc, acc.is_main_process)
     model = train_phase("model", s, model, data, cfg.train, seed=cfg.seed, shuffle=cfg.data.shuffle, log=log,
-                        vocab_size=vocab, hidden=hidden, tokenizer=tokenizer, chunked=chunked, chunk_rows=loss_chunk_rows(None, vocab))  # fmt: skip
+                        vocab_size=vocab, hidden=hidden, tokenizer=tokenizer, chunked=chunked, chunk_rows=loss_chunk_rows(None, vocab, fused=chunked, device=acc.device))  # fmt: skip
     if not acc.is_main_process:
         return {}
     if cfg.export_dir is not None:

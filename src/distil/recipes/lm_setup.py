@@ -31,7 +31,7 @@ from distil.data.lm import (
     pad_token_id_for,
 )
 from distil.errors import DistilError
-from distil.losses.chunked import default_chunk_size
+from distil.losses.chunked import default_chunk_size, logits_chunk_size
 from distil.losses.divergences import Divergence
 from distil.models.lm import (
     CausalLMSpec,
@@ -359,15 +359,25 @@ def check_model_fits(
 MAX_CHUNK_ROWS = 256
 
 
-def loss_chunk_rows(chunk_size: int | None, vocab_size: int) -> int:
-    """Rows per chunk of the token loss: ``kd.chunk_size``, else the loss library's default capped at 256.
+def loss_chunk_rows(
+    chunk_size: int | None,
+    vocab_size: int,
+    *,
+    fused: bool,
+    device: torch.device | str | None = None,
+) -> int:
+    """Rows per chunk of the token loss: ``kd.chunk_size``, else the loss library's default.
 
-    The library sizes chunks to ~16M elements, i.e. 2048 rows at V = 8192: one chunk then holds a
-    whole CPU batch and its autograd temporaries. Measured (V = 8192, 1016 rows, one thread): the
-    default chunk peaks 381 MB above the logits and takes 1.37 s forward+backward; 256 rows peak
-    88 MB and take 1.09 s (a plain ``F.kl_div`` loss: 95 MB, 0.67 s).
+    ``fused`` (loss from hidden states): the library's default capped at 256 rows; it sizes
+    chunks to ~16M elements, i.e. 2048 rows at V = 8192, so one chunk would hold a whole CPU
+    batch. Over materialised logits: :func:`distil.losses.chunked.logits_chunk_size`, small
+    chunks that stay in the CPU caches (64 rows at V = 8192 on CPU).
     """
-    return chunk_size or min(default_chunk_size(vocab_size), MAX_CHUNK_ROWS)
+    if chunk_size:
+        return chunk_size
+    if fused:
+        return min(default_chunk_size(vocab_size), MAX_CHUNK_ROWS)
+    return logits_chunk_size(vocab_size, device)
 
 
 def torch_dtype(choice: TorchDtype, default: torch.dtype) -> torch.dtype:
