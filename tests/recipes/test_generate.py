@@ -258,4 +258,8 @@ def test_lm_kd_trains_on_the_generated_folder(
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in metrics if m.get("phase") == "student" and "hard_ce/raw" in m]
     assert len(steps) == 2 and all(m["hard_ce/raw"] > 0 for m in steps), metrics
-    assert "data prompt_completion" in (run_dir / "mode.txt").read_text()
+    mode = (run_dir / "mode.txt").read_text()
+    assert "data prompt_completion" in mode
+    # kd_weight 0 is fine-tuning on the teacher's text: the teacher is not run while training
+    assert ("the teacher only evaluates" in mode) == (kd_weight == "0")
+    assert all(("kd/raw" in m) == (kd_weight != "0") for m in steps)

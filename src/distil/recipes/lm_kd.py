@@ -439,7 +439,7 @@ def main(cfg: Config, s: Session) -> dict[str, Any]:
         f"loss = {1 - kd.kd_weight:g}·CE + {kd.kd_weight:g}·T²·{kd.divergence.value}{kd.divergence_params or ''} at kd_temperature={kd.kd_temperature:g} "
         f"({'chunked from hidden states' if chunked else 'full logits'}, loss in chunks of {loss_chunk_rows(kd.chunk_size, vocab, fused=chunked, device=acc.device)} rows); vocab policy: tokenizer {vocab} ids, logits sliced to it "
         f"(teacher {output_vocab_rows(teacher_model)} rows, student {output_vocab_rows(student_init)}); data {cfg.data.format.value}, "
-        f"{len(data.train)} train / {len(data.eval)} held-out examples; off-policy (teacher scores the dataset); "
+        f"{len(data.train)} train / {len(data.eval)} held-out examples; {'off-policy (teacher scores the dataset)' if kd.kd_weight > 0 else 'kd_weight=0: fine-tuning on the data alone (e.g. teacher-generated, sequence-level KD); the teacher only evaluates'}; "
         f"{acc.num_processes} process(es) on {acc.device}, each running the teacher on its own shard"
     )
     log = MetricsLog(s.run_dir / "metrics.jsonl", acc, acc.is_main_process)
@@ -458,7 +458,7 @@ def main(cfg: Config, s: Session) -> dict[str, Any]:
         copy.deepcopy(student_init),
         data,
         cfg.train,
-        teacher=train_teacher,
+        teacher=train_teacher if kd.kd_weight > 0 else None,  # kd_weight 0: plain SFT, teacher idle
         kd=kd,
         chunked=chunked,
         **common,
