@@ -371,6 +371,12 @@ def render_html(report: Mapping[str, Any], run_dir: Path, images: Mapping[str, b
         parts.append(("cost", "Cost", _cost(report["cost"], student, images)))
     if report.get("curves"):
         parts.append(("curves", "Training curves", _curves(report["curves"], images)))
+    if report.get("monitor"):
+        mon = report["monitor"]
+        body = f'<section id="monitor"><h2>Teacher-hacking monitor</h2><p><b>{_e(mon["text"])}</b></p>'
+        if "monitor" in images:
+            body += img(images["monitor"], "teacher-hacking monitor")
+        parts.append(("monitor", "Teacher hacking", body + "</section>"))
     parts.append(("config", "Configuration", _config(run_dir, report)))
     parts.append(("environment", "Environment", _environment(run_dir)))
     for i, (heading, body) in enumerate((report.get("sections") or {}).items()):

@@ -370,4 +370,10 @@ def report_plots(
     if training and training.get("phases"):
         out["training_time"] = training_time_plot(training["phases"])
     out.update(curve_plots(metrics_rows))
+    if report.get("monitor"):
+        from distil.evaluation.hacking import monitor_plot
+
+        png = monitor_plot(metrics_rows)
+        if png is not None:
+            out["monitor"] = png
     return out

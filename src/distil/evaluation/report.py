@@ -20,6 +20,8 @@ A report is a dict. Every recipe fills the same parts, so the renderers, ``disti
   and ``training`` (wall time per phase), the latter filled from ``metrics.jsonl``.
 - ``curves``: filled by :func:`complete_report` from ``metrics.jsonl`` (steps and final value of
   every logged series per phase); the plots are drawn from the same file.
+- ``monitor`` (optional): the teacher-hacking verdict of
+  :func:`distil.evaluation.hacking.hacking_verdict` (``flag``, ``text``, best/last values).
 - ``summary``: a flat ``{label: value}`` of headline numbers, what ``distil compare`` lines up.
 - ``sections`` (free Markdown text by heading) and ``details`` (free JSON), both optional.
 
@@ -454,6 +456,11 @@ def render_markdown(report: dict[str, Any], plots: Mapping[str, str] | None = No
             last = ", ".join(f"{k} {fmt(v['final'])}" for k, v in info["series"].items())
             lines.append(f"| {phase} | {info['steps']} | {last} |")
         lines.append("")
+    monitor = report.get("monitor")
+    if monitor:
+        lines += ["## Teacher-hacking monitor", "", f"**{monitor['text']}**", ""]
+        if "monitor" in plots:
+            lines += [f"![teacher-hacking monitor]({plots['monitor']})", ""]
     for section, body in report.get("sections", {}).items():
         lines += [f"## {section}", "", body, ""]
     details = report.get("details")

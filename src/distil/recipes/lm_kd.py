@@ -26,12 +26,19 @@ from torch import Tensor, nn
 
 from distil.config.base import StrictModel
 from distil.config.sections import RunSection, SchedulerName, TrainSection
-from distil.data.lm import shift_for_next_token
+from distil.data.lm import IGNORE_INDEX, shift_for_next_token
 from distil.errors import DistilError
 from distil.evaluation import lm as lm_eval
 from distil.evaluation.calibration import fidelity_part
 from distil.evaluation.cost import weight_bytes
-from distil.evaluation.report import cost_part, print_report, quality_part, write_report
+from distil.evaluation.hacking import Monitor, hacking_verdict
+from distil.evaluation.report import (
+    cost_part,
+    print_report,
+    quality_part,
+    read_metrics_rows,
+    write_report,
+)
 from distil.losses.chunked import should_use_chunked_loss
 from distil.losses.objective import token_objective, token_objective_from_hidden
 from distil.models.lm import count_parameters, load_causal_lm, save_model_folder
@@ -47,6 +54,7 @@ from distil.recipes.lm_setup import (
     KDSection,
     LMData,
     LMDataSection,
+    OnPolicySection,
     StudentSection,
     TeacherSection,
     check_model_fits,
@@ -68,6 +76,13 @@ from distil.training.checkpoint import (
     save_checkpoint,
 )
 from distil.training.metrics import MetricsLog
+from distil.training.on_policy import (
+    SamplingSettings,
+    completion_batch,
+    is_on_policy_step,
+    prompt_of,
+    sample_completions,
+)
 from distil.training.optim import build_optimizer, build_scheduler
 from distil.training.progress import progress_bar, rate_text
 from distil.training.session import Session
@@ -94,6 +109,7 @@ class Config(StrictModel):
         epochs=1, batch_size=8, lr=1e-3, scheduler=SchedulerName.linear, max_grad_norm=1.0
     )
     kd: KDSection = KDSection()
+    on_policy: OnPolicySection = OnPolicySection()
     eval: EvalSection = EvalSection()
 
 
@@ -152,8 +168,13 @@ def train_phase(
     phase: str, s: Session, model: PreTrainedModel, data: LMData, tcfg: TrainSection, *, seed: int, shuffle: bool,
     log: MetricsLog, vocab_size: int, hidden: bool, tokenizer: PreTrainedTokenizerBase,
     teacher: Teacher | None = None, kd: KDSection | None = None, chunked: bool = False, chunk_rows: int = 256,
+    on_policy: OnPolicySection | None = None, monitor: Monitor | None = None,
 ) -> PreTrainedModel:  # fmt: skip
-    """Train ``model`` on ``data.train`` (CE, or CE + KD with a teacher); return the trained model."""
+    """Train ``model`` on ``data.train`` (CE, or CE + KD with a teacher); return the trained model.
+
+    With ``on_policy`` (and a teacher), a share λ of the steps trains on completions the student
+    samples for the batch's prompts, scored by the teacher; with ``monitor``, held-out KL to the
+    teacher (and oracle) is logged every ``monitor.every`` steps."""
     acc, phase_dir = s.accelerator, s.run_dir / phase
     final = phase_dir / "final"
     if (final / MARKER).is_file():  # finished before a crash or in an earlier call: reuse it
@@ -213,6 +234,9 @@ def train_phase(
     _peak_memory_reset(acc.device)
     rss_at_start = _peak_memory_mb(acc.device).get("rss_mb", 0.0)
     t_start, tokens = time.perf_counter(), 0
+    on_policy_steps, generation_s = 0, 0.0
+    if monitor is not None and step == 0 and acc.is_main_process:  # the starting point
+        log.log(monitor.measure(acc.unwrap_model(wrapped).lm), step=0, phase=phase)
     with progress_bar(acc.is_main_process) as bar:
         task = bar.add_task(phase, total=total, completed=step, rate="", info="")
         while step < total:
@@ -225,15 +249,52 @@ def train_phase(
                 )  # per-step RNG: exact resume
                 wrapped.train()
                 batch = batches[b]
-                # normaliser: supervised targets of the whole window (all micro-batches, all ranks) per rank,
-                # because DDP averages gradients over ranks; no communication needed, every rank has the data
-                window_items = float(data.targets_per_example[batch.numpy()].sum()) / world
-                sums: dict[str, float] = {}
-                for m, micro in enumerate(batch.tensor_split(tcfg.grad_accum)):
+                step_start = time.perf_counter()
+                sampled = (
+                    on_policy is not None
+                    and teacher is not None
+                    and is_on_policy_step(on_policy.fraction, seed=seed, step=step)
+                )
+                micro_cols: list[dict[str, Tensor]] = []
+                for micro in batch.tensor_split(tcfg.grad_accum):
                     mine = rank_slice(micro, rank=rank, world_size=world).tolist()
-                    cols = data.collate(data.train, mine)
                     if epoch == 0:
                         seen.extend(mine)
+                    cols = data.collate(data.train, mine)
+                    if sampled:
+                        assert on_policy is not None
+                        cols = _student_samples(
+                            cols,
+                            acc.unwrap_model(wrapped).lm,
+                            on_policy,
+                            data,
+                            tokenizer,
+                            vocab_size,
+                        )
+                    micro_cols.append(cols)
+                gen_s = time.perf_counter() - step_start if sampled else 0.0
+                if sampled:  # sampled lengths differ per rank: one all-reduce of the target count
+                    local = sum(
+                        int((shift_for_next_token(c["labels"]) != IGNORE_INDEX).sum())
+                        for c in micro_cols
+                    )
+                    count = torch.tensor([float(local)], device=acc.device)
+                    window_items = (
+                        float(acc.reduce(count, reduction="sum").item() if world > 1 else local)
+                        / world
+                    )
+                    if acc.is_main_process and (
+                        step % tcfg.checkpoint_every == 0 or on_policy_steps == 0
+                    ):
+                        _keep_sample(phase_dir, step, micro_cols[0], tokenizer)
+                    on_policy_steps += 1
+                    generation_s += gen_s
+                else:
+                    # normaliser: supervised targets of the whole window (all micro-batches, all ranks) per rank,
+                    # because DDP averages gradients over ranks; no communication needed, every rank has the data
+                    window_items = float(data.targets_per_example[batch.numpy()].sum()) / world
+                sums: dict[str, float] = {}
+                for m, cols in enumerate(micro_cols):
                     ids, att = (
                         cols["input_ids"].to(acc.device),
                         cols["attention_mask"].to(acc.device),
@@ -248,7 +309,8 @@ def train_phase(
                     with sync, acc.autocast():
                         out_s = wrapped(ids, att)  # (b, T, H) or (b, T, V_model)
                         mix: dict[str, Any] = {
-                            "kd_weight": kd_weight,
+                            # sampled text has no reference: the divergence alone, at full weight
+                            "kd_weight": 1.0 if sampled else kd_weight,
                             "kd_temperature": kd_temperature,
                             "num_items": window_items,
                             "chunk_size": chunk_rows,
@@ -291,6 +353,15 @@ def train_phase(
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
+                extra: dict[str, float] = {}
+                if on_policy is not None and on_policy.fraction > 0:
+                    extra = {
+                        "on_policy": float(sampled),
+                        "gen_s": gen_s,
+                        "train_s": time.perf_counter() - step_start - gen_s,
+                    }
+                if monitor is not None and monitor.due(step) and acc.is_main_process:
+                    extra |= monitor.measure(acc.unwrap_model(wrapped).lm)
                 elapsed = time.perf_counter() - t_start
                 loss_now = sum(v for k, v in sums.items() if k.endswith("/weighted"))
                 bar.update(
@@ -306,6 +377,7 @@ def train_phase(
                         "lr": scheduler.get_last_lr()[0],
                         "grad_norm": float(grad_norm),
                         "epoch": epoch,
+                        **extra,
                     },
                     step=step,
                     phase=phase,
@@ -332,6 +404,11 @@ def train_phase(
         "train_wall_s": wall,
         "tokens": tokens * world,
         "tokens_per_s": tokens * world / max(wall, 1e-9),
+        **(
+            {"on_policy_steps": on_policy_steps, "generation_s": generation_s}
+            if on_policy_steps
+            else {}
+        ),
         **_peak_memory_mb(acc.device),
         "rss_at_start_mb": rss_at_start,
     }
@@ -368,6 +445,61 @@ def _save(
     s.accelerator.wait_for_everyone()
 
 
+def _student_samples(
+    cols: dict[str, Tensor], lm: PreTrainedModel, opc: OnPolicySection, data: LMData, tokenizer: Any, vocab: int
+) -> dict[str, Tensor]:  # fmt: skip
+    """Replace a dataset micro-batch by the student's completions of its prompts."""
+    lengths = cols["attention_mask"].sum(-1).tolist()
+    prompts = [
+        prompt_of(ids[:n].tolist(), lab[:n].tolist(), opc.prompt_tokens)
+        for ids, lab, n in zip(cols["input_ids"], cols["labels"], lengths, strict=True)
+    ]
+    settings = SamplingSettings(
+        opc.sampling_temperature, opc.top_p, opc.max_new_tokens, opc.prompt_tokens
+    )
+    eos = [
+        int(tokenizer.eos_token_id),
+        *as_id_list(getattr(lm.generation_config, "eos_token_id", None)),
+    ]
+    completions = sample_completions(
+        lm,
+        prompts,
+        settings,
+        pad_token_id=data.pad_token_id,
+        eos_token_ids=sorted(set(eos)),
+        vocab_size=vocab,
+    )
+    return completion_batch(
+        prompts,
+        completions,
+        pad_token_id=data.pad_token_id,
+        example_ids=cols["example_id"].tolist(),
+    )
+
+
+def as_id_list(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, list | tuple) else [int(value)]
+
+
+def _keep_sample(phase_dir: Path, step: int, cols: dict[str, Tensor], tokenizer: Any) -> None:
+    """Append the first row of a sampled batch (prompt and the student's completion) to
+    ``samples.jsonl`` in the phase folder, so what the student wrote can be read later."""
+    labels, ids = cols["labels"][0], cols["input_ids"][0]
+    supervised = (labels != IGNORE_INDEX).nonzero()
+    start = int(supervised[0]) if len(supervised) else len(ids)
+    end = int(cols["attention_mask"][0].sum())
+    record = {
+        "step": step,
+        "prompt": tokenizer.decode(ids[:start].tolist(), skip_special_tokens=True),
+        "completion": tokenizer.decode(ids[start:end].tolist(), skip_special_tokens=False),
+    }
+    phase_dir.mkdir(parents=True, exist_ok=True)
+    with (phase_dir / "samples.jsonl").open("a", encoding="utf-8") as f:
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
 def _stop_if_not_finite(
     loss: Tensor, s: Session, phase_dir: Path, module: nn.Module, optimizer: Any, scheduler: Any,
     state: TrainState, tcfg: TrainSection, phase: str, micro: int,
@@ -394,6 +526,7 @@ def main(cfg: Config, s: Session) -> dict[str, Any]:
     student_init, student_source = make_student(cfg.student, teacher_model, tokenizer)
     for role, m in (("teacher", teacher_model), ("student", student_init)):
         check_model_fits(m, tokenizer, cfg.data.max_length, role)
+    _check_on_policy(cfg, teacher_model, student_init)
     if (
         cfg.tokenizer
         and cfg.teacher.hf
@@ -432,7 +565,26 @@ def main(cfg: Config, s: Session) -> dict[str, Any]:
         train_teacher = open_lm_cache(cfg.teacher.cache, tokenizer=tokenizer, dataset=data.train, sequence_length=cfg.data.max_length,
                                       kd_temperature=cfg.kd.kd_temperature, vocab_size=vocab, teacher_model=teacher.model, output_device=acc.device)  # fmt: skip
         s.announce(f"lm_kd: the student learns from the {train_teacher.describe()}")
-    kd = cfg.kd
+    kd, opc = cfg.kd, cfg.on_policy
+    monitor = None
+    if cfg.eval.monitor.every:
+        mon = cfg.eval.monitor
+        oracle = None
+        if mon.oracle is not None:
+            oracle_model = load_causal_lm(Path(mon.oracle), dtype=teacher.model.dtype)
+            check_same_tokenizer(load_tokenizer_folder(mon.oracle), tokenizer)
+            oracle = LiveLMTeacher(oracle_model, vocab_size=vocab, device=t_device, dtype=teacher.model.dtype,
+                                   output_device=acc.device, signal=TeacherSignal.LOGITS)  # fmt: skip
+        monitor = Monitor(mon.every, data.eval_batches(cfg.eval.batch_size)[: max(1, mon.examples // cfg.eval.batch_size)],
+                          vocab, teacher, oracle)  # fmt: skip
+    if opc.fraction > 0:
+        s.announce(
+            f"lm_kd: on-policy fraction λ={opc.fraction:g}: on {'every step' if opc.fraction >= 1 else f'~{100 * opc.fraction:.0f}% of steps'} "
+            f"the student samples completions (sampling_temperature={opc.sampling_temperature:g}, top_p={opc.top_p:g}, "
+            f"≤{opc.max_new_tokens} new tokens, KV cache, eval mode) for the batch's prompts, the teacher scores them and "
+            f"the loss is T²·{kd.divergence.value} on the sampled tokens only (no hard CE there); other steps use the dataset; "
+            f"generation and training time logged separately (gen_s, train_s); samples kept in student/samples.jsonl"
+        )
     s.announce(
         f"lm_kd: teacher {teacher.describe()}; student {student_source} ({count_parameters(student_init).total:,} params, float32"
         f"{', autocast ' + cfg.train.mixed_precision.value if cfg.train.mixed_precision.value != 'no' else ''}); "
@@ -461,6 +613,8 @@ def main(cfg: Config, s: Session) -> dict[str, Any]:
         teacher=train_teacher if kd.kd_weight > 0 else None,  # kd_weight 0: plain SFT, teacher idle
         kd=kd,
         chunked=chunked,
+        on_policy=opc if opc.fraction > 0 else None,
+        monitor=monitor,
         **common,
     )
     baseline = None
@@ -474,6 +628,26 @@ def main(cfg: Config, s: Session) -> dict[str, Any]:
     write_report(s.run_dir, report)
     print_report(report, s.console)
     return report
+
+
+def _check_on_policy(cfg: Config, teacher: PreTrainedModel, student: PreTrainedModel) -> None:
+    """Refuse on-policy settings that cannot run, before step 0 (never a silent fallback)."""
+    opc = cfg.on_policy
+    if opc.fraction == 0:
+        return
+    if cfg.kd.kd_weight == 0:
+        raise DistilError("on_policy.fraction > 0 needs a teacher to score the samples: set kd.kd_weight > 0 (or on_policy.fraction=0)")  # fmt: skip
+    if cfg.teacher.cache is not None:
+        raise DistilError("on_policy.fraction > 0 needs a live teacher (a cache cannot score text the student writes during training): drop teacher.cache or set on_policy.fraction=0")  # fmt: skip
+    prompt = opc.prompt_tokens if cfg.data.format.value == "text" else cfg.data.max_length
+    for role, m in (("teacher", teacher), ("student", student)):
+        context = int(getattr(m.config, "max_position_embeddings", 0) or 0)
+        if context and prompt + opc.max_new_tokens > context:
+            raise DistilError(
+                f"on-policy sequences reach {prompt} prompt + {opc.max_new_tokens} new tokens = {prompt + opc.max_new_tokens}, "
+                f"beyond the {role}'s context of {context}: lower on_policy.max_new_tokens or "
+                f"{'on_policy.prompt_tokens' if cfg.data.format.value == 'text' else 'data.max_length'}"
+            )
 
 
 def evaluate_models(
@@ -563,7 +737,12 @@ def build_report(
         highlights["CE gap closed (student - baseline) / (teacher - baseline)"] = quality[
             "gap_closed"
         ]
-    return {
+    extra: dict[str, Any] = {}
+    if cfg.eval.monitor.every:
+        extra["monitor"] = hacking_verdict(
+            read_metrics_rows(s.run_dir), tolerance=cfg.eval.monitor.tolerance
+        )
+    return extra | {
         "title": "lm_kd: token-level distillation of a causal LM",
         "recipe": "lm_kd",
         "roles": roles,

@@ -225,6 +225,38 @@ class KDSection(StrictModel):
     chunk_size: int | None = Field(default=None, ge=1)
 
 
+class OnPolicySection(StrictModel):
+    """GKD-style on-policy distillation: on a share ``fraction`` (λ) of the steps the student
+    samples completions of the batch's prompts and the teacher scores them; the divergence is
+    taken on the sampled tokens only (no hard CE: there is no reference text)."""
+
+    fraction: float = Field(
+        default=0.0, ge=0, le=1, description="λ: 0 = off-policy KD on the dataset, 1 = every step on student samples"
+    )  # fmt: skip
+    sampling_temperature: float = Field(default=1.0, ge=0, description="the student's sampling temperature; 0 = greedy")  # fmt: skip
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    max_new_tokens: int = Field(default=64, ge=1)
+    prompt_tokens: int = Field(
+        default=64, ge=1, description="prompt cut from packed text; prompt/completion and chat data use their own prompt"
+    )  # fmt: skip
+
+
+class MonitorSection(StrictModel):
+    """Teacher-hacking monitor (Tiapkin et al. 2025): every ``every`` steps, the student's KL to
+    the teacher on a fixed held-out set (and to an ``oracle`` model when given) is measured next
+    to the training divergence (the proxy); the report flags a proxy that improves while the
+    held-out or oracle measure worsens."""
+
+    every: int = Field(default=0, ge=0, description="steps between measurements; 0 = off")
+    examples: int = Field(default=16, ge=1, description="held-out examples measured")
+    oracle: str | None = Field(
+        default=None, description="folder of a ground-truth LM with the same tokenizer (e.g. the teacher's own teacher)"
+    )  # fmt: skip
+    tolerance: float = Field(
+        default=0.02, ge=0, description="relative rise above its best value that counts as worsening"
+    )  # fmt: skip
+
+
 class GenerationSection(StrictModel):
     prompts: int = Field(default=3, ge=0, description="sample generations shown side by side")
     prompt_tokens: int = Field(default=32, ge=1)
@@ -243,6 +275,7 @@ class EvalSection(StrictModel):
         description="held-out token positions whose full logits feed agreement, KL/JSD and calibration",
     )
     generation: GenerationSection = GenerationSection()
+    monitor: MonitorSection = MonitorSection()
 
 
 @dataclass
