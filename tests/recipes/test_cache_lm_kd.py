@@ -77,3 +77,34 @@ def test_lm_kd_from_full_vocab_cache_matches_live_teacher(
     assert other.exit_code == 2 and "kd_temperature: cache 2.0, run 1.0" in " ".join(
         other.output.split()
     )
+
+
+@pytest.mark.parametrize("targets", ["topk", "sampled"])
+def test_lm_kd_trains_from_sparse_caches_with_the_exact_sparse_loss(
+    lm: dict[str, Path], tmp_path: Path, targets: str
+) -> None:
+    args = [*base_args(lm), "train.max_steps=3", "eval.baseline=false", "kd.kd_weight=0.8"]
+    data_args = [a for a in args[2:] if a.startswith(("teacher.", "data."))]
+    cache = tmp_path / "cache"
+    made = runner.invoke(
+        app,
+        [
+            "cache",
+            "lm_kd",
+            *data_args,
+            f"cache.out={cache}",
+            "cache.k=8",
+            f"cache.targets={targets}",
+        ],
+    )
+    assert made.exit_code == 0, made.output
+    run_dir = tmp_path / "run"
+    result = runner.invoke(app, [*args, f"teacher.cache={cache}", "--run-dir", str(run_dir)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    mode = " ".join((run_dir / "mode.txt").read_text().split())
+    expected = (
+        "importance-sampled estimate" if targets == "sampled" else "exact top-8 + tail divergence"
+    )
+    assert expected in mode
+    got = _kd_raw(run_dir)
+    assert len(got) == 3 and all(0 < v < 50 for v in got)

@@ -368,3 +368,50 @@ def test_feature_objective_adds_weighted_terms() -> None:
         ob.feature_objective({"x": (1.0, f_s)})
     with pytest.raises(ValueError, match="at least one"):
         ob.feature_objective({})
+
+
+def test_sparse_token_objective_is_the_sparse_loss_of_the_library() -> None:
+    """token_objective_sparse mixes CE with topk_divergence / sampled_divergence exactly as
+    token_objective mixes CE with the dense divergence (same normaliser, T² on the soft term)."""
+    from distil.losses.objective import token_objective, token_objective_sparse
+    from distil.losses.sparse import (
+        sample_teacher_targets,
+        sampled_divergence,
+        teacher_topk,
+        topk_divergence,
+    )
+
+    g = torch.Generator().manual_seed(3)
+    student = torch.randn(2, 6, 40, generator=g, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(2, 6, 40, generator=g, dtype=torch.float64) * 2
+    labels = torch.randint(0, 40, (2, 6), generator=g)
+    labels[0, :2] = -100
+    mask = labels != -100
+    n = int(mask.sum())
+    top = teacher_topk(teacher, 5, kd_temperature=2.0)
+    out = token_objective_sparse(
+        student, top, labels, kd_weight=0.7, kd_temperature=2.0, num_items=n
+    )
+    ce = torch.nn.functional.cross_entropy(student[mask], labels[mask], reduction="sum") / n
+    kd = topk_divergence(student, top.log_probs, top.ids, mask, teacher_tail_log_prob=top.tail_log_prob,
+                         kd_temperature=2.0, reduction="sum") / n  # fmt: skip
+    torch.testing.assert_close(out.loss, 0.3 * ce + 0.7 * 4.0 * kd, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out.components["kd/raw"], kd.detach())
+    # k = V: the bucketed loss is the dense one
+    full = teacher_topk(teacher, 40, kd_temperature=2.0)
+    dense = token_objective(
+        student, teacher, labels, kd_weight=0.7, kd_temperature=2.0, num_items=n
+    )
+    sparse = token_objective_sparse(
+        student, full, labels, kd_weight=0.7, kd_temperature=2.0, num_items=n
+    )
+    torch.testing.assert_close(sparse.loss, dense.loss, rtol=1e-10, atol=1e-10)
+    samples = sample_teacher_targets(teacher, 16, kd_temperature=2.0, generator=g)
+    est = token_objective_sparse(
+        student, samples, labels, kd_weight=1.0, kd_temperature=2.0, num_items=n
+    )
+    want = sampled_divergence(student, samples.ids, samples.teacher_log_probs, mask,
+                              proposal_log_probs=samples.proposal_log_probs, kd_temperature=2.0, reduction="sum") / n  # fmt: skip
+    torch.testing.assert_close(est.loss, 4.0 * want, rtol=1e-12, atol=1e-12)
+    (grad,) = torch.autograd.grad(out.loss, student)
+    assert torch.isfinite(grad).all() and bool((grad[~mask] == 0).all())

@@ -37,6 +37,7 @@ from distil.losses.classifier import (
 )
 from distil.losses.divergences import DIVERGENCES, Divergence, check_kd_temperature, upcast
 from distil.losses.reduction import NumItems, divide_by, normalizer
+from distil.losses.sparse import SampledTargets, TopKTargets, sampled_divergence, topk_divergence
 
 __all__ = [
     "IGNORE_INDEX",
@@ -47,6 +48,7 @@ __all__ = [
     "mixup_classifier_objective",
     "token_objective",
     "token_objective_from_hidden",
+    "token_objective_sparse",
 ]
 
 IGNORE_INDEX = -100
@@ -472,3 +474,64 @@ def feature_objective(
     if loss is None:
         raise ValueError("feature_objective needs at least one term or a base objective")
     return ObjectiveOutput(loss, components)
+
+
+def token_objective_sparse(
+    student_logits: Tensor,
+    teacher: TopKTargets | SampledTargets,
+    labels: Tensor,
+    *,
+    kd_weight: float,
+    kd_temperature: float,
+    divergence: str = "forward_kl",
+    num_items: int | float | Tensor | None = None,
+    **divergence_params: Any,
+) -> ObjectiveOutput:
+    """:func:`token_objective` against a sparse teacher: a top-k + tail cache or importance samples.
+
+    The divergence is the library's exact sparse form, never a dense distribution guessed from
+    the sparse one: on ``k + 1`` buckets (the top-k ids and the rest) for
+    :class:`~distil.losses.sparse.TopKTargets` (:func:`~distil.losses.sparse.topk_divergence`),
+    the unbiased importance-sampled estimate for :class:`~distil.losses.sparse.SampledTargets`
+    (:func:`~distil.losses.sparse.sampled_divergence`). ``loss = (1 − w)·CE_sum/N +
+    w·T²·KD_sum/N`` as in :func:`token_objective`; the teacher's values are at the temperature
+    they were cached at, the student's logits are divided by ``kd_temperature``.
+
+    Args:
+        student_logits: shape ``(B, T, V)``, aligned with ``labels``.
+        teacher: per-position targets with shape ``(B, T, k)`` fields (``(B, T)`` tail).
+        labels: shape ``(B, T)`` int64, ``-100`` = ignored.
+        kd_weight: in [0, 1].
+        kd_temperature: T > 0.
+        divergence: a :data:`~distil.losses.divergences.DIVERGENCES` name.
+        num_items: supervised tokens over the accumulation window; default this call's count.
+        **divergence_params: the divergence's own parameters.
+    """
+    _check_mix(kd_weight, kd_temperature)
+    mask, denominator, ce_coef, kd_coef = _token_coefficients(
+        labels, num_items, kd_weight, kd_temperature, True
+    )
+    zero = student_logits.new_zeros((), dtype=torch.float32)
+    ce_sum = (
+        F.cross_entropy(upcast(student_logits[mask]), labels[mask], reduction="sum")
+        if ce_coef
+        else zero
+    )
+    common: dict[str, Any] = {
+        "divergence": _name(divergence), "kd_temperature": kd_temperature, "reduction": "sum", **divergence_params,
+    }  # fmt: skip
+    if isinstance(teacher, TopKTargets):
+        kd_sum = topk_divergence(
+            student_logits, teacher.log_probs, teacher.ids, mask, teacher_tail_log_prob=teacher.tail_log_prob, **common
+        )  # fmt: skip
+    else:
+        kd_sum = sampled_divergence(
+            student_logits, teacher.ids, teacher.teacher_log_probs, mask,
+            proposal_log_probs=teacher.proposal_log_probs, **common,
+        )  # fmt: skip
+    ce_raw, kd_raw = divide_by(ce_sum, denominator), divide_by(kd_sum, denominator)
+    loss = ce_coef * ce_raw + kd_coef * kd_raw
+    components = {
+        "hard_ce/raw": ce_raw, "hard_ce/weighted": ce_coef * ce_raw, "kd/raw": kd_raw, "kd/weighted": kd_coef * kd_raw,
+    }  # fmt: skip
+    return ObjectiveOutput(loss, {k: v.detach() for k, v in components.items()})

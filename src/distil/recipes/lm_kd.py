@@ -40,7 +40,12 @@ from distil.evaluation.report import (
     write_report,
 )
 from distil.losses.chunked import should_use_chunked_loss
-from distil.losses.objective import token_objective, token_objective_from_hidden
+from distil.losses.objective import (
+    token_objective,
+    token_objective_from_hidden,
+    token_objective_sparse,
+)
+from distil.losses.sparse import SampledTargets, TopKTargets
 from distil.models.lm import count_parameters, load_causal_lm, save_model_folder
 from distil.models.vocab import (
     TOKENIZER_FILES,
@@ -65,7 +70,7 @@ from distil.recipes.lm_setup import (
     torch_dtype,
 )
 from distil.teachers import LiveLMTeacher, Teacher, TeacherSignal, head_of, hidden_path_matches
-from distil.teachers.cached import open_lm_cache
+from distil.teachers.cached import CachedTeacher, open_lm_cache
 from distil.teachers.live import final_hidden
 from distil.training.batches import global_batches, rank_slice
 from distil.training.checkpoint import (
@@ -234,6 +239,7 @@ def train_phase(
     _peak_memory_reset(acc.device)
     rss_at_start = _peak_memory_mb(acc.device).get("rss_mb", 0.0)
     t_start, tokens = time.perf_counter(), 0
+    sparse_cache = isinstance(teacher, CachedTeacher) and not chunked
     on_policy_steps, generation_s = 0, 0.0
     if monitor is not None and step == 0 and acc.is_main_process:  # the starting point
         log.log(monitor.measure(acc.unwrap_model(wrapped).lm), step=0, phase=phase)
@@ -302,8 +308,11 @@ def train_phase(
                     targets = shift_for_next_token(cols["labels"]).to(
                         acc.device
                     )  # (b, T): the one shift
+                    sparse = (
+                        _sparse_targets(teacher, ids, att, cols, targets) if sparse_cache else None
+                    )
                     t_out = (
-                        teacher(ids, att) if teacher is not None else None
+                        teacher(ids, att) if teacher is not None and sparse is None else None
                     )  # own precision, no autocast
                     sync = nullcontext() if m == tcfg.grad_accum - 1 else acc.no_sync(wrapped)
                     with sync, acc.autocast():
@@ -317,7 +326,17 @@ def train_phase(
                         }
                         if kd is not None:
                             mix |= {"divergence": kd.divergence.value, **kd.divergence_params}
-                        if hidden:
+                        if (
+                            sparse is not None
+                        ):  # exact top-k + tail (or sampled) loss from the cache
+                            logits = out_s[..., :vocab_size]
+                            if hidden:
+                                weight, bias = head_of(acc.unwrap_model(wrapped).lm)
+                                logits = out_s @ weight[:vocab_size].T
+                                logits = logits if bias is None else logits + bias[:vocab_size]
+                            sparse_mix = {k: v for k, v in mix.items() if k != "chunk_size"}
+                            out = token_objective_sparse(logits, sparse, targets, **sparse_mix)
+                        elif hidden:
                             weight, bias = head_of(acc.unwrap_model(wrapped).lm)
                             out = token_objective_from_hidden(
                                 out_s, weight[:vocab_size], None if t_out is None else t_out.logits, targets,
@@ -477,6 +496,25 @@ def _student_samples(
     )
 
 
+def _sparse_targets(
+    teacher: Any, ids: Tensor, att: Tensor, cols: dict[str, Tensor], targets: Tensor
+) -> TopKTargets | SampledTargets:
+    """The cached teacher's sparse targets for a batch (looked up by example id), after checking
+    that the cache holds a target at every supervised position."""
+    got = (
+        teacher.sampled_targets(ids, att, cols["example_id"])
+        if teacher.reader.sampled
+        else teacher.targets(ids, att, cols["example_id"])
+    )
+    missing = (targets != IGNORE_INDEX) & ~got.mask
+    if bool(missing.any()):
+        raise DistilError(
+            f"the teacher cache {teacher.path} has no target at {int(missing.sum())} supervised positions of "
+            f"examples {cols['example_id'].tolist()}: it was written for other masks; re-run `distil cache` with this config"
+        )
+    return got.samples if teacher.reader.sampled else got.topk
+
+
 def as_id_list(value: Any) -> list[int]:
     if value is None:
         return []
@@ -564,7 +602,15 @@ def main(cfg: Config, s: Session) -> dict[str, Any]:
     ):  # train from `distil cache` outputs; refused unless made for this run
         train_teacher = open_lm_cache(cfg.teacher.cache, tokenizer=tokenizer, dataset=data.train, sequence_length=cfg.data.max_length,
                                       kd_temperature=cfg.kd.kd_temperature, vocab_size=vocab, teacher_model=teacher.model, output_device=acc.device)  # fmt: skip
-        s.announce(f"lm_kd: the student learns from the {train_teacher.describe()}")
+        assert isinstance(train_teacher, CachedTeacher)
+        how = (
+            "dense logits rebuilt from it (chunked path: tail mass spread evenly over the other ids)"
+            if chunked
+            else "the importance-sampled estimate of the divergence (unbiased)"
+            if train_teacher.reader.sampled
+            else f"the exact top-{train_teacher.k} + tail divergence on k + 1 buckets (no dense teacher logits)"
+        )
+        s.announce(f"lm_kd: the student learns from the {train_teacher.describe()}, through {how}")
     kd, opc = cfg.kd, cfg.on_policy
     monitor = None
     if cfg.eval.monitor.every:
