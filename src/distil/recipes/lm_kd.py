@@ -799,7 +799,7 @@ def build_report(
             fidelity_logits,
             labels,
             teacher=rows[0]["model"],
-            split=f"the first {labels.shape[0]:,} held-out next-token positions (full-vocabulary logits, temperature 1)",
+            split=f"the first {labels.shape[0]:,} held-out next-token positions (full-vocabulary logits)",
         ),
         "cost": cost_part(
             rows,
