@@ -99,6 +99,7 @@ def test_fully_on_policy_run_logs_generation_keeps_samples_and_reports_the_monit
     assert code == 0, out
     mode = (run_dir / "mode.txt").read_text()
     assert "on-policy fraction λ=1" in mode and "on the sampled tokens only" in mode
+    assert "off-policy" not in mode and "on-policy (λ=1: the teacher scores" in " ".join(mode.split())
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if r["phase"] == "student" and "loss" in r]
     assert len(steps) == 6 and all(

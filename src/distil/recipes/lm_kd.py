@@ -637,7 +637,7 @@ def main(cfg: Config, s: Session) -> dict[str, Any]:
         f"loss = {1 - kd.kd_weight:g}·CE + {kd.kd_weight:g}·T²·{kd.divergence.value}{kd.divergence_params or ''} at kd_temperature={kd.kd_temperature:g} "
         f"({'chunked from hidden states' if chunked else 'full logits'}, loss in chunks of {loss_chunk_rows(kd.chunk_size, vocab, fused=chunked, device=acc.device)} rows); vocab policy: tokenizer {vocab} ids, logits sliced to it "
         f"(teacher {output_vocab_rows(teacher_model)} rows, student {output_vocab_rows(student_init)}); data {cfg.data.format.value}, "
-        f"{len(data.train)} train / {len(data.eval)} held-out examples; {'off-policy (teacher scores the dataset)' if kd.kd_weight > 0 else 'kd_weight=0: fine-tuning on the data alone (e.g. teacher-generated, sequence-level KD); the teacher only evaluates'}; "
+        f"{len(data.train)} train / {len(data.eval)} held-out examples; {_regime(kd.kd_weight, opc.fraction)}; "
         f"{acc.num_processes} process(es) on {acc.device}, each running the teacher on its own shard"
     )
     log = MetricsLog(s.run_dir / "metrics.jsonl", acc, acc.is_main_process)
@@ -674,6 +674,17 @@ def main(cfg: Config, s: Session) -> dict[str, Any]:
     write_report(s.run_dir, report)
     print_report(report, s.console)
     return report
+
+
+def _regime(kd_weight: float, fraction: float) -> str:
+    """The training regime, for the mode line."""
+    if kd_weight == 0:
+        return "kd_weight=0: fine-tuning on the data alone (e.g. teacher-generated, sequence-level KD); the teacher only evaluates"
+    if fraction >= 1:
+        return "on-policy (λ=1: the teacher scores the student's samples on every step)"
+    if fraction > 0:
+        return f"mixed: on-policy on ~{100 * fraction:.0f}% of steps (λ={fraction:g}), off-policy (teacher scores the dataset) on the rest"
+    return "off-policy (teacher scores the dataset)"
 
 
 def _check_on_policy(cfg: Config, teacher: PreTrainedModel, student: PreTrainedModel) -> None:
