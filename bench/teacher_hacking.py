@@ -115,11 +115,13 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", type=Path, default=BENCH / "artifacts" / "teacher_hacking")
+    ap.add_argument("--tag", default="", help="suffix of the result files and run folders (several settings side by side)")
     a = ap.parse_args()
     if not (a.oracle / "config.json").is_file():
         sys.exit(
             f"no oracle model in {a.oracle}: run `distil run lm_pretrain train.max_steps=600 export_dir={a.oracle}` first"
         )
+    stem = "teacher_hacking" + (f"-{a.tag}" if a.tag else "")
     a.work.mkdir(parents=True, exist_ok=True)
     started = time.time()
     # 1. the teacher: distilled from the oracle on the whole corpus
@@ -129,13 +131,13 @@ def main() -> None:
     teacher = teacher_run / "student" / "final"
     # 2. the student, offline and online, with the monitor (oracle = golden measure)
     common = [f"teacher.hf={teacher}", f"tokenizer={a.oracle}", *STUDENT, "kd.kd_weight=1", f"data.max_length={a.seq}",
-              f"data.train_limit={a.train_blocks}", f"train.max_steps={a.steps}", "train.batch_size=8", "train.lr=3e-3",
+              f"data.train_limit={a.train_blocks}", f"train.max_steps={a.steps}", "train.epochs=100000", "train.batch_size=8", "train.lr=3e-3",
               "train.warmup_steps=5", "eval.baseline=false", f"eval.monitor.every={a.every}", "eval.monitor.examples=16",
               f"eval.monitor.oracle={a.oracle}", f"train.checkpoint_every={a.steps}", *QUIET]  # fmt: skip
     half = a.seq // 2
     runs = {
-        "offline (fixed blocks)": a.work / "offline",
-        "online (student samples, λ=1)": a.work / "online",
+        "offline (fixed blocks)": a.work / ("offline" + (f"-{a.tag}" if a.tag else "")),
+        "online (student samples, λ=1)": a.work / ("online" + (f"-{a.tag}" if a.tag else "")),
     }
     distil_run(common, runs["offline (fixed blocks)"], a.threads)
     distil_run([*common, "on_policy.fraction=1", f"on_policy.prompt_tokens={half}", f"on_policy.max_new_tokens={half}"],
@@ -143,7 +145,7 @@ def main() -> None:
     # 3. the table and the plot
     results = BENCH / "results"
     results.mkdir(exist_ok=True)
-    plot(runs, results / "teacher_hacking.png")
+    plot(runs, results / f"{stem}.png")
     lines, records = [], []
     for name, run_dir in runs.items():
         report = json.loads((run_dir / "report.json").read_text())
@@ -162,7 +164,7 @@ def main() -> None:
             f"{rec['oracle_kl_first']:.3f} → best {rec['oracle_kl_best']:.3f} (step {rec['oracle_kl_best_step']}) → "
             f"{rec['oracle_kl_last']:.3f} | {'**yes**' if rec['flag'] else 'no'} |"
         )
-    with (results / "teacher_hacking.jsonl").open("w") as f:
+    with (results / f"{stem}.jsonl").open("w") as f:
         for rec in records:
             f.write(json.dumps(rec) + "\n")
     load = os.getloadavg()[0]
@@ -182,12 +184,12 @@ def main() -> None:
         "|---|---|---:|---|---|",
         *lines,
         "",
-        "![teacher hacking](teacher_hacking.png)",
+        f"![teacher hacking]({stem}.png)",
         "",
         *[f"- {r['run']}: {r['verdict']}" for r in records],
         "",
     ]
-    (results / "teacher_hacking.md").write_text("\n".join(md))
+    (results / f"{stem}.md").write_text("\n".join(md))
     print("\n".join(md))
 
 
