@@ -378,19 +378,21 @@ def main() -> None:
         prepare(work, teacher)
     results = Path(args.results)
     results.parent.mkdir(parents=True, exist_ok=True)
+    # recorded relative to the repository, so results name no machine-specific path
+    teacher_key = str(teacher.relative_to(ROOT)) if teacher.is_relative_to(ROOT) else str(teacher)
     for rep in range(args.first_rep, args.first_rep + args.reps):
         for tool in args.tools.split(","):
             record = _one(tool, rep, work, teacher, baseline=(tool == "distil" and rep == 1))
             with results.open(
                 "a"
             ) as f:  # one line per run, written at once: a killed benchmark keeps its runs
-                f.write(json.dumps({**record, "work": str(work), "teacher": str(teacher)}) + "\n")
+                f.write(json.dumps({**record, "work": str(work), "teacher": teacher_key}) + "\n")
     # the table covers every run of this workload in the results file (several invocations add reps)
     lines = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
     records = [
         r
         for r in lines
-        if r.get("work") == str(work) and r.get("teacher") == str(teacher) and "tool" in r
+        if r.get("work") == str(work) and r.get("teacher") in (teacher_key, str(teacher)) and "tool" in r
     ]
     quality: dict[str, dict[str, float]] = {}
     for r in records:  # every run of a tool ends with the same weights (checked by final_loss); evaluate its last one
