@@ -64,14 +64,14 @@ def monitor_series(
     """The monitored series of one phase at the measurement steps, with the proxy averaged over
     the steps since the previous measurement (one number per interval, less noisy than a step)."""
     mine = [r for r in rows if r.get("phase") == phase]
-    points = sorted({int(r["step"]) for r in mine if HELD_OUT in r})
+    points = sorted({int(r["step"]) for r in mine if HELD_OUT in r or ORACLE in r})
     out: dict[str, list[tuple[int, float]]] = {HELD_OUT: [], ORACLE: [], HELD_OUT_CE: [], PROXY: []}
     for r in mine:
         for key in (HELD_OUT, ORACLE, HELD_OUT_CE):
             if key in r:
                 out[key].append((int(r["step"]), float(r[key])))
     proxy = [(int(r["step"]), float(r[PROXY])) for r in mine if PROXY in r]
-    for prev, step in zip([0, *points[:-1]], points, strict=True):
+    for prev, step in zip([0, *points], points, strict=False):  # (previous measurement, this one]
         window = [v for s, v in proxy if prev < s <= step]
         if window:
             out[PROXY].append((step, sum(window) / len(window)))
@@ -128,7 +128,7 @@ def monitor_plot(rows: Sequence[Mapping[str, Any]], phase: str = "student") -> b
     from distil.evaluation.plots import EXTRA_COLORS, ROLE_COLORS, new_figure, to_png
 
     series = monitor_series(rows, phase)
-    if HELD_OUT not in series:
+    if HELD_OUT not in series and ORACLE not in series:
         return None
     fig = new_figure(6.5, 3.4)
     ax = fig.subplots()
