@@ -282,3 +282,17 @@ def test_open_lm_cache_checks_the_run_and_names_the_teacher(fx: dict[str, Any]) 
         open_lm_cache(fx["root"] / "k8", teacher_model=other, **kw)
     with pytest.raises(CacheMismatchError, match="dataset_fingerprint"):
         open_lm_cache(fx["root"] / "k8", **{**kw, "dataset": fx["data"].train.select(range(47))})
+
+
+def test_decoded_shards_are_bounded_by_a_byte_budget(fx: dict[str, Any]) -> None:
+    """The default keeps every shard of a small cache decoded (no re-decoding on shuffled
+    batches); a tiny budget keeps only the shard in use."""
+    out = fx["root"] / "k8"
+    roomy, tight = CachedTeacher(out), CachedTeacher(out, max_loaded_bytes=1)
+    shards = len(roomy.reader.manifest["shards"])
+    assert shards > 1
+    for example_id in range(48):
+        roomy.reader.get(example_id)
+        tight.reader.get(example_id)
+        assert len(tight.reader._loaded) == 1
+    assert len(roomy.reader._loaded) == shards

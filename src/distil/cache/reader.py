@@ -58,19 +58,28 @@ class CacheReader:
     Args:
         path: The cache folder (holding ``manifest.json``).
         verify: Check each shard's sha256 when it is first loaded (recommended; costs one read).
-        max_loaded_shards: Decoded shards kept in memory at once.
+        max_loaded_shards: Decoded shards kept in memory at once (None: no count limit).
+        max_loaded_bytes: Budget of decoded shard bytes kept in memory (least recently used go
+            first; the shard in use always stays).
 
     Raises:
         DistilError: If the folder is not a finished cache, or a shard cannot be indexed.
     """
 
     def __init__(
-        self, path: str | Path, *, verify: bool = True, max_loaded_shards: int = 2
+        self,
+        path: str | Path,
+        *,
+        verify: bool = True,
+        max_loaded_shards: int | None = None,
+        max_loaded_bytes: int = 1 << 30,
     ) -> None:
         self.path = Path(path)
         self.manifest: dict[str, Any] = read_manifest(self.path)
         self.verify = verify
-        self.max_loaded_shards = max(1, max_loaded_shards)
+        self.max_loaded_shards = None if max_loaded_shards is None else max(1, max_loaded_shards)
+        self.max_loaded_bytes = max_loaded_bytes
+        self._loaded_bytes: dict[int, int] = {}
         self._loaded: OrderedDict[int, dict[str, Tensor]] = OrderedDict()
         self._verified: set[int] = set()
         self._where: dict[int, tuple[int, int]] = {}  # example id -> (shard, row)
@@ -144,8 +153,16 @@ class CacheReader:
                 f"cache shard {file} cannot be decoded ({exc}); delete it and re-run `distil cache`"
             ) from exc
         self._loaded[s] = tensors
-        while len(self._loaded) > self.max_loaded_shards:
-            self._loaded.popitem(last=False)
+        self._loaded_bytes[s] = sum(t.nbytes for t in tensors.values())
+        # bounded memory: evict least recently used shards beyond the byte budget (and the count
+        # limit, if any), never the one just loaded. A budget that holds every shard of an epoch
+        # avoids re-decoding shards on every shuffled batch.
+        while len(self._loaded) > 1 and (
+            sum(self._loaded_bytes.values()) > self.max_loaded_bytes
+            or (self.max_loaded_shards is not None and len(self._loaded) > self.max_loaded_shards)
+        ):
+            old, _ = self._loaded.popitem(last=False)
+            del self._loaded_bytes[old]
         return tensors
 
     def get(self, example_id: int) -> ExampleTargets:

@@ -92,7 +92,9 @@ class CachedTeacher:
             :class:`~distil.cache.manifest.CacheMismatchError` naming the field.
         output_device: Where the outputs go.
         verify: Check each shard's sha256 when first read.
-        max_loaded_shards: Decoded shards held in memory at once.
+        max_loaded_shards: Decoded shards held in memory at once (None: only the byte budget).
+        max_loaded_bytes: Budget of decoded shard bytes held in memory (1 GiB: a cache for
+            ~30M tokens at k = 8 stays decoded; larger ones stream, least recently used first).
     """
 
     signal = TeacherSignal.LOGITS
@@ -104,9 +106,12 @@ class CachedTeacher:
         expect: Mapping[str, Any] | None = None,
         output_device: torch.device | str = "cpu",
         verify: bool = True,
-        max_loaded_shards: int = 2,
+        max_loaded_shards: int | None = None,
+        max_loaded_bytes: int = 1 << 30,
     ) -> None:
-        self.reader = CacheReader(path, verify=verify, max_loaded_shards=max_loaded_shards)
+        self.reader = CacheReader(
+            path, verify=verify, max_loaded_shards=max_loaded_shards, max_loaded_bytes=max_loaded_bytes
+        )
         check_matches(self.reader.manifest, expect or {}, source=f"the teacher cache {path}")
         self.path = Path(path)
         self.output_device = torch.device(output_device)
