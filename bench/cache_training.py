@@ -41,6 +41,10 @@ def distil(args: list[str], threads: int) -> None:
     subprocess.run([sys.executable, "-m", "distil", *args], check=True, env=env, cwd=REPO)
 
 
+def _num(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -121,7 +125,7 @@ def main() -> None:
     ]
     for r in records:
         lines.append(
-            f"| {r['run']} | {r.get('bytes_per_token', float('nan')):.1f} | {r.get('kept_mass', float('nan')):.3f} | "
+            f"| {r['run']} | {_num(r.get('bytes_per_token'), '.1f')} | {_num(r.get('kept_mass'), '.3f')} | "
             f"{r['perplexity']:.1f} | {100 * r['ppl_vs_live']:+.1f}% | {r['kl_teacher_student']:.3f} | {r['agreement']:.3f} | "
             f"{r['train_tokens_per_s']:,.0f} | {r['speed_vs_live']:.2f}x |"
         )
