@@ -394,3 +394,37 @@ def test_closed_form_forward_kl_and_ce_equal_autograd(
 def test_logits_chunks_are_cache_sized_on_cpu() -> None:
     assert ch.logits_chunk_size(8192) == 64 and ch.logits_chunk_size(131_072) == 4
     assert ch.logits_chunk_size(8192, "cuda") == ch.default_chunk_size(8192) == 2048
+
+
+@pytest.mark.parametrize("kd_temperature", [1.0, 2.0])
+@pytest.mark.parametrize("ce_coef", [0.0, 0.3])
+@pytest.mark.parametrize("k", [4, 11])
+def test_closed_form_topk_loss_equals_the_sparse_reference(
+    kd_temperature: float, ce_coef: float, k: int
+) -> None:
+    """CE + bucketed forward KL with a closed-form gradient equals the autograd formula of
+    distil.losses.sparse, including k = V (empty tail) and a float64 tensor coefficient."""
+    from distil.losses.sparse import teacher_topk, topk_divergence
+
+    pb = Problem()
+    logits = (pb.hidden @ pb.weight.T + pb.bias).detach().requires_grad_()  # (2, 7, 11)
+    labels = randn(2, 7, seed=31).abs().mul(4).long() % 11
+    top = teacher_topk(pb.teacher_logits, k, kd_temperature=kd_temperature)
+    kd_coef = torch.tensor(0.7, dtype=F64)
+    parts = ch.chunked_topk_logits_loss(
+        logits, pb.mask, teacher_topk_log_probs=top.log_probs, teacher_topk_ids=top.ids,
+        teacher_tail_log_prob=top.tail_log_prob, labels=labels, hard_ce_coef=ce_coef, kd_coef=kd_coef,
+        kd_temperature=kd_temperature, chunk_size=3,
+    )  # fmt: skip
+    ce = torch.nn.functional.cross_entropy(logits[pb.mask], labels[pb.mask], reduction="sum")
+    kd = topk_divergence(
+        logits, top.log_probs, top.ids, pb.mask, teacher_tail_log_prob=top.tail_log_prob,
+        kd_temperature=kd_temperature, reduction="sum",
+    )  # fmt: skip
+    want = ce_coef * ce + 0.7 * kd
+    torch.testing.assert_close(parts.loss, want.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(parts.kd_sum, kd.detach(), rtol=1e-12, atol=1e-12)
+    (got,) = torch.autograd.grad(parts.loss, logits)
+    (ref,) = torch.autograd.grad(want, logits)
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+    assert bool((got[~pb.mask] == 0).all())

@@ -642,3 +642,146 @@ def chunked_divergence(
         **method_params,
     )
     return parts.loss
+
+
+def _topk_closed_form_step(
+    z: Tensor,
+    top_lp: Tensor,
+    ids: Tensor,
+    tail_lp: Tensor,
+    labels: Tensor | None,
+    ce_coef: float | Tensor,
+    kd_coef: float | Tensor,
+    temp: float,
+    any_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Hard CE + forward KL to a top-k + tail teacher on ``k + 1`` buckets, for one chunk of rows,
+    with the logit gradient in closed form.
+
+    With ``q = softmax(z/T)``, ``q_tail = Σ_{j∉K} q_j`` and ``r = p_tail / q_tail``, the bucketed
+    ``KL(p‖q)`` has ``∂/∂z_j = (q_j − p_j)/T`` for ``j`` in the top-k and ``q_j (1 − r)/T``
+    otherwise. ``z`` ``(C, V)`` fp32; ``top_lp``/``ids`` ``(C, k)``; ``tail_lp`` ``(C,)``.
+    """
+    zero = z.new_zeros(())
+    log_q = torch.log_softmax(z if temp == 1.0 else z / temp, -1)  # (C, V)
+    log_q_top = log_q.gather(-1, ids)  # (C, k)
+    log_q_tail = torch.logsumexp(log_q.scatter(-1, ids, float("-inf")), -1)  # (C,), exact
+    top_lp, tail_lp = top_lp.to(z.dtype), tail_lp.to(z.dtype)
+    p_top, p_tail = top_lp.exp(), tail_lp.exp()
+    kd_sum = (
+        torch.where(p_top > 0, p_top * (top_lp - log_q_top), 0.0).sum()
+        + torch.where(p_tail > 0, p_tail * (tail_lp - log_q_tail), 0.0).sum()
+    )
+    ce_sum = zero
+    log_s = None
+    if labels is not None:
+        log_s = log_q if temp == 1.0 else torch.log_softmax(z, -1)
+        ce_sum = -log_s.gather(-1, labels.unsqueeze(-1)).sum()
+    ce_c, kd_c = _as_dtype(ce_coef, z.dtype), _as_dtype(kd_coef, z.dtype)
+    total = ce_c * ce_sum + kd_c * kd_sum
+    grad = None
+    if any_grad:
+        r = torch.where(p_tail > 0, p_tail / log_q_tail.exp(), 0.0)  # (C,)
+        kd_g = kd_c / temp
+        shared = labels is not None and temp == 1.0
+        q = log_q.exp_()  # in place (also softmax(z) when T == 1)
+        grad = q.mul_(((1 - r) * kd_g + (ce_c if shared else 0.0)).unsqueeze(-1))
+        grad.scatter_add_(-1, ids, (log_q_top.exp() * r.unsqueeze(-1) - p_top) * kd_g)
+        if labels is not None:
+            if not shared:
+                assert log_s is not None
+                grad.add_(log_s.exp_().mul_(ce_c))
+            minus = torch.full(labels.shape, -1.0, dtype=z.dtype, device=z.device).mul_(ce_c)
+            grad.scatter_add_(-1, labels.unsqueeze(-1), minus.unsqueeze(-1))
+    return total.detach(), ce_sum.detach(), kd_sum.detach(), grad
+
+
+class _ChunkedTopKLoss(torch.autograd.Function):
+    """CE + bucketed forward KL over materialised logits, chunk by chunk, gradients in forward."""
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx,
+        logits: Tensor,
+        index: tuple[Tensor, ...],
+        targets: tuple[Tensor, Tensor, Tensor, Tensor | None],
+        coefs: tuple[float | Tensor, float | Tensor, float],
+        chunk_size: int,
+        need_grad: bool,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        top_lp, ids, tail_lp, labels = targets
+        n = index[0].shape[0] if index else 0
+        grad = torch.zeros_like(logits) if need_grad else None
+        sums = torch.zeros(3, dtype=upcast(logits).dtype, device=logits.device)
+        for start in range(0, n, chunk_size):
+            end = min(start + chunk_size, n)
+            z = upcast(_take(logits, index, start, end))  # (C, V)
+            *parts, g = _topk_closed_form_step(
+                z, top_lp[start:end], ids[start:end], tail_lp[start:end],
+                None if labels is None else labels[start:end], *coefs, need_grad,
+            )  # fmt: skip
+            sums += torch.stack(parts).to(sums.dtype)
+            if grad is not None and g is not None:
+                grad.index_put_(tuple(i[start:end] for i in index), g.to(grad.dtype))
+        ctx.grads = (grad,)  # type: ignore[attr-defined]
+        ce_sum, kd_sum = sums[1].clone(), sums[2].clone()
+        ctx.mark_non_differentiable(ce_sum, kd_sum)
+        return sums[0].clone(), ce_sum, kd_sum
+
+    @staticmethod
+    @once_differentiable
+    def backward(
+        ctx: FunctionCtx, grad_loss: Tensor, _grad_ce: Tensor, _grad_kd: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        return (*_scaled_grads(ctx, grad_loss), None, None, None, None, None)
+
+
+def chunked_topk_logits_loss(
+    student_logits: Tensor,
+    mask: Tensor,
+    *,
+    teacher_topk_log_probs: Tensor,
+    teacher_topk_ids: Tensor,
+    teacher_tail_log_prob: Tensor,
+    labels: Tensor | None = None,
+    hard_ce_coef: float | Tensor = 0.0,
+    kd_coef: float | Tensor = 1.0,
+    kd_temperature: float = 1.0,
+    chunk_size: int | None = None,
+) -> ChunkedLossParts:
+    """Hard CE + forward KL to a top-k + tail teacher (k + 1 buckets) over materialised logits.
+
+    Equal to ``hard_ce_coef · CE_sum + kd_coef · topk_divergence(..., reduction="sum")`` of
+    :mod:`distil.losses.sparse` (values and gradients), computed in cache-sized chunks of rows
+    with the gradient in closed form (see :func:`_topk_closed_form_step`).
+
+    Args:
+        student_logits: ``(..., V)``.
+        mask: bool ``(...)``, True = supervised.
+        teacher_topk_log_probs: ``(..., k)`` at ``kd_temperature``.
+        teacher_topk_ids: ``(..., k)`` int64.
+        teacher_tail_log_prob: ``(...)``; ``-inf`` when the top-k hold all the mass.
+        labels: ``(...)`` int64 hard targets, or None.
+        hard_ce_coef: factor on the summed CE (0 skips it).
+        kd_coef: factor on the summed divergence.
+        kd_temperature: divides the student's logits.
+        chunk_size: rows per chunk; default :func:`logits_chunk_size`.
+    """
+    check_kd = kd_temperature > 0
+    if not check_kd:
+        raise ValueError(f"kd_temperature must be > 0, got {kd_temperature}")
+    vocab = student_logits.shape[-1]
+    index = mask.nonzero(as_tuple=True)
+    skip_ce = labels is None or (isinstance(hard_ce_coef, float | int) and hard_ce_coef == 0)
+    targets = (
+        teacher_topk_log_probs[index],
+        teacher_topk_ids[index],
+        teacher_tail_log_prob[index],
+        None if skip_ce or labels is None else labels[index],
+    )
+    need_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    loss, ce_sum, kd_sum = _ChunkedTopKLoss.apply(
+        student_logits, index, targets, (hard_ce_coef, kd_coef, kd_temperature),
+        chunk_size or logits_chunk_size(vocab, student_logits.device), need_grad,
+    )  # fmt: skip
+    return ChunkedLossParts(loss, ce_sum, kd_sum, int(index[0].shape[0]))

@@ -26,6 +26,7 @@ from torch import Tensor
 from distil.losses.chunked import (
     ChunkedLossParts,
     chunked_logits_loss,
+    chunked_topk_logits_loss,
     fused_linear_loss,
     should_use_chunked_loss,
 )
@@ -511,6 +512,18 @@ def token_objective_sparse(
     mask, denominator, ce_coef, kd_coef = _token_coefficients(
         labels, num_items, kd_weight, kd_temperature, True
     )
+    if (
+        isinstance(teacher, TopKTargets)
+        and _name(divergence) == Divergence.FORWARD_KL.value
+        and not divergence_params
+    ):  # the common case: chunked, gradient in closed form, no (N, V) autograd intermediates
+        parts = chunked_topk_logits_loss(
+            student_logits, mask, teacher_topk_log_probs=teacher.log_probs, teacher_topk_ids=teacher.ids,
+            teacher_tail_log_prob=teacher.tail_log_prob, labels=labels,
+            hard_ce_coef=_per_item(ce_coef, denominator) if ce_coef else 0.0,
+            kd_coef=_per_item(kd_coef, denominator), kd_temperature=kd_temperature,
+        )  # fmt: skip
+        return _token_output(parts, denominator, ce_coef, kd_coef, True)
     zero = student_logits.new_zeros((), dtype=torch.float32)
     ce_sum = (
         F.cross_entropy(upcast(student_logits[mask]), labels[mask], reduction="sum")
