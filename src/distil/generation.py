@@ -125,7 +125,8 @@ class _TeacherDecoding:
         return torch.full_like(scores, float("-inf")).scatter_(-1, chosen, 0.0)
 
 
-def _eos_ids(tokenizer: Any, model: Any) -> list[int]:
+def eos_token_ids(tokenizer: Any, model: Any) -> list[int]:
+    """Every id that ends a completion: the tokenizer's EOS and the generation config's."""
     found = getattr(model.generation_config, "eos_token_id", None)
     ids = {tokenizer.eos_token_id, *(found if isinstance(found, list) else [found])} - {None}
     if not ids:
@@ -143,7 +144,7 @@ def generate_shard(
 
     n, sampling = settings.num_return_sequences, settings.sampling_temperature > 0
     rows = [(p, ids, j) for p, ids in zip(prompts, prompt_ids, strict=True) for j in range(n)]
-    pad_id, eos_ids = pad_token_id_for(tokenizer), _eos_ids(tokenizer, model)
+    pad_id, eos_ids = pad_token_id_for(tokenizer), eos_token_ids(tokenizer, model)
     vocab = tokenizer_vocab_size(tokenizer)
     # Explicit neutral values, so a teacher's generation_config.json cannot add unrecorded processing.
     config = GenerationConfig(

@@ -294,5 +294,5 @@ def test_decoded_shards_are_bounded_by_a_byte_budget(fx: dict[str, Any]) -> None
     for example_id in range(48):
         roomy.reader.get(example_id)
         tight.reader.get(example_id)
-        assert len(tight.reader._loaded) == 1
-    assert len(roomy.reader._loaded) == shards
+        assert len(tight.reader.shards) == 1
+    assert len(roomy.reader.shards) == shards

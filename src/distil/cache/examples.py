@@ -17,21 +17,17 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 from torch import Tensor
 
 from distil.cache.integrity import (
-    CacheIntegrityError,
     atomic_write_bytes,
-    check_shard,
     remove_temp_files,
     sha256_file,
 )
@@ -43,6 +39,7 @@ from distil.cache.manifest import (
     read_manifest,
     write_json_atomic,
 )
+from distil.cache.shards import DEFAULT_MAX_LOADED_BYTES, DecodedShards
 from distil.errors import DistilError
 from distil.training.progress import progress_bar
 
@@ -169,7 +166,8 @@ class ExampleCache:
         expect: Manifest fields the run requires (e.g. ``dataset_fingerprint``,
             ``teacher_fingerprint``, ``kd_temperature``); any difference names the field.
         verify: Check each shard's sha256 when first loaded.
-        max_loaded_shards: Decoded shards held in memory at once.
+        max_loaded_shards: Decoded shards held in memory at once (None: only the byte budget).
+        max_loaded_bytes: Budget of decoded shard bytes held in memory.
 
     Raises:
         DistilError: If the folder is not a finished per-example cache, or does not match.
@@ -181,7 +179,8 @@ class ExampleCache:
         *,
         expect: Mapping[str, Any] | None = None,
         verify: bool = True,
-        max_loaded_shards: int = 2,
+        max_loaded_shards: int | None = None,
+        max_loaded_bytes: int = DEFAULT_MAX_LOADED_BYTES,
     ) -> None:
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
@@ -197,34 +196,16 @@ class ExampleCache:
                 f"the teacher cache {path} does not match this run ({'; '.join(problems)}); re-run the cache "
                 "writer with this run's teacher and data, or point at a matching cache"
             )
-        self.verify, self.max_loaded_shards = verify, max(1, max_loaded_shards)
-        self._loaded: OrderedDict[int, dict[str, Tensor]] = OrderedDict()
-        self._verified: set[int] = set()
+        self.verify = verify
+        self.shards = DecodedShards(
+            self.path, self.manifest["shards"], verify=verify, max_loaded_shards=max_loaded_shards,
+            max_loaded_bytes=max_loaded_bytes, fix="delete it and rewrite the cache",
+        )  # fmt: skip
         self._where: dict[int, tuple[int, int]] = {}
         for s in range(len(self.manifest["shards"])):  # reads each shard once (checksummed)
-            for row, e in enumerate(self._shard(s)["example_ids"].tolist()):
+            for row, e in enumerate(self.shards[s]["example_ids"].tolist()):
                 self._where[e] = (s, row)
-            self._loaded.clear()  # indexing must not hold every shard
-
-    def _shard(self, s: int) -> dict[str, Tensor]:
-        if s in self._loaded:
-            self._loaded.move_to_end(s)
-            return self._loaded[s]
-        info = self.manifest["shards"][s]
-        file = self.path / info["file"]
-        if self.verify and s not in self._verified:
-            check_shard(file, info["sha256"], info.get("bytes"))
-            self._verified.add(s)
-        try:
-            tensors = safetensors_load(file.read_bytes())
-        except (SafetensorError, OSError) as exc:
-            raise CacheIntegrityError(
-                f"cache shard {file} cannot be decoded ({exc}); delete it and rewrite the cache"
-            ) from exc
-        self._loaded[s] = tensors
-        while len(self._loaded) > self.max_loaded_shards:
-            self._loaded.popitem(last=False)
-        return tensors
+            self.shards.clear()  # indexing must not hold every shard
 
     def __len__(self) -> int:
         return len(self._where)
@@ -244,7 +225,7 @@ class ExampleCache:
         rows: dict[str, list[Tensor]] = {}
         for e in ids:
             s, row = self._where[int(e)]
-            for name, tensor in self._shard(s).items():
+            for name, tensor in self.shards[s].items():
                 if name != "example_ids":
                     rows.setdefault(name, []).append(tensor[row])
         return {name: torch.stack(values) for name, values in rows.items()}

@@ -1,7 +1,7 @@
 """Reading a teacher cache: bounded-memory shard access by example id, checksums, summaries.
 
 :class:`CacheReader` keeps only an index in memory (example id → shard and row, plus a token
-hash → example id map, 24 bytes per example) and at most ``max_loaded_shards`` decoded shards
+hash → example id map, 24 bytes per example) and decoded shards within a byte budget
 (least recently used first out). Each shard's sha256 is checked against the manifest the first
 time this process loads it, so a corrupt or truncated shard is named before any of its values
 reach a loss.
@@ -10,18 +10,17 @@ reach a loss.
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from safetensors import SafetensorError
-from safetensors.torch import load as safetensors_load
 from safetensors.torch import safe_open
 from torch import Tensor
 
 from distil.cache.integrity import CacheIntegrityError, check_shard
 from distil.cache.manifest import read_manifest
+from distil.cache.shards import DEFAULT_MAX_LOADED_BYTES, DecodedShards
 from distil.errors import DistilError
 
 logger = logging.getLogger(__name__)
@@ -72,16 +71,15 @@ class CacheReader:
         *,
         verify: bool = True,
         max_loaded_shards: int | None = None,
-        max_loaded_bytes: int = 1 << 30,
+        max_loaded_bytes: int = DEFAULT_MAX_LOADED_BYTES,
     ) -> None:
         self.path = Path(path)
         self.manifest: dict[str, Any] = read_manifest(self.path)
         self.verify = verify
-        self.max_loaded_shards = None if max_loaded_shards is None else max(1, max_loaded_shards)
-        self.max_loaded_bytes = max_loaded_bytes
-        self._loaded_bytes: dict[int, int] = {}
-        self._loaded: OrderedDict[int, dict[str, Tensor]] = OrderedDict()
-        self._verified: set[int] = set()
+        self.shards = DecodedShards(
+            self.path, self.manifest["shards"], verify=verify,
+            max_loaded_shards=max_loaded_shards, max_loaded_bytes=max_loaded_bytes,
+        )  # fmt: skip
         self._where: dict[int, tuple[int, int]] = {}  # example id -> (shard, row)
         self._by_hash: dict[int, int] = {}  # token hash -> example id
         for s, shard in enumerate(self.manifest["shards"]):
@@ -137,34 +135,6 @@ class CacheReader:
         """The example id whose token ids have this hash, or None."""
         return self._by_hash.get(token_hash)
 
-    def _shard(self, s: int) -> dict[str, Tensor]:
-        if s in self._loaded:
-            self._loaded.move_to_end(s)
-            return self._loaded[s]
-        info = self.manifest["shards"][s]
-        file = self.path / info["file"]
-        if self.verify and s not in self._verified:
-            check_shard(file, info["sha256"], info.get("bytes"))
-            self._verified.add(s)
-        try:
-            tensors = safetensors_load(file.read_bytes())
-        except (SafetensorError, OSError) as exc:
-            raise CacheIntegrityError(
-                f"cache shard {file} cannot be decoded ({exc}); delete it and re-run `distil cache`"
-            ) from exc
-        self._loaded[s] = tensors
-        self._loaded_bytes[s] = sum(t.nbytes for t in tensors.values())
-        # bounded memory: evict least recently used shards beyond the byte budget (and the count
-        # limit, if any), never the one just loaded. A budget that holds every shard of an epoch
-        # avoids re-decoding shards on every shuffled batch.
-        while len(self._loaded) > 1 and (
-            sum(self._loaded_bytes.values()) > self.max_loaded_bytes
-            or (self.max_loaded_shards is not None and len(self._loaded) > self.max_loaded_shards)
-        ):
-            old, _ = self._loaded.popitem(last=False)
-            del self._loaded_bytes[old]
-        return tensors
-
     def get(self, example_id: int) -> ExampleTargets:
         """The cached targets of one example.
 
@@ -177,7 +147,7 @@ class CacheReader:
                 "the run's data differs from the cached data: re-run `distil cache` with this run's data section"
             )
         s, row = self._where[example_id]
-        t = self._shard(s)
+        t = self.shards[s]
         lo, hi = int(t["offsets"][row]), int(t["offsets"][row + 1])
         if "sample_ids" in t:
             proposal = t.get("proposal_log_probs")
@@ -203,7 +173,7 @@ class CacheReader:
         for s, info in enumerate(self.manifest["shards"]):
             try:
                 check_shard(self.path / info["file"], info["sha256"], info.get("bytes"))
-                self._verified.add(s)
+                self.shards.verified.add(s)
             except CacheIntegrityError as exc:
                 problems.append(str(exc))
         return problems

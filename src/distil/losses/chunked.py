@@ -34,7 +34,13 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from distil.losses.divergences import Divergence, _p_log_ratio, per_position_from_logits, upcast
+from distil.losses.divergences import (
+    Divergence,
+    _p_log_ratio,
+    check_kd_temperature,
+    per_position_from_logits,
+    upcast,
+)
 from distil.losses.reduction import NumItems, divide_by, normalizer, select_positions
 
 __all__ = [
@@ -767,9 +773,7 @@ def chunked_topk_logits_loss(
         kd_temperature: divides the student's logits.
         chunk_size: rows per chunk; default :func:`logits_chunk_size`.
     """
-    check_kd = kd_temperature > 0
-    if not check_kd:
-        raise ValueError(f"kd_temperature must be > 0, got {kd_temperature}")
+    check_kd_temperature(kd_temperature)
     vocab = student_logits.shape[-1]
     index = mask.nonzero(as_tuple=True)
     skip_ce = labels is None or (isinstance(hard_ce_coef, float | int) and hard_ce_coef == 0)

@@ -39,6 +39,7 @@ from distil.evaluation.report import (
     read_metrics_rows,
     write_report,
 )
+from distil.generation import eos_token_ids
 from distil.losses.chunked import should_use_chunked_loss
 from distil.losses.objective import (
     token_objective,
@@ -476,16 +477,12 @@ def _student_samples(
     settings = SamplingSettings(
         opc.sampling_temperature, opc.top_p, opc.max_new_tokens, opc.prompt_tokens
     )
-    eos = [
-        int(tokenizer.eos_token_id),
-        *as_id_list(getattr(lm.generation_config, "eos_token_id", None)),
-    ]
     completions = sample_completions(
         lm,
         prompts,
         settings,
         pad_token_id=data.pad_token_id,
-        eos_token_ids=sorted(set(eos)),
+        eos_token_ids=eos_token_ids(tokenizer, lm),
         vocab_size=vocab,
     )
     return completion_batch(
@@ -513,12 +510,6 @@ def _sparse_targets(
             f"examples {cols['example_id'].tolist()}: it was written for other masks; re-run `distil cache` with this config"
         )
     return got.samples if teacher.reader.sampled else got.topk
-
-
-def as_id_list(value: Any) -> list[int]:
-    if value is None:
-        return []
-    return [int(v) for v in value] if isinstance(value, list | tuple) else [int(value)]
 
 
 def _keep_sample(phase_dir: Path, step: int, cols: dict[str, Tensor], tokenizer: Any) -> None:

@@ -39,6 +39,7 @@ from distil.cache.manifest import (
     teacher_fingerprint,
 )
 from distil.cache.reader import CacheReader
+from distil.cache.shards import DEFAULT_MAX_LOADED_BYTES
 from distil.errors import DistilError
 from distil.losses.sparse import SampledTargets, TopKTargets
 from distil.models.vocab import tokenizer_fingerprint
@@ -107,7 +108,7 @@ class CachedTeacher:
         output_device: torch.device | str = "cpu",
         verify: bool = True,
         max_loaded_shards: int | None = None,
-        max_loaded_bytes: int = 1 << 30,
+        max_loaded_bytes: int = DEFAULT_MAX_LOADED_BYTES,
     ) -> None:
         self.reader = CacheReader(
             path, verify=verify, max_loaded_shards=max_loaded_shards, max_loaded_bytes=max_loaded_bytes
