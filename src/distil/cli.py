@@ -119,7 +119,7 @@ def run(
 
         def prepare(path: Path) -> None:
             if resume and (path / "config.resolved.yaml").is_file():
-                rd.check_resume_config(path, resolved)
+                rd.check_resume_config(path, resolved, lambda old: type(cfg).model_validate(old).model_dump(mode="json"))
             rd.write_resolved_config(path, resolved)
 
         session = open_session(

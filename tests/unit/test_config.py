@@ -82,3 +82,22 @@ def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
     listy.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_config(str(listy), [])
+
+
+def test_resume_ignores_fields_added_later_with_their_defaults(tmp_path: Path) -> None:
+    """A run started before a config field existed still resumes; a real change is still refused."""
+    import yaml
+
+    from distil.errors import DistilError
+    from distil.training.run_dir import check_resume_config
+
+    _, cfg, resolved = load_config("lm_kd", [])
+    normalize = lambda old: type(cfg).model_validate(old).model_dump(mode="json")  # noqa: E731
+    old = {**resolved, "eval": {k: v for k, v in resolved["eval"].items() if k != "fidelity_tokens"}}
+    (tmp_path / "config.resolved.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
+    with pytest.raises(DistilError, match="eval"):
+        check_resume_config(tmp_path, resolved)  # compared as written: the missing field is a difference
+    check_resume_config(tmp_path, resolved, normalize)  # today's default fills it: no difference
+    _, _, changed = load_config("lm_kd", ["train.lr=0.5"])
+    with pytest.raises(DistilError, match="train"):
+        check_resume_config(tmp_path, changed, normalize)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import platform
 import subprocess
 import sys
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -80,12 +82,21 @@ def write_resolved_config(run_dir: Path, config: dict[str, Any]) -> None:
     (run_dir / "config.resolved.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
 
-def check_resume_config(run_dir: Path, config: dict[str, Any]) -> None:
-    """Refuse to resume a run with a config that changed anything but the run section."""
+def check_resume_config(
+    run_dir: Path, config: dict[str, Any], normalize: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+) -> None:
+    """Refuse to resume a run with a config that changed anything but the run section.
+
+    ``normalize`` re-validates the saved config with today's schema, so that a field added to
+    distil after the run started (with its default) does not count as a change.
+    """
     path = run_dir / "config.resolved.yaml"
     if not path.is_file():
         raise DistilError(f"--resume: {run_dir} has no config.resolved.yaml; is it a distil run folder?")
     old = yaml.safe_load(path.read_text())
+    if normalize is not None:
+        with contextlib.suppress(ValueError):  # today's schema rejects it: compare it as written
+            old = normalize(old)
     differing = sorted(
         k for k in set(old) | set(config) if k != "run" and old.get(k) != config.get(k)
     )
