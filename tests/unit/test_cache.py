@@ -296,3 +296,17 @@ def test_decoded_shards_are_bounded_by_a_byte_budget(fx: dict[str, Any]) -> None
         tight.reader.get(example_id)
         assert len(tight.reader.shards) == 1
     assert len(roomy.reader.shards) == shards
+
+
+def test_teacher_fingerprint_covers_zero_dim_buffers() -> None:
+    """BatchNorm's ``num_batches_tracked`` is a 0-d tensor: it is hashed, not a crash."""
+    from torch import nn
+
+    from distil.cache.manifest import teacher_fingerprint
+
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    before = teacher_fingerprint(a)
+    assert before == teacher_fingerprint(a)
+    a[1].num_batches_tracked += 1
+    assert teacher_fingerprint(a) != before

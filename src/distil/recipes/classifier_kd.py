@@ -19,6 +19,8 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
+from distil.cache.examples import ExampleCache, write_example_cache
+from distil.cache.manifest import teacher_fingerprint
 from distil.config.base import StrictModel
 from distil.config.sections import ModelSpec, RunSection, TrainSection
 from distil.data.classification import (
@@ -103,6 +105,12 @@ class TeacherSection(StrictModel):
     checkpoint: str | None = Field(default=None, description="safetensors weights for a zoo/factory teacher")
     train: bool = Field(default=False, description="train the teacher first, in this run")
     training: TrainSection = TrainSection()
+    cache: str | None = Field(
+        default=None,
+        description="folder of a teacher-logits cache: written (or completed) once, then read each step instead of "
+        "running the teacher; logit KD only (not with kd.features, mixup or cutmix)",
+    )
+    cache_dtype: Literal["float32", "float16", "bfloat16"] = Field(default="float32", description="storage dtype of cached logits")
 
 
 class StudentSection(StrictModel):
@@ -133,6 +141,17 @@ class Config(StrictModel):
     train: TrainSection = TrainSection()
     kd: KDSection = KDSection()
     eval: EvalSection = EvalSection()
+
+    @model_validator(mode="after")
+    def _cache_needs_plain_logit_kd(self) -> Config:
+        live_only = [name for name, on in (("kd.features", bool(self.kd.features)), ("kd.mixup_alpha", self.kd.mixup_alpha > 0),
+                                           ("kd.cutmix_alpha", self.kd.cutmix_alpha > 0)) if on]  # fmt: skip
+        if self.teacher.cache is not None and live_only:
+            raise ValueError(
+                f"teacher.cache stores the teacher's logits on the unmixed training examples, but {', '.join(live_only)} "
+                "needs the live teacher's outputs on what the student sees; remove teacher.cache or those settings"
+            )
+        return self
 
 
 def load_data(cfg: Config) -> ClassificationData:
@@ -170,9 +189,13 @@ def _check_classes(built: BuiltModel, inputs: Inputs, num_classes: int, role: st
 def train_phase(
     phase: str, s: Session, built: BuiltModel, cfg: Config, tcfg: TrainSection, inputs: Inputs,
     labels: torch.Tensor, test_inputs: Inputs, test_labels: torch.Tensor, log: MetricsLog,
-    teacher: BuiltModel | None = None, teacher_inputs: Inputs | None = None,
+    teacher: BuiltModel | None = None, teacher_inputs: Inputs | None = None, teacher_cache: ExampleCache | None = None,
 ) -> None:  # fmt: skip
-    """Train ``built.module`` in place: CE only, or CE + KD when a teacher is given."""
+    """Train ``built.module`` in place: CE only, or CE + KD when a teacher is given.
+
+    With ``teacher_cache``, the teacher's logits for each example are read from it (keyed by the
+    example's index in the training split) instead of running the teacher.
+    """
     acc, phase_dir = s.accelerator, s.run_dir / phase
     final = phase_dir / "final"
     if (final / MARKER).is_file():  # finished before a crash or in an earlier call: reuse it
@@ -235,7 +258,7 @@ def train_phase(
                     sync = nullcontext() if m == tcfg.grad_accum - 1 else acc.no_sync(model)
                     with sync, acc.autocast():
                         x_s, y = _take(inputs, mine, acc.device), labels[mine].to(acc.device)
-                        x_t = None if teacher is None or teacher_inputs is None else _take(teacher_inputs, mine, acc.device)
+                        x_t = None if teacher is None or teacher_inputs is None or teacher_cache is not None else _take(teacher_inputs, mine, acc.device)
                         plan = None if phase == "teacher" else sample_mix(len(mine), mixup_alpha=kd.mixup_alpha, cutmix_alpha=kd.cutmix_alpha)
                         if plan is not None:  # one plan for both: the teacher must see the student's mixed image
                             x_s = {k: apply_mix(v, plan) for k, v in x_s.items()}
@@ -243,7 +266,9 @@ def train_phase(
                         with capture_features(acc.unwrap_model(model), fkd.student_names if fkd else []) as s_feats:
                             student_logits = logits_of(model, x_s)  # (b, C)
                         teacher_logits, t_feats = None, {}
-                        if teacher is not None and x_t is not None:
+                        if teacher_cache is not None:
+                            teacher_logits = teacher_cache.get(mine)["logits"].to(acc.device)
+                        elif teacher is not None and x_t is not None:
                             with torch.no_grad(), capture_features(teacher.module, fkd.teacher_names if fkd else [], detach=True) as t_feats:
                                 teacher_logits = logits_of(teacher.module, x_t)
                         t_float = None if teacher_logits is None else teacher_logits.float()
@@ -288,11 +313,59 @@ def train_phase(
                 epoch, start_batch = epoch + 1, 0
                 continue
             break
+    wall = _now() - t_start
     built.module = acc.unwrap_model(model)
     if acc.is_main_process:
+        s.write_json(phase_dir / "summary.json", {
+            "train_wall_s": wall, "steps": total, "resumed_at_step": state.step, "samples": samples,
+            "samples_per_s": samples / max(wall, 1e-9), "peak_rss_mb": peak_rss_mb(),
+            "kd_source": "cache" if teacher_cache is not None else "live teacher" if teacher is not None else "none",
+        })  # fmt: skip
         save_model(built, final)
         (final / MARKER).write_text("ok\n")
     acc.wait_for_everyone()
+
+
+def peak_rss_mb() -> float:
+    """The process's peak resident set so far, in MB (Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _inputs_fingerprint(inputs: Inputs, labels: torch.Tensor) -> str:
+    """sha256 over the encoded training inputs and labels, in order (what the cache is keyed to)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, value in sorted({**inputs, "labels": labels}.items()):
+        t = value.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def teacher_logits_cache(cfg: Config, s: Session, teacher: BuiltModel, inputs: Inputs, labels: torch.Tensor) -> ExampleCache:
+    """Write (or complete, or reuse) the teacher's logits over the training split; open it.
+
+    The cache is keyed by example index and fingerprinted by the teacher's weights and the encoded
+    inputs, so a cache of another teacher or other data is refused by name, and a killed write
+    resumes with only the missing shards.
+    """
+    assert cfg.teacher.cache is not None
+    path = Path(cfg.teacher.cache)
+    spec = {"teacher_fingerprint": teacher_fingerprint(teacher.module), "dataset_fingerprint": _inputs_fingerprint(inputs, labels),
+            "outputs": "classifier logits at temperature 1"}  # fmt: skip
+    acc = s.accelerator
+    if acc.is_main_process:
+        module = teacher.module.to(acc.device).eval()
+        write_example_cache(
+            path, example_ids=range(len(labels)), spec=spec, dtypes={"logits": getattr(torch, cfg.teacher.cache_dtype)},
+            compute=lambda idx: {"logits": logits_of(module, _take(inputs, torch.tensor(idx), acc.device)).float()},
+            examples_per_shard=16384, batch_size=cfg.eval.throughput_batch,
+        )  # fmt: skip
+    acc.wait_for_everyone()
+    return ExampleCache(path, expect=spec)
 
 
 def _now() -> float:
@@ -362,6 +435,7 @@ def main(cfg: Config, s: Session) -> dict[str, Any]:
         f"teacher {teacher.source} ({'trained here' if cfg.teacher.train else 'loaded'}), student {cfg.student.model.zoo or cfg.student.model.hf or cfg.student.model.factory}, "
         f"loss = {1 - cfg.kd.kd_weight:g}·CE + {cfg.kd.kd_weight:g}·T²·{cfg.kd.divergence} at kd_temperature={cfg.kd.kd_temperature:g}; "
         f"{acc.num_processes} process(es) on {acc.device}"
+        + (f"; teacher logits cached in {cfg.teacher.cache}" if cfg.teacher.cache else "")
     )
     if cfg.teacher.train:
         train_phase("teacher", s, teacher, cfg, cfg.teacher.training, t_train, train_labels, t_test, test_labels, log)
@@ -375,7 +449,14 @@ def main(cfg: Config, s: Session) -> dict[str, Any]:
     student = fresh_student()
     s_train, s_test = student.encoder(data.train), student.encoder(data.test)
     _check_classes(student, s_train, data.num_classes, "student")
-    train_phase("student", s, student, cfg, cfg.train, s_train, train_labels, s_test, test_labels, log, teacher, t_train)
+    cache = None
+    if cfg.teacher.cache is not None:
+        t0 = _now()
+        cache = teacher_logits_cache(cfg, s, teacher, t_train, train_labels)
+        if acc.is_main_process:
+            s.write_json(s.run_dir / "teacher-cache.json", {"path": str(cache.path), "seconds": _now() - t0,
+                                                            "bytes_per_example": cache.manifest["bytes_per_example"]})  # fmt: skip
+    train_phase("student", s, student, cfg, cfg.train, s_train, train_labels, s_test, test_labels, log, teacher, t_train, cache)
     baseline = None
     if cfg.eval.baseline:
         baseline = fresh_student()
