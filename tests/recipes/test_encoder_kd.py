@@ -222,3 +222,29 @@ def test_real_minilm_into_three_blocks(tmp_path: Path) -> None:
     }
     assert rows["student (KD)"]["cosine"] > rows["student before KD"]["cosine"]
     assert rows["student (KD)"]["sentences_per_s"] > rows["teacher"]["sentences_per_s"]
+
+
+def test_teacher_cache_trains_the_live_runs_student_and_is_reused(tmp_path: Path) -> None:
+    """``teacher.cache``: embeddings computed once, then read; same student as the live teacher."""
+    corpus = _corpus(tmp_path)
+    teacher = _teacher_folder(tmp_path, corpus)
+    live, cached, cache = tmp_path / "live", tmp_path / "cached", tmp_path / "cache"
+    for run_dir, extra in ((live, ()), (cached, (f"teacher.cache={cache}",))):
+        result = runner.invoke(app, _args(corpus, teacher, run_dir, "train.epochs=2", *extra))
+        assert result.exit_code == 0, result.output + repr(result.exception)
+    a = load_file(str(live / "student" / "final" / "model.safetensors"))
+    b = load_file(str(cached / "student" / "final" / "model.safetensors"))
+    for k in a:  # same batches, same dropout seeds; only the teacher's batching/padding rounding differs
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-4, msg=k)
+    assert json.loads((cached / "student" / "summary.json").read_text())["kd_source"] == "cache"
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert manifest["num_examples"] == 200 and manifest["tensors"]["embedding"]["shape"] == [16]
+    shards = {p: p.stat().st_mtime_ns for p in cache.glob("*.safetensors")}
+    result = runner.invoke(app, _args(corpus, teacher, tmp_path / "again", "train.max_steps=1", f"teacher.cache={cache}"))
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert {p: p.stat().st_mtime_ns for p in cache.glob("*.safetensors")} == shards  # reused, not rewritten
+    other = _teacher_folder(tmp_path, corpus, seed=3, name="other")  # another teacher: refused by name
+    result = runner.invoke(app, _args(corpus, other, tmp_path / "other-run", "train.max_steps=1", f"teacher.cache={cache}"))
+    assert result.exit_code != 0 and "teacher_fingerprint" in result.output + str(result.exception)
+    result = runner.invoke(app, _args(corpus, teacher, tmp_path / "x", f"teacher.cache={cache}", "kd.hidden_weight=1"))
+    assert result.exit_code == 2 and "teacher.cache" in result.output

