@@ -428,3 +428,35 @@ def test_closed_form_topk_loss_equals_the_sparse_reference(
     (ref,) = torch.autograd.grad(want, logits)
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
     assert bool((got[~pb.mask] == 0).all())
+
+
+@pytest.mark.parametrize("kd_temperature", [1.0, 2.0])
+@pytest.mark.parametrize("ce_coef", [0.0, 0.3])
+@pytest.mark.parametrize("k", [4, 11])
+def test_closed_form_topk_with_sampled_tail_equals_the_reference(kd_temperature: float, ce_coef: float, k: int) -> None:
+    """The closed-form chunked loss with tail samples equals topk_sampled_tail_kl (+ CE) in fp64,
+    values and gradients, with duplicate drawn ids, masked positions and k = V."""
+    from distil.losses.sparse import sample_tail_targets, teacher_topk, topk_sampled_tail_kl
+
+    pb = Problem()
+    logits = (pb.hidden @ pb.weight.T + pb.bias).detach().requires_grad_()  # (2, 7, 11)
+    labels = randn(2, 7, seed=31).abs().mul(4).long() % 11
+    top = teacher_topk(pb.teacher_logits, k, kd_temperature=kd_temperature)
+    ids, lp = sample_tail_targets(pb.teacher_logits, top.ids, 5, kd_temperature=kd_temperature,
+                                  generator=torch.Generator().manual_seed(3))  # fmt: skip
+    kd_coef = torch.tensor(0.7, dtype=F64)
+    parts = ch.chunked_topk_logits_loss(
+        logits, pb.mask, teacher_topk_log_probs=top.log_probs, teacher_topk_ids=top.ids,
+        teacher_tail_log_prob=top.tail_log_prob, labels=labels, hard_ce_coef=ce_coef, kd_coef=kd_coef,
+        kd_temperature=kd_temperature, chunk_size=3, teacher_tail_sample_ids=ids, teacher_tail_sample_log_probs=lp,
+    )  # fmt: skip
+    ce = torch.nn.functional.cross_entropy(logits[pb.mask], labels[pb.mask], reduction="sum")
+    kd = topk_sampled_tail_kl(logits, top._replace(tail_sample_ids=ids, tail_sample_log_probs=lp), pb.mask,
+                              kd_temperature=kd_temperature, reduction="sum")  # fmt: skip
+    want = ce_coef * ce + 0.7 * kd
+    torch.testing.assert_close(parts.loss, want.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(parts.kd_sum, kd.detach(), rtol=1e-12, atol=1e-12)
+    (got,) = torch.autograd.grad(parts.loss, logits)
+    (ref,) = torch.autograd.grad(want, logits)
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+    assert bool((got[~pb.mask] == 0).all())

@@ -660,6 +660,7 @@ def _topk_closed_form_step(
     kd_coef: float | Tensor,
     temp: float,
     any_grad: bool,
+    tail_samples: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """Hard CE + forward KL to a top-k + tail teacher on ``k + 1`` buckets, for one chunk of rows,
     with the logit gradient in closed form.
@@ -667,17 +668,25 @@ def _topk_closed_form_step(
     With ``q = softmax(z/T)``, ``q_tail = Σ_{j∉K} q_j`` and ``r = p_tail / q_tail``, the bucketed
     ``KL(p‖q)`` has ``∂/∂z_j = (q_j − p_j)/T`` for ``j`` in the top-k and ``q_j (1 − r)/T``
     otherwise. ``z`` ``(C, V)`` fp32; ``top_lp``/``ids`` ``(C, k)``; ``tail_lp`` ``(C,)``.
+
+    With ``tail_samples = (ids (C, m), teacher log-probs (C, m))`` drawn from the tail, the tail
+    bucket is replaced by the unbiased estimate of :func:`~distil.losses.sparse.topk_sampled_tail_kl`,
+    whose gradient is ``(Σ_K p + p_tail) q/T`` minus ``p_j/T`` at each top-k id and ``p_tail/(m T)``
+    at each drawn id.
     """
     zero = z.new_zeros(())
     log_q = torch.log_softmax(z if temp == 1.0 else z / temp, -1)  # (C, V)
     log_q_top = log_q.gather(-1, ids)  # (C, k)
-    log_q_tail = torch.logsumexp(log_q.scatter(-1, ids, float("-inf")), -1)  # (C,), exact
     top_lp, tail_lp = top_lp.to(z.dtype), tail_lp.to(z.dtype)
     p_top, p_tail = top_lp.exp(), tail_lp.exp()
-    kd_sum = (
-        torch.where(p_top > 0, p_top * (top_lp - log_q_top), 0.0).sum()
-        + torch.where(p_tail > 0, p_tail * (tail_lp - log_q_tail), 0.0).sum()
-    )
+    head_sum = torch.where(p_top > 0, p_top * (top_lp - log_q_top), 0.0).sum()
+    if tail_samples is None:
+        log_q_tail = torch.logsumexp(log_q.scatter(-1, ids, float("-inf")), -1)  # (C,), exact
+        kd_sum = head_sum + torch.where(p_tail > 0, p_tail * (tail_lp - log_q_tail), 0.0).sum()
+    else:
+        s_ids, s_lp = tail_samples
+        share = torch.where(p_tail > 0, p_tail, 0.0) / s_ids.shape[-1]  # (C,) weight of each drawn id
+        kd_sum = head_sum + (share.unsqueeze(-1) * (s_lp.to(z.dtype) - log_q.gather(-1, s_ids))).sum()
     ce_sum = zero
     log_s = None
     if labels is not None:
@@ -687,12 +696,19 @@ def _topk_closed_form_step(
     total = ce_c * ce_sum + kd_c * kd_sum
     grad = None
     if any_grad:
-        r = torch.where(p_tail > 0, p_tail / log_q_tail.exp(), 0.0)  # (C,)
         kd_g = kd_c / temp
         shared = labels is not None and temp == 1.0
-        q = log_q.exp_()  # in place (also softmax(z) when T == 1)
-        grad = q.mul_(((1 - r) * kd_g + (ce_c if shared else 0.0)).unsqueeze(-1))
-        grad.scatter_add_(-1, ids, (log_q_top.exp() * r.unsqueeze(-1) - p_top) * kd_g)
+        if tail_samples is None:
+            r = torch.where(p_tail > 0, p_tail / log_q_tail.exp(), 0.0)  # (C,)
+            q = log_q.exp_()  # in place (also softmax(z) when T == 1)
+            grad = q.mul_(((1 - r) * kd_g + (ce_c if shared else 0.0)).unsqueeze(-1))
+            grad.scatter_add_(-1, ids, (log_q_top.exp() * r.unsqueeze(-1) - p_top) * kd_g)
+        else:
+            total_mass = torch.where(p_top > 0, p_top, 0.0).sum(-1) + share * s_ids.shape[-1]  # (C,)
+            q = log_q.exp_()
+            grad = q.mul_((total_mass * kd_g + (ce_c if shared else 0.0)).unsqueeze(-1))
+            grad.scatter_add_(-1, ids, torch.where(p_top > 0, p_top, 0.0) * -kd_g)
+            grad.scatter_add_(-1, s_ids, (share * -kd_g).unsqueeze(-1).expand(s_ids.shape).contiguous())
         if labels is not None:
             if not shared:
                 assert log_s is not None
@@ -710,12 +726,12 @@ class _ChunkedTopKLoss(torch.autograd.Function):
         ctx: FunctionCtx,
         logits: Tensor,
         index: tuple[Tensor, ...],
-        targets: tuple[Tensor, Tensor, Tensor, Tensor | None],
+        targets: tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None],
         coefs: tuple[float | Tensor, float | Tensor, float],
         chunk_size: int,
         need_grad: bool,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        top_lp, ids, tail_lp, labels = targets
+        top_lp, ids, tail_lp, labels, s_ids, s_lp = targets
         n = index[0].shape[0] if index else 0
         grad = torch.zeros_like(logits) if need_grad else None
         sums = torch.zeros(3, dtype=upcast(logits).dtype, device=logits.device)
@@ -725,6 +741,7 @@ class _ChunkedTopKLoss(torch.autograd.Function):
             *parts, g = _topk_closed_form_step(
                 z, top_lp[start:end], ids[start:end], tail_lp[start:end],
                 None if labels is None else labels[start:end], *coefs, need_grad,
+                None if s_ids is None or s_lp is None else (s_ids[start:end], s_lp[start:end]),
             )  # fmt: skip
             sums += torch.stack(parts).to(sums.dtype)
             if grad is not None and g is not None:
@@ -754,6 +771,8 @@ def chunked_topk_logits_loss(
     kd_coef: float | Tensor = 1.0,
     kd_temperature: float = 1.0,
     chunk_size: int | None = None,
+    teacher_tail_sample_ids: Tensor | None = None,
+    teacher_tail_sample_log_probs: Tensor | None = None,
 ) -> ChunkedLossParts:
     """Hard CE + forward KL to a top-k + tail teacher (k + 1 buckets) over materialised logits.
 
@@ -772,8 +791,14 @@ def chunked_topk_logits_loss(
         kd_coef: factor on the summed divergence.
         kd_temperature: divides the student's logits.
         chunk_size: rows per chunk; default :func:`logits_chunk_size`.
+        teacher_tail_sample_ids: optional ``(..., m)`` ids drawn from the teacher's tail; with
+            them the tail term is the unbiased estimate of
+            :func:`~distil.losses.sparse.topk_sampled_tail_kl` instead of the tail bucket.
+        teacher_tail_sample_log_probs: ``(..., m)`` the teacher's log-probs at those ids.
     """
     check_kd_temperature(kd_temperature)
+    if (teacher_tail_sample_ids is None) != (teacher_tail_sample_log_probs is None):
+        raise ValueError("give both teacher_tail_sample_ids and teacher_tail_sample_log_probs, or neither")
     vocab = student_logits.shape[-1]
     index = mask.nonzero(as_tuple=True)
     skip_ce = labels is None or (isinstance(hard_ce_coef, float | int) and hard_ce_coef == 0)
@@ -782,6 +807,8 @@ def chunked_topk_logits_loss(
         teacher_topk_ids[index],
         teacher_tail_log_prob[index],
         None if skip_ce or labels is None else labels[index],
+        None if teacher_tail_sample_ids is None else teacher_tail_sample_ids[index],
+        None if teacher_tail_sample_log_probs is None else teacher_tail_sample_log_probs[index],
     )
     need_grad = torch.is_grad_enabled() and student_logits.requires_grad
     loss, ce_sum, kd_sum = _ChunkedTopKLoss.apply(

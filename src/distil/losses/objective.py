@@ -512,6 +512,12 @@ def token_objective_sparse(
     mask, denominator, ce_coef, kd_coef = _token_coefficients(
         labels, num_items, kd_weight, kd_temperature, True
     )
+    sampled_tail = isinstance(teacher, TopKTargets) and teacher.tail_sample_ids is not None
+    if sampled_tail and (_name(divergence) != Divergence.FORWARD_KL.value or divergence_params):
+        raise ValueError(
+            f"a cache with tail samples estimates forward KL only, not {_name(divergence)!r}; set kd.divergence=forward_kl "
+            "or write the cache without cache.tail_samples"
+        )
     if (
         isinstance(teacher, TopKTargets)
         and _name(divergence) == Divergence.FORWARD_KL.value
@@ -522,6 +528,7 @@ def token_objective_sparse(
             teacher_tail_log_prob=teacher.tail_log_prob, labels=labels,
             hard_ce_coef=_per_item(ce_coef, denominator) if ce_coef else 0.0,
             kd_coef=_per_item(kd_coef, denominator), kd_temperature=kd_temperature,
+            teacher_tail_sample_ids=teacher.tail_sample_ids, teacher_tail_sample_log_probs=teacher.tail_sample_log_probs,
         )  # fmt: skip
         return _token_output(parts, denominator, ce_coef, kd_coef, True)
     zero = student_logits.new_zeros((), dtype=torch.float32)

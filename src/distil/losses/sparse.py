@@ -39,12 +39,14 @@ from distil.losses.reduction import NumItems, Reduction, reduce_positions, selec
 __all__ = [
     "SampledTargets",
     "TopKTargets",
+    "sample_tail_targets",
     "sample_teacher_targets",
     "sampled_divergence",
     "student_bucket_log_probs",
     "teacher_bucket_log_probs",
     "teacher_topk",
     "topk_divergence",
+    "topk_sampled_tail_kl",
 ]
 
 _NEG_INF = float("-inf")
@@ -57,11 +59,18 @@ class TopKTargets(NamedTuple):
         log_probs: shape ``(..., k)``, the teacher's log-probs of its k most likely tokens.
         ids: shape ``(..., k)`` int64, their token ids (distinct within a position).
         tail_log_prob: shape ``(...)``, ``log(1 − Σ exp(log_probs))``; ``-inf`` when k = V.
+        tail_sample_ids: optional ``(..., m)`` int64 ids drawn from the teacher's tail (its
+            distribution renormalised outside the top-k), with replacement; with them the
+            forward KL is estimated without bias instead of bucketed (see
+            :func:`topk_sampled_tail_kl`).
+        tail_sample_log_probs: ``(..., m)`` the teacher's log-probs at ``tail_sample_ids``.
     """
 
     log_probs: Tensor
     ids: Tensor
     tail_log_prob: Tensor
+    tail_sample_ids: Tensor | None = None
+    tail_sample_log_probs: Tensor | None = None
 
 
 class SampledTargets(NamedTuple):
@@ -304,6 +313,82 @@ def sample_teacher_targets(
         lp.gather(-1, ids).reshape(out_shape),
         lr.gather(-1, ids).reshape(out_shape),
     )
+
+
+def sample_tail_targets(
+    teacher_logits: Tensor,
+    top_ids: Tensor,
+    num_samples: int,
+    *,
+    kd_temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Draw ``num_samples`` ids per position from the teacher's tail: ``p`` renormalised outside
+    ``top_ids``, with replacement; return them and the teacher's log-probs at them.
+
+    A position whose tail is empty (the top-k hold all the mass) gets arbitrary ids; their
+    weight in :func:`topk_sampled_tail_kl` is the tail mass, 0.
+
+    Args:
+        teacher_logits: ``(..., V)``.
+        top_ids: ``(..., k)`` int64, the ids kept exactly.
+        num_samples: ids per position.
+        kd_temperature: temperature of the teacher distribution ``p``.
+        generator: optional RNG for reproducible draws.
+
+    Returns:
+        ``(ids, log_probs)``, each ``(..., num_samples)``.
+    """
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    shape = teacher_logits.shape
+    lp = log_probs(upcast(teacher_logits), kd_temperature).reshape(-1, shape[-1])  # (N, V)
+    tail = lp.exp().scatter_(-1, top_ids.reshape(-1, top_ids.shape[-1]), 0.0)  # (N, V)
+    empty = tail.sum(-1) <= 0
+    if bool(empty.any()):
+        tail[empty] = 1.0
+    ids = torch.multinomial(tail, num_samples, replacement=True, generator=generator)  # (N, m)
+    out_shape = (*shape[:-1], num_samples)
+    return ids.reshape(out_shape), lp.gather(-1, ids).reshape(out_shape)
+
+
+def topk_sampled_tail_kl(
+    student_logits: Tensor,
+    teacher: TopKTargets,
+    mask: Tensor | None = None,
+    *,
+    kd_temperature: float = 1.0,
+    num_items: NumItems = None,
+    reduction: Reduction | str = Reduction.MEAN,
+) -> Tensor:
+    """Forward KL(p‖q) estimated without bias: exact on the top-k, importance-sampled on the tail.
+
+    ``KL̂ = Σ_{j∈K} p_j (log p_j − log q_j) + (p_tail / m) Σ_i (log p_{v_i} − log q_{v_i})`` with
+    ``v_i ~ p(·)/p_tail`` outside the top-k, so ``E[KL̂] = KL(p‖q)`` over the whole vocabulary.
+    Its gradient is that of a cross-entropy against the sparse target that puts ``p_j`` on each
+    top-k id and ``p_tail / m`` on each drawn tail id (a distribution whose mean is ``p``),
+    unlike the bucketed top-k loss, which only matches the tail's total mass.
+
+    Args:
+        student_logits: ``(..., V)``.
+        teacher: :class:`TopKTargets` with ``tail_sample_ids`` and ``tail_sample_log_probs``.
+        mask: bool ``(...)``, True = supervised; None = all positions.
+        kd_temperature: divides the student's logits.
+        num_items: normaliser for ``reduction="mean"``; default = supervised positions here.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+    """
+    if teacher.tail_sample_ids is None or teacher.tail_sample_log_probs is None:
+        raise ValueError("topk_sampled_tail_kl needs TopKTargets with tail_sample_ids and tail_sample_log_probs")
+    positions_shape = tuple(student_logits.shape[:-1])
+    lq = log_probs(select_positions(student_logits, mask), kd_temperature)  # (N, V)
+    top_lp = upcast(select_positions(teacher.log_probs, mask)).to(lq.dtype)  # (N, k)
+    tail_lp = upcast(select_positions(teacher.tail_log_prob, mask, event_dims=0)).to(lq.dtype)  # (N,)
+    sample_lp = upcast(select_positions(teacher.tail_sample_log_probs, mask)).to(lq.dtype)  # (N, m)
+    p_top, p_tail = top_lp.exp(), tail_lp.exp()
+    head = torch.where(p_top > 0, p_top * (top_lp - lq.gather(-1, select_positions(teacher.ids, mask))), 0.0).sum(-1)
+    sample_terms = (sample_lp - lq.gather(-1, select_positions(teacher.tail_sample_ids, mask))).mean(-1)  # (N,)
+    per_position = head + torch.where(p_tail > 0, p_tail * sample_terms, 0.0)
+    return reduce_positions(per_position, mask, positions_shape, num_items=num_items, reduction=reduction)
 
 
 def sampled_divergence(
