@@ -41,6 +41,9 @@ class ExampleTargets:
         example_hash: hash of the example's token ids (see ``manifest.example_hash``).
         proposal_log_probs: ``(n, k)`` proposal log-probs of a sampled cache with a proposal
             temperature; None otherwise (the proposal is the teacher).
+        tail_sample_ids: ``(n, m)`` int64 ids drawn from the teacher's tail (a top-k cache
+            written with ``cache.tail_samples``); None otherwise.
+        tail_sample_log_probs: ``(n, m)`` the teacher's log-probs at them (stored dtype).
     """
 
     positions: Tensor
@@ -49,6 +52,8 @@ class ExampleTargets:
     tail_log_prob: Tensor | None
     example_hash: int
     proposal_log_probs: Tensor | None = None
+    tail_sample_ids: Tensor | None = None
+    tail_sample_log_probs: Tensor | None = None
 
 
 class CacheReader:
@@ -165,6 +170,8 @@ class CacheReader:
             ids=t["topk_ids"][lo:hi].long(),
             tail_log_prob=t["tail_log_prob"][lo:hi],
             example_hash=int(t["example_hashes"][row]),
+            tail_sample_ids=t["tail_sample_ids"][lo:hi].long() if "tail_sample_ids" in t else None,
+            tail_sample_log_probs=t["tail_sample_log_probs"][lo:hi] if "tail_sample_log_probs" in t else None,
         )
 
     def verify_all(self) -> list[str]:
@@ -211,6 +218,7 @@ def summarize(path: str | Path) -> dict[str, Any]:
         "bytes": manifest["total_bytes"],
         "bytes per token": manifest["total_bytes"] / max(positions, 1),
         "k": manifest["k"],
+        **({"tail samples per token": manifest["tail_samples"]} if manifest.get("tail_samples") else {}),
         "vocab_size": manifest["vocab_size"],
         (
             "sampled ids' mass coverage"

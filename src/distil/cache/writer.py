@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from safetensors.torch import save as safetensors_save
 from torch import Tensor
 
@@ -47,7 +47,7 @@ from distil.config.base import StrictModel
 from distil.data.lm import IGNORE_INDEX, collate_lm_batch, shift_for_next_token
 from distil.errors import DistilError
 from distil.losses.divergences import log_probs
-from distil.losses.sparse import sample_teacher_targets, teacher_topk
+from distil.losses.sparse import sample_tail_targets, sample_teacher_targets, teacher_topk
 from distil.models.vocab import load_tokenizer_folder, tokenizer_fingerprint, tokenizer_vocab_size
 from distil.recipes.lm_setup import (
     LMDataSection,
@@ -96,6 +96,12 @@ class CacheSection(StrictModel):
         description="temperature of the stored log-probs; kd.kd_temperature (or 1) when null",
     )
     targets: CacheTargets = CacheTargets.TOPK
+    tail_samples: int = Field(
+        default=0,
+        ge=0,
+        description="targets=topk: also draw this many ids per position from the teacher's tail, so training "
+        "estimates the full forward KL without bias (exact head + sampled tail) instead of a tail bucket",
+    )
     num_samples: int = Field(
         default=16, ge=1, description="targets=sampled: ids drawn per position"
     )
@@ -112,6 +118,15 @@ class CacheSection(StrictModel):
     merge_timeout_s: float = Field(
         default=3600.0, gt=0, description="rank 0 waits this long for other ranks"
     )
+
+    @model_validator(mode="after")
+    def _tail_samples_go_with_topk(self) -> CacheSection:
+        if self.tail_samples and self.targets is CacheTargets.SAMPLED:
+            raise ValueError(
+                "cache.tail_samples adds sampled tail ids to a top-k cache; with cache.targets=sampled every id is "
+                "already sampled: set cache.tail_samples=0 or cache.targets=topk"
+            )
+        return self
 
 
 class CacheConfig(StrictModel):
@@ -227,6 +242,8 @@ def encode_shard(
     batch_size: int,
     sampling: Sampling | None = None,
     shard_index: int = 0,
+    tail_samples: int = 0,
+    seed: int = 0,
 ) -> tuple[dict[str, Tensor], float, int]:
     """Run the teacher over one shard's examples; return its tensors, kept-mass sum and tokens read.
 
@@ -235,16 +252,20 @@ def encode_shard(
     ``positions (N,)`` (index ``t`` of the logits row, whose target is token ``t + 1``), and
     either ``topk_log_probs (N, k)``, ``topk_ids (N, k)``, ``tail_log_prob (N,)`` or, with
     ``sampling``, ``sample_ids (N, n)``, ``sample_log_probs (N, n)`` and (with a proposal
-    temperature) ``proposal_log_probs (N, n)``. The kept mass is that of the top-k, or of the
-    distinct sampled ids.
+    temperature) ``proposal_log_probs (N, n)``. With ``tail_samples`` (top-k only), also
+    ``tail_sample_ids (N, m)`` drawn from the teacher outside the top-k and
+    ``tail_sample_log_probs (N, m)``. The kept mass is that of the top-k, or of the distinct
+    sampled ids. Draws use a generator seeded by ``seed`` (or ``sampling.seed``) and the shard
+    index, so a rewritten shard is byte-identical.
     """
     n = len(rows["example_id"])
     parts: dict[str, list[Tensor]] = {}
     counts: list[int] = []
     mass_sum, tokens = 0.0, 0
     generator = None
-    if sampling is not None:
-        generator = torch.Generator().manual_seed(sampling.seed * 1_000_003 + shard_index)
+    if sampling is not None or tail_samples:
+        base = sampling.seed if sampling is not None else seed
+        generator = torch.Generator().manual_seed(base * 1_000_003 + shard_index)
     for start in range(0, n, batch_size):
         batch = [
             {
@@ -273,6 +294,12 @@ def encode_shard(
                 "topk_ids": top.ids.to(id_dtype(vocab_size)),
                 "tail_log_prob": top.tail_log_prob.to(value_dtype),
             }
+            if tail_samples:
+                tail_ids, tail_lp = sample_tail_targets(
+                    rows_logits, top.ids, tail_samples, kd_temperature=kd_temperature, generator=generator
+                )  # (N_b, m) each
+                new["tail_sample_ids"] = tail_ids.to(id_dtype(vocab_size))
+                new["tail_sample_log_probs"] = tail_lp.to(value_dtype)
         else:
             drawn = sample_teacher_targets(
                 rows_logits, sampling.num_samples, kd_temperature=kd_temperature,
@@ -406,6 +433,7 @@ def write_cache(cfg: CacheConfig) -> WriteResult:
                     "tail_log_prob": value_name,
                     "topk_ids": id_name,
                 }
+                | ({"tail_sample_ids": id_name, "tail_sample_log_probs": value_name} if c.tail_samples else {})
             ),
             "positions": str(position_dtype(cfg.data.max_length)).removeprefix("torch."),
             "example_ids": "int64",
@@ -418,6 +446,7 @@ def write_cache(cfg: CacheConfig) -> WriteResult:
             if sampled
             else {}
         ),
+        **({"tail_samples": c.tail_samples, "sampling_seed": cfg.seed} if c.tail_samples and not sampled else {}),
         "created_by": f"distil {getattr(distil, '__version__', 'dev')}",
     }
     if rank == 0:
@@ -446,6 +475,7 @@ def write_cache(cfg: CacheConfig) -> WriteResult:
                 teacher, train[lo:hi], pad_token_id=data.pad_token_id, k=c.k, kd_temperature=kd_temperature,
                 value_dtype=value_dtype, vocab_size=vocab, sequence_length=cfg.data.max_length,
                 batch_size=c.batch_size, sampling=sampling, shard_index=i,
+                tail_samples=0 if sampled else c.tail_samples, seed=cfg.seed,
             )  # fmt: skip
             path = out / shard_name(i)
             # One metadata key only: safetensors writes a metadata map in hash order, which varies

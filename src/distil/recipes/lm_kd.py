@@ -599,6 +599,8 @@ def main(cfg: Config, s: Session) -> dict[str, Any]:
             if chunked
             else "the importance-sampled estimate of the divergence (unbiased)"
             if train_teacher.reader.sampled
+            else f"the exact top-{train_teacher.k} head + sampled tail: an unbiased forward-KL estimate (no dense teacher logits)"
+            if train_teacher.reader.manifest.get("tail_samples")
             else f"the exact top-{train_teacher.k} + tail divergence on k + 1 buckets (no dense teacher logits)"
         )
         s.announce(f"lm_kd: the student learns from the {train_teacher.describe()}, through {how}")

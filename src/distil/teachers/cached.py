@@ -180,6 +180,9 @@ class CachedTeacher:
         top_ids = torch.arange(k).expand(bsz, length, k).clone()  # (B, T, k)
         tail = torch.full((bsz, length), float("-inf"))  # (B, T)
         mask = torch.zeros(bsz, length, dtype=torch.bool)  # (B, T)
+        m = int(self.reader.manifest.get("tail_samples", 0))
+        tail_ids = torch.zeros(bsz, length, m, dtype=torch.int64) if m else None  # (B, T, m) placeholder: id 0
+        tail_lp = torch.zeros(bsz, length, m) if m else None  # (B, T, m)
         for b, e in enumerate(ids):
             ex = self.reader.get(e)
             if ex.positions.numel() and int(ex.positions.max()) >= length:
@@ -191,11 +194,17 @@ class CachedTeacher:
             top_ids[b, ex.positions] = ex.ids
             assert ex.tail_log_prob is not None
             tail[b, ex.positions] = ex.tail_log_prob.float()
+            if tail_ids is not None and tail_lp is not None:
+                assert ex.tail_sample_ids is not None and ex.tail_sample_log_probs is not None
+                tail_ids[b, ex.positions] = ex.tail_sample_ids
+                tail_lp[b, ex.positions] = ex.tail_sample_log_probs.float()
             mask[b, ex.positions] = True
         dev = self.output_device
-        return CachedTargets(
-            TopKTargets(log_probs.to(dev), top_ids.to(dev), tail.to(dev)), mask.to(dev)
-        )
+        top = TopKTargets(
+            log_probs.to(dev), top_ids.to(dev), tail.to(dev),
+            None if tail_ids is None else tail_ids.to(dev), None if tail_lp is None else tail_lp.to(dev),
+        )  # fmt: skip
+        return CachedTargets(top, mask.to(dev))
 
     def sampled_targets(
         self, input_ids: Tensor, attention_mask: Tensor, example_ids: Tensor | None = None
@@ -258,7 +267,8 @@ class CachedTeacher:
         m = self.reader.manifest
         return (
             f"cached {self.path} ({m['num_positions']:,} positions, "
-            f"{'sampled ' + str(m['k']) + ' ids' if self.reader.sampled else 'top-' + str(m['k'])} {m['dtypes'].get('topk_log_probs', m['dtypes'].get('sample_log_probs'))} "
+            f"{'sampled ' + str(m['k']) + ' ids' if self.reader.sampled else 'top-' + str(m['k'])}"
+            f"{' + ' + str(m['tail_samples']) + ' sampled tail ids' if m.get('tail_samples') else ''} {m['dtypes'].get('topk_log_probs', m['dtypes'].get('sample_log_probs'))} "
             f"at kd_temperature={m['kd_temperature']:g}, kept mass {m['topk_mass_mean']:.4f}, "
             f"{m['bytes_per_position']:.1f} bytes/token)"
         )
