@@ -2,13 +2,14 @@
 
 On the built-in LM teacher and corpus, the shipped ``lm_kd`` student and schedule (one epoch over
 ``--examples`` blocks of 256 tokens), it writes caches with ``distil cache`` (top-k at each
-``--ks``, and importance-sampled ids), trains the same student from each and from the live
+``--ks``, importance-sampled ids, and top-k caches that also store ids drawn from the teacher's
+tail, ``--tails K:M``), trains the same student from each and from the live
 teacher with ``distil run lm_kd``, and reports per run: bytes per token of the cache, the
 student's held-out perplexity (and its gap to live-teacher distillation), held-out KL to the
 teacher, and training throughput (tokens/s of the training loop, from ``student/summary.json``)
 as a ratio to the live teacher. Every run is a fresh process with the same seed and batches.
 
-    python bench/cache_training.py --teacher runs/lm-teacher --examples 800 --ks 1 8 32 128
+    python bench/cache_training.py --teacher runs/lm-teacher --examples 800 --ks 1 8 32 128 --tails 8:4 8:6
 
 Writes ``bench/results/cache_training.{md,jsonl}``; run folders under ``bench/artifacts/cache_training/``.
 """
@@ -57,6 +58,10 @@ def main() -> None:
     ap.add_argument(
         "--samples", type=int, default=8, help="ids per position of the sampled cache (0: none)"
     )
+    ap.add_argument(
+        "--tails", nargs="*", default=["8:4", "8:6"],
+        help="top-k caches with sampled tail ids, as K:M (k exact ids + m ids drawn from the tail)",
+    )  # fmt: skip
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", type=Path, default=BENCH / "artifacts" / "cache_training")
     a = ap.parse_args()
@@ -77,6 +82,9 @@ def main() -> None:
             "cache.targets=sampled",
             f"cache.num_samples={a.samples}",
         ]
+    for spec in a.tails:
+        k, m = (int(x) for x in spec.split(":"))
+        caches[f"top-{k} + {m} tail samples"] = [f"cache.k={k}", f"cache.tail_samples={m}"]
     runs: dict[str, tuple[Path, Path | None]] = {"live teacher": (a.work / "run-live", None)}
     for name, opts in caches.items():
         folder = a.work / f"cache-{name.replace(' ', '-')}"
