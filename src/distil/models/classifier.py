@@ -220,10 +220,50 @@ def _zoo_model(name: str, data: ClassificationData, kwargs: dict[str, Any]) -> B
     return BuiltModel(module, encoder, f"zoo:{name}")
 
 
-def _hf_model(path: str, data: ClassificationData) -> BuiltModel:
+HF_TEXT_MAX_LENGTH = 128
+"""Default token length of a Hugging Face text model's inputs (``model.kwargs.max_length``)."""
+
+
+def _hf_text_max_length(folder: Path, kwargs: dict[str, Any], modality: str) -> int:
+    """``max_length`` from the kwargs of an ``hf:`` model (text models only), validated.
+
+    Other keys are ignored with a warning: a spec switched from ``zoo`` to ``hf`` on the command
+    line keeps the zoo default's kwargs (``hidden``, ``channels``), which used to be ignored silently.
+    """
+    unknown = sorted(set(kwargs) - {"max_length"})
+    if unknown:
+        logger.warning(
+            "hf model %s: ignoring kwargs %s (Hugging Face models read only max_length, for text)",
+            folder,
+            unknown,
+        )
+    if "max_length" not in kwargs:
+        return HF_TEXT_MAX_LENGTH
+    if modality != "text":
+        raise DistilError(
+            f"hf model {folder}: max_length applies to text models only; this dataset has images"
+        )
+    value = kwargs["max_length"]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+        raise DistilError(
+            f"hf model {folder}: max_length must be an integer >= 2 (CLS + SEP), got {value!r}"
+        )
+    return value
+
+
+def _hf_model(
+    path: str, data: ClassificationData, kwargs: dict[str, Any] | None = None
+) -> BuiltModel:
+    """A Hugging Face folder with a classification head (``AutoModelFor*Classification``).
+
+    Text models tokenise every example to exactly ``kwargs["max_length"]`` tokens (default
+    :data:`HF_TEXT_MAX_LENGTH`; longer texts are truncated, shorter ones padded with an attention
+    mask). Short texts train much faster with a length near their real token count.
+    """
     folder = Path(path)
     if not (folder / "config.json").is_file():
         raise DistilError(f"Hugging Face model folder {folder} has no config.json (is the path right?)")
+    max_length = _hf_text_max_length(folder, dict(kwargs or {}), data.modality)
     import transformers
 
     if data.modality == "text":
@@ -232,13 +272,25 @@ def _hf_model(path: str, data: ClassificationData) -> BuiltModel:
         except (OSError, ValueError) as exc:
             raise DistilError(f"{folder}: no tokenizer files found ({exc}); save the tokenizer next to the model") from exc
         module = transformers.AutoModelForSequenceClassification.from_pretrained(str(folder))
+        positions = getattr(module.config, "max_position_embeddings", None)
+        if isinstance(positions, int) and max_length > positions:
+            raise DistilError(
+                f"hf model {folder}: max_length {max_length} is longer than the model's {positions} positions; "
+                f"set model.kwargs.max_length <= {positions}"
+            )
 
         def encode_text(split: Split) -> Inputs:
             assert split.texts is not None
-            enc = tokenizer(split.texts, padding="max_length", truncation=True, max_length=128, return_tensors="pt")
+            enc = tokenizer(
+                split.texts,
+                padding="max_length",
+                truncation=True,
+                max_length=max_length,
+                return_tensors="pt",
+            )
             return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
-        encoder = InputEncoder(encode_text, f"tokenizer of {folder.name}")
+        encoder = InputEncoder(encode_text, f"tokenizer of {folder.name}, {max_length} tokens")
     else:
         module = transformers.AutoModelForImageClassification.from_pretrained(str(folder))
         try:
@@ -285,7 +337,7 @@ def build_classifier(
     if zoo is not None:
         return _zoo_model(zoo, data, kwargs)
     if hf is not None:
-        return _hf_model(hf, data)
+        return _hf_model(hf, data, kwargs)
     if factory is not None:
         return _factory_model(factory, data, kwargs)
     raise DistilError("a model spec needs one of zoo, hf or factory")

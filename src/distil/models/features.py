@@ -33,6 +33,7 @@ from distil.losses.representation import (
 )
 
 __all__ = [
+    "ATTENTION_MASK",
     "FeatureDistiller",
     "FeatureLoss",
     "FeatureTerm",
@@ -45,6 +46,7 @@ __all__ = [
     "feature_shapes",
     "find_blocks",
     "last_k_layer_map",
+    "masked_token_hint",
     "projector_key",
     "shape_layer_map",
     "uniform_layer_map",
@@ -54,6 +56,11 @@ logger = logging.getLogger(__name__)
 
 LayerPair = tuple[str, str]
 """``(student_module_name, teacher_module_name)``."""
+
+ATTENTION_MASK = "<attention_mask>"
+"""Key under which :func:`capture_features` also records the ``attention_mask`` keyword the model
+was called with (no module name contains ``<``). Hint terms on ``(B, L, D)`` token features use
+it to compare real tokens only."""
 
 
 class LayerMapStrategy(str, Enum):
@@ -107,7 +114,9 @@ def capture_features(
         detach: store detached tensors (for a teacher that runs without grad anyway).
 
     Yields:
-        name → the module's output tensor (the first element of a tuple output).
+        name → the module's output tensor (the first element of a tuple output), and under
+        :data:`ATTENTION_MASK` the 2-D ``attention_mask`` keyword of the model's forward, if
+        it was called with one (Hugging Face token models are).
 
     Raises:
         DistilError: for an unknown name (with close matches).
@@ -122,9 +131,16 @@ def capture_features(
 
         return hook
 
+    def record_mask(_module: nn.Module, _args: Any, kwargs: dict[str, Any]) -> None:
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, Tensor) and mask.dim() == 2:
+            features[ATTENTION_MASK] = mask.detach()
+
     try:
         for name in dict.fromkeys(names):  # de-duplicated, in order
             handles.append(_submodule(module, name).register_forward_hook(hook_for(name)))
+        if handles:  # token models are called with attention_mask=...; padding must not count
+            handles.append(module.register_forward_pre_hook(record_mask, with_kwargs=True))
         yield features
     finally:
         for handle in handles:
@@ -379,6 +395,32 @@ class FeatureTerm(StrictModel):
         return f"feature/{self.loss.value}/{self.student}->{self.teacher}"
 
 
+def masked_token_hint(
+    student: Tensor, teacher: Tensor, attention_mask: Tensor, num_items: float
+) -> Tensor:
+    """Hint MSE of ``(B, L, D)`` token features over real tokens only.
+
+    Per example: the mean of ``(s − t)²`` over its unpadded positions and the width; then the sum
+    over examples divided by ``num_items``. Padded positions get no gradient, and a short example
+    weighs as much as a long one (as without a mask, where every example has L positions).
+
+    Args:
+        student: ``(B, L, D)``, projected to the teacher's width.
+        teacher: ``(B, L, D)``.
+        attention_mask: ``(B, L)``, nonzero = a real token.
+        num_items: examples over the accumulation window.
+
+    Returns:
+        A scalar.
+    """
+    keep = attention_mask.to(device=student.device) != 0
+    per_token = hint_loss(
+        student, teacher, keep, feature_dims=1, reduction="none"
+    )  # (B, L), 0 at padding
+    per_example = per_token.sum(dim=1) / keep.sum(dim=1).clamp_min(1)
+    return per_example.sum() / num_items
+
+
 class FeatureDistiller(nn.Module):
     """The projectors of a list of feature terms, and the weighted terms they produce.
 
@@ -423,7 +465,16 @@ class FeatureDistiller(nn.Module):
                 else self.projectors[projector_key((spec.student, spec.teacher))]
             )
             s, t = align_features(s_raw.float(), t_raw.float(), projector)
-            if spec.loss is FeatureLoss.HINT:
+            mask = student_features.get(ATTENTION_MASK)
+            if (
+                spec.loss is FeatureLoss.HINT
+                and s.dim() == 3
+                and mask is not None
+                and mask.shape == s.shape[:2]
+            ):
+                value = masked_token_hint(s, t, mask, num_items)
+                out[spec.name] = WeightedTerm(spec.weight, value)
+            elif spec.loss is FeatureLoss.HINT:
                 value = hint_loss(s, t, feature_dims=s.dim() - 1, num_items=num_items)
                 out[spec.name] = WeightedTerm(spec.weight, value)
             elif spec.loss is FeatureLoss.CWD:
