@@ -81,5 +81,28 @@ def test_cache_of_another_teacher_is_refused_by_name(tmp_path: Path, teacher: Pa
 def test_cache_with_settings_that_need_the_live_teacher_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="kd.mixup_alpha"):
         load_config("classifier_kd", ["teacher.cache=somewhere", "kd.mixup_alpha=0.2"])
-    with pytest.raises(ConfigError, match="kd.features"):
-        load_config("classifier_kd", ["teacher.cache=somewhere", "kd.features=[{student: stages.0, teacher: stages.0}]"])
+    with pytest.raises(ConfigError, match="kd.cutmix_alpha"):
+        load_config("classifier_kd", ["teacher.cache=somewhere", "kd.cutmix_alpha=1.0"])
+
+
+def test_cached_feature_maps_train_the_live_runs_student(tmp_path: Path, teacher: Path) -> None:
+    """Feature KD from cached teacher maps (fp32 here) trains the same student as the live teacher;
+    a cache written without those maps is refused, naming the field."""
+    cnn = ["student.model.zoo=cnn", "student.model.kwargs={channels: [4, 8]}", "train.epochs=1",
+           "kd.features=[{student: stages.1, teacher: stages.1, loss: hint, weight: 1.0}]"]  # fmt: skip
+    live, cached, cache = tmp_path / "live", tmp_path / "cached", tmp_path / "cache"
+    common = [*BASE, "teacher.train=false", f"teacher.checkpoint={teacher}", *cnn]
+    _ok([*common, "--run-dir", str(live)])
+    _ok([*common, f"teacher.cache={cache}", "teacher.cache_feature_dtype=float32", "--run-dir", str(cached)])
+    a = load_file(str(live / "student" / "final" / "model.safetensors"))
+    b = load_file(str(cached / "student" / "final" / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-4, msg=k)
+    metric = "feature/hint/stages.1->stages.1/raw"
+    rows = [json.loads(x) for x in (cached / "metrics.jsonl").read_text().splitlines() if metric in x]
+    assert len(rows) > 5 and rows[-1][metric] < rows[0][metric]
+    opened = ExampleCache(cache)
+    assert opened.get([3])["feature:stages.1"].shape == (1, 16, 2, 2)  # (1, C, H, W) of the teacher's stage
+    result = runner.invoke(app, [*BASE, "teacher.train=false", f"teacher.checkpoint={teacher}", f"teacher.cache={cache}",
+                                 "train.max_steps=1", "--run-dir", str(tmp_path / "no-features")])  # fmt: skip
+    assert result.exit_code != 0 and "features" in result.output + str(result.exception)

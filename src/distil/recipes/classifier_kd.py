@@ -107,10 +107,13 @@ class TeacherSection(StrictModel):
     training: TrainSection = TrainSection()
     cache: str | None = Field(
         default=None,
-        description="folder of a teacher-logits cache: written (or completed) once, then read each step instead of "
-        "running the teacher; logit KD only (not with kd.features, mixup or cutmix)",
+        description="folder of a teacher cache: its logits (and the kd.features maps) written (or completed) once, "
+        "then read each step instead of running the teacher (not with mixup or cutmix)",
     )
     cache_dtype: Literal["float32", "float16", "bfloat16"] = Field(default="float32", description="storage dtype of cached logits")
+    cache_feature_dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        default="float16", description="storage dtype of cached feature maps (kd.features)"
+    )
 
 
 class StudentSection(StrictModel):
@@ -144,8 +147,7 @@ class Config(StrictModel):
 
     @model_validator(mode="after")
     def _cache_needs_plain_logit_kd(self) -> Config:
-        live_only = [name for name, on in (("kd.features", bool(self.kd.features)), ("kd.mixup_alpha", self.kd.mixup_alpha > 0),
-                                           ("kd.cutmix_alpha", self.kd.cutmix_alpha > 0)) if on]  # fmt: skip
+        live_only = [name for name, on in (("kd.mixup_alpha", self.kd.mixup_alpha > 0), ("kd.cutmix_alpha", self.kd.cutmix_alpha > 0)) if on]
         if self.teacher.cache is not None and live_only:
             raise ValueError(
                 f"teacher.cache stores the teacher's logits on the unmixed training examples, but {', '.join(live_only)} "
@@ -193,8 +195,8 @@ def train_phase(
 ) -> None:  # fmt: skip
     """Train ``built.module`` in place: CE only, or CE + KD when a teacher is given.
 
-    With ``teacher_cache``, the teacher's logits for each example are read from it (keyed by the
-    example's index in the training split) instead of running the teacher.
+    With ``teacher_cache``, the teacher's logits (and feature maps) for each example are read
+    from it (keyed by the example's index in the training split) instead of running the teacher.
     """
     acc, phase_dir = s.accelerator, s.run_dir / phase
     final = phase_dir / "final"
@@ -267,7 +269,9 @@ def train_phase(
                             student_logits = logits_of(model, x_s)  # (b, C)
                         teacher_logits, t_feats = None, {}
                         if teacher_cache is not None:
-                            teacher_logits = teacher_cache.get(mine)["logits"].to(acc.device)
+                            got = teacher_cache.get(mine)
+                            teacher_logits = got["logits"].to(acc.device)
+                            t_feats = {n: got[FEATURE_PREFIX + n].to(acc.device) for n in (fkd.teacher_names if fkd else [])}
                         elif teacher is not None and x_t is not None:
                             with torch.no_grad(), capture_features(teacher.module, fkd.teacher_names if fkd else [], detach=True) as t_feats:
                                 teacher_logits = logits_of(teacher.module, x_t)
@@ -345,24 +349,36 @@ def _inputs_fingerprint(inputs: Inputs, labels: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
-def teacher_logits_cache(cfg: Config, s: Session, teacher: BuiltModel, inputs: Inputs, labels: torch.Tensor) -> ExampleCache:
-    """Write (or complete, or reuse) the teacher's logits over the training split; open it.
+FEATURE_PREFIX = "feature:"  # cached teacher feature maps are stored as feature:<module name>
 
-    The cache is keyed by example index and fingerprinted by the teacher's weights and the encoded
-    inputs, so a cache of another teacher or other data is refused by name, and a killed write
-    resumes with only the missing shards.
+
+def teacher_logits_cache(cfg: Config, s: Session, teacher: BuiltModel, inputs: Inputs, labels: torch.Tensor) -> ExampleCache:
+    """Write (or complete, or reuse) the teacher's logits over the training split, plus the
+    feature maps the ``kd.features`` terms read; open it.
+
+    The cache is keyed by example index and fingerprinted by the teacher's weights, the encoded
+    inputs and the feature names, so a cache of another teacher, other data or other features is
+    refused by name, and a killed write resumes with only the missing shards.
     """
     assert cfg.teacher.cache is not None
     path = Path(cfg.teacher.cache)
+    names = sorted({t.teacher for t in cfg.kd.features})
     spec = {"teacher_fingerprint": teacher_fingerprint(teacher.module), "dataset_fingerprint": _inputs_fingerprint(inputs, labels),
-            "outputs": "classifier logits at temperature 1"}  # fmt: skip
+            "outputs": "classifier logits at temperature 1", "features": names}  # fmt: skip
     acc = s.accelerator
     if acc.is_main_process:
         module = teacher.module.to(acc.device).eval()
+
+        def compute(idx: list[int]) -> dict[str, torch.Tensor]:
+            with capture_features(module, names, detach=True) as feats:
+                logits = logits_of(module, _take(inputs, torch.tensor(idx), acc.device)).float()
+            return {"logits": logits, **{FEATURE_PREFIX + n: feats[n] for n in names}}
+
+        feature_dtype = getattr(torch, cfg.teacher.cache_feature_dtype)
         write_example_cache(
-            path, example_ids=range(len(labels)), spec=spec, dtypes={"logits": getattr(torch, cfg.teacher.cache_dtype)},
-            compute=lambda idx: {"logits": logits_of(module, _take(inputs, torch.tensor(idx), acc.device)).float()},
-            examples_per_shard=16384, batch_size=cfg.eval.throughput_batch,
+            path, example_ids=range(len(labels)), spec=spec, compute=compute, examples_per_shard=16384,
+            dtypes={"logits": getattr(torch, cfg.teacher.cache_dtype), **{FEATURE_PREFIX + n: feature_dtype for n in names}},
+            batch_size=cfg.eval.throughput_batch,
         )  # fmt: skip
     acc.wait_for_everyone()
     return ExampleCache(path, expect=spec)
