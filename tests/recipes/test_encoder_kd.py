@@ -246,3 +246,48 @@ def test_teacher_cache_trains_the_live_runs_student_and_is_reused(tmp_path: Path
     assert result.exit_code != 0 and "teacher_fingerprint" in result.output + str(result.exception)
     result = runner.invoke(app, _args(corpus, teacher, tmp_path / "x", f"teacher.cache={cache}", "kd.hidden_weight=1"))
     assert result.exit_code == 2 and "teacher.cache" in result.output
+
+
+def test_narrow_encoder_slices_by_activation_importance(tmp_path: Path) -> None:
+    """Width pruning: at full width it is the same network; narrower, it drops the channels that
+    never activate and keeps the head size; the result saves and loads as a normal folder."""
+    from distil.models.encoder import narrow_encoder
+
+    corpus = _corpus(tmp_path, n=60)
+    teacher = load_encoder(_teacher_folder(tmp_path, corpus), max_length=16)
+    teacher.model.eval()
+    sentences = corpus.read_text().splitlines()
+    same = narrow_encoder(teacher, 16, intermediate_size=32, calibration=sentences[:20])
+    same.model.eval()
+    torch.testing.assert_close(encode(same, sentences[:8]), encode(teacher, sentences[:8]), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # channel 5 never carries anything: every LayerNorm zeroes it
+        for name, p in teacher.model.named_parameters():
+            if "LayerNorm" in name:
+                p[5] = 0.0
+    narrow = narrow_encoder(teacher, 8, calibration=sentences[:20])
+    cfg = narrow.model.config
+    assert (cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size) == (8, 1, 16)
+    assert narrow.model.embeddings.word_embeddings.weight.shape[1] == 8
+    # freshly initialised LayerNorm weights are 1 and channel 5's is now 0: it must be the one dropped
+    for name, p in narrow.model.named_parameters():
+        if name.endswith("LayerNorm.weight"):
+            assert bool((p == 1).all()), name
+    out = encode(narrow, sentences[:4])
+    assert out.shape == (4, 8) and bool(torch.isfinite(out).all())
+    with pytest.raises(Exception, match="multiple of the head size"):
+        narrow_encoder(teacher, 12, calibration=sentences[:4])
+    with pytest.raises(Exception, match="calibration"):
+        narrow_encoder(teacher, 8, calibration=[])
+
+
+def test_narrow_student_distils_through_the_recipe(tmp_path: Path) -> None:
+    corpus = _corpus(tmp_path)
+    teacher = _teacher_folder(tmp_path, corpus)
+    run_dir = tmp_path / "run"
+    result = runner.invoke(app, _args(corpus, teacher, run_dir, "student.hidden_size=8", "kd.hidden_weight=1.0", "kd.relation_weight=5.0"))
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    rows = {r["model"]: r for r in json.loads((run_dir / "report.json").read_text())["table"]["rows"]}
+    assert rows["student (KD)"]["spearman"] > rows["student before KD"]["spearman"]
+    assert rows["student (KD)"]["params"] < 0.5 * rows["teacher"]["params"]
+    again = load_encoder(run_dir / "student" / "final")
+    assert again.model.config.hidden_size == 8 and again.model.config.num_hidden_layers == 2

@@ -36,13 +36,14 @@ from distil.evaluation.cost import cpu_threads
 from distil.evaluation.embedding import mean_cosine, neighbour_recall, pairwise_spearman
 from distil.evaluation.report import cost_part, print_report, quality_part, write_report
 from distil.losses.objective import ObjectiveOutput, feature_objective
-from distil.losses.representation import attention_kl, cosine_loss, hint_loss
+from distil.losses.representation import attention_kl, cosine_loss, hint_loss, rkd_distance
 from distil.models.encoder import (
     Encoder,
     disable_attention_dropout,
     encode,
     load_encoder,
     mean_pool,
+    narrow_encoder,
     package_model_folder,
     save_sentence_encoder,
     subset_layers,
@@ -134,11 +135,24 @@ class StudentSection(StrictModel):
     folder: str | None = Field(
         default=None, description="or another pretrained encoder (same tokenizer)"
     )
+    hidden_size: int | None = Field(
+        default=None, ge=1,
+        description="with student.layers: also narrow the width to this (a multiple of the head size), "
+        "keeping the most active channels, heads and FFN neurons on calibration sentences",
+    )  # fmt: skip
+    intermediate_size: int | None = Field(
+        default=None, ge=1, description="FFN neurons kept per block when narrowing (default: scaled with the width)"
+    )
+    calibration_sentences: int = Field(default=256, ge=1, description="training sentences that rank what narrowing keeps")
 
     @model_validator(mode="after")
     def _one_source(self) -> StudentSection:
         if (self.layers is None) == (self.folder is None):
             raise ValueError("set exactly one of student.layers or student.folder")
+        if self.folder is not None and (self.hidden_size is not None or self.intermediate_size is not None):
+            raise ValueError("student.hidden_size / intermediate_size narrow a layer subset of the teacher; not with student.folder")
+        if self.intermediate_size is not None and self.hidden_size is None:
+            raise ValueError("student.intermediate_size goes with student.hidden_size")
         return self
 
 
@@ -155,6 +169,11 @@ class KDSection(StrictModel):
     attention_weight: float = Field(
         default=0.0, ge=0, description="KL between paired blocks' attention rows"
     )
+    relation_weight: float = Field(
+        default=0.0, ge=0,
+        description="RKD distance (Park et al. 2019) between in-batch embedding distances: shapes the student's own "
+        "geometry, which the neighbour and Spearman metrics read; widths may differ",
+    )  # fmt: skip
     layer_map: LayerMapStrategy | list[tuple[str, str]] = Field(
         default=LayerMapStrategy.UNIFORM,
         description="uniform | last_k | shape, or explicit [[student_block, teacher_block], ...]",
@@ -163,7 +182,7 @@ class KDSection(StrictModel):
 
     @model_validator(mode="after")
     def _some_term(self) -> KDSection:
-        if self.mse_weight + self.cosine_weight + self.hidden_weight + self.attention_weight == 0:
+        if self.mse_weight + self.cosine_weight + self.hidden_weight + self.attention_weight + self.relation_weight == 0:
             raise ValueError("every kd weight is 0: give at least one term a weight")
         return self
 
@@ -246,9 +265,13 @@ def _objective(
     kd = cfg.kd
     s_emb, s_feats, s_att = student_out
     t_emb, t_feats, t_att = teacher_out
+    terms: dict[str, tuple[float, Tensor]] = {}
+    if kd.relation_weight:  # on the student's own embeddings (before any projector); a per-batch mean,
+        # weighted by this micro-batch's share of the window so accumulation averages micro-batches
+        share = s_emb.shape[0] / n_items
+        terms["relation_rkd"] = (kd.relation_weight, rkd_distance(s_emb, t_emb) * share)
     if EMBEDDING in projectors:
         s_emb = projectors[EMBEDDING](s_emb)
-    terms: dict[str, tuple[float, Tensor]] = {}
     if kd.mse_weight:
         terms["embedding_mse"] = (kd.mse_weight, hint_loss(s_emb, t_emb, num_items=n_items))
     if kd.cosine_weight:
@@ -525,6 +548,9 @@ def main(cfg: Config, s: Session) -> dict[str, Any]:
     else:
         assert cfg.student.layers is not None
         student = subset_layers(teacher, cfg.student.layers)
+        if cfg.student.hidden_size is not None:
+            student = narrow_encoder(student, cfg.student.hidden_size, intermediate_size=cfg.student.intermediate_size,
+                                     calibration=corpus.train[: cfg.student.calibration_sentences])  # fmt: skip
     log = MetricsLog(s.run_dir / "metrics.jsonl", acc, acc.is_main_process)
     kd = cfg.kd
     if kd.attention_weight and not disable_attention_dropout(student.model):
@@ -533,7 +559,7 @@ def main(cfg: Config, s: Session) -> dict[str, Any]:
         f"encoder_kd on {corpus.name} ({len(corpus.train)} train / {len(corpus.held_out)} held-out sentences): "
         f"teacher {teacher.source} ({teacher.model.config.num_hidden_layers} blocks), student {student.source}; "
         f"loss = {kd.mse_weight:g}·MSE(emb) + {kd.cosine_weight:g}·(1-cos)(emb) + {kd.hidden_weight:g}·MSE(hidden) + "
-        f"{kd.attention_weight:g}·KL(attention), layer map {kd.layer_map if isinstance(kd.layer_map, list) else kd.layer_map.value}; "
+        f"{kd.attention_weight:g}·KL(attention) + {kd.relation_weight:g}·RKD(distances), layer map {kd.layer_map if isinstance(kd.layer_map, list) else kd.layer_map.value}; "
         f"{'student attention dropout off (attention KD compares probabilities); ' if kd.attention_weight else ''}"
         f"mean pooling, max_length {teacher.max_length}, normalize={teacher.normalize}; {acc.num_processes} process(es) on {acc.device}"
         + (f"; teacher embeddings cached in {cfg.teacher.cache}" if cfg.teacher.cache else "")
