@@ -59,3 +59,20 @@ def test_resume_with_projectors_ends_with_the_same_weights(tmp_path: Path) -> No
     b = load_file(str(resumed / "student" / "final" / "model.safetensors"))
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_automatic_feature_map_pairs_blocks_by_shape(tmp_path: Path) -> None:
+    """kd.auto_features pairs the student's stages with the teacher's of the same geometry."""
+    run_dir = tmp_path / "auto"
+    args = [*BASE, "teacher.model.kwargs.channels=[8,16,16]", "student.model.kwargs={channels: [4, 8]}",
+            "kd.auto_features={layer_map: shape, loss: hint, weight: 0.5}", "--run-dir", str(run_dir)]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    mode = " ".join((run_dir / "mode.txt").read_text().split())
+    # digits 8x8: teacher stages 4x4, 2x2, 1x1; student 4x4, 2x2 -> stage 0 -> 0, stage 1 -> 1
+    assert "stages.0 -> stages.0, stages.1 -> stages.1" in mode
+    logged = _logged(run_dir)
+    assert {"feature/hint/stages.0->stages.0/raw", "feature/hint/stages.1->stages.1/raw"} <= logged
+    uniform = runner.invoke(app, [*args[:-2], "kd.auto_features={layer_map: uniform}", "--run-dir", str(tmp_path / "u")])
+    assert uniform.exit_code == 0, uniform.output
+    assert "stages.0 -> stages.1, stages.1 -> stages.2" in " ".join((tmp_path / "u" / "mode.txt").read_text().split())

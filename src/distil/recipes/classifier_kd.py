@@ -50,7 +50,16 @@ from distil.models.classifier import (
     logits_of,
     save_model,
 )
-from distil.models.features import FeatureTerm, capture_features, feature_distiller
+from distil.models.features import (
+    FeatureLoss,
+    FeatureTerm,
+    LayerMapStrategy,
+    auto_layer_map,
+    capture_features,
+    feature_distiller,
+    feature_shapes,
+    find_blocks,
+)
 from distil.training.batches import global_batches, rank_slice
 from distil.training.checkpoint import (
     MARKER,
@@ -120,11 +129,28 @@ class StudentSection(StrictModel):
     model: ModelSpec = ModelSpec(zoo="mlp", kwargs={"hidden": [32]})
 
 
+class AutoFeatures(StrictModel):
+    """Feature terms chosen from the models' block lists instead of named by hand."""
+
+    layer_map: LayerMapStrategy = Field(
+        default=LayerMapStrategy.SHAPE,
+        description="shape: each student block to the deepest teacher block of its geometry; uniform: spread over "
+        "depth; last_k: the last k blocks",
+    )
+    k: int = Field(default=1, ge=1, description="layer_map=last_k: how many blocks")
+    loss: FeatureLoss = FeatureLoss.HINT
+    weight: float = Field(default=1.0, ge=0, description="weight of each paired term")
+    kd_temperature: float = Field(default=1.0, gt=0, description="τ of cwd")
+
+
 class KDSection(StrictModel):
     kd_weight: float = Field(default=0.9, ge=0, le=1, description="weight of the soft term; 1 - it weighs hard CE")
     kd_temperature: float = Field(default=4.0, gt=0)
     divergence: str = "forward_kl"
     features: list[FeatureTerm] = Field(default_factory=list, description="feature KD: [{student: stages.1, teacher: stages.1, loss: cwd|hint|attention, weight: 1.0}]")
+    auto_features: AutoFeatures | None = Field(
+        default=None, description="feature terms paired automatically over the models' blocks: {layer_map: shape|uniform|last_k, loss, weight}"
+    )
     mixup_alpha: float = Field(default=0.0, ge=0, description="mixup Beta(α, α) in the student and baseline phases; the teacher sees the same mix")
     cutmix_alpha: float = Field(default=0.0, ge=0, description="cutmix Beta(α, α); with mixup too, each batch picks one")
 
@@ -192,6 +218,7 @@ def train_phase(
     phase: str, s: Session, built: BuiltModel, cfg: Config, tcfg: TrainSection, inputs: Inputs,
     labels: torch.Tensor, test_inputs: Inputs, test_labels: torch.Tensor, log: MetricsLog,
     teacher: BuiltModel | None = None, teacher_inputs: Inputs | None = None, teacher_cache: ExampleCache | None = None,
+    features: list[FeatureTerm] | None = None,
 ) -> None:  # fmt: skip
     """Train ``built.module`` in place: CE only, or CE + KD when a teacher is given.
 
@@ -216,9 +243,9 @@ def train_phase(
         raise DistilError(f"{phase}: {n} training examples is fewer than one batch ({tcfg.batch_size})")
     total = steps_per_epoch * tcfg.epochs if tcfg.max_steps is None else min(tcfg.max_steps, steps_per_epoch * tcfg.epochs)
     fkd = None  # feature KD: projectors train with the student and are checkpointed with it, never exported
-    if teacher is not None and teacher_inputs is not None and cfg.kd.features:
+    if teacher is not None and teacher_inputs is not None and features:
         few = torch.arange(2)
-        fkd = feature_distiller(cfg.kd.features, built.module, teacher.module,
+        fkd = feature_distiller(features, built.module, teacher.module,
                                 lambda: logits_of(built.module, _take(inputs, few, next(built.module.parameters()).device)),
                                 lambda: logits_of(teacher.module, _take(teacher_inputs, few, next(teacher.module.parameters()).device)))  # fmt: skip
     trained = built.module if fkd is None else nn.ModuleDict({"student": built.module, "features": fkd})
@@ -352,9 +379,11 @@ def _inputs_fingerprint(inputs: Inputs, labels: torch.Tensor) -> str:
 FEATURE_PREFIX = "feature:"  # cached teacher feature maps are stored as feature:<module name>
 
 
-def teacher_logits_cache(cfg: Config, s: Session, teacher: BuiltModel, inputs: Inputs, labels: torch.Tensor) -> ExampleCache:
+def teacher_logits_cache(
+    cfg: Config, s: Session, teacher: BuiltModel, inputs: Inputs, labels: torch.Tensor, features: list[FeatureTerm],
+) -> ExampleCache:  # fmt: skip
     """Write (or complete, or reuse) the teacher's logits over the training split, plus the
-    feature maps the ``kd.features`` terms read; open it.
+    feature maps the feature terms read; open it.
 
     The cache is keyed by example index and fingerprinted by the teacher's weights, the encoded
     inputs and the feature names, so a cache of another teacher, other data or other features is
@@ -362,7 +391,7 @@ def teacher_logits_cache(cfg: Config, s: Session, teacher: BuiltModel, inputs: I
     """
     assert cfg.teacher.cache is not None
     path = Path(cfg.teacher.cache)
-    names = sorted({t.teacher for t in cfg.kd.features})
+    names = sorted({t.teacher for t in features})
     spec = {"teacher_fingerprint": teacher_fingerprint(teacher.module), "dataset_fingerprint": _inputs_fingerprint(inputs, labels),
             "outputs": "classifier logits at temperature 1", "features": names}  # fmt: skip
     acc = s.accelerator
@@ -432,6 +461,22 @@ def _cost(built: BuiltModel, inputs: Inputs, folder: Path, throughput_batch: int
     }
 
 
+def feature_terms(cfg: Config, student: BuiltModel, teacher: BuiltModel, s_inputs: Inputs, t_inputs: Inputs) -> list[FeatureTerm]:
+    """The explicit ``kd.features`` plus, with ``kd.auto_features``, one term per block pair that
+    the layer-map strategy picks over both models' blocks (shapes probed on two examples)."""
+    terms = list(cfg.kd.features)
+    auto = cfg.kd.auto_features
+    if auto is None:
+        return terms
+    few = torch.arange(2)
+    s_blocks, t_blocks = find_blocks(student.module), find_blocks(teacher.module)
+    s_shapes = feature_shapes(student.module, s_blocks, lambda: logits_of(student.module, _take(s_inputs, few, torch.device("cpu"))))
+    t_shapes = feature_shapes(teacher.module, t_blocks, lambda: logits_of(teacher.module, _take(t_inputs, few, torch.device("cpu"))))
+    pairs = auto_layer_map(auto.layer_map, s_shapes, t_shapes, k=auto.k)
+    return terms + [FeatureTerm(student=a, teacher=b, loss=auto.loss, weight=auto.weight, kd_temperature=auto.kd_temperature)
+                    for a, b in pairs]  # fmt: skip
+
+
 def main(cfg: Config, s: Session) -> dict[str, Any]:
     """Run the recipe in the session's run folder; return the report."""
     data = load_data(cfg)
@@ -465,14 +510,19 @@ def main(cfg: Config, s: Session) -> dict[str, Any]:
     student = fresh_student()
     s_train, s_test = student.encoder(data.train), student.encoder(data.test)
     _check_classes(student, s_train, data.num_classes, "student")
+    features = feature_terms(cfg, student, teacher, s_train, t_train)
+    if cfg.kd.auto_features is not None and acc.is_main_process:
+        pairs = ", ".join(f"{t.student} -> {t.teacher}" for t in features[len(cfg.kd.features) :])
+        s.announce(f"classifier_kd: automatic feature terms ({cfg.kd.auto_features.layer_map.value}, {cfg.kd.auto_features.loss.value}): {pairs}")
     cache = None
     if cfg.teacher.cache is not None:
         t0 = _now()
-        cache = teacher_logits_cache(cfg, s, teacher, t_train, train_labels)
+        cache = teacher_logits_cache(cfg, s, teacher, t_train, train_labels, features)
         if acc.is_main_process:
             s.write_json(s.run_dir / "teacher-cache.json", {"path": str(cache.path), "seconds": _now() - t0,
                                                             "bytes_per_example": cache.manifest["bytes_per_example"]})  # fmt: skip
-    train_phase("student", s, student, cfg, cfg.train, s_train, train_labels, s_test, test_labels, log, teacher, t_train, cache)
+    train_phase("student", s, student, cfg, cfg.train, s_train, train_labels, s_test, test_labels, log, teacher, t_train, cache,
+                features)  # fmt: skip
     baseline = None
     if cfg.eval.baseline:
         baseline = fresh_student()
