@@ -706,7 +706,14 @@ def main() -> None:
           f"Teacher: distil zoo cnn {TEACHER_CH}, {meta['teacher_params']:,} params, test accuracy "
           f"{100 * meta['teacher_accuracy']:.2f}%. Student: cnn {STUDENT_CH}, {meta['student_params']:,} params "
           f"({meta['teacher_params'] / meta['student_params']:.1f}x smaller).", "", make_table(records, meta), "",
-          "Per run (in run order):", "",
+          "Teacher command (trained once; ~18 min on one busy thread): `distil run classifier_kd "
+        + " ".join(f"'{c}'" if " " in c else c for c in TEACHER_CMD)
+        + " --run-dir bench/artifacts/fashion_mnist/teacher-run`",
+        "",
+        "Timing noise: the machine is shared (see the load column); the same tool's wall varies by 2x or more "
+        "between runs, so read ratios as medians of interleaved runs, not as precise numbers.",
+        "",
+        "Per run (in run order):", "",
           "| seed | row | test acc % | train wall s | samples/s | first loss | final loss | first CE | final CE | load 1m mean (max) | finished (UTC) |",
           "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in records:
