@@ -410,8 +410,16 @@ def test_sparse_token_objective_is_the_sparse_loss_of_the_library() -> None:
     est = token_objective_sparse(
         student, samples, labels, kd_weight=1.0, kd_temperature=2.0, num_items=n
     )
-    want = sampled_divergence(student, samples.ids, samples.teacher_log_probs, mask,
+    # forward KL: the plain estimator Σ_i w_i (log p_i − log q_i), w_i = p_i / (n r_i) = 1/n here
+    lq = torch.log_softmax(student / 2.0, -1).gather(-1, samples.ids)
+    plain = ((samples.teacher_log_probs - lq).mean(-1)[mask]).sum() / n
+    torch.testing.assert_close(est.loss, 4.0 * plain, rtol=1e-12, atol=1e-12)
+    # other divergences: sampled_divergence's non-negative terms
+    est_r = token_objective_sparse(
+        student, samples, labels, kd_weight=1.0, kd_temperature=2.0, num_items=n, divergence="reverse_kl"
+    )
+    want = sampled_divergence(student, samples.ids, samples.teacher_log_probs, mask, divergence="reverse_kl",
                               proposal_log_probs=samples.proposal_log_probs, kd_temperature=2.0, reduction="sum") / n  # fmt: skip
-    torch.testing.assert_close(est.loss, 4.0 * want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(est_r.loss, 4.0 * want, rtol=1e-12, atol=1e-12)
     (grad,) = torch.autograd.grad(out.loss, student)
     assert torch.isfinite(grad).all() and bool((grad[~mask] == 0).all())

@@ -660,7 +660,7 @@ def _topk_closed_form_step(
     kd_coef: float | Tensor,
     temp: float,
     any_grad: bool,
-    tail_samples: tuple[Tensor, Tensor] | None = None,
+    tail_samples: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """Hard CE + forward KL to a top-k + tail teacher on ``k + 1`` buckets, for one chunk of rows,
     with the logit gradient in closed form.
@@ -669,10 +669,11 @@ def _topk_closed_form_step(
     ``KL(p‖q)`` has ``∂/∂z_j = (q_j − p_j)/T`` for ``j`` in the top-k and ``q_j (1 − r)/T``
     otherwise. ``z`` ``(C, V)`` fp32; ``top_lp``/``ids`` ``(C, k)``; ``tail_lp`` ``(C,)``.
 
-    With ``tail_samples = (ids (C, m), teacher log-probs (C, m))`` drawn from the tail, the tail
-    bucket is replaced by the unbiased estimate of :func:`~distil.losses.sparse.topk_sampled_tail_kl`,
-    whose gradient is ``(Σ_K p + p_tail) q/T`` minus ``p_j/T`` at each top-k id and ``p_tail/(m T)``
-    at each drawn id.
+    With ``tail_samples = (ids (C, m), teacher log-probs (C, m), weights (C, m))``, the tail
+    bucket is replaced by the importance-sampled sum ``Σ_i w_i (log p_{v_i} − log q_{v_i})``
+    (``w_i = p_tail / m`` for ids drawn from the tail, :func:`~distil.losses.sparse.topk_sampled_tail_kl`;
+    ``w_i = p_i / (n r_i)`` for ids drawn from a proposal ``r`` with no top-k head), whose gradient
+    is ``(Σ_K p + Σ_i w_i) q/T`` minus ``p_j/T`` at each top-k id and ``w_i/T`` at each drawn id.
     """
     zero = z.new_zeros(())
     log_q = torch.log_softmax(z if temp == 1.0 else z / temp, -1)  # (C, V)
@@ -684,9 +685,9 @@ def _topk_closed_form_step(
         log_q_tail = torch.logsumexp(log_q.scatter(-1, ids, float("-inf")), -1)  # (C,), exact
         kd_sum = head_sum + torch.where(p_tail > 0, p_tail * (tail_lp - log_q_tail), 0.0).sum()
     else:
-        s_ids, s_lp = tail_samples
-        share = torch.where(p_tail > 0, p_tail, 0.0) / s_ids.shape[-1]  # (C,) weight of each drawn id
-        kd_sum = head_sum + (share.unsqueeze(-1) * (s_lp.to(z.dtype) - log_q.gather(-1, s_ids))).sum()
+        s_ids, s_lp, s_w = tail_samples
+        s_w = s_w.to(z.dtype)  # (C, m) weight of each drawn id
+        kd_sum = head_sum + torch.where(s_w > 0, s_w * (s_lp.to(z.dtype) - log_q.gather(-1, s_ids)), 0.0).sum()
     ce_sum = zero
     log_s = None
     if labels is not None:
@@ -704,11 +705,11 @@ def _topk_closed_form_step(
             grad = q.mul_(((1 - r) * kd_g + (ce_c if shared else 0.0)).unsqueeze(-1))
             grad.scatter_add_(-1, ids, (log_q_top.exp() * r.unsqueeze(-1) - p_top) * kd_g)
         else:
-            total_mass = torch.where(p_top > 0, p_top, 0.0).sum(-1) + share * s_ids.shape[-1]  # (C,)
+            total_mass = torch.where(p_top > 0, p_top, 0.0).sum(-1) + s_w.sum(-1)  # (C,)
             q = log_q.exp_()
             grad = q.mul_((total_mass * kd_g + (ce_c if shared else 0.0)).unsqueeze(-1))
             grad.scatter_add_(-1, ids, torch.where(p_top > 0, p_top, 0.0) * -kd_g)
-            grad.scatter_add_(-1, s_ids, (share * -kd_g).unsqueeze(-1).expand(s_ids.shape).contiguous())
+            grad.scatter_add_(-1, s_ids, s_w * -kd_g)
         if labels is not None:
             if not shared:
                 assert log_s is not None
@@ -726,12 +727,12 @@ class _ChunkedTopKLoss(torch.autograd.Function):
         ctx: FunctionCtx,
         logits: Tensor,
         index: tuple[Tensor, ...],
-        targets: tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None],
+        targets: tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None],
         coefs: tuple[float | Tensor, float | Tensor, float],
         chunk_size: int,
         need_grad: bool,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        top_lp, ids, tail_lp, labels, s_ids, s_lp = targets
+        top_lp, ids, tail_lp, labels, s_ids, s_lp, s_w = targets
         n = index[0].shape[0] if index else 0
         grad = torch.zeros_like(logits) if need_grad else None
         sums = torch.zeros(3, dtype=upcast(logits).dtype, device=logits.device)
@@ -741,7 +742,7 @@ class _ChunkedTopKLoss(torch.autograd.Function):
             *parts, g = _topk_closed_form_step(
                 z, top_lp[start:end], ids[start:end], tail_lp[start:end],
                 None if labels is None else labels[start:end], *coefs, need_grad,
-                None if s_ids is None or s_lp is None else (s_ids[start:end], s_lp[start:end]),
+                None if s_ids is None or s_lp is None or s_w is None else (s_ids[start:end], s_lp[start:end], s_w[start:end]),
             )  # fmt: skip
             sums += torch.stack(parts).to(sums.dtype)
             if grad is not None and g is not None:
@@ -757,6 +758,59 @@ class _ChunkedTopKLoss(torch.autograd.Function):
         ctx: FunctionCtx, grad_loss: Tensor, _grad_ce: Tensor, _grad_kd: Tensor
     ) -> tuple[Tensor | None, ...]:
         return (*_scaled_grads(ctx, grad_loss), None, None, None, None, None)
+
+
+def chunked_sampled_logits_loss(
+    student_logits: Tensor,
+    mask: Tensor,
+    *,
+    sample_ids: Tensor,
+    teacher_sample_log_probs: Tensor,
+    proposal_log_probs: Tensor | None = None,
+    labels: Tensor | None = None,
+    hard_ce_coef: float | Tensor = 0.0,
+    kd_coef: float | Tensor = 1.0,
+    kd_temperature: float = 1.0,
+    chunk_size: int | None = None,
+) -> ChunkedLossParts:
+    """Hard CE + the importance-sampled forward KL over materialised logits, closed-form gradient.
+
+    ``KL̂ = Σ_i w_i (log p_{v_i} − log q_{v_i})`` with ``w_i = p_{v_i} / (n r_{v_i})`` for ``n`` ids
+    drawn from the proposal ``r`` (``w_i = 1/n`` when ``r`` is the teacher): unbiased for
+    ``KL(p‖q)``, with gradient ``(Σ_i w_i) q/T − Σ_i w_i e_{v_i}/T``, the cross-entropy against the
+    drawn ids. This is the plain estimator; :func:`~distil.losses.sparse.sampled_divergence` adds
+    ``(q − p)/r``-type terms that keep every single estimate ``>= 0`` at the price of a gradient
+    with weights ``q/p``, far noisier when the student puts mass where the teacher has little.
+
+    Args:
+        student_logits: ``(..., V)``.
+        mask: bool ``(...)``, True = supervised.
+        sample_ids: ``(..., n)`` int64 ids drawn with replacement.
+        teacher_sample_log_probs: ``(..., n)`` the teacher's log-probs at them (at ``kd_temperature``).
+        proposal_log_probs: ``(..., n)`` the proposal's log-probs; None = the teacher itself.
+        labels, hard_ce_coef, kd_coef, kd_temperature, chunk_size: as in :func:`chunked_topk_logits_loss`.
+    """
+    check_kd_temperature(kd_temperature)
+    vocab = student_logits.shape[-1]
+    index = mask.nonzero(as_tuple=True)
+    skip_ce = labels is None or (isinstance(hard_ce_coef, float | int) and hard_ce_coef == 0)
+    s_ids, s_lp = sample_ids[index], teacher_sample_log_probs[index]  # (N, n)
+    n = s_ids.shape[-1]
+    if proposal_log_probs is None:
+        weights = torch.full(s_lp.shape, 1.0 / n, dtype=upcast(s_lp).dtype, device=s_lp.device)
+    else:
+        weights = (upcast(s_lp) - upcast(proposal_log_probs[index])).exp() / n
+    rows = s_ids.shape[0]
+    empty_lp = s_lp.new_zeros((rows, 0))
+    empty_ids = s_ids.new_zeros((rows, 0))
+    targets = (empty_lp, empty_ids, s_lp.new_full((rows,), float("-inf")),
+               None if skip_ce or labels is None else labels[index], s_ids, s_lp, weights)  # fmt: skip
+    need_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    loss, ce_sum, kd_sum = _ChunkedTopKLoss.apply(
+        student_logits, index, targets, (hard_ce_coef, kd_coef, kd_temperature),
+        chunk_size or logits_chunk_size(vocab, student_logits.device), need_grad,
+    )  # fmt: skip
+    return ChunkedLossParts(loss, ce_sum, kd_sum, int(index[0].shape[0]))
 
 
 def chunked_topk_logits_loss(
@@ -802,13 +856,19 @@ def chunked_topk_logits_loss(
     vocab = student_logits.shape[-1]
     index = mask.nonzero(as_tuple=True)
     skip_ce = labels is None or (isinstance(hard_ce_coef, float | int) and hard_ce_coef == 0)
+    tail_lp = teacher_tail_log_prob[index]  # (N,)
+    weights = None
+    if teacher_tail_sample_ids is not None:  # p_tail / m on every id drawn from the tail
+        p_tail = upcast(tail_lp).exp()
+        weights = torch.where(p_tail > 0, p_tail, 0.0).unsqueeze(-1).expand(-1, teacher_tail_sample_ids.shape[-1]) / teacher_tail_sample_ids.shape[-1]
     targets = (
         teacher_topk_log_probs[index],
         teacher_topk_ids[index],
-        teacher_tail_log_prob[index],
+        tail_lp,
         None if skip_ce or labels is None else labels[index],
         None if teacher_tail_sample_ids is None else teacher_tail_sample_ids[index],
         None if teacher_tail_sample_log_probs is None else teacher_tail_sample_log_probs[index],
+        weights,
     )
     need_grad = torch.is_grad_enabled() and student_logits.requires_grad
     loss, ce_sum, kd_sum = _ChunkedTopKLoss.apply(

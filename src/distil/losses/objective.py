@@ -26,6 +26,7 @@ from torch import Tensor
 from distil.losses.chunked import (
     ChunkedLossParts,
     chunked_logits_loss,
+    chunked_sampled_logits_loss,
     chunked_topk_logits_loss,
     fused_linear_loss,
     should_use_chunked_loss,
@@ -529,6 +530,18 @@ def token_objective_sparse(
             hard_ce_coef=_per_item(ce_coef, denominator) if ce_coef else 0.0,
             kd_coef=_per_item(kd_coef, denominator), kd_temperature=kd_temperature,
             teacher_tail_sample_ids=teacher.tail_sample_ids, teacher_tail_sample_log_probs=teacher.tail_sample_log_probs,
+        )  # fmt: skip
+        return _token_output(parts, denominator, ce_coef, kd_coef, True)
+    if (
+        isinstance(teacher, SampledTargets)
+        and _name(divergence) == Divergence.FORWARD_KL.value
+        and not divergence_params
+    ):  # the plain importance-sampled KL (low-variance gradient), chunked, closed form
+        parts = chunked_sampled_logits_loss(
+            student_logits, mask, sample_ids=teacher.ids, teacher_sample_log_probs=teacher.teacher_log_probs,
+            proposal_log_probs=teacher.proposal_log_probs, labels=labels,
+            hard_ce_coef=_per_item(ce_coef, denominator) if ce_coef else 0.0,
+            kd_coef=_per_item(kd_coef, denominator), kd_temperature=kd_temperature,
         )  # fmt: skip
         return _token_output(parts, denominator, ce_coef, kd_coef, True)
     zero = student_logits.new_zeros((), dtype=torch.float32)
