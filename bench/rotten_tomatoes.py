@@ -6,6 +6,7 @@ student with logit KD; the student with logit KD + hidden-state KD; TextBrewer 0
 
     python bench/rotten_tomatoes.py                 # everything; finished steps are reused
     python bench/rotten_tomatoes.py --train-limit 2000 --tag small   # a quicker variant
+    python bench/rotten_tomatoes.py --smoke          # 64 snippets, 1% test split: the plumbing only
 
 The harness (this file, in the repo's environment) builds two model folders once:
 
@@ -410,6 +411,18 @@ def _test_logits(path: Path, key: str) -> Any:
     return load_file(str(path))[key]
 
 
+def mcnemar_p(a_right: Any, b_right: Any) -> float:
+    """Exact two-sided McNemar p-value of two classifiers scored on the same examples."""
+    from math import comb
+
+    b = int((a_right & ~b_right).sum())
+    c = int((~a_right & b_right).sum())
+    n, k = b + c, min(b, c)
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(comb(n, i) for i in range(k + 1)) / 2**n)
+
+
 def collect(
     runs: dict[str, Path], teacher_run: Path, n_train: int, epochs: int
 ) -> list[dict[str, Any]]:
@@ -467,6 +480,15 @@ def collect(
             twin_logits = _test_logits(runs[twin] / "eval" / "test_logits.safetensors", "student")
             row["agreement_with_distil_twin"] = metrics.agreement(logits, twin_logits)
         rows.append(row)
+    scratch = _test_logits(eval_file, "baseline").argmax(-1) == labels
+    for r in rows[2:]:
+        if r["tool"] == "distil":
+            run = kd_run if r["row"] == "student + logit KD" else runs["distil-kd-hidden"]
+            logits = _test_logits(run / "eval" / "test_logits.safetensors", "student")
+        else:
+            key = "textbrewer-kd" if r["row"] == "student + logit KD" else "textbrewer-kd-hidden"
+            logits = _test_logits(runs[key] / "test_logits.safetensors", "student")
+        r["mcnemar_p_vs_scratch"] = mcnemar_p(logits.argmax(-1) == labels, scratch)
     ref = next(r for r in rows if r["tool"] == "distil" and r["row"] == "student + logit KD")
     for r in rows:
         r["samples_per_s"] = r["train_samples"] / r["train_wall_s"]
@@ -484,13 +506,14 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"map {', '.join(f'{s}->{t}' for s, t in HIDDEN_MAP)} (hint MSE over real tokens, weight {HIDDEN_WEIGHT:g}); "
         f"seed {SEED}; {meta['threads']} torch thread(s); load average {meta['load']}.",
         "",
-        "| row | tool | test acc | agree w/ teacher | train wall s | train samples/s | speed vs distil KD | first loss | last loss | params | infer ex/s @ b32 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| row | tool | test acc | p vs scratch | agree w/ teacher | train wall s | train samples/s | speed vs distil KD | first loss | last loss | params | infer ex/s @ b32 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for r in rows:
         infer = "-" if r["infer_per_s"] is None else f"{r['infer_per_s']:,.0f}"
+        p = "-" if "mcnemar_p_vs_scratch" not in r else f"{r['mcnemar_p_vs_scratch']:.1g}"
         lines.append(
-            f"| {r['row']} | {r['tool']} | {r['accuracy']:.4f} | {r['agreement']:.4f} | {r['train_wall_s']:,.0f} | "
+            f"| {r['row']} | {r['tool']} | {r['accuracy']:.4f} | {p} | {r['agreement']:.4f} | {r['train_wall_s']:,.0f} | "
             f"{r['samples_per_s']:.1f} | {r['speed_vs_distil_kd']:.2f}x | {r['first_loss']:.4f} | {r['last_loss']:.4f} | "
             f"{r['params']:,} | {infer} |"
         )  # fmt: skip
