@@ -48,11 +48,8 @@ PEERS_PY = BENCH / ".venv-peers" / "bin" / "python"
 TEACHER_CH = [32, 64, 128, 256, 256]
 STUDENT_CH = [16, 32, 64, 64]
 BATCH, LR, WD, KD_W, KD_T = 128, 3e-3, 0.01, 0.5, 2.0
-STUDENT_PHASE, SCRATCH_PHASE, INIT_OFFSET = (
-    2,
-    3,
-    17,
-)  # distil's PHASES["student"], PHASES["baseline"], fresh_student's seed offset
+# distil's PHASES["student"] and PHASES["baseline"], and the seed offset of classifier_kd's fresh_student
+STUDENT_PHASE, SCRATCH_PHASE, INIT_OFFSET = 2, 3, 17
 FEATURES = "[{student: stages.2, teacher: stages.2, loss: cwd, weight: 1.0, kd_temperature: 1.0}]"
 TOOLS = ["distil", "minimal", "torchdistill", "textbrewer", "distil-features", "distil-cache"]
 NAMES = {
@@ -109,7 +106,7 @@ def load_data(
 
 
 def build(channels: list[int]) -> torch.nn.Module:
-    """The distil zoo CNN, built by distil's own factory (so a peer's student equals distil's at the same seed)."""
+    """The distil zoo CNN (distil's own class, so a peer's student equals distil's at the same seed)."""
     from distil.models.classifier import SmallCNN
 
     return SmallCNN(1, 10, channels=channels)
