@@ -189,3 +189,18 @@ def test_feature_distiller_between_bert_blocks_masks_padding(folders: tuple[Path
     # a zoo-style model (no attention_mask keyword): the plain hint, as before
     no_mask = {k: v for k, v in s_feats.items() if k != ATTENTION_MASK}
     torch.testing.assert_close(fkd.terms(no_mask, t_feats, num_items=4)[term.name].loss, unmasked)
+
+
+def test_image_inputs_get_canonical_strides_whatever_numpy_gave() -> None:
+    """A subset and a new-axis array of the same images encode to identically laid-out tensors."""
+    import numpy as np
+
+    from distil.data.classification import Split
+    from distil.models.classifier import _image_tensor
+
+    base = np.random.default_rng(0).random((6, 28, 28), dtype=np.float32)
+    new_axis = Split(np.zeros(6, dtype=np.int64), images=base[:, None])  # channel stride 0
+    subset = Split(np.zeros(6, dtype=np.int64), images=base[:, None][np.arange(6)])  # channel stride 1
+    a, b = _image_tensor(new_axis)["x"], _image_tensor(subset)["x"]
+    assert a.stride() == b.stride() == (784, 784, 28, 1)
+    assert torch.equal(a, b)

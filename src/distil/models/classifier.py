@@ -177,7 +177,10 @@ def _hashed_text_features(n_features: int) -> Callable[[Split], Inputs]:
 def _image_tensor(split: Split) -> Inputs:
     if split.images is None:
         raise DistilError("this model reads images but the dataset has texts")
-    return {"x": torch.from_numpy(np.ascontiguousarray(split.images))}
+    # A fresh copy with canonical strides: numpy gives a size-1 channel axis stride 0 or 1 depending
+    # on how the array was made (a subset, a new axis), and a (784, 1, 28, 1) stride reads as
+    # channels-last to PyTorch, whose convolutions then take another kernel (other rounding).
+    return {"x": torch.from_numpy(np.ascontiguousarray(split.images)).clone(memory_format=torch.contiguous_format)}
 
 
 @dataclass
