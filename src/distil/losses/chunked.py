@@ -760,6 +760,20 @@ class _ChunkedTopKLoss(torch.autograd.Function):
         return (*_scaled_grads(ctx, grad_loss), None, None, None, None, None)
 
 
+def _sparse_targets_loss(
+    student_logits: Tensor,
+    index: tuple[Tensor, ...],
+    targets: tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None],
+    coefs: tuple[float | Tensor, float | Tensor, float],
+    chunk_size: int | None,
+) -> ChunkedLossParts:
+    """Run :class:`_ChunkedTopKLoss` over the supervised rows ``index`` of the logits."""
+    need_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    size = chunk_size or logits_chunk_size(student_logits.shape[-1], student_logits.device)
+    loss, ce_sum, kd_sum = _ChunkedTopKLoss.apply(student_logits, index, targets, coefs, size, need_grad)
+    return ChunkedLossParts(loss, ce_sum, kd_sum, int(index[0].shape[0]))
+
+
 def chunked_sampled_logits_loss(
     student_logits: Tensor,
     mask: Tensor,
@@ -791,7 +805,6 @@ def chunked_sampled_logits_loss(
         labels, hard_ce_coef, kd_coef, kd_temperature, chunk_size: as in :func:`chunked_topk_logits_loss`.
     """
     check_kd_temperature(kd_temperature)
-    vocab = student_logits.shape[-1]
     index = mask.nonzero(as_tuple=True)
     skip_ce = labels is None or (isinstance(hard_ce_coef, float | int) and hard_ce_coef == 0)
     s_ids, s_lp = sample_ids[index], teacher_sample_log_probs[index]  # (N, n)
@@ -805,12 +818,7 @@ def chunked_sampled_logits_loss(
     empty_ids = s_ids.new_zeros((rows, 0))
     targets = (empty_lp, empty_ids, s_lp.new_full((rows,), float("-inf")),
                None if skip_ce or labels is None else labels[index], s_ids, s_lp, weights)  # fmt: skip
-    need_grad = torch.is_grad_enabled() and student_logits.requires_grad
-    loss, ce_sum, kd_sum = _ChunkedTopKLoss.apply(
-        student_logits, index, targets, (hard_ce_coef, kd_coef, kd_temperature),
-        chunk_size or logits_chunk_size(vocab, student_logits.device), need_grad,
-    )  # fmt: skip
-    return ChunkedLossParts(loss, ce_sum, kd_sum, int(index[0].shape[0]))
+    return _sparse_targets_loss(student_logits, index, targets, (hard_ce_coef, kd_coef, kd_temperature), chunk_size)
 
 
 def chunked_topk_logits_loss(
@@ -853,7 +861,6 @@ def chunked_topk_logits_loss(
     check_kd_temperature(kd_temperature)
     if (teacher_tail_sample_ids is None) != (teacher_tail_sample_log_probs is None):
         raise ValueError("give both teacher_tail_sample_ids and teacher_tail_sample_log_probs, or neither")
-    vocab = student_logits.shape[-1]
     index = mask.nonzero(as_tuple=True)
     skip_ce = labels is None or (isinstance(hard_ce_coef, float | int) and hard_ce_coef == 0)
     tail_lp = teacher_tail_log_prob[index]  # (N,)
@@ -870,9 +877,4 @@ def chunked_topk_logits_loss(
         None if teacher_tail_sample_log_probs is None else teacher_tail_sample_log_probs[index],
         weights,
     )
-    need_grad = torch.is_grad_enabled() and student_logits.requires_grad
-    loss, ce_sum, kd_sum = _ChunkedTopKLoss.apply(
-        student_logits, index, targets, (hard_ce_coef, kd_coef, kd_temperature),
-        chunk_size or logits_chunk_size(vocab, student_logits.device), need_grad,
-    )  # fmt: skip
-    return ChunkedLossParts(loss, ce_sum, kd_sum, int(index[0].shape[0]))
+    return _sparse_targets_loss(student_logits, index, targets, (hard_ce_coef, kd_coef, kd_temperature), chunk_size)
