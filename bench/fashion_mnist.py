@@ -44,6 +44,11 @@ import torch
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
+
+
+def rel(text: str) -> str:
+    """Paths in recorded text relative to the repository, never this machine's."""
+    return text.replace(str(ROOT) + "/", "")
 PEERS_PY = BENCH / ".venv-peers" / "bin" / "python"
 TEACHER_CH = [32, 64, 128, 256, 256]
 STUDENT_CH = [16, 32, 64, 64]
@@ -454,8 +459,8 @@ def run_distil(
             "tool": "distil-scratch" if phase == "baseline" else tool, "wall_s": wall + extra_s, "train_loop_s": wall,
             "cache_write_s": extra_s if tool == "distil-cache" else None, "samples": summary["samples"],
             "peak_rss_mb": summary["peak_rss_mb"], "losses": losses, "ces": ces, "threads": threads,
-            "weights": str(out / phase / "final" / "model.safetensors"),
-            "command": "distil run classifier_kd " + " ".join(f"'{a}'" if " " in a else a for a in cmd[5:]),
+            "weights": rel(str(out / phase / "final" / "model.safetensors")),
+            "command": rel("distil run classifier_kd " + " ".join(f"'{a}'" if " " in a else a for a in cmd[5:])),
         })  # fmt: skip
     return results
 
@@ -478,7 +483,7 @@ def run_peer(
     if proc.returncode != 0 or line is None:
         raise RuntimeError(f"{tool} failed:\n{proc.stderr[-3000:]}")
     res = json.loads(line.removeprefix("RESULT "))
-    res.update(tool=tool, weights=str(out / "model.safetensors"), train_loop_s=res["wall_s"],
+    res.update(tool=tool, weights=rel(str(out / "model.safetensors")), train_loop_s=res["wall_s"],
                command=f"bench/fashion_mnist.py --child {tool} (peers venv)" if tool != "minimal" else "bench/fashion_mnist.py --child minimal")  # fmt: skip
     return [res]
 
@@ -670,7 +675,7 @@ def main() -> None:
                             if same_math and ref_losses is not None and len(losses) == len(ref_losses) else None)  # fmt: skip
                     rec = {
                         "tool": r["tool"], "name": NAMES[r["tool"]], "seed": seed, "epochs": args.epochs, "key": key,
-                        "test_accuracy": test_accuracy(Path(r["weights"]), STUDENT_CH, x_test, y_test),
+                        "test_accuracy": test_accuracy(ROOT / r["weights"], STUDENT_CH, x_test, y_test),
                         "wall_s": round(r["wall_s"], 2), "train_loop_s": round(r["train_loop_s"], 2),
                         "cache_write_s": r.get("cache_write_s"), "samples": r["samples"],
                         "samples_per_s": round(r["samples"] / r["wall_s"], 1), "first_loss": losses[0],
@@ -735,7 +740,7 @@ def main() -> None:
                 f"* {NAMES[r['tool']]}:",
                 "",
                 "  ```bash",
-                "  " + r["command"].replace(str(ROOT) + "/", ""),
+                "  " + rel(r["command"]),
                 "  ```",
                 "",
             ]
