@@ -222,10 +222,18 @@ class ExampleCache:
             raise DistilError(
                 f"example ids {missing[:5]} are not in the cache {self.path}; the run's data differs from the cached data"
             )
-        rows: dict[str, list[Tensor]] = {}
-        for e in ids:
-            s, row = self._where[int(e)]
-            for name, tensor in self.shards[s].items():
-                if name != "example_ids":
-                    rows.setdefault(name, []).append(tensor[row])
-        return {name: torch.stack(values) for name, values in rows.items()}
+        by_shard: dict[int, tuple[list[int], list[int]]] = {}  # shard -> (positions in the batch, rows)
+        for position, e in enumerate(ids):
+            shard, row = self._where[int(e)]
+            slots, rows = by_shard.setdefault(shard, ([], []))
+            slots.append(position)
+            rows.append(row)
+        out: dict[str, Tensor] = {}
+        for shard, (slots, rows) in by_shard.items():  # one gather per shard and tensor, not per example
+            for name, tensor in self.shards[shard].items():
+                if name == "example_ids":
+                    continue
+                if name not in out:
+                    out[name] = tensor.new_empty((len(ids), *tensor.shape[1:]))
+                out[name][slots] = tensor[rows]
+        return out

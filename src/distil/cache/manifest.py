@@ -62,11 +62,22 @@ def teacher_fingerprint(model: nn.Module) -> str:
     if config is not None and hasattr(config, "to_dict"):
         items = {k: v for k, v in config.to_dict().items() if k not in _CONFIG_SKIP}
         digest.update(json.dumps(items, sort_keys=True, default=str).encode())
-    for name, tensor in sorted(model.state_dict().items()):
+    return tensors_fingerprint(model.state_dict(), digest)
+
+
+def tensors_fingerprint(tensors: Mapping[str, torch.Tensor], digest: Any = None) -> str:
+    """sha256 over named tensors in name order: each name, dtype, shape and value bytes (0-d too).
+
+    Args:
+        tensors: name → tensor.
+        digest: a ``hashlib`` object to continue (e.g. one that already holds a config); new if None.
+    """
+    digest = hashlib.sha256() if digest is None else digest
+    for name, tensor in sorted(tensors.items()):
         t = tensor.detach().cpu().contiguous()
         digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-d too
-    return digest.hexdigest()
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return str(digest.hexdigest())
 
 
 def example_hash(input_ids: Sequence[int] | np.ndarray | torch.Tensor) -> int:

@@ -20,7 +20,7 @@ from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from distil.cache.examples import ExampleCache, write_example_cache
-from distil.cache.manifest import teacher_fingerprint
+from distil.cache.manifest import teacher_fingerprint, tensors_fingerprint
 from distil.config.base import StrictModel
 from distil.config.sections import ModelSpec, RunSection, TrainSection
 from distil.data.classification import (
@@ -68,7 +68,7 @@ from distil.training.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from distil.training.metrics import MetricsLog
+from distil.training.metrics import MetricsLog, peak_memory_mb
 from distil.training.optim import build_optimizer, build_scheduler
 from distil.training.progress import progress_bar, rate_text
 from distil.training.session import Session
@@ -349,31 +349,12 @@ def train_phase(
     if acc.is_main_process:
         s.write_json(phase_dir / "summary.json", {
             "train_wall_s": wall, "steps": total, "resumed_at_step": state.step, "samples": samples,
-            "samples_per_s": samples / max(wall, 1e-9), "peak_rss_mb": peak_rss_mb(),
+            "samples_per_s": samples / max(wall, 1e-9), "peak_rss_mb": peak_memory_mb(acc.device)["peak_rss_mb"],
             "kd_source": "cache" if teacher_cache is not None else "live teacher" if teacher is not None else "none",
         })  # fmt: skip
         save_model(built, final)
         (final / MARKER).write_text("ok\n")
     acc.wait_for_everyone()
-
-
-def peak_rss_mb() -> float:
-    """The process's peak resident set so far, in MB (Linux reports ru_maxrss in KiB)."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _inputs_fingerprint(inputs: Inputs, labels: torch.Tensor) -> str:
-    """sha256 over the encoded training inputs and labels, in order (what the cache is keyed to)."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for name, value in sorted({**inputs, "labels": labels}.items()):
-        t = value.detach().cpu().contiguous()
-        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
 
 
 FEATURE_PREFIX = "feature:"  # cached teacher feature maps are stored as feature:<module name>
@@ -392,7 +373,7 @@ def teacher_logits_cache(
     assert cfg.teacher.cache is not None
     path = Path(cfg.teacher.cache)
     names = sorted({t.teacher for t in features})
-    spec = {"teacher_fingerprint": teacher_fingerprint(teacher.module), "dataset_fingerprint": _inputs_fingerprint(inputs, labels),
+    spec = {"teacher_fingerprint": teacher_fingerprint(teacher.module), "dataset_fingerprint": tensors_fingerprint({**inputs, "labels": labels}),
             "outputs": "classifier logits at temperature 1", "features": names}  # fmt: skip
     acc = s.accelerator
     if acc.is_main_process:

@@ -9,12 +9,10 @@ chunks and never builds ``(B, T, V)`` logits. The same student is then trained w
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
 import math
-import resource
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -81,7 +79,7 @@ from distil.training.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from distil.training.metrics import MetricsLog
+from distil.training.metrics import MetricsLog, peak_memory_mb, reset_peak_memory
 from distil.training.on_policy import (
     SamplingSettings,
     completion_batch,
@@ -147,27 +145,6 @@ def epoch_batches(
         drop_last=True,
         shuffle=shuffle,
     )
-
-
-def _peak_memory_reset(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    with contextlib.suppress(OSError):  # Linux: reset VmHWM so the peak covers training only
-        Path("/proc/self/clear_refs").write_text("5")
-
-
-def _peak_memory_mb(device: torch.device) -> dict[str, float]:
-    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    status = Path("/proc/self/status")
-    if status.is_file():
-        for line in status.read_text().splitlines():
-            if line.startswith(("VmHWM:", "VmRSS:")):
-                out["peak_rss_mb" if line.startswith("VmHWM") else "rss_mb"] = (
-                    int(line.split()[1]) / 1024
-                )
-    if device.type == "cuda":
-        out["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-    return out
 
 
 def train_phase(
@@ -237,8 +214,8 @@ def train_phase(
             for mb in bb.tensor_split(tcfg.grad_accum)
             for i in rank_slice(mb, rank=rank, world_size=world).tolist()
         ]
-    _peak_memory_reset(acc.device)
-    rss_at_start = _peak_memory_mb(acc.device).get("rss_mb", 0.0)
+    reset_peak_memory(acc.device)
+    rss_at_start = peak_memory_mb(acc.device).get("rss_mb", 0.0)
     t_start, tokens = time.perf_counter(), 0
     sparse_cache = isinstance(teacher, CachedTeacher) and not chunked
     on_policy_steps, generation_s = 0, 0.0
@@ -429,7 +406,7 @@ def train_phase(
             if on_policy_steps
             else {}
         ),
-        **_peak_memory_mb(acc.device),
+        **peak_memory_mb(acc.device),
         "rss_at_start_mb": rss_at_start,
     }
     log.log(summary, step=step, phase=phase)

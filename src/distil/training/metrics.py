@@ -3,13 +3,37 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import resource
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a fresh peak: CUDA's allocator statistics, and on Linux the process's ``VmHWM``."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_memory_mb(device: torch.device) -> dict[str, float]:
+    """``peak_rss_mb`` (``VmHWM`` on Linux, else ``ru_maxrss``; since the last
+    :func:`reset_peak_memory`), ``rss_mb`` now, and ``peak_cuda_mb`` on CUDA."""
+    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith(("VmHWM:", "VmRSS:")):
+                out["peak_rss_mb" if line.startswith("VmHWM") else "rss_mb"] = int(line.split()[1]) / 1024
+    if device.type == "cuda":
+        out["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
 
 
 class MetricsLog:
