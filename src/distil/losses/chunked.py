@@ -720,7 +720,8 @@ def _topk_closed_form_step(
 
 
 class _ChunkedTopKLoss(torch.autograd.Function):
-    """CE + bucketed forward KL over materialised logits, chunk by chunk, gradients in forward."""
+    """CE + forward KL to sparse targets (top-k + tail bucket, and/or weighted drawn ids) over
+    materialised logits, chunk by chunk, gradients computed in the forward pass."""
 
     @staticmethod
     def forward(

@@ -408,7 +408,10 @@ def sampled_divergence(
 
     ``D̂ = (1/n)·Σ_i t(p_{v_i}, q_{v_i}) / r_{v_i}`` with ``v_i ~ r``; ``E[D̂] = Σ_v t(p_v, q_v)``.
     Every term is ``>= 0``, so every estimate is ``>= 0``. Teacher and proposal probabilities
-    are only needed at the sampled ids.
+    are only needed at the sampled ids. The price of that guarantee is gradient noise: the
+    pointwise terms carry ``q/r`` weights that explode where the student puts mass the proposal
+    rarely draws. For training with forward KL, :func:`~distil.losses.objective.token_objective_sparse`
+    uses the plain estimator of :func:`~distil.losses.chunked.chunked_sampled_logits_loss` instead.
 
     Args:
         student_logits: shape ``(..., V)``.
