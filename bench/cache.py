@@ -81,9 +81,14 @@ def main() -> None:
     teacher_section, teacher_desc = _teacher_section(args.teacher, work)
     base: dict[str, Any] = {
         "tokenizer": str(args.teacher) if "hf" in teacher_section else str(work / "tok"),
-        "data": {"builtin": "stdlib", "corpus_max_bytes": 2_000_000, "max_length": args.seq, "train_limit": args.examples},
+        "data": {
+            "builtin": "stdlib",
+            "corpus_max_bytes": 2_000_000,
+            "max_length": args.seq,
+            "train_limit": args.examples,
+        },
         "teacher": {**teacher_section, "device": "cpu"},
-    }  # fmt: skip
+    }
     rows: list[dict[str, Any]] = []
 
     def emit(row: dict[str, Any]) -> None:
@@ -96,8 +101,13 @@ def main() -> None:
     model = load_teacher_model(cfg0.teacher, tok)
     vocab = tokenizer_vocab_size(tok)
     data = load_lm_data(cfg0.data, tok, work / "data", _OneProcess())
-    live = LiveLMTeacher(model, vocab_size=vocab, device=torch.device("cpu"),
-                         dtype=torch_dtype(cfg0.teacher.dtype, model.dtype), output_device=torch.device("cpu"))  # fmt: skip
+    live = LiveLMTeacher(
+        model,
+        vocab_size=vocab,
+        device=torch.device("cpu"),
+        dtype=torch_dtype(cfg0.teacher.dtype, model.dtype),
+        output_device=torch.device("cpu"),
+    )
     batches = [
         data.collate(data.train, list(range(i, min(i + 8, len(data.train)))))
         for i in range(0, len(data.train), 8)
@@ -108,8 +118,16 @@ def main() -> None:
     forward_s = time.perf_counter() - t0
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     supervised = int(data.targets_per_example.sum())
-    emit({"what": "teacher forward", "teacher": teacher_desc, "vocab": vocab, "tokens": tokens,
-          "seconds": forward_s, "tokens_per_s": tokens / forward_s})  # fmt: skip
+    emit(
+        {
+            "what": "teacher forward",
+            "teacher": teacher_desc,
+            "vocab": vocab,
+            "tokens": tokens,
+            "seconds": forward_s,
+            "tokens_per_s": tokens / forward_s,
+        }
+    )
     for name, bpt in (
         ("dense fp32 logits", 4.0 * vocab),
         ("dense bf16 logits", 2.0 * vocab),
@@ -123,8 +141,21 @@ def main() -> None:
     ]
     for k, value_dtype, targets in settings:
         out = work / f"k{k}-{value_dtype}-{targets}"
-        cfg = CacheConfig.model_validate({**base, "cache": {"out": str(out), "k": k, "value_dtype": value_dtype, "targets": targets,
-                                                             "num_samples": k, "examples_per_shard": 16, "batch_size": 8, "device": "cpu"}})  # fmt: skip
+        cfg = CacheConfig.model_validate(
+            {
+                **base,
+                "cache": {
+                    "out": str(out),
+                    "k": k,
+                    "value_dtype": value_dtype,
+                    "targets": targets,
+                    "num_samples": k,
+                    "examples_per_shard": 16,
+                    "batch_size": 8,
+                    "device": "cpu",
+                },
+            }
+        )
         t0 = time.perf_counter()
         result = write_cache(cfg)
         total_s = time.perf_counter() - t0
@@ -150,14 +181,23 @@ def main() -> None:
                 + shown
                 + "\n"
             )
-        emit({
-            "what": "cache", "k": k, "value_dtype": value_dtype, "targets": targets, "supervised_tokens": manifest["num_positions"],
-            "bytes": manifest["total_bytes"], "bytes_per_token": manifest["bytes_per_position"],
-            "topk_mass": manifest["topk_mass_mean"], "write_tokens_per_s": result.tokens_read / result.seconds,
-            "write_vs_forward": (result.tokens_read / result.seconds) / (tokens / forward_s),
-            "write_call_s": total_s, "read_tokens_per_s": supervised / read_s,
-            "dense_read_tokens_per_s": None if dense_s is None else supervised / dense_s,
-        })  # fmt: skip
+        emit(
+            {
+                "what": "cache",
+                "k": k,
+                "value_dtype": value_dtype,
+                "targets": targets,
+                "supervised_tokens": manifest["num_positions"],
+                "bytes": manifest["total_bytes"],
+                "bytes_per_token": manifest["bytes_per_position"],
+                "topk_mass": manifest["topk_mass_mean"],
+                "write_tokens_per_s": result.tokens_read / result.seconds,
+                "write_vs_forward": (result.tokens_read / result.seconds) / (tokens / forward_s),
+                "write_call_s": total_s,
+                "read_tokens_per_s": supervised / read_s,
+                "dense_read_tokens_per_s": None if dense_s is None else supervised / dense_s,
+            }
+        )
 
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "cache.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -171,7 +211,7 @@ def main() -> None:
         "",
         "| cache | bytes/token | kept mass | write tok/s | write / forward | read tok/s (sparse) | read tok/s (dense logits) |",
         "|---|---:|---:|---:|---:|---:|---:|",
-    ]  # fmt: skip
+    ]
     for r in rows:
         if r["what"] == "cache":
             name = f"sampled {r['k']} ids" if r["targets"] == "sampled" else f"top-{r['k']}"
@@ -180,8 +220,10 @@ def main() -> None:
                 if r["dense_read_tokens_per_s"] is None
                 else f"{r['dense_read_tokens_per_s']:,.0f}"
             )
-            lines.append(f"| {name} {r['value_dtype']} | {r['bytes_per_token']:.1f} | {r['topk_mass']:.4f} | "
-                         f"{r['write_tokens_per_s']:,.0f} | {r['write_vs_forward']:.2f} | {r['read_tokens_per_s']:,.0f} | {dense} |")  # fmt: skip
+            lines.append(
+                f"| {name} {r['value_dtype']} | {r['bytes_per_token']:.1f} | {r['topk_mass']:.4f} | "
+                f"{r['write_tokens_per_s']:,.0f} | {r['write_vs_forward']:.2f} | {r['read_tokens_per_s']:,.0f} | {dense} |"
+            )
     for r in rows:
         if r["what"] == "reference":
             lines.append(f"| {r['name']} | {r['bytes_per_token']:,.0f} | | | | | |")

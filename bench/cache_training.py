@@ -59,9 +59,11 @@ def main() -> None:
         "--samples", type=int, default=8, help="ids per position of the sampled cache (0: none)"
     )
     ap.add_argument(
-        "--tails", nargs="*", default=["8:4", "8:6"],
+        "--tails",
+        nargs="*",
+        default=["8:4", "8:6"],
         help="top-k caches with sampled tail ids, as K:M (k exact ids + m ids drawn from the tail)",
-    )  # fmt: skip
+    )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", type=Path, default=BENCH / "artifacts" / "cache_training")
     a = ap.parse_args()
@@ -73,8 +75,14 @@ def main() -> None:
         f"data.train_limit={a.examples}",
         f"run.cpu_threads={a.threads}",
     ]
-    train = [*data, f"train.max_steps={steps}", "eval.baseline=false", "run.log_with=[]", "eval.generation.prompts=1",
-             f"train.checkpoint_every={steps}"]  # fmt: skip
+    train = [
+        *data,
+        f"train.max_steps={steps}",
+        "eval.baseline=false",
+        "run.log_with=[]",
+        "eval.generation.prompts=1",
+        f"train.checkpoint_every={steps}",
+    ]
     caches: dict[str, list[str]] = {f"top-{k}": [f"cache.k={k}"] for k in a.ks}
     if a.samples:
         caches[f"sampled {a.samples}"] = [
@@ -103,12 +111,22 @@ def main() -> None:
         report = json.loads((run_dir / "report.json").read_text())
         row = next(r for r in report["table"]["rows"] if r["model"] == "student (KD)")
         summary = json.loads((run_dir / "student" / "summary.json").read_text())
-        rec: dict[str, Any] = {"run": name, "run_dir": rel(run_dir), "perplexity": row["perplexity"],
-                               "kl_teacher_student": row["kl_teacher_student"], "agreement": row["agreement"],
-                               "train_tokens_per_s": summary["tokens_per_s"], "train_wall_s": summary["train_wall_s"]}  # fmt: skip
+        rec: dict[str, Any] = {
+            "run": name,
+            "run_dir": rel(run_dir),
+            "perplexity": row["perplexity"],
+            "kl_teacher_student": row["kl_teacher_student"],
+            "agreement": row["agreement"],
+            "train_tokens_per_s": summary["tokens_per_s"],
+            "train_wall_s": summary["train_wall_s"],
+        }
         if cache is not None:
             manifest = json.loads((cache / "manifest.json").read_text())
-            rec |= {"cache": rel(cache), "bytes_per_token": manifest["bytes_per_position"], "kept_mass": manifest["topk_mass_mean"]}  # fmt: skip
+            rec |= {
+                "cache": rel(cache),
+                "bytes_per_token": manifest["bytes_per_position"],
+                "kept_mass": manifest["topk_mass_mean"],
+            }
         records.append(rec)
     live = records[0]
     for rec in records:
@@ -119,7 +137,11 @@ def main() -> None:
     with (results / "cache_training.jsonl").open("w") as f:
         for rec in records:
             f.write(json.dumps(rec) + "\n")
-    teacher_ppl = next(r for r in json.loads((runs["live teacher"][0] / "report.json").read_text())["table"]["rows"] if r["model"] == "teacher")["perplexity"]  # fmt: skip
+    teacher_ppl = next(
+        r
+        for r in json.loads((runs["live teacher"][0] / "report.json").read_text())["table"]["rows"]
+        if r["model"] == "teacher"
+    )["perplexity"]
     lines = [
         "# Training from teacher-output caches vs the live teacher (`bench/cache_training.py`)",
         "",

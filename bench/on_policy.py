@@ -139,19 +139,41 @@ def _data_section(work: Path) -> Any:
 def run_distil(work: Path, teacher: Path, out: Path, fraction: float) -> dict[str, Any]:
     """``distil run lm_kd`` through its CLI on the pairs (prompt_completion format)."""
     overrides = [
-        f"teacher.hf={teacher}", "student.init=checkpoint", f"student.hf={work / 'student-init'}", "student.spec=null",
-        "data.builtin=null", f"data.train_files=[{work / 'train.jsonl'}]", f"data.eval_files=[{work / 'eval.jsonl'}]",
-        "data.format=prompt_completion", f"data.max_length={MAX_LENGTH}",
-        f"train.max_steps={STEPS}", f"train.batch_size={BATCH}", f"train.lr={LR}", "train.scheduler=linear",
-        "train.warmup_steps=0", "train.max_grad_norm=1.0", "train.checkpoint_every=100000",
-        "kd.kd_weight=1.0", "kd.kd_temperature=1.0", "kd.divergence=generalized_jsd",
+        f"teacher.hf={teacher}",
+        "student.init=checkpoint",
+        f"student.hf={work / 'student-init'}",
+        "student.spec=null",
+        "data.builtin=null",
+        f"data.train_files=[{work / 'train.jsonl'}]",
+        f"data.eval_files=[{work / 'eval.jsonl'}]",
+        "data.format=prompt_completion",
+        f"data.max_length={MAX_LENGTH}",
+        f"train.max_steps={STEPS}",
+        f"train.batch_size={BATCH}",
+        f"train.lr={LR}",
+        "train.scheduler=linear",
+        "train.warmup_steps=0",
+        "train.max_grad_norm=1.0",
+        "train.checkpoint_every=100000",
+        "kd.kd_weight=1.0",
+        "kd.kd_temperature=1.0",
+        "kd.divergence=generalized_jsd",
         f"kd.divergence_params={{beta: {BETA}}}",
-        f"on_policy.fraction={fraction}", "on_policy.sampling_temperature=1.0", "on_policy.top_p=1.0",
-        f"on_policy.max_new_tokens={NEW_TOKENS}", "eval.baseline=false", "eval.generation.prompts=0",
-        "run.log_with=[]", f"seed={SEED}",
-    ]  # fmt: skip
-    proc = subprocess.run([sys.executable, "-m", "distil", "run", "lm_kd", *overrides, "--run-dir", str(out)],
-                          capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+        f"on_policy.fraction={fraction}",
+        "on_policy.sampling_temperature=1.0",
+        "on_policy.top_p=1.0",
+        f"on_policy.max_new_tokens={NEW_TOKENS}",
+        "eval.baseline=false",
+        "eval.generation.prompts=0",
+        "run.log_with=[]",
+        f"seed={SEED}",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "distil", "run", "lm_kd", *overrides, "--run-dir", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-3000:])
     summary = json.loads((out / "student" / "summary.json").read_text())
@@ -198,7 +220,14 @@ def run_trl(work: Path, teacher_dir: Path, out: Path, fraction: float) -> dict[s
     tok = AutoTokenizer.from_pretrained(teacher_dir)
     rows = [json.loads(line) for line in (work / "trl_rows.jsonl").read_text().splitlines()]
     ds = Dataset.from_list(rows)
-    record: dict[str, list[Any]] = {"gen_s": [], "step_s": [], "on_policy": [], "losses": [], "targets": [], "num_items": []}  # fmt: skip
+    record: dict[str, list[Any]] = {
+        "gen_s": [],
+        "step_s": [],
+        "on_policy": [],
+        "losses": [],
+        "targets": [],
+        "num_items": [],
+    }
 
     class Clock(TrainerCallback):
         def on_train_begin(self, *args: Any, **kwargs: Any) -> None:
@@ -231,7 +260,13 @@ def run_trl(work: Path, teacher_dir: Path, out: Path, fraction: float) -> dict[s
             record["gen_s"][-1] += time.perf_counter() - start
             return result
 
-        def compute_loss(self, model: Any, inputs: Any, return_outputs: bool = False, num_items_in_batch: Any = None) -> Any:  # fmt: skip
+        def compute_loss(
+            self,
+            model: Any,
+            inputs: Any,
+            return_outputs: bool = False,
+            num_items_in_batch: Any = None,
+        ) -> Any:
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             record["losses"].append(float((result[0] if return_outputs else result).detach()))
             record["targets"].append(int((inputs["labels"][:, 1:] != -100).sum()))
@@ -240,22 +275,56 @@ def run_trl(work: Path, teacher_dir: Path, out: Path, fraction: float) -> dict[s
     clock = Clock()
     with tempfile.TemporaryDirectory() as tmp:
         args = GKDConfig(
-            output_dir=tmp, per_device_train_batch_size=BATCH, gradient_accumulation_steps=1, max_steps=STEPS,
-            learning_rate=LR, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-            optim="adamw_torch", seed=SEED, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
-            train_sampling_strategy="sequential", logging_steps=10, report_to="none", save_strategy="no",
-            eval_strategy="no", disable_tqdm=True, max_length=256, lmbda=fraction, beta=BETA, temperature=1.0,
-            max_new_tokens=NEW_TOKENS, seq_kd=False, disable_dropout=True, bf16=False, fp16=False,
+            output_dir=tmp,
+            per_device_train_batch_size=BATCH,
+            gradient_accumulation_steps=1,
+            max_steps=STEPS,
+            learning_rate=LR,
+            lr_scheduler_type="linear",
+            warmup_steps=0,
+            weight_decay=0.0,
+            max_grad_norm=1.0,
+            optim="adamw_torch",
+            seed=SEED,
+            use_cpu=not torch.cuda.is_available(),
+            dataloader_num_workers=0,
+            train_sampling_strategy="sequential",
+            logging_steps=10,
+            report_to="none",
+            save_strategy="no",
+            eval_strategy="no",
+            disable_tqdm=True,
+            max_length=256,
+            lmbda=fraction,
+            beta=BETA,
+            temperature=1.0,
+            max_new_tokens=NEW_TOKENS,
+            seq_kd=False,
+            disable_dropout=True,
+            bf16=False,
+            fp16=False,
             gradient_checkpointing=False,
-        )  # fmt: skip
-        trainer = Timed(model=student, teacher_model=teacher, args=args, train_dataset=ds,
-                        processing_class=tok, callbacks=[clock])  # fmt: skip
+        )
+        trainer = Timed(
+            model=student,
+            teacher_model=teacher,
+            args=args,
+            train_dataset=ds,
+            processing_class=tok,
+            callbacks=[clock],
+        )
         trainer.train()
         wall = time.perf_counter() - clock.start
         peak = _peak_mb()
         trainer.model.save_pretrained(out)
-    return {**record, "wall_s": wall, "peak_train_mb": peak, "threads": clock.threads, "student_dir": out,
-            "generation_config": trainer.generation_config.to_diff_dict()}  # fmt: skip
+    return {
+        **record,
+        "wall_s": wall,
+        "peak_train_mb": peak,
+        "threads": clock.threads,
+        "student_dir": out,
+        "generation_config": trainer.generation_config.to_diff_dict(),
+    }
 
 
 def _one(tool: str, fraction: float, rep: int, work: Path, teacher: Path) -> dict[str, Any]:
@@ -267,8 +336,23 @@ def _one(tool: str, fraction: float, rep: int, work: Path, teacher: Path) -> dic
         res = run_distil(work, teacher, out, fraction)
     else:
         env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-        cmd = [str(PEERS_PY), __file__, "--child", "--work", str(work), "--teacher", str(teacher),
-               "--out", str(out), "--fraction", str(fraction), "--steps", str(STEPS), "--new-tokens", str(NEW_TOKENS)]  # fmt: skip
+        cmd = [
+            str(PEERS_PY),
+            __file__,
+            "--child",
+            "--work",
+            str(work),
+            "--teacher",
+            str(teacher),
+            "--out",
+            str(out),
+            "--fraction",
+            str(fraction),
+            "--steps",
+            str(STEPS),
+            "--new-tokens",
+            str(NEW_TOKENS),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if proc.returncode != 0 or line is None:
@@ -279,18 +363,33 @@ def _one(tool: str, fraction: float, rep: int, work: Path, teacher: Path) -> dic
     per_step = res["wall_s"] / steps
     rec = {
         "tool": {"distil": "distil-lm_kd", "trl": "trl-GKDTrainer"}[tool],
-        "lambda": fraction, "beta": BETA, "rep": rep, "steps": steps, "on_policy_steps": sum(res["on_policy"]),
-        "wall_s": round(res["wall_s"], 3), "s_per_step": round(per_step, 4),
-        "gen_s_per_step": round(gen_total / steps, 4), "train_s_per_step": round(per_step - gen_total / steps, 4),
+        "lambda": fraction,
+        "beta": BETA,
+        "rep": rep,
+        "steps": steps,
+        "on_policy_steps": sum(res["on_policy"]),
+        "wall_s": round(res["wall_s"], 3),
+        "s_per_step": round(per_step, 4),
+        "gen_s_per_step": round(gen_total / steps, 4),
+        "train_s_per_step": round(per_step - gen_total / steps, 4),
         "gen_s_per_sampled_step": round(gen_total / max(1, sum(res["on_policy"])), 4),
-        "median_step_s_after_first": round(statistics.median(res["step_s"][1:]), 4) if len(res["step_s"]) > 1 else None,
-        "peak_train_mb": round(res["peak_train_mb"], 1), "first_loss": round(res["losses"][0], 6),
-        "final_loss": round(statistics.fmean(res["losses"][-5:]), 6), "threads": res.get("threads"),
-        "load_avg_1m_before": round(load, 2), "load_avg_1m_after": round(os.getloadavg()[0], 2),
+        "median_step_s_after_first": round(statistics.median(res["step_s"][1:]), 4)
+        if len(res["step_s"]) > 1
+        else None,
+        "peak_train_mb": round(res["peak_train_mb"], 1),
+        "first_loss": round(res["losses"][0], 6),
+        "final_loss": round(statistics.fmean(res["losses"][-5:]), 6),
+        "threads": res.get("threads"),
+        "load_avg_1m_before": round(load, 2),
+        "load_avg_1m_after": round(os.getloadavg()[0], 2),
         "student_dir": _rel(Path(res["student_dir"])),
-        "per_step": {"on_policy": res["on_policy"], "gen_s": [round(v, 4) for v in res["gen_s"]],
-                     "step_s": [round(v, 4) for v in res["step_s"]], "loss": [round(v, 6) for v in res["losses"]]},
-    }  # fmt: skip
+        "per_step": {
+            "on_policy": res["on_policy"],
+            "gen_s": [round(v, 4) for v in res["gen_s"]],
+            "step_s": [round(v, 4) for v in res["step_s"]],
+            "loss": [round(v, 6) for v in res["losses"]],
+        },
+    }
     if tool == "trl":
         rec["per_step"] |= {"targets": res["targets"], "num_items_in_batch": res["num_items"]}
         rec["trl_generation_config"] = res["generation_config"]
@@ -305,7 +404,12 @@ def _median(rs: list[dict[str, Any]], key: str) -> float:
 def _fastest(rs: list[dict[str, Any]], sampled: int) -> str:
     """The fastest off-policy (0) or on-policy (1) step over all reps, the first step of each run
     left out: on a shared machine the lower envelope is the least noisy estimate of a step's cost."""
-    times = [t for r in rs for t, o in list(zip(r["per_step"]["step_s"], r["per_step"]["on_policy"], strict=True))[1:] if o == sampled]  # fmt: skip
+    times = [
+        t
+        for r in rs
+        for t, o in list(zip(r["per_step"]["step_s"], r["per_step"]["on_policy"], strict=True))[1:]
+        if o == sampled
+    ]
     return f"{min(times):.2f}" if times else "-"
 
 
@@ -318,7 +422,7 @@ def table(records: list[dict[str, Any]], quality: dict[str, dict[str, float]]) -
         "| tool | λ | reps | steps (sampled) | s/step (median) | s/step per rep | gen s/step | train s/step | s/step distil/TRL | "
         "median s/step after step 1 (distil/TRL) | fastest step s, off / on-policy | gen s per sampled step | held-out KL(t‖s) | held-out ppl | peak RSS MB | first loss |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]  # fmt: skip
+    ]
     for (tool, lam), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         trl = groups.get(("trl-GKDTrainer", lam))
         other = trl is not None and tool != "trl-GKDTrainer"
@@ -335,7 +439,7 @@ def table(records: list[dict[str, Any]], quality: dict[str, dict[str, float]]) -
             f"{_median(rs, 'train_s_per_step'):.3f} | {ratio} | {steady_text} | {_fastest(rs, 0)} / {_fastest(rs, 1)} | {_median(rs, 'gen_s_per_sampled_step'):.3f} | "
             f"{q.get('kl_teacher_student', float('nan')):.4f} | {q.get('perplexity', float('nan')):.1f} | "
             f"{_median(rs, 'peak_train_mb'):,.0f} | {rs[-1]['first_loss']:.4f} |"
-        )  # fmt: skip
+        )
     for name in ("student init (untrained)", "teacher"):
         if name in quality:
             q = quality[name]
@@ -383,7 +487,7 @@ def main() -> None:
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--fraction", type=float, help=argparse.SUPPRESS)
-    args = ap.parse_args()  # fmt: skip
+    args = ap.parse_args()
     STEPS, NEW_TOKENS = args.steps, args.new_tokens
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     if args.child:
@@ -431,11 +535,17 @@ def report(
         for r in last.values():
             quality[r["student_dir"]] = evaluate(ROOT / r["student_dir"], teacher, work)
         quality["student init (untrained)"] = evaluate(work / "student-init", teacher, work)
-        quality["teacher"] = {"perplexity": float(np.exp(quality["student init (untrained)"]["teacher_ce"])),
-                              "kl_teacher_student": 0.0}  # fmt: skip
+        quality["teacher"] = {
+            "perplexity": float(np.exp(quality["student init (untrained)"]["teacher_ce"])),
+            "kl_teacher_student": 0.0,
+        }
         with results.open("a") as f:
-            f.write(json.dumps({"quality": quality, "work": _rel(work), "rep": args.rep,
-                                "time_utc": when}) + "\n")  # fmt: skip
+            f.write(
+                json.dumps(
+                    {"quality": quality, "work": _rel(work), "rep": args.rep, "time_utc": when}
+                )
+                + "\n"
+            )
     failed = [r for r in mine if "error" in r and r["rep"] == args.rep]
     md = [table(records, quality)]
     for r in failed:
@@ -444,8 +554,11 @@ def report(
         f"\nStudents evaluated {when}; table written by `{' '.join(['python', _rel(Path(__file__)), *sys.argv[1:]])}`; "
         f"torch {torch.__version__}, Python {platform.python_version()}, {os.cpu_count()} CPUs, "
         f"{args.threads} thread(s) per tool; 1-minute load average before/after each run: "
-        + ", ".join(f"{r['tool']} λ={r['lambda']:g} rep {r['rep']} {r['load_avg_1m_before']}/{r['load_avg_1m_after']}" for r in records)
-    )  # fmt: skip
+        + ", ".join(
+            f"{r['tool']} λ={r['lambda']:g} rep {r['rep']} {r['load_avg_1m_before']}/{r['load_avg_1m_after']}"
+            for r in records
+        )
+    )
     text = "\n".join(md)
     md_path = results.with_suffix(".md")
     old = md_path.read_text() if md_path.is_file() else ""

@@ -105,25 +105,45 @@ def prepare_folders() -> tuple[Path, Path]:
 
 
 def distil_config(
-    *, teacher: Path, student: Path, train_teacher: bool, epochs: int, train_limit: int | None,
-    hidden: bool, baseline: bool, student_steps: int | None = None, test_fraction: float = 0.25,
-) -> dict[str, Any]:  # fmt: skip
+    *,
+    teacher: Path,
+    student: Path,
+    train_teacher: bool,
+    epochs: int,
+    train_limit: int | None,
+    hidden: bool,
+    baseline: bool,
+    student_steps: int | None = None,
+    test_fraction: float = 0.25,
+) -> dict[str, Any]:
     """The ``classifier_kd`` config of one run."""
     kwargs = {"max_length": MAX_LENGTH}
     training = {
-        "epochs": epochs, "batch_size": BATCH, "lr": LR, "weight_decay": WEIGHT_DECAY, "optimizer": "adamw",
-        "scheduler": "linear", "warmup_steps": 0, "max_grad_norm": CLIP, "checkpoint_every": 1_000_000,
+        "epochs": epochs,
+        "batch_size": BATCH,
+        "lr": LR,
+        "weight_decay": WEIGHT_DECAY,
+        "optimizer": "adamw",
+        "scheduler": "linear",
+        "warmup_steps": 0,
+        "max_grad_norm": CLIP,
+        "checkpoint_every": 1_000_000,
         "eval_every_epoch": False,
-    }  # fmt: skip
+    }
     steps = _steps(train_limit, epochs)
     training["warmup_steps"] = int(WARMUP_FRACTION * steps)
     student_training = dict(training)
     if student_steps is not None:
         student_training.update(max_steps=student_steps, warmup_steps=0)
     features = [
-        {"student": f"bert.encoder.layer.{s}", "teacher": f"bert.encoder.layer.{t}", "loss": "hint", "weight": HIDDEN_WEIGHT}
+        {
+            "student": f"bert.encoder.layer.{s}",
+            "teacher": f"bert.encoder.layer.{t}",
+            "loss": "hint",
+            "weight": HIDDEN_WEIGHT,
+        }
         for s, t in HIDDEN_MAP
-    ]  # fmt: skip
+    ]
     return {
         "recipe": "classifier_kd",
         "seed": SEED,
@@ -174,8 +194,12 @@ def run_distil(name: str, cfg: dict[str, Any]) -> Path:
     cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     log(f"{name}: distil run {cfg_path.relative_to(ROOT)} --run-dir {run_dir.relative_to(ROOT)}")
     with open(WORK / f"{name}.log", "w") as out:
-        proc = subprocess.run([sys.executable, "-m", "distil", "run", str(cfg_path), "--run-dir", str(run_dir)],
-                              stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)  # fmt: skip
+        proc = subprocess.run(
+            [sys.executable, "-m", "distil", "run", str(cfg_path), "--run-dir", str(run_dir)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
     if proc.returncode != 0:
         raise RuntimeError(f"{name} failed; see {WORK / f'{name}.log'}")
     return run_dir
@@ -188,8 +212,16 @@ def fine_tune_teacher(
 
     Returns the fine-tuned teacher folder (``<run>/teacher/final`` plus the tokenizer) and the run.
     """
-    cfg = distil_config(teacher=teacher_init, student=WORK / "student-init", train_teacher=True, epochs=epochs,
-                        train_limit=train_limit, hidden=False, baseline=False, student_steps=1)  # fmt: skip
+    cfg = distil_config(
+        teacher=teacher_init,
+        student=WORK / "student-init",
+        train_teacher=True,
+        epochs=epochs,
+        train_limit=train_limit,
+        hidden=False,
+        baseline=False,
+        student_steps=1,
+    )
     run_dir = run_distil(
         f"teacher-e{epochs}" + ("" if train_limit is None else f"-n{train_limit}"), cfg
     )
@@ -247,8 +279,16 @@ def textbrewer_worker(args: argparse.Namespace) -> None:
     from distil.training.batches import global_batches
     from distil.training.optim import build_optimizer, build_scheduler
 
-    spec = distil_config(teacher=Path(args.teacher), student=Path(args.student), train_teacher=False, epochs=args.epochs,
-                         train_limit=args.train_limit, hidden=args.hidden, baseline=False, test_fraction=args.test_fraction)  # fmt: skip
+    spec = distil_config(
+        teacher=Path(args.teacher),
+        student=Path(args.student),
+        train_teacher=False,
+        epochs=args.epochs,
+        train_limit=args.train_limit,
+        hidden=args.hidden,
+        baseline=False,
+        test_fraction=args.test_fraction,
+    )
     cfg = Config.model_validate(spec)
     data = load_data(cfg)
     teacher = build_classifier(**cfg.teacher.model.model_dump(), data=data)
@@ -282,8 +322,11 @@ def textbrewer_worker(args: argparse.Namespace) -> None:
             )
             self.epoch += 1
             for index in order:
-                yield {"input_ids": train["input_ids"][index], "attention_mask": train["attention_mask"][index],
-                       "labels": labels[index]}  # fmt: skip
+                yield {
+                    "input_ids": train["input_ids"][index],
+                    "attention_mask": train["attention_mask"][index],
+                    "labels": labels[index],
+                }
 
     step = {"n": 0}
 
@@ -306,8 +349,12 @@ def textbrewer_worker(args: argparse.Namespace) -> None:
         }
 
     def adaptor_s(batch: dict[str, torch.Tensor], out: Any) -> dict[str, Any]:
-        return {"logits": out.logits, "hidden": out.hidden_states, "inputs_mask": batch["attention_mask"],
-                "losses": out.loss}  # fmt: skip
+        return {
+            "logits": out.logits,
+            "hidden": out.hidden_states,
+            "inputs_mask": batch["attention_mask"],
+            "losses": out.loss,
+        }
 
     matches = [
         {
@@ -319,8 +366,12 @@ def textbrewer_worker(args: argparse.Namespace) -> None:
         }
         for s_, t in HIDDEN_MAP
     ]  # hidden_states[0] is the embedding output: block i is hidden_states[i + 1]
-    optimizer = build_optimizer(student.module.parameters(), name=tcfg.optimizer.value, lr=tcfg.lr,
-                                weight_decay=tcfg.weight_decay)  # fmt: skip
+    optimizer = build_optimizer(
+        student.module.parameters(),
+        name=tcfg.optimizer.value,
+        lr=tcfg.lr,
+        weight_decay=tcfg.weight_decay,
+    )
 
     def scheduler(optimizer: Any) -> Any:
         return build_scheduler(
@@ -336,8 +387,13 @@ def textbrewer_worker(args: argparse.Namespace) -> None:
             ckpt_frequency=1,
             ckpt_epoch_frequency=tcfg.epochs,
         )  # one save, at the end
-        d_config = DistillationConfig(temperature=T, kd_loss_type="ce", kd_loss_weight=w * T * T,
-                                      hard_label_weight=1 - w, intermediate_matches=matches if args.hidden else [])  # fmt: skip
+        d_config = DistillationConfig(
+            temperature=T,
+            kd_loss_type="ce",
+            kd_loss_weight=w * T * T,
+            hard_label_weight=1 - w,
+            intermediate_matches=matches if args.hidden else [],
+        )
         kind = GeneralDistiller if args.hidden else BasicDistiller
         distiller = kind(t_config, d_config, teacher.module, student.module, adaptor_t, adaptor_s)
         plain_write = distiller.write_loss
@@ -350,9 +406,16 @@ def textbrewer_worker(args: argparse.Namespace) -> None:
         teacher.module.eval()
         student.module.train()
         start = time.perf_counter()
-        distiller.train(optimizer, DistilOrder(), num_epochs=tcfg.epochs, scheduler_class=scheduler, scheduler_args={},
-                        max_grad_norm=tcfg.max_grad_norm or -1.0, batch_postprocessor=same_dropout,
-                        output_hidden_states=args.hidden)  # fmt: skip
+        distiller.train(
+            optimizer,
+            DistilOrder(),
+            num_epochs=tcfg.epochs,
+            scheduler_class=scheduler,
+            scheduler_args={},
+            max_grad_norm=tcfg.max_grad_norm or -1.0,
+            batch_postprocessor=same_dropout,
+            output_hidden_states=args.hidden,
+        )
         wall = time.perf_counter() - start
     logits = metrics.predict_logits(student.module, test)
     out = Path(args.out)
@@ -361,11 +424,21 @@ def textbrewer_worker(args: argparse.Namespace) -> None:
     kl_equiv = [v - w * T * T * h for v, h in zip(losses, entropy, strict=True)]
     import textbrewer
 
-    (out / "result.json").write_text(json.dumps({
-        "wall_s": wall, "steps": len(losses), "samples": len(losses) * tcfg.batch_size, "threads": torch.get_num_threads(),
-        "first_loss": kl_equiv[0], "last_loss": kl_equiv[-1], "first_loss_textbrewer": losses[0],
-        "accuracy": metrics.accuracy(logits, torch.from_numpy(data.test.labels)), "textbrewer": textbrewer.__version__,
-    }))  # fmt: skip
+    (out / "result.json").write_text(
+        json.dumps(
+            {
+                "wall_s": wall,
+                "steps": len(losses),
+                "samples": len(losses) * tcfg.batch_size,
+                "threads": torch.get_num_threads(),
+                "first_loss": kl_equiv[0],
+                "last_loss": kl_equiv[-1],
+                "first_loss_textbrewer": losses[0],
+                "accuracy": metrics.accuracy(logits, torch.from_numpy(data.test.labels)),
+                "textbrewer": textbrewer.__version__,
+            }
+        )
+    )
 
 
 def run_textbrewer(
@@ -381,8 +454,19 @@ def run_textbrewer(
     if (out / "result.json").is_file():
         log(f"{name}: reusing {out}")
         return out
-    cmd = [str(PEERS_PY), str(Path(__file__).resolve()), "--textbrewer-worker", "--teacher", str(teacher),
-           "--student", str(student), "--out", str(out), "--epochs", str(epochs)]  # fmt: skip
+    cmd = [
+        str(PEERS_PY),
+        str(Path(__file__).resolve()),
+        "--textbrewer-worker",
+        "--teacher",
+        str(teacher),
+        "--student",
+        str(student),
+        "--out",
+        str(out),
+        "--epochs",
+        str(epochs),
+    ]
     if train_limit is not None:
         cmd += ["--train-limit", str(train_limit)]
     if hidden:
@@ -434,18 +518,35 @@ def collect(
     t_logits, labels = _test_logits(eval_file, "teacher"), _test_logits(eval_file, "labels")
     teacher_row = kd_rows["teacher"]
     t_time = distil_timing(teacher_run, "teacher")
-    rows: list[dict[str, Any]] = [{
-        "row": "teacher: MiniLM-L6 fine-tuned (distil, CE)", "tool": "distil", "accuracy": teacher_row["accuracy"],
-        "agreement": 1.0, "train_wall_s": t_time["wall_s"], "train_samples": t_time["steps"] * BATCH,
-        "first_loss": t_time["first_loss"], "last_loss": t_time["last_loss"], "params": teacher_row["params"],
-        "infer_per_s": teacher_row["throughput_per_s"],
-    }]  # fmt: skip
+    rows: list[dict[str, Any]] = [
+        {
+            "row": "teacher: MiniLM-L6 fine-tuned (distil, CE)",
+            "tool": "distil",
+            "accuracy": teacher_row["accuracy"],
+            "agreement": 1.0,
+            "train_wall_s": t_time["wall_s"],
+            "train_samples": t_time["steps"] * BATCH,
+            "first_loss": t_time["first_loss"],
+            "last_loss": t_time["last_loss"],
+            "params": teacher_row["params"],
+            "infer_per_s": teacher_row["throughput_per_s"],
+        }
+    ]
 
     def distil_row(label: str, run: Path, role: str, phase: str) -> dict[str, Any]:
         r, t = _report_rows(run)[role], distil_timing(run, phase)
-        return {"row": label, "tool": "distil", "accuracy": r["accuracy"], "agreement": r["agreement"],
-                "train_wall_s": t["wall_s"], "train_samples": t["steps"] * BATCH, "first_loss": t["first_loss"],
-                "last_loss": t["last_loss"], "params": r["params"], "infer_per_s": r["throughput_per_s"]}  # fmt: skip
+        return {
+            "row": label,
+            "tool": "distil",
+            "accuracy": r["accuracy"],
+            "agreement": r["agreement"],
+            "train_wall_s": t["wall_s"],
+            "train_samples": t["steps"] * BATCH,
+            "first_loss": t["first_loss"],
+            "last_loss": t["last_loss"],
+            "params": r["params"],
+            "infer_per_s": r["throughput_per_s"],
+        }
 
     rows.append(
         distil_row(
@@ -465,17 +566,27 @@ def collect(
                 "student",
             )
         )
-    for key, label, twin in (("textbrewer-kd", "student + logit KD", "distil-kd"),
-                             ("textbrewer-kd-hidden", "student + logit KD + hidden-state KD", "distil-kd-hidden")):  # fmt: skip
+    for key, label, twin in (
+        ("textbrewer-kd", "student + logit KD", "distil-kd"),
+        ("textbrewer-kd-hidden", "student + logit KD + hidden-state KD", "distil-kd-hidden"),
+    ):
         if key not in runs:
             continue
         res = json.loads((runs[key] / "result.json").read_text())
         logits = _test_logits(runs[key] / "test_logits.safetensors", "student")
-        row = {"row": label, "tool": f"TextBrewer {res['textbrewer']}", "accuracy": metrics.accuracy(logits, labels),
-               "agreement": metrics.agreement(logits, t_logits), "train_wall_s": res["wall_s"],
-               "train_samples": res["samples"], "first_loss": res["first_loss"], "last_loss": res["last_loss"],
-               "params": rows[2]["params"], "infer_per_s": None,
-               "first_loss_textbrewer_reported": res["first_loss_textbrewer"]}  # fmt: skip
+        row = {
+            "row": label,
+            "tool": f"TextBrewer {res['textbrewer']}",
+            "accuracy": metrics.accuracy(logits, labels),
+            "agreement": metrics.agreement(logits, t_logits),
+            "train_wall_s": res["wall_s"],
+            "train_samples": res["samples"],
+            "first_loss": res["first_loss"],
+            "last_loss": res["last_loss"],
+            "params": rows[2]["params"],
+            "infer_per_s": None,
+            "first_loss_textbrewer_reported": res["first_loss_textbrewer"],
+        }
         if twin in runs:
             twin_logits = _test_logits(runs[twin] / "eval" / "test_logits.safetensors", "student")
             row["agreement_with_distil_twin"] = metrics.agreement(logits, twin_logits)
@@ -508,7 +619,7 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "",
         "| row | tool | test acc | p vs scratch | agree w/ teacher | train wall s | train samples/s | speed vs distil KD | first loss | last loss | params | infer ex/s @ b32 |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]  # fmt: skip
+    ]
     for r in rows:
         infer = "-" if r["infer_per_s"] is None else f"{r['infer_per_s']:,.0f}"
         p = "-" if "mcnemar_p_vs_scratch" not in r else f"{r['mcnemar_p_vs_scratch']:.1g}"
@@ -516,13 +627,18 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             f"| {r['row']} | {r['tool']} | {r['accuracy']:.4f} | {p} | {r['agreement']:.4f} | {r['train_wall_s']:,.0f} | "
             f"{r['samples_per_s']:.1f} | {r['speed_vs_distil_kd']:.2f}x | {r['first_loss']:.4f} | {r['last_loss']:.4f} | "
             f"{r['params']:,} | {infer} |"
-        )  # fmt: skip
+        )
     twins = [r for r in rows if "agreement_with_distil_twin" in r]
     if twins:
-        lines += ["", "Parity (TextBrewer vs the distil run with the same objective): " + "; ".join(
-            f"{r['row']}: test predictions agree on {r['agreement_with_distil_twin']:.2%}, first loss "
-            f"{r['first_loss']:.4f} (TextBrewer reports {r['first_loss_textbrewer_reported']:.4f} = that + w·T²·H(teacher_T))"
-            for r in twins)]  # fmt: skip
+        lines += [
+            "",
+            "Parity (TextBrewer vs the distil run with the same objective): "
+            + "; ".join(
+                f"{r['row']}: test predictions agree on {r['agreement_with_distil_twin']:.2%}, first loss "
+                f"{r['first_loss']:.4f} (TextBrewer reports {r['first_loss_textbrewer_reported']:.4f} = that + w·T²·H(teacher_T))"
+                for r in twins
+            ),
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -561,8 +677,14 @@ def main() -> None:
     else:
         teacher, teacher_run = fine_tune_teacher(t_init, args.teacher_epochs, None)
     suffix = f"-{args.tag}" if args.tag else ""
-    common = {"teacher": teacher, "student": s_init, "train_teacher": False, "epochs": args.epochs,
-              "train_limit": args.train_limit, "test_fraction": args.test_fraction}  # fmt: skip
+    common = {
+        "teacher": teacher,
+        "student": s_init,
+        "train_teacher": False,
+        "epochs": args.epochs,
+        "train_limit": args.train_limit,
+        "test_fraction": args.test_fraction,
+    }
     runs = {
         "distil-kd": run_distil(
             f"distil-kd{suffix}", distil_config(**common, hidden=False, baseline=True)
@@ -576,8 +698,9 @@ def main() -> None:
         f"distil-kd-hidden{suffix}", distil_config(**common, hidden=True, baseline=False)
     )
     if not args.no_textbrewer_hidden:
-        runs["textbrewer-kd-hidden"] = run_textbrewer(f"textbrewer-kd-hidden{suffix}", *tb, hidden=True,
-                                                      test_fraction=args.test_fraction)  # fmt: skip
+        runs["textbrewer-kd-hidden"] = run_textbrewer(
+            f"textbrewer-kd-hidden{suffix}", *tb, hidden=True, test_fraction=args.test_fraction
+        )
     from distil.data.classification import load_rotten_tomatoes
 
     data = load_rotten_tomatoes(args.test_fraction, 0)
@@ -585,10 +708,17 @@ def main() -> None:
     import torch
     import transformers
 
-    meta = {"time_utc": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime()), "n_train": _n_train(args.train_limit),
-            "n_test": len(data.test), "epochs": args.epochs, "teacher_epochs": args.teacher_epochs,
-            "threads": int(os.environ.get("RT_THREADS", "1")), "load": " ".join(f"{v:.1f}" for v in os.getloadavg()),
-            "torch": torch.__version__, "transformers": transformers.__version__}  # fmt: skip
+    meta = {
+        "time_utc": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime()),
+        "n_train": _n_train(args.train_limit),
+        "n_test": len(data.test),
+        "epochs": args.epochs,
+        "teacher_epochs": args.teacher_epochs,
+        "threads": int(os.environ.get("RT_THREADS", "1")),
+        "load": " ".join(f"{v:.1f}" for v in os.getloadavg()),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
     results = WORK if args.smoke else BENCH / "results"
     stem = f"rotten_tomatoes{suffix}"
     with open(results / f"{stem}.jsonl", "w") as f:

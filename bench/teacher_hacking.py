@@ -31,10 +31,24 @@ from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
-STUDENT = ["student.init=scratch", "student.spec.num_layers=1", "student.spec.hidden_size=64", "student.spec.num_heads=2",
-           "student.spec.intermediate_size=256", "student.spec.max_context=256", "student.spec.tie_word_embeddings=true"]  # fmt: skip
-TEACHER = ["student.init=scratch", "student.spec.num_layers=2", "student.spec.hidden_size=128", "student.spec.num_heads=2",
-           "student.spec.intermediate_size=512", "student.spec.max_context=256", "student.spec.tie_word_embeddings=true"]  # fmt: skip
+STUDENT = [
+    "student.init=scratch",
+    "student.spec.num_layers=1",
+    "student.spec.hidden_size=64",
+    "student.spec.num_heads=2",
+    "student.spec.intermediate_size=256",
+    "student.spec.max_context=256",
+    "student.spec.tie_word_embeddings=true",
+]
+TEACHER = [
+    "student.init=scratch",
+    "student.spec.num_layers=2",
+    "student.spec.hidden_size=128",
+    "student.spec.num_heads=2",
+    "student.spec.intermediate_size=512",
+    "student.spec.max_context=256",
+    "student.spec.tie_word_embeddings=true",
+]
 QUIET = [
     "run.log_with=[]",
     "eval.generation.prompts=1",
@@ -85,8 +99,11 @@ def plot(runs: dict[str, Path], out: Path) -> None:
 
     fig = new_figure(11.0, 3.4)
     axes = fig.subplots(1, 3)
-    titles = {PROXY: "proxy: training divergence to the teacher", HELD_OUT: "held-out KL(teacher ‖ student)",
-              ORACLE: "golden: held-out KL(oracle ‖ student)"}  # fmt: skip
+    titles = {
+        PROXY: "proxy: training divergence to the teacher",
+        HELD_OUT: "held-out KL(teacher ‖ student)",
+        ORACLE: "golden: held-out KL(oracle ‖ student)",
+    }
     for ax, key in zip(axes, titles, strict=True):
         for i, (name, run_dir) in enumerate(runs.items()):
             points = series(run_dir).get(key, [])
@@ -115,7 +132,11 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", type=Path, default=BENCH / "artifacts" / "teacher_hacking")
-    ap.add_argument("--tag", default="", help="suffix of the result files and run folders (several settings side by side)")
+    ap.add_argument(
+        "--tag",
+        default="",
+        help="suffix of the result files and run folders (several settings side by side)",
+    )
     a = ap.parse_args()
     if not (a.oracle / "config.json").is_file():
         sys.exit(
@@ -126,22 +147,56 @@ def main() -> None:
     started = time.time()
     # 1. the teacher: distilled from the oracle on the whole corpus
     teacher_run = a.work / "teacher"
-    distil_run([f"teacher.hf={a.oracle}", *TEACHER, "kd.kd_weight=1", f"train.max_steps={a.teacher_steps}",
-                "train.lr=3e-3", "eval.baseline=false", *QUIET], teacher_run, a.threads)  # fmt: skip
+    distil_run(
+        [
+            f"teacher.hf={a.oracle}",
+            *TEACHER,
+            "kd.kd_weight=1",
+            f"train.max_steps={a.teacher_steps}",
+            "train.lr=3e-3",
+            "eval.baseline=false",
+            *QUIET,
+        ],
+        teacher_run,
+        a.threads,
+    )
     teacher = teacher_run / "student" / "final"
     # 2. the student, offline and online, with the monitor (oracle = golden measure)
-    common = [f"teacher.hf={teacher}", f"tokenizer={a.oracle}", *STUDENT, "kd.kd_weight=1", f"data.max_length={a.seq}",
-              f"data.train_limit={a.train_blocks}", f"train.max_steps={a.steps}", "train.epochs=100000", "train.batch_size=8", "train.lr=3e-3",
-              "train.warmup_steps=5", "eval.baseline=false", f"eval.monitor.every={a.every}", "eval.monitor.examples=16",
-              f"eval.monitor.oracle={a.oracle}", f"train.checkpoint_every={a.steps}", *QUIET]  # fmt: skip
+    common = [
+        f"teacher.hf={teacher}",
+        f"tokenizer={a.oracle}",
+        *STUDENT,
+        "kd.kd_weight=1",
+        f"data.max_length={a.seq}",
+        f"data.train_limit={a.train_blocks}",
+        f"train.max_steps={a.steps}",
+        "train.epochs=100000",
+        "train.batch_size=8",
+        "train.lr=3e-3",
+        "train.warmup_steps=5",
+        "eval.baseline=false",
+        f"eval.monitor.every={a.every}",
+        "eval.monitor.examples=16",
+        f"eval.monitor.oracle={a.oracle}",
+        f"train.checkpoint_every={a.steps}",
+        *QUIET,
+    ]
     half = a.seq // 2
     runs = {
         "offline (fixed blocks)": a.work / ("offline" + (f"-{a.tag}" if a.tag else "")),
         "online (student samples, λ=1)": a.work / ("online" + (f"-{a.tag}" if a.tag else "")),
     }
     distil_run(common, runs["offline (fixed blocks)"], a.threads)
-    distil_run([*common, "on_policy.fraction=1", f"on_policy.prompt_tokens={half}", f"on_policy.max_new_tokens={half}"],
-               runs["online (student samples, λ=1)"], a.threads)  # fmt: skip
+    distil_run(
+        [
+            *common,
+            "on_policy.fraction=1",
+            f"on_policy.prompt_tokens={half}",
+            f"on_policy.max_new_tokens={half}",
+        ],
+        runs["online (student samples, λ=1)"],
+        a.threads,
+    )
     # 3. the table and the plot
     results = BENCH / "results"
     results.mkdir(exist_ok=True)
@@ -152,12 +207,18 @@ def main() -> None:
         s = series(run_dir)
         m = report["monitor"]
         rec: dict[str, Any] = {
-            "run": name, "run_dir": rel(run_dir), "flag": m["flag"], "verdict": m["text"],
-            "oracle_kl_first": s["monitor/kl_oracle"][0][1], "oracle_kl_best": m.get("best"),
-            "oracle_kl_best_step": m.get("best_step"), "oracle_kl_last": m.get("last"),
-            "proxy_first": s["kd/raw"][0][1], "proxy_last": s["kd/raw"][-1][1],
+            "run": name,
+            "run_dir": rel(run_dir),
+            "flag": m["flag"],
+            "verdict": m["text"],
+            "oracle_kl_first": s["monitor/kl_oracle"][0][1],
+            "oracle_kl_best": m.get("best"),
+            "oracle_kl_best_step": m.get("best_step"),
+            "oracle_kl_last": m.get("last"),
+            "proxy_first": s["kd/raw"][0][1],
+            "proxy_last": s["kd/raw"][-1][1],
             "heldout_kl_teacher_last": s["monitor/kl_teacher"][-1][1],
-        }  # fmt: skip
+        }
         records.append(rec)
         lines.append(
             f"| {name} | {rec['proxy_first']:.3f} → {rec['proxy_last']:.3f} | {rec['heldout_kl_teacher_last']:.3f} | "

@@ -55,7 +55,9 @@ def resolve_config_path(spec: str) -> Path:
         return shipped[Path(RECIPES[spec].default_config).stem]
     close = difflib.get_close_matches(spec, [*shipped, *RECIPES], n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
-    raise ConfigError([f"{spec!r} is neither a YAML file nor a shipped config.{hint} See `distil recipes`."])
+    raise ConfigError(
+        [f"{spec!r} is neither a YAML file nor a shipped config.{hint} See `distil recipes`."]
+    )
 
 
 def load_config(spec: str, overrides: list[str]) -> tuple[str, Any, dict[str, Any]]:
@@ -65,11 +67,19 @@ def load_config(spec: str, overrides: list[str]) -> tuple[str, Any, dict[str, An
     recipe = data.get("recipe")
     if recipe is None and data.get("command") in CONFIG_COMMANDS:
         command = data["command"]
-        raise ConfigError([f"command: this is a `distil {command}` config, not a recipe's; run it with `distil {command} {spec}`"], source=str(path))
+        raise ConfigError(
+            [
+                f"command: this is a `distil {command}` config, not a recipe's; run it with `distil {command} {spec}`"
+            ],
+            source=str(path),
+        )
     if recipe not in RECIPES:
         close = difflib.get_close_matches(str(recipe), list(RECIPES), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ConfigError([f"recipe: {recipe!r} is not a recipe{hint} (known: {', '.join(RECIPES)})"], source=str(path))
+        raise ConfigError(
+            [f"recipe: {recipe!r} is not a recipe{hint} (known: {', '.join(RECIPES)})"],
+            source=str(path),
+        )
     module = load_recipe(recipe)
     cfg = validate_config(module.Config, data, source=str(path))
     return recipe, cfg, cfg.model_dump(mode="json")
@@ -80,23 +90,38 @@ def load_command_config(command: str, spec: str, overrides: list[str]) -> Any:
     path = resolve_config_path(spec)
     data = apply_overrides(load_yaml(path), overrides)
     if "recipe" in data:
-        raise ConfigError([f"recipe: this is a `distil run` config ({data['recipe']}); `distil {command}` takes one with "
-                           f"`command: {command}` (copy one with `distil cp {command} FILE`)"], source=str(path))
+        raise ConfigError(
+            [
+                f"recipe: this is a `distil run` config ({data['recipe']}); `distil {command}` takes one with "
+                f"`command: {command}` (copy one with `distil cp {command} FILE`)"
+            ],
+            source=str(path),
+        )
     module, _, name = CONFIG_COMMANDS[command].partition(":")
     return validate_config(getattr(importlib.import_module(module), name), data, source=str(path))
 
 
 def _fail(exc: Exception) -> None:
-    err_console.print(f"[bold red]error:[/bold red] {exc}", soft_wrap=True, markup=True, highlight=False)
+    err_console.print(
+        f"[bold red]error:[/bold red] {exc}", soft_wrap=True, markup=True, highlight=False
+    )
     raise typer.Exit(code=2)
 
 
 @app.command()
 def run(
-    config: Annotated[str, typer.Argument(help="YAML file or shipped config name")] = DEFAULT_CONFIG,
-    overrides: Annotated[list[str] | None, typer.Argument(help="dotted overrides, e.g. train.lr=3e-4")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="continue the newest run of this name (or --run-dir)")] = False,
-    run_dir: Annotated[Path | None, typer.Option("--run-dir", help="use exactly this run folder")] = None,
+    config: Annotated[
+        str, typer.Argument(help="YAML file or shipped config name")
+    ] = DEFAULT_CONFIG,
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="dotted overrides, e.g. train.lr=3e-4")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="continue the newest run of this name (or --run-dir)")
+    ] = False,
+    run_dir: Annotated[
+        Path | None, typer.Option("--run-dir", help="use exactly this run folder")
+    ] = None,
 ) -> None:
     """Run a distillation. With no argument: the built-in default job (digits, CNN → MLP)."""
     from distil.training import run_dir as rd
@@ -104,7 +129,9 @@ def run(
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     overrides = list(overrides or [])
-    if "=" in config and not Path(config).exists():  # `distil run train.lr=1e-3`: overrides of the default job
+    if (
+        "=" in config and not Path(config).exists()
+    ):  # `distil run train.lr=1e-3`: overrides of the default job
         overrides, config = [config, *overrides], DEFAULT_CONFIG
     try:
         recipe, cfg, resolved = load_config(config, overrides)
@@ -113,19 +140,35 @@ def run(
         def choose() -> Path:
             if run_dir is not None:
                 if run_dir.exists() and any(run_dir.iterdir()) and not resume:
-                    raise DistilError(f"{run_dir} already holds a run; add --resume to continue it, or pick a new --run-dir")
+                    raise DistilError(
+                        f"{run_dir} already holds a run; add --resume to continue it, or pick a new --run-dir"
+                    )
                 return run_dir
-            return rd.latest_run_dir(cfg.run.output_dir, name) if resume else rd.new_run_dir(cfg.run.output_dir, name)
+            return (
+                rd.latest_run_dir(cfg.run.output_dir, name)
+                if resume
+                else rd.new_run_dir(cfg.run.output_dir, name)
+            )
 
         def prepare(path: Path) -> None:
             if resume and (path / "config.resolved.yaml").is_file():
-                rd.check_resume_config(path, resolved, lambda old: type(cfg).model_validate(old).model_dump(mode="json"))
+                rd.check_resume_config(
+                    path,
+                    resolved,
+                    lambda old: type(cfg).model_validate(old).model_dump(mode="json"),
+                )
             rd.write_resolved_config(path, resolved)
 
         session = open_session(
-            choose, resume=resume, device=cfg.train.device.value, mixed_precision=cfg.train.mixed_precision.value,
-            log_with=cfg.run.log_with, project=name, on_run_dir=prepare, cpu_threads=cfg.run.cpu_threads,
-        )  # fmt: skip
+            choose,
+            resume=resume,
+            device=cfg.train.device.value,
+            mixed_precision=cfg.train.mixed_precision.value,
+            log_with=cfg.run.log_with,
+            project=name,
+            on_run_dir=prepare,
+            cpu_threads=cfg.run.cpu_threads,
+        )
         if session.accelerator.is_main_process:
             console.print(f"[bold]run folder[/bold] {session.run_dir}")
         load_recipe(recipe).main(cfg, session)
@@ -208,7 +251,10 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a run folder")]) -> Non
 @app.command()
 def compare(
     run_dirs: Annotated[list[Path], typer.Argument(help="two or more run folders")],
-    out: Annotated[Path | None, typer.Option("--out", help="folder for compare.{json,md,html} (default: the runs' parent)")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="folder for compare.{json,md,html} (default: the runs' parent)"),
+    ] = None,
 ) -> None:
     """Put runs side by side: the config keys that differ, then each run's headline numbers."""
     from distil.evaluation.compare import (
@@ -231,18 +277,43 @@ def compare(
 
 @app.command()
 def advise(
-    teacher: Annotated[str, typer.Argument(help="HF model folder, YAML config, or shape: layers=12,hidden=768,heads=12,ffn=3072,vocab=32000")],
-    speedup: Annotated[float | None, typer.Option("--speedup", help="wanted batch-1 speed-up over the teacher")] = None,
-    size: Annotated[float | None, typer.Option("--size", help="wanted student/teacher parameter fraction, e.g. 0.25")] = None,
-    params: Annotated[str | None, typer.Option("--params", help="largest student, e.g. 125M")] = None,
-    memory: Annotated[str | None, typer.Option("--memory", help="accelerator memory per process, e.g. 24GB")] = None,
-    dataset_tokens: Annotated[str | None, typer.Option("--dataset-tokens", help="tokens the teacher labels, e.g. 500M")] = None,
+    teacher: Annotated[
+        str,
+        typer.Argument(
+            help="HF model folder, YAML config, or shape: layers=12,hidden=768,heads=12,ffn=3072,vocab=32000"
+        ),
+    ],
+    speedup: Annotated[
+        float | None, typer.Option("--speedup", help="wanted batch-1 speed-up over the teacher")
+    ] = None,
+    size: Annotated[
+        float | None,
+        typer.Option("--size", help="wanted student/teacher parameter fraction, e.g. 0.25"),
+    ] = None,
+    params: Annotated[
+        str | None, typer.Option("--params", help="largest student, e.g. 125M")
+    ] = None,
+    memory: Annotated[
+        str | None, typer.Option("--memory", help="accelerator memory per process, e.g. 24GB")
+    ] = None,
+    dataset_tokens: Annotated[
+        str | None, typer.Option("--dataset-tokens", help="tokens the teacher labels, e.g. 500M")
+    ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="sequences per step")] = 8,
     seq_len: Annotated[int, typer.Option("--seq-len", help="tokens per sequence")] = 1024,
-    top_k: Annotated[int, typer.Option("--top-k", help="teacher log-probs a cache keeps per token")] = 64,
+    top_k: Annotated[
+        int, typer.Option("--top-k", help="teacher log-probs a cache keeps per token")
+    ] = 64,
     epochs: Annotated[int, typer.Option("--epochs", help="passes over the data")] = 1,
-    measure: Annotated[bool, typer.Option("--measure", help="also build and time each candidate on CPU (random weights)")] = False,
-    json_out: Annotated[Path | None, typer.Option("--json", help="also write the advice as JSON here")] = None,
+    measure: Annotated[
+        bool,
+        typer.Option(
+            "--measure", help="also build and time each candidate on CPU (random weights)"
+        ),
+    ] = False,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="also write the advice as JSON here")
+    ] = None,
 ) -> None:
     """Propose student shapes for a teacher and a target, with estimated size, speed and memory."""
     import json as _json
@@ -264,10 +335,20 @@ def advise(
         budget = adv.Budget(
             memory_bytes=adv.parse_count(memory, binary=True) if memory else None,
             dataset_tokens=adv.parse_count(dataset_tokens) if dataset_tokens else None,
-            batch_size=batch_size, seq_len=seq_len, top_k=top_k, epochs=epochs,
-        )  # fmt: skip
+            batch_size=batch_size,
+            seq_len=seq_len,
+            top_k=top_k,
+            epochs=epochs,
+        )
         max_params = adv.parse_count(params) if params else None
-        advice = adv.advise(teacher, speedup=speedup, size_ratio=size, max_params=max_params, budget=budget, measure=measure)
+        advice = adv.advise(
+            teacher,
+            speedup=speedup,
+            size_ratio=size,
+            max_params=max_params,
+            budget=budget,
+            measure=measure,
+        )
     except DistilError as exc:
         _fail(exc)
         return
@@ -305,7 +386,9 @@ def _cache_inspect(path: Path, *, verify: bool) -> None:
     if verify:
         problems = verify_cache(path)
         for problem in problems:
-            err_console.print(f"[bold red]corrupt:[/bold red] {problem}", soft_wrap=True, highlight=False)
+            err_console.print(
+                f"[bold red]corrupt:[/bold red] {problem}", soft_wrap=True, highlight=False
+            )
         if problems:
             raise typer.Exit(code=1)
         console.print("[green]ok[/green]: every shard matches its sha256 in the manifest")
@@ -314,7 +397,9 @@ def _cache_inspect(path: Path, *, verify: bool) -> None:
 @app.command()
 def cache(
     args: Annotated[list[str], typer.Argument(help="CONFIG [overrides], or: inspect PATH")],
-    verify: Annotated[bool, typer.Option("--verify", help="with inspect: re-check every shard's sha256")] = False,
+    verify: Annotated[
+        bool, typer.Option("--verify", help="with inspect: re-check every shard's sha256")
+    ] = False,
 ) -> None:
     """Run the teacher once and store its top-k outputs: `distil cache CONFIG [cache.k=8 ...]`;
     summarise a cache: `distil cache inspect PATH [--verify]`."""
@@ -335,7 +420,10 @@ def cache(
 @app.command()
 def generate(
     config: Annotated[str, typer.Argument(help="YAML file or shipped config name")] = "generate",
-    overrides: Annotated[list[str] | None, typer.Argument(help="dotted overrides, e.g. generation.max_new_tokens=128")] = None,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Argument(help="dotted overrides, e.g. generation.max_new_tokens=128"),
+    ] = None,
 ) -> None:
     """Sequence-level KD data: the teacher writes completions for a prompt set, in resumable shards
     that `lm_kd` trains on (data.train_files=[OUTPUT], data.format=prompt_completion)."""
@@ -343,7 +431,9 @@ def generate(
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     overrides = list(overrides or [])
-    if "=" in config and not Path(config).exists():  # `distil generate output=...`: the shipped config
+    if (
+        "=" in config and not Path(config).exists()
+    ):  # `distil generate output=...`: the shipped config
         overrides, config = [config, *overrides], "generate"
     try:
         result = write_generations(load_command_config("generate", config, overrides))
@@ -354,9 +444,14 @@ def generate(
     console.print(
         f"[bold]generate[/bold] {escape(str(result.path))}: wrote {result.shards_written} shard(s), {result.shards_skipped} already "
         f"complete; {counts['records']} completions of {counts['prompts']} prompts, {counts['generated_tokens']} tokens "
-        f"({counts['ended_by_eos']} ended by EOS), {counts['tokens_per_s'] or 0:,.1f} tokens/s", soft_wrap=True
+        f"({counts['ended_by_eos']} ended by EOS), {counts['tokens_per_s'] or 0:,.1f} tokens/s",
+        soft_wrap=True,
     )
-    console.print(f"train on it: distil run lm_kd data.builtin=null data.train_files=[{result.path}] data.format=prompt_completion", markup=False, soft_wrap=True)
+    console.print(
+        f"train on it: distil run lm_kd data.builtin=null data.train_files=[{result.path}] data.format=prompt_completion",
+        markup=False,
+        soft_wrap=True,
+    )
 
 
 def main() -> None:  # pragma: no cover - console entry point

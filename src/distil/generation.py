@@ -136,9 +136,14 @@ def eos_token_ids(tokenizer: Any, model: Any) -> list[int]:
 
 @torch.no_grad()
 def generate_shard(
-    model: Any, tokenizer: Any, prompts: list[Prompt], prompt_ids: list[list[int]], settings: GenerationSettings,
-    *, device: torch.device,
-) -> tuple[bytes, dict[str, int]]:  # fmt: skip
+    model: Any,
+    tokenizer: Any,
+    prompts: list[Prompt],
+    prompt_ids: list[list[int]],
+    settings: GenerationSettings,
+    *,
+    device: torch.device,
+) -> tuple[bytes, dict[str, int]]:
     """The JSONL bytes of one shard and its counts (records, generated tokens, ended by EOS)."""
     from transformers import GenerationConfig, LogitsProcessorList
 
@@ -148,9 +153,15 @@ def generate_shard(
     vocab = tokenizer_vocab_size(tokenizer)
     # Explicit neutral values, so a teacher's generation_config.json cannot add unrecorded processing.
     config = GenerationConfig(
-        max_new_tokens=settings.max_new_tokens, do_sample=False, num_beams=1, repetition_penalty=1.0,
-        no_repeat_ngram_size=0, pad_token_id=pad_id, eos_token_id=eos_ids, use_cache=True,
-    )  # fmt: skip
+        max_new_tokens=settings.max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        pad_token_id=pad_id,
+        eos_token_id=eos_ids,
+        use_cache=True,
+    )
     lines: list[str] = []
     counts = {"records": 0, "generated_tokens": 0, "ended_by_eos": 0}
     for start in range(0, len(rows), settings.batch_size):
@@ -164,9 +175,11 @@ def generate_shard(
         seeds = [row_seed(settings.seed, p.id, j) for p, _, j in batch] if sampling else None
         decoding = _TeacherDecoding(vocab, seeds, settings.sampling_temperature, settings.top_p)
         out = model.generate(
-            input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config,
+            input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            generation_config=config,
             logits_processor=LogitsProcessorList([decoding]),
-        )  # fmt: skip
+        )
         for r, (p, _, j) in enumerate(batch):
             new = out[r, width:].tolist()
             end = next((i for i, t in enumerate(new) if t in eos_ids), None)
@@ -174,7 +187,9 @@ def generate_shard(
             counts["generated_tokens"] += len(kept) + (end is not None)
             counts["ended_by_eos"] += end is not None
             text = tokenizer.decode(kept, skip_special_tokens=True)
-            record = {"id": p.id, "prompt": p.text, "completion": text} | ({"sample": j} if n > 1 else {})  # fmt: skip
+            record = {"id": p.id, "prompt": p.text, "completion": text} | (
+                {"sample": j} if n > 1 else {}
+            )
             lines.append(json.dumps(record, ensure_ascii=False) + "\n")
     counts["records"] = len(lines)
     return "".join(lines).encode("utf-8"), counts
@@ -186,7 +201,10 @@ def _settings(cfg: GenerateConfig, dtype: torch.dtype) -> dict[str, Any]:
     p = cfg.prompts
     out: dict[str, Any] = {"prompts.source": p.builtin or "file", "prompts.limit": p.limit}
     if p.builtin is not None:
-        out |= {"prompts.prompt_tokens": p.prompt_tokens, "prompts.corpus_max_bytes": p.corpus_max_bytes}  # fmt: skip
+        out |= {
+            "prompts.prompt_tokens": p.prompt_tokens,
+            "prompts.corpus_max_bytes": p.corpus_max_bytes,
+        }
     out |= {f"generation.{k}": v for k, v in cfg.generation.model_dump(mode="json").items()}
     return out | {"shard_size": cfg.shard_size, "dtype": str(dtype).removeprefix("torch.")}
 
@@ -197,11 +215,17 @@ def _short(value: Any) -> str:
 
 def _check_same(out: Path, old: dict[str, Any], new: dict[str, Any]) -> None:
     if old.get("format") != FORMAT_NAME:
-        raise DistilError(f"{out}/{MANIFEST} is not a `distil generate` manifest; use another output")  # fmt: skip
+        raise DistilError(
+            f"{out}/{MANIFEST} is not a `distil generate` manifest; use another output"
+        )
     fingerprints = ["teacher_fingerprint", "tokenizer_fingerprint", "prompts_fingerprint"]
     mine, theirs = {**new, **new["settings"]}, {**old, **old.get("settings", {})}
     keys = ["format_version", *new["settings"], *fingerprints]
-    differ = [f"{k}: {_short(theirs.get(k))} there, {_short(mine.get(k))} now" for k in keys if theirs.get(k) != mine.get(k)]  # fmt: skip
+    differ = [
+        f"{k}: {_short(theirs.get(k))} there, {_short(mine.get(k))} now"
+        for k in keys
+        if theirs.get(k) != mine.get(k)
+    ]
     if differ:
         raise DistilError(
             f"{out} holds generations made differently ({'; '.join(differ)}); re-run with the settings it was "
@@ -238,10 +262,14 @@ def write_generations(cfg: GenerateConfig) -> GenerateResult:
     model.to(device)  # type: ignore[arg-type]  # transformers types .to() for dtypes only
     model.eval().requires_grad_(False)
     spec: dict[str, Any] = {
-        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "settings": _settings(cfg, model.dtype),
-        "teacher_fingerprint": teacher_fingerprint(model), "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-        "prompts_fingerprint": prompts_fingerprint(prompts), "num_prompts": len(prompts),
-    }  # fmt: skip
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "settings": _settings(cfg, model.dtype),
+        "teacher_fingerprint": teacher_fingerprint(model),
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "prompts_fingerprint": prompts_fingerprint(prompts),
+        "num_prompts": len(prompts),
+    }
     out.mkdir(parents=True, exist_ok=True)
     entries: dict[int, dict[str, Any]] = {}
     if (out / MANIFEST).is_file():
@@ -271,26 +299,48 @@ def write_generations(cfg: GenerateConfig) -> GenerateResult:
     decoding = sampled if g.sampling_temperature > 0 else "greedy"
     logger.info(
         "generate: %d prompts in %d shards (%d done); teacher %s in %s on %s (frozen, eval, no_grad); %s, %d new tokens, %d per prompt",
-        len(prompts), num_shards, num_shards - len(todo), cfg.teacher, model.dtype, device, decoding, g.max_new_tokens,
+        len(prompts),
+        num_shards,
+        num_shards - len(todo),
+        cfg.teacher,
+        model.dtype,
+        device,
+        decoding,
+        g.max_new_tokens,
         g.num_return_sequences,
-    )  # fmt: skip
+    )
     version = getattr(distil, "__version__", "dev")
-    manifest = {**spec, "teacher": cfg.teacher, "device": str(device), "created_by": f"distil {version}"}  # fmt: skip
+    manifest = {
+        **spec,
+        "teacher": cfg.teacher,
+        "device": str(device),
+        "created_by": f"distil {version}",
+    }
     written_tokens, t0 = 0, time.perf_counter()
     with progress_bar() as bar:
         left = sum(min(size, len(prompts) - i * size) for i in todo)
-        task = bar.add_task("generate", total=len(prompts), completed=len(prompts) - left, rate="", info="")  # fmt: skip
+        task = bar.add_task(
+            "generate", total=len(prompts), completed=len(prompts) - left, rate="", info=""
+        )
         for i in todo:
             chunk = slice(i * size, min((i + 1) * size, len(prompts)))
             started = time.perf_counter()
-            data, counts = generate_shard(model, tokenizer, prompts[chunk], prompt_ids[chunk], g, device=device)  # fmt: skip
+            data, counts = generate_shard(
+                model, tokenizer, prompts[chunk], prompt_ids[chunk], g, device=device
+            )
             path = out / shard_name(i)
             atomic_write_bytes(path, data)
             entries[i] = {
-                "index": i, "file": path.name, "sha256": sha256_file(path), "bytes": len(data), "prompts": chunk.stop - chunk.start,
-                "first_id": prompts[chunk.start].id, "last_id": prompts[chunk.stop - 1].id, **counts,
+                "index": i,
+                "file": path.name,
+                "sha256": sha256_file(path),
+                "bytes": len(data),
+                "prompts": chunk.stop - chunk.start,
+                "first_id": prompts[chunk.start].id,
+                "last_id": prompts[chunk.stop - 1].id,
+                **counts,
                 "seconds": round(time.perf_counter() - started, 3),
-            }  # fmt: skip
+            }
             write_json_atomic(out / MANIFEST, _finish(manifest, entries, num_shards))
             written_tokens += counts["generated_tokens"]
             rate = rate_text(written_tokens, time.perf_counter() - t0, "tok")
@@ -300,15 +350,20 @@ def write_generations(cfg: GenerateConfig) -> GenerateResult:
     return GenerateResult(out, len(todo), num_shards - len(todo), manifest)
 
 
-def _finish(manifest: dict[str, Any], entries: dict[int, dict[str, Any]], num_shards: int) -> dict[str, Any]:  # fmt: skip
+def _finish(
+    manifest: dict[str, Any], entries: dict[int, dict[str, Any]], num_shards: int
+) -> dict[str, Any]:
     shards = [entries[i] for i in sorted(entries) if i < num_shards]
     seconds = sum(s["seconds"] for s in shards)
     tokens = sum(s["generated_tokens"] for s in shards)
     counts = {
-        "prompts": sum(s["prompts"] for s in shards), "records": sum(s["records"] for s in shards),
-        "generated_tokens": tokens, "ended_by_eos": sum(s["ended_by_eos"] for s in shards),
-        "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 2) if seconds > 0 else None,
-    }  # fmt: skip
+        "prompts": sum(s["prompts"] for s in shards),
+        "records": sum(s["records"] for s in shards),
+        "generated_tokens": tokens,
+        "ended_by_eos": sum(s["ended_by_eos"] for s in shards),
+        "seconds": round(seconds, 3),
+        "tokens_per_s": round(tokens / seconds, 2) if seconds > 0 else None,
+    }
     done = {"num_shards": num_shards, "complete": len(shards) == num_shards}
     return {**manifest, **done, "shards": shards, "counts": counts}
 

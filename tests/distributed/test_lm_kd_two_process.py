@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.recipes.test_lm_kd import base_args, make_lm_fixture
+from tests.helpers import base_args, free_port, make_lm_fixture
 
 
 @pytest.mark.distributed
@@ -23,8 +23,15 @@ def test_lm_kd_two_processes_match_one_process(tmp_path: Path) -> None:
         pytest.skip("torchrun not on PATH")
     lm = make_lm_fixture(tmp_path / "lm")
     # variable-length prompt/completion examples: the ranks hold different numbers of supervised tokens
-    args = [*base_args(lm, "pc"), "data.format=prompt_completion", "eval.baseline=false", "train.max_steps=4",
-            "train.device=cpu", "eval.generation.prompts=0", "kd.kd_weight=0.5"]  # fmt: skip
+    args = [
+        *base_args(lm, "pc"),
+        "data.format=prompt_completion",
+        "eval.baseline=false",
+        "train.max_steps=4",
+        "train.device=cpu",
+        "eval.generation.prompts=0",
+        "kd.kd_weight=0.5",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one, two = tmp_path / "one", tmp_path / "two"
     done = subprocess.run(
@@ -35,9 +42,22 @@ def test_lm_kd_two_processes_match_one_process(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     proc = subprocess.run(
-        ["torchrun", "--nproc_per_node", "2", "--master_port", "29541", "-m", "distil", *args, "--run-dir", str(two)],
-        env=env, capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            "torchrun",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            "-m",
+            "distil",
+            *args,
+            "--run-dir",
+            str(two),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((two / "env.json").read_text())["num_processes"] == 2
     assert "2 process(es)" in (two / "mode.txt").read_text()

@@ -13,12 +13,22 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.helpers import free_port
+
 ARGS = [
-    "run", "classifier_kd", "data.dataset=digits", "teacher.train=false", "teacher.model.kwargs.channels=[32,64,64]",
+    "run",
+    "classifier_kd",
+    "data.dataset=digits",
+    "teacher.train=false",
+    "teacher.model.kwargs.channels=[32,64,64]",
     "student.model.kwargs.hidden=[32]",
-    "train.epochs=2", "train.batch_size=64", "train.checkpoint_every=1000", "eval.baseline=false",
-    "run.log_with=[]", "train.device=cpu",
-]  # fmt: skip
+    "train.epochs=2",
+    "train.batch_size=64",
+    "train.checkpoint_every=1000",
+    "eval.baseline=false",
+    "run.log_with=[]",
+    "train.device=cpu",
+]
 
 
 @pytest.mark.distributed
@@ -28,25 +38,47 @@ def test_two_processes_cover_the_data_once_and_match_one_process(tmp_path: Path)
     # a fixed teacher checkpoint so both runs distil the very same teacher
     ckpt = tmp_path / "teacher.safetensors"
     subprocess.run(
-        [sys.executable, "-c", (
-            "import torch; from safetensors.torch import save_file;"
-            "from distil.recipes.classifier_kd import Config, load_data;"
-            "from distil.models.classifier import build_classifier;"
-            "torch.manual_seed(1); cfg = Config();"
-            "b = build_classifier(**cfg.teacher.model.model_dump(), data=load_data(cfg));"
-            f"save_file({{k: v.contiguous() for k, v in b.module.state_dict().items()}}, {str(ckpt)!r})"
-        )],
+        [
+            sys.executable,
+            "-c",
+            (
+                "import torch; from safetensors.torch import save_file;"
+                "from distil.recipes.classifier_kd import Config, load_data;"
+                "from distil.models.classifier import build_classifier;"
+                "torch.manual_seed(1); cfg = Config();"
+                "b = build_classifier(**cfg.teacher.model.model_dump(), data=load_data(cfg));"
+                f"save_file({{k: v.contiguous() for k, v in b.module.state_dict().items()}}, {str(ckpt)!r})"
+            ),
+        ],
         check=True,
-    )  # fmt: skip
+    )
     args = [*ARGS, f"teacher.checkpoint={ckpt}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = tmp_path / "one"
-    subprocess.run([sys.executable, "-m", "distil", *args, "--run-dir", str(one)], check=True, env=env, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "distil", *args, "--run-dir", str(one)],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
     two = tmp_path / "two"
     proc = subprocess.run(
-        ["torchrun", "--nproc_per_node", "2", "--master_port", "29533", "-m", "distil", *args, "--run-dir", str(two)],
-        env=env, capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            "torchrun",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            "-m",
+            "distil",
+            *args,
+            "--run-dir",
+            str(two),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     env_json = json.loads((two / "env.json").read_text())
     assert env_json["num_processes"] == 2

@@ -31,19 +31,43 @@ def test_parameter_formula_matches_transformers(family: str, kwargs: dict[str, o
     import transformers
 
     if family == "gpt2":
-        config = transformers.GPT2Config(vocab_size=300, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0)
+        config = transformers.GPT2Config(
+            vocab_size=300,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=64,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
         model = transformers.GPT2LMHeadModel(config)
     else:
-        cls, model_cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-                          "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[family]  # fmt: skip
-        config = cls(vocab_size=300, hidden_size=32, intermediate_size=88, num_hidden_layers=2, num_attention_heads=4, **kwargs)
+        cls, model_cls = {
+            "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+            "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        }[family]
+        config = cls(
+            vocab_size=300,
+            hidden_size=32,
+            intermediate_size=88,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            **kwargs,
+        )
         model = model_cls(config)
     shape = adv.shape_from_hf_config(config.to_dict())
     assert shape.params() == sum(p.numel() for p in model.parameters())
 
 
 def test_folder_teacher_uses_exact_count_from_weights(tmp_path: Path) -> None:
-    spec = CausalLMSpec(num_layers=4, hidden_size=32, num_heads=4, intermediate_size=64, vocab_size=200, max_context=64)
+    spec = CausalLMSpec(
+        num_layers=4,
+        hidden_size=32,
+        num_heads=4,
+        intermediate_size=64,
+        vocab_size=200,
+        max_context=64,
+    )
     model = build_causal_lm(spec, seed=0)
     save_model_folder(model, tmp_path / "teacher")
     shape, exact, source = adv.load_teacher_shape(str(tmp_path / "teacher"))
@@ -62,7 +86,9 @@ def test_proposals_meet_the_target_and_say_how_to_initialise() -> None:
     assert depth.shape.hidden_size == BASE.hidden_size
     assert depth.init == f"teacher layers {list(uniform_layer_indices(12, depth.shape.num_layers))}"
     # the deepest depth cut that meets 2x: one more layer would not
-    one_more = adv.estimate(BASE, adv.replace(depth.shape, num_layers=depth.shape.num_layers + 1), adv.Budget())
+    one_more = adv.estimate(
+        BASE, adv.replace(depth.shape, num_layers=depth.shape.num_layers + 1), adv.Budget()
+    )
     assert one_more["speedup_b1"] < 2.0
     assert cands[1].init.startswith("random") and cands[1].shape.num_layers == 12
     gap = next(c for c in cands if c.name == "capacity-gap size")
@@ -84,7 +110,9 @@ def test_pick_teacher_follows_the_capacity_gap_law() -> None:
 
 def test_memory_plan_verdicts() -> None:
     student = adv.replace(BASE, num_layers=6)
-    big = adv.memory_plan(BASE, student, adv.Budget(memory_bytes=80 * 2**30, dataset_tokens=1e8, epochs=3))
+    big = adv.memory_plan(
+        BASE, student, adv.Budget(memory_bytes=80 * 2**30, dataset_tokens=1e8, epochs=3)
+    )
     assert big["live_fits"] and big["cache_fits"] and "save 2 teacher pass" in big["advice"]
     assert big["cache_bytes"] == pytest.approx(1e8 * (64 * 6 + 4))
     plan = adv.memory_plan(BASE, student, adv.Budget(memory_bytes=big["student_train_bytes"] + 1))
@@ -94,8 +122,14 @@ def test_memory_plan_verdicts() -> None:
 
 
 def test_parse_count() -> None:
-    assert adv.parse_count("125M") == 125e6 and adv.parse_count("1.5B") == 1.5e9 and adv.parse_count("3e5") == 3e5
-    assert adv.parse_count("24GB", binary=True) == adv.parse_count("24GiB", binary=True) == 24 * 2**30
+    assert (
+        adv.parse_count("125M") == 125e6
+        and adv.parse_count("1.5B") == 1.5e9
+        and adv.parse_count("3e5") == 3e5
+    )
+    assert (
+        adv.parse_count("24GB", binary=True) == adv.parse_count("24GiB", binary=True) == 24 * 2**30
+    )
     with pytest.raises(DistilError):
         adv.parse_count("lots")
     with pytest.raises(DistilError, match="lacks"):
@@ -103,15 +137,38 @@ def test_parse_count() -> None:
 
 
 def test_cli_advise_folder_with_measure(tmp_path: Path) -> None:
-    spec = CausalLMSpec(num_layers=4, hidden_size=64, num_heads=4, intermediate_size=128, vocab_size=256, max_context=128)
+    spec = CausalLMSpec(
+        num_layers=4,
+        hidden_size=64,
+        num_heads=4,
+        intermediate_size=128,
+        vocab_size=256,
+        max_context=128,
+    )
     save_model_folder(build_causal_lm(spec, seed=0), tmp_path / "t")
     out = tmp_path / "advice.json"
-    result = runner.invoke(app, ["advise", str(tmp_path / "t"), "--speedup", "1.5", "--memory", "1GB",
-                                 "--dataset-tokens", "1M", "--measure", "--json", str(out)])  # fmt: skip
+    result = runner.invoke(
+        app,
+        [
+            "advise",
+            str(tmp_path / "t"),
+            "--speedup",
+            "1.5",
+            "--memory",
+            "1GB",
+            "--dataset-tokens",
+            "1M",
+            "--measure",
+            "--json",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "depth cut" in result.output and "placement" in result.output
     advice = json.loads(out.read_text())
-    assert advice["teacher"]["params_exact"] and all(c["measured speed-up"] > 0 for c in advice["candidates"])
+    assert advice["teacher"]["params_exact"] and all(
+        c["measured speed-up"] > 0 for c in advice["candidates"]
+    )
 
 
 def test_cli_advise_classifier_config_measures_candidates() -> None:

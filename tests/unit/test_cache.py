@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,14 +22,8 @@ from distil.losses.sparse import teacher_topk, topk_divergence
 from distil.models.vocab import load_tokenizer_folder, tokenizer_vocab_size
 from distil.teachers import LiveLMTeacher, Teacher
 from distil.teachers.cached import CachedTeacher
-
-SPEC = {
-    "num_layers": 2,
-    "hidden_size": 32,
-    "num_heads": 2,
-    "intermediate_size": 64,
-    "max_context": 64,
-}
+from tests.helpers import CACHE_SPEC as SPEC
+from tests.helpers import write_fixture
 
 
 def cache_config(root: Path, out: Path, **cache: Any) -> CacheConfig:
@@ -55,15 +48,6 @@ def cache_config(root: Path, out: Path, **cache: Any) -> CacheConfig:
     )
 
 
-def write_fixture(root: Path) -> None:
-    """A 260-id BPE tokenizer and a small text file from the built-in corpus."""
-    from distil.data.corpus import stdlib_root, train_bpe_tokenizer_from_texts
-
-    texts = [p.read_text(encoding="utf-8")[:1500] for p in sorted(stdlib_root().glob("*.py"))[:8]]
-    train_bpe_tokenizer_from_texts(texts, root / "tok", 300)
-    (root / "text.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-
-
 @pytest.fixture(scope="module")
 def fx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     threads = torch.get_num_threads()
@@ -75,8 +59,13 @@ def fx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     tok = load_tokenizer_folder(root / "tok")
     teacher_model = cfg.teacher.spec.build(tok, seed=cfg.teacher.seed)  # type: ignore[union-attr]
     vocab = tokenizer_vocab_size(tok)
-    live = LiveLMTeacher(teacher_model, vocab_size=vocab, device=torch.device("cpu"), dtype=torch.float32,
-                         output_device=torch.device("cpu"))  # fmt: skip
+    live = LiveLMTeacher(
+        teacher_model,
+        vocab_size=vocab,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        output_device=torch.device("cpu"),
+    )
     from distil.cache.writer import _OneProcess
     from distil.recipes.lm_setup import load_lm_data
 
@@ -116,8 +105,12 @@ def test_cached_teacher_satisfies_protocol_and_rejects_mismatches(fx: dict[str, 
     teacher = CachedTeacher(out, expect={"kd_temperature": 2.0, "sequence_length": 24})
     assert isinstance(teacher, Teacher)
     assert "top-8" in teacher.describe()
-    for field, value in (("kd_temperature", 1.0), ("sequence_length", 32), ("tokenizer_fingerprint", "0" * 64),
-                         ("dataset_fingerprint", "f" * 64)):  # fmt: skip
+    for field, value in (
+        ("kd_temperature", 1.0),
+        ("sequence_length", 32),
+        ("tokenizer_fingerprint", "0" * 64),
+        ("dataset_fingerprint", "f" * 64),
+    ):
         with pytest.raises(CacheMismatchError, match=field):
             CachedTeacher(out, expect={field: value})
 
@@ -134,10 +127,24 @@ def test_topk_cache_loss_equals_sparse_loss_from_live_teacher(fx: dict[str, Any]
     student = torch.randn(*live_logits.shape, generator=torch.Generator().manual_seed(0))
     assert torch.equal(cached.topk.ids[mask], live.ids[mask])
     for div in ("forward_kl", "reverse_kl"):
-        got = topk_divergence(student, cached.topk.log_probs, cached.topk.ids, mask, teacher_tail_log_prob=cached.topk.tail_log_prob,
-                              divergence=div, kd_temperature=2.0)  # fmt: skip
-        want = topk_divergence(student, live.log_probs, live.ids, mask, teacher_tail_log_prob=live.tail_log_prob,
-                               divergence=div, kd_temperature=2.0)  # fmt: skip
+        got = topk_divergence(
+            student,
+            cached.topk.log_probs,
+            cached.topk.ids,
+            mask,
+            teacher_tail_log_prob=cached.topk.tail_log_prob,
+            divergence=div,
+            kd_temperature=2.0,
+        )
+        want = topk_divergence(
+            student,
+            live.log_probs,
+            live.ids,
+            mask,
+            teacher_tail_log_prob=live.tail_log_prob,
+            divergence=div,
+            kd_temperature=2.0,
+        )
         torch.testing.assert_close(got, want, rtol=2e-3, atol=1e-4)  # fp16 storage rounding
 
 
@@ -231,8 +238,14 @@ def test_sampled_cache_gives_the_live_teachers_sampled_loss(
     from distil.losses.sparse import sampled_divergence
 
     out = fx["root"] / f"sampled-{proposal_temperature}"
-    cfg = cache_config(fx["root"], out, targets="sampled", num_samples=6, kd_temperature=2.0,
-                       proposal_temperature=proposal_temperature)  # fmt: skip
+    cfg = cache_config(
+        fx["root"],
+        out,
+        targets="sampled",
+        num_samples=6,
+        kd_temperature=2.0,
+        proposal_temperature=proposal_temperature,
+    )
     write_cache(cfg)
     m = read_manifest(out)
     assert m["kind"] == "lm_sampled" and m["k"] == 6
@@ -255,8 +268,14 @@ def test_sampled_cache_gives_the_live_teachers_sampled_loss(
         cached.samples.teacher_log_probs[mask], live_lp[mask], rtol=2e-3, atol=2e-3
     )
     student = torch.randn(*live_logits.shape, generator=torch.Generator().manual_seed(2))
-    got = sampled_divergence(student, ids, cached.samples.teacher_log_probs, mask,
-                             proposal_log_probs=cached.samples.proposal_log_probs, kd_temperature=2.0)  # fmt: skip
+    got = sampled_divergence(
+        student,
+        ids,
+        cached.samples.teacher_log_probs,
+        mask,
+        proposal_log_probs=cached.samples.proposal_log_probs,
+        kd_temperature=2.0,
+    )
     want = sampled_divergence(
         student, ids, live_lp, mask, proposal_log_probs=live_lr, kd_temperature=2.0
     )
@@ -274,8 +293,13 @@ def test_sampled_cache_gives_the_live_teachers_sampled_loss(
 def test_open_lm_cache_checks_the_run_and_names_the_teacher(fx: dict[str, Any]) -> None:
     from distil.teachers.cached import open_lm_cache
 
-    kw: dict[str, Any] = {"tokenizer": fx["tok"], "dataset": fx["data"].train, "sequence_length": 24,
-                          "kd_temperature": 2.0, "vocab_size": fx["vocab"]}  # fmt: skip
+    kw: dict[str, Any] = {
+        "tokenizer": fx["tok"],
+        "dataset": fx["data"].train,
+        "sequence_length": 24,
+        "kd_temperature": 2.0,
+        "vocab_size": fx["vocab"],
+    }
     assert open_lm_cache(fx["root"] / "k8", teacher_model=fx["live"].model, **kw).k == 8
     other = fx["cfg"].teacher.spec.build(fx["tok"], seed=99)
     with pytest.raises(CacheMismatchError, match="teacher_fingerprint"):

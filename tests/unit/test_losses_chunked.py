@@ -361,9 +361,15 @@ def test_closed_form_forward_kl_and_ce_equal_autograd(
     logits = (pb.hidden @ pb.weight.T + pb.bias).detach().requires_grad_()
     kd_coef = torch.tensor(0.7, dtype=F64)
     parts = ch.chunked_logits_loss(
-        logits, pb.mask, labels=labels, teacher_logits=teacher, hard_ce_coef=ce_coef,
-        kd_coef=kd_coef, kd_temperature=kd_temperature, chunk_size=3,
-    )  # fmt: skip
+        logits,
+        pb.mask,
+        labels=labels,
+        teacher_logits=teacher,
+        hard_ce_coef=ce_coef,
+        kd_coef=kd_coef,
+        kd_temperature=kd_temperature,
+        chunk_size=3,
+    )
     ce = torch.nn.functional.cross_entropy(logits[pb.mask], labels[pb.mask], reduction="sum")
     kd = compute_divergence(
         "forward_kl", logits, teacher, pb.mask, kd_temperature=kd_temperature, reduction="sum"
@@ -375,9 +381,17 @@ def test_closed_form_forward_kl_and_ce_equal_autograd(
     (want,) = torch.autograd.grad(want_loss, logits)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)
     fused = ch.fused_linear_loss(
-        pb.hidden, pb.weight, pb.mask, student_bias=pb.bias, labels=labels, teacher_logits=teacher,
-        hard_ce_coef=ce_coef, kd_coef=kd_coef, kd_temperature=kd_temperature, chunk_size=4,
-    )  # fmt: skip
+        pb.hidden,
+        pb.weight,
+        pb.mask,
+        student_bias=pb.bias,
+        labels=labels,
+        teacher_logits=teacher,
+        hard_ce_coef=ce_coef,
+        kd_coef=kd_coef,
+        kd_temperature=kd_temperature,
+        chunk_size=4,
+    )
     torch.testing.assert_close(fused.loss, want_loss.detach(), rtol=1e-12, atol=1e-13)
     ref_logits = pb.hidden @ pb.weight.T + pb.bias
     ref = ce_coef * torch.nn.functional.cross_entropy(
@@ -412,15 +426,27 @@ def test_closed_form_topk_loss_equals_the_sparse_reference(
     top = teacher_topk(pb.teacher_logits, k, kd_temperature=kd_temperature)
     kd_coef = torch.tensor(0.7, dtype=F64)
     parts = ch.chunked_topk_logits_loss(
-        logits, pb.mask, teacher_topk_log_probs=top.log_probs, teacher_topk_ids=top.ids,
-        teacher_tail_log_prob=top.tail_log_prob, labels=labels, hard_ce_coef=ce_coef, kd_coef=kd_coef,
-        kd_temperature=kd_temperature, chunk_size=3,
-    )  # fmt: skip
+        logits,
+        pb.mask,
+        teacher_topk_log_probs=top.log_probs,
+        teacher_topk_ids=top.ids,
+        teacher_tail_log_prob=top.tail_log_prob,
+        labels=labels,
+        hard_ce_coef=ce_coef,
+        kd_coef=kd_coef,
+        kd_temperature=kd_temperature,
+        chunk_size=3,
+    )
     ce = torch.nn.functional.cross_entropy(logits[pb.mask], labels[pb.mask], reduction="sum")
     kd = topk_divergence(
-        logits, top.log_probs, top.ids, pb.mask, teacher_tail_log_prob=top.tail_log_prob,
-        kd_temperature=kd_temperature, reduction="sum",
-    )  # fmt: skip
+        logits,
+        top.log_probs,
+        top.ids,
+        pb.mask,
+        teacher_tail_log_prob=top.tail_log_prob,
+        kd_temperature=kd_temperature,
+        reduction="sum",
+    )
     want = ce_coef * ce + 0.7 * kd
     torch.testing.assert_close(parts.loss, want.detach(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(parts.kd_sum, kd.detach(), rtol=1e-12, atol=1e-12)
@@ -433,7 +459,9 @@ def test_closed_form_topk_loss_equals_the_sparse_reference(
 @pytest.mark.parametrize("kd_temperature", [1.0, 2.0])
 @pytest.mark.parametrize("ce_coef", [0.0, 0.3])
 @pytest.mark.parametrize("k", [4, 11])
-def test_closed_form_topk_with_sampled_tail_equals_the_reference(kd_temperature: float, ce_coef: float, k: int) -> None:
+def test_closed_form_topk_with_sampled_tail_equals_the_reference(
+    kd_temperature: float, ce_coef: float, k: int
+) -> None:
     """The closed-form chunked loss with tail samples equals topk_sampled_tail_kl (+ CE) in fp64,
     values and gradients, with duplicate drawn ids, masked positions and k = V."""
     from distil.losses.sparse import sample_tail_targets, teacher_topk, topk_sampled_tail_kl
@@ -442,17 +470,36 @@ def test_closed_form_topk_with_sampled_tail_equals_the_reference(kd_temperature:
     logits = (pb.hidden @ pb.weight.T + pb.bias).detach().requires_grad_()  # (2, 7, 11)
     labels = randn(2, 7, seed=31).abs().mul(4).long() % 11
     top = teacher_topk(pb.teacher_logits, k, kd_temperature=kd_temperature)
-    ids, lp = sample_tail_targets(pb.teacher_logits, top.ids, 5, kd_temperature=kd_temperature,
-                                  generator=torch.Generator().manual_seed(3))  # fmt: skip
+    ids, lp = sample_tail_targets(
+        pb.teacher_logits,
+        top.ids,
+        5,
+        kd_temperature=kd_temperature,
+        generator=torch.Generator().manual_seed(3),
+    )
     kd_coef = torch.tensor(0.7, dtype=F64)
     parts = ch.chunked_topk_logits_loss(
-        logits, pb.mask, teacher_topk_log_probs=top.log_probs, teacher_topk_ids=top.ids,
-        teacher_tail_log_prob=top.tail_log_prob, labels=labels, hard_ce_coef=ce_coef, kd_coef=kd_coef,
-        kd_temperature=kd_temperature, chunk_size=3, teacher_tail_sample_ids=ids, teacher_tail_sample_log_probs=lp,
-    )  # fmt: skip
+        logits,
+        pb.mask,
+        teacher_topk_log_probs=top.log_probs,
+        teacher_topk_ids=top.ids,
+        teacher_tail_log_prob=top.tail_log_prob,
+        labels=labels,
+        hard_ce_coef=ce_coef,
+        kd_coef=kd_coef,
+        kd_temperature=kd_temperature,
+        chunk_size=3,
+        teacher_tail_sample_ids=ids,
+        teacher_tail_sample_log_probs=lp,
+    )
     ce = torch.nn.functional.cross_entropy(logits[pb.mask], labels[pb.mask], reduction="sum")
-    kd = topk_sampled_tail_kl(logits, top._replace(tail_sample_ids=ids, tail_sample_log_probs=lp), pb.mask,
-                              kd_temperature=kd_temperature, reduction="sum")  # fmt: skip
+    kd = topk_sampled_tail_kl(
+        logits,
+        top._replace(tail_sample_ids=ids, tail_sample_log_probs=lp),
+        pb.mask,
+        kd_temperature=kd_temperature,
+        reduction="sum",
+    )
     want = ce_coef * ce + 0.7 * kd
     torch.testing.assert_close(parts.loss, want.detach(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(parts.kd_sum, kd.detach(), rtol=1e-12, atol=1e-12)
@@ -464,7 +511,9 @@ def test_closed_form_topk_with_sampled_tail_equals_the_reference(kd_temperature:
 
 @pytest.mark.parametrize("kd_temperature", [1.0, 2.0])
 @pytest.mark.parametrize("proposal_temperature", [None, 2.5])
-def test_closed_form_sampled_loss_equals_the_plain_estimator(kd_temperature: float, proposal_temperature: float | None) -> None:
+def test_closed_form_sampled_loss_equals_the_plain_estimator(
+    kd_temperature: float, proposal_temperature: float | None
+) -> None:
     """Chunked CE + importance-sampled forward KL with a closed-form gradient equals the fp64
     autograd formula ``Σ_i w_i (log p_i − log q_i)``, ``w_i = p_i / (n r_i)``; masked rows get 0."""
     from distil.losses.sparse import sample_teacher_targets
@@ -472,14 +521,26 @@ def test_closed_form_sampled_loss_equals_the_plain_estimator(kd_temperature: flo
     pb = Problem()
     logits = (pb.hidden @ pb.weight.T + pb.bias).detach().requires_grad_()  # (2, 7, 11)
     labels = randn(2, 7, seed=31).abs().mul(4).long() % 11
-    drawn = sample_teacher_targets(pb.teacher_logits, 6, kd_temperature=kd_temperature,
-                                   proposal_temperature=proposal_temperature, generator=torch.Generator().manual_seed(5))  # fmt: skip
+    drawn = sample_teacher_targets(
+        pb.teacher_logits,
+        6,
+        kd_temperature=kd_temperature,
+        proposal_temperature=proposal_temperature,
+        generator=torch.Generator().manual_seed(5),
+    )
     proposal = None if proposal_temperature is None else drawn.proposal_log_probs
     parts = ch.chunked_sampled_logits_loss(
-        logits, pb.mask, sample_ids=drawn.ids, teacher_sample_log_probs=drawn.teacher_log_probs,
-        proposal_log_probs=proposal, labels=labels, hard_ce_coef=0.3, kd_coef=0.7, kd_temperature=kd_temperature,
+        logits,
+        pb.mask,
+        sample_ids=drawn.ids,
+        teacher_sample_log_probs=drawn.teacher_log_probs,
+        proposal_log_probs=proposal,
+        labels=labels,
+        hard_ce_coef=0.3,
+        kd_coef=0.7,
+        kd_temperature=kd_temperature,
         chunk_size=3,
-    )  # fmt: skip
+    )
     lq = torch.log_softmax(logits / kd_temperature, -1).gather(-1, drawn.ids)  # (2, 7, 6)
     w = (drawn.teacher_log_probs - drawn.proposal_log_probs).exp() / 6
     kd = (w * (drawn.teacher_log_probs - lq)).sum(-1)[pb.mask].sum()
@@ -499,16 +560,26 @@ def test_plain_sampled_estimator_is_unbiased() -> None:
 
     s, t = randn(1, 9, seed=50) * 1.5, randn(1, 9, seed=51) * 1.5
     draws = 4000
-    drawn = sample_teacher_targets(t.expand(draws, 9), 4, generator=torch.Generator().manual_seed(52))
+    drawn = sample_teacher_targets(
+        t.expand(draws, 9), 4, generator=torch.Generator().manual_seed(52)
+    )
     student = s.expand(draws, 9).clone().requires_grad_()
     mask = torch.ones(draws, dtype=torch.bool)
-    parts = ch.chunked_sampled_logits_loss(student, mask, sample_ids=drawn.ids, teacher_sample_log_probs=drawn.teacher_log_probs)
-    (grad,) = torch.autograd.grad(parts.loss, student)  # row i holds the gradient of its own estimate
+    parts = ch.chunked_sampled_logits_loss(
+        student, mask, sample_ids=drawn.ids, teacher_sample_log_probs=drawn.teacher_log_probs
+    )
+    (grad,) = torch.autograd.grad(
+        parts.loss, student
+    )  # row i holds the gradient of its own estimate
     per_row = []
     with torch.no_grad():
         for i in range(0, draws, 1000):
-            sub = ch.chunked_sampled_logits_loss(s.expand(1000, 9), mask[:1000], sample_ids=drawn.ids[i : i + 1000],
-                                                 teacher_sample_log_probs=drawn.teacher_log_probs[i : i + 1000])  # fmt: skip
+            sub = ch.chunked_sampled_logits_loss(
+                s.expand(1000, 9),
+                mask[:1000],
+                sample_ids=drawn.ids[i : i + 1000],
+                teacher_sample_log_probs=drawn.teacher_log_probs[i : i + 1000],
+            )
             per_row.append(float(sub.kd_sum) / 1000)
     s_true = s.clone().requires_grad_()
     exact = DIVERGENCES["forward_kl"](s_true, t)

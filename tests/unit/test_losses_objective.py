@@ -393,8 +393,18 @@ def test_sparse_token_objective_is_the_sparse_loss_of_the_library() -> None:
         student, top, labels, kd_weight=0.7, kd_temperature=2.0, num_items=n
     )
     ce = torch.nn.functional.cross_entropy(student[mask], labels[mask], reduction="sum") / n
-    kd = topk_divergence(student, top.log_probs, top.ids, mask, teacher_tail_log_prob=top.tail_log_prob,
-                         kd_temperature=2.0, reduction="sum") / n  # fmt: skip
+    kd = (
+        topk_divergence(
+            student,
+            top.log_probs,
+            top.ids,
+            mask,
+            teacher_tail_log_prob=top.tail_log_prob,
+            kd_temperature=2.0,
+            reduction="sum",
+        )
+        / n
+    )
     torch.testing.assert_close(out.loss, 0.3 * ce + 0.7 * 4.0 * kd, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(out.components["kd/raw"], kd.detach())
     # k = V: the bucketed loss is the dense one
@@ -416,10 +426,27 @@ def test_sparse_token_objective_is_the_sparse_loss_of_the_library() -> None:
     torch.testing.assert_close(est.loss, 4.0 * plain, rtol=1e-12, atol=1e-12)
     # other divergences: sampled_divergence's non-negative terms
     est_r = token_objective_sparse(
-        student, samples, labels, kd_weight=1.0, kd_temperature=2.0, num_items=n, divergence="reverse_kl"
+        student,
+        samples,
+        labels,
+        kd_weight=1.0,
+        kd_temperature=2.0,
+        num_items=n,
+        divergence="reverse_kl",
     )
-    want = sampled_divergence(student, samples.ids, samples.teacher_log_probs, mask, divergence="reverse_kl",
-                              proposal_log_probs=samples.proposal_log_probs, kd_temperature=2.0, reduction="sum") / n  # fmt: skip
+    want = (
+        sampled_divergence(
+            student,
+            samples.ids,
+            samples.teacher_log_probs,
+            mask,
+            divergence="reverse_kl",
+            proposal_log_probs=samples.proposal_log_probs,
+            kd_temperature=2.0,
+            reduction="sum",
+        )
+        / n
+    )
     torch.testing.assert_close(est_r.loss, 4.0 * want, rtol=1e-12, atol=1e-12)
     (grad,) = torch.autograd.grad(out.loss, student)
     assert torch.isfinite(grad).all() and bool((grad[~mask] == 0).all())

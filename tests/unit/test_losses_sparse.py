@@ -327,8 +327,12 @@ def test_topk_plus_sampled_tail_is_an_unbiased_forward_kl(k: int) -> None:
     s, t = rand_logits(1, 9, seed=40, scale=1.5), rand_logits(1, 9, seed=41, scale=1.5)
     draws = 2000
     top = sp.teacher_topk(t.expand(draws, 9), k)
-    ids, lp = sp.sample_tail_targets(t.expand(draws, 9), top.ids, 3, generator=torch.Generator().manual_seed(42))
-    assert not bool((ids.unsqueeze(-1) == top.ids.unsqueeze(-2)).any())  # drawn outside the top-k only
+    ids, lp = sp.sample_tail_targets(
+        t.expand(draws, 9), top.ids, 3, generator=torch.Generator().manual_seed(42)
+    )
+    assert not bool(
+        (ids.unsqueeze(-1) == top.ids.unsqueeze(-2)).any()
+    )  # drawn outside the top-k only
     torch.testing.assert_close(lp, torch.log_softmax(t, -1).expand(draws, 9).gather(-1, ids))
     targets = top._replace(tail_sample_ids=ids, tail_sample_log_probs=lp)
     student = s.expand(draws, 9).clone().requires_grad_()
@@ -340,11 +344,15 @@ def test_topk_plus_sampled_tail_is_an_unbiased_forward_kl(k: int) -> None:
     s_true = s.clone().requires_grad_()
     (true_grad,) = torch.autograd.grad(dv.compute_divergence("forward_kl", s_true, t), s_true)
     per_draw = grad * draws
-    assert bool(((per_draw.mean(0) - true_grad[0]).abs() < 5 * per_draw.std(0) / draws**0.5 + 1e-9).all())
+    assert bool(
+        ((per_draw.mean(0) - true_grad[0]).abs() < 5 * per_draw.std(0) / draws**0.5 + 1e-9).all()
+    )
     # the bucketed top-k loss has the same value only when the tail is matched exactly; its
     # gradient on tail ids is q_j(1 - p_tail/q_tail), not q_j - p_j: biased for each tail token
     exact = sp.teacher_topk(t, k)
-    bucket = sp.topk_divergence(s_true, exact.log_probs, exact.ids, teacher_tail_log_prob=exact.tail_log_prob)
+    bucket = sp.topk_divergence(
+        s_true, exact.log_probs, exact.ids, teacher_tail_log_prob=exact.tail_log_prob
+    )
     (bucket_grad,) = torch.autograd.grad(bucket, s_true)
     assert float((bucket_grad - true_grad).abs().max()) > 1e-3
 
@@ -353,5 +361,7 @@ def test_sampled_tail_with_an_empty_tail_is_the_exact_kl() -> None:
     s, t = rand_logits(2, 5, seed=43), rand_logits(2, 5, seed=44)
     top = sp.teacher_topk(t, 5)  # k = V: no tail
     ids, lp = sp.sample_tail_targets(t, top.ids, 2)
-    got = sp.topk_sampled_tail_kl(s, top._replace(tail_sample_ids=ids, tail_sample_log_probs=lp), reduction="sum")
+    got = sp.topk_sampled_tail_kl(
+        s, top._replace(tail_sample_ids=ids, tail_sample_log_probs=lp), reduction="sum"
+    )
     torch.testing.assert_close(got, dv.compute_divergence("forward_kl", s, t, reduction="sum"))

@@ -81,5 +81,10 @@ def test_map_losses_refuse_flat_features() -> None:
     student, teacher = MLP(16, 10, hidden=[8]), MLP(16, 10, hidden=[8])
     names = [n for n, m in student.named_modules() if isinstance(m, torch.nn.Linear)]
     with pytest.raises(DistilError, match="cwd needs"):
-        feature_distiller([FeatureTerm(student=names[0], teacher=names[0], loss="cwd")], student, teacher,
-                          lambda: student(torch.randn(2, 16)), lambda: teacher(torch.randn(2, 16)))  # fmt: skip
+        feature_distiller(
+            [FeatureTerm(student=names[0], teacher=names[0], loss="cwd")],
+            student,
+            teacher,
+            lambda: student(torch.randn(2, 16)),
+            lambda: teacher(torch.randn(2, 16)),
+        )

@@ -104,7 +104,11 @@ def test_fidelity_part_shapes() -> None:
 
 def test_peak_forward_memory_counts_live_activations() -> None:
     model = torch.nn.Sequential(
-        torch.nn.Linear(16, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 4)
+        torch.nn.Linear(16, 256),
+        torch.nn.ReLU(),
+        torch.nn.Linear(256, 256),
+        torch.nn.ReLU(),
+        torch.nn.Linear(256, 4),
     ).eval()
     x = torch.randn(64, 16)
     peak = peak_forward_memory_bytes(lambda: model(x), model) - weight_bytes(model)
@@ -130,50 +134,131 @@ def test_training_times_survive_a_resume() -> None:
 # a hand-made run folder
 
 
-def make_run(folder: Path, *, kd_temperature: float, student_acc: float, render: bool = True) -> Path:
+def make_run(
+    folder: Path, *, kd_temperature: float, student_acc: float, render: bool = True
+) -> Path:
     """A run folder as classifier_kd leaves it: config, env, metrics, logits, report.json (and,
     with ``render``, report.md/html and the plots)."""
     folder.mkdir(parents=True)
-    config = {"recipe": "classifier_kd", "seed": 0, "run": {"output_dir": str(folder.parent), "log_with": []},
-              "kd": {"kd_weight": 0.9, "kd_temperature": kd_temperature}, "train": {"epochs": 2}}  # fmt: skip
+    config = {
+        "recipe": "classifier_kd",
+        "seed": 0,
+        "run": {"output_dir": str(folder.parent), "log_with": []},
+        "kd": {"kd_weight": 0.9, "kd_temperature": kd_temperature},
+        "train": {"epochs": 2},
+    }
     (folder / "config.resolved.yaml").write_text(yaml.safe_dump(config))
-    (folder / "env.json").write_text(json.dumps({"python": "3.x", "packages": {"torch": "2"}, "git_sha": "abc"}))
+    (folder / "env.json").write_text(
+        json.dumps({"python": "3.x", "packages": {"torch": "2"}, "git_sha": "abc"})
+    )
     (folder / "mode.txt").write_text("classifier_kd on toy: loss = 0.1·CE + 0.9·T²·forward_kl\n")
     lines = []
     t = 0.0
-    for phase, comps in (("teacher", ["hard_ce"]), ("student", ["hard_ce", "kd"]), ("baseline", ["hard_ce"])):
+    for phase, comps in (
+        ("teacher", ["hard_ce"]),
+        ("student", ["hard_ce", "kd"]),
+        ("baseline", ["hard_ce"]),
+    ):
         for step in range(1, 6):
             t += 0.5
-            row: dict[str, Any] = {"phase": phase, "step": step, "time_s": t, "lr": 1e-3 / step, "grad_norm": 1.0 / step, "epoch": 0}
+            row: dict[str, Any] = {
+                "phase": phase,
+                "step": step,
+                "time_s": t,
+                "lr": 1e-3 / step,
+                "grad_norm": 1.0 / step,
+                "epoch": 0,
+            }
             for c in comps:
                 row[f"{c}/raw"] = 2.0 / step
                 row[f"{c}/weighted"] = 1.0 / step
             lines.append(json.dumps(row))
         for step, acc in ((3, 0.4), (5, 0.5)):  # eval rows carry the time of the last step
-            lines.append(json.dumps({"phase": phase, "step": step, "time_s": t, "test_accuracy": acc, "epoch": 0}))
+            lines.append(
+                json.dumps(
+                    {"phase": phase, "step": step, "time_s": t, "test_accuracy": acc, "epoch": 0}
+                )
+            )
     (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     torch.manual_seed(0)
     labels = torch.randint(0, 3, (40,))
     teacher = torch.nn.functional.one_hot(labels, 3).float() * 3 + torch.randn(40, 3) * 0.3
-    saved = {"labels": labels, "teacher": teacher, "student": teacher + torch.randn(40, 3), "baseline": torch.randn(40, 3)}
+    saved = {
+        "labels": labels,
+        "teacher": teacher,
+        "student": teacher + torch.randn(40, 3),
+        "baseline": torch.randn(40, 3),
+    }
     (folder / "eval").mkdir()
     save_file(saved, str(folder / "eval" / "test_logits.safetensors"))
     roles = {"teacher": "teacher", "student": "student (KD)", "baseline": "baseline (no teacher)"}
     rows = [
-        {"model": "teacher", "accuracy": 0.9, "params": 1000, "size_bytes": 4000, "peak_memory_bytes": 9000, "latency_b1_ms": 1.0, "speedup": 1.0, "size_ratio": 1.0},
-        {"model": "student (KD)", "accuracy": student_acc, "params": 100, "size_bytes": 400, "peak_memory_bytes": 900, "latency_b1_ms": 0.25, "speedup": 4.0, "size_ratio": 10.0},
-        {"model": "baseline (no teacher)", "accuracy": 0.7, "params": 100, "size_bytes": 400, "peak_memory_bytes": 900, "latency_b1_ms": 0.25, "speedup": 4.0, "size_ratio": 10.0},
-    ]  # fmt: skip
+        {
+            "model": "teacher",
+            "accuracy": 0.9,
+            "params": 1000,
+            "size_bytes": 4000,
+            "peak_memory_bytes": 9000,
+            "latency_b1_ms": 1.0,
+            "speedup": 1.0,
+            "size_ratio": 1.0,
+        },
+        {
+            "model": "student (KD)",
+            "accuracy": student_acc,
+            "params": 100,
+            "size_bytes": 400,
+            "peak_memory_bytes": 900,
+            "latency_b1_ms": 0.25,
+            "speedup": 4.0,
+            "size_ratio": 10.0,
+        },
+        {
+            "model": "baseline (no teacher)",
+            "accuracy": 0.7,
+            "params": 100,
+            "size_bytes": 400,
+            "peak_memory_bytes": 900,
+            "latency_b1_ms": 0.25,
+            "speedup": 4.0,
+            "size_ratio": 10.0,
+        },
+    ]
     report = {
-        "title": "toy", "recipe": "classifier_kd", "roles": roles,
-        "table": {"columns": [{"key": "model", "label": "model"}, {"key": "accuracy", "label": "test acc"}], "rows": rows},
+        "title": "toy",
+        "recipe": "classifier_kd",
+        "roles": roles,
+        "table": {
+            "columns": [
+                {"key": "model", "label": "model"},
+                {"key": "accuracy", "label": "test acc"},
+            ],
+            "rows": rows,
+        },
         "highlights": {"dataset": "toy"},
-        "quality": quality_part(rows, [("accuracy", "test accuracy")], roles=roles, primary="accuracy",
-                                per_class={"labels": ["a", "b", "c"], "values": {r["model"]: [0.5, 0.6, 0.7] for r in rows}}),
-        "cost": cost_part(rows, [("params", "params"), ("size_bytes", "on disk"), ("peak_memory_bytes", "peak memory"),
-                                 ("latency_b1_ms", "CPU ms @ b1"), ("speedup", "speed-up @ b1"), ("size_ratio", "teacher/model params")]),
+        "quality": quality_part(
+            rows,
+            [("accuracy", "test accuracy")],
+            roles=roles,
+            primary="accuracy",
+            per_class={
+                "labels": ["a", "b", "c"],
+                "values": {r["model"]: [0.5, 0.6, 0.7] for r in rows},
+            },
+        ),
+        "cost": cost_part(
+            rows,
+            [
+                ("params", "params"),
+                ("size_bytes", "on disk"),
+                ("peak_memory_bytes", "peak memory"),
+                ("latency_b1_ms", "CPU ms @ b1"),
+                ("speedup", "speed-up @ b1"),
+                ("size_ratio", "teacher/model params"),
+            ],
+        ),
         "details": {"class_names": ["a", "b", "c"]},
-    }  # fmt: skip
+    }
     if render:
         write_report(folder, report)
     else:
@@ -196,8 +281,18 @@ def test_write_report_fills_every_part_and_renders_the_same_numbers(tmp_path: Pa
     assert report["curves"]["phases"]["student"]["series"]["kd/raw"]["final"] == pytest.approx(0.4)
     assert report["summary"]["gap closed"] == pytest.approx(0.5)
     html = (run / "report.html").read_text()
-    assert "http://" not in html and "https://" not in html and "<script" not in html  # self-contained
-    for name in ("reliability", "confusion", "per_class", "training_time", "curves-loss", "curves-optim", "curves-eval"):
+    assert (
+        "http://" not in html and "https://" not in html and "<script" not in html
+    )  # self-contained
+    for name in (
+        "reliability",
+        "confusion",
+        "per_class",
+        "training_time",
+        "curves-loss",
+        "curves-optim",
+        "curves-eval",
+    ):
         assert (run / "plots" / f"{name}.png").is_file(), name
     assert html.count("data:image/png;base64,") == 7
     fidelity = _section(html, "fidelity")
@@ -207,15 +302,26 @@ def test_write_report_fills_every_part_and_renders_the_same_numbers(tmp_path: Pa
     quality = _section(html, "quality")
     assert f">{fmt(report['quality']['gap_closed'])}<" in quality
     cost = _section(html, "cost")
-    assert "<td>8.8 KiB</td>" in cost and f"<td>{fmt(report['cost']['training']['wall_time_s'])}</td>" in cost
-    assert "kd.kd_temperature" in _section(html, "config") and "git_sha" in _section(html, "environment")
+    assert (
+        "<td>8.8 KiB</td>" in cost
+        and f"<td>{fmt(report['cost']['training']['wall_time_s'])}</td>" in cost
+    )
+    assert "kd.kd_temperature" in _section(html, "config") and "git_sha" in _section(
+        html, "environment"
+    )
     md = (run / "report.md").read_text()
     assert "## Fidelity to the teacher" in md and "![reliability](plots/reliability.png)" in md
     assert render_markdown(report).count("| teacher |") >= 3
 
 
 def test_complete_report_keeps_recipe_parts_and_tolerates_a_bare_folder(tmp_path: Path) -> None:
-    bare = {"title": "bare", "table": {"columns": [{"key": "model", "label": "model"}, {"key": "x", "label": "x"}], "rows": [{"model": "m", "x": 1.0}]}}
+    bare = {
+        "title": "bare",
+        "table": {
+            "columns": [{"key": "model", "label": "model"}, {"key": "x", "label": "x"}],
+            "rows": [{"model": "m", "x": 1.0}],
+        },
+    }
     tmp_path.mkdir(exist_ok=True)
     write_report(tmp_path, bare)
     report = load_report(tmp_path)
@@ -224,17 +330,30 @@ def test_complete_report_keeps_recipe_parts_and_tolerates_a_bare_folder(tmp_path
     kept = complete_report(tmp_path, {"fidelity": {"sentinel": 1}, "roles": {"teacher": "t"}})
     assert kept["fidelity"] == {"sentinel": 1}
     # an older report (no roles): the roles come from the model names of the table
-    old = {"table": {"columns": [{"key": "model", "label": "model"}], "rows": [{"model": "teacher"}, {"model": "student (KD)"}]}}
-    assert complete_report(tmp_path, old)["roles"] == {"teacher": "teacher", "student": "student (KD)"}
+    old = {
+        "table": {
+            "columns": [{"key": "model", "label": "model"}],
+            "rows": [{"model": "teacher"}, {"model": "student (KD)"}],
+        }
+    }
+    assert complete_report(tmp_path, old)["roles"] == {
+        "teacher": "teacher",
+        "student": "student (KD)",
+    }
     (tmp_path / "plots" / "gone.png").write_bytes(b"")  # drawn by an earlier rendering only
     write_report(tmp_path, bare)
     assert not (tmp_path / "plots" / "gone.png").exists()
 
 
 def test_compare_lines_up_differing_keys(tmp_path: Path) -> None:
-    runs = [make_run(tmp_path / f"T{t}", kd_temperature=float(t), student_acc=acc, render=False) for t, acc in ((1, 0.75), (4, 0.85))]
+    runs = [
+        make_run(tmp_path / f"T{t}", kd_temperature=float(t), student_acc=acc, render=False)
+        for t, acc in ((1, 0.75), (4, 0.85))
+    ]
     comparison = compare_runs(runs)
-    assert comparison["config_keys"] == ["kd.kd_temperature"]  # run.output_dir is the same, seeds equal
+    assert comparison["config_keys"] == [
+        "kd.kd_temperature"
+    ]  # run.output_dir is the same, seeds equal
     rows = comparison["table"]["rows"]
     assert [r["kd.kd_temperature"] for r in rows] == [1.0, 4.0]
     assert [r["student test accuracy"] for r in rows] == [0.75, 0.85]

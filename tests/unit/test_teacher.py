@@ -72,8 +72,14 @@ def test_teacher_keeps_its_own_precision_under_the_students_autocast(model: Any)
 def test_hidden_signal_rebuilds_the_same_logits(model: Any) -> None:
     ids, mask = _batch()
     assert hidden_path_matches(model, ids, mask)
-    teacher = LiveLMTeacher(model, vocab_size=VOCAB, device=torch.device("cpu"), dtype=torch.float32,
-                            output_device=torch.device("cpu"), signal=TeacherSignal.HIDDEN)  # fmt: skip
+    teacher = LiveLMTeacher(
+        model,
+        vocab_size=VOCAB,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        output_device=torch.device("cpu"),
+        signal=TeacherSignal.HIDDEN,
+    )
     out = teacher(ids, mask)
     assert out.logits is None and out.hidden is not None and out.weight is not None
     assert out.hidden.shape == (2, 16, 32) and out.weight.shape == (VOCAB, 32)

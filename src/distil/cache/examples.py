@@ -134,10 +134,17 @@ def write_example_cache(
             atomic_write_bytes(path, safetensors_save(tensors, metadata={"format": FORMAT_NAME}))
             write_json_atomic(
                 _sidecar(out, i),
-                {"index": i, "file": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size,
-                 "examples": hi - lo, "first_index": lo, "min_example_id": min(ids[lo:hi]),
-                 "max_example_id": max(ids[lo:hi])},
-            )  # fmt: skip
+                {
+                    "index": i,
+                    "file": path.name,
+                    "sha256": sha256_file(path),
+                    "bytes": path.stat().st_size,
+                    "examples": hi - lo,
+                    "first_index": lo,
+                    "min_example_id": min(ids[lo:hi]),
+                    "max_example_id": max(ids[lo:hi]),
+                },
+            )
             bar.update(task, advance=1, info=f"shard {i}")
     shards = [json.loads(_sidecar(out, i).read_text()) for i in range(num_shards)]
     first = safetensors_load((out / _shard_name(0)).read_bytes()) if num_shards else {}
@@ -198,9 +205,13 @@ class ExampleCache:
             )
         self.verify = verify
         self.shards = DecodedShards(
-            self.path, self.manifest["shards"], verify=verify, max_loaded_shards=max_loaded_shards,
-            max_loaded_bytes=max_loaded_bytes, fix="delete it and rewrite the cache",
-        )  # fmt: skip
+            self.path,
+            self.manifest["shards"],
+            verify=verify,
+            max_loaded_shards=max_loaded_shards,
+            max_loaded_bytes=max_loaded_bytes,
+            fix="delete it and rewrite the cache",
+        )
         self._where: dict[int, tuple[int, int]] = {}
         for s in range(len(self.manifest["shards"])):  # reads each shard once (checksummed)
             for row, e in enumerate(self.shards[s]["example_ids"].tolist()):
@@ -222,14 +233,19 @@ class ExampleCache:
             raise DistilError(
                 f"example ids {missing[:5]} are not in the cache {self.path}; the run's data differs from the cached data"
             )
-        by_shard: dict[int, tuple[list[int], list[int]]] = {}  # shard -> (positions in the batch, rows)
+        by_shard: dict[
+            int, tuple[list[int], list[int]]
+        ] = {}  # shard -> (positions in the batch, rows)
         for position, e in enumerate(ids):
             shard, row = self._where[int(e)]
             slots, rows = by_shard.setdefault(shard, ([], []))
             slots.append(position)
             rows.append(row)
         out: dict[str, Tensor] = {}
-        for shard, (slots, rows) in by_shard.items():  # one gather per shard and tensor, not per example
+        for shard, (
+            slots,
+            rows,
+        ) in by_shard.items():  # one gather per shard and tensor, not per example
             for name, tensor in self.shards[shard].items():
                 if name == "example_ids":
                     continue

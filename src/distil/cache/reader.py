@@ -82,9 +82,12 @@ class CacheReader:
         self.manifest: dict[str, Any] = read_manifest(self.path)
         self.verify = verify
         self.shards = DecodedShards(
-            self.path, self.manifest["shards"], verify=verify,
-            max_loaded_shards=max_loaded_shards, max_loaded_bytes=max_loaded_bytes,
-        )  # fmt: skip
+            self.path,
+            self.manifest["shards"],
+            verify=verify,
+            max_loaded_shards=max_loaded_shards,
+            max_loaded_bytes=max_loaded_bytes,
+        )
         self._where: dict[int, tuple[int, int]] = {}  # example id -> (shard, row)
         self._by_hash: dict[int, int] = {}  # token hash -> example id
         for s, shard in enumerate(self.manifest["shards"]):
@@ -171,7 +174,9 @@ class CacheReader:
             tail_log_prob=t["tail_log_prob"][lo:hi],
             example_hash=int(t["example_hashes"][row]),
             tail_sample_ids=t["tail_sample_ids"][lo:hi].long() if "tail_sample_ids" in t else None,
-            tail_sample_log_probs=t["tail_sample_log_probs"][lo:hi] if "tail_sample_log_probs" in t else None,
+            tail_sample_log_probs=t["tail_sample_log_probs"][lo:hi]
+            if "tail_sample_log_probs" in t
+            else None,
         )
 
     def verify_all(self) -> list[str]:
@@ -218,7 +223,11 @@ def summarize(path: str | Path) -> dict[str, Any]:
         "bytes": manifest["total_bytes"],
         "bytes per token": manifest["total_bytes"] / max(positions, 1),
         "k": manifest["k"],
-        **({"tail samples per token": manifest["tail_samples"]} if manifest.get("tail_samples") else {}),
+        **(
+            {"tail samples per token": manifest["tail_samples"]}
+            if manifest.get("tail_samples")
+            else {}
+        ),
         "vocab_size": manifest["vocab_size"],
         (
             "sampled ids' mass coverage"

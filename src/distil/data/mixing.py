@@ -87,7 +87,9 @@ def apply_mix(x: Tensor, plan: MixPlan) -> Tensor:
     ``(B, C, H, W)``, the box scaled to this tensor's resolution.
     """
     if not x.is_floating_point():
-        raise ValueError(f"mixup/cutmix need floating inputs (images, features), got {x.dtype} (token ids cannot be mixed)")
+        raise ValueError(
+            f"mixup/cutmix need floating inputs (images, features), got {x.dtype} (token ids cannot be mixed)"
+        )
     partner = x[plan.perm]
     if plan.box is None:
         return plan.lam * x + (1.0 - plan.lam) * partner

@@ -32,7 +32,9 @@ def agreement(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> flo
     return float((student_logits.argmax(-1) == teacher_logits.argmax(-1)).float().mean())
 
 
-def per_class_accuracy(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> list[float | None]:
+def per_class_accuracy(
+    logits: torch.Tensor, labels: torch.Tensor, num_classes: int
+) -> list[float | None]:
     pred = logits.argmax(-1)
     out: list[float | None] = []
     for c in range(num_classes):

@@ -12,7 +12,9 @@ import torch
 
 
 @torch.inference_mode()
-def cpu_latency_ms(fn: Callable[[], object], *, repeats: int = 30, warmup: int = 5, min_seconds: float = 0.3) -> float:
+def cpu_latency_ms(
+    fn: Callable[[], object], *, repeats: int = 30, warmup: int = 5, min_seconds: float = 0.3
+) -> float:
     """Median wall time of ``fn()`` in milliseconds, after warm-up; at least ``repeats`` runs and
     ``min_seconds`` in total so that very fast models are timed over many calls."""
     for _ in range(warmup):
@@ -93,7 +95,9 @@ def peak_forward_memory_bytes(fn: Callable[[], object], module: torch.nn.Module)
             del live[key]
 
     class _Track(TorchDispatchMode):
-        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        def __torch_dispatch__(
+            self, func: Any, types: Any, args: Any = (), kwargs: Any = None
+        ) -> Any:
             out = func(*args, **(kwargs or {}))
             for t in tree_flatten(out)[0]:
                 if not isinstance(t, torch.Tensor) or t.device.type != "cpu":

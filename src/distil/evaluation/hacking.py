@@ -118,9 +118,15 @@ def hacking_verdict(
     else:
         text = f"no teacher hacking seen: the {name} ended at {last:.4g}, within {100 * tolerance:.0f}% of its best {best:.4g} (step {best_step})"
     return {
-        "flag": flag, "measure": measure, "best_step": best_step, "best": best, "last": last,
-        "proxy_at_best": p_best, "proxy_last": p_last, "text": text,
-    }  # fmt: skip
+        "flag": flag,
+        "measure": measure,
+        "best_step": best_step,
+        "best": best,
+        "last": last,
+        "proxy_at_best": p_best,
+        "proxy_last": p_last,
+        "text": text,
+    }
 
 
 def monitor_plot(rows: Sequence[Mapping[str, Any]], phase: str = "student") -> bytes | None:

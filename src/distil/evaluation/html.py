@@ -373,7 +373,9 @@ def render_html(report: Mapping[str, Any], run_dir: Path, images: Mapping[str, b
         parts.append(("curves", "Training curves", _curves(report["curves"], images)))
     if report.get("monitor"):
         mon = report["monitor"]
-        body = f'<section id="monitor"><h2>Teacher-hacking monitor</h2><p><b>{_e(mon["text"])}</b></p>'
+        body = (
+            f'<section id="monitor"><h2>Teacher-hacking monitor</h2><p><b>{_e(mon["text"])}</b></p>'
+        )
         if "monitor" in images:
             body += img(images["monitor"], "teacher-hacking monitor")
         parts.append(("monitor", "Teacher hacking", body + "</section>"))

@@ -687,7 +687,10 @@ def _topk_closed_form_step(
     else:
         s_ids, s_lp, s_w = tail_samples
         s_w = s_w.to(z.dtype)  # (C, m) weight of each drawn id
-        kd_sum = head_sum + torch.where(s_w > 0, s_w * (s_lp.to(z.dtype) - log_q.gather(-1, s_ids)), 0.0).sum()
+        kd_sum = (
+            head_sum
+            + torch.where(s_w > 0, s_w * (s_lp.to(z.dtype) - log_q.gather(-1, s_ids)), 0.0).sum()
+        )
     ce_sum = zero
     log_s = None
     if labels is not None:
@@ -728,7 +731,9 @@ class _ChunkedTopKLoss(torch.autograd.Function):
         ctx: FunctionCtx,
         logits: Tensor,
         index: tuple[Tensor, ...],
-        targets: tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None],
+        targets: tuple[
+            Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None
+        ],
         coefs: tuple[float | Tensor, float | Tensor, float],
         chunk_size: int,
         need_grad: bool,
@@ -741,10 +746,17 @@ class _ChunkedTopKLoss(torch.autograd.Function):
             end = min(start + chunk_size, n)
             z = upcast(_take(logits, index, start, end))  # (C, V)
             *parts, g = _topk_closed_form_step(
-                z, top_lp[start:end], ids[start:end], tail_lp[start:end],
-                None if labels is None else labels[start:end], *coefs, need_grad,
-                None if s_ids is None or s_lp is None or s_w is None else (s_ids[start:end], s_lp[start:end], s_w[start:end]),
-            )  # fmt: skip
+                z,
+                top_lp[start:end],
+                ids[start:end],
+                tail_lp[start:end],
+                None if labels is None else labels[start:end],
+                *coefs,
+                need_grad,
+                None
+                if s_ids is None or s_lp is None or s_w is None
+                else (s_ids[start:end], s_lp[start:end], s_w[start:end]),
+            )
             sums += torch.stack(parts).to(sums.dtype)
             if grad is not None and g is not None:
                 grad.index_put_(tuple(i[start:end] for i in index), g.to(grad.dtype))
@@ -764,14 +776,18 @@ class _ChunkedTopKLoss(torch.autograd.Function):
 def _sparse_targets_loss(
     student_logits: Tensor,
     index: tuple[Tensor, ...],
-    targets: tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None],
+    targets: tuple[
+        Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None
+    ],
     coefs: tuple[float | Tensor, float | Tensor, float],
     chunk_size: int | None,
 ) -> ChunkedLossParts:
     """Run :class:`_ChunkedTopKLoss` over the supervised rows ``index`` of the logits."""
     need_grad = torch.is_grad_enabled() and student_logits.requires_grad
     size = chunk_size or logits_chunk_size(student_logits.shape[-1], student_logits.device)
-    loss, ce_sum, kd_sum = _ChunkedTopKLoss.apply(student_logits, index, targets, coefs, size, need_grad)
+    loss, ce_sum, kd_sum = _ChunkedTopKLoss.apply(
+        student_logits, index, targets, coefs, size, need_grad
+    )
     return ChunkedLossParts(loss, ce_sum, kd_sum, int(index[0].shape[0]))
 
 
@@ -817,9 +833,18 @@ def chunked_sampled_logits_loss(
     rows = s_ids.shape[0]
     empty_lp = s_lp.new_zeros((rows, 0))
     empty_ids = s_ids.new_zeros((rows, 0))
-    targets = (empty_lp, empty_ids, s_lp.new_full((rows,), float("-inf")),
-               None if skip_ce or labels is None else labels[index], s_ids, s_lp, weights)  # fmt: skip
-    return _sparse_targets_loss(student_logits, index, targets, (hard_ce_coef, kd_coef, kd_temperature), chunk_size)
+    targets = (
+        empty_lp,
+        empty_ids,
+        s_lp.new_full((rows,), float("-inf")),
+        None if skip_ce or labels is None else labels[index],
+        s_ids,
+        s_lp,
+        weights,
+    )
+    return _sparse_targets_loss(
+        student_logits, index, targets, (hard_ce_coef, kd_coef, kd_temperature), chunk_size
+    )
 
 
 def chunked_topk_logits_loss(
@@ -861,14 +886,21 @@ def chunked_topk_logits_loss(
     """
     check_kd_temperature(kd_temperature)
     if (teacher_tail_sample_ids is None) != (teacher_tail_sample_log_probs is None):
-        raise ValueError("give both teacher_tail_sample_ids and teacher_tail_sample_log_probs, or neither")
+        raise ValueError(
+            "give both teacher_tail_sample_ids and teacher_tail_sample_log_probs, or neither"
+        )
     index = mask.nonzero(as_tuple=True)
     skip_ce = labels is None or (isinstance(hard_ce_coef, float | int) and hard_ce_coef == 0)
     tail_lp = teacher_tail_log_prob[index]  # (N,)
     weights = None
     if teacher_tail_sample_ids is not None:  # p_tail / m on every id drawn from the tail
         p_tail = upcast(tail_lp).exp()
-        weights = torch.where(p_tail > 0, p_tail, 0.0).unsqueeze(-1).expand(-1, teacher_tail_sample_ids.shape[-1]) / teacher_tail_sample_ids.shape[-1]
+        weights = (
+            torch.where(p_tail > 0, p_tail, 0.0)
+            .unsqueeze(-1)
+            .expand(-1, teacher_tail_sample_ids.shape[-1])
+            / teacher_tail_sample_ids.shape[-1]
+        )
     targets = (
         teacher_topk_log_probs[index],
         teacher_topk_ids[index],
@@ -878,4 +910,6 @@ def chunked_topk_logits_loss(
         None if teacher_tail_sample_log_probs is None else teacher_tail_sample_log_probs[index],
         weights,
     )
-    return _sparse_targets_loss(student_logits, index, targets, (hard_ce_coef, kd_coef, kd_temperature), chunk_size)
+    return _sparse_targets_loss(
+        student_logits, index, targets, (hard_ce_coef, kd_coef, kd_temperature), chunk_size
+    )

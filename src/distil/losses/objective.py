@@ -525,12 +525,18 @@ def token_objective_sparse(
         and not divergence_params
     ):  # the common case: chunked, gradient in closed form, no (N, V) autograd intermediates
         parts = chunked_topk_logits_loss(
-            student_logits, mask, teacher_topk_log_probs=teacher.log_probs, teacher_topk_ids=teacher.ids,
-            teacher_tail_log_prob=teacher.tail_log_prob, labels=labels,
+            student_logits,
+            mask,
+            teacher_topk_log_probs=teacher.log_probs,
+            teacher_topk_ids=teacher.ids,
+            teacher_tail_log_prob=teacher.tail_log_prob,
+            labels=labels,
             hard_ce_coef=_per_item(ce_coef, denominator) if ce_coef else 0.0,
-            kd_coef=_per_item(kd_coef, denominator), kd_temperature=kd_temperature,
-            teacher_tail_sample_ids=teacher.tail_sample_ids, teacher_tail_sample_log_probs=teacher.tail_sample_log_probs,
-        )  # fmt: skip
+            kd_coef=_per_item(kd_coef, denominator),
+            kd_temperature=kd_temperature,
+            teacher_tail_sample_ids=teacher.tail_sample_ids,
+            teacher_tail_sample_log_probs=teacher.tail_sample_log_probs,
+        )
         return _token_output(parts, denominator, ce_coef, kd_coef, True)
     if (
         isinstance(teacher, SampledTargets)
@@ -538,11 +544,16 @@ def token_objective_sparse(
         and not divergence_params
     ):  # the plain importance-sampled KL (low-variance gradient), chunked, closed form
         parts = chunked_sampled_logits_loss(
-            student_logits, mask, sample_ids=teacher.ids, teacher_sample_log_probs=teacher.teacher_log_probs,
-            proposal_log_probs=teacher.proposal_log_probs, labels=labels,
+            student_logits,
+            mask,
+            sample_ids=teacher.ids,
+            teacher_sample_log_probs=teacher.teacher_log_probs,
+            proposal_log_probs=teacher.proposal_log_probs,
+            labels=labels,
             hard_ce_coef=_per_item(ce_coef, denominator) if ce_coef else 0.0,
-            kd_coef=_per_item(kd_coef, denominator), kd_temperature=kd_temperature,
-        )  # fmt: skip
+            kd_coef=_per_item(kd_coef, denominator),
+            kd_temperature=kd_temperature,
+        )
         return _token_output(parts, denominator, ce_coef, kd_coef, True)
     zero = student_logits.new_zeros((), dtype=torch.float32)
     ce_sum = (
@@ -551,20 +562,35 @@ def token_objective_sparse(
         else zero
     )
     common: dict[str, Any] = {
-        "divergence": _name(divergence), "kd_temperature": kd_temperature, "reduction": "sum", **divergence_params,
-    }  # fmt: skip
+        "divergence": _name(divergence),
+        "kd_temperature": kd_temperature,
+        "reduction": "sum",
+        **divergence_params,
+    }
     if isinstance(teacher, TopKTargets):
         kd_sum = topk_divergence(
-            student_logits, teacher.log_probs, teacher.ids, mask, teacher_tail_log_prob=teacher.tail_log_prob, **common
-        )  # fmt: skip
+            student_logits,
+            teacher.log_probs,
+            teacher.ids,
+            mask,
+            teacher_tail_log_prob=teacher.tail_log_prob,
+            **common,
+        )
     else:
         kd_sum = sampled_divergence(
-            student_logits, teacher.ids, teacher.teacher_log_probs, mask,
-            proposal_log_probs=teacher.proposal_log_probs, **common,
-        )  # fmt: skip
+            student_logits,
+            teacher.ids,
+            teacher.teacher_log_probs,
+            mask,
+            proposal_log_probs=teacher.proposal_log_probs,
+            **common,
+        )
     ce_raw, kd_raw = divide_by(ce_sum, denominator), divide_by(kd_sum, denominator)
     loss = ce_coef * ce_raw + kd_coef * kd_raw
     components = {
-        "hard_ce/raw": ce_raw, "hard_ce/weighted": ce_coef * ce_raw, "kd/raw": kd_raw, "kd/weighted": kd_coef * kd_raw,
-    }  # fmt: skip
+        "hard_ce/raw": ce_raw,
+        "hard_ce/weighted": ce_coef * ce_raw,
+        "kd/raw": kd_raw,
+        "kd/weighted": kd_coef * kd_raw,
+    }
     return ObjectiveOutput(loss, {k: v.detach() for k, v in components.items()})

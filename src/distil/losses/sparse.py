@@ -378,17 +378,27 @@ def topk_sampled_tail_kl(
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
     """
     if teacher.tail_sample_ids is None or teacher.tail_sample_log_probs is None:
-        raise ValueError("topk_sampled_tail_kl needs TopKTargets with tail_sample_ids and tail_sample_log_probs")
+        raise ValueError(
+            "topk_sampled_tail_kl needs TopKTargets with tail_sample_ids and tail_sample_log_probs"
+        )
     positions_shape = tuple(student_logits.shape[:-1])
     lq = log_probs(select_positions(student_logits, mask), kd_temperature)  # (N, V)
     top_lp = upcast(select_positions(teacher.log_probs, mask)).to(lq.dtype)  # (N, k)
-    tail_lp = upcast(select_positions(teacher.tail_log_prob, mask, event_dims=0)).to(lq.dtype)  # (N,)
+    tail_lp = upcast(select_positions(teacher.tail_log_prob, mask, event_dims=0)).to(
+        lq.dtype
+    )  # (N,)
     sample_lp = upcast(select_positions(teacher.tail_sample_log_probs, mask)).to(lq.dtype)  # (N, m)
     p_top, p_tail = top_lp.exp(), tail_lp.exp()
-    head = torch.where(p_top > 0, p_top * (top_lp - lq.gather(-1, select_positions(teacher.ids, mask))), 0.0).sum(-1)
-    sample_terms = (sample_lp - lq.gather(-1, select_positions(teacher.tail_sample_ids, mask))).mean(-1)  # (N,)
+    head = torch.where(
+        p_top > 0, p_top * (top_lp - lq.gather(-1, select_positions(teacher.ids, mask))), 0.0
+    ).sum(-1)
+    sample_terms = (
+        sample_lp - lq.gather(-1, select_positions(teacher.tail_sample_ids, mask))
+    ).mean(-1)  # (N,)
     per_position = head + torch.where(p_tail > 0, p_tail * sample_terms, 0.0)
-    return reduce_positions(per_position, mask, positions_shape, num_items=num_items, reduction=reduction)
+    return reduce_positions(
+        per_position, mask, positions_shape, num_items=num_items, reduction=reduction
+    )
 
 
 def sampled_divergence(

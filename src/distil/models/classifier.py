@@ -78,7 +78,11 @@ class SmallCNN(nn.Module):
         stages: list[nn.Module] = []
         width = in_channels
         for i, c in enumerate(channels):
-            block: list[nn.Module] = [nn.Conv2d(width, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU()]
+            block: list[nn.Module] = [
+                nn.Conv2d(width, c, 3, padding=1, bias=False),
+                nn.BatchNorm2d(c),
+                nn.ReLU(),
+            ]
             if pool_every and (i + 1) % pool_every == 0:
                 block.append(nn.MaxPool2d(2, ceil_mode=True))
             stages.append(nn.Sequential(*block))
@@ -105,7 +109,8 @@ class BasicBlock(nn.Module):
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_channels != out_channels:
             self.shortcut = nn.Sequential(
-                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), nn.BatchNorm2d(out_channels)
+                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
+                nn.BatchNorm2d(out_channels),
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -125,12 +130,17 @@ class SmallResNet(nn.Module):
     ) -> None:
         super().__init__()
         self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()
+            nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False),
+            nn.BatchNorm2d(widths[0]),
+            nn.ReLU(),
         )
         stages: list[nn.Module] = []
         width = widths[0]
         for i, w in enumerate(widths):
-            blocks = [BasicBlock(width if j == 0 else w, w, 2 if (i > 0 and j == 0) else 1) for j in range(blocks_per_stage)]
+            blocks = [
+                BasicBlock(width if j == 0 else w, w, 2 if (i > 0 and j == 0) else 1)
+                for j in range(blocks_per_stage)
+            ]
             stages.append(nn.Sequential(*blocks))
             width = w
         self.stages = nn.Sequential(*stages)
@@ -180,7 +190,11 @@ def _image_tensor(split: Split) -> Inputs:
     # A fresh copy with canonical strides: numpy gives a size-1 channel axis stride 0 or 1 depending
     # on how the array was made (a subset, a new axis), and a (784, 1, 28, 1) stride reads as
     # channels-last to PyTorch, whose convolutions then take another kernel (other rounding).
-    return {"x": torch.from_numpy(np.ascontiguousarray(split.images)).clone(memory_format=torch.contiguous_format)}
+    return {
+        "x": torch.from_numpy(np.ascontiguousarray(split.images)).clone(
+            memory_format=torch.contiguous_format
+        )
+    }
 
 
 @dataclass
@@ -198,8 +212,12 @@ def _zoo_model(name: str, data: ClassificationData, kwargs: dict[str, Any]) -> B
     text_features = int(kwargs.pop("text_features", 4096))
     if data.modality == "text":
         if name != "mlp":
-            raise DistilError(f"zoo model {name!r} needs images; for text datasets use zoo: mlp (hashed n-gram features)")
-        encoder = InputEncoder(_hashed_text_features(text_features), f"hashed 1-2-gram features ({text_features})")
+            raise DistilError(
+                f"zoo model {name!r} needs images; for text datasets use zoo: mlp (hashed n-gram features)"
+            )
+        encoder = InputEncoder(
+            _hashed_text_features(text_features), f"hashed 1-2-gram features ({text_features})"
+        )
         in_features = text_features
         in_channels = 0
     else:
@@ -265,7 +283,9 @@ def _hf_model(
     """
     folder = Path(path)
     if not (folder / "config.json").is_file():
-        raise DistilError(f"Hugging Face model folder {folder} has no config.json (is the path right?)")
+        raise DistilError(
+            f"Hugging Face model folder {folder} has no config.json (is the path right?)"
+        )
     max_length = _hf_text_max_length(folder, dict(kwargs or {}), data.modality)
     import transformers
 
@@ -273,7 +293,9 @@ def _hf_model(
         try:
             tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
         except (OSError, ValueError) as exc:
-            raise DistilError(f"{folder}: no tokenizer files found ({exc}); save the tokenizer next to the model") from exc
+            raise DistilError(
+                f"{folder}: no tokenizer files found ({exc}); save the tokenizer next to the model"
+            ) from exc
         module = transformers.AutoModelForSequenceClassification.from_pretrained(str(folder))
         positions = getattr(module.config, "max_position_embeddings", None)
         if isinstance(positions, int) and max_length > positions:
@@ -306,7 +328,12 @@ def _hf_model(
             if processor is None:
                 return {"pixel_values": torch.from_numpy(np.ascontiguousarray(split.images))}
             imgs = [np.repeat(im, 3, axis=0) if im.shape[0] == 1 else im for im in split.images]
-            out = processor(images=imgs, return_tensors="pt", do_rescale=False, input_data_format="channels_first")
+            out = processor(
+                images=imgs,
+                return_tensors="pt",
+                do_rescale=False,
+                input_data_format="channels_first",
+            )
             return {"pixel_values": out["pixel_values"]}
 
         encoder = InputEncoder(encode_image, f"image processor of {folder.name}")
@@ -329,12 +356,19 @@ def _factory_model(spec: str, data: ClassificationData, kwargs: dict[str, Any]) 
         raise DistilError(f"cannot import factory {spec!r}: {exc}") from exc
     module = fn(num_classes=data.num_classes, input_shape=data.image_shape, **kwargs)
     if not isinstance(module, nn.Module):
-        raise DistilError(f"factory {spec!r} returned {type(module).__name__}, not a torch.nn.Module")
+        raise DistilError(
+            f"factory {spec!r} returned {type(module).__name__}, not a torch.nn.Module"
+        )
     return BuiltModel(module, InputEncoder(_image_tensor, "image tensor"), f"factory:{spec}")
 
 
 def build_classifier(
-    *, zoo: str | None, hf: str | None, factory: str | None, kwargs: dict[str, Any], data: ClassificationData
+    *,
+    zoo: str | None,
+    hf: str | None,
+    factory: str | None,
+    kwargs: dict[str, Any],
+    data: ClassificationData,
 ) -> BuiltModel:
     """Build the model a spec names, sized for ``data``."""
     if zoo is not None:
@@ -348,7 +382,9 @@ def build_classifier(
 
 def logits_of(module: nn.Module, inputs: Inputs) -> torch.Tensor:
     """Class logits (B, C) from a zoo model (returns a tensor) or an HF model (``.logits``)."""
-    out = module(inputs["x"]) if inputs.keys() == {"x"} else module(**inputs)  # plain modules take x positionally
+    out = (
+        module(inputs["x"]) if inputs.keys() == {"x"} else module(**inputs)
+    )  # plain modules take x positionally
     return out if isinstance(out, torch.Tensor) else out.logits
 
 

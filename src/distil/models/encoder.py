@@ -252,7 +252,9 @@ def narrow_encoder(
     if not 1 <= ffn <= inner:
         raise DistilError(f"student.intermediate_size={ffn} must be between 1 and {inner}")
     if not calibration:
-        raise DistilError("narrowing needs calibration sentences to rank channels, heads and neurons")
+        raise DistilError(
+            "narrowing needs calibration sentences to rank channels, heads and neurons"
+        )
     was_training = model.training
     model.eval()
     residual, head_scores, ffn_scores = _narrow_importance(encoder, calibration, batch_size)
@@ -291,18 +293,27 @@ def narrow_encoder(
             return value[keep_r][:, keep_f[i]]
         if rest == "pooler.dense.weight":
             return value[keep_r][:, keep_r]
-        raise DistilError(f"narrowing does not know how to slice {name} {tuple(value.shape)}; use student.folder")
+        raise DistilError(
+            f"narrowing does not know how to slice {name} {tuple(value.shape)}; use student.folder"
+        )
 
     new_config = copy.deepcopy(config)
-    new_config.hidden_size, new_config.num_attention_heads, new_config.intermediate_size = hidden_size, new_heads, ffn
+    new_config.hidden_size, new_config.num_attention_heads, new_config.intermediate_size = (
+        hidden_size,
+        new_heads,
+        ffn,
+    )
     narrow = type(model)(new_config)
     state = {name: sliced(name, value) for name, value in model.state_dict().items()}
     narrow.load_state_dict(state, strict=True)
     narrow.train(was_training).requires_grad_(True)
     return Encoder(
-        narrow, encoder.tokenizer, encoder.max_length, encoder.normalize,
+        narrow,
+        encoder.tokenizer,
+        encoder.max_length,
+        encoder.normalize,
         f"{encoder.source}, narrowed to width {hidden_size} ({new_heads} heads, FFN {ffn})",
-    )  # fmt: skip
+    )
 
 
 def disable_attention_dropout(model: Any) -> int:
@@ -316,7 +327,9 @@ def disable_attention_dropout(model: Any) -> int:
     """
     changed = 0
     for name, sub in model.named_modules():
-        if name.endswith("attention.self") and isinstance(getattr(sub, "dropout", None), nn.Dropout):
+        if name.endswith("attention.self") and isinstance(
+            getattr(sub, "dropout", None), nn.Dropout
+        ):
             sub.dropout.p = 0.0
             changed += 1
     if hasattr(model.config, "attention_probs_dropout_prob"):

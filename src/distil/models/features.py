@@ -491,8 +491,12 @@ class FeatureDistiller(nn.Module):
 
 
 def feature_distiller(
-    terms: Sequence[FeatureTerm], student: nn.Module, teacher: nn.Module, run_student: Callable[[], Any], run_teacher: Callable[[], Any],
-) -> FeatureDistiller:  # fmt: skip
+    terms: Sequence[FeatureTerm],
+    student: nn.Module,
+    teacher: nn.Module,
+    run_student: Callable[[], Any],
+    run_teacher: Callable[[], Any],
+) -> FeatureDistiller:
     """Probe both models once for the feature shapes and build the projectors the terms need.
 
     Args:

@@ -75,7 +75,11 @@ from distil.training.session import Session
 
 logger = logging.getLogger(__name__)
 
-PHASES = {"teacher": 1, "student": 2, "baseline": 3}  # offsets that decorrelate per-phase RNG streams
+PHASES = {
+    "teacher": 1,
+    "student": 2,
+    "baseline": 3,
+}  # offsets that decorrelate per-phase RNG streams
 
 
 class DataSection(StrictModel):
@@ -88,8 +92,13 @@ class DataSection(StrictModel):
     image_column: str | None = None
     label_column: str = "label"
     test_fraction: float = Field(default=0.25, gt=0, lt=1)
-    split_seed: int = Field(default=0, description="seed of the train/test split, kept apart from `seed` so runs share a test set")
-    train_limit: int | None = Field(default=None, ge=1, description="use only this many training examples")
+    split_seed: int = Field(
+        default=0,
+        description="seed of the train/test split, kept apart from `seed` so runs share a test set",
+    )
+    train_limit: int | None = Field(
+        default=None, ge=1, description="use only this many training examples"
+    )
 
     @field_validator("dataset")
     @classmethod
@@ -99,19 +108,25 @@ class DataSection(StrictModel):
 
             close = difflib.get_close_matches(v, list(BUILTIN_DATASETS), n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
-            raise ValueError(f"unknown dataset {v!r}; {hint}built-in: {sorted(BUILTIN_DATASETS)} (or set train_file)")
+            raise ValueError(
+                f"unknown dataset {v!r}; {hint}built-in: {sorted(BUILTIN_DATASETS)} (or set train_file)"
+            )
         return v
 
     @model_validator(mode="after")
     def _one_source(self) -> DataSection:
         if (self.dataset is None) == (self.train_file is None):
-            raise ValueError("set exactly one of data.dataset (built-in) or data.train_file (local file)")
+            raise ValueError(
+                "set exactly one of data.dataset (built-in) or data.train_file (local file)"
+            )
         return self
 
 
 class TeacherSection(StrictModel):
     model: ModelSpec = ModelSpec(zoo="cnn", kwargs={"channels": [32, 64, 64]})
-    checkpoint: str | None = Field(default=None, description="safetensors weights for a zoo/factory teacher")
+    checkpoint: str | None = Field(
+        default=None, description="safetensors weights for a zoo/factory teacher"
+    )
     train: bool = Field(default=False, description="train the teacher first, in this run")
     training: TrainSection = TrainSection()
     cache: str | None = Field(
@@ -119,7 +134,9 @@ class TeacherSection(StrictModel):
         description="folder of a teacher cache: its logits (and the kd.features maps) written (or completed) once, "
         "then read each step instead of running the teacher (not with mixup or cutmix)",
     )
-    cache_dtype: Literal["float32", "float16", "bfloat16"] = Field(default="float32", description="storage dtype of cached logits")
+    cache_dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        default="float32", description="storage dtype of cached logits"
+    )
     cache_feature_dtype: Literal["float32", "float16", "bfloat16"] = Field(
         default="float16", description="storage dtype of cached feature maps (kd.features)"
     )
@@ -144,15 +161,27 @@ class AutoFeatures(StrictModel):
 
 
 class KDSection(StrictModel):
-    kd_weight: float = Field(default=0.9, ge=0, le=1, description="weight of the soft term; 1 - it weighs hard CE")
+    kd_weight: float = Field(
+        default=0.9, ge=0, le=1, description="weight of the soft term; 1 - it weighs hard CE"
+    )
     kd_temperature: float = Field(default=4.0, gt=0)
     divergence: str = "forward_kl"
-    features: list[FeatureTerm] = Field(default_factory=list, description="feature KD: [{student: stages.1, teacher: stages.1, loss: cwd|hint|attention, weight: 1.0}]")
-    auto_features: AutoFeatures | None = Field(
-        default=None, description="feature terms paired automatically over the models' blocks: {layer_map: shape|uniform|last_k, loss, weight}"
+    features: list[FeatureTerm] = Field(
+        default_factory=list,
+        description="feature KD: [{student: stages.1, teacher: stages.1, loss: cwd|hint|attention, weight: 1.0}]",
     )
-    mixup_alpha: float = Field(default=0.0, ge=0, description="mixup Beta(α, α) in the student and baseline phases; the teacher sees the same mix")
-    cutmix_alpha: float = Field(default=0.0, ge=0, description="cutmix Beta(α, α); with mixup too, each batch picks one")
+    auto_features: AutoFeatures | None = Field(
+        default=None,
+        description="feature terms paired automatically over the models' blocks: {layer_map: shape|uniform|last_k, loss, weight}",
+    )
+    mixup_alpha: float = Field(
+        default=0.0,
+        ge=0,
+        description="mixup Beta(α, α) in the student and baseline phases; the teacher sees the same mix",
+    )
+    cutmix_alpha: float = Field(
+        default=0.0, ge=0, description="cutmix Beta(α, α); with mixup too, each batch picks one"
+    )
 
 
 class EvalSection(StrictModel):
@@ -173,7 +202,14 @@ class Config(StrictModel):
 
     @model_validator(mode="after")
     def _cache_needs_plain_logit_kd(self) -> Config:
-        live_only = [name for name, on in (("kd.mixup_alpha", self.kd.mixup_alpha > 0), ("kd.cutmix_alpha", self.kd.cutmix_alpha > 0)) if on]
+        live_only = [
+            name
+            for name, on in (
+                ("kd.mixup_alpha", self.kd.mixup_alpha > 0),
+                ("kd.cutmix_alpha", self.kd.cutmix_alpha > 0),
+            )
+            if on
+        ]
         if self.teacher.cache is not None and live_only:
             raise ValueError(
                 f"teacher.cache stores the teacher's logits on the unmixed training examples, but {', '.join(live_only)} "
@@ -189,13 +225,25 @@ def load_data(cfg: Config) -> ClassificationData:
     else:
         assert d.train_file is not None
         data = load_files(
-            d.train_file, d.test_file, text_column=d.text_column, image_column=d.image_column,
-            label_column=d.label_column, test_fraction=d.test_fraction, seed=d.split_seed,
-        )  # fmt: skip
+            d.train_file,
+            d.test_file,
+            text_column=d.text_column,
+            image_column=d.image_column,
+            label_column=d.label_column,
+            test_fraction=d.test_fraction,
+            seed=d.split_seed,
+        )
     if d.train_limit is not None and d.train_limit < len(data.train):
-        keep = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(d.split_seed))[: d.train_limit]
-        data = ClassificationData(data.name, data.train.subset(keep.sort().values.numpy()), data.test,
-                                  data.class_names, data.modality)  # fmt: skip
+        keep = torch.randperm(
+            len(data.train), generator=torch.Generator().manual_seed(d.split_seed)
+        )[: d.train_limit]
+        data = ClassificationData(
+            data.name,
+            data.train.subset(keep.sort().values.numpy()),
+            data.test,
+            data.class_names,
+            data.modality,
+        )
     check_labels(data)
     return data
 
@@ -215,11 +263,21 @@ def _check_classes(built: BuiltModel, inputs: Inputs, num_classes: int, role: st
 
 
 def train_phase(
-    phase: str, s: Session, built: BuiltModel, cfg: Config, tcfg: TrainSection, inputs: Inputs,
-    labels: torch.Tensor, test_inputs: Inputs, test_labels: torch.Tensor, log: MetricsLog,
-    teacher: BuiltModel | None = None, teacher_inputs: Inputs | None = None, teacher_cache: ExampleCache | None = None,
+    phase: str,
+    s: Session,
+    built: BuiltModel,
+    cfg: Config,
+    tcfg: TrainSection,
+    inputs: Inputs,
+    labels: torch.Tensor,
+    test_inputs: Inputs,
+    test_labels: torch.Tensor,
+    log: MetricsLog,
+    teacher: BuiltModel | None = None,
+    teacher_inputs: Inputs | None = None,
+    teacher_cache: ExampleCache | None = None,
     features: list[FeatureTerm] | None = None,
-) -> None:  # fmt: skip
+) -> None:
     """Train ``built.module`` in place: CE only, or CE + KD when a teacher is given.
 
     With ``teacher_cache``, the teacher's logits (and feature maps) for each example are read
@@ -240,22 +298,49 @@ def train_phase(
     n = len(labels)
     steps_per_epoch = n // tcfg.batch_size
     if steps_per_epoch == 0:
-        raise DistilError(f"{phase}: {n} training examples is fewer than one batch ({tcfg.batch_size})")
-    total = steps_per_epoch * tcfg.epochs if tcfg.max_steps is None else min(tcfg.max_steps, steps_per_epoch * tcfg.epochs)
+        raise DistilError(
+            f"{phase}: {n} training examples is fewer than one batch ({tcfg.batch_size})"
+        )
+    total = (
+        steps_per_epoch * tcfg.epochs
+        if tcfg.max_steps is None
+        else min(tcfg.max_steps, steps_per_epoch * tcfg.epochs)
+    )
     fkd = None  # feature KD: projectors train with the student and are checkpointed with it, never exported
     if teacher is not None and teacher_inputs is not None and features:
         few = torch.arange(2)
-        fkd = feature_distiller(features, built.module, teacher.module,
-                                lambda: logits_of(built.module, _take(inputs, few, next(built.module.parameters()).device)),
-                                lambda: logits_of(teacher.module, _take(teacher_inputs, few, next(teacher.module.parameters()).device)))  # fmt: skip
-    trained = built.module if fkd is None else nn.ModuleDict({"student": built.module, "features": fkd})
-    optimizer = build_optimizer(trained.parameters(), name=tcfg.optimizer.value, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
-    scheduler = build_scheduler(optimizer, name=tcfg.scheduler.value, total_steps=total, warmup_steps=tcfg.warmup_steps)
+        fkd = feature_distiller(
+            features,
+            built.module,
+            teacher.module,
+            lambda: logits_of(
+                built.module, _take(inputs, few, next(built.module.parameters()).device)
+            ),
+            lambda: logits_of(
+                teacher.module, _take(teacher_inputs, few, next(teacher.module.parameters()).device)
+            ),
+        )
+    trained = (
+        built.module if fkd is None else nn.ModuleDict({"student": built.module, "features": fkd})
+    )
+    optimizer = build_optimizer(
+        trained.parameters(), name=tcfg.optimizer.value, lr=tcfg.lr, weight_decay=tcfg.weight_decay
+    )
+    scheduler = build_scheduler(
+        optimizer, name=tcfg.scheduler.value, total_steps=total, warmup_steps=tcfg.warmup_steps
+    )
     state = TrainState(step=0, epoch=0, batch_in_epoch=0, extra={})
     ckpt = latest_checkpoint(phase_dir / "checkpoints") if s.resume else None
     if ckpt is not None:
         state = load_checkpoint(ckpt, model=trained, optimizer=optimizer, scheduler=scheduler)
-        logger.info("%s: resumed from %s (step %d, epoch %d, batch %d)", phase, ckpt, state.step, state.epoch, state.batch_in_epoch)
+        logger.info(
+            "%s: resumed from %s (step %d, epoch %d, batch %d)",
+            phase,
+            ckpt,
+            state.step,
+            state.epoch,
+            state.batch_in_epoch,
+        )
     model, optimizer = acc.prepare(built.module, optimizer)
     if teacher is not None:
         teacher.module.to(acc.device).eval().requires_grad_(False)
@@ -263,22 +348,47 @@ def train_phase(
         fkd.to(acc.device)
     kd = cfg.kd
     step, epoch, start_batch = state.step, state.epoch, state.batch_in_epoch
-    seen: list[int] = []  # example ids this rank consumed in epoch 0, written out as an audit of sharding
-    if epoch == 0:  # resumed inside epoch 0: the batches before the checkpoint are a pure function of the seed
-        first = global_batches(n, global_batch_size=tcfg.batch_size, seed=cfg.seed + PHASES[phase], epoch=0, drop_last=True)
-        seen = [i for bb in first[:start_batch] for mb in bb.tensor_split(tcfg.grad_accum) for i in rank_slice(mb, rank=rank, world_size=world).tolist()]
+    seen: list[
+        int
+    ] = []  # example ids this rank consumed in epoch 0, written out as an audit of sharding
+    if (
+        epoch == 0
+    ):  # resumed inside epoch 0: the batches before the checkpoint are a pure function of the seed
+        first = global_batches(
+            n,
+            global_batch_size=tcfg.batch_size,
+            seed=cfg.seed + PHASES[phase],
+            epoch=0,
+            drop_last=True,
+        )
+        seen = [
+            i
+            for bb in first[:start_batch]
+            for mb in bb.tensor_split(tcfg.grad_accum)
+            for i in rank_slice(mb, rank=rank, world_size=world).tolist()
+        ]
     with progress_bar(acc.is_main_process) as bar:
         task = bar.add_task(phase, total=total, completed=step, rate="", info="")
         t_start, samples = _now(), 0
         while step < total:
-            batches = global_batches(n, global_batch_size=tcfg.batch_size, seed=cfg.seed + PHASES[phase], epoch=epoch, drop_last=True)
+            batches = global_batches(
+                n,
+                global_batch_size=tcfg.batch_size,
+                seed=cfg.seed + PHASES[phase],
+                epoch=epoch,
+                drop_last=True,
+            )
             for b in range(start_batch, len(batches)):
                 if step >= total:
                     break
-                torch.manual_seed(cfg.seed + 1_000_003 * PHASES[phase] + 7919 * step + rank)  # per-step RNG: exact resume
+                torch.manual_seed(
+                    cfg.seed + 1_000_003 * PHASES[phase] + 7919 * step + rank
+                )  # per-step RNG: exact resume
                 model.train()
                 batch = batches[b]
-                window_items = len(batch) / world  # normaliser: supervised examples per rank over the window
+                window_items = (
+                    len(batch) / world
+                )  # normaliser: supervised examples per rank over the window
                 sums: dict[str, float] = {}
                 for m, micro in enumerate(batch.tensor_split(tcfg.grad_accum)):
                     mine = rank_slice(micro, rank=rank, world_size=world)
@@ -287,40 +397,90 @@ def train_phase(
                     sync = nullcontext() if m == tcfg.grad_accum - 1 else acc.no_sync(model)
                     with sync, acc.autocast():
                         x_s, y = _take(inputs, mine, acc.device), labels[mine].to(acc.device)
-                        x_t = None if teacher is None or teacher_inputs is None or teacher_cache is not None else _take(teacher_inputs, mine, acc.device)
-                        plan = None if phase == "teacher" else sample_mix(len(mine), mixup_alpha=kd.mixup_alpha, cutmix_alpha=kd.cutmix_alpha)
-                        if plan is not None:  # one plan for both: the teacher must see the student's mixed image
+                        x_t = (
+                            None
+                            if teacher is None
+                            or teacher_inputs is None
+                            or teacher_cache is not None
+                            else _take(teacher_inputs, mine, acc.device)
+                        )
+                        plan = (
+                            None
+                            if phase == "teacher"
+                            else sample_mix(
+                                len(mine), mixup_alpha=kd.mixup_alpha, cutmix_alpha=kd.cutmix_alpha
+                            )
+                        )
+                        if (
+                            plan is not None
+                        ):  # one plan for both: the teacher must see the student's mixed image
                             x_s = {k: apply_mix(v, plan) for k, v in x_s.items()}
-                            x_t = None if x_t is None else {k: apply_mix(v, plan) for k, v in x_t.items()}
-                        with capture_features(acc.unwrap_model(model), fkd.student_names if fkd else []) as s_feats:
+                            x_t = (
+                                None
+                                if x_t is None
+                                else {k: apply_mix(v, plan) for k, v in x_t.items()}
+                            )
+                        with capture_features(
+                            acc.unwrap_model(model), fkd.student_names if fkd else []
+                        ) as s_feats:
                             student_logits = logits_of(model, x_s)  # (b, C)
                         teacher_logits, t_feats = None, {}
                         if teacher_cache is not None:
                             got = teacher_cache.get(mine)
                             teacher_logits = got["logits"].to(acc.device)
-                            t_feats = {n: got[FEATURE_PREFIX + n].to(acc.device) for n in (fkd.teacher_names if fkd else [])}
+                            t_feats = {
+                                n: got[FEATURE_PREFIX + n].to(acc.device)
+                                for n in (fkd.teacher_names if fkd else [])
+                            }
                         elif teacher is not None and x_t is not None:
-                            with torch.no_grad(), capture_features(teacher.module, fkd.teacher_names if fkd else [], detach=True) as t_feats:
+                            with (
+                                torch.no_grad(),
+                                capture_features(
+                                    teacher.module, fkd.teacher_names if fkd else [], detach=True
+                                ) as t_feats,
+                            ):
                                 teacher_logits = logits_of(teacher.module, x_t)
                         t_float = None if teacher_logits is None else teacher_logits.float()
                         if plan is None:
                             out = classifier_objective(
-                                student_logits.float(), t_float, y, kd_weight=kd.kd_weight, kd_temperature=kd.kd_temperature,
-                                divergence=kd.divergence, num_items=window_items,
-                            )  # fmt: skip
+                                student_logits.float(),
+                                t_float,
+                                y,
+                                kd_weight=kd.kd_weight,
+                                kd_temperature=kd.kd_temperature,
+                                divergence=kd.divergence,
+                                num_items=window_items,
+                            )
                         else:
                             out = mixup_classifier_objective(
-                                student_logits.float(), t_float, mixed_targets(y, y[plan.perm], plan.lam, student_logits.shape[-1]),
-                                kd_weight=kd.kd_weight, kd_temperature=kd.kd_temperature, divergence=kd.divergence, num_items=window_items,
-                            )  # fmt: skip
+                                student_logits.float(),
+                                t_float,
+                                mixed_targets(y, y[plan.perm], plan.lam, student_logits.shape[-1]),
+                                kd_weight=kd.kd_weight,
+                                kd_temperature=kd.kd_temperature,
+                                divergence=kd.divergence,
+                                num_items=window_items,
+                            )
                         if fkd is not None:
                             out = feature_objective(fkd.terms(s_feats, t_feats, window_items), out)
-                    _stop_if_not_finite(out.loss, s, phase_dir, built.module, optimizer, scheduler,
-                                        TrainState(step, epoch, b, {}), tcfg, phase, m)  # fmt: skip
+                    _stop_if_not_finite(
+                        out.loss,
+                        s,
+                        phase_dir,
+                        built.module,
+                        optimizer,
+                        scheduler,
+                        TrainState(step, epoch, b, {}),
+                        tcfg,
+                        phase,
+                        m,
+                    )
                     acc.backward(out.loss)
                     for k, v in out.components.items():
                         sums[k] = sums.get(k, 0.0) + float(v)
-                if fkd is not None and world > 1:  # projectors sit outside DDP: average their gradients by hand
+                if (
+                    fkd is not None and world > 1
+                ):  # projectors sit outside DDP: average their gradients by hand
                     for p in fkd.parameters():
                         if p.grad is not None:
                             p.grad = acc.reduce(p.grad, reduction="mean")
@@ -330,14 +490,38 @@ def train_phase(
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 samples += len(batch)
-                bar.update(task, advance=1, rate=rate_text(samples, _now() - t_start, "samples"), info=f"loss {sum(v for k, v in sums.items() if k.endswith('/weighted')):.4f}")
-                log.log({**sums, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "epoch": epoch}, step=step, phase=phase)
+                bar.update(
+                    task,
+                    advance=1,
+                    rate=rate_text(samples, _now() - t_start, "samples"),
+                    info=f"loss {sum(v for k, v in sums.items() if k.endswith('/weighted')):.4f}",
+                )
+                log.log(
+                    {
+                        **sums,
+                        "lr": scheduler.get_last_lr()[0],
+                        "grad_norm": float(grad_norm),
+                        "epoch": epoch,
+                    },
+                    step=step,
+                    phase=phase,
+                )
                 if step % tcfg.checkpoint_every == 0 or step == total:
                     nxt = (epoch, b + 1) if b + 1 < len(batches) else (epoch + 1, 0)
-                    _save(s, phase_dir / "checkpoints", trained, optimizer, scheduler, TrainState(step, nxt[0], nxt[1], {}), tcfg)
+                    _save(
+                        s,
+                        phase_dir / "checkpoints",
+                        trained,
+                        optimizer,
+                        scheduler,
+                        TrainState(step, nxt[0], nxt[1], {}),
+                        tcfg,
+                    )
             else:
                 if tcfg.eval_every_epoch:
-                    test_acc = metrics.accuracy(metrics.predict_logits(acc.unwrap_model(model), test_inputs), test_labels)
+                    test_acc = metrics.accuracy(
+                        metrics.predict_logits(acc.unwrap_model(model), test_inputs), test_labels
+                    )
                     log.log({"test_accuracy": test_acc, "epoch": epoch}, step=step, phase=phase)
                 if epoch == 0:
                     s.write_json(phase_dir / f"seen-epoch0-rank{rank}.json", seen)
@@ -347,11 +531,22 @@ def train_phase(
     wall = _now() - t_start
     built.module = acc.unwrap_model(model)
     if acc.is_main_process:
-        s.write_json(phase_dir / "summary.json", {
-            "train_wall_s": wall, "steps": total, "resumed_at_step": state.step, "samples": samples,
-            "samples_per_s": samples / max(wall, 1e-9), "peak_rss_mb": peak_memory_mb(acc.device)["peak_rss_mb"],
-            "kd_source": "cache" if teacher_cache is not None else "live teacher" if teacher is not None else "none",
-        })  # fmt: skip
+        s.write_json(
+            phase_dir / "summary.json",
+            {
+                "train_wall_s": wall,
+                "steps": total,
+                "resumed_at_step": state.step,
+                "samples": samples,
+                "samples_per_s": samples / max(wall, 1e-9),
+                "peak_rss_mb": peak_memory_mb(acc.device)["peak_rss_mb"],
+                "kd_source": "cache"
+                if teacher_cache is not None
+                else "live teacher"
+                if teacher is not None
+                else "none",
+            },
+        )
         save_model(built, final)
         (final / MARKER).write_text("ok\n")
     acc.wait_for_everyone()
@@ -361,8 +556,13 @@ FEATURE_PREFIX = "feature:"  # cached teacher feature maps are stored as feature
 
 
 def teacher_logits_cache(
-    cfg: Config, s: Session, teacher: BuiltModel, inputs: Inputs, labels: torch.Tensor, features: list[FeatureTerm],
-) -> ExampleCache:  # fmt: skip
+    cfg: Config,
+    s: Session,
+    teacher: BuiltModel,
+    inputs: Inputs,
+    labels: torch.Tensor,
+    features: list[FeatureTerm],
+) -> ExampleCache:
     """Write (or complete, or reuse) the teacher's logits over the training split, plus the
     feature maps the feature terms read; open it.
 
@@ -373,8 +573,12 @@ def teacher_logits_cache(
     assert cfg.teacher.cache is not None
     path = Path(cfg.teacher.cache)
     names = sorted({t.teacher for t in features})
-    spec = {"teacher_fingerprint": teacher_fingerprint(teacher.module), "dataset_fingerprint": tensors_fingerprint({**inputs, "labels": labels}),
-            "outputs": "classifier logits at temperature 1", "features": names}  # fmt: skip
+    spec = {
+        "teacher_fingerprint": teacher_fingerprint(teacher.module),
+        "dataset_fingerprint": tensors_fingerprint({**inputs, "labels": labels}),
+        "outputs": "classifier logits at temperature 1",
+        "features": names,
+    }
     acc = s.accelerator
     if acc.is_main_process:
         module = teacher.module.to(acc.device).eval()
@@ -386,10 +590,17 @@ def teacher_logits_cache(
 
         feature_dtype = getattr(torch, cfg.teacher.cache_feature_dtype)
         write_example_cache(
-            path, example_ids=range(len(labels)), spec=spec, compute=compute, examples_per_shard=16384,
-            dtypes={"logits": getattr(torch, cfg.teacher.cache_dtype), **{FEATURE_PREFIX + n: feature_dtype for n in names}},
+            path,
+            example_ids=range(len(labels)),
+            spec=spec,
+            compute=compute,
+            examples_per_shard=16384,
+            dtypes={
+                "logits": getattr(torch, cfg.teacher.cache_dtype),
+                **{FEATURE_PREFIX + n: feature_dtype for n in names},
+            },
             batch_size=cfg.eval.throughput_batch,
-        )  # fmt: skip
+        )
     acc.wait_for_everyone()
     return ExampleCache(path, expect=spec)
 
@@ -400,16 +611,39 @@ def _now() -> float:
     return time.perf_counter()
 
 
-def _save(s: Session, folder: Path, module: nn.Module, optimizer: Any, scheduler: Any, state: TrainState, tcfg: TrainSection) -> None:
+def _save(
+    s: Session,
+    folder: Path,
+    module: nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    state: TrainState,
+    tcfg: TrainSection,
+) -> None:
     if s.accelerator.is_main_process:
-        save_checkpoint(folder, model=module, optimizer=optimizer, scheduler=scheduler, state=state, keep=tcfg.keep_checkpoints)
+        save_checkpoint(
+            folder,
+            model=module,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            state=state,
+            keep=tcfg.keep_checkpoints,
+        )
     s.accelerator.wait_for_everyone()
 
 
 def _stop_if_not_finite(
-    loss: torch.Tensor, s: Session, phase_dir: Path, module: nn.Module, optimizer: Any, scheduler: Any,
-    state: TrainState, tcfg: TrainSection, phase: str, micro: int,
-) -> None:  # fmt: skip
+    loss: torch.Tensor,
+    s: Session,
+    phase_dir: Path,
+    module: nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    state: TrainState,
+    tcfg: TrainSection,
+    phase: str,
+    micro: int,
+) -> None:
     bad = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0], device=s.accelerator.device)
     if s.accelerator.num_processes > 1:
         bad = s.accelerator.reduce(bad, reduction="sum")
@@ -442,7 +676,9 @@ def _cost(built: BuiltModel, inputs: Inputs, folder: Path, throughput_batch: int
     }
 
 
-def feature_terms(cfg: Config, student: BuiltModel, teacher: BuiltModel, s_inputs: Inputs, t_inputs: Inputs) -> list[FeatureTerm]:
+def feature_terms(
+    cfg: Config, student: BuiltModel, teacher: BuiltModel, s_inputs: Inputs, t_inputs: Inputs
+) -> list[FeatureTerm]:
     """The explicit ``kd.features`` plus, with ``kd.auto_features``, one term per block pair that
     the layer-map strategy picks over both models' blocks (shapes probed on two examples)."""
     terms = list(cfg.kd.features)
@@ -451,11 +687,27 @@ def feature_terms(cfg: Config, student: BuiltModel, teacher: BuiltModel, s_input
         return terms
     few = torch.arange(2)
     s_blocks, t_blocks = find_blocks(student.module), find_blocks(teacher.module)
-    s_shapes = feature_shapes(student.module, s_blocks, lambda: logits_of(student.module, _take(s_inputs, few, torch.device("cpu"))))
-    t_shapes = feature_shapes(teacher.module, t_blocks, lambda: logits_of(teacher.module, _take(t_inputs, few, torch.device("cpu"))))
+    s_shapes = feature_shapes(
+        student.module,
+        s_blocks,
+        lambda: logits_of(student.module, _take(s_inputs, few, torch.device("cpu"))),
+    )
+    t_shapes = feature_shapes(
+        teacher.module,
+        t_blocks,
+        lambda: logits_of(teacher.module, _take(t_inputs, few, torch.device("cpu"))),
+    )
     pairs = auto_layer_map(auto.layer_map, s_shapes, t_shapes, k=auto.k)
-    return terms + [FeatureTerm(student=a, teacher=b, loss=auto.loss, weight=auto.weight, kd_temperature=auto.kd_temperature)
-                    for a, b in pairs]  # fmt: skip
+    return terms + [
+        FeatureTerm(
+            student=a,
+            teacher=b,
+            loss=auto.loss,
+            weight=auto.weight,
+            kd_temperature=auto.kd_temperature,
+        )
+        for a, b in pairs
+    ]
 
 
 def main(cfg: Config, s: Session) -> dict[str, Any]:
@@ -464,13 +716,22 @@ def main(cfg: Config, s: Session) -> dict[str, Any]:
     acc = s.accelerator
     torch.manual_seed(cfg.seed)
     teacher = build_classifier(**cfg.teacher.model.model_dump(), data=data)
-    if cfg.teacher.model.zoo is not None and not cfg.teacher.train and cfg.teacher.checkpoint is None:
-        raise DistilError("the zoo teacher has no weights: set teacher.checkpoint: PATH.safetensors, or teacher.train: true")
+    if (
+        cfg.teacher.model.zoo is not None
+        and not cfg.teacher.train
+        and cfg.teacher.checkpoint is None
+    ):
+        raise DistilError(
+            "the zoo teacher has no weights: set teacher.checkpoint: PATH.safetensors, or teacher.train: true"
+        )
     if cfg.teacher.checkpoint is not None:
         load_weights(teacher.module, Path(cfg.teacher.checkpoint))
     t_train, t_test = teacher.encoder(data.train), teacher.encoder(data.test)
     _check_classes(teacher, t_train, data.num_classes, "teacher")
-    train_labels, test_labels = torch.from_numpy(data.train.labels), torch.from_numpy(data.test.labels)
+    train_labels, test_labels = (
+        torch.from_numpy(data.train.labels),
+        torch.from_numpy(data.test.labels),
+    )
     log = MetricsLog(s.run_dir / "metrics.jsonl", acc, acc.is_main_process)
     s.announce(
         f"classifier_kd on {data.name} ({len(data.train)} train / {len(data.test)} test, {data.num_classes} classes): "
@@ -480,11 +741,24 @@ def main(cfg: Config, s: Session) -> dict[str, Any]:
         + (f"; teacher logits cached in {cfg.teacher.cache}" if cfg.teacher.cache else "")
     )
     if cfg.teacher.train:
-        train_phase("teacher", s, teacher, cfg, cfg.teacher.training, t_train, train_labels, t_test, test_labels, log)
+        train_phase(
+            "teacher",
+            s,
+            teacher,
+            cfg,
+            cfg.teacher.training,
+            t_train,
+            train_labels,
+            t_test,
+            test_labels,
+            log,
+        )
     teacher.module.eval().requires_grad_(False)
 
     def fresh_student() -> BuiltModel:
-        torch.manual_seed(cfg.seed + 17)  # the same initial weights for the KD student and the baseline
+        torch.manual_seed(
+            cfg.seed + 17
+        )  # the same initial weights for the KD student and the baseline
         built = build_classifier(**cfg.student.model.model_dump(), data=data)
         return built
 
@@ -494,20 +768,44 @@ def main(cfg: Config, s: Session) -> dict[str, Any]:
     features = feature_terms(cfg, student, teacher, s_train, t_train)
     if cfg.kd.auto_features is not None and acc.is_main_process:
         pairs = ", ".join(f"{t.student} -> {t.teacher}" for t in features[len(cfg.kd.features) :])
-        s.announce(f"classifier_kd: automatic feature terms ({cfg.kd.auto_features.layer_map.value}, {cfg.kd.auto_features.loss.value}): {pairs}")
+        s.announce(
+            f"classifier_kd: automatic feature terms ({cfg.kd.auto_features.layer_map.value}, {cfg.kd.auto_features.loss.value}): {pairs}"
+        )
     cache = None
     if cfg.teacher.cache is not None:
         t0 = _now()
         cache = teacher_logits_cache(cfg, s, teacher, t_train, train_labels, features)
         if acc.is_main_process:
-            s.write_json(s.run_dir / "teacher-cache.json", {"path": str(cache.path), "seconds": _now() - t0,
-                                                            "bytes_per_example": cache.manifest["bytes_per_example"]})  # fmt: skip
-    train_phase("student", s, student, cfg, cfg.train, s_train, train_labels, s_test, test_labels, log, teacher, t_train, cache,
-                features)  # fmt: skip
+            s.write_json(
+                s.run_dir / "teacher-cache.json",
+                {
+                    "path": str(cache.path),
+                    "seconds": _now() - t0,
+                    "bytes_per_example": cache.manifest["bytes_per_example"],
+                },
+            )
+    train_phase(
+        "student",
+        s,
+        student,
+        cfg,
+        cfg.train,
+        s_train,
+        train_labels,
+        s_test,
+        test_labels,
+        log,
+        teacher,
+        t_train,
+        cache,
+        features,
+    )
     baseline = None
     if cfg.eval.baseline:
         baseline = fresh_student()
-        train_phase("baseline", s, baseline, cfg, cfg.train, s_train, train_labels, s_test, test_labels, log)
+        train_phase(
+            "baseline", s, baseline, cfg, cfg.train, s_train, train_labels, s_test, test_labels, log
+        )
     if not acc.is_main_process:
         return {}
     report = build_report(cfg, s, data, teacher, student, baseline, t_test, s_test, test_labels)
@@ -517,9 +815,16 @@ def main(cfg: Config, s: Session) -> dict[str, Any]:
 
 
 def build_report(
-    cfg: Config, s: Session, data: ClassificationData, teacher: BuiltModel, student: BuiltModel,
-    baseline: BuiltModel | None, t_test: Inputs, s_test: Inputs, test_labels: torch.Tensor,
-) -> dict[str, Any]:  # fmt: skip
+    cfg: Config,
+    s: Session,
+    data: ClassificationData,
+    teacher: BuiltModel,
+    student: BuiltModel,
+    baseline: BuiltModel | None,
+    t_test: Inputs,
+    s_test: Inputs,
+    test_labels: torch.Tensor,
+) -> dict[str, Any]:
     teacher_dir = s.run_dir / "teacher" / "final"
     if not teacher_dir.is_dir():
         save_model(teacher, teacher_dir)
@@ -532,15 +837,32 @@ def build_report(
     for role, built, inp in roles:
         logits = t_logits if built is teacher else metrics.predict_logits(built.module, inp)
         saved[role.split(" ")[0]] = logits.contiguous()
-        folder = s.run_dir / {"teacher": "teacher", "student (KD)": "student", "baseline (no teacher)": "baseline"}[role] / "final"
-        row = {"model": role, "source": built.source, "accuracy": metrics.accuracy(logits, test_labels),
-               "agreement": metrics.agreement(logits, t_logits), **_cost(built, inp, folder, cfg.eval.throughput_batch)}  # fmt: skip
-        row["per_class_accuracy"] = metrics.per_class_accuracy(logits, test_labels, data.num_classes)
+        folder = (
+            s.run_dir
+            / {
+                "teacher": "teacher",
+                "student (KD)": "student",
+                "baseline (no teacher)": "baseline",
+            }[role]
+            / "final"
+        )
+        row = {
+            "model": role,
+            "source": built.source,
+            "accuracy": metrics.accuracy(logits, test_labels),
+            "agreement": metrics.agreement(logits, t_logits),
+            **_cost(built, inp, folder, cfg.eval.throughput_batch),
+        }
+        row["per_class_accuracy"] = metrics.per_class_accuracy(
+            logits, test_labels, data.num_classes
+        )
         rows.append(row)
     from safetensors.torch import save_file
 
     (s.run_dir / "eval").mkdir(exist_ok=True)
-    save_file(saved, str(s.run_dir / "eval" / "test_logits.safetensors"))  # for calibration/confusion in reports
+    save_file(
+        saved, str(s.run_dir / "eval" / "test_logits.safetensors")
+    )  # for calibration/confusion in reports
     for row in rows:
         row["speedup"] = rows[0]["latency_b1_ms"] / row["latency_b1_ms"]
         row["size_ratio"] = rows[0]["params"] / row["params"]
@@ -549,13 +871,22 @@ def build_report(
         gain = rows[1]["accuracy"] - rows[2]["accuracy"]
         gap = rows[0]["accuracy"] - rows[2]["accuracy"]
         highlights["KD gain over baseline (accuracy points)"] = 100 * gain
-        highlights["gap closed (student - baseline) / (teacher - baseline)"] = gain / gap if gap > 0 else None
-    highlights["student is smaller by"] = f"{rows[1]['size_ratio']:.1f}x params, {rows[1]['speedup']:.1f}x faster at batch 1"
+        highlights["gap closed (student - baseline) / (teacher - baseline)"] = (
+            gain / gap if gap > 0 else None
+        )
+    highlights["student is smaller by"] = (
+        f"{rows[1]['size_ratio']:.1f}x params, {rows[1]['speedup']:.1f}x faster at batch 1"
+    )
     columns = [
-        ("model", "model"), ("accuracy", "test acc"), ("agreement", "agree w/ teacher"), ("params", "params"),
-        ("size_bytes", "bytes"), ("latency_b1_ms", "ms @ b1"), ("throughput_per_s", f"ex/s @ b{rows[0]['throughput_batch']}"),
+        ("model", "model"),
+        ("accuracy", "test acc"),
+        ("agreement", "agree w/ teacher"),
+        ("params", "params"),
+        ("size_bytes", "bytes"),
+        ("latency_b1_ms", "ms @ b1"),
+        ("throughput_per_s", f"ex/s @ b{rows[0]['throughput_batch']}"),
         ("speedup", "speed-up"),
-    ]  # fmt: skip
+    ]
     role_names = {"teacher": rows[0]["model"], "student": rows[1]["model"]}
     if baseline is not None:
         role_names["baseline"] = rows[2]["model"]
@@ -570,22 +901,40 @@ def build_report(
         "table": {"columns": [{"key": k, "label": lbl} for k, lbl in columns], "rows": rows},
         "highlights": highlights,
         "quality": quality_part(
-            rows, [("accuracy", "test accuracy"), ("mean_class_accuracy", "mean per-class accuracy")],
-            roles=role_names, primary="accuracy",
-            per_class={"labels": data.class_names, "metric": "accuracy",
-                       "values": {r["model"]: r["per_class_accuracy"] for r in rows}},
+            rows,
+            [("accuracy", "test accuracy"), ("mean_class_accuracy", "mean per-class accuracy")],
+            roles=role_names,
+            primary="accuracy",
+            per_class={
+                "labels": data.class_names,
+                "metric": "accuracy",
+                "values": {r["model"]: r["per_class_accuracy"] for r in rows},
+            },
         ),
         "fidelity": fidelity_part(
-            {k: saved[k] for k in ("teacher", "student", "baseline") if k in saved}, test_labels,
-            names=role_names, split=f"test split ({len(test_labels)} examples)",
+            {k: saved[k] for k in ("teacher", "student", "baseline") if k in saved},
+            test_labels,
+            names=role_names,
+            split=f"test split ({len(test_labels)} examples)",
             class_names=data.class_names,
         ),
-        "cost": cost_part(rows, [
-            ("params", "params"), ("size_ratio", "teacher/model params"), ("size_bytes", "on disk"),
-            ("peak_memory_bytes", f"peak memory @ b{batch}"), ("latency_b1_ms", "CPU ms @ b1 (1 thread)"),
-            (f"latency_b{batch}_ms", f"CPU ms @ b{batch} (1 thread)"), ("throughput_per_s", f"ex/s @ b{batch}"),
-            ("speedup", "speed-up @ b1"),
-        ]),
-        "details": {"kd": cfg.kd.model_dump(), "seed": cfg.seed, "class_names": data.class_names,
-                    "processes": s.accelerator.num_processes},
+        "cost": cost_part(
+            rows,
+            [
+                ("params", "params"),
+                ("size_ratio", "teacher/model params"),
+                ("size_bytes", "on disk"),
+                ("peak_memory_bytes", f"peak memory @ b{batch}"),
+                ("latency_b1_ms", "CPU ms @ b1 (1 thread)"),
+                (f"latency_b{batch}_ms", f"CPU ms @ b{batch} (1 thread)"),
+                ("throughput_per_s", f"ex/s @ b{batch}"),
+                ("speedup", "speed-up @ b1"),
+            ],
+        ),
+        "details": {
+            "kd": cfg.kd.model_dump(),
+            "seed": cfg.seed,
+            "class_names": data.class_names,
+            "processes": s.accelerator.num_processes,
+        },
     }

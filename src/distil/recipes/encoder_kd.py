@@ -136,21 +136,30 @@ class StudentSection(StrictModel):
         default=None, description="or another pretrained encoder (same tokenizer)"
     )
     hidden_size: int | None = Field(
-        default=None, ge=1,
+        default=None,
+        ge=1,
         description="with student.layers: also narrow the width to this (a multiple of the head size), "
         "keeping the most active channels, heads and FFN neurons on calibration sentences",
-    )  # fmt: skip
-    intermediate_size: int | None = Field(
-        default=None, ge=1, description="FFN neurons kept per block when narrowing (default: scaled with the width)"
     )
-    calibration_sentences: int = Field(default=256, ge=1, description="training sentences that rank what narrowing keeps")
+    intermediate_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="FFN neurons kept per block when narrowing (default: scaled with the width)",
+    )
+    calibration_sentences: int = Field(
+        default=256, ge=1, description="training sentences that rank what narrowing keeps"
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> StudentSection:
         if (self.layers is None) == (self.folder is None):
             raise ValueError("set exactly one of student.layers or student.folder")
-        if self.folder is not None and (self.hidden_size is not None or self.intermediate_size is not None):
-            raise ValueError("student.hidden_size / intermediate_size narrow a layer subset of the teacher; not with student.folder")
+        if self.folder is not None and (
+            self.hidden_size is not None or self.intermediate_size is not None
+        ):
+            raise ValueError(
+                "student.hidden_size / intermediate_size narrow a layer subset of the teacher; not with student.folder"
+            )
         if self.intermediate_size is not None and self.hidden_size is None:
             raise ValueError("student.intermediate_size goes with student.hidden_size")
         return self
@@ -170,10 +179,11 @@ class KDSection(StrictModel):
         default=0.0, ge=0, description="KL between paired blocks' attention rows"
     )
     relation_weight: float = Field(
-        default=0.0, ge=0,
+        default=0.0,
+        ge=0,
         description="RKD distance (Park et al. 2019) between in-batch embedding distances: shapes the student's own "
         "geometry, which the neighbour and Spearman metrics read; widths may differ",
-    )  # fmt: skip
+    )
     layer_map: LayerMapStrategy | list[tuple[str, str]] = Field(
         default=LayerMapStrategy.UNIFORM,
         description="uniform | last_k | shape, or explicit [[student_block, teacher_block], ...]",
@@ -182,7 +192,14 @@ class KDSection(StrictModel):
 
     @model_validator(mode="after")
     def _some_term(self) -> KDSection:
-        if self.mse_weight + self.cosine_weight + self.hidden_weight + self.attention_weight + self.relation_weight == 0:
+        if (
+            self.mse_weight
+            + self.cosine_weight
+            + self.hidden_weight
+            + self.attention_weight
+            + self.relation_weight
+            == 0
+        ):
             raise ValueError("every kd weight is 0: give at least one term a weight")
         return self
 
@@ -256,17 +273,26 @@ def _teacher_folder(cfg: Config) -> Path:
 
 
 def _objective(
-    cfg: Config, student_out: tuple[Tensor, dict[str, Tensor], Any], teacher_out: tuple[Tensor, dict[str, Tensor], Any],
-    projectors: nn.ModuleDict, pairs: list[tuple[str, str]], attn_pairs: list[tuple[int, int]], mask: Tensor,
-    n_items: float, n_tokens: float, n_rows: float,
-) -> ObjectiveOutput:  # fmt: skip
+    cfg: Config,
+    student_out: tuple[Tensor, dict[str, Tensor], Any],
+    teacher_out: tuple[Tensor, dict[str, Tensor], Any],
+    projectors: nn.ModuleDict,
+    pairs: list[tuple[str, str]],
+    attn_pairs: list[tuple[int, int]],
+    mask: Tensor,
+    n_items: float,
+    n_tokens: float,
+    n_rows: float,
+) -> ObjectiveOutput:
     """Weighted embedding, hidden-state and attention terms for one micro-batch; each normalised
     by its count over the whole accumulation window (sentences, tokens, head·query rows)."""
     kd = cfg.kd
     s_emb, s_feats, s_att = student_out
     t_emb, t_feats, t_att = teacher_out
     terms: dict[str, tuple[float, Tensor]] = {}
-    if kd.relation_weight:  # on the student's own embeddings (before any projector); a per-batch mean,
+    if (
+        kd.relation_weight
+    ):  # on the student's own embeddings (before any projector); a per-batch mean,
         # weighted by this micro-batch's share of the window so accumulation averages micro-batches
         share = s_emb.shape[0] / n_items
         terms["relation_rkd"] = (kd.relation_weight, rkd_distance(s_emb, t_emb) * share)
@@ -293,7 +319,9 @@ def _objective(
     return feature_objective(terms)
 
 
-def teacher_embedding_cache(cfg: Config, s: Session, teacher: Encoder, corpus: SentenceCorpus) -> ExampleCache:
+def teacher_embedding_cache(
+    cfg: Config, s: Session, teacher: Encoder, corpus: SentenceCorpus
+) -> ExampleCache:
     """Write (or complete, or reuse) the teacher's pooled embeddings of the training sentences; open it.
 
     Keyed by sentence index; fingerprinted by the teacher's weights, its tokenizer, ``max_length``
@@ -318,18 +346,33 @@ def teacher_embedding_cache(cfg: Config, s: Session, teacher: Encoder, corpus: S
 
         def compute(idx: list[int]) -> dict[str, Tensor]:
             batch = tokenize(teacher, [corpus.train[i] for i in idx], acc.device)
-            return {"embedding": mean_pool(model(**batch).last_hidden_state, batch["attention_mask"]).float()}
+            return {
+                "embedding": mean_pool(
+                    model(**batch).last_hidden_state, batch["attention_mask"]
+                ).float()
+            }
 
-        write_example_cache(cfg.teacher.cache, example_ids=range(len(corpus.train)), compute=compute, spec=spec,
-                            examples_per_shard=8192, batch_size=cfg.eval.speed_batch)  # fmt: skip
+        write_example_cache(
+            cfg.teacher.cache,
+            example_ids=range(len(corpus.train)),
+            compute=compute,
+            spec=spec,
+            examples_per_shard=8192,
+            batch_size=cfg.eval.speed_batch,
+        )
     acc.wait_for_everyone()
     return ExampleCache(cfg.teacher.cache, expect=spec)
 
 
 def train_student(
-    s: Session, cfg: Config, teacher: Encoder, student: Encoder, corpus: SentenceCorpus, log: MetricsLog,
+    s: Session,
+    cfg: Config,
+    teacher: Encoder,
+    student: Encoder,
+    corpus: SentenceCorpus,
+    log: MetricsLog,
     teacher_cache: ExampleCache | None = None,
-) -> None:  # fmt: skip
+) -> None:
     """Distil ``student.model`` in place (same loop, checkpoints and resume as classifier_kd).
 
     With ``teacher_cache``, the teacher's embedding of each sentence is read from it instead of
@@ -446,19 +489,33 @@ def train_student(
                     with sync, acc.autocast():
                         if teacher_cache is not None:
                             teacher_out: tuple[Tensor, dict[str, Tensor], Any] = (
-                                teacher_cache.get(mine)["embedding"].to(acc.device).float(), {}, None,
-                            )  # fmt: skip
+                                teacher_cache.get(mine)["embedding"].to(acc.device).float(),
+                                {},
+                                None,
+                            )
                         else:
                             with (
                                 torch.no_grad(),
                                 capture_features(teacher.model, t_names, detach=True) as t_feats,
                             ):
                                 t_out = teacher.model(**batch, output_attentions=want_attn)
-                            t_emb = mean_pool(t_out.last_hidden_state, batch["attention_mask"])  # (b, D_t)
+                            t_emb = mean_pool(
+                                t_out.last_hidden_state, batch["attention_mask"]
+                            )  # (b, D_t)
                             teacher_out = (t_emb, dict(t_feats), t_out.attentions)
                         s_out = model(batch, s_names, want_attn)
-                        out = _objective(cfg, s_out, teacher_out, trainable.projectors, pairs,
-                                         attn_pairs, batch["attention_mask"].bool(), n_items, n_tokens, n_rows)  # fmt: skip
+                        out = _objective(
+                            cfg,
+                            s_out,
+                            teacher_out,
+                            trainable.projectors,
+                            pairs,
+                            attn_pairs,
+                            batch["attention_mask"].bool(),
+                            n_items,
+                            n_tokens,
+                            n_rows,
+                        )
                     if not torch.isfinite(out.loss):
                         raise DistilError(
                             f"the loss is {out.loss.item()} at step {step}; lower train.lr or set train.max_grad_norm"
@@ -492,8 +549,14 @@ def train_student(
                 if step % tcfg.checkpoint_every == 0 or step == total:
                     nxt = (epoch, b + 1) if b + 1 < len(batches) else (epoch + 1, 0)
                     if acc.is_main_process:
-                        save_checkpoint(phase_dir / "checkpoints", model=acc.unwrap_model(model), optimizer=optimizer,
-                                        scheduler=scheduler, state=TrainState(step, nxt[0], nxt[1], {}), keep=tcfg.keep_checkpoints)  # fmt: skip
+                        save_checkpoint(
+                            phase_dir / "checkpoints",
+                            model=acc.unwrap_model(model),
+                            optimizer=optimizer,
+                            scheduler=scheduler,
+                            state=TrainState(step, nxt[0], nxt[1], {}),
+                            keep=tcfg.keep_checkpoints,
+                        )
                     acc.wait_for_everyone()
             else:
                 epoch, start_batch = epoch + 1, 0
@@ -502,10 +565,17 @@ def train_student(
     wall = time.perf_counter() - t_start
     student.model = acc.unwrap_model(model).model
     if acc.is_main_process:
-        s.write_json(phase_dir / "summary.json", {
-            "train_wall_s": wall, "steps": total, "resumed_at_step": state.step, "samples": samples,
-            "samples_per_s": samples / max(wall, 1e-9), "kd_source": "cache" if teacher_cache is not None else "live teacher",
-        })  # fmt: skip
+        s.write_json(
+            phase_dir / "summary.json",
+            {
+                "train_wall_s": wall,
+                "steps": total,
+                "resumed_at_step": state.step,
+                "samples": samples,
+                "samples_per_s": samples / max(wall, 1e-9),
+                "kd_source": "cache" if teacher_cache is not None else "live teacher",
+            },
+        )
         save_sentence_encoder(student, final)
         (final / MARKER).write_text("ok\n")
     acc.wait_for_everyone()
@@ -549,12 +619,18 @@ def main(cfg: Config, s: Session) -> dict[str, Any]:
         assert cfg.student.layers is not None
         student = subset_layers(teacher, cfg.student.layers)
         if cfg.student.hidden_size is not None:
-            student = narrow_encoder(student, cfg.student.hidden_size, intermediate_size=cfg.student.intermediate_size,
-                                     calibration=corpus.train[: cfg.student.calibration_sentences])  # fmt: skip
+            student = narrow_encoder(
+                student,
+                cfg.student.hidden_size,
+                intermediate_size=cfg.student.intermediate_size,
+                calibration=corpus.train[: cfg.student.calibration_sentences],
+            )
     log = MetricsLog(s.run_dir / "metrics.jsonl", acc, acc.is_main_process)
     kd = cfg.kd
     if kd.attention_weight and not disable_attention_dropout(student.model):
-        raise DistilError("attention KD found no BERT-style 'attention.self' modules in the student; set kd.attention_weight: 0")
+        raise DistilError(
+            "attention KD found no BERT-style 'attention.self' modules in the student; set kd.attention_weight: 0"
+        )
     s.announce(
         f"encoder_kd on {corpus.name} ({len(corpus.train)} train / {len(corpus.held_out)} held-out sentences): "
         f"teacher {teacher.source} ({teacher.model.config.num_hidden_layers} blocks), student {student.source}; "
@@ -574,8 +650,14 @@ def main(cfg: Config, s: Session) -> dict[str, Any]:
         t0 = time.perf_counter()
         cache = teacher_embedding_cache(cfg, s, teacher, corpus)
         if acc.is_main_process:
-            s.write_json(s.run_dir / "teacher-cache.json", {"path": str(cache.path), "seconds": time.perf_counter() - t0,
-                                                            "bytes_per_example": cache.manifest["bytes_per_example"]})  # fmt: skip
+            s.write_json(
+                s.run_dir / "teacher-cache.json",
+                {
+                    "path": str(cache.path),
+                    "seconds": time.perf_counter() - t0,
+                    "bytes_per_example": cache.manifest["bytes_per_example"],
+                },
+            )
     train_student(s, cfg, teacher, student, corpus, log, cache)
     if not acc.is_main_process:
         return {}

@@ -148,11 +148,25 @@ def epoch_batches(
 
 
 def train_phase(
-    phase: str, s: Session, model: PreTrainedModel, data: LMData, tcfg: TrainSection, *, seed: int, shuffle: bool,
-    log: MetricsLog, vocab_size: int, hidden: bool, tokenizer: PreTrainedTokenizerBase,
-    teacher: Teacher | None = None, kd: KDSection | None = None, chunked: bool = False, chunk_rows: int = 256,
-    on_policy: OnPolicySection | None = None, monitor: Monitor | None = None,
-) -> PreTrainedModel:  # fmt: skip
+    phase: str,
+    s: Session,
+    model: PreTrainedModel,
+    data: LMData,
+    tcfg: TrainSection,
+    *,
+    seed: int,
+    shuffle: bool,
+    log: MetricsLog,
+    vocab_size: int,
+    hidden: bool,
+    tokenizer: PreTrainedTokenizerBase,
+    teacher: Teacher | None = None,
+    kd: KDSection | None = None,
+    chunked: bool = False,
+    chunk_rows: int = 256,
+    on_policy: OnPolicySection | None = None,
+    monitor: Monitor | None = None,
+) -> PreTrainedModel:
     """Train ``model`` on ``data.train`` (CE, or CE + KD with a teacher); return the trained model.
 
     With ``on_policy`` (and a teacher), a share λ of the steps trains on completions the student
@@ -317,13 +331,17 @@ def train_phase(
                         elif hidden:
                             weight, bias = head_of(acc.unwrap_model(wrapped).lm)
                             out = token_objective_from_hidden(
-                                out_s, weight[:vocab_size], None if t_out is None else t_out.logits, targets,
+                                out_s,
+                                weight[:vocab_size],
+                                None if t_out is None else t_out.logits,
+                                targets,
                                 student_bias=None if bias is None else bias[:vocab_size],
                                 teacher_hidden=None if t_out is None else t_out.hidden,
                                 teacher_weight=None if t_out is None else t_out.weight,
                                 teacher_bias=None if t_out is None else t_out.bias,
-                                chunked=chunked, **mix,
-                            )  # fmt: skip
+                                chunked=chunked,
+                                **mix,
+                            )
                         else:
                             t_logits = None if t_out is None else t_out.logits
                             out = token_objective(out_s[..., :vocab_size], t_logits, targets, **mix)
@@ -443,8 +461,13 @@ def _save(
 
 
 def _student_samples(
-    cols: dict[str, Tensor], lm: PreTrainedModel, opc: OnPolicySection, data: LMData, tokenizer: Any, vocab: int
-) -> dict[str, Tensor]:  # fmt: skip
+    cols: dict[str, Tensor],
+    lm: PreTrainedModel,
+    opc: OnPolicySection,
+    data: LMData,
+    tokenizer: Any,
+    vocab: int,
+) -> dict[str, Tensor]:
     """Replace a dataset micro-batch by the student's completions of its prompts."""
     lengths = cols["attention_mask"].sum(-1).tolist()
     prompts = [
@@ -507,9 +530,17 @@ def _keep_sample(phase_dir: Path, step: int, cols: dict[str, Tensor], tokenizer:
 
 
 def _stop_if_not_finite(
-    loss: Tensor, s: Session, phase_dir: Path, module: nn.Module, optimizer: Any, scheduler: Any,
-    state: TrainState, tcfg: TrainSection, phase: str, micro: int,
-) -> None:  # fmt: skip
+    loss: Tensor,
+    s: Session,
+    phase_dir: Path,
+    module: nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    state: TrainState,
+    tcfg: TrainSection,
+    phase: str,
+    micro: int,
+) -> None:
     bad = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0], device=s.accelerator.device)
     if s.accelerator.num_processes > 1:
         bad = s.accelerator.reduce(bad, reduction="sum")
@@ -541,8 +572,11 @@ def main(cfg: Config, s: Session) -> dict[str, Any]:
         check_same_tokenizer(
             load_tokenizer_folder(cfg.teacher.hf), tokenizer
         )  # the data must be the teacher's ids
-    vocab = check_vocab_alignment(tokenizer, teacher_vocab_rows=output_vocab_rows(teacher_model),
-                                  student_vocab_rows=output_vocab_rows(student_init)).tokenizer_vocab_size  # fmt: skip
+    vocab = check_vocab_alignment(
+        tokenizer,
+        teacher_vocab_rows=output_vocab_rows(teacher_model),
+        student_vocab_rows=output_vocab_rows(student_init),
+    ).tokenizer_vocab_size
     data = load_lm_data(cfg.data, tokenizer, s.run_dir, acc)
     probe = data.collate(data.train, [0])
     hidden = hidden_path_matches(student_init, probe["input_ids"], probe["attention_mask"])
@@ -561,15 +595,29 @@ def main(cfg: Config, s: Session) -> dict[str, Any]:
             "kd.chunked needs plain linear output layers (logits = hidden @ W.T + b) on both models; set kd.chunked=false"
         )
     t_device = torch.device(cfg.teacher.device) if cfg.teacher.device else acc.device
-    teacher = LiveLMTeacher(teacher_model, vocab_size=vocab, device=t_device, dtype=torch_dtype(cfg.teacher.dtype, teacher_model.dtype),
-                            output_device=acc.device, signal=TeacherSignal.HIDDEN if chunked else TeacherSignal.LOGITS)  # fmt: skip
+    teacher = LiveLMTeacher(
+        teacher_model,
+        vocab_size=vocab,
+        device=t_device,
+        dtype=torch_dtype(cfg.teacher.dtype, teacher_model.dtype),
+        output_device=acc.device,
+        signal=TeacherSignal.HIDDEN if chunked else TeacherSignal.LOGITS,
+    )
     teacher.check_deterministic(probe["input_ids"], probe["attention_mask"])
     train_teacher: Teacher = teacher
     if (
         cfg.teacher.cache is not None
     ):  # train from `distil cache` outputs; refused unless made for this run
-        train_teacher = open_lm_cache(cfg.teacher.cache, tokenizer=tokenizer, dataset=data.train, sequence_length=cfg.data.max_length,
-                                      kd_temperature=cfg.kd.kd_temperature, vocab_size=vocab, teacher_model=teacher.model, output_device=acc.device)  # fmt: skip
+        train_teacher = open_lm_cache(
+            cfg.teacher.cache,
+            tokenizer=tokenizer,
+            dataset=data.train,
+            sequence_length=cfg.data.max_length,
+            kd_temperature=cfg.kd.kd_temperature,
+            vocab_size=vocab,
+            teacher_model=teacher.model,
+            output_device=acc.device,
+        )
         assert isinstance(train_teacher, CachedTeacher)
         how = (
             "dense logits rebuilt from it (chunked path: tail mass spread evenly over the other ids)"
@@ -589,10 +637,21 @@ def main(cfg: Config, s: Session) -> dict[str, Any]:
         if mon.oracle is not None:
             oracle_model = load_causal_lm(Path(mon.oracle), dtype=teacher.model.dtype)
             check_same_tokenizer(load_tokenizer_folder(mon.oracle), tokenizer)
-            oracle = LiveLMTeacher(oracle_model, vocab_size=vocab, device=t_device, dtype=teacher.model.dtype,
-                                   output_device=acc.device, signal=TeacherSignal.LOGITS)  # fmt: skip
-        monitor = Monitor(mon.every, data.eval_batches(cfg.eval.batch_size)[: max(1, mon.examples // cfg.eval.batch_size)],
-                          vocab, teacher, oracle)  # fmt: skip
+            oracle = LiveLMTeacher(
+                oracle_model,
+                vocab_size=vocab,
+                device=t_device,
+                dtype=teacher.model.dtype,
+                output_device=acc.device,
+                signal=TeacherSignal.LOGITS,
+            )
+        monitor = Monitor(
+            mon.every,
+            data.eval_batches(cfg.eval.batch_size)[: max(1, mon.examples // cfg.eval.batch_size)],
+            vocab,
+            teacher,
+            oracle,
+        )
     if opc.fraction > 0:
         s.announce(
             f"lm_kd: on-policy fraction λ={opc.fraction:g}: on {'every step' if opc.fraction >= 1 else f'~{100 * opc.fraction:.0f}% of steps'} "
@@ -663,9 +722,13 @@ def _check_on_policy(cfg: Config, teacher: PreTrainedModel, student: PreTrainedM
     if opc.fraction == 0:
         return
     if cfg.kd.kd_weight == 0:
-        raise DistilError("on_policy.fraction > 0 needs a teacher to score the samples: set kd.kd_weight > 0 (or on_policy.fraction=0)")  # fmt: skip
+        raise DistilError(
+            "on_policy.fraction > 0 needs a teacher to score the samples: set kd.kd_weight > 0 (or on_policy.fraction=0)"
+        )
     if cfg.teacher.cache is not None:
-        raise DistilError("on_policy.fraction > 0 needs a live teacher (a cache cannot score text the student writes during training): drop teacher.cache or set on_policy.fraction=0")  # fmt: skip
+        raise DistilError(
+            "on_policy.fraction > 0 needs a live teacher (a cache cannot score text the student writes during training): drop teacher.cache or set on_policy.fraction=0"
+        )
     prompt = opc.prompt_tokens if cfg.data.format.value == "text" else cfg.data.max_length
     for role, m in (("teacher", teacher), ("student", student)):
         context = int(getattr(m.config, "max_position_embeddings", 0) or 0)
@@ -678,8 +741,13 @@ def _check_on_policy(cfg: Config, teacher: PreTrainedModel, student: PreTrainedM
 
 
 def evaluate_models(
-    models: list[tuple[str, Any, Teacher | None]], data: LMData, vocab: int, ev: EvalSection, tokenizer: Any, seed: int
-) -> tuple[list[dict[str, Any]], str]:  # fmt: skip
+    models: list[tuple[str, Any, Teacher | None]],
+    data: LMData,
+    vocab: int,
+    ev: EvalSection,
+    tokenizer: Any,
+    seed: int,
+) -> tuple[list[dict[str, Any]], str]:
     """Report rows (held-out metrics, size, generation speed) and side-by-side sample generations."""
     gen, batches = ev.generation, data.eval_batches(ev.batch_size)
     speed = {
@@ -699,15 +767,28 @@ def evaluate_models(
             f"### Prompt {i + 1}\n\n```\n{tokenizer.decode(prompt, skip_special_tokens=True)}\n```\n"
         )
         for role, model, _ in models:
-            text = lm_eval.generate_texts(model, [prompt], tokenizer, max_new_tokens=gen.max_new_tokens,
-                                          sampling_temperature=gen.sampling_temperature, seed=seed)[0]  # fmt: skip
+            text = lm_eval.generate_texts(
+                model,
+                [prompt],
+                tokenizer,
+                max_new_tokens=gen.max_new_tokens,
+                sampling_temperature=gen.sampling_temperature,
+                seed=seed,
+            )[0]
             samples.append(f"**{role}**\n\n```\n{text}\n```\n")
     return rows, "\n".join(samples)
 
 
 def build_report(
-    cfg: Config, s: Session, data: LMData, tokenizer: Any, teacher: LiveLMTeacher, student: Any, baseline: Any | None, vocab: int,
-) -> dict[str, Any]:  # fmt: skip
+    cfg: Config,
+    s: Session,
+    data: LMData,
+    tokenizer: Any,
+    teacher: LiveLMTeacher,
+    student: Any,
+    baseline: Any | None,
+    vocab: int,
+) -> dict[str, Any]:
     """Teacher, KD student and baseline side by side on the held-out data: quality (perplexity,
     gap closed), fidelity (agreement, KL/JSD, calibration), cost (size, latency, memory, speed)."""
     device = s.accelerator.device
@@ -753,13 +834,26 @@ def build_report(
         for p in ("student", "baseline")
         if (f := s.run_dir / p / "summary.json").is_file()
     }
-    columns = [("model", "model"), ("perplexity", "held-out ppl"), ("ce", "CE nats/tok"), ("agreement", "top-1 agree"),
-               ("kl_teacher_student", "KL(t‖s)"), ("params", "params"), ("size_ratio", "smaller by"),
-               ("gen_tokens_per_s", "gen tok/s"), ("gen_speedup", "gen speed-up")]  # fmt: skip
+    columns = [
+        ("model", "model"),
+        ("perplexity", "held-out ppl"),
+        ("ce", "CE nats/tok"),
+        ("agreement", "top-1 agree"),
+        ("kl_teacher_student", "KL(t‖s)"),
+        ("params", "params"),
+        ("size_ratio", "smaller by"),
+        ("gen_tokens_per_s", "gen tok/s"),
+        ("gen_speedup", "gen speed-up"),
+    ]
     greedy = cfg.eval.generation.sampling_temperature == 0
     seq = int(one.shape[1])
-    quality = quality_part(rows, [("ce", "CE nats/token"), ("perplexity", "perplexity")], roles=roles,
-                           primary="ce", higher_is_better=False)  # fmt: skip
+    quality = quality_part(
+        rows,
+        [("ce", "CE nats/token"), ("perplexity", "perplexity")],
+        roles=roles,
+        primary="ce",
+        higher_is_better=False,
+    )
     if quality["gap_closed"] is not None:
         highlights["CE gap closed (student - baseline) / (teacher - baseline)"] = quality[
             "gap_closed"

@@ -60,9 +60,16 @@ class Config(StrictModel):
         num_layers=4, hidden_size=256, num_heads=4, intermediate_size=1024
     )
     train: TrainSection = TrainSection(
-        epochs=1, max_steps=500, batch_size=16, lr=3e-3, weight_decay=0.1, scheduler=SchedulerName.cosine,
-        warmup_steps=25, max_grad_norm=1.0, checkpoint_every=50,
-    )  # fmt: skip
+        epochs=1,
+        max_steps=500,
+        batch_size=16,
+        lr=3e-3,
+        weight_decay=0.1,
+        scheduler=SchedulerName.cosine,
+        warmup_steps=25,
+        max_grad_norm=1.0,
+        checkpoint_every=50,
+    )
     eval: EvalSection = EvalSection(baseline=False)
     export_dir: str | None = Field(
         default="runs/lm-teacher", description="copy the trained model + tokenizer here"
@@ -79,8 +86,14 @@ def _tokenizer(cfg: Config, s: Session) -> Any:
             "training a tokenizer reads text or JSONL files; for Parquet data set tokenizer.path"
         )
     if s.accelerator.is_main_process and not (folder / "tokenizer.json").is_file():
-        train_bpe_tokenizer([Path(f) for f in train_files], folder, cfg.tokenizer.vocab_size, pad_policy=cfg.tokenizer.pad_policy,
-                            model_max_length=cfg.model.max_context, text_field=cfg.data.text_field)  # fmt: skip
+        train_bpe_tokenizer(
+            [Path(f) for f in train_files],
+            folder,
+            cfg.tokenizer.vocab_size,
+            pad_policy=cfg.tokenizer.pad_policy,
+            model_max_length=cfg.model.max_context,
+            text_field=cfg.data.text_field,
+        )
     s.accelerator.wait_for_everyone()
     return load_tokenizer_folder(folder)
 
@@ -105,8 +118,21 @@ def main(cfg: Config, s: Session) -> dict[str, Any]:
         f"{len(data.eval)} held-out examples of {cfg.data.max_length} tokens; {acc.num_processes} process(es) on {acc.device}"
     )
     log = MetricsLog(s.run_dir / "metrics.jsonl", acc, acc.is_main_process)
-    model = train_phase("model", s, model, data, cfg.train, seed=cfg.seed, shuffle=cfg.data.shuffle, log=log,
-                        vocab_size=vocab, hidden=hidden, tokenizer=tokenizer, chunked=chunked, chunk_rows=loss_chunk_rows(None, vocab, fused=chunked, device=acc.device))  # fmt: skip
+    model = train_phase(
+        "model",
+        s,
+        model,
+        data,
+        cfg.train,
+        seed=cfg.seed,
+        shuffle=cfg.data.shuffle,
+        log=log,
+        vocab_size=vocab,
+        hidden=hidden,
+        tokenizer=tokenizer,
+        chunked=chunked,
+        chunk_rows=loss_chunk_rows(None, vocab, fused=chunked, device=acc.device),
+    )
     if not acc.is_main_process:
         return {}
     if cfg.export_dir is not None:

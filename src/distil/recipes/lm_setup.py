@@ -71,12 +71,18 @@ class LMSpecSection(StrictModel):
     def build(self, tokenizer: PreTrainedTokenizerBase, *, seed: int) -> PreTrainedModel:
         """A randomly initialised float32 model with the tokenizer's special ids in its config."""
         spec = CausalLMSpec(
-            num_layers=self.num_layers, hidden_size=self.hidden_size, num_heads=self.num_heads,
-            intermediate_size=self.intermediate_size, vocab_size=self.vocab_size or len(tokenizer),
-            max_context=self.max_context, num_kv_heads=self.num_kv_heads,
-            tie_word_embeddings=self.tie_word_embeddings, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=pad_token_id_for(tokenizer), bos_token_id=tokenizer.bos_token_id,
-        )  # fmt: skip
+            num_layers=self.num_layers,
+            hidden_size=self.hidden_size,
+            num_heads=self.num_heads,
+            intermediate_size=self.intermediate_size,
+            vocab_size=self.vocab_size or len(tokenizer),
+            max_context=self.max_context,
+            num_kv_heads=self.num_kv_heads,
+            tie_word_embeddings=self.tie_word_embeddings,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=pad_token_id_for(tokenizer),
+            bos_token_id=tokenizer.bos_token_id,
+        )
         return build_causal_lm(spec, seed=seed)
 
 
@@ -126,10 +132,15 @@ class LMDataSection(StrictModel):
 
     def options(self) -> LMDataOptions:
         return LMDataOptions(
-            data_format=self.format, max_length=self.max_length, overlength=self.overlength,
-            drop_unsupervised=self.drop_unsupervised, text_field=self.text_field, prompt_field=self.prompt_field,
-            completion_field=self.completion_field, messages_field=self.messages_field,
-        )  # fmt: skip
+            data_format=self.format,
+            max_length=self.max_length,
+            overlength=self.overlength,
+            drop_unsupervised=self.drop_unsupervised,
+            text_field=self.text_field,
+            prompt_field=self.prompt_field,
+            completion_field=self.completion_field,
+            messages_field=self.messages_field,
+        )
 
 
 class ModelSource(str, Enum):
@@ -231,14 +242,21 @@ class OnPolicySection(StrictModel):
     taken on the sampled tokens only (no hard CE: there is no reference text)."""
 
     fraction: float = Field(
-        default=0.0, ge=0, le=1, description="λ: 0 = off-policy KD on the dataset, 1 = every step on student samples"
-    )  # fmt: skip
-    sampling_temperature: float = Field(default=1.0, ge=0, description="the student's sampling temperature; 0 = greedy")  # fmt: skip
+        default=0.0,
+        ge=0,
+        le=1,
+        description="λ: 0 = off-policy KD on the dataset, 1 = every step on student samples",
+    )
+    sampling_temperature: float = Field(
+        default=1.0, ge=0, description="the student's sampling temperature; 0 = greedy"
+    )
     top_p: float = Field(default=1.0, gt=0, le=1)
     max_new_tokens: int = Field(default=64, ge=1)
     prompt_tokens: int = Field(
-        default=64, ge=1, description="prompt cut from packed text; prompt/completion and chat data use their own prompt"
-    )  # fmt: skip
+        default=64,
+        ge=1,
+        description="prompt cut from packed text; prompt/completion and chat data use their own prompt",
+    )
 
 
 class MonitorSection(StrictModel):
@@ -250,11 +268,14 @@ class MonitorSection(StrictModel):
     every: int = Field(default=0, ge=0, description="steps between measurements; 0 = off")
     examples: int = Field(default=16, ge=1, description="held-out examples measured")
     oracle: str | None = Field(
-        default=None, description="folder of a ground-truth LM with the same tokenizer (e.g. the teacher's own teacher)"
-    )  # fmt: skip
+        default=None,
+        description="folder of a ground-truth LM with the same tokenizer (e.g. the teacher's own teacher)",
+    )
     tolerance: float = Field(
-        default=0.02, ge=0, description="relative rise above its best value that counts as worsening"
-    )  # fmt: skip
+        default=0.02,
+        ge=0,
+        description="relative rise above its best value that counts as worsening",
+    )
 
 
 class GenerationSection(StrictModel):

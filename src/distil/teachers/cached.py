@@ -111,7 +111,10 @@ class CachedTeacher:
         max_loaded_bytes: int = DEFAULT_MAX_LOADED_BYTES,
     ) -> None:
         self.reader = CacheReader(
-            path, verify=verify, max_loaded_shards=max_loaded_shards, max_loaded_bytes=max_loaded_bytes
+            path,
+            verify=verify,
+            max_loaded_shards=max_loaded_shards,
+            max_loaded_bytes=max_loaded_bytes,
         )
         check_matches(self.reader.manifest, expect or {}, source=f"the teacher cache {path}")
         self.path = Path(path)
@@ -181,7 +184,9 @@ class CachedTeacher:
         tail = torch.full((bsz, length), float("-inf"))  # (B, T)
         mask = torch.zeros(bsz, length, dtype=torch.bool)  # (B, T)
         m = int(self.reader.manifest.get("tail_samples", 0))
-        tail_ids = torch.zeros(bsz, length, m, dtype=torch.int64) if m else None  # (B, T, m) placeholder: id 0
+        tail_ids = (
+            torch.zeros(bsz, length, m, dtype=torch.int64) if m else None
+        )  # (B, T, m) placeholder: id 0
         tail_lp = torch.zeros(bsz, length, m) if m else None  # (B, T, m)
         for b, e in enumerate(ids):
             ex = self.reader.get(e)
@@ -201,9 +206,12 @@ class CachedTeacher:
             mask[b, ex.positions] = True
         dev = self.output_device
         top = TopKTargets(
-            log_probs.to(dev), top_ids.to(dev), tail.to(dev),
-            None if tail_ids is None else tail_ids.to(dev), None if tail_lp is None else tail_lp.to(dev),
-        )  # fmt: skip
+            log_probs.to(dev),
+            top_ids.to(dev),
+            tail.to(dev),
+            None if tail_ids is None else tail_ids.to(dev),
+            None if tail_lp is None else tail_lp.to(dev),
+        )
         return CachedTargets(top, mask.to(dev))
 
     def sampled_targets(

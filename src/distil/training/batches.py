@@ -10,7 +10,9 @@ from __future__ import annotations
 import torch
 
 
-def epoch_permutation(num_examples: int, *, seed: int, epoch: int, shuffle: bool = True) -> torch.Tensor:
+def epoch_permutation(
+    num_examples: int, *, seed: int, epoch: int, shuffle: bool = True
+) -> torch.Tensor:
     if not shuffle:
         return torch.arange(num_examples)
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
@@ -18,7 +20,13 @@ def epoch_permutation(num_examples: int, *, seed: int, epoch: int, shuffle: bool
 
 
 def global_batches(
-    num_examples: int, *, global_batch_size: int, seed: int, epoch: int, drop_last: bool, shuffle: bool = True
+    num_examples: int,
+    *,
+    global_batch_size: int,
+    seed: int,
+    epoch: int,
+    drop_last: bool,
+    shuffle: bool = True,
 ) -> list[torch.Tensor]:
     """The epoch's batches of example indices, each of ``global_batch_size`` (the last may be short)."""
     perm = epoch_permutation(num_examples, seed=seed, epoch=epoch, shuffle=shuffle)

@@ -100,7 +100,12 @@ def save_checkpoint(
     save_rng_state(tmp)
     (tmp / "state.json").write_text(
         json.dumps(
-            {"step": state.step, "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch, "extra": state.extra},
+            {
+                "step": state.step,
+                "epoch": state.epoch,
+                "batch_in_epoch": state.batch_in_epoch,
+                "extra": state.extra,
+            },
             indent=1,
         )
     )

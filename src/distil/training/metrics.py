@@ -30,7 +30,9 @@ def peak_memory_mb(device: torch.device) -> dict[str, float]:
     if status.is_file():
         for line in status.read_text().splitlines():
             if line.startswith(("VmHWM:", "VmRSS:")):
-                out["peak_rss_mb" if line.startswith("VmHWM") else "rss_mb"] = int(line.split()[1]) / 1024
+                out["peak_rss_mb" if line.startswith("VmHWM") else "rss_mb"] = (
+                    int(line.split()[1]) / 1024
+                )
     if device.type == "cuda":
         out["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return out

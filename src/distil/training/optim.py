@@ -8,11 +8,15 @@ from typing import Any
 import torch
 
 
-def build_optimizer(params: Any, *, name: str, lr: float, weight_decay: float, momentum: float = 0.9) -> torch.optim.Optimizer:
+def build_optimizer(
+    params: Any, *, name: str, lr: float, weight_decay: float, momentum: float = 0.9
+) -> torch.optim.Optimizer:
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=True)
+        return torch.optim.SGD(
+            params, lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=True
+        )
     raise ValueError(f"unknown optimizer {name!r}")
 
 

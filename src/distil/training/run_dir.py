@@ -17,14 +17,28 @@ import yaml
 
 from distil.errors import DistilError
 
-_PACKAGES = ("distil", "torch", "transformers", "accelerate", "safetensors", "pydantic", "numpy", "datasets", "tokenizers")
+_PACKAGES = (
+    "distil",
+    "torch",
+    "transformers",
+    "accelerate",
+    "safetensors",
+    "pydantic",
+    "numpy",
+    "datasets",
+    "tokenizers",
+)
 
 
 def git_sha() -> str | None:
     """The git commit of the working directory's repository, with ``-dirty`` if it has changes."""
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, check=True, timeout=5).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=5
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"], capture_output=True, text=True, check=True, timeout=5
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return f"{sha}-dirty" if dirty else sha
@@ -73,7 +87,9 @@ def latest_run_dir(output_dir: str, name: str) -> Path:
         key=lambda p: p.stat().st_mtime,
     )
     if not candidates:
-        raise DistilError(f"--resume: no earlier run named {name!r} under {root}; start one without --resume")
+        raise DistilError(
+            f"--resume: no earlier run named {name!r} under {root}; start one without --resume"
+        )
     return candidates[-1]
 
 
@@ -83,7 +99,9 @@ def write_resolved_config(run_dir: Path, config: dict[str, Any]) -> None:
 
 
 def check_resume_config(
-    run_dir: Path, config: dict[str, Any], normalize: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    run_dir: Path,
+    config: dict[str, Any],
+    normalize: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> None:
     """Refuse to resume a run with a config that changed anything but the run section.
 
@@ -92,7 +110,9 @@ def check_resume_config(
     """
     path = run_dir / "config.resolved.yaml"
     if not path.is_file():
-        raise DistilError(f"--resume: {run_dir} has no config.resolved.yaml; is it a distil run folder?")
+        raise DistilError(
+            f"--resume: {run_dir} has no config.resolved.yaml; is it a distil run folder?"
+        )
     old = yaml.safe_load(path.read_text())
     if normalize is not None:
         with contextlib.suppress(ValueError):  # today's schema rejects it: compare it as written

@@ -43,9 +43,16 @@ class Session:
 
 
 def open_session(
-    choose_run_dir: Callable[[], Path], *, resume: bool, device: str, mixed_precision: str, log_with: list[str],
-    project: str, on_run_dir: Callable[[Path], None] | None = None, cpu_threads: int | None = None,
-) -> Session:  # fmt: skip
+    choose_run_dir: Callable[[], Path],
+    *,
+    resume: bool,
+    device: str,
+    mixed_precision: str,
+    log_with: list[str],
+    project: str,
+    on_run_dir: Callable[[Path], None] | None = None,
+    cpu_threads: int | None = None,
+) -> Session:
     """Create the Accelerator, agree on one run folder across processes (the main process
     chooses it), start the trackers there and record the environment."""
     from accelerate import Accelerator
@@ -65,14 +72,17 @@ def open_session(
         if on_run_dir is not None:
             on_run_dir(run_dir)
     accelerator.wait_for_everyone()
-    if log_with:  # the run folder is known only now, so the trackers are attached after construction
+    if (
+        log_with
+    ):  # the run folder is known only now, so the trackers are attached after construction
         from accelerate.tracking import filter_trackers
 
-        accelerator.project_configuration = ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir))
+        accelerator.project_configuration = ProjectConfiguration(
+            project_dir=str(run_dir), logging_dir=str(run_dir)
+        )
         accelerator.log_with = filter_trackers(log_with, str(run_dir))
     if log_with:
         accelerator.init_trackers(project)  # TensorBoard events land in run_dir/<project>/
     if accelerator.is_main_process:
         write_env(run_dir, environment([str(accelerator.device)], accelerator.num_processes))
     return Session(accelerator=accelerator, run_dir=run_dir, resume=resume)
-

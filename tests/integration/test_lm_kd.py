@@ -18,39 +18,9 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from distil.cli import app
+from tests.helpers import base_args, make_lm_fixture, run_cli
 
 runner = CliRunner()
-
-
-def make_lm_fixture(root: Path) -> dict[str, Path]:
-    """A tokenizer (400 ids, chat template), a 4-layer teacher with 8 padded vocab rows, and data files."""
-    from distil.data.corpus import stdlib_root, train_bpe_tokenizer_from_texts
-    from distil.models.lm import CausalLMSpec, build_causal_lm, save_model_folder
-    from distil.models.vocab import load_tokenizer_folder
-
-    texts = [p.read_text(encoding="utf-8")[:2500] for p in sorted(stdlib_root().glob("*.py"))[:14]]
-    train_bpe_tokenizer_from_texts(texts, root / "tok", 400)
-    tok = load_tokenizer_folder(root / "tok")
-    spec = CausalLMSpec(num_layers=4, hidden_size=32, num_heads=4, intermediate_size=64, vocab_size=len(tok) + 8,
-                        max_context=64, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)  # fmt: skip
-    save_model_folder(
-        build_causal_lm(spec, seed=0), root / "teacher", tokenizer=tok, overwrite=True
-    )
-    lines = {
-        "text.jsonl": [{"text": t} for t in texts[:10]],
-        "pc.jsonl": [{"prompt": t[i : i + 24], "completion": t[i + 24 : i + 24 + 8 * (1 + i % 4)]} for i in range(0, 420, 10) for t in texts[:1]],
-        "chat.jsonl": [{"messages": [{"role": "user", "content": t[:20]}, {"role": "assistant", "content": t[20:45]}]} for t in texts * 3],
-        "user_only.jsonl": [{"messages": [{"role": "user", "content": t[:40]}]} for t in texts],
-    }  # fmt: skip
-    for name, rows in lines.items():
-        (root / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return {
-        "root": root,
-        "tok": root / "tok",
-        "teacher": root / "teacher",
-        **{n.split(".")[0]: root / n for n in lines},
-    }
 
 
 @pytest.fixture(scope="module")
@@ -63,22 +33,6 @@ def lm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
     torch.set_num_threads(threads)
 
 
-def base_args(lm: dict[str, Path], data: str = "text") -> list[str]:
-    return [
-        "run", "lm_kd", f"teacher.hf={lm['teacher']}", "data.builtin=null", f"data.train_files=[{lm[data]}]",
-        "data.max_length=64", "student.init=from_teacher", "student.spec=null", "student.num_layers=2", "train.batch_size=4", "train.max_steps=6",
-        "train.checkpoint_every=3", "run.log_with=[]", "eval.generation.prompts=1", "eval.generation.prompt_tokens=8",
-        "eval.generation.max_new_tokens=6", "eval.generation.speed_new_tokens=4", "eval.generation.speed_batch=2",
-        "data.eval_limit=8",
-    ]  # fmt: skip
-
-
-def _run(args: list[str]) -> tuple[int, str]:
-    result = runner.invoke(app, args)
-    extra = str(result.exception) if result.exception and result.exit_code not in (0, 2) else ""
-    return result.exit_code, result.output + extra
-
-
 def _rows(run_dir: Path) -> dict[str, dict[str, Any]]:
     return {
         r["model"]: r for r in json.loads((run_dir / "report.json").read_text())["table"]["rows"]
@@ -89,7 +43,7 @@ def test_text_kd_with_layer_dropped_student_writes_report(
     lm: dict[str, Path], tmp_path: Path
 ) -> None:
     run_dir = tmp_path / "run"
-    code, out = _run([*base_args(lm), "kd.kd_weight=0.7", "--run-dir", str(run_dir)])
+    code, out = run_cli([*base_args(lm), "kd.kd_weight=0.7", "--run-dir", str(run_dir)])
     assert code == 0, out
     rows = _rows(run_dir)
     assert set(rows) == {"teacher", "student (KD)", "baseline (no teacher)"}
@@ -116,8 +70,10 @@ def test_text_kd_with_layer_dropped_student_writes_report(
     assert "## Sample generations" in md and "**student (KD)**" in md and "held-out ppl" in md
     report = json.loads((run_dir / "report.json").read_text())
     assert report["roles"] == {
-        "teacher": "teacher", "student": "student (KD)", "baseline": "baseline (no teacher)",
-    }  # fmt: skip
+        "teacher": "teacher",
+        "student": "student (KD)",
+        "baseline": "baseline (no teacher)",
+    }
     quality = {r["model"]: r for r in report["quality"]["table"]["rows"]}
     ce = {m: quality[m]["ce"] for m in rows}
     assert ce == {m: rows[m]["ce"] for m in rows}  # the quality part is the held-out evaluation
@@ -170,7 +126,7 @@ def test_prompt_completion_chat_and_bf16_chunked_teacher(
     lm: dict[str, Path], tmp_path: Path
 ) -> None:
     small = ["eval.baseline=false", "train.max_steps=2"]
-    code, out = _run(
+    code, out = run_cli(
         [
             *base_args(lm, "pc"),
             *small,
@@ -181,14 +137,22 @@ def test_prompt_completion_chat_and_bf16_chunked_teacher(
     )
     assert code == 0, out
     assert "data prompt_completion" in (tmp_path / "pc" / "mode.txt").read_text()
-    code, out = _run(
+    code, out = run_cli(
         [*base_args(lm, "chat"), *small, "data.format=chat", "--run-dir", str(tmp_path / "chat")]
     )
     assert code == 0, out
     # a bf16 teacher next to an fp32 student, the chunked loss from hidden states, generalized JSD
-    args = [*base_args(lm), *small, "teacher.dtype=bfloat16", "kd.chunked=true", "kd.divergence=generalized_jsd",
-            "kd.divergence_params={beta: 0.5}", "--run-dir", str(tmp_path / "bf16")]  # fmt: skip
-    code, out = _run(args)
+    args = [
+        *base_args(lm),
+        *small,
+        "teacher.dtype=bfloat16",
+        "kd.chunked=true",
+        "kd.divergence=generalized_jsd",
+        "kd.divergence_params={beta: 0.5}",
+        "--run-dir",
+        str(tmp_path / "bf16"),
+    ]
+    code, out = run_cli(args)
     assert code == 0, out
     mode = (tmp_path / "bf16" / "mode.txt").read_text()
     assert (
@@ -202,21 +166,47 @@ def test_prompt_completion_chat_and_bf16_chunked_teacher(
 
 def test_scratch_student_and_student_checkpoint(lm: dict[str, Path], tmp_path: Path) -> None:
     spec = "student.spec={num_layers: 1, hidden_size: 16, num_heads: 2, intermediate_size: 32, max_context: 64, tie_word_embeddings: true}"
-    code, out = _run([*base_args(lm), "eval.baseline=false", "train.max_steps=2", "student.init=scratch", spec,
-                      "student.num_layers=null", "--run-dir", str(tmp_path / "scratch")])  # fmt: skip
+    code, out = run_cli(
+        [
+            *base_args(lm),
+            "eval.baseline=false",
+            "train.max_steps=2",
+            "student.init=scratch",
+            spec,
+            "student.num_layers=null",
+            "--run-dir",
+            str(tmp_path / "scratch"),
+        ]
+    )
     assert code == 0, out
     final = tmp_path / "scratch" / "student" / "final"
-    code, out = _run([*base_args(lm), "eval.baseline=false", "train.max_steps=2", "student.init=checkpoint",
-                      f"student.hf={final}", "student.num_layers=null", "--run-dir", str(tmp_path / "ckpt")])  # fmt: skip
+    code, out = run_cli(
+        [
+            *base_args(lm),
+            "eval.baseline=false",
+            "train.max_steps=2",
+            "student.init=checkpoint",
+            f"student.hf={final}",
+            "student.num_layers=null",
+            "--run-dir",
+            str(tmp_path / "ckpt"),
+        ]
+    )
     assert code == 0, out
     assert f"checkpoint {final}" in (tmp_path / "ckpt" / "mode.txt").read_text()
 
 
 def test_grad_accumulation_normalises_once(lm: dict[str, Path], tmp_path: Path) -> None:
-    common = [*base_args(lm), "eval.baseline=false", "train.max_steps=3", "data.format=prompt_completion",
-              f"data.train_files=[{lm['pc']}]", "eval.generation.prompts=0"]  # fmt: skip
-    assert _run([*common, "--run-dir", str(tmp_path / "a1")])[0] == 0
-    assert _run([*common, "train.grad_accum=4", "--run-dir", str(tmp_path / "a4")])[0] == 0
+    common = [
+        *base_args(lm),
+        "eval.baseline=false",
+        "train.max_steps=3",
+        "data.format=prompt_completion",
+        f"data.train_files=[{lm['pc']}]",
+        "eval.generation.prompts=0",
+    ]
+    assert run_cli([*common, "--run-dir", str(tmp_path / "a1")])[0] == 0
+    assert run_cli([*common, "train.grad_accum=4", "--run-dir", str(tmp_path / "a4")])[0] == 0
     a = load_file(str(tmp_path / "a1" / "student" / "final" / "model.safetensors"))
     b = load_file(str(tmp_path / "a4" / "student" / "final" / "model.safetensors"))
     for (
@@ -254,16 +244,34 @@ def test_bad_input_stops_before_training(lm: dict[str, Path], tmp_path: Path) ->
     )
     cases = {
         "missing tokenizer files": ([f"teacher.hf={no_tok}"], "no tokenizer files"),
-        "chat without template": (["data.format=chat", f"data.train_files=[{lm['chat']}]", f"tokenizer={no_template}"], "chat template"),
-        "longer than the context": (["data.max_length=128"], "longer than the teacher's context of 64"),
-        "over-long example": (["data.format=prompt_completion", f"data.train_files=[{long_pc}]"], "longer than max_length=64"),
-        "different tokenizers": (["student.init=checkpoint", f"student.hf={other}", "student.num_layers=null"], "tokenizers differ"),
-        "data tokenizer not the teacher's": ([f"tokenizer={tmp_path / 'other-tok'}"], "tokenizers differ"),
-        "all-prompt data": (["data.format=chat", f"data.train_files=[{lm['user_only']}]"], "supervised token"),
-    }  # fmt: skip
+        "chat without template": (
+            ["data.format=chat", f"data.train_files=[{lm['chat']}]", f"tokenizer={no_template}"],
+            "chat template",
+        ),
+        "longer than the context": (
+            ["data.max_length=128"],
+            "longer than the teacher's context of 64",
+        ),
+        "over-long example": (
+            ["data.format=prompt_completion", f"data.train_files=[{long_pc}]"],
+            "longer than max_length=64",
+        ),
+        "different tokenizers": (
+            ["student.init=checkpoint", f"student.hf={other}", "student.num_layers=null"],
+            "tokenizers differ",
+        ),
+        "data tokenizer not the teacher's": (
+            [f"tokenizer={tmp_path / 'other-tok'}"],
+            "tokenizers differ",
+        ),
+        "all-prompt data": (
+            ["data.format=chat", f"data.train_files=[{lm['user_only']}]"],
+            "supervised token",
+        ),
+    }
     for name, (overrides, expected) in cases.items():
         run_dir = tmp_path / name.replace(" ", "_")
-        code, out = _run([*base_args(lm), *overrides, "--run-dir", str(run_dir)])
+        code, out = run_cli([*base_args(lm), *overrides, "--run-dir", str(run_dir)])
         assert code == 2, (name, out)
         assert expected in " ".join(out.split()), (name, out)
         assert not (run_dir / "student").exists(), name  # stopped before training
@@ -274,8 +282,15 @@ def _cli(args: list[str]) -> list[str]:
 
 
 def test_resume_after_sigkill_gives_identical_weights(lm: dict[str, Path], tmp_path: Path) -> None:
-    args = [*base_args(lm), "train.max_steps=60", "train.checkpoint_every=4", "eval.baseline=false", "kd.kd_weight=0.5",
-            "eval.generation.prompts=0", "train.batch_size=2"]  # fmt: skip
+    args = [
+        *base_args(lm),
+        "train.max_steps=60",
+        "train.checkpoint_every=4",
+        "eval.baseline=false",
+        "kd.kd_weight=0.5",
+        "eval.generation.prompts=0",
+        "train.batch_size=2",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     full = tmp_path / "full"
     subprocess.run(_cli([*args, "--run-dir", str(full)]), check=True, env=env, capture_output=True)

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from distil.cli import app
 from distil.errors import DistilError
-from tests.recipes.test_lm_kd import base_args, make_lm_fixture
+from tests.helpers import base_args, make_lm_fixture
 
 runner = CliRunner()
 
@@ -34,8 +34,16 @@ def fx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
     root = tmp_path_factory.mktemp("generate")
     lm = make_lm_fixture(root)
     tok = load_tokenizer_folder(lm["tok"])
-    spec = CausalLMSpec(num_layers=2, hidden_size=32, num_heads=4, intermediate_size=64, vocab_size=len(tok),
-                        max_context=64, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)  # fmt: skip
+    spec = CausalLMSpec(
+        num_layers=2,
+        hidden_size=32,
+        num_heads=4,
+        intermediate_size=64,
+        vocab_size=len(tok),
+        max_context=64,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     model = build_causal_lm(spec, seed=3)
     with torch.no_grad():
         model.lm_head.weight[tok.eos_token_id] *= 2.0
@@ -46,9 +54,13 @@ def fx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
     ]  # 2 to 20 tokens
     (root / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     config = {
-        "command": "generate", "teacher": str(root / "gen-teacher"), "prompts": {"file": str(root / "prompts.jsonl")},
-        "generation": {"max_new_tokens": 12, "batch_size": 4}, "shard_size": 4, "output": str(root / "unused"),
-    }  # fmt: skip
+        "command": "generate",
+        "teacher": str(root / "gen-teacher"),
+        "prompts": {"file": str(root / "prompts.jsonl")},
+        "generation": {"max_new_tokens": 12, "batch_size": 4},
+        "shard_size": 4,
+        "output": str(root / "unused"),
+    }
     (root / "generate.yaml").write_text(yaml.safe_dump(config))
     yield {
         **lm,
@@ -97,8 +109,10 @@ def test_greedy_writes_shards_and_manifest_equal_to_one_prompt_at_a_time(
     assert manifest["tokenizer_fingerprint"] == tokenizer_fingerprint(tok)
     assert manifest["settings"]["generation.max_new_tokens"] == 12
     assert [(s["file"], s["first_id"], s["last_id"], s["records"]) for s in manifest["shards"]] == [
-        ("shard-00000.jsonl", "p0", "p3", 4), ("shard-00001.jsonl", "p4", "p7", 4), ("shard-00002.jsonl", "p8", "p9", 2),
-    ]  # fmt: skip
+        ("shard-00000.jsonl", "p0", "p3", 4),
+        ("shard-00001.jsonl", "p4", "p7", 4),
+        ("shard-00002.jsonl", "p8", "p9", 2),
+    ]
     counts = manifest["counts"]
     assert 0 < counts["ended_by_eos"] < 10, (
         "the fixture should stop some completions early, not all"
@@ -119,8 +133,16 @@ def test_greedy_writes_shards_and_manifest_equal_to_one_prompt_at_a_time(
 
 def test_builtin_prompts_through_the_shipped_config(fx: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "stdlib"
-    args = ["generate", "generate", f"teacher={fx['gen_teacher']}", "prompts.corpus_max_bytes=60000",
-            "prompts.prompt_tokens=10", "prompts.limit=5", "generation.max_new_tokens=4", f"output={out}"]  # fmt: skip
+    args = [
+        "generate",
+        "generate",
+        f"teacher={fx['gen_teacher']}",
+        "prompts.corpus_max_bytes=60000",
+        "prompts.prompt_tokens=10",
+        "prompts.limit=5",
+        "generation.max_new_tokens=4",
+        f"output={out}",
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     records = _records(out)
@@ -137,8 +159,13 @@ def test_sampled_run_resumes_to_byte_identical_shards(
 ) -> None:
     import distil.generation as gen
 
-    sampling = ["generation.sampling_temperature=1.0", "generation.top_p=0.9", "generation.num_return_sequences=2",
-                "generation.batch_size=3", "shard_size=3"]  # fmt: skip
+    sampling = [
+        "generation.sampling_temperature=1.0",
+        "generation.top_p=0.9",
+        "generation.num_return_sequences=2",
+        "generation.batch_size=3",
+        "shard_size=3",
+    ]
     whole = tmp_path / "whole"
     assert _generate(fx, whole, *sampling)[0] == 0
     records = _records(whole)
@@ -227,13 +254,25 @@ def test_bad_input_is_refused_with_the_fix(fx: dict[str, Path], tmp_path: Path) 
     (tmp_path / "no-field.jsonl").write_text(json.dumps({"text": "x"}) + "\n")
     cases = {
         "missing prompts file": ([f"prompts.file={tmp_path / 'nope.jsonl'}"], "prompts file"),
-        "empty prompt set": ([f"prompts.file={tmp_path / 'empty.jsonl'}"], "the prompt set is empty"),
-        "no prompt field": ([f"prompts.file={tmp_path / 'no-field.jsonl'}"], "needs a string field 'prompt'"),
+        "empty prompt set": (
+            [f"prompts.file={tmp_path / 'empty.jsonl'}"],
+            "the prompt set is empty",
+        ),
+        "no prompt field": (
+            [f"prompts.file={tmp_path / 'no-field.jsonl'}"],
+            "needs a string field 'prompt'",
+        ),
         "teacher without tokenizer": ([f"teacher={no_tok}"], "has no tokenizer files"),
-        "longer than the context": (["generation.max_new_tokens=60"], "exceeds the teacher's context of 64 tokens"),
-        "greedy with several samples": (["generation.num_return_sequences=2"], "set sampling_temperature > 0"),
+        "longer than the context": (
+            ["generation.max_new_tokens=60"],
+            "exceeds the teacher's context of 64 tokens",
+        ),
+        "greedy with several samples": (
+            ["generation.num_return_sequences=2"],
+            "set sampling_temperature > 0",
+        ),
         "a recipe config": (["recipe=lm_kd"], "is a `distil run` config"),
-    }  # fmt: skip
+    }
     for name, (overrides, expected) in cases.items():
         code, text = _generate(fx, tmp_path / name.replace(" ", "_"), *overrides)
         assert code == 2 and expected in text, (name, text)
@@ -250,9 +289,17 @@ def test_lm_kd_trains_on_the_generated_folder(
     out = tmp_path / "generated"
     assert _generate(fx, out)[0] == 0
     run_dir = tmp_path / "run"
-    args = [*base_args(fx, "pc"), f"teacher.hf={fx['gen_teacher']}", f"data.train_files=[{out}]",
-            "data.format=prompt_completion", f"kd.kd_weight={kd_weight}", "train.max_steps=2", "eval.baseline=false",
-            "--run-dir", str(run_dir)]  # fmt: skip
+    args = [
+        *base_args(fx, "pc"),
+        f"teacher.hf={fx['gen_teacher']}",
+        f"data.train_files=[{out}]",
+        "data.format=prompt_completion",
+        f"kd.kd_weight={kd_weight}",
+        "train.max_steps=2",
+        "eval.baseline=false",
+        "--run-dir",
+        str(run_dir),
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output + repr(result.exception)
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

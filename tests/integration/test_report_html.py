@@ -27,7 +27,9 @@ TINY = [
     "eval.throughput_batch=64",
     "run.log_with=[]",
 ]
-CHROMIUM = shutil.which("chromium") or (Path("/usr/bin/chromium") if Path("/usr/bin/chromium").is_file() else None)
+CHROMIUM = shutil.which("chromium") or (
+    Path("/usr/bin/chromium") if Path("/usr/bin/chromium").is_file() else None
+)
 
 runner = CliRunner()
 
@@ -51,7 +53,11 @@ def _cells(table: dict[str, Any]) -> list[str]:
     for row in table["rows"]:
         for col in table["columns"]:
             value = row.get(col["key"])
-            shown = fmt_bytes(value) if col["key"] in ("size_bytes", "peak_memory_bytes") else fmt(value)
+            shown = (
+                fmt_bytes(value)
+                if col["key"] in ("size_bytes", "peak_memory_bytes")
+                else fmt(value)
+            )
             out.append(f"<td>{shown}</td>")
     return out
 
@@ -61,10 +67,16 @@ def test_every_part_is_there_and_matches_report_json(run_dir: Path) -> None:
     for part in ("quality", "fidelity", "cost", "curves", "summary", "roles"):
         assert report.get(part), part
     assert report["quality"]["per_class"]["labels"] == [str(i) for i in range(10)]
-    assert set(report["fidelity"]["confusion"]["matrices"]) == {"teacher", "student (KD)", "baseline (no teacher)"}
+    assert set(report["fidelity"]["confusion"]["matrices"]) == {
+        "teacher",
+        "student (KD)",
+        "baseline (no teacher)",
+    }
     assert set(report["cost"]["training"]["phases"]) == {"teacher", "student", "baseline"}
     assert all(r["peak_memory_bytes"] > 0 for r in report["cost"]["table"]["rows"])
-    assert {"hard_ce/raw", "kd/raw", "kd/weighted", "lr", "grad_norm", "test_accuracy"} <= set(report["curves"]["phases"]["student"]["series"])
+    assert {"hard_ce/raw", "kd/raw", "kd/weighted", "lr", "grad_norm", "test_accuracy"} <= set(
+        report["curves"]["phases"]["student"]["series"]
+    )
     html = (run_dir / "report.html").read_text()
     for anchor, part in (("quality", "quality"), ("fidelity", "fidelity"), ("cost", "cost")):
         section = _section(html, anchor)
@@ -74,8 +86,14 @@ def test_every_part_is_there_and_matches_report_json(run_dir: Path) -> None:
     gap = report["quality"]["gap_closed"]
     assert f'<b id="gap-closed">{fmt(gap)}</b>' in html
     assert f"<td>{fmt(report['cost']['training']['wall_time_s'])}</td>" in _section(html, "cost")
-    assert "kd.kd_temperature" in _section(html, "config") and "package torch" in _section(html, "environment")
-    assert html.count("data:image/png;base64,") == 7 and "http://" not in html and "https://" not in html
+    assert "kd.kd_temperature" in _section(html, "config") and "package torch" in _section(
+        html, "environment"
+    )
+    assert (
+        html.count("data:image/png;base64,") == 7
+        and "http://" not in html
+        and "https://" not in html
+    )
     md = (run_dir / "report.md").read_text()
     for row in report["fidelity"]["table"]["rows"]:
         assert fmt(row["kl_to_teacher"]) in md
@@ -100,22 +118,42 @@ def test_distil_compare_two_runs(run_dir: Path, tmp_path: Path) -> None:
     original = config["kd"]["kd_temperature"]
     config["kd"]["kd_temperature"] = original + 1.0
     (other / "config.resolved.yaml").write_text(yaml.safe_dump(config))
-    result = runner.invoke(app, ["compare", str(run_dir), str(other), "--out", str(tmp_path / "cmp")])
+    result = runner.invoke(
+        app, ["compare", str(run_dir), str(other), "--out", str(tmp_path / "cmp")]
+    )
     assert result.exit_code == 0, result.output
     assert "kd.kd_temperature" in result.output and "student test accuracy" in result.output
     comparison = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     assert comparison["config_keys"] == ["kd.kd_temperature"]
-    assert [r["kd.kd_temperature"] for r in comparison["table"]["rows"]] == [original, original + 1.0]
-    assert (tmp_path / "cmp" / "compare.html").is_file() and (tmp_path / "cmp" / "compare.md").is_file()
+    assert [r["kd.kd_temperature"] for r in comparison["table"]["rows"]] == [
+        original,
+        original + 1.0,
+    ]
+    assert (tmp_path / "cmp" / "compare.html").is_file() and (
+        tmp_path / "cmp" / "compare.md"
+    ).is_file()
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
 def test_report_renders_in_headless_chromium(run_dir: Path, tmp_path: Path) -> None:
     shot = tmp_path / "report.png"
-    cmd = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-           "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
-           "--hide-scrollbars", "--window-size=1280,2400", "--enable-logging=stderr", "--v=0",
-           f"--screenshot={shot}", (run_dir / "report.html").as_uri()]  # fmt: skip
+    cmd = [
+        str(CHROMIUM),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--hide-scrollbars",
+        "--window-size=1280,2400",
+        "--enable-logging=stderr",
+        "--v=0",
+        f"--screenshot={shot}",
+        (run_dir / "report.html").as_uri(),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "CONSOLE" not in proc.stderr and "Uncaught" not in proc.stderr, proc.stderr[-2000:]

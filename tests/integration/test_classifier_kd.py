@@ -31,23 +31,37 @@ runner = CliRunner()
 
 def _run(args: list[str]) -> tuple[int, str]:
     result = runner.invoke(app, args)
-    return result.exit_code, result.output + (str(result.exception) if result.exception and result.exit_code not in (0, 2) else "")
+    return result.exit_code, result.output + (
+        str(result.exception) if result.exception and result.exit_code not in (0, 2) else ""
+    )
 
 
 def test_default_job_small_writes_full_run_folder(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     code, out = _run(["run", "classifier_kd", *FAST, "--run-dir", str(run_dir)])
     assert code == 0, out
-    for name in ("config.resolved.yaml", "env.json", "metrics.jsonl", "report.json", "report.md", "mode.txt"):
+    for name in (
+        "config.resolved.yaml",
+        "env.json",
+        "metrics.jsonl",
+        "report.json",
+        "report.md",
+        "mode.txt",
+    ):
         assert (run_dir / name).is_file(), name
     assert list(run_dir.glob("classifier_kd/events.out.tfevents.*")), "no TensorBoard events"
     for phase in ("teacher", "student", "baseline"):
         assert (run_dir / phase / "final" / "model.safetensors").is_file()
         ckpts = sorted((run_dir / phase / "checkpoints").glob("step-*"))
         assert ckpts and all((c / "COMPLETE").is_file() for c in ckpts)
-        assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "rng.safetensors", "rng.json", "state.json"} <= {
-            p.name for p in ckpts[-1].iterdir()
-        }
+        assert {
+            "model.safetensors",
+            "optimizer.pt",
+            "scheduler.pt",
+            "rng.safetensors",
+            "rng.json",
+            "state.json",
+        } <= {p.name for p in ckpts[-1].iterdir()}
     env = json.loads((run_dir / "env.json").read_text())
     assert env["packages"]["torch"] and env["devices"] == ["cpu"]
     report = json.loads((run_dir / "report.json").read_text())
@@ -75,14 +89,28 @@ def _cli(args: list[str]) -> list[str]:
 
 
 def test_resume_after_sigkill_gives_identical_weights(tmp_path: Path) -> None:
-    args = ["run", "classifier_kd", "data.dataset=digits", "teacher.training.epochs=1", "teacher.model.kwargs.channels=[8,16]",
-            "train.epochs=12", "train.checkpoint_every=7", "eval.baseline=false", "run.log_with=[]",
-            "student.model.kwargs.dropout=0.2"]  # fmt: skip
+    args = [
+        "run",
+        "classifier_kd",
+        "data.dataset=digits",
+        "teacher.training.epochs=1",
+        "teacher.model.kwargs.channels=[8,16]",
+        "train.epochs=12",
+        "train.checkpoint_every=7",
+        "eval.baseline=false",
+        "run.log_with=[]",
+        "student.model.kwargs.dropout=0.2",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     full = tmp_path / "full"
     subprocess.run(_cli([*args, "--run-dir", str(full)]), check=True, env=env, capture_output=True)
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_cli([*args, "--run-dir", str(killed)]), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _cli([*args, "--run-dir", str(killed)]),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while time.time() < deadline:
         if len(list((killed / "student" / "checkpoints").glob("step-*"))) >= 2:
@@ -91,7 +119,9 @@ def test_resume_after_sigkill_gives_identical_weights(tmp_path: Path) -> None:
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (killed / "student" / "final").exists(), "the run finished before it could be killed"
-    resumed = subprocess.run(_cli([*args, "--run-dir", str(killed), "--resume"]), env=env, capture_output=True, text=True)
+    resumed = subprocess.run(
+        _cli([*args, "--run-dir", str(killed), "--resume"]), env=env, capture_output=True, text=True
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a = load_file(str(full / "student" / "final" / "model.safetensors"))
     b = load_file(str(killed / "student" / "final" / "model.safetensors"))
@@ -102,9 +132,22 @@ def test_resume_after_sigkill_gives_identical_weights(tmp_path: Path) -> None:
 
 def test_resume_refuses_a_changed_config(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    code, out = _run(["run", "classifier_kd", *FAST, "eval.baseline=false", "--run-dir", str(run_dir)])
+    code, out = _run(
+        ["run", "classifier_kd", *FAST, "eval.baseline=false", "--run-dir", str(run_dir)]
+    )
     assert code == 0, out
-    code, out = _run(["run", "classifier_kd", *FAST, "eval.baseline=false", "train.lr=0.1", "--run-dir", str(run_dir), "--resume"])
+    code, out = _run(
+        [
+            "run",
+            "classifier_kd",
+            *FAST,
+            "eval.baseline=false",
+            "train.lr=0.1",
+            "--run-dir",
+            str(run_dir),
+            "--resume",
+        ]
+    )
     assert code == 2 and "differs" in out and "train" in out
 
 
@@ -124,41 +167,88 @@ def _csv(path: Path, labels: list[int], n: int = 40, nan_at: int | None = None) 
 
 def test_bad_inputs_stop_before_training(tmp_path: Path) -> None:
     cases = {
-        "missing file": (["data.dataset=null", f"data.train_file={tmp_path / 'none.csv'}", "data.image_column=pixels"], "data file not found"),
+        "missing file": (
+            [
+                "data.dataset=null",
+                f"data.train_file={tmp_path / 'none.csv'}",
+                "data.image_column=pixels",
+            ],
+            "data file not found",
+        ),
         "teacher without weights": (["teacher.train=false"], "zoo teacher has no weights"),
-        "teacher checkpoint of another shape": (["teacher.train=false", f"teacher.checkpoint={tmp_path / 'w.safetensors'}"], "does not fit the model"),
-    }  # fmt: skip
+        "teacher checkpoint of another shape": (
+            ["teacher.train=false", f"teacher.checkpoint={tmp_path / 'w.safetensors'}"],
+            "does not fit the model",
+        ),
+    }
     from safetensors.torch import save_file
 
     save_file({"head.weight": torch.zeros(3, 3)}, str(tmp_path / "w.safetensors"))
     header_only = tmp_path / "empty.csv"
     header_only.write_text("pixels,label\n")
-    cases["empty dataset"] = (["data.dataset=null", f"data.train_file={header_only}", "data.image_column=pixels"], "empty")
+    cases["empty dataset"] = (
+        ["data.dataset=null", f"data.train_file={header_only}", "data.image_column=pixels"],
+        "empty",
+    )
     for name, (overrides, expected) in cases.items():
-        code, out = _run(["run", "classifier_kd", *FAST, *overrides, "--run-dir", str(tmp_path / name.replace(" ", "_"))])
+        code, out = _run(
+            [
+                "run",
+                "classifier_kd",
+                *FAST,
+                *overrides,
+                "--run-dir",
+                str(tmp_path / name.replace(" ", "_")),
+            ]
+        )
         assert code == 2, (name, out)
         assert expected in out, (name, out)
 
 
 def test_teacher_with_other_number_of_classes_is_refused(tmp_path: Path) -> None:
     data = _csv(tmp_path / "d.jsonl", labels=[0, 1, 2])
-    code, out = _run([
-        "run", "classifier_kd", *FAST, "data.dataset=null", f"data.train_file={data}", "data.image_column=pixels",
-        "teacher.train=false", "teacher.model.factory=tests.recipes.factories:five_class_mlp", "teacher.model.zoo=null",
-        "teacher.model.kwargs={}", "--run-dir", str(tmp_path / "r"),
-    ])  # fmt: skip
+    code, out = _run(
+        [
+            "run",
+            "classifier_kd",
+            *FAST,
+            "data.dataset=null",
+            f"data.train_file={data}",
+            "data.image_column=pixels",
+            "teacher.train=false",
+            "teacher.model.factory=tests.integration.factories:five_class_mlp",
+            "teacher.model.zoo=null",
+            "teacher.model.kwargs={}",
+            "--run-dir",
+            str(tmp_path / "r"),
+        ]
+    )
     assert code == 2
     assert "teacher outputs 5 classes but the dataset has 3" in out
 
 
 def test_nan_loss_stops_with_step_batch_and_last_good_checkpoint(tmp_path: Path) -> None:
-    data = _csv(tmp_path / "d.jsonl", labels=[0, 1], n=64, nan_at=10)  # every 10th example has a NaN pixel
+    data = _csv(
+        tmp_path / "d.jsonl", labels=[0, 1], n=64, nan_at=10
+    )  # every 10th example has a NaN pixel
     run_dir = tmp_path / "r"
-    code, out = _run([
-        "run", "classifier_kd", "data.dataset=null", f"data.train_file={data}", "data.image_column=pixels",
-        "data.test_fraction=0.1", "teacher.training.batch_size=8", "teacher.training.epochs=1",
-        "teacher.model.zoo=mlp", "teacher.model.kwargs={}", "teacher.train=true", "--run-dir", str(run_dir),
-    ])  # fmt: skip
+    code, out = _run(
+        [
+            "run",
+            "classifier_kd",
+            "data.dataset=null",
+            f"data.train_file={data}",
+            "data.image_column=pixels",
+            "data.test_fraction=0.1",
+            "teacher.training.batch_size=8",
+            "teacher.training.epochs=1",
+            "teacher.model.zoo=mlp",
+            "teacher.model.kwargs={}",
+            "teacher.train=true",
+            "--run-dir",
+            str(run_dir),
+        ]
+    )
     assert code == 2, out
     assert "teacher: the loss is nan at step" in out and "batch" in out
     assert list((run_dir / "teacher" / "last-good").glob("step-*/COMPLETE"))

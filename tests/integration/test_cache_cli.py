@@ -14,7 +14,8 @@ import yaml
 from typer.testing import CliRunner
 
 from distil.cli import app
-from tests.unit.test_cache import SPEC, write_fixture
+from tests.helpers import CACHE_SPEC as SPEC
+from tests.helpers import write_fixture
 
 runner = CliRunner()
 

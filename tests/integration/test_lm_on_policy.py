@@ -22,7 +22,8 @@ from distil.training.on_policy import (
     prompt_of,
     sample_completions,
 )
-from tests.recipes.test_lm_kd import _run, base_args, make_lm_fixture
+from tests.helpers import base_args, make_lm_fixture
+from tests.helpers import run_cli as _run
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +86,18 @@ def test_batched_sampling_equals_one_prompt_at_a_time_and_skips_padded_ids(
 
 
 def _monitored_args(lm: dict[str, Path], run_dir: Path, *extra: str) -> list[str]:
-    return [*base_args(lm), "kd.kd_weight=1", "eval.baseline=false", "eval.monitor.every=2", "eval.monitor.examples=4",
-            "on_policy.max_new_tokens=8", "on_policy.prompt_tokens=8", *extra, "--run-dir", str(run_dir)]  # fmt: skip
+    return [
+        *base_args(lm),
+        "kd.kd_weight=1",
+        "eval.baseline=false",
+        "eval.monitor.every=2",
+        "eval.monitor.examples=4",
+        "on_policy.max_new_tokens=8",
+        "on_policy.prompt_tokens=8",
+        *extra,
+        "--run-dir",
+        str(run_dir),
+    ]
 
 
 def test_fully_on_policy_run_logs_generation_keeps_samples_and_reports_the_monitor(
@@ -99,7 +110,9 @@ def test_fully_on_policy_run_logs_generation_keeps_samples_and_reports_the_monit
     assert code == 0, out
     mode = (run_dir / "mode.txt").read_text()
     assert "on-policy fraction λ=1" in mode and "on the sampled tokens only" in mode
-    assert "off-policy" not in mode and "on-policy (λ=1: the teacher scores" in " ".join(mode.split())
+    assert "off-policy" not in mode and "on-policy (λ=1: the teacher scores" in " ".join(
+        mode.split()
+    )
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if r["phase"] == "student" and "loss" in r]
     assert len(steps) == 6 and all(
@@ -153,8 +166,16 @@ def test_on_policy_settings_that_cannot_run_are_refused(
         "on_policy.max_new_tokens=60": "beyond the",
     }
     for override, message in cases.items():
-        code, out = _run([*base_args(lm), "on_policy.fraction=0.5", "on_policy.prompt_tokens=8", override,
-                          "--run-dir", str(tmp_path / override.split("=")[0])])  # fmt: skip
+        code, out = _run(
+            [
+                *base_args(lm),
+                "on_policy.fraction=0.5",
+                "on_policy.prompt_tokens=8",
+                override,
+                "--run-dir",
+                str(tmp_path / override.split("=")[0]),
+            ]
+        )
         assert code != 0 and message in out, (override, out)
 
 

@@ -11,7 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from distil.cli import app
-from tests.recipes.test_lm_kd import base_args, make_lm_fixture
+from tests.helpers import base_args, make_lm_fixture
 
 runner = CliRunner()
 

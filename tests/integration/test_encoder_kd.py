@@ -78,9 +78,13 @@ def _teacher_folder(
         sep_token="[SEP]",
     )
     config = transformers.BertConfig(
-        vocab_size=fast.vocab_size, hidden_size=16, num_hidden_layers=layers, num_attention_heads=2,
-        intermediate_size=32, max_position_embeddings=64,
-    )  # fmt: skip
+        vocab_size=fast.vocab_size,
+        hidden_size=16,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(seed)
     folder = tmp_path / name
     transformers.BertModel(config).save_pretrained(folder)
@@ -90,11 +94,27 @@ def _teacher_folder(
 
 def _args(corpus: Path, teacher: Path, run_dir: Path, *extra: str) -> list[str]:
     return [
-        "run", "encoder_kd", "data.corpus=null", f"data.train_file={corpus}", "data.held_out=40",
-        "data.max_length=16", "teacher.package=null", f"teacher.folder={teacher}", "student.layers=[0,3]",
-        "train.batch_size=16", "train.epochs=3", "train.lr=0.003", "train.warmup_steps=0", "train.checkpoint_every=4",
-        "eval.speed_sentences=32", "run.log_with=[]", "run.cpu_threads=1", "--run-dir", str(run_dir), *extra,
-    ]  # fmt: skip
+        "run",
+        "encoder_kd",
+        "data.corpus=null",
+        f"data.train_file={corpus}",
+        "data.held_out=40",
+        "data.max_length=16",
+        "teacher.package=null",
+        f"teacher.folder={teacher}",
+        "student.layers=[0,3]",
+        "train.batch_size=16",
+        "train.epochs=3",
+        "train.lr=0.003",
+        "train.warmup_steps=0",
+        "train.checkpoint_every=4",
+        "eval.speed_sentences=32",
+        "run.log_with=[]",
+        "run.cpu_threads=1",
+        "--run-dir",
+        str(run_dir),
+        *extra,
+    ]
 
 
 def test_student_gets_closer_to_the_teacher_and_saves_a_loadable_folder(tmp_path: Path) -> None:
@@ -139,7 +159,9 @@ def test_student_gets_closer_to_the_teacher_and_saves_a_loadable_folder(tmp_path
     from sentence_transformers import SentenceTransformer
 
     st = SentenceTransformer(str(folder), device="cpu")
-    assert torch.allclose(st.encode(sentences, convert_to_tensor=True).cpu(), encode(again, sentences), atol=1e-5)
+    assert torch.allclose(
+        st.encode(sentences, convert_to_tensor=True).cpu(), encode(again, sentences), atol=1e-5
+    )
 
 
 def test_resume_from_a_checkpoint_ends_with_the_same_weights(tmp_path: Path) -> None:
@@ -210,10 +232,21 @@ def test_bad_configs_are_refused(tmp_path: Path) -> None:
 )
 def test_real_minilm_into_three_blocks(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    result = runner.invoke(app, [
-        "run", "encoder_kd", "data.held_out=200", "data.train_limit=640", "data.max_length=64", "train.max_steps=20",
-        "eval.speed_sentences=64", "run.log_with=[]", "--run-dir", str(run_dir),
-    ])  # fmt: skip
+    result = runner.invoke(
+        app,
+        [
+            "run",
+            "encoder_kd",
+            "data.held_out=200",
+            "data.train_limit=640",
+            "data.max_length=64",
+            "train.max_steps=20",
+            "eval.speed_sentences=64",
+            "run.log_with=[]",
+            "--run-dir",
+            str(run_dir),
+        ],
+    )
     assert result.exit_code == 0, result.output + repr(result.exception)
     rows = {
         r["model"]: r for r in json.loads((run_dir / "report.json").read_text())["table"]["rows"]
@@ -232,19 +265,33 @@ def test_teacher_cache_trains_the_live_runs_student_and_is_reused(tmp_path: Path
         assert result.exit_code == 0, result.output + repr(result.exception)
     a = load_file(str(live / "student" / "final" / "model.safetensors"))
     b = load_file(str(cached / "student" / "final" / "model.safetensors"))
-    for k in a:  # same batches, same dropout seeds; only the teacher's batching/padding rounding differs
+    for k in (
+        a
+    ):  # same batches, same dropout seeds; only the teacher's batching/padding rounding differs
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-4, msg=k)
     assert json.loads((cached / "student" / "summary.json").read_text())["kd_source"] == "cache"
     manifest = json.loads((cache / "manifest.json").read_text())
     assert manifest["num_examples"] == 200 and manifest["tensors"]["embedding"]["shape"] == [16]
     shards = {p: p.stat().st_mtime_ns for p in cache.glob("*.safetensors")}
-    result = runner.invoke(app, _args(corpus, teacher, tmp_path / "again", "train.max_steps=1", f"teacher.cache={cache}"))
+    result = runner.invoke(
+        app,
+        _args(corpus, teacher, tmp_path / "again", "train.max_steps=1", f"teacher.cache={cache}"),
+    )
     assert result.exit_code == 0, result.output + repr(result.exception)
-    assert {p: p.stat().st_mtime_ns for p in cache.glob("*.safetensors")} == shards  # reused, not rewritten
-    other = _teacher_folder(tmp_path, corpus, seed=3, name="other")  # another teacher: refused by name
-    result = runner.invoke(app, _args(corpus, other, tmp_path / "other-run", "train.max_steps=1", f"teacher.cache={cache}"))
+    assert {
+        p: p.stat().st_mtime_ns for p in cache.glob("*.safetensors")
+    } == shards  # reused, not rewritten
+    other = _teacher_folder(
+        tmp_path, corpus, seed=3, name="other"
+    )  # another teacher: refused by name
+    result = runner.invoke(
+        app,
+        _args(corpus, other, tmp_path / "other-run", "train.max_steps=1", f"teacher.cache={cache}"),
+    )
     assert result.exit_code != 0 and "teacher_fingerprint" in result.output + str(result.exception)
-    result = runner.invoke(app, _args(corpus, teacher, tmp_path / "x", f"teacher.cache={cache}", "kd.hidden_weight=1"))
+    result = runner.invoke(
+        app, _args(corpus, teacher, tmp_path / "x", f"teacher.cache={cache}", "kd.hidden_weight=1")
+    )
     assert result.exit_code == 2 and "teacher.cache" in result.output
 
 
@@ -259,7 +306,9 @@ def test_narrow_encoder_slices_by_activation_importance(tmp_path: Path) -> None:
     sentences = corpus.read_text().splitlines()
     same = narrow_encoder(teacher, 16, intermediate_size=32, calibration=sentences[:20])
     same.model.eval()
-    torch.testing.assert_close(encode(same, sentences[:8]), encode(teacher, sentences[:8]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        encode(same, sentences[:8]), encode(teacher, sentences[:8]), rtol=1e-5, atol=1e-6
+    )
     with torch.no_grad():  # channel 5 never carries anything: every LayerNorm zeroes it
         for name, p in teacher.model.named_parameters():
             if "LayerNorm" in name:
@@ -284,9 +333,21 @@ def test_narrow_student_distils_through_the_recipe(tmp_path: Path) -> None:
     corpus = _corpus(tmp_path)
     teacher = _teacher_folder(tmp_path, corpus)
     run_dir = tmp_path / "run"
-    result = runner.invoke(app, _args(corpus, teacher, run_dir, "student.hidden_size=8", "kd.hidden_weight=1.0", "kd.relation_weight=5.0"))
+    result = runner.invoke(
+        app,
+        _args(
+            corpus,
+            teacher,
+            run_dir,
+            "student.hidden_size=8",
+            "kd.hidden_weight=1.0",
+            "kd.relation_weight=5.0",
+        ),
+    )
     assert result.exit_code == 0, result.output + repr(result.exception)
-    rows = {r["model"]: r for r in json.loads((run_dir / "report.json").read_text())["table"]["rows"]}
+    rows = {
+        r["model"]: r for r in json.loads((run_dir / "report.json").read_text())["table"]["rows"]
+    }
     assert rows["student (KD)"]["spearman"] > rows["student before KD"]["spearman"]
     assert rows["student (KD)"]["params"] < 0.5 * rows["teacher"]["params"]
     again = load_encoder(run_dir / "student" / "final")

@@ -1,4 +1,4 @@
-"""Model factories that tests name as ``tests.recipes.factories:NAME`` (the module:factory path)."""
+"""Model factories that tests name as ``tests.integration.factories:NAME`` (the module:factory path)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,120 @@
+"""Builders shared by several test modules: tiny tokenizers, models and data files made in
+code from the built-in corpus (nothing is downloaded), and a CLI runner."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from distil.cli import app
+
+runner = CliRunner()
+
+CACHE_SPEC = {
+    "num_layers": 2,
+    "hidden_size": 32,
+    "num_heads": 2,
+    "intermediate_size": 64,
+    "max_context": 64,
+}
+
+
+def write_fixture(root: Path) -> None:
+    """A 260-id BPE tokenizer and a small text file from the built-in corpus."""
+    from distil.data.corpus import stdlib_root, train_bpe_tokenizer_from_texts
+
+    texts = [p.read_text(encoding="utf-8")[:1500] for p in sorted(stdlib_root().glob("*.py"))[:8]]
+    train_bpe_tokenizer_from_texts(texts, root / "tok", 300)
+    (root / "text.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+
+
+def make_lm_fixture(root: Path) -> dict[str, Path]:
+    """A tokenizer (400 ids, chat template), a 4-layer teacher with 8 padded vocab rows, and data files."""
+    from distil.data.corpus import stdlib_root, train_bpe_tokenizer_from_texts
+    from distil.models.lm import CausalLMSpec, build_causal_lm, save_model_folder
+    from distil.models.vocab import load_tokenizer_folder
+
+    texts = [p.read_text(encoding="utf-8")[:2500] for p in sorted(stdlib_root().glob("*.py"))[:14]]
+    train_bpe_tokenizer_from_texts(texts, root / "tok", 400)
+    tok = load_tokenizer_folder(root / "tok")
+    spec = CausalLMSpec(
+        num_layers=4,
+        hidden_size=32,
+        num_heads=4,
+        intermediate_size=64,
+        vocab_size=len(tok) + 8,
+        max_context=64,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    save_model_folder(
+        build_causal_lm(spec, seed=0), root / "teacher", tokenizer=tok, overwrite=True
+    )
+    lines = {
+        "text.jsonl": [{"text": t} for t in texts[:10]],
+        "pc.jsonl": [
+            {"prompt": t[i : i + 24], "completion": t[i + 24 : i + 24 + 8 * (1 + i % 4)]}
+            for i in range(0, 420, 10)
+            for t in texts[:1]
+        ],
+        "chat.jsonl": [
+            {
+                "messages": [
+                    {"role": "user", "content": t[:20]},
+                    {"role": "assistant", "content": t[20:45]},
+                ]
+            }
+            for t in texts * 3
+        ],
+        "user_only.jsonl": [{"messages": [{"role": "user", "content": t[:40]}]} for t in texts],
+    }
+    for name, rows in lines.items():
+        (root / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {
+        "root": root,
+        "tok": root / "tok",
+        "teacher": root / "teacher",
+        **{n.split(".")[0]: root / n for n in lines},
+    }
+
+
+def base_args(lm: dict[str, Path], data: str = "text") -> list[str]:
+    return [
+        "run",
+        "lm_kd",
+        f"teacher.hf={lm['teacher']}",
+        "data.builtin=null",
+        f"data.train_files=[{lm[data]}]",
+        "data.max_length=64",
+        "student.init=from_teacher",
+        "student.spec=null",
+        "student.num_layers=2",
+        "train.batch_size=4",
+        "train.max_steps=6",
+        "train.checkpoint_every=3",
+        "run.log_with=[]",
+        "eval.generation.prompts=1",
+        "eval.generation.prompt_tokens=8",
+        "eval.generation.max_new_tokens=6",
+        "eval.generation.speed_new_tokens=4",
+        "eval.generation.speed_batch=2",
+        "data.eval_limit=8",
+    ]
+
+
+def run_cli(args: list[str]) -> tuple[int, str]:
+    result = runner.invoke(app, args)
+    extra = str(result.exception) if result.exception and result.exit_code not in (0, 2) else ""
+    return result.exit_code, result.output + extra
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, for torchrun's rendezvous (a fixed port collides when
+    two test runs overlap)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
