@@ -275,8 +275,9 @@ def textbrewer_worker(args: argparse.Namespace) -> None:
 
     from distil.evaluation import classification as metrics
     from distil.models.classifier import build_classifier
-    from distil.recipes.classifier_kd import PHASES, Config, load_data
+    from distil.recipes.classifier_kd import Config, load_data
     from distil.training.batches import global_batches
+    from distil.training.loop import PHASE_STREAMS as PHASES
     from distil.training.optim import build_optimizer, build_scheduler
 
     spec = distil_config(

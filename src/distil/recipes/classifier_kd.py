@@ -10,8 +10,7 @@ and what it costs.
 from __future__ import annotations
 
 import logging
-import math
-from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,6 +36,7 @@ from distil.evaluation.cost import cpu_latency_ms, cpu_threads, peak_forward_mem
 from distil.evaluation.report import cost_part, print_report, quality_part, write_report
 from distil.losses.classifier import mixed_targets
 from distil.losses.objective import (
+    ObjectiveOutput,
     classifier_objective,
     feature_objective,
     mixup_classifier_objective,
@@ -51,6 +51,7 @@ from distil.models.classifier import (
     save_model,
 )
 from distil.models.features import (
+    FeatureDistiller,
     FeatureLoss,
     FeatureTerm,
     LayerMapStrategy,
@@ -60,26 +61,11 @@ from distil.models.features import (
     feature_shapes,
     find_blocks,
 )
-from distil.training.batches import global_batches, rank_slice
-from distil.training.checkpoint import (
-    MARKER,
-    TrainState,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-)
-from distil.training.metrics import MetricsLog, peak_memory_mb
-from distil.training.optim import build_optimizer, build_scheduler
-from distil.training.progress import progress_bar, rate_text
+from distil.training.loop import finished, open_phase
+from distil.training.metrics import MetricsLog
 from distil.training.session import Session
 
 logger = logging.getLogger(__name__)
-
-PHASES = {
-    "teacher": 1,
-    "student": 2,
-    "baseline": 3,
-}  # offsets that decorrelate per-phase RNG streams
 
 
 class DataSection(StrictModel):
@@ -262,16 +248,70 @@ def _check_classes(built: BuiltModel, inputs: Inputs, num_classes: int, role: st
         )
 
 
+@dataclass(frozen=True)
+class KDStep:
+    """What one micro-batch needs besides its example ids: the models, the encoded data, the
+    teacher's signal (live or cached) and the loss settings of the phase."""
+
+    model: nn.Module  # the student's forward (DDP-wrapped when several processes)
+    student: nn.Module  # the same, unwrapped: feature capture hooks attach here
+    inputs: Inputs
+    labels: torch.Tensor
+    kd: KDSection
+    mix: bool  # mixup/cutmix: the student and baseline phases, never the teacher's
+    device: torch.device
+    teacher: BuiltModel | None = None
+    teacher_inputs: Inputs | None = None
+    teacher_cache: ExampleCache | None = None
+    features: FeatureDistiller | None = None
+
+
+def kd_loss_step(ctx: KDStep, ids: torch.Tensor, window_items: float) -> ObjectiveOutput:
+    """One micro-batch of Hinton KD: ``(1 - w)·CE + w·T²·D(teacher_T ‖ student_T)`` (CE alone
+    without a teacher), on mixed images when mixup/cutmix is on, plus the feature terms."""
+    kd, fkd, cache = ctx.kd, ctx.features, ctx.teacher_cache
+    x_s, y = _take(ctx.inputs, ids, ctx.device), ctx.labels[ids].to(ctx.device)
+    x_t = None
+    if ctx.teacher is not None and ctx.teacher_inputs is not None and cache is None:
+        x_t = _take(ctx.teacher_inputs, ids, ctx.device)
+    plan = None
+    if ctx.mix:
+        plan = sample_mix(len(ids), mixup_alpha=kd.mixup_alpha, cutmix_alpha=kd.cutmix_alpha)
+    if plan is not None:  # one plan for both: the teacher must see the student's mixed image
+        x_s = {k: apply_mix(v, plan) for k, v in x_s.items()}
+        x_t = None if x_t is None else {k: apply_mix(v, plan) for k, v in x_t.items()}
+    with capture_features(ctx.student, fkd.student_names if fkd else []) as s_feats:
+        student_logits = logits_of(ctx.model, x_s)  # (b, C)
+    teacher_logits, t_feats = None, {}
+    if cache is not None:
+        got = cache.get(ids)
+        teacher_logits = got["logits"].to(ctx.device)
+        names = fkd.teacher_names if fkd else []
+        t_feats = {n: got[FEATURE_PREFIX + n].to(ctx.device) for n in names}
+    elif ctx.teacher is not None and x_t is not None:
+        names = fkd.teacher_names if fkd else []
+        with torch.no_grad(), capture_features(ctx.teacher.module, names, detach=True) as t_feats:
+            teacher_logits = logits_of(ctx.teacher.module, x_t)
+    t_float = None if teacher_logits is None else teacher_logits.float()
+    mix: dict[str, Any] = {"kd_weight": kd.kd_weight, "kd_temperature": kd.kd_temperature}
+    mix |= {"divergence": kd.divergence, "num_items": window_items}
+    if plan is None:
+        out = classifier_objective(student_logits.float(), t_float, y, **mix)
+    else:
+        soft = mixed_targets(y, y[plan.perm], plan.lam, student_logits.shape[-1])
+        out = mixup_classifier_objective(student_logits.float(), t_float, soft, **mix)
+    if fkd is not None:
+        out = feature_objective(fkd.terms(s_feats, t_feats, window_items), out)
+    return out
+
+
 def train_phase(
-    phase: str,
+    phase_name: str,
     s: Session,
     built: BuiltModel,
     cfg: Config,
     tcfg: TrainSection,
-    inputs: Inputs,
-    labels: torch.Tensor,
-    test_inputs: Inputs,
-    test_labels: torch.Tensor,
+    data: tuple[Inputs, torch.Tensor, Inputs, torch.Tensor],
     log: MetricsLog,
     teacher: BuiltModel | None = None,
     teacher_inputs: Inputs | None = None,
@@ -280,276 +320,71 @@ def train_phase(
 ) -> None:
     """Train ``built.module`` in place: CE only, or CE + KD when a teacher is given.
 
-    With ``teacher_cache``, the teacher's logits (and feature maps) for each example are read
-    from it (keyed by the example's index in the training split) instead of running the teacher.
+    ``data`` is (train inputs, train labels, test inputs, test labels). With ``teacher_cache``,
+    the teacher's logits (and feature maps) for each example are read from it (keyed by the
+    example's index in the training split) instead of running the teacher.
     """
-    acc, phase_dir = s.accelerator, s.run_dir / phase
-    final = phase_dir / "final"
-    if (final / MARKER).is_file():  # finished before a crash or in an earlier call: reuse it
+    inputs, labels, test_inputs, test_labels = data
+    if (final := finished(s, phase_name)) is not None:  # finished before a crash: reuse it
         load_weights(built.module, final / "model.safetensors")
-        logger.info("%s: reusing finished weights from %s", phase, final)
+        logger.info("%s: reusing finished weights from %s", phase_name, final)
         return
-    world, rank = acc.num_processes, acc.process_index
-    if tcfg.batch_size % (world * tcfg.grad_accum):
-        raise DistilError(
-            f"train.batch_size={tcfg.batch_size} must be divisible by processes × grad_accum = "
-            f"{world} × {tcfg.grad_accum}; change train.batch_size or train.grad_accum"
-        )
-    n = len(labels)
-    steps_per_epoch = n // tcfg.batch_size
-    if steps_per_epoch == 0:
-        raise DistilError(
-            f"{phase}: {n} training examples is fewer than one batch ({tcfg.batch_size})"
-        )
-    total = (
-        steps_per_epoch * tcfg.epochs
-        if tcfg.max_steps is None
-        else min(tcfg.max_steps, steps_per_epoch * tcfg.epochs)
-    )
-    fkd = None  # feature KD: projectors train with the student and are checkpointed with it, never exported
+    acc = s.accelerator
+    fkd = None  # feature KD: projectors train with the student and are checkpointed, not exported
     if teacher is not None and teacher_inputs is not None and features:
         few = torch.arange(2)
+        s_dev, t_dev = _device_of(built.module), _device_of(teacher.module)
         fkd = feature_distiller(
             features,
             built.module,
             teacher.module,
-            lambda: logits_of(
-                built.module, _take(inputs, few, next(built.module.parameters()).device)
-            ),
-            lambda: logits_of(
-                teacher.module, _take(teacher_inputs, few, next(teacher.module.parameters()).device)
-            ),
+            lambda: logits_of(built.module, _take(inputs, few, s_dev)),
+            lambda: logits_of(teacher.module, _take(teacher_inputs, few, t_dev)),
         )
-    trained = (
-        built.module if fkd is None else nn.ModuleDict({"student": built.module, "features": fkd})
+    phase = open_phase(
+        s,
+        phase_name,
+        model=built.module,
+        extra=fkd,
+        train=tcfg,
+        num_examples=len(labels),
+        seed=cfg.seed,
+        log=log,
+        config_key="teacher.training" if phase_name == "teacher" else "train",
     )
-    optimizer = build_optimizer(
-        trained.parameters(), name=tcfg.optimizer.value, lr=tcfg.lr, weight_decay=tcfg.weight_decay
-    )
-    scheduler = build_scheduler(
-        optimizer, name=tcfg.scheduler.value, total_steps=total, warmup_steps=tcfg.warmup_steps
-    )
-    state = TrainState(step=0, epoch=0, batch_in_epoch=0, extra={})
-    ckpt = latest_checkpoint(phase_dir / "checkpoints") if s.resume else None
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, model=trained, optimizer=optimizer, scheduler=scheduler)
-        logger.info(
-            "%s: resumed from %s (step %d, epoch %d, batch %d)",
-            phase,
-            ckpt,
-            state.step,
-            state.epoch,
-            state.batch_in_epoch,
-        )
-    model, optimizer = acc.prepare(built.module, optimizer)
     if teacher is not None:
         teacher.module.to(acc.device).eval().requires_grad_(False)
-    if fkd is not None:
-        fkd.to(acc.device)
-    kd = cfg.kd
-    step, epoch, start_batch = state.step, state.epoch, state.batch_in_epoch
-    seen: list[
-        int
-    ] = []  # example ids this rank consumed in epoch 0, written out as an audit of sharding
-    if (
-        epoch == 0
-    ):  # resumed inside epoch 0: the batches before the checkpoint are a pure function of the seed
-        first = global_batches(
-            n,
-            global_batch_size=tcfg.batch_size,
-            seed=cfg.seed + PHASES[phase],
-            epoch=0,
-            drop_last=True,
-        )
-        seen = [
-            i
-            for bb in first[:start_batch]
-            for mb in bb.tensor_split(tcfg.grad_accum)
-            for i in rank_slice(mb, rank=rank, world_size=world).tolist()
-        ]
-    with progress_bar(acc.is_main_process) as bar:
-        task = bar.add_task(phase, total=total, completed=step, rate="", info="")
-        t_start, samples = _now(), 0
-        while step < total:
-            batches = global_batches(
-                n,
-                global_batch_size=tcfg.batch_size,
-                seed=cfg.seed + PHASES[phase],
-                epoch=epoch,
-                drop_last=True,
+    ctx = KDStep(
+        model=phase.model,
+        student=phase.unwrapped(),
+        inputs=inputs,
+        labels=labels,
+        kd=cfg.kd,
+        mix=phase_name != "teacher",
+        device=acc.device,
+        teacher=teacher,
+        teacher_inputs=teacher_inputs,
+        teacher_cache=teacher_cache,
+        features=fkd,
+    )
+    for step in phase.steps():
+        for m, ids in enumerate(step.micro_batches):
+            with phase.accumulate(m):
+                out = kd_loss_step(ctx, ids, step.window_items)
+            phase.backward(out, micro=m)
+        phase.optimizer_step(count=len(step.batch))
+        if step.ends_epoch and tcfg.eval_every_epoch:
+            logits = metrics.predict_logits(phase.unwrapped(), test_inputs)
+            phase.log_values(
+                {"test_accuracy": metrics.accuracy(logits, test_labels), "epoch": step.epoch}
             )
-            for b in range(start_batch, len(batches)):
-                if step >= total:
-                    break
-                torch.manual_seed(
-                    cfg.seed + 1_000_003 * PHASES[phase] + 7919 * step + rank
-                )  # per-step RNG: exact resume
-                model.train()
-                batch = batches[b]
-                window_items = (
-                    len(batch) / world
-                )  # normaliser: supervised examples per rank over the window
-                sums: dict[str, float] = {}
-                for m, micro in enumerate(batch.tensor_split(tcfg.grad_accum)):
-                    mine = rank_slice(micro, rank=rank, world_size=world)
-                    if epoch == 0:
-                        seen.extend(mine.tolist())
-                    sync = nullcontext() if m == tcfg.grad_accum - 1 else acc.no_sync(model)
-                    with sync, acc.autocast():
-                        x_s, y = _take(inputs, mine, acc.device), labels[mine].to(acc.device)
-                        x_t = (
-                            None
-                            if teacher is None
-                            or teacher_inputs is None
-                            or teacher_cache is not None
-                            else _take(teacher_inputs, mine, acc.device)
-                        )
-                        plan = (
-                            None
-                            if phase == "teacher"
-                            else sample_mix(
-                                len(mine), mixup_alpha=kd.mixup_alpha, cutmix_alpha=kd.cutmix_alpha
-                            )
-                        )
-                        if (
-                            plan is not None
-                        ):  # one plan for both: the teacher must see the student's mixed image
-                            x_s = {k: apply_mix(v, plan) for k, v in x_s.items()}
-                            x_t = (
-                                None
-                                if x_t is None
-                                else {k: apply_mix(v, plan) for k, v in x_t.items()}
-                            )
-                        with capture_features(
-                            acc.unwrap_model(model), fkd.student_names if fkd else []
-                        ) as s_feats:
-                            student_logits = logits_of(model, x_s)  # (b, C)
-                        teacher_logits, t_feats = None, {}
-                        if teacher_cache is not None:
-                            got = teacher_cache.get(mine)
-                            teacher_logits = got["logits"].to(acc.device)
-                            t_feats = {
-                                n: got[FEATURE_PREFIX + n].to(acc.device)
-                                for n in (fkd.teacher_names if fkd else [])
-                            }
-                        elif teacher is not None and x_t is not None:
-                            with (
-                                torch.no_grad(),
-                                capture_features(
-                                    teacher.module, fkd.teacher_names if fkd else [], detach=True
-                                ) as t_feats,
-                            ):
-                                teacher_logits = logits_of(teacher.module, x_t)
-                        t_float = None if teacher_logits is None else teacher_logits.float()
-                        if plan is None:
-                            out = classifier_objective(
-                                student_logits.float(),
-                                t_float,
-                                y,
-                                kd_weight=kd.kd_weight,
-                                kd_temperature=kd.kd_temperature,
-                                divergence=kd.divergence,
-                                num_items=window_items,
-                            )
-                        else:
-                            out = mixup_classifier_objective(
-                                student_logits.float(),
-                                t_float,
-                                mixed_targets(y, y[plan.perm], plan.lam, student_logits.shape[-1]),
-                                kd_weight=kd.kd_weight,
-                                kd_temperature=kd.kd_temperature,
-                                divergence=kd.divergence,
-                                num_items=window_items,
-                            )
-                        if fkd is not None:
-                            out = feature_objective(fkd.terms(s_feats, t_feats, window_items), out)
-                    _stop_if_not_finite(
-                        out.loss,
-                        s,
-                        phase_dir,
-                        built.module,
-                        optimizer,
-                        scheduler,
-                        TrainState(step, epoch, b, {}),
-                        tcfg,
-                        phase,
-                        m,
-                    )
-                    acc.backward(out.loss)
-                    for k, v in out.components.items():
-                        sums[k] = sums.get(k, 0.0) + float(v)
-                if (
-                    fkd is not None and world > 1
-                ):  # projectors sit outside DDP: average their gradients by hand
-                    for p in fkd.parameters():
-                        if p.grad is not None:
-                            p.grad = acc.reduce(p.grad, reduction="mean")
-                grad_norm = acc.clip_grad_norm_(model.parameters(), tcfg.max_grad_norm or math.inf)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                samples += len(batch)
-                bar.update(
-                    task,
-                    advance=1,
-                    rate=rate_text(samples, _now() - t_start, "samples"),
-                    info=f"loss {sum(v for k, v in sums.items() if k.endswith('/weighted')):.4f}",
-                )
-                log.log(
-                    {
-                        **sums,
-                        "lr": scheduler.get_last_lr()[0],
-                        "grad_norm": float(grad_norm),
-                        "epoch": epoch,
-                    },
-                    step=step,
-                    phase=phase,
-                )
-                if step % tcfg.checkpoint_every == 0 or step == total:
-                    nxt = (epoch, b + 1) if b + 1 < len(batches) else (epoch + 1, 0)
-                    _save(
-                        s,
-                        phase_dir / "checkpoints",
-                        trained,
-                        optimizer,
-                        scheduler,
-                        TrainState(step, nxt[0], nxt[1], {}),
-                        tcfg,
-                    )
-            else:
-                if tcfg.eval_every_epoch:
-                    test_acc = metrics.accuracy(
-                        metrics.predict_logits(acc.unwrap_model(model), test_inputs), test_labels
-                    )
-                    log.log({"test_accuracy": test_acc, "epoch": epoch}, step=step, phase=phase)
-                if epoch == 0:
-                    s.write_json(phase_dir / f"seen-epoch0-rank{rank}.json", seen)
-                epoch, start_batch = epoch + 1, 0
-                continue
-            break
-    wall = _now() - t_start
-    built.module = acc.unwrap_model(model)
-    if acc.is_main_process:
-        s.write_json(
-            phase_dir / "summary.json",
-            {
-                "train_wall_s": wall,
-                "steps": total,
-                "resumed_at_step": state.step,
-                "samples": samples,
-                "samples_per_s": samples / max(wall, 1e-9),
-                "peak_rss_mb": peak_memory_mb(acc.device)["peak_rss_mb"],
-                "kd_source": "cache"
-                if teacher_cache is not None
-                else "live teacher"
-                if teacher is not None
-                else "none",
-            },
-        )
-        save_model(built, final)
-        (final / MARKER).write_text("ok\n")
-    acc.wait_for_everyone()
+    source = "cache" if teacher_cache else "live teacher" if teacher else "none"
+    phase.finish(export=lambda folder: save_model(built, folder), summary={"kd_source": source})
+    built.module = phase.unwrapped()
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
 
 
 FEATURE_PREFIX = "feature:"  # cached teacher feature maps are stored as feature:<module name>
@@ -609,52 +444,6 @@ def _now() -> float:
     import time
 
     return time.perf_counter()
-
-
-def _save(
-    s: Session,
-    folder: Path,
-    module: nn.Module,
-    optimizer: Any,
-    scheduler: Any,
-    state: TrainState,
-    tcfg: TrainSection,
-) -> None:
-    if s.accelerator.is_main_process:
-        save_checkpoint(
-            folder,
-            model=module,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            state=state,
-            keep=tcfg.keep_checkpoints,
-        )
-    s.accelerator.wait_for_everyone()
-
-
-def _stop_if_not_finite(
-    loss: torch.Tensor,
-    s: Session,
-    phase_dir: Path,
-    module: nn.Module,
-    optimizer: Any,
-    scheduler: Any,
-    state: TrainState,
-    tcfg: TrainSection,
-    phase: str,
-    micro: int,
-) -> None:
-    bad = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0], device=s.accelerator.device)
-    if s.accelerator.num_processes > 1:
-        bad = s.accelerator.reduce(bad, reduction="sum")
-    if bad.item() == 0:
-        return
-    _save(s, phase_dir / "last-good", module, optimizer, scheduler, state, tcfg)
-    raise DistilError(
-        f"{phase}: the loss is {loss.item()} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch}, "
-        f"micro-batch {micro}); the last good state is saved in {phase_dir / 'last-good'}. "
-        "Lower train.lr, set train.max_grad_norm, or check the data for NaN/inf values"
-    )
 
 
 def _cost(built: BuiltModel, inputs: Inputs, folder: Path, throughput_batch: int) -> dict[str, Any]:
@@ -741,18 +530,8 @@ def main(cfg: Config, s: Session) -> dict[str, Any]:
         + (f"; teacher logits cached in {cfg.teacher.cache}" if cfg.teacher.cache else "")
     )
     if cfg.teacher.train:
-        train_phase(
-            "teacher",
-            s,
-            teacher,
-            cfg,
-            cfg.teacher.training,
-            t_train,
-            train_labels,
-            t_test,
-            test_labels,
-            log,
-        )
+        t_data = (t_train, train_labels, t_test, test_labels)
+        train_phase("teacher", s, teacher, cfg, cfg.teacher.training, t_data, log)
     teacher.module.eval().requires_grad_(False)
 
     def fresh_student() -> BuiltModel:
@@ -784,28 +563,14 @@ def main(cfg: Config, s: Session) -> dict[str, Any]:
                     "bytes_per_example": cache.manifest["bytes_per_example"],
                 },
             )
+    s_data = (s_train, train_labels, s_test, test_labels)
     train_phase(
-        "student",
-        s,
-        student,
-        cfg,
-        cfg.train,
-        s_train,
-        train_labels,
-        s_test,
-        test_labels,
-        log,
-        teacher,
-        t_train,
-        cache,
-        features,
+        "student", s, student, cfg, cfg.train, s_data, log, teacher, t_train, cache, features
     )
     baseline = None
     if cfg.eval.baseline:
         baseline = fresh_student()
-        train_phase(
-            "baseline", s, baseline, cfg, cfg.train, s_train, train_labels, s_test, test_labels, log
-        )
+        train_phase("baseline", s, baseline, cfg, cfg.train, s_data, log)
     if not acc.is_main_process:
         return {}
     report = build_report(cfg, s, data, teacher, student, baseline, t_test, s_test, test_labels)

@@ -11,9 +11,8 @@ nothing for an encoder that has no labels), and what it costs in sentences/s.
 from __future__ import annotations
 
 import logging
-import math
 import time
-from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -59,17 +58,8 @@ from distil.models.features import (
     projector_key,
 )
 from distil.models.vocab import tokenizer_fingerprint
-from distil.training.batches import global_batches, rank_slice
-from distil.training.checkpoint import (
-    MARKER,
-    TrainState,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-)
+from distil.training.loop import finished, open_phase
 from distil.training.metrics import MetricsLog
-from distil.training.optim import build_optimizer, build_scheduler
-from distil.training.progress import progress_bar, rate_text
 from distil.training.session import Session
 
 logger = logging.getLogger(__name__)
@@ -235,24 +225,21 @@ class Config(StrictModel):
         return self
 
 
-class StudentWithProjectors(nn.Module):
-    """The trained parameters: the student encoder and the projectors of the objective."""
+class PooledForward(nn.Module):
+    """The student's forward as the loss reads it: the mean-pooled embedding, the block outputs
+    of the layer map and the attentions; the module wrapped for several processes."""
 
-    def __init__(self, model: nn.Module, projectors: nn.ModuleDict) -> None:
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
-        self.projectors = projectors
 
     def forward(
         self, batch: dict[str, Tensor], blocks: list[str], attentions: bool
     ) -> tuple[Tensor, dict[str, Tensor], Any]:
         with capture_features(self.model, blocks) as feats:
             out = self.model(**batch, output_attentions=attentions)
-        return (
-            mean_pool(out.last_hidden_state, batch["attention_mask"]),
-            dict(feats),
-            out.attentions,
-        )  # (b, D_s)
+        pooled = mean_pool(out.last_hidden_state, batch["attention_mask"])  # (b, D_s)
+        return pooled, dict(feats), out.attentions
 
 
 def load_corpus(cfg: Config) -> SentenceCorpus:
@@ -364,46 +351,55 @@ def teacher_embedding_cache(
     return ExampleCache(cfg.teacher.cache, expect=spec)
 
 
-def train_student(
-    s: Session,
-    cfg: Config,
-    teacher: Encoder,
-    student: Encoder,
-    corpus: SentenceCorpus,
-    log: MetricsLog,
-    teacher_cache: ExampleCache | None = None,
-) -> None:
-    """Distil ``student.model`` in place (same loop, checkpoints and resume as classifier_kd).
+@dataclass(frozen=True)
+class EncoderStep:
+    """What one micro-batch needs besides its sentences: the models, the layer map, the
+    projectors and the teacher's embeddings (live or cached)."""
 
-    With ``teacher_cache``, the teacher's embedding of each sentence is read from it instead of
-    running the teacher.
-    """
-    acc, tcfg, kd = s.accelerator, cfg.train, cfg.kd
-    phase_dir = s.run_dir / PHASE
-    final = phase_dir / "final"
-    if (final / MARKER).is_file():
-        student.model = type(student.model).from_pretrained(final, attn_implementation="eager")
-        logger.info("%s: reusing finished weights from %s", PHASE, final)
-        return
-    world, rank = acc.num_processes, acc.process_index
-    if tcfg.batch_size % (world * tcfg.grad_accum):
-        raise DistilError(
-            f"train.batch_size={tcfg.batch_size} must be divisible by processes × grad_accum = {world} × {tcfg.grad_accum}"
-        )
-    n = len(corpus.train)
-    steps_per_epoch = n // tcfg.batch_size
-    if steps_per_epoch == 0:
-        raise DistilError(f"{n} training sentences is fewer than one batch ({tcfg.batch_size})")
-    total = (
-        steps_per_epoch * tcfg.epochs
-        if tcfg.max_steps is None
-        else min(tcfg.max_steps, steps_per_epoch * tcfg.epochs)
+    cfg: Config
+    model: nn.Module  # PooledForward over the student (DDP-wrapped when several processes)
+    teacher: Encoder
+    projectors: nn.ModuleDict
+    pairs: list[tuple[str, str]]
+    attn_pairs: list[tuple[int, int]]
+    device: torch.device
+    teacher_cache: ExampleCache | None = None
+
+
+def encoder_loss_step(
+    ctx: EncoderStep, ids: Tensor, batch: dict[str, Tensor], window: tuple[float, float, float]
+) -> ObjectiveOutput:
+    """One micro-batch: the teacher's embeddings (and block outputs, attentions) of the
+    sentences, the student's, and the weighted terms of :func:`_objective`. ``window`` holds the
+    normalisers over the accumulation window: sentences, real tokens, attention rows."""
+    kd = ctx.cfg.kd
+    want_attn = kd.attention_weight > 0
+    s_names = [p[0] for p in ctx.pairs] if kd.hidden_weight else []
+    t_names = [p[1] for p in ctx.pairs] if kd.hidden_weight else []
+    if ctx.teacher_cache is not None:
+        t_emb = ctx.teacher_cache.get(ids)["embedding"].to(ctx.device).float()
+        teacher_out: tuple[Tensor, dict[str, Tensor], Any] = (t_emb, {}, None)
+    else:
+        with torch.no_grad(), capture_features(ctx.teacher.model, t_names, detach=True) as feats:
+            t_out = ctx.teacher.model(**batch, output_attentions=want_attn)
+        t_emb = mean_pool(t_out.last_hidden_state, batch["attention_mask"])  # (b, D_t)
+        teacher_out = (t_emb, dict(feats), t_out.attentions)
+    s_out = ctx.model(batch, s_names, want_attn)
+    mask = batch["attention_mask"].bool()
+    return _objective(
+        ctx.cfg, s_out, teacher_out, ctx.projectors, ctx.pairs, ctx.attn_pairs, mask, *window
     )
 
-    # layer map and projectors, from one probe forward of each model
+
+def layer_map(
+    cfg: Config, teacher: Encoder, student: Encoder, probe_sentences: list[str]
+) -> tuple[list[tuple[str, str]], list[tuple[int, int]], nn.ModuleDict]:
+    """The (student block, teacher block) pairs of the hidden and attention terms, their
+    indices, and the projectors where widths differ, from one probe forward of each model."""
+    kd = cfg.kd
     pairs: list[tuple[str, str]] = []
     attn_pairs: list[tuple[int, int]] = []
-    probe = tokenize(teacher, corpus.train[:2])
+    probe = tokenize(teacher, probe_sentences)
     t_blocks, s_blocks = find_blocks(teacher.model), find_blocks(student.model)
     t_shapes = feature_shapes(teacher.model, t_blocks, lambda: teacher.model(**probe))
     s_shapes = feature_shapes(student.model, s_blocks, lambda: student.model(**probe))
@@ -414,10 +410,8 @@ def train_student(
             else auto_layer_map(kd.layer_map, s_shapes, t_shapes, k=kd.last_k)
         )
         attn_pairs = [(s_blocks.index(a), t_blocks.index(b)) for a, b in pairs]
-    if (
-        kd.attention_weight
-        and student.model.config.num_attention_heads != teacher.model.config.num_attention_heads
-    ):
+    s_heads = student.model.config.num_attention_heads
+    if kd.attention_weight and s_heads != teacher.model.config.num_attention_heads:
         raise DistilError(
             "attention KD needs equal head counts in teacher and student; set kd.attention_weight: 0"
         )
@@ -427,158 +421,64 @@ def train_student(
     s_width, t_width = student.model.config.hidden_size, teacher.model.config.hidden_size
     if s_width != t_width:
         projectors[EMBEDDING] = nn.Linear(s_width, t_width)
-    trainable = StudentWithProjectors(student.model, projectors)
-    s_names, t_names = (
-        ([p[0] for p in pairs], [p[1] for p in pairs]) if kd.hidden_weight else ([], [])
-    )
+    return pairs, attn_pairs, projectors
 
-    optimizer = build_optimizer(
-        trainable.parameters(),
-        name=tcfg.optimizer.value,
-        lr=tcfg.lr,
-        weight_decay=tcfg.weight_decay,
+
+def train_student(
+    s: Session,
+    cfg: Config,
+    teacher: Encoder,
+    student: Encoder,
+    corpus: SentenceCorpus,
+    log: MetricsLog,
+    teacher_cache: ExampleCache | None = None,
+) -> None:
+    """Distil ``student.model`` in place. With ``teacher_cache``, the teacher's embedding of
+    each sentence is read from it instead of running the teacher."""
+    if (final := finished(s, PHASE)) is not None:
+        student.model = type(student.model).from_pretrained(final, attn_implementation="eager")
+        logger.info("%s: reusing finished weights from %s", PHASE, final)
+        return
+    acc = s.accelerator
+    pairs, attn_pairs, projectors = layer_map(cfg, teacher, student, corpus.train[:2])
+    phase = open_phase(
+        s,
+        PHASE,
+        model=student.model,
+        extra=projectors,
+        forward=PooledForward(student.model),
+        train=cfg.train,
+        num_examples=len(corpus.train),
+        seed=cfg.seed,
+        log=log,
+        unit="sentence",
     )
-    scheduler = build_scheduler(
-        optimizer, name=tcfg.scheduler.value, total_steps=total, warmup_steps=tcfg.warmup_steps
-    )
-    state = TrainState(step=0, epoch=0, batch_in_epoch=0, extra={})
-    ckpt = latest_checkpoint(phase_dir / "checkpoints") if s.resume else None
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, model=trainable, optimizer=optimizer, scheduler=scheduler)
-        logger.info(
-            "%s: resumed from %s (step %d, epoch %d, batch %d)",
-            PHASE,
-            ckpt,
-            state.step,
-            state.epoch,
-            state.batch_in_epoch,
-        )
-    model, optimizer = acc.prepare(trainable, optimizer)
     teacher.model.to(acc.device).eval().requires_grad_(False)
-    want_attn = kd.attention_weight > 0
-    step, epoch, start_batch = state.step, state.epoch, state.batch_in_epoch
-    with progress_bar(acc.is_main_process) as bar:
-        task = bar.add_task(PHASE, total=total, completed=step, rate="", info="")
-        t_start, samples = time.perf_counter(), 0
-        while step < total:
-            batches = global_batches(
-                n, global_batch_size=tcfg.batch_size, seed=cfg.seed + 2, epoch=epoch, drop_last=True
-            )
-            for b in range(start_batch, len(batches)):
-                if step >= total:
-                    break
-                torch.manual_seed(
-                    cfg.seed + 1_000_003 * 2 + 7919 * step + rank
-                )  # per-step RNG (dropout): exact resume
-                model.train()
-                micros = [
-                    rank_slice(m, rank=rank, world_size=world)
-                    for m in batches[b].tensor_split(tcfg.grad_accum)
-                ]
-                inputs = [
-                    tokenize(student, [corpus.train[i] for i in mine.tolist()], acc.device)
-                    for mine in micros
-                ]
-                # window normalisers: this rank's sentences, real tokens and attention rows over the accumulation window
-                n_items = len(batches[b]) / world
-                n_tokens = float(sum(int(x["attention_mask"].sum()) for x in inputs))
-                n_rows = n_tokens * (teacher.model.config.num_attention_heads if want_attn else 1)
-                sums: dict[str, float] = {}
-                for m, (mine, batch) in enumerate(zip(micros, inputs, strict=True)):
-                    sync = nullcontext() if m == tcfg.grad_accum - 1 else acc.no_sync(model)
-                    with sync, acc.autocast():
-                        if teacher_cache is not None:
-                            teacher_out: tuple[Tensor, dict[str, Tensor], Any] = (
-                                teacher_cache.get(mine)["embedding"].to(acc.device).float(),
-                                {},
-                                None,
-                            )
-                        else:
-                            with (
-                                torch.no_grad(),
-                                capture_features(teacher.model, t_names, detach=True) as t_feats,
-                            ):
-                                t_out = teacher.model(**batch, output_attentions=want_attn)
-                            t_emb = mean_pool(
-                                t_out.last_hidden_state, batch["attention_mask"]
-                            )  # (b, D_t)
-                            teacher_out = (t_emb, dict(t_feats), t_out.attentions)
-                        s_out = model(batch, s_names, want_attn)
-                        out = _objective(
-                            cfg,
-                            s_out,
-                            teacher_out,
-                            trainable.projectors,
-                            pairs,
-                            attn_pairs,
-                            batch["attention_mask"].bool(),
-                            n_items,
-                            n_tokens,
-                            n_rows,
-                        )
-                    if not torch.isfinite(out.loss):
-                        raise DistilError(
-                            f"the loss is {out.loss.item()} at step {step}; lower train.lr or set train.max_grad_norm"
-                        )
-                    acc.backward(out.loss)
-                    for k, v in out.components.items():
-                        sums[k] = sums.get(k, 0.0) + float(v)
-                grad_norm = acc.clip_grad_norm_(model.parameters(), tcfg.max_grad_norm or math.inf)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                samples += len(batches[b])
-                loss = sum(v for k, v in sums.items() if k.endswith("/weighted"))
-                bar.update(
-                    task,
-                    advance=1,
-                    rate=rate_text(samples, time.perf_counter() - t_start, "sentences"),
-                    info=f"loss {loss:.4f}",
-                )
-                log.log(
-                    {
-                        **sums,
-                        "lr": scheduler.get_last_lr()[0],
-                        "grad_norm": float(grad_norm),
-                        "epoch": epoch,
-                    },
-                    step=step,
-                    phase=PHASE,
-                )
-                if step % tcfg.checkpoint_every == 0 or step == total:
-                    nxt = (epoch, b + 1) if b + 1 < len(batches) else (epoch + 1, 0)
-                    if acc.is_main_process:
-                        save_checkpoint(
-                            phase_dir / "checkpoints",
-                            model=acc.unwrap_model(model),
-                            optimizer=optimizer,
-                            scheduler=scheduler,
-                            state=TrainState(step, nxt[0], nxt[1], {}),
-                            keep=tcfg.keep_checkpoints,
-                        )
-                    acc.wait_for_everyone()
-            else:
-                epoch, start_batch = epoch + 1, 0
-                continue
-            break
-    wall = time.perf_counter() - t_start
-    student.model = acc.unwrap_model(model).model
-    if acc.is_main_process:
-        s.write_json(
-            phase_dir / "summary.json",
-            {
-                "train_wall_s": wall,
-                "steps": total,
-                "resumed_at_step": state.step,
-                "samples": samples,
-                "samples_per_s": samples / max(wall, 1e-9),
-                "kd_source": "cache" if teacher_cache is not None else "live teacher",
-            },
-        )
-        save_sentence_encoder(student, final)
-        (final / MARKER).write_text("ok\n")
-    acc.wait_for_everyone()
+    ctx = EncoderStep(
+        cfg, phase.model, teacher, projectors, pairs, attn_pairs, acc.device, teacher_cache
+    )
+    heads = teacher.model.config.num_attention_heads if cfg.kd.attention_weight else 1
+    for step in phase.steps():
+        batches = [
+            tokenize(student, [corpus.train[i] for i in ids.tolist()], acc.device)
+            for ids in step.micro_batches
+        ]
+        # this rank's sentences, real tokens and attention rows over the accumulation window
+        tokens = float(sum(int(b["attention_mask"].sum()) for b in batches))
+        window = (step.window_items, tokens, tokens * heads)
+        for m, (ids, batch) in enumerate(zip(step.micro_batches, batches, strict=True)):
+            with phase.accumulate(m):
+                out = encoder_loss_step(ctx, ids, batch, window)
+            phase.backward(out, micro=m)
+        phase.optimizer_step(count=len(step.batch))
+
+    def export(folder: Path) -> None:
+        student.model = phase.unwrapped().model
+        save_sentence_encoder(student, folder)
+
+    source = "cache" if teacher_cache is not None else "live teacher"
+    phase.finish(export=export, summary={"kd_source": source})
+    student.model = phase.unwrapped().model
 
 
 def _sentences_per_s(encoder: Encoder, sentences: list[str], batch: int) -> float:

@@ -12,9 +12,8 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import time
-from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -40,6 +39,7 @@ from distil.evaluation.report import (
 from distil.generation import eos_token_ids
 from distil.losses.chunked import should_use_chunked_loss
 from distil.losses.objective import (
+    ObjectiveOutput,
     token_objective,
     token_objective_from_hidden,
     token_objective_sparse,
@@ -71,15 +71,8 @@ from distil.recipes.lm_setup import (
 from distil.teachers import LiveLMTeacher, Teacher, TeacherSignal, head_of, hidden_path_matches
 from distil.teachers.cached import CachedTeacher, open_lm_cache
 from distil.teachers.live import final_hidden
-from distil.training.batches import global_batches, rank_slice
-from distil.training.checkpoint import (
-    MARKER,
-    TrainState,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-)
-from distil.training.metrics import MetricsLog, peak_memory_mb, reset_peak_memory
+from distil.training.loop import finished, open_phase
+from distil.training.metrics import MetricsLog
 from distil.training.on_policy import (
     SamplingSettings,
     completion_batch,
@@ -87,16 +80,12 @@ from distil.training.on_policy import (
     prompt_of,
     sample_completions,
 )
-from distil.training.optim import build_optimizer, build_scheduler
-from distil.training.progress import progress_bar, rate_text
 from distil.training.session import Session
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
-
-PHASES = {"student": 2, "baseline": 3, "model": 4}  # offsets that decorrelate per-phase RNG streams
 
 
 class Config(StrictModel):
@@ -133,22 +122,74 @@ class LMForward(nn.Module):
         ).logits  # (B, T, V_model)
 
 
-def epoch_batches(
-    n: int, tcfg: TrainSection, *, seed: int, phase: str, epoch: int, shuffle: bool
-) -> list[Tensor]:
-    """The global batches of example indices of one epoch: a pure function of (seed, phase, epoch)."""
-    return global_batches(
-        n,
-        global_batch_size=tcfg.batch_size,
-        seed=seed + PHASES[phase],
-        epoch=epoch,
-        drop_last=True,
-        shuffle=shuffle,
+@dataclass(frozen=True)
+class LMStep:
+    """What one micro-batch needs besides its collated columns: the student's forward, the
+    teacher (live or cached) and the loss settings of the phase."""
+
+    model: nn.Module  # LMForward (DDP-wrapped when several processes)
+    lm: PreTrainedModel  # the student itself: its output layer feeds the chunked loss
+    vocab_size: int
+    hidden: bool  # the forward stops at the final hidden states
+    chunked: bool
+    chunk_rows: int
+    device: torch.device
+    teacher: Teacher | None = None
+    kd: KDSection | None = None
+
+
+def lm_loss_step(
+    ctx: LMStep, cols: dict[str, Tensor], window_items: float, *, sampled: bool
+) -> ObjectiveOutput:
+    """One micro-batch of token-level KD: ``(1 - w)·CE + w·T²·D(teacher_T ‖ student_T)`` over
+    the supervised next-token positions (CE alone without a teacher); on the student's own
+    samples (``sampled``) the divergence alone, at full weight. The teacher's signal decides the
+    path: full logits, hidden states for the chunked loss, or a cache's sparse targets."""
+    ids, att = cols["input_ids"].to(ctx.device), cols["attention_mask"].to(ctx.device)
+    targets = shift_for_next_token(cols["labels"]).to(ctx.device)  # (b, T): the one shift
+    teacher, kd = ctx.teacher, ctx.kd
+    sparse = None
+    if isinstance(teacher, CachedTeacher) and not ctx.chunked:
+        sparse = _sparse_targets(teacher, ids, att, cols, targets)
+    t_out = teacher(ids, att) if teacher is not None and sparse is None else None  # own precision
+    out_s = ctx.model(ids, att)  # (b, T, H) or (b, T, V_model)
+    mix: dict[str, Any] = {
+        "kd_weight": 1.0 if sampled else (kd.kd_weight if kd and teacher else 0.0),
+        "kd_temperature": kd.kd_temperature if kd and teacher else 1.0,
+        "num_items": window_items,
+    }
+    if kd is not None:
+        mix |= {"divergence": kd.divergence.value, **kd.divergence_params}
+    if sparse is not None:  # exact top-k + tail (or sampled) loss from the cache
+        logits = out_s[..., : ctx.vocab_size]
+        if ctx.hidden:
+            weight, bias = head_of(ctx.lm)
+            logits = out_s @ weight[: ctx.vocab_size].T
+            logits = logits if bias is None else logits + bias[: ctx.vocab_size]
+        return token_objective_sparse(logits, sparse, targets, **mix)
+    if ctx.hidden:
+        weight, bias = head_of(ctx.lm)
+        return token_objective_from_hidden(
+            out_s,
+            weight[: ctx.vocab_size],
+            None if t_out is None else t_out.logits,
+            targets,
+            student_bias=None if bias is None else bias[: ctx.vocab_size],
+            teacher_hidden=None if t_out is None else t_out.hidden,
+            teacher_weight=None if t_out is None else t_out.weight,
+            teacher_bias=None if t_out is None else t_out.bias,
+            chunked=ctx.chunked,
+            chunk_size=ctx.chunk_rows,
+            **mix,
+        )
+    t_logits = None if t_out is None else t_out.logits
+    return token_objective(
+        out_s[..., : ctx.vocab_size], t_logits, targets, chunk_size=ctx.chunk_rows, **mix
     )
 
 
 def train_phase(
-    phase: str,
+    phase_name: str,
     s: Session,
     model: PreTrainedModel,
     data: LMData,
@@ -172,292 +213,88 @@ def train_phase(
     With ``on_policy`` (and a teacher), a share λ of the steps trains on completions the student
     samples for the batch's prompts, scored by the teacher; with ``monitor``, held-out KL to the
     teacher (and oracle) is logged every ``monitor.every`` steps."""
-    acc, phase_dir = s.accelerator, s.run_dir / phase
-    final = phase_dir / "final"
-    if (final / MARKER).is_file():  # finished before a crash or in an earlier call: reuse it
-        logger.info("%s: reusing finished weights from %s", phase, final)
+    if (final := finished(s, phase_name)) is not None:  # finished before a crash: reuse it
+        logger.info("%s: reusing finished weights from %s", phase_name, final)
         return load_causal_lm(final, dtype=torch.float32)
-    world, rank, n = acc.num_processes, acc.process_index, len(data.train)
-    if tcfg.batch_size % (world * tcfg.grad_accum):
-        raise DistilError(
-            f"train.batch_size={tcfg.batch_size} must be divisible by processes × grad_accum = {world} × {tcfg.grad_accum}"
-        )
-    steps_per_epoch = n // tcfg.batch_size
-    if steps_per_epoch == 0:
-        raise DistilError(
-            f"{phase}: {n} training examples is fewer than one batch ({tcfg.batch_size})"
-        )
-    total = (
-        steps_per_epoch * tcfg.epochs
-        if tcfg.max_steps is None
-        else min(tcfg.max_steps, steps_per_epoch * tcfg.epochs)
+    acc = s.accelerator
+    phase = open_phase(
+        s,
+        phase_name,
+        model=model,
+        forward=LMForward(model, hidden=hidden),
+        train=tcfg,
+        num_examples=len(data.train),
+        seed=seed,
+        shuffle=shuffle,
+        log=log,
+        unit="token",
     )
-    optimizer = build_optimizer(
-        model.parameters(), name=tcfg.optimizer.value, lr=tcfg.lr, weight_decay=tcfg.weight_decay
+    ctx = LMStep(
+        phase.model, model, vocab_size, hidden, chunked, chunk_rows, acc.device, teacher, kd
     )
-    scheduler = build_scheduler(
-        optimizer, name=tcfg.scheduler.value, total_steps=total, warmup_steps=tcfg.warmup_steps
-    )
-    state = TrainState(step=0, epoch=0, batch_in_epoch=0, extra={})
-    ckpt = latest_checkpoint(phase_dir / "checkpoints") if s.resume else None
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler)
-        logger.info(
-            "%s: resumed from %s (step %d, epoch %d, batch %d)",
-            phase,
-            ckpt,
-            state.step,
-            state.epoch,
-            state.batch_in_epoch,
-        )
-    wrapped, optimizer = acc.prepare(LMForward(model, hidden=hidden), optimizer)
-    kd_weight, kd_temperature = (
-        (kd.kd_weight, kd.kd_temperature) if kd is not None and teacher is not None else (0.0, 1.0)
-    )
-    step, epoch, start_batch = state.step, state.epoch, state.batch_in_epoch
-    seen: list[
-        int
-    ] = []  # training-set indices this rank consumed in epoch 0: an audit of sharding and order
-    if (
-        epoch == 0
-    ):  # resumed inside epoch 0: the batches before the checkpoint are a pure function of the seed
-        first = epoch_batches(n, tcfg, seed=seed, phase=phase, epoch=0, shuffle=shuffle)
-        seen = [
-            i
-            for bb in first[:start_batch]
-            for mb in bb.tensor_split(tcfg.grad_accum)
-            for i in rank_slice(mb, rank=rank, world_size=world).tolist()
-        ]
-    reset_peak_memory(acc.device)
-    rss_at_start = peak_memory_mb(acc.device).get("rss_mb", 0.0)
-    t_start, tokens = time.perf_counter(), 0
-    sparse_cache = isinstance(teacher, CachedTeacher) and not chunked
     on_policy_steps, generation_s = 0, 0.0
-    if monitor is not None and step == 0 and acc.is_main_process:  # the starting point
-        log.log(monitor.measure(acc.unwrap_model(wrapped).lm), step=0, phase=phase)
-    with progress_bar(acc.is_main_process) as bar:
-        task = bar.add_task(phase, total=total, completed=step, rate="", info="")
-        while step < total:
-            batches = epoch_batches(n, tcfg, seed=seed, phase=phase, epoch=epoch, shuffle=shuffle)
-            for b in range(start_batch, len(batches)):
-                if step >= total:
-                    break
-                torch.manual_seed(
-                    seed + 1_000_003 * PHASES[phase] + 7919 * step + rank
-                )  # per-step RNG: exact resume
-                wrapped.train()
-                batch = batches[b]
-                step_start = time.perf_counter()
-                sampled = (
-                    on_policy is not None
-                    and teacher is not None
-                    and is_on_policy_step(on_policy.fraction, seed=seed, step=step)
-                )
-                micro_cols: list[dict[str, Tensor]] = []
-                for micro in batch.tensor_split(tcfg.grad_accum):
-                    mine = rank_slice(micro, rank=rank, world_size=world).tolist()
-                    if epoch == 0:
-                        seen.extend(mine)
-                    cols = data.collate(data.train, mine)
-                    if sampled:
-                        assert on_policy is not None
-                        cols = _student_samples(
-                            cols,
-                            acc.unwrap_model(wrapped).lm,
-                            on_policy,
-                            data,
-                            tokenizer,
-                            vocab_size,
-                        )
-                    micro_cols.append(cols)
-                gen_s = time.perf_counter() - step_start if sampled else 0.0
-                if sampled:  # sampled lengths differ per rank: one all-reduce of the target count
-                    local = sum(
-                        int((shift_for_next_token(c["labels"]) != IGNORE_INDEX).sum())
-                        for c in micro_cols
-                    )
-                    count = torch.tensor([float(local)], device=acc.device)
-                    window_items = (
-                        float(acc.reduce(count, reduction="sum").item() if world > 1 else local)
-                        / world
-                    )
-                    if acc.is_main_process and (
-                        step % tcfg.checkpoint_every == 0 or on_policy_steps == 0
-                    ):
-                        _keep_sample(phase_dir, step, micro_cols[0], tokenizer)
-                    on_policy_steps += 1
-                    generation_s += gen_s
-                else:
-                    # normaliser: supervised targets of the whole window (all micro-batches, all ranks) per rank,
-                    # because DDP averages gradients over ranks; no communication needed, every rank has the data
-                    window_items = float(data.targets_per_example[batch.numpy()].sum()) / world
-                sums: dict[str, float] = {}
-                for m, cols in enumerate(micro_cols):
-                    ids, att = (
-                        cols["input_ids"].to(acc.device),
-                        cols["attention_mask"].to(acc.device),
-                    )
-                    targets = shift_for_next_token(cols["labels"]).to(
-                        acc.device
-                    )  # (b, T): the one shift
-                    sparse = (
-                        _sparse_targets(teacher, ids, att, cols, targets) if sparse_cache else None
-                    )
-                    t_out = (
-                        teacher(ids, att) if teacher is not None and sparse is None else None
-                    )  # own precision, no autocast
-                    sync = nullcontext() if m == tcfg.grad_accum - 1 else acc.no_sync(wrapped)
-                    with sync, acc.autocast():
-                        out_s = wrapped(ids, att)  # (b, T, H) or (b, T, V_model)
-                        mix: dict[str, Any] = {
-                            # sampled text has no reference: the divergence alone, at full weight
-                            "kd_weight": 1.0 if sampled else kd_weight,
-                            "kd_temperature": kd_temperature,
-                            "num_items": window_items,
-                            "chunk_size": chunk_rows,
-                        }
-                        if kd is not None:
-                            mix |= {"divergence": kd.divergence.value, **kd.divergence_params}
-                        if (
-                            sparse is not None
-                        ):  # exact top-k + tail (or sampled) loss from the cache
-                            logits = out_s[..., :vocab_size]
-                            if hidden:
-                                weight, bias = head_of(acc.unwrap_model(wrapped).lm)
-                                logits = out_s @ weight[:vocab_size].T
-                                logits = logits if bias is None else logits + bias[:vocab_size]
-                            sparse_mix = {k: v for k, v in mix.items() if k != "chunk_size"}
-                            out = token_objective_sparse(logits, sparse, targets, **sparse_mix)
-                        elif hidden:
-                            weight, bias = head_of(acc.unwrap_model(wrapped).lm)
-                            out = token_objective_from_hidden(
-                                out_s,
-                                weight[:vocab_size],
-                                None if t_out is None else t_out.logits,
-                                targets,
-                                student_bias=None if bias is None else bias[:vocab_size],
-                                teacher_hidden=None if t_out is None else t_out.hidden,
-                                teacher_weight=None if t_out is None else t_out.weight,
-                                teacher_bias=None if t_out is None else t_out.bias,
-                                chunked=chunked,
-                                **mix,
-                            )
-                        else:
-                            t_logits = None if t_out is None else t_out.logits
-                            out = token_objective(out_s[..., :vocab_size], t_logits, targets, **mix)
-                    _stop_if_not_finite(
-                        out.loss,
-                        s,
-                        phase_dir,
-                        model,
-                        optimizer,
-                        scheduler,
-                        TrainState(step, epoch, b, {}),
-                        tcfg,
-                        phase,
-                        m,
-                    )
-                    acc.backward(out.loss)
-                    tokens += int(att.sum())
-                    for k, v in out.components.items():
-                        sums[k] = sums.get(k, 0.0) + float(v)
-                grad_norm = acc.clip_grad_norm_(
-                    wrapped.parameters(), tcfg.max_grad_norm or math.inf
-                )
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                extra: dict[str, float] = {}
-                if on_policy is not None and on_policy.fraction > 0:
-                    extra = {
-                        "on_policy": float(sampled),
-                        "gen_s": gen_s,
-                        "train_s": time.perf_counter() - step_start - gen_s,
-                    }
-                if monitor is not None and monitor.due(step) and acc.is_main_process:
-                    extra |= monitor.measure(acc.unwrap_model(wrapped).lm)
-                elapsed = time.perf_counter() - t_start
-                loss_now = sum(v for k, v in sums.items() if k.endswith("/weighted"))
-                bar.update(
-                    task,
-                    advance=1,
-                    rate=rate_text(tokens * world, elapsed, "tok"),
-                    info=f"loss {loss_now:.4f}",
-                )
-                log.log(
-                    {
-                        **sums,
-                        "loss": loss_now,
-                        "lr": scheduler.get_last_lr()[0],
-                        "grad_norm": float(grad_norm),
-                        "epoch": epoch,
-                        **extra,
-                    },
-                    step=step,
-                    phase=phase,
-                )
-                if step % tcfg.checkpoint_every == 0 or step == total:
-                    nxt = (epoch, b + 1) if b + 1 < len(batches) else (epoch + 1, 0)
-                    _save(
-                        s,
-                        phase_dir / "checkpoints",
-                        model,
-                        optimizer,
-                        scheduler,
-                        TrainState(step, nxt[0], nxt[1], {}),
-                        tcfg,
-                    )
-            else:
-                if epoch == 0:
-                    s.write_json(phase_dir / f"seen-epoch0-rank{rank}.json", seen)
-                epoch, start_batch = epoch + 1, 0
-                continue
-            break
-    wall = time.perf_counter() - t_start
-    summary = {
-        "train_wall_s": wall,
-        "tokens": tokens * world,
-        "tokens_per_s": tokens * world / max(wall, 1e-9),
-        **(
-            {"on_policy_steps": on_policy_steps, "generation_s": generation_s}
-            if on_policy_steps
-            else {}
-        ),
-        **peak_memory_mb(acc.device),
-        "rss_at_start_mb": rss_at_start,
-    }
-    log.log(summary, step=step, phase=phase)
-    if epoch == 0 or not (phase_dir / "seen-epoch0-rank0.json").exists():
-        s.write_json(phase_dir / f"seen-epoch0-rank{rank}.json", seen)
-    model = acc.unwrap_model(wrapped).lm
-    if acc.is_main_process:
-        s.write_json(phase_dir / "summary.json", summary)
-        save_model_folder(model, final, tokenizer=tokenizer, overwrite=True)
-        (final / MARKER).write_text("ok\n")
-    acc.wait_for_everyone()
-    return model
-
-
-def _save(
-    s: Session,
-    folder: Path,
-    module: nn.Module,
-    optimizer: Any,
-    scheduler: Any,
-    state: TrainState,
-    tcfg: TrainSection,
-) -> None:
-    if s.accelerator.is_main_process:
-        save_checkpoint(
-            folder,
-            model=module,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            state=state,
-            keep=tcfg.keep_checkpoints,
+    if monitor is not None and phase.step == 0 and acc.is_main_process:  # the starting point
+        log.log(monitor.measure(model), step=0, phase=phase_name)
+    for step in phase.steps():
+        started = time.perf_counter()
+        sampled = (
+            on_policy is not None
+            and teacher is not None
+            and is_on_policy_step(on_policy.fraction, seed=seed, step=step.index)
         )
-    s.accelerator.wait_for_everyone()
+        micro_cols = [data.collate(data.train, ids.tolist()) for ids in step.micro_batches]
+        if sampled:
+            assert on_policy is not None
+            micro_cols = [
+                _student_samples(c, model, on_policy, data, tokenizer, vocab_size)
+                for c in micro_cols
+            ]
+            window_items = _window_targets(acc, micro_cols)
+            if acc.is_main_process and (
+                step.index % tcfg.checkpoint_every == 0 or not on_policy_steps
+            ):
+                _keep_sample(phase.dir, step.index, micro_cols[0], tokenizer)
+        else:
+            # the supervised targets of the whole window (all micro-batches, all ranks) per rank,
+            # because DDP averages gradients over ranks; every rank has the data: no communication
+            window_items = (
+                float(data.targets_per_example[step.batch.numpy()].sum()) / acc.num_processes
+            )
+        gen_s = time.perf_counter() - started if sampled else 0.0
+        on_policy_steps, generation_s = on_policy_steps + sampled, generation_s + gen_s
+        tokens = 0
+        for m, cols in enumerate(micro_cols):
+            with phase.accumulate(m):
+                out = lm_loss_step(ctx, cols, window_items, sampled=sampled)
+            phase.backward(out, micro=m)
+            tokens += int(cols["attention_mask"].sum())
+        extra: dict[str, float] = {}
+        if on_policy is not None and on_policy.fraction > 0:
+            train_s = time.perf_counter() - started - gen_s
+            extra = {"on_policy": float(sampled), "gen_s": gen_s, "train_s": train_s}
+        if monitor is not None and monitor.due(step.index + 1) and acc.is_main_process:
+            extra |= monitor.measure(model)
+        phase.optimizer_step(count=tokens * acc.num_processes, metrics=extra)
+    extra_summary: dict[str, Any] = {}
+    if on_policy_steps:
+        extra_summary = {"on_policy_steps": on_policy_steps, "generation_s": generation_s}
+    trained: PreTrainedModel = phase.unwrapped().lm  # type: ignore[assignment]
+
+    def export(folder: Path) -> None:
+        save_model_folder(trained, folder, tokenizer=tokenizer, overwrite=True)
+
+    phase.finish(export=export, summary=extra_summary)
+    return trained
+
+
+def _window_targets(acc: Any, micro_cols: list[dict[str, Tensor]]) -> float:
+    """Supervised targets of the window per rank when ranks sampled texts of different
+    lengths: one all-reduce of the count."""
+    local = sum(int((shift_for_next_token(c["labels"]) != IGNORE_INDEX).sum()) for c in micro_cols)
+    if acc.num_processes == 1:
+        return float(local)
+    count = torch.tensor([float(local)], device=acc.device)
+    return float(acc.reduce(count, reduction="sum").item()) / acc.num_processes
 
 
 def _student_samples(
@@ -527,30 +364,6 @@ def _keep_sample(phase_dir: Path, step: int, cols: dict[str, Tensor], tokenizer:
     phase_dir.mkdir(parents=True, exist_ok=True)
     with (phase_dir / "samples.jsonl").open("a", encoding="utf-8") as f:
         f.write(json.dumps(record, ensure_ascii=False) + "\n")
-
-
-def _stop_if_not_finite(
-    loss: Tensor,
-    s: Session,
-    phase_dir: Path,
-    module: nn.Module,
-    optimizer: Any,
-    scheduler: Any,
-    state: TrainState,
-    tcfg: TrainSection,
-    phase: str,
-    micro: int,
-) -> None:
-    bad = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0], device=s.accelerator.device)
-    if s.accelerator.num_processes > 1:
-        bad = s.accelerator.reduce(bad, reduction="sum")
-    if bad.item() == 0:
-        return
-    _save(s, phase_dir / "last-good", module, optimizer, scheduler, state, tcfg)
-    raise DistilError(
-        f"{phase}: the loss is {loss.item()} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch}, "
-        f"micro-batch {micro}); the last good state is saved in {phase_dir / 'last-good'}. Lower train.lr or set train.max_grad_norm"
-    )
 
 
 def main(cfg: Config, s: Session) -> dict[str, Any]:
