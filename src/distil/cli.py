@@ -318,7 +318,7 @@ def advise(
     """Propose student shapes for a teacher and a target, with estimated size, speed and memory."""
     import json as _json
 
-    from distil.evaluation import advise as adv
+    from distil.planning import advise as adv
 
     try:
         path = Path(teacher)
@@ -359,19 +359,31 @@ def advise(
 
 
 def _cache_write(config: str, overrides: list[str]) -> None:
-    from distil.cache.writer import CacheConfig, cache_config_data, write_cache
+    """Write (or complete) the ``teacher.cache`` of any recipe's config ahead of training; the
+    run then reads it instead of running the teacher (the same writer the run uses itself)."""
+    from distil.training.session import open_session
 
-    path = resolve_config_path(config)
-    data = cache_config_data(apply_overrides(load_yaml(path), overrides))
-    cfg = validate_config(CacheConfig, data, source=str(path))
-    result = write_cache(cfg)
-    console.print(
-        f"[bold]cache[/bold] {result.path}: wrote {result.shards_written} shard(s), "
-        f"{result.shards_skipped} already complete"
-        + ("" if result.merged else "; rank 0 merges the manifest")
+    recipe, cfg, _ = load_config(config, overrides)
+    module = load_recipe(recipe)
+    cache = getattr(getattr(cfg, "teacher", None), "cache", None)
+    if not hasattr(module, "write_teacher_cache"):
+        raise DistilError(f"{recipe} has no teacher whose outputs could be cached")
+    if cache is None:
+        raise DistilError(
+            f"{recipe}: teacher.cache is not set; say where it goes: teacher.cache.path=runs/teacher-cache"
+        )
+    session = open_session(
+        lambda: Path(cache.path) / "work",
+        resume=True,
+        device=cfg.train.device.value,
+        mixed_precision="no",
+        log_with=[],
+        project=recipe,
+        cpu_threads=cfg.run.cpu_threads,
     )
-    if result.merged:
-        _cache_inspect(result.path, verify=False)
+    path = module.write_teacher_cache(cfg, session)
+    if session.accelerator.is_main_process:
+        _cache_inspect(path, verify=False)
 
 
 def _cache_inspect(path: Path, *, verify: bool) -> None:

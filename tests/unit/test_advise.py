@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from distil.cli import app
 from distil.errors import DistilError
-from distil.evaluation import advise as adv
+from distil.planning import advise as adv
 from distil.models.lm import CausalLMSpec, build_causal_lm, save_model_folder, uniform_layer_indices
 
 runner = CliRunner()

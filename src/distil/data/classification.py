@@ -18,7 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from distil.config.classifier import ClassifierDataSection
+from distil.config.sources import BuiltinData, FileData
 from distil.errors import DistilError
 
 logger = logging.getLogger(__name__)
@@ -330,3 +333,35 @@ def check_labels(data: ClassificationData) -> None:
                 f"dataset {data.name!r}: {int(bad.sum())} {split_name} labels outside 0..{data.num_classes - 1} "
                 f"(e.g. {int(split.labels[bad][0])}); fix the label column or the class list"
             )
+
+
+def load_data(section: ClassifierDataSection) -> ClassificationData:
+    """The train and test splits a config names (built-in or local files), limited to
+    ``train_limit`` examples, with labels checked."""
+    source = section.source
+    if isinstance(source, BuiltinData):
+        data = BUILTIN_DATASETS[source.builtin][0](section.test_fraction, section.split_seed)
+    else:
+        assert isinstance(source, FileData)
+        data = load_files(
+            source.train[0],
+            source.eval[0] if source.eval else None,
+            text_column=section.text_column,
+            image_column=section.image_column,
+            label_column=section.label_column,
+            test_fraction=section.test_fraction,
+            seed=section.split_seed,
+        )
+    if section.train_limit is not None and section.train_limit < len(data.train):
+        g = torch.Generator().manual_seed(section.split_seed)
+        keep = torch.randperm(len(data.train), generator=g)[: section.train_limit]
+        train = data.train.subset(keep.sort().values.numpy())
+        data = ClassificationData(data.name, train, data.test, data.class_names, data.modality)
+    check_labels(data)
+    return data
+
+
+def validation_split(data: ClassificationData, fraction: float, seed: int) -> tuple[Split, Split]:
+    """A stratified (train, validation) split of the training split; the test split is untouched."""
+    keep, held = _stratified_split(data.train.labels, fraction, seed + 1)
+    return data.train.subset(keep), data.train.subset(held)

@@ -12,30 +12,43 @@ import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from pydantic import Field, model_validator
 
 from distil.config.base import StrictModel
+from distil.config.sources import BuiltinData, DataSource, FileData, require_builtin
 from distil.data.corpus import build_stdlib_corpus, read_corpus_texts
 from distil.errors import DistilError
 
 
 class PromptsSection(StrictModel):
-    """Where prompts come from: a JSONL file or windows cut from the built-in corpus."""
+    """Where prompts come from: a JSONL file (a string ``prompt``, optional ``id``, a line) or
+    windows cut from the built-in corpus."""
 
-    file: str | None = Field(default=None, description="JSONL: a string `prompt` (+ `id`) a line")
-    builtin: Literal["stdlib"] | None = Field(default=None, description="stdlib train split")
+    source: DataSource = Field(
+        default_factory=lambda: BuiltinData(builtin="stdlib"),
+        description="{builtin: stdlib} (its train split) or {train: [FILE.jsonl]}",
+    )
     prompt_tokens: int = Field(default=64, ge=1, description="builtin: tokens per prompt")
     corpus_max_bytes: int | None = Field(default=None, ge=1, description="builtin: corpus size cap")
     limit: int | None = Field(default=None, ge=1, description="file: first N; builtin: N spread")
 
     @model_validator(mode="after")
-    def _one_source(self) -> PromptsSection:
-        if (self.file is None) == (self.builtin is None):
-            raise ValueError("set exactly one of prompts.file (JSONL) or prompts.builtin (stdlib)")
+    def _one_file(self) -> PromptsSection:
+        require_builtin(self.source, ["stdlib"], "prompts.source.builtin")
+        if isinstance(self.source, FileData) and len(self.source.train) != 1:
+            raise ValueError("prompts.source.train: give one JSONL file of prompts")
         return self
+
+    @property
+    def builtin(self) -> str | None:
+        return getattr(self.source, "builtin", None)
+
+    @property
+    def file(self) -> str | None:
+        return self.source.train[0] if isinstance(self.source, FileData) else None
 
 
 @dataclass(frozen=True)
@@ -58,7 +71,9 @@ def load_prompts(section: PromptsSection, tokenizer: Any) -> list[Prompt]:
 
 def _file_prompts(path: Path) -> list[Prompt]:
     if not path.is_file():
-        raise DistilError(f"prompts file {path} does not exist; set prompts.file to a JSONL file")
+        raise DistilError(
+            f"prompts file {path} does not exist; set prompts.source.train to a JSONL file"
+        )
     rows = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
@@ -84,7 +99,7 @@ def _file_prompts(path: Path) -> list[Prompt]:
 def _stdlib_prompts(section: PromptsSection, tokenizer: Any) -> list[Prompt]:
     """Windows of ``prompt_tokens`` tokens cut from each train document; id = window number."""
     with tempfile.TemporaryDirectory(prefix="distil-corpus-") as tmp:
-        # the same call as lm_kd's data.builtin=stdlib (lm_setup.data_files): the same train split
+        # the same call as lm_kd's data.source.builtin=stdlib (data.lm.data_files): the same train split
         build_stdlib_corpus(Path(tmp), max_total_bytes=section.corpus_max_bytes, test_fraction=0.0)
         texts = list(read_corpus_texts([Path(tmp) / "train.jsonl"]))
     n = section.prompt_tokens

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distil.data.lm import IGNORE_INDEX, shift_for_next_token
+from distil.config.lm import EvalSection
+from distil.data.lm import IGNORE_INDEX, LMData, shift_for_next_token
 from distil.losses.divergences import forward_kl
 from distil.teachers.base import Teacher
 
@@ -25,7 +26,7 @@ Batch = Mapping[str, Tensor]
 
 
 def _teacher_logits(teacher: Teacher, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    out = teacher(input_ids, attention_mask)
+    out = teacher({"input_ids": input_ids, "attention_mask": attention_mask})
     if out.logits is not None:
         return out.logits
     assert out.hidden is not None and out.weight is not None
@@ -271,3 +272,42 @@ def model_summary(
         "non_embedding_params": params.non_embedding,
         "gen_tokens_per_s": speed,
     }
+
+
+def evaluate_models(
+    models: list[tuple[str, Any, Teacher | None]],
+    data: LMData,
+    vocab: int,
+    ev: EvalSection,
+    tokenizer: Any,
+    seed: int,
+) -> tuple[list[dict[str, Any]], str]:
+    """Report rows (held-out metrics, size, generation speed) and side-by-side sample generations."""
+    gen, batches = ev.generation, data.eval_batches(ev.batch_size)
+    speed = {
+        "speed_batch": gen.speed_batch,
+        "speed_prompt_tokens": gen.prompt_tokens,
+        "speed_new_tokens": gen.speed_new_tokens,
+    }
+    rows = [
+        model_summary(
+            role, m, batches, vocab_size=vocab, teacher=t, pad_token_id=data.pad_token_id, **speed
+        )
+        for role, m, t in models
+    ]
+    samples = []
+    for i, prompt in enumerate(prompts_from(data.eval, gen.prompts, gen.prompt_tokens)):
+        samples.append(
+            f"### Prompt {i + 1}\n\n```\n{tokenizer.decode(prompt, skip_special_tokens=True)}\n```\n"
+        )
+        for role, model, _ in models:
+            text = generate_texts(
+                model,
+                [prompt],
+                tokenizer,
+                max_new_tokens=gen.max_new_tokens,
+                sampling_temperature=gen.sampling_temperature,
+                seed=seed,
+            )[0]
+            samples.append(f"**{role}**\n\n```\n{text}\n```\n")
+    return rows, "\n".join(samples)

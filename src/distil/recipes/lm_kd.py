@@ -18,17 +18,38 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
+from distil.cache.writer import cache_complete, write_cache
 from distil.config.base import StrictModel
+from distil.config.lm import (
+    STUDENT_SEED,
+    TEACHER_SEED,
+    EvalSection,
+    KDSection,
+    LMDataSection,
+    OnPolicySection,
+    StudentSection,
+    TeacherSection,
+    cache_job,
+)
 from distil.config.sections import RunSection, SchedulerName, TrainSection
-from distil.data.lm import IGNORE_INDEX, shift_for_next_token
+from distil.config.sources import (
+    CacheWrite,
+    EnsembleModel,
+    FromTeacher,
+    HFModel,
+    ModelSource,
+    describe_model,
+)
+from distil.data.lm import IGNORE_INDEX, LMData, load_lm_data, shift_for_next_token
 from distil.errors import DistilError
 from distil.evaluation import lm as lm_eval
 from distil.evaluation.calibration import fidelity_part
 from distil.evaluation.cost import weight_bytes
 from distil.evaluation.hacking import Monitor, hacking_verdict
+from distil.evaluation.lm import evaluate_models
 from distil.evaluation.report import (
     cost_part,
     print_report,
@@ -37,15 +58,23 @@ from distil.evaluation.report import (
     write_report,
 )
 from distil.generation import eos_token_ids
-from distil.losses.chunked import should_use_chunked_loss
+from distil.losses.chunked import loss_chunk_rows, should_use_chunked_loss
 from distil.losses.objective import (
     ObjectiveOutput,
     token_objective,
     token_objective_from_hidden,
     token_objective_sparse,
 )
-from distil.losses.sparse import SampledTargets, TopKTargets
-from distil.models.lm import count_parameters, load_causal_lm, save_model_folder
+from distil.models.lm import (
+    LMForward,
+    check_model_fits,
+    count_parameters,
+    load_causal_lm,
+    load_lm,
+    make_student,
+    save_model_folder,
+    torch_dtype,
+)
 from distil.models.vocab import (
     TOKENIZER_FILES,
     check_same_tokenizer,
@@ -53,24 +82,9 @@ from distil.models.vocab import (
     load_tokenizer_folder,
     output_vocab_rows,
 )
-from distil.recipes.lm_setup import (
-    EvalSection,
-    KDSection,
-    LMData,
-    LMDataSection,
-    OnPolicySection,
-    StudentSection,
-    TeacherSection,
-    check_model_fits,
-    load_lm_data,
-    load_teacher_model,
-    loss_chunk_rows,
-    make_student,
-    torch_dtype,
-)
 from distil.teachers import LiveLMTeacher, Teacher, TeacherSignal, head_of, hidden_path_matches
 from distil.teachers.cached import CachedTeacher, open_lm_cache
-from distil.teachers.live import final_hidden
+from distil.teachers.ensemble import EnsembleTeacher
 from distil.training.loop import finished, open_phase
 from distil.training.metrics import MetricsLog
 from distil.training.on_policy import (
@@ -93,11 +107,11 @@ class Config(StrictModel):
     seed: int = 0
     run: RunSection = RunSection()
     tokenizer: str | None = Field(
-        default=None, description="tokenizer folder; teacher.hf when null"
+        default=None, description="tokenizer folder; the teacher's folder when null"
     )
-    data: LMDataSection = LMDataSection(builtin="stdlib")
-    teacher: TeacherSection = TeacherSection(hf="runs/lm-teacher")
-    student: StudentSection = StudentSection(num_layers=2)
+    data: LMDataSection = LMDataSection()
+    teacher: TeacherSection = TeacherSection()
+    student: StudentSection = StudentSection()
     train: TrainSection = TrainSection(
         epochs=1, batch_size=8, lr=1e-3, scheduler=SchedulerName.linear, max_grad_norm=1.0
     )
@@ -105,21 +119,32 @@ class Config(StrictModel):
     on_policy: OnPolicySection = OnPolicySection()
     eval: EvalSection = EvalSection()
 
-
-class LMForward(nn.Module):
-    """Runs a causal LM to its final hidden states (``hidden=True``) or logits, so that DDP wraps
-    exactly the forward the loss uses; the output layer is then applied inside the chunked loss."""
-
-    def __init__(self, lm: PreTrainedModel, *, hidden: bool) -> None:
-        super().__init__()
-        self.lm, self.hidden = lm, hidden
-
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        if self.hidden:
-            return final_hidden(self.lm, input_ids, attention_mask)  # (B, T, H)
-        return self.lm(
-            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-        ).logits  # (B, T, V_model)
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        """The checks that read the config only (the context-length one needs the models)."""
+        if self.on_policy.fraction > 0 and self.kd.kd_weight == 0:
+            raise ValueError(
+                "on_policy.fraction > 0 needs a teacher to score the samples: set kd.kd_weight > 0 "
+                "(or on_policy.fraction=0)"
+            )
+        if self.on_policy.fraction > 0 and self.teacher.cache is not None:
+            raise ValueError(
+                "on_policy.fraction > 0 needs a live teacher (a cache cannot score text the student "
+                "writes during training): drop teacher.cache or set on_policy.fraction=0"
+            )
+        ensemble = isinstance(self.teacher.model, EnsembleModel)
+        if ensemble and (self.teacher.cache is not None or self.kd.chunked):
+            raise ValueError(
+                "teacher.model.ensemble combines the members' full logits: set kd.chunked=false "
+                "and drop teacher.cache"
+            )
+        if self.tokenizer is None and not isinstance(self.teacher.model, HFModel) and not ensemble:
+            raise ValueError("tokenizer: a teacher built from a spec needs a tokenizer folder")
+        if isinstance(self.student.model, FromTeacher) and ensemble:
+            raise ValueError(
+                "student.model.from_teacher: an ensemble has no one set of blocks to copy"
+            )
+        return self
 
 
 @dataclass(frozen=True)
@@ -143,15 +168,14 @@ def lm_loss_step(
 ) -> ObjectiveOutput:
     """One micro-batch of token-level KD: ``(1 - w)·CE + w·T²·D(teacher_T ‖ student_T)`` over
     the supervised next-token positions (CE alone without a teacher); on the student's own
-    samples (``sampled``) the divergence alone, at full weight. The teacher's signal decides the
-    path: full logits, hidden states for the chunked loss, or a cache's sparse targets."""
+    samples (``sampled``) the divergence alone, at full weight. What the teacher answers decides
+    the path: full logits, hidden states for the chunked loss, or a cache's sparse targets."""
     ids, att = cols["input_ids"].to(ctx.device), cols["attention_mask"].to(ctx.device)
     targets = shift_for_next_token(cols["labels"]).to(ctx.device)  # (b, T): the one shift
     teacher, kd = ctx.teacher, ctx.kd
-    sparse = None
-    if isinstance(teacher, CachedTeacher) and not ctx.chunked:
-        sparse = _sparse_targets(teacher, ids, att, cols, targets)
-    t_out = teacher(ids, att) if teacher is not None and sparse is None else None  # own precision
+    t_out = None
+    if teacher is not None:  # its own precision and device
+        t_out = teacher({**cols, "input_ids": ids, "attention_mask": att, "targets": targets})
     out_s = ctx.model(ids, att)  # (b, T, H) or (b, T, V_model)
     mix: dict[str, Any] = {
         "kd_weight": 1.0 if sampled else (kd.kd_weight if kd and teacher else 0.0),
@@ -160,19 +184,21 @@ def lm_loss_step(
     }
     if kd is not None:
         mix |= {"divergence": kd.divergence.value, **kd.divergence_params}
-    if sparse is not None:  # exact top-k + tail (or sampled) loss from the cache
+    if t_out is not None and t_out.sparse is not None:  # exact top-k + tail (or sampled) loss
+        _check_cache_covers(t_out.sparse_mask, targets, cols)
         logits = out_s[..., : ctx.vocab_size]
         if ctx.hidden:
             weight, bias = head_of(ctx.lm)
             logits = out_s @ weight[: ctx.vocab_size].T
             logits = logits if bias is None else logits + bias[: ctx.vocab_size]
-        return token_objective_sparse(logits, sparse, targets, **mix)
+        return token_objective_sparse(logits, t_out.sparse, targets, **mix)
+    t_logits = None if t_out is None else t_out.logits
     if ctx.hidden:
         weight, bias = head_of(ctx.lm)
         return token_objective_from_hidden(
             out_s,
             weight[: ctx.vocab_size],
-            None if t_out is None else t_out.logits,
+            t_logits,
             targets,
             student_bias=None if bias is None else bias[: ctx.vocab_size],
             teacher_hidden=None if t_out is None else t_out.hidden,
@@ -182,10 +208,21 @@ def lm_loss_step(
             chunk_size=ctx.chunk_rows,
             **mix,
         )
-    t_logits = None if t_out is None else t_out.logits
     return token_objective(
         out_s[..., : ctx.vocab_size], t_logits, targets, chunk_size=ctx.chunk_rows, **mix
     )
+
+
+def _check_cache_covers(mask: Tensor | None, targets: Tensor, cols: dict[str, Tensor]) -> None:
+    """A cache must hold a target at every supervised position of the batch."""
+    missing = (targets != IGNORE_INDEX) & ~(
+        mask if mask is not None else torch.zeros_like(targets, dtype=torch.bool)
+    )
+    if bool(missing.any()):
+        raise DistilError(
+            f"the teacher cache has no target at {int(missing.sum())} supervised positions of examples "
+            f"{cols['example_id'].tolist()}: it was written for other masks; rewrite it with this config"
+        )
 
 
 def train_phase(
@@ -330,25 +367,6 @@ def _student_samples(
     )
 
 
-def _sparse_targets(
-    teacher: Any, ids: Tensor, att: Tensor, cols: dict[str, Tensor], targets: Tensor
-) -> TopKTargets | SampledTargets:
-    """The cached teacher's sparse targets for a batch (looked up by example id), after checking
-    that the cache holds a target at every supervised position."""
-    got = (
-        teacher.sampled_targets(ids, att, cols["example_id"])
-        if teacher.reader.sampled
-        else teacher.targets(ids, att, cols["example_id"])
-    )
-    missing = (targets != IGNORE_INDEX) & ~got.mask
-    if bool(missing.any()):
-        raise DistilError(
-            f"the teacher cache {teacher.path} has no target at {int(missing.sum())} supervised positions of "
-            f"examples {cols['example_id'].tolist()}: it was written for other masks; re-run `distil cache` with this config"
-        )
-    return got.samples if teacher.reader.sampled else got.topk
-
-
 def _keep_sample(phase_dir: Path, step: int, cols: dict[str, Tensor], tokenizer: Any) -> None:
     """Append the first row of a sampled batch (prompt and the student's completion) to
     ``samples.jsonl`` in the phase folder, so what the student wrote can be read later."""
@@ -366,121 +384,90 @@ def _keep_sample(phase_dir: Path, step: int, cols: dict[str, Tensor], tokenizer:
         f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
+def write_teacher_cache(cfg: Config, s: Session) -> Path:
+    """``distil cache``: write (or complete) ``teacher.cache`` ahead of training."""
+    return write_cache(cache_job(cfg)).path
+
+
 def main(cfg: Config, s: Session) -> dict[str, Any]:
     """Run the recipe in the session's run folder; return the report."""
     acc = s.accelerator
-    tokenizer = load_tokenizer_folder(
-        cfg.tokenizer or cfg.teacher.hf or "", trust_remote_code=cfg.teacher.trust_remote_code
+    tokenizer = load_run_tokenizer(cfg.tokenizer, cfg.teacher.model)
+    members = [load_lm(m, tokenizer, seed=TEACHER_SEED) for m in teacher_sources(cfg.teacher.model)]
+    teacher_model = members[0]
+    student_init, student_source = make_student(
+        cfg.student.model, teacher_model, tokenizer, seed=STUDENT_SEED
     )
-    teacher_model = load_teacher_model(cfg.teacher, tokenizer)
-    student_init, student_source = make_student(cfg.student, teacher_model, tokenizer)
-    for role, m in (("teacher", teacher_model), ("student", student_init)):
+    for role, m in [("student", student_init)] + [("teacher", t) for t in members]:
         check_model_fits(m, tokenizer, cfg.data.max_length, role)
-    _check_on_policy(cfg, teacher_model, student_init)
-    if (
-        cfg.tokenizer
-        and cfg.teacher.hf
-        and any((Path(cfg.teacher.hf) / f).is_file() for f in TOKENIZER_FILES)
-    ):
-        check_same_tokenizer(
-            load_tokenizer_folder(cfg.teacher.hf), tokenizer
-        )  # the data must be the teacher's ids
+    _check_context(cfg, [*members, student_init])
     vocab = check_vocab_alignment(
         tokenizer,
-        teacher_vocab_rows=output_vocab_rows(teacher_model),
+        teacher_vocab_rows=min(output_vocab_rows(t) for t in members),
         student_vocab_rows=output_vocab_rows(student_init),
     ).tokenizer_vocab_size
     data = load_lm_data(cfg.data, tokenizer, s.run_dir, acc)
     probe = data.collate(data.train, [0])
     hidden = hidden_path_matches(student_init, probe["input_ids"], probe["attention_mask"])
-    chunked = (
-        cfg.kd.chunked
-        if cfg.kd.chunked is not None
-        else should_use_chunked_loss(
-            cfg.train.batch_size // acc.num_processes // cfg.train.grad_accum * cfg.data.max_length,
-            vocab,
+    chunked = cfg.kd.chunked
+    if chunked is None:
+        tokens_per_micro = cfg.train.batch_size // acc.num_processes // cfg.train.grad_accum
+        chunked = len(members) == 1 and should_use_chunked_loss(
+            tokens_per_micro * cfg.data.max_length, vocab
         )
-    )
     if chunked and not (
         hidden and hidden_path_matches(teacher_model, probe["input_ids"], probe["attention_mask"])
     ):
         raise DistilError(
-            "kd.chunked needs plain linear output layers (logits = hidden @ W.T + b) on both models; set kd.chunked=false"
+            "kd.chunked needs plain linear output layers (logits = hidden @ W.T + b) on both models; "
+            "set kd.chunked=false"
         )
     t_device = torch.device(cfg.teacher.device) if cfg.teacher.device else acc.device
-    teacher = LiveLMTeacher(
-        teacher_model,
-        vocab_size=vocab,
-        device=t_device,
-        dtype=torch_dtype(cfg.teacher.dtype, teacher_model.dtype),
-        output_device=acc.device,
-        signal=TeacherSignal.HIDDEN if chunked else TeacherSignal.LOGITS,
-    )
-    teacher.check_deterministic(probe["input_ids"], probe["attention_mask"])
-    train_teacher: Teacher = teacher
-    if (
-        cfg.teacher.cache is not None
-    ):  # train from `distil cache` outputs; refused unless made for this run
-        train_teacher = open_lm_cache(
-            cfg.teacher.cache,
-            tokenizer=tokenizer,
-            dataset=data.train,
-            sequence_length=cfg.data.max_length,
-            kd_temperature=cfg.kd.kd_temperature,
+    lives = [
+        LiveLMTeacher(
+            m,
             vocab_size=vocab,
-            teacher_model=teacher.model,
+            device=t_device,
+            dtype=torch_dtype(cfg.teacher.dtype, m.dtype),
             output_device=acc.device,
+            signal=TeacherSignal.HIDDEN if chunked else TeacherSignal.LOGITS,
         )
-        assert isinstance(train_teacher, CachedTeacher)
-        how = (
-            "dense logits rebuilt from it (chunked path: tail mass spread evenly over the other ids)"
-            if chunked
-            else "the importance-sampled estimate of the divergence (unbiased)"
-            if train_teacher.reader.sampled
-            else f"the exact top-{train_teacher.k} head + sampled tail: an unbiased forward-KL estimate (no dense teacher logits)"
-            if train_teacher.reader.manifest.get("tail_samples")
-            else f"the exact top-{train_teacher.k} + tail divergence on k + 1 buckets (no dense teacher logits)"
+        for m in members
+    ]
+    for live in lives:
+        live.check_deterministic(probe)
+    teacher = lives[0]
+    train_teacher: Teacher = teacher
+    if isinstance(cfg.teacher.model, EnsembleModel):
+        ens = cfg.teacher.model
+        train_teacher = EnsembleTeacher(
+            lives,
+            [m.weight for m in ens.ensemble],
+            rule=ens.combine,
+            weighting=ens.weighting,
+            kd_temperature=cfg.kd.kd_temperature,
+            names=[describe_model(m.model) for m in ens.ensemble],
         )
-        s.announce(f"lm_kd: the student learns from the {train_teacher.describe()}, through {how}")
+    if cfg.teacher.cache is not None:  # train from its top-k, written here when missing
+        train_teacher = lm_teacher_cache(cfg, s, tokenizer, data, teacher, chunked)
+    monitor = _monitor(cfg, data, vocab, teacher, t_device, acc.device, tokenizer)
     kd, opc = cfg.kd, cfg.on_policy
-    monitor = None
-    if cfg.eval.monitor.every:
-        mon = cfg.eval.monitor
-        oracle = None
-        if mon.oracle is not None:
-            oracle_model = load_causal_lm(Path(mon.oracle), dtype=teacher.model.dtype)
-            check_same_tokenizer(load_tokenizer_folder(mon.oracle), tokenizer)
-            oracle = LiveLMTeacher(
-                oracle_model,
-                vocab_size=vocab,
-                device=t_device,
-                dtype=teacher.model.dtype,
-                output_device=acc.device,
-                signal=TeacherSignal.LOGITS,
-            )
-        monitor = Monitor(
-            mon.every,
-            data.eval_batches(cfg.eval.batch_size)[: max(1, mon.examples // cfg.eval.batch_size)],
-            vocab,
-            teacher,
-            oracle,
-        )
     if opc.fraction > 0:
-        s.announce(
-            f"lm_kd: on-policy fraction λ={opc.fraction:g}: on {'every step' if opc.fraction >= 1 else f'~{100 * opc.fraction:.0f}% of steps'} "
-            f"the student samples completions (sampling_temperature={opc.sampling_temperature:g}, top_p={opc.top_p:g}, "
-            f"≤{opc.max_new_tokens} new tokens, KV cache, eval mode) for the batch's prompts, the teacher scores them and "
-            f"the loss is T²·{kd.divergence.value} on the sampled tokens only (no hard CE there); other steps use the dataset; "
-            f"generation and training time logged separately (gen_s, train_s); samples kept in student/samples.jsonl"
-        )
+        s.announce(_on_policy_line(cfg))
+    rows = f"{loss_chunk_rows(kd.chunk_size, vocab, fused=chunked, device=acc.device)} rows"
+    precision = cfg.train.mixed_precision.value
     s.announce(
-        f"lm_kd: teacher {teacher.describe()}; student {student_source} ({count_parameters(student_init).total:,} params, float32"
-        f"{', autocast ' + cfg.train.mixed_precision.value if cfg.train.mixed_precision.value != 'no' else ''}); "
-        f"loss = {1 - kd.kd_weight:g}·CE + {kd.kd_weight:g}·T²·{kd.divergence.value}{kd.divergence_params or ''} at kd_temperature={kd.kd_temperature:g} "
-        f"({'chunked from hidden states' if chunked else 'full logits'}, loss in chunks of {loss_chunk_rows(kd.chunk_size, vocab, fused=chunked, device=acc.device)} rows); vocab policy: tokenizer {vocab} ids, logits sliced to it "
-        f"(teacher {output_vocab_rows(teacher_model)} rows, student {output_vocab_rows(student_init)}); data {cfg.data.format.value}, "
-        f"{len(data.train)} train / {len(data.eval)} held-out examples; {_regime(kd.kd_weight, opc.fraction)}; "
-        f"{acc.num_processes} process(es) on {acc.device}, each running the teacher on its own shard"
+        f"lm_kd: teacher {train_teacher.describe()}; student {student_source} "
+        f"({count_parameters(student_init).total:,} params, float32"
+        f"{', autocast ' + precision if precision != 'no' else ''}); "
+        f"loss = {1 - kd.kd_weight:g}·CE + {kd.kd_weight:g}·T²·{kd.divergence.value}"
+        f"{kd.divergence_params or ''} at kd_temperature={kd.kd_temperature:g} "
+        f"({'chunked from hidden states' if chunked else 'full logits'}, loss in chunks of {rows}); "
+        f"vocab policy: tokenizer {vocab} ids, logits sliced to it (teacher "
+        f"{output_vocab_rows(teacher_model)} rows, student {output_vocab_rows(student_init)}); "
+        f"data {cfg.data.format.value}, {len(data.train)} train / {len(data.eval)} held-out examples; "
+        f"{_regime(kd.kd_weight, opc.fraction)}; {acc.num_processes} process(es) on {acc.device}, "
+        "each running the teacher on its own shard"
     )
     log = MetricsLog(s.run_dir / "metrics.jsonl", acc, acc.is_main_process)
     common: dict[str, Any] = {
@@ -518,6 +505,112 @@ def main(cfg: Config, s: Session) -> dict[str, Any]:
     return report
 
 
+def teacher_sources(source: ModelSource) -> list[ModelSource]:
+    """The teacher's model source, or each ensemble member's."""
+    if isinstance(source, EnsembleModel):
+        return [m.model for m in source.ensemble]
+    return [source]
+
+
+def load_run_tokenizer(folder: str | None, teacher: ModelSource) -> PreTrainedTokenizerBase:
+    """The run's tokenizer (``tokenizer``, else the teacher's folder), checked against every
+    teacher folder that carries one: the data must be the teacher's ids."""
+    folders = [m.hf for m in teacher_sources(teacher) if isinstance(m, HFModel)]
+    tokenizer = load_tokenizer_folder(folder or folders[0])
+    for other in folders:
+        if (folder or len(folders) > 1) and any(
+            (Path(other) / f).is_file() for f in TOKENIZER_FILES
+        ):
+            check_same_tokenizer(load_tokenizer_folder(other), tokenizer)
+    return tokenizer
+
+
+def lm_teacher_cache(
+    cfg: Config, s: Session, tokenizer: Any, data: LMData, teacher: LiveLMTeacher, chunked: bool
+) -> CachedTeacher:
+    """Open ``teacher.cache`` for this run, writing (or completing) it first when it is missing
+    and ``write`` is ``auto``; refused unless it was made for this teacher, data and settings."""
+    settings = cfg.teacher.cache
+    assert settings is not None
+    acc = s.accelerator
+    if settings.write is CacheWrite.AUTO and not cache_complete(settings.path):
+        started = time.perf_counter()
+        write_cache(cache_job(cfg), teacher_model=teacher.model, tokenizer=tokenizer)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            s.write_json(
+                s.run_dir / "teacher-cache.json",
+                {"path": settings.path, "seconds": time.perf_counter() - started},
+            )
+    cached = open_lm_cache(
+        settings.path,
+        tokenizer=tokenizer,
+        dataset=data.train,
+        sequence_length=cfg.data.max_length,
+        kd_temperature=cfg.kd.kd_temperature,
+        vocab_size=teacher.vocab_size,
+        teacher_model=teacher.model,
+        output_device=acc.device,
+        signal=TeacherSignal.LOGITS if chunked else TeacherSignal.SPARSE,
+    )
+    how = (
+        "dense logits rebuilt from it (chunked path: tail mass spread evenly over the other ids)"
+        if chunked
+        else "the importance-sampled estimate of the divergence (unbiased)"
+        if cached.reader.sampled
+        else f"the exact top-{cached.k} head + sampled tail: an unbiased forward-KL estimate "
+        "(no dense teacher logits)"
+        if cached.reader.manifest.get("tail_samples")
+        else f"the exact top-{cached.k} + tail divergence on k + 1 buckets (no dense teacher logits)"
+    )
+    s.announce(f"lm_kd: the student learns from the {cached.describe()}, through {how}")
+    return cached
+
+
+def _monitor(
+    cfg: Config,
+    data: LMData,
+    vocab: int,
+    teacher: LiveLMTeacher,
+    t_device: torch.device,
+    device: torch.device,
+    tokenizer: Any,
+) -> Monitor | None:
+    """The teacher-hacking monitor (held-out KL to the teacher, and to an oracle), when asked."""
+    mon = cfg.eval.monitor
+    if not mon.every:
+        return None
+    oracle = None
+    if mon.oracle is not None:
+        oracle_model = load_causal_lm(Path(mon.oracle), dtype=teacher.model.dtype)
+        check_same_tokenizer(load_tokenizer_folder(mon.oracle), tokenizer)
+        oracle = LiveLMTeacher(
+            oracle_model,
+            vocab_size=vocab,
+            device=t_device,
+            dtype=teacher.model.dtype,
+            output_device=device,
+            signal=TeacherSignal.LOGITS,
+        )
+    batches = data.eval_batches(cfg.eval.batch_size)
+    return Monitor(
+        mon.every, batches[: max(1, mon.examples // cfg.eval.batch_size)], vocab, teacher, oracle
+    )
+
+
+def _on_policy_line(cfg: Config) -> str:
+    opc, kd = cfg.on_policy, cfg.kd
+    share = "every step" if opc.fraction >= 1 else f"~{100 * opc.fraction:.0f}% of steps"
+    return (
+        f"lm_kd: on-policy fraction λ={opc.fraction:g}: on {share} the student samples completions "
+        f"(sampling_temperature={opc.sampling_temperature:g}, top_p={opc.top_p:g}, "
+        f"≤{opc.max_new_tokens} new tokens, KV cache, eval mode) for the batch's prompts, the "
+        f"teacher scores them and the loss is T²·{kd.divergence.value} on the sampled tokens only "
+        "(no hard CE there); other steps use the dataset; generation and training time logged "
+        "separately (gen_s, train_s); samples kept in student/samples.jsonl"
+    )
+
+
 def _regime(kd_weight: float, fraction: float) -> str:
     """The training regime, for the mode line."""
     if kd_weight == 0:
@@ -529,67 +622,22 @@ def _regime(kd_weight: float, fraction: float) -> str:
     return "off-policy (teacher scores the dataset)"
 
 
-def _check_on_policy(cfg: Config, teacher: PreTrainedModel, student: PreTrainedModel) -> None:
-    """Refuse on-policy settings that cannot run, before step 0 (never a silent fallback)."""
+def _check_context(cfg: Config, models: list[PreTrainedModel]) -> None:
+    """Refuse on-policy sequences longer than a model's context, before step 0."""
     opc = cfg.on_policy
     if opc.fraction == 0:
         return
-    if cfg.kd.kd_weight == 0:
-        raise DistilError(
-            "on_policy.fraction > 0 needs a teacher to score the samples: set kd.kd_weight > 0 (or on_policy.fraction=0)"
-        )
-    if cfg.teacher.cache is not None:
-        raise DistilError(
-            "on_policy.fraction > 0 needs a live teacher (a cache cannot score text the student writes during training): drop teacher.cache or set on_policy.fraction=0"
-        )
     prompt = opc.prompt_tokens if cfg.data.format.value == "text" else cfg.data.max_length
-    for role, m in (("teacher", teacher), ("student", student)):
+    for i, m in enumerate(models):
+        role = "student" if i == len(models) - 1 else "teacher"
         context = int(getattr(m.config, "max_position_embeddings", 0) or 0)
         if context and prompt + opc.max_new_tokens > context:
             raise DistilError(
-                f"on-policy sequences reach {prompt} prompt + {opc.max_new_tokens} new tokens = {prompt + opc.max_new_tokens}, "
-                f"beyond the {role}'s context of {context}: lower on_policy.max_new_tokens or "
+                f"on-policy sequences reach {prompt} prompt + {opc.max_new_tokens} new tokens = "
+                f"{prompt + opc.max_new_tokens}, beyond the {role}'s context of {context}: lower "
+                "on_policy.max_new_tokens or "
                 f"{'on_policy.prompt_tokens' if cfg.data.format.value == 'text' else 'data.max_length'}"
             )
-
-
-def evaluate_models(
-    models: list[tuple[str, Any, Teacher | None]],
-    data: LMData,
-    vocab: int,
-    ev: EvalSection,
-    tokenizer: Any,
-    seed: int,
-) -> tuple[list[dict[str, Any]], str]:
-    """Report rows (held-out metrics, size, generation speed) and side-by-side sample generations."""
-    gen, batches = ev.generation, data.eval_batches(ev.batch_size)
-    speed = {
-        "speed_batch": gen.speed_batch,
-        "speed_prompt_tokens": gen.prompt_tokens,
-        "speed_new_tokens": gen.speed_new_tokens,
-    }
-    rows = [
-        lm_eval.model_summary(
-            role, m, batches, vocab_size=vocab, teacher=t, pad_token_id=data.pad_token_id, **speed
-        )
-        for role, m, t in models
-    ]
-    samples = []
-    for i, prompt in enumerate(lm_eval.prompts_from(data.eval, gen.prompts, gen.prompt_tokens)):
-        samples.append(
-            f"### Prompt {i + 1}\n\n```\n{tokenizer.decode(prompt, skip_special_tokens=True)}\n```\n"
-        )
-        for role, model, _ in models:
-            text = lm_eval.generate_texts(
-                model,
-                [prompt],
-                tokenizer,
-                max_new_tokens=gen.max_new_tokens,
-                sampling_temperature=gen.sampling_temperature,
-                seed=seed,
-            )[0]
-            samples.append(f"**{role}**\n\n```\n{text}\n```\n")
-    return rows, "\n".join(samples)
 
 
 def build_report(

@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from distil.errors import DistilError
+from distil.storage import fsync_dir, fsync_file
 
 logger = logging.getLogger(__name__)
 
@@ -37,19 +38,6 @@ class TrainState:
     epoch: int
     batch_in_epoch: int
     extra: dict[str, Any]
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save_rng_state(folder: Path) -> None:
@@ -110,10 +98,10 @@ def save_checkpoint(
         )
     )
     for f in tmp.iterdir():
-        _fsync_file(f)
+        fsync_file(f)
     (tmp / MARKER).write_text("ok\n")
-    _fsync_file(tmp / MARKER)
-    _fsync_dir(tmp)
+    fsync_file(tmp / MARKER)
+    fsync_dir(tmp)
     if final.exists():  # a rerun of the same step: replace atomically via a second rename
         trash = folder / f".old-step-{state.step}-{os.getpid()}"
         final.rename(trash)
@@ -121,7 +109,7 @@ def save_checkpoint(
         shutil.rmtree(trash, ignore_errors=True)
     else:
         tmp.rename(final)
-    _fsync_dir(folder)
+    fsync_dir(folder)
     for old in list_checkpoints(folder)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -6,7 +6,6 @@ own Accelerator, so device placement and multi-process execution are configured 
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ from typing import Any
 
 from rich.console import Console
 
+from distil.storage import atomic_write_json
 from distil.training.run_dir import environment, write_env
 
 logger = logging.getLogger(__name__)
@@ -36,10 +36,8 @@ class Session:
                 f.write(text + "\n")
 
     def write_json(self, path: Path, payload: Any) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(payload))
-        tmp.replace(path)
+        """Write ``payload`` as JSON, atomically (a kill leaves the old file or the new one)."""
+        atomic_write_json(path, payload)
 
 
 def open_session(

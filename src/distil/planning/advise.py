@@ -751,20 +751,21 @@ def advise_classifier(
     """
     import torch
 
+    from distil.config.sources import ZooModel
+    from distil.data.classification import load_data
     from distil.evaluation.cost import cpu_latency_ms, cpu_threads, peak_forward_memory_bytes
     from distil.models.classifier import build_classifier, count_parameters, logits_of
-    from distil.recipes.classifier_kd import load_data
 
-    data = load_data(cfg)
+    data = load_data(cfg.data)
     spec = cfg.teacher.model
-    if spec.zoo is None:
+    if not isinstance(spec, ZooModel):
         raise DistilError(
             "advise builds classifier candidates for zoo teachers only; give an hf folder for a transformer"
         )
 
     def measure(zoo: str, kwargs: dict[str, Any]) -> dict[str, Any]:
         torch.manual_seed(0)
-        built = build_classifier(zoo=zoo, hf=None, factory=None, kwargs=kwargs, data=data)
+        built = build_classifier(ZooModel(zoo=zoo, kwargs=kwargs), data)
         module = built.module.eval()
         inputs = built.encoder(data.test)
         one = {k: v[:1] for k, v in inputs.items()}
