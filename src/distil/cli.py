@@ -361,7 +361,7 @@ def advise(
 def _cache_write(config: str, overrides: list[str]) -> None:
     """Write (or complete) the ``teacher.cache`` of any recipe's config ahead of training; the
     run then reads it instead of running the teacher (the same writer the run uses itself)."""
-    from distil.training.session import open_session
+    from distil.training.session import Session, open_session
 
     recipe, cfg, _ = load_config(config, overrides)
     module = load_recipe(recipe)
@@ -372,17 +372,21 @@ def _cache_write(config: str, overrides: list[str]) -> None:
         raise DistilError(
             f"{recipe}: teacher.cache is not set; say where it goes: teacher.cache.path=runs/teacher-cache"
         )
-    session = open_session(
-        lambda: Path(cache.path) / "work",
-        resume=True,
-        device=cfg.train.device.value,
-        mixed_precision="no",
-        log_with=[],
-        project=recipe,
-        cpu_threads=cfg.run.cpu_threads,
-    )
-    path = module.write_teacher_cache(cfg, session)
-    if session.accelerator.is_main_process:
+
+    def session() -> Session:  # recipes that run their teacher through Accelerate ask for one
+        return open_session(
+            lambda: Path(cache.path) / "work",
+            resume=True,
+            device=cfg.train.device.value,
+            mixed_precision="no",
+            log_with=[],
+            project=recipe,
+            cpu_threads=cfg.run.cpu_threads,
+        )
+
+    path, main_process, done = module.write_teacher_cache(cfg, session)
+    console.print(f"[bold]cache[/bold] {escape(str(path))}: {done}", soft_wrap=True)
+    if main_process:
         _cache_inspect(path, verify=False)
 
 

@@ -16,7 +16,7 @@ runner = CliRunner()
 BASE = [
     "run",
     "classifier_kd",
-    "data.dataset=digits",
+    "data.source={builtin: digits}",
     "teacher.model.kwargs.channels=[8,16]",
     "teacher.training.epochs=2",
     "student.model.zoo=cnn",

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from distil.cli import app
 
 FAST = [
-    "data.dataset=digits",
+    "data.source={builtin: digits}",
     "teacher.training.epochs=2",
     "teacher.model.kwargs.channels=[8,16]",
     "train.epochs=2",
@@ -92,7 +92,7 @@ def test_resume_after_sigkill_gives_identical_weights(tmp_path: Path) -> None:
     args = [
         "run",
         "classifier_kd",
-        "data.dataset=digits",
+        "data.source={builtin: digits}",
         "teacher.training.epochs=1",
         "teacher.model.kwargs.channels=[8,16]",
         "train.epochs=12",
@@ -169,15 +169,14 @@ def test_bad_inputs_stop_before_training(tmp_path: Path) -> None:
     cases = {
         "missing file": (
             [
-                "data.dataset=null",
-                f"data.train_file={tmp_path / 'none.csv'}",
+                f"data.source={{train: [{tmp_path / 'none.csv'}]}}",
                 "data.image_column=pixels",
             ],
             "data file not found",
         ),
         "teacher without weights": (["teacher.train=false"], "zoo teacher has no weights"),
         "teacher checkpoint of another shape": (
-            ["teacher.train=false", f"teacher.checkpoint={tmp_path / 'w.safetensors'}"],
+            ["teacher.train=false", f"teacher.model.weights={tmp_path / 'w.safetensors'}"],
             "does not fit the model",
         ),
     }
@@ -187,7 +186,7 @@ def test_bad_inputs_stop_before_training(tmp_path: Path) -> None:
     header_only = tmp_path / "empty.csv"
     header_only.write_text("pixels,label\n")
     cases["empty dataset"] = (
-        ["data.dataset=null", f"data.train_file={header_only}", "data.image_column=pixels"],
+        [f"data.source={{train: [{header_only}]}}", "data.image_column=pixels"],
         "empty",
     )
     for name, (overrides, expected) in cases.items():
@@ -212,8 +211,7 @@ def test_teacher_with_other_number_of_classes_is_refused(tmp_path: Path) -> None
             "run",
             "classifier_kd",
             *FAST,
-            "data.dataset=null",
-            f"data.train_file={data}",
+            f"data.source={{train: [{data}]}}",
             "data.image_column=pixels",
             "teacher.train=false",
             "teacher.model.factory=tests.integration.factories:five_class_mlp",
@@ -236,8 +234,7 @@ def test_nan_loss_stops_with_step_batch_and_last_good_checkpoint(tmp_path: Path)
         [
             "run",
             "classifier_kd",
-            "data.dataset=null",
-            f"data.train_file={data}",
+            f"data.source={{train: [{data}]}}",
             "data.image_column=pixels",
             "data.test_fraction=0.1",
             "teacher.training.batch_size=8",

@@ -162,7 +162,7 @@ def test_on_policy_settings_that_cannot_run_are_refused(
 ) -> None:
     cases = {
         "kd.kd_weight=0": "needs a teacher to score the samples",
-        "teacher.cache=somewhere": "needs a live teacher",
+        "teacher.cache.path=somewhere": "needs a live teacher",
         "on_policy.max_new_tokens=60": "beyond the",
     }
     for override, message in cases.items():

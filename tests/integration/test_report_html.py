@@ -19,7 +19,7 @@ from distil.cli import app
 from distil.evaluation.report import fmt, fmt_bytes
 
 TINY = [
-    "data.dataset=digits",
+    "data.source={builtin: digits}",
     "teacher.training.epochs=2",
     "teacher.model.kwargs.channels=[8,16]",
     "train.epochs=2",

@@ -49,28 +49,28 @@ def test_all_errors_reported_together_with_dotted_keys_and_did_you_mean() -> Non
     with pytest.raises(ConfigError) as info:
         load_config(
             "classifier_kd",
-            ["train.lr=-1", "train.epocs=3", "kd.kd_temperature=hot", "data.datset=digits"],
+            ["train.lr=-1", "train.epocs=3", "kd.kd_temperature=hot", "data.sorce=digits"],
         )
     text = str(info.value)
     assert "train.lr: Input should be greater than 0" in text
     assert "train.epocs: unknown key; did you mean 'train.epochs'?" in text
     assert "kd.kd_temperature:" in text and "'hot'" in text
-    assert "data.datset: unknown key; did you mean 'data.dataset'?" in text
+    assert "data.sorce: unknown key; did you mean 'data.source'?" in text
     assert len(info.value.problems) == 4
 
 
 def test_unknown_dataset_and_recipe_named() -> None:
     with pytest.raises(ConfigError, match="did you mean 'digits'"):
-        load_config("classifier_kd", ["data.dataset=digit"])
+        load_config("classifier_kd", ["data.source={builtin: digit}"])
     with pytest.raises(ConfigError, match="did you mean 'classifier_kd'"):
         load_config("classifier_kd", ["recipe=classifer_kd"])
 
 
-def test_model_spec_needs_exactly_one_source() -> None:
-    with pytest.raises(
-        ConfigError, match="student.model: Value error, set exactly one of zoo, hf, factory"
-    ):
-        load_config("classifier_kd", ["student.model.hf=/tmp/x"])
+def test_model_source_names_exactly_one_kind() -> None:
+    with pytest.raises(ConfigError, match="student.model: a model names exactly one of: zoo, fac"):
+        load_config("classifier_kd", ["student.model.hf=/tmp/x"])  # on top of the zoo mlp
+    with pytest.raises(ConfigError, match="student.model: package models are not supported here"):
+        load_config("classifier_kd", ["student.model={package: x}"])
 
 
 def test_config_is_frozen() -> None:

@@ -45,7 +45,19 @@ class LMSpec(StrictModel):
     )
 
 
-class ZooModel(StrictModel):
+class _Source(StrictModel):
+    """A model source. Keys of the other kinds set to null are dropped, so an override can
+    switch kinds by nulling the old one (``teacher.model.zoo=null teacher.model.hf=DIR``)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_null_kinds(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: v for k, v in value.items() if not (k in MODEL_KINDS and v is None)}
+        return value
+
+
+class ZooModel(_Source):
     """A built-in architecture of distil's model zoo (classifiers: mlp, cnn, resnet)."""
 
     zoo: str
@@ -53,7 +65,7 @@ class ZooModel(StrictModel):
     weights: str | None = Field(default=None, description="safetensors weights to load")
 
 
-class FactoryModel(StrictModel):
+class FactoryModel(_Source):
     """Any ``nn.Module``: ``package.module:function`` called with the data's shape and ``kwargs``."""
 
     factory: str
@@ -61,7 +73,7 @@ class FactoryModel(StrictModel):
     weights: str | None = Field(default=None, description="safetensors weights to load")
 
 
-class HFModel(StrictModel):
+class HFModel(_Source):
     """A local Hugging Face model folder (config, safetensors, tokenizer)."""
 
     hf: str
@@ -71,13 +83,13 @@ class HFModel(StrictModel):
     trust_remote_code: bool = False
 
 
-class PackageModel(StrictModel):
+class PackageModel(_Source):
     """A model folder shipped inside a pip package (its ``get_model_path()``)."""
 
     package: str
 
 
-class SpecModel(StrictModel):
+class SpecModel(_Source):
     """A causal LM built in code from a shape, randomly initialised from ``seed``."""
 
     spec: LMSpec
@@ -108,7 +120,7 @@ class LayerSubset(StrictModel):
         return self
 
 
-class FromTeacher(StrictModel):
+class FromTeacher(_Source):
     """A student made from the teacher's own blocks (DistilBERT / Minitron style)."""
 
     from_teacher: LayerSubset
@@ -141,7 +153,7 @@ class EnsembleMember(StrictModel):
     weight: float = Field(default=1.0, gt=0, description="static weight (normalised over members)")
 
 
-class EnsembleModel(StrictModel):
+class EnsembleModel(_Source):
     """Several teachers combined into one target (multi-teacher distillation)."""
 
     ensemble: list[EnsembleMember] = Field(min_length=2)

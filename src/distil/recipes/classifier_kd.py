@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -29,7 +30,6 @@ from distil.config.sections import RunSection, TrainSection
 from distil.config.sources import (
     CacheWrite,
     EnsembleModel,
-    FactoryModel,
     ModelSource,
     TeacherCache,
     ZooModel,
@@ -113,7 +113,7 @@ class TeacherSection(StrictModel):
         for key, m in [("teacher.model", self.model)] + [
             (f"teacher.model.ensemble.{i}.model", e.model) for i, e in enumerate(members)
         ]:
-            if isinstance(m, ZooModel | FactoryModel) and m.weights is None and not self.train:
+            if isinstance(m, ZooModel) and m.weights is None and not self.train:
                 raise ValueError(
                     f"{key}: a {model_kind(m)} teacher has no weights: set {key}.weights: FILE.safetensors, "
                     "or teacher.train: true"
@@ -336,8 +336,11 @@ def train_phase(
         if step.ends_epoch and tcfg.eval_every_epoch and evaluate is not None:
             logits = metrics.predict_logits(phase.unwrapped(), evaluate[0])
             phase.log_values({metric: metrics.accuracy(logits, evaluate[1]), "epoch": step.epoch})
-    source = teacher.describe() if teacher is not None else "none"
-    phase.finish(export=lambda folder: save_model(built, folder), summary={"kd_source": source})
+    where = "cache" if cfg.teacher.cache is not None else "live teacher"
+    summary = (
+        {"kd_source": where, "teacher": teacher.describe()} if teacher else {"kd_source": "none"}
+    )
+    phase.finish(export=lambda folder: save_model(built, folder), summary=summary)
     built.module = phase.unwrapped()
 
 
@@ -571,8 +574,10 @@ def fresh_student(cfg: Config, data: ClassificationData) -> BuiltModel:
     return build_classifier(cfg.student.model, data)
 
 
-def write_teacher_cache(cfg: Config, s: Session) -> Path:
-    """``distil cache``: write (or complete) ``teacher.cache`` ahead of training."""
+def write_teacher_cache(cfg: Config, session: Callable[[], Session]) -> tuple[Path, bool, str]:
+    """``distil cache``: write (or complete) ``teacher.cache`` ahead of training; returns the
+    folder, whether this is the main process, and what it did."""
+    s = session()
     if cfg.teacher.train or cfg.teacher.cache is None:
         raise DistilError(
             "distil cache runs a trained teacher: set teacher.model.weights (and teacher.train: "
@@ -586,7 +591,7 @@ def write_teacher_cache(cfg: Config, s: Session) -> Path:
     teacher, lives = live_teacher(cfg, s, members, data.train, names)
     labels = torch.from_numpy(data.train.labels)
     teacher_cache(cfg, s, teacher, lives, labels, names, write=True)
-    return Path(cfg.teacher.cache.path)
+    return Path(cfg.teacher.cache.path), s.accelerator.is_main_process, "written"
 
 
 def main(cfg: Config, s: Session) -> dict[str, Any]:

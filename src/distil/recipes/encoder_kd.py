@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -536,7 +537,8 @@ def train_student(
         student.model = phase.unwrapped().model
         save_sentence_encoder(student, folder)
 
-    phase.finish(export=export, summary={"kd_source": teacher.describe()})
+    where = "cache" if cfg.teacher.cache is not None else "live teacher"
+    phase.finish(export=export, summary={"kd_source": where, "teacher": teacher.describe()})
     student.model = phase.unwrapped().model
 
 
@@ -594,14 +596,16 @@ def teacher_members(cfg: Config) -> list[Encoder]:
     return members
 
 
-def write_teacher_cache(cfg: Config, s: Session) -> Path:
-    """``distil cache``: write (or complete) ``teacher.cache`` ahead of training."""
+def write_teacher_cache(cfg: Config, session: Callable[[], Session]) -> tuple[Path, bool, str]:
+    """``distil cache``: write (or complete) ``teacher.cache`` ahead of training; returns the
+    folder, whether this is the main process, and what it did."""
+    s = session()
     assert cfg.teacher.cache is not None
     members = teacher_members(cfg)
     plain = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"cache": None})})
     teacher = make_teacher(plain, s, members, load_corpus(cfg), [])
     teacher_embedding_cache(cfg, s, teacher, members, load_corpus(cfg), write=True)
-    return Path(cfg.teacher.cache.path)
+    return Path(cfg.teacher.cache.path), s.accelerator.is_main_process, "written"
 
 
 def main(cfg: Config, s: Session) -> dict[str, Any]:

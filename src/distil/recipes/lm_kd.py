@@ -13,6 +13,7 @@ import copy
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -384,9 +385,14 @@ def _keep_sample(phase_dir: Path, step: int, cols: dict[str, Tensor], tokenizer:
         f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
-def write_teacher_cache(cfg: Config, s: Session) -> Path:
-    """``distil cache``: write (or complete) ``teacher.cache`` ahead of training."""
-    return write_cache(cache_job(cfg)).path
+def write_teacher_cache(cfg: Config, session: Callable[[], Session]) -> tuple[Path, bool, str]:
+    """``distil cache``: write (or complete) ``teacher.cache`` ahead of training. The writer
+    splits shards over ``RANK``/``WORLD_SIZE`` itself; returns the folder, whether this process
+    merged the manifest, and what it did."""
+    result = write_cache(cache_job(cfg))
+    merging = "" if result.merged else "; rank 0 merges the manifest"
+    done = f"wrote {result.shards_written} shard(s), {result.shards_skipped} already complete"
+    return result.path, result.merged, done + merging
 
 
 def main(cfg: Config, s: Session) -> dict[str, Any]:
@@ -398,7 +404,7 @@ def main(cfg: Config, s: Session) -> dict[str, Any]:
     student_init, student_source = make_student(
         cfg.student.model, teacher_model, tokenizer, seed=STUDENT_SEED
     )
-    for role, m in [("student", student_init)] + [("teacher", t) for t in members]:
+    for role, m in [("teacher", t) for t in members] + [("student", student_init)]:
         check_model_fits(m, tokenizer, cfg.data.max_length, role)
     _check_context(cfg, [*members, student_init])
     vocab = check_vocab_alignment(
