@@ -111,6 +111,8 @@ def test_lm_kd_trains_from_sparse_caches_with_the_exact_sparse_loss(
         "topk+tail": "top-8 head + sampled tail",
     }[targets]
     assert expected in mode
+    # the teacher the mode line names is the cache, never a live full-logits teacher (item 6)
+    assert "teacher cached" in mode and "live LlamaForCausalLM" not in mode
     got = _kd_raw(run_dir)
     # an unbiased estimate (sampled tail) can dip below 0 when the student is this close to the teacher
     low = -0.05 if targets == "topk+tail" else 0.0

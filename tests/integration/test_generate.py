@@ -304,7 +304,6 @@ def test_lm_kd_trains_on_the_generated_folder(
         "data.format=prompt_completion",
         f"kd.kd_weight={kd_weight}",
         "train.max_steps=2",
-        "eval.baseline=false",
         "--run-dir",
         str(run_dir),
     ]
@@ -318,3 +317,7 @@ def test_lm_kd_trains_on_the_generated_folder(
     # kd_weight 0 is fine-tuning on the teacher's text: the teacher is not run while training
     assert ("the teacher only evaluates" in mode) == (kd_weight == "0")
     assert all(("kd/raw" in m) == (kd_weight != "0") for m in steps)
+    # with kd_weight 0 the baseline would train the same objective: none is trained or reported
+    # as a gain (issue 13, item 6); with a teacher term, it is
+    assert (run_dir / "baseline" / "final").is_dir() == (kd_weight != "0")
+    assert ("no baseline" in mode) == (kd_weight == "0")

@@ -376,3 +376,25 @@ def test_log_with_rejects_unknown_and_missing_trackers() -> None:
         with pytest.raises(ValueError, match="pip install wandb"):
             RunSection(log_with=["wandb"])
     assert RunSection(log_with=["tensorboard"]).log_with == ["tensorboard"]
+
+
+def test_teacher_overhead_is_only_claimed_for_a_live_teacher() -> None:
+    """A run that trained from a cache never reads "the live teacher made the KD phase slower"."""
+    from distil.evaluation.report import _training_part
+
+    def rows(source: str) -> list[dict[str, object]]:
+        return [
+            {"phase": "student", "step": 1, "time_s": 1.0, "loss": 1.0},
+            {
+                "phase": "student",
+                "step": 2,
+                "time_s": 21.0,
+                "kd_source": source,
+                "train_wall_s": 20.0,
+            },
+            {"phase": "baseline", "step": 1, "time_s": 22.0, "loss": 1.0},
+            {"phase": "baseline", "step": 2, "time_s": 32.0, "train_wall_s": 10.0},
+        ]
+
+    assert _training_part(rows("live teacher"), {}).get("teacher_overhead") is not None
+    assert "teacher_overhead" not in _training_part(rows("cache"), {})

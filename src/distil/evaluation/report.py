@@ -347,9 +347,11 @@ def _training_part(rows: Sequence[Mapping[str, Any]], roles: Mapping[str, str]) 
     times = training_times(rows)
     phases = times["phases"]
     student, baseline = phases.get("student"), phases.get("baseline")
-    if student and baseline:
+    sources = [r["kd_source"] for r in rows if r.get("phase") == "student" and "kd_source" in r]
+    live = not sources or sources[-1] == "live teacher"  # runs from before kd_source: live
+    if student and baseline and live:
         # The KD student and the baseline train the same model on the same batches: the
-        # difference is what the live teacher costs.
+        # difference is what the live teacher costs (not said of a cache: it costs no teacher)
         times["teacher_overhead"] = (student - baseline) / baseline
     return times
 

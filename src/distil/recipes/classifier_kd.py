@@ -658,7 +658,13 @@ def main(cfg: Config, s: Session) -> dict[str, Any]:
         features,
     )
     baseline = None
-    if cfg.eval.baseline:
+    same_objective = kd.kd_weight == 0 and not features  # the teacher would teach nothing
+    if cfg.eval.baseline and same_objective:
+        s.announce(
+            "classifier_kd: no baseline: with kd.kd_weight=0 the student's objective is the "
+            "baseline's (CE on the same data), so a gain over it would be noise"
+        )
+    if cfg.eval.baseline and not same_objective:
         baseline = fresh_student(cfg, data)
         train_phase("baseline", s, baseline, cfg, cfg.train, (s_train, train_labels), log, evaluate)
     if not acc.is_main_process:

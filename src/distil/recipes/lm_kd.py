@@ -466,8 +466,7 @@ def main(cfg: Config, s: Session) -> dict[str, Any]:
         f"lm_kd: teacher {train_teacher.describe()}; student {student_source} "
         f"({count_parameters(student_init).total:,} params, float32"
         f"{', autocast ' + precision if precision != 'no' else ''}); "
-        f"loss = {1 - kd.kd_weight:g}·CE + {kd.kd_weight:g}·T²·{kd.divergence.value}"
-        f"{kd.divergence_params or ''} at kd_temperature={kd.kd_temperature:g} "
+        f"loss = {_loss_line(kd, opc.fraction)} "
         f"({'chunked from hidden states' if chunked else 'full logits'}, loss in chunks of {rows}); "
         f"vocab policy: tokenizer {vocab} ids, logits sliced to it (teacher "
         f"{output_vocab_rows(teacher_model)} rows, student {output_vocab_rows(student_init)}); "
@@ -475,6 +474,11 @@ def main(cfg: Config, s: Session) -> dict[str, Any]:
         f"{_regime(kd.kd_weight, opc.fraction)}; {acc.num_processes} process(es) on {acc.device}, "
         "each running the teacher on its own shard"
     )
+    if cfg.eval.baseline and kd.kd_weight == 0:
+        s.announce(
+            "lm_kd: no baseline: with kd.kd_weight=0 the student's objective is the baseline's "
+            "(CE on the same data), so a gain over it would be noise"
+        )
     log = MetricsLog(s.run_dir / "metrics.jsonl", acc, acc.is_main_process)
     common: dict[str, Any] = {
         "seed": cfg.seed,
@@ -499,7 +503,7 @@ def main(cfg: Config, s: Session) -> dict[str, Any]:
         **common,
     )
     baseline = None
-    if cfg.eval.baseline:
+    if cfg.eval.baseline and kd.kd_weight > 0:
         baseline = train_phase(
             "baseline", s, copy.deepcopy(student_init), data, cfg.train, chunked=chunked, **common
         )
@@ -615,6 +619,19 @@ def _on_policy_line(cfg: Config) -> str:
         "(no hard CE there); other steps use the dataset; generation and training time logged "
         "separately (gen_s, train_s); samples kept in student/samples.jsonl"
     )
+
+
+def _loss_line(kd: KDSection, fraction: float) -> str:
+    """What the student minimises, as the mode line states it: true for every regime."""
+    soft = f"T²·{kd.divergence.value}{kd.divergence_params or ''} at kd_temperature={kd.kd_temperature:g}"
+    if kd.kd_weight == 0:
+        return "CE on the data (kd_weight=0: no teacher term)"
+    if fraction >= 1:
+        return f"{soft} on the student's own samples (no CE: every step is on-policy)"
+    mixed = f"{1 - kd.kd_weight:g}·CE + {kd.kd_weight:g}·{soft}"
+    if fraction > 0:
+        return f"{mixed} on dataset steps, {soft} alone on sampled steps"
+    return mixed
 
 
 def _regime(kd_weight: float, fraction: float) -> str:
