@@ -398,3 +398,18 @@ def test_teacher_overhead_is_only_claimed_for_a_live_teacher() -> None:
 
     assert _training_part(rows("live teacher"), {}).get("teacher_overhead") is not None
     assert "teacher_overhead" not in _training_part(rows("cache"), {})
+
+
+def test_a_student_made_worse_is_warned_about_first_in_every_rendering() -> None:
+    from distil.evaluation.html import render_html
+    from distil.evaluation.report import render_markdown
+    from distil.recipes.encoder_kd import regressions
+
+    before = {"spearman": 0.675, "recall_at_k": 0.36}
+    assert regressions(before, {"spearman": 0.70, "recall_at_k": 0.40}, 10) == []
+    warnings = regressions(before, {"spearman": 0.632, "recall_at_k": 0.30}, 10)
+    assert len(warnings) == 2 and "0.6750 before, 0.6320 after" in warnings[0]
+    report = {"title": "t", "warnings": warnings, "highlights": {"a": 1}}
+    md = render_markdown(report)
+    assert md.index("Warning") < md.index("**a**")
+    assert "recall@10 0.3600 before" in render_html(report, Path("."), {})

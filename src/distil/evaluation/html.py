@@ -35,6 +35,7 @@ section { margin-top: 22px; }
 h2 { font-size: 18px; border-bottom: 1px solid var(--line); padding-bottom: 4px; margin: 0 0 10px; }
 h3 { font-size: 15px; margin: 16px 0 6px; }
 p.note { color: var(--muted); margin: 4px 0 10px; }
+p.warning { border-left: 4px solid #c0392b; background: #fdecea; padding: 8px 12px; margin: 8px 0; }
 .cards { display: flex; flex-wrap: wrap; gap: 10px; margin: 12px 0 4px; }
 .card { border: 1px solid var(--line); border-radius: 6px; padding: 8px 14px; min-width: 150px; background: #fff; }
 .card .v { font-size: 20px; font-weight: 600; }
@@ -170,6 +171,9 @@ def _summary(report: Mapping[str, Any], student: str | None) -> str:
         cards.append(("fewer parameters than the teacher", f"{ratio:.1f}×"))
     if cards:
         out.append(_cards(cards))
+    out.extend(
+        f'<p class="warning"><b>Warning:</b> {_e(w)}</p>' for w in report.get("warnings", [])
+    )
     if report.get("table"):
         out.append(table_html(report["table"], byte_formatters(report["table"]), student))
     highlights = report.get("highlights") or {}

@@ -10,6 +10,8 @@ A report is a dict. Every recipe fills the same parts, so the renderers, ``disti
 - ``table``: the headline table, ``{"columns": [{"key", "label"}], "rows": [{...}]}`` with one
   row per model; every other table below has this shape.
 - ``highlights``: a few ``key: value`` lines.
+- ``warnings``: sentences a reader must not miss (e.g. distillation made the student worse),
+  shown first in every rendering.
 - ``quality`` (optional): ``table`` of task metrics, ``primary`` (the metric key the gap closed is
   computed on), ``higher_is_better``, ``gap_closed`` ((student − baseline) / (teacher −
   baseline)), and ``per_class`` (``labels`` and per-model ``values``) where the task has classes
@@ -39,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from distil.errors import DistilError
@@ -396,6 +399,8 @@ def render_markdown(report: dict[str, Any], plots: Mapping[str, str] | None = No
     """The Markdown report; ``plots`` maps a plot name to a path relative to the run folder."""
     plots = plots or {}
     lines = [f"# {report.get('title', 'distil run')}", ""]
+    for warning in report.get("warnings", []):
+        lines += [f"> **Warning:** {warning}", ""]
     table = report.get("table")
     if table:
         lines += md_table(table, byte_formatters(table))
@@ -481,6 +486,8 @@ def render_markdown(report: dict[str, Any], plots: Mapping[str, str] | None = No
 def print_report(report: dict[str, Any], console: Console | None = None) -> None:
     """Print the headline table and highlights to the terminal."""
     console = wide(console or Console())
+    for warning in report.get("warnings", []):
+        console.print(f"[bold yellow]warning:[/bold yellow] {escape(warning)}", soft_wrap=True)
     table_spec = report.get("table")
     if table_spec:
         print_table(table_spec, console, title=report.get("title"))

@@ -54,7 +54,13 @@ from distil.evaluation.cost import cpu_threads
 from distil.evaluation.embedding import mean_cosine, neighbour_recall, pairwise_spearman
 from distil.evaluation.report import cost_part, print_report, quality_part, write_report
 from distil.losses.objective import ObjectiveOutput, feature_objective
-from distil.losses.representation import attention_kl, cosine_loss, hint_loss, rkd_distance
+from distil.losses.representation import (
+    attention_kl,
+    cosine_loss,
+    cosine_similarity_matching,
+    hint_loss,
+    rkd_distance,
+)
 from distil.models.encoder import (
     Encoder,
     disable_attention_dropout,
@@ -172,6 +178,13 @@ class KDSection(StrictModel):
     attention_weight: float = Field(
         default=0.0, ge=0, description="KL between paired blocks' attention rows"
     )
+    similarity_weight: float = Field(
+        default=0.0,
+        ge=0,
+        description="MSE between the in-batch cosine-similarity matrices (Tung & Mori 2019): teaches "
+        "which sentences are close without moving the student into the teacher's coordinates; "
+        "what a pretrained student with an embedding space of its own needs",
+    )
     relation_weight: float = Field(
         default=0.0,
         ge=0,
@@ -192,6 +205,7 @@ class KDSection(StrictModel):
             + self.hidden_weight
             + self.attention_weight
             + self.relation_weight
+            + self.similarity_weight
             == 0
         ):
             raise ValueError("every kd weight is 0: give at least one term a weight")
@@ -302,6 +316,10 @@ def _objective(
         # weighted by this micro-batch's share of the window so accumulation averages micro-batches
         share = s_emb.shape[0] / n_items
         terms["relation_rkd"] = (kd.relation_weight, rkd_distance(s_emb, t_emb) * share)
+    if kd.similarity_weight:  # also on the student's own embeddings, a per-batch mean
+        share = s_emb.shape[0] / n_items
+        value = cosine_similarity_matching(s_emb, t_emb) * share
+        terms["similarity_matching"] = (kd.similarity_weight, value)
     if EMBEDDING in projectors:
         s_emb = projectors[EMBEDDING](s_emb)
     if kd.mse_weight:
@@ -551,6 +569,24 @@ def _sentences_per_s(encoder: Encoder, sentences: list[str], batch: int) -> floa
         return len(sentences) / (time.perf_counter() - start)
 
 
+def regressions(before: dict[str, Any], after: dict[str, Any], k: int) -> list[str]:
+    """Warnings for the metrics distillation made worse than the student was before it."""
+    out = []
+    for key, name in (
+        ("spearman", "Spearman of pair similarities"),
+        ("recall_at_k", f"recall@{k}"),
+    ):
+        if after[key] < before[key]:
+            out.append(
+                f"distillation made the student worse: {name} {before[key]:.4f} before, "
+                f"{after[key]:.4f} after. A pretrained student with an embedding space of its own "
+                "loses it to MSE/cosine on the teacher's coordinates: try kd.similarity_weight "
+                "(cosine-similarity matching) or kd.relation_weight instead, more steps, or a "
+                "lower train.lr"
+            )
+    return out
+
+
 def _row(model: str, source: str, emb: Tensor, teacher_emb: Tensor, k: int) -> dict[str, Any]:
     return {
         "model": model,
@@ -628,7 +664,8 @@ def main(cfg: Config, s: Session) -> dict[str, Any]:
         f"teacher {describe_model(cfg.teacher.model)} ({teacher.model.config.num_hidden_layers} blocks), "
         f"student {student.source}; loss = {kd.mse_weight:g}·MSE(emb) + {kd.cosine_weight:g}·(1-cos)(emb) + "
         f"{kd.hidden_weight:g}·MSE(hidden) + {kd.attention_weight:g}·KL(attention) + "
-        f"{kd.relation_weight:g}·RKD(distances), layer map {layers}; "
+        f"{kd.relation_weight:g}·RKD(distances) + {kd.similarity_weight:g}·MSE(cosine-similarity "
+        f"matrices), layer map {layers}; "
         f"{'student attention dropout off (attention KD compares probabilities); ' if kd.attention_weight else ''}"
         f"mean pooling, max_length {teacher.max_length}, normalize={teacher.normalize}; "
         f"{acc.num_processes} process(es) on {acc.device}"
@@ -729,6 +766,7 @@ def main(cfg: Config, s: Session) -> dict[str, Any]:
                 ("speedup", "speedup"),
             ],
         ),
+        "warnings": regressions(rows[2], rows[1], k),
         "details": {
             "kd": kd.model_dump(mode="json"),
             "seed": cfg.seed,
