@@ -14,6 +14,8 @@ from distil.losses.divergences import Divergence
 
 # The built-in labelled data sets (distil.data.classification.BUILTIN_DATASETS has the loaders).
 BUILTIN_DATASETS = ["digits", "fashion-mnist", "mnist5k", "rotten-tomatoes"]
+# The zoo architectures (distil.models.classifier.ZOO describes them).
+ZOO_MODELS = ["cnn", "mlp", "resnet"]
 
 
 class ClassifierDivergence(str, Enum):

@@ -161,8 +161,9 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel]) -> lis
 
 
 def validate_config(model: type[ModelT], data: Mapping[str, Any], source: str = "config") -> ModelT:
-    """Validate ``data`` against ``model``; raise one ConfigError listing every problem."""
+    """Validate ``data`` against ``model``, the files it names included (they must exist); raise
+    one ConfigError listing every problem."""
     try:
-        return model.model_validate(dict(data))
+        return model.model_validate(dict(data), context={"check_paths": True})
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, model), source=source) from exc

