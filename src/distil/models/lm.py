@@ -595,3 +595,14 @@ def final_hidden(
     out = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     hidden: torch.Tensor = out.last_hidden_state  # (B, T, H)
     return hidden
+
+
+def rebuild_lm(config: Any, state: dict[str, torch.Tensor]) -> PreTrainedModel:
+    """A plain (unsharded) float32 causal LM of ``config`` holding the full ``state`` (built with
+    the caller's RNG untouched: its throwaway initialisation draws from a forked generator)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.random.fork_rng(devices=[]):
+        model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(state, strict=True)
+    return model.float().eval()

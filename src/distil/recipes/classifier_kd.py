@@ -26,7 +26,7 @@ from distil.cache.examples import ExampleCache, write_example_cache
 from distil.cache.manifest import teacher_fingerprint, tensors_fingerprint
 from distil.config.base import StrictModel
 from distil.config.classifier import ZOO_MODELS, ClassifierDataSection, ClassifierDivergence
-from distil.config.sections import RunSection, TrainSection
+from distil.config.sections import RunSection, TrainSection, require_unsharded
 from distil.config.sources import (
     CacheWrite,
     EnsembleModel,
@@ -205,6 +205,8 @@ class Config(StrictModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
+        require_unsharded(self.train, "train", "classifier_kd")
+        require_unsharded(self.teacher.training, "teacher.training", "classifier_kd")
         mixing = [
             name
             for name, on in (

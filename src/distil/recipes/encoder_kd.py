@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from distil.cache.examples import ExampleCache, write_example_cache
 from distil.cache.manifest import teacher_fingerprint
 from distil.config.base import StrictModel
-from distil.config.sections import RunSection, TrainSection
+from distil.config.sections import RunSection, TrainSection, require_unsharded
 from distil.config.sources import (
     BuiltinData,
     CacheWrite,
@@ -235,6 +235,7 @@ class Config(StrictModel):
 
     @model_validator(mode="after")
     def _cache_holds_embeddings_only(self) -> Config:
+        require_unsharded(self.train, "train", "encoder_kd")
         ensemble = isinstance(self.teacher.model, EnsembleModel)
         if ensemble and (self.kd.hidden_weight or self.kd.attention_weight):
             raise ValueError(

@@ -35,7 +35,7 @@ from distil.config.lm import (
     TeacherSection,
     cache_job,
 )
-from distil.config.sections import RunSection, SchedulerName, TrainSection
+from distil.config.sections import RunSection, SchedulerName, Sharding, TrainSection
 from distil.config.sources import (
     CacheWrite,
     EnsembleModel,
@@ -70,9 +70,11 @@ from distil.models.lm import (
     LMForward,
     check_model_fits,
     count_parameters,
+    decoder_layers,
     load_causal_lm,
     load_lm,
     make_student,
+    rebuild_lm,
     save_model_folder,
     torch_dtype,
 )
@@ -145,6 +147,15 @@ class Config(StrictModel):
             raise ValueError(
                 "student.model.from_teacher: an ensemble has no one set of blocks to copy"
             )
+        if self.train.sharding is Sharding.fsdp:
+            blocked = {
+                "kd.chunked=true": self.kd.chunked is True,  # reads the sharded output layer
+                "on_policy.fraction > 0": self.on_policy.fraction > 0,  # ranks sample apart
+                "eval.monitor.every > 0": self.eval.monitor.every > 0,  # measured on one rank
+            }
+            bad = [k for k, on in blocked.items() if on]
+            if bad:
+                raise ValueError(f"train.sharding=fsdp does not go with {', '.join(bad)}")
         return self
 
 
@@ -255,6 +266,7 @@ def train_phase(
         logger.info("%s: reusing finished weights from %s", phase_name, final)
         return load_causal_lm(final, dtype=torch.float32)
     acc = s.accelerator
+    skeleton = model.config  # an unsharded copy is rebuilt from it for the export
     phase = open_phase(
         s,
         phase_name,
@@ -266,6 +278,7 @@ def train_phase(
         shuffle=shuffle,
         log=log,
         unit="token",
+        blocks=list(decoder_layers(model)[1]),
     )
     ctx = LMStep(
         phase.model, model, vocab_size, hidden, chunked, chunk_rows, acc.device, teacher, kd
@@ -317,6 +330,10 @@ def train_phase(
     if on_policy_steps:
         extra_summary = {"on_policy_steps": on_policy_steps, "generation_s": generation_s}
     trained: PreTrainedModel = phase.unwrapped().lm  # type: ignore[assignment]
+    if phase.sharded:  # gather the shards (every process), rebuild a plain model on the main one
+        full = phase.full_state()
+        if acc.is_main_process:
+            trained = rebuild_lm(skeleton, {k.removeprefix("lm."): v for k, v in full.items()})
 
     def export(folder: Path) -> None:
         save_model_folder(trained, folder, tokenizer=tokenizer, overwrite=True)
@@ -414,8 +431,13 @@ def main(cfg: Config, s: Session) -> dict[str, Any]:
     ).tokenizer_vocab_size
     data = load_lm_data(cfg.data, tokenizer, s.run_dir, acc)
     probe = data.collate(data.train, [0])
-    hidden = hidden_path_matches(student_init, probe["input_ids"], probe["attention_mask"])
+    sharded = cfg.train.sharding is Sharding.fsdp  # logits from forward: the head is sharded
+    hidden = not sharded and hidden_path_matches(
+        student_init, probe["input_ids"], probe["attention_mask"]
+    )
     chunked = cfg.kd.chunked
+    if chunked is None and sharded:
+        chunked = False
     if chunked is None:
         tokens_per_micro = cfg.train.batch_size // acc.num_processes // cfg.train.grad_accum
         chunked = len(members) == 1 and should_use_chunked_loss(

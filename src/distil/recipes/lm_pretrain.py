@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from distil.config.base import StrictModel
 from distil.config.lm import EvalSection, LMDataSection
-from distil.config.sections import RunSection, SchedulerName, TrainSection
+from distil.config.sections import RunSection, SchedulerName, TrainSection, require_unsharded
 from distil.config.sources import LMSpec
 from distil.data.corpus import PadTokenPolicy, train_bpe_tokenizer
 from distil.data.lm import LMData, data_files, load_lm_data, shift_for_next_token
@@ -78,6 +78,11 @@ class Config(StrictModel):
     export_dir: str | None = Field(
         default="runs/lm-teacher", description="copy the trained model + tokenizer here"
     )
+
+    @model_validator(mode="after")
+    def _unsharded(self) -> Config:
+        require_unsharded(self.train, "train", "lm_pretrain")
+        return self
 
 
 def _tokenizer(cfg: Config, s: Session) -> Any:

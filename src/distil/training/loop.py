@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -43,7 +42,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from distil.config.sections import TrainSection
+from distil.config.sections import Sharding, TrainSection
 from distil.errors import DistilError
 from distil.training.batches import global_batches, rank_slice
 from distil.training.checkpoint import (
@@ -57,6 +56,7 @@ from distil.training.metrics import MetricsLog, peak_memory_mb, reset_peak_memor
 from distil.training.optim import build_optimizer, build_scheduler
 from distil.training.progress import progress_bar, rate_text
 from distil.training.session import Session
+from distil.training.sharding import GatheredState, ShardedState, shard, total_norm
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +131,7 @@ class Phase:
     state: TrainState
     resumed_from: int | None = None
     extra: nn.Module | None = None
+    sharded: bool = False  # FSDP: ``model`` is the sharded root; checkpoints gather full states
     _sums: dict[str, float] = field(default_factory=dict)
     _count: float = 0.0
     _seen: list[int] = field(default_factory=list)
@@ -235,7 +236,11 @@ class Phase:
         micro-batch but the last of the step, and the run's autocast."""
         acc = self.accelerator
         last = micro == self.train.grad_accum - 1
-        sync = contextlib.nullcontext() if last else acc.no_sync(self.model)
+        if self.sharded:  # FSDP: reduce-scatter gradients on the last micro-batch only
+            self.model.set_requires_gradient_sync(last)  # type: ignore[operator]
+            sync: Any = contextlib.nullcontext()
+        else:
+            sync = contextlib.nullcontext() if last else acc.no_sync(self.model)
         with sync, acc.autocast():
             yield
 
@@ -261,13 +266,15 @@ class Phase:
                 if p.grad is not None:
                     p.grad = acc.reduce(p.grad, reduction="mean")
         params = [p for p in self.trainable.parameters() if p.requires_grad]
-        if self.train.max_grad_norm is not None:
+        if self.sharded and self.train.max_grad_norm is not None:  # DTensor-aware clipping
+            norm = torch.nn.utils.clip_grad_norm_(params, self.train.max_grad_norm)
+            grad_norm = total_norm([norm])
+        elif self.train.max_grad_norm is not None:
             grad_norm = float(acc.clip_grad_norm_(params, self.train.max_grad_norm))
         else:  # nothing to clip: the norm is logged, and no pass rescales the gradients
             if getattr(acc, "scaler", None) is not None:  # fp16: log the true norm
                 acc.unscale_gradients()
-            grads = [p.grad for p in params if p.grad is not None]
-            grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else math.nan
+            grad_norm = total_norm([p.grad for p in params if p.grad is not None])
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -337,16 +344,26 @@ class Phase:
         self._seen_written = True
 
     def _save(self, folder: Path) -> None:
+        model: Any = self.trainable
+        optimizer: Any = self.optimizer
+        if self.sharded:  # every process takes part in gathering the full states
+            model = GatheredState(ShardedState(self.model).state_dict())
+            optimizer = GatheredState(ShardedState(self.model, self.optimizer).state_dict())
         if self.accelerator.is_main_process:
             save_checkpoint(
                 folder,
-                model=self.trainable,
-                optimizer=self.optimizer,
+                model=model,
+                optimizer=optimizer,
                 scheduler=self.scheduler,
                 state=self.state,
                 keep=self.train.keep_checkpoints,
             )
         self.accelerator.wait_for_everyone()
+
+    def full_state(self) -> dict[str, Tensor]:
+        """The trained model's full state dict (the sharded root's names), on the main process;
+        collective when sharded."""
+        return ShardedState(self.model).state_dict() if self.sharded else self.model.state_dict()
 
     def _stop_if_not_finite(self, loss: Tensor, micro: int) -> None:
         acc = self.accelerator
@@ -381,6 +398,7 @@ def open_phase(
     shuffle: bool = True,
     unit: str = "sample",
     config_key: str = "train",
+    blocks: list[nn.Module] | None = None,
 ) -> Phase:
     """Set up phase ``name``: steps, optimiser, schedule, resume and ``accelerator.prepare``.
 
@@ -402,6 +420,8 @@ def open_phase(
         unit: What ``count`` counts in the progress bar and summary (sample, token, sentence).
         config_key: The config section of ``train`` (``train``, ``teacher.training``), named in
             error messages.
+        blocks: With ``train.sharding: fsdp``, the modules sharded as units (transformer layers);
+            the root (``forward``, else ``model``) holds the rest.
 
     Raises:
         DistilError: If the global batch does not split evenly over processes and
@@ -425,6 +445,14 @@ def open_phase(
     if train.max_steps is not None:
         total = min(train.max_steps, total)
     trainable = model if extra is None else nn.ModuleDict({"model": model, "extra": extra})
+    sharded = train.sharding is Sharding.fsdp
+    root = forward if forward is not None else model
+    if sharded:  # before the optimiser: sharding replaces the parameters by DTensor shards
+        if extra is not None:
+            raise DistilError(
+                f"{config_key}.sharding=fsdp does not shard feature projectors; use sharding=none"
+            )
+        shard(root, blocks or [])
     optimizer = build_optimizer(
         trainable.parameters(),
         name=train.optimizer.value,
@@ -438,7 +466,10 @@ def open_phase(
     phase_dir = s.run_dir / name
     ckpt = latest_checkpoint(phase_dir / "checkpoints") if s.resume else None
     if ckpt is not None:
-        state = load_checkpoint(ckpt, model=trainable, optimizer=optimizer, scheduler=scheduler)
+        holders: tuple[Any, Any] = (trainable, optimizer)
+        if sharded:  # the full states on file are scattered into this process's shards
+            holders = (ShardedState(root), ShardedState(root, optimizer))
+        state = load_checkpoint(ckpt, model=holders[0], optimizer=holders[1], scheduler=scheduler)
         resumed_from = state.step
         if acc.is_main_process:
             drop_replayed_rows(s.run_dir / "metrics.jsonl", phase=name, after_step=state.step)
@@ -447,7 +478,10 @@ def open_phase(
                 f"epoch {state.epoch}, batch {state.batch_in_epoch})"
             )
         acc.wait_for_everyone()
-    prepared, optimizer = acc.prepare(forward if forward is not None else model, optimizer)
+    if sharded:
+        prepared = root  # sharded already: no DDP wrapper
+    else:
+        prepared, optimizer = acc.prepare(root, optimizer)
     if extra is not None:
         extra.to(acc.device)
     reset_peak_memory(acc.device)
@@ -470,6 +504,7 @@ def open_phase(
         state=state,
         resumed_from=resumed_from,
         extra=extra,
+        sharded=sharded,
         _rss_at_start=peak_memory_mb(acc.device).get("rss_mb", 0.0),
     )
 
