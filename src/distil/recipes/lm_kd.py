@@ -88,7 +88,7 @@ from distil.models.vocab import (
 from distil.teachers import LiveLMTeacher, Teacher, TeacherSignal, head_of, hidden_path_matches
 from distil.teachers.cached import CachedTeacher, open_lm_cache
 from distil.teachers.ensemble import EnsembleTeacher
-from distil.training.loop import finished, open_phase
+from distil.training.loop import Phase, finished, open_phase
 from distil.training.metrics import MetricsLog
 from distil.training.on_policy import (
     SamplingSettings,
@@ -294,7 +294,10 @@ def train_phase(
             and is_on_policy_step(on_policy.fraction, seed=seed, step=step.index)
         )
         micro_cols = [data.collate(data.train, ids.tolist()) for ids in step.micro_batches]
-        if sampled:
+        # the supervised targets of the whole window (all micro-batches, all ranks) per rank,
+        # because DDP averages gradients over ranks; every rank has the data: no communication
+        window_items = float(data.targets_per_example[step.batch.numpy()].sum()) / acc.num_processes
+        if sampled:  # the student writes the completions; lengths differ: count them again
             assert on_policy is not None
             micro_cols = [
                 _student_samples(c, model, on_policy, data, tokenizer, vocab_size)
@@ -305,12 +308,6 @@ def train_phase(
                 step.index % tcfg.checkpoint_every == 0 or not on_policy_steps
             ):
                 _keep_sample(phase.dir, step.index, micro_cols[0], tokenizer)
-        else:
-            # the supervised targets of the whole window (all micro-batches, all ranks) per rank,
-            # because DDP averages gradients over ranks; every rank has the data: no communication
-            window_items = (
-                float(data.targets_per_example[step.batch.numpy()].sum()) / acc.num_processes
-            )
         gen_s = time.perf_counter() - started if sampled else 0.0
         on_policy_steps, generation_s = on_policy_steps + sampled, generation_s + gen_s
         tokens = 0
@@ -326,20 +323,26 @@ def train_phase(
         if monitor is not None and monitor.due(step.index + 1) and acc.is_main_process:
             extra |= monitor.measure(model)
         phase.optimizer_step(count=tokens * acc.num_processes, metrics=extra)
-    extra_summary: dict[str, Any] = {}
-    if on_policy_steps:
-        extra_summary = {"on_policy_steps": on_policy_steps, "generation_s": generation_s}
-    trained: PreTrainedModel = phase.unwrapped().lm  # type: ignore[assignment]
-    if phase.sharded:  # gather the shards (every process), rebuild a plain model on the main one
-        full = phase.full_state()
-        if acc.is_main_process:
-            trained = rebuild_lm(skeleton, {k.removeprefix("lm."): v for k, v in full.items()})
+    trained = _trained_model(phase, skeleton)
 
     def export(folder: Path) -> None:
         save_model_folder(trained, folder, tokenizer=tokenizer, overwrite=True)
 
-    phase.finish(export=export, summary=extra_summary)
+    sampling = {"on_policy_steps": on_policy_steps, "generation_s": generation_s}
+    phase.finish(export=export, summary=sampling if on_policy_steps else {})
     return trained
+
+
+def _trained_model(phase: Phase, config: Any) -> PreTrainedModel:
+    """The trained LM: the phase's own, or, when it was sharded, a plain model rebuilt from the
+    gathered shards (every process gathers; the main process gets the model)."""
+    if not phase.sharded:
+        model: PreTrainedModel = phase.unwrapped().lm  # type: ignore[assignment]
+        return model
+    full = phase.full_state()
+    if not phase.accelerator.is_main_process:
+        return phase.unwrapped().lm  # type: ignore[return-value]
+    return rebuild_lm(config, {k.removeprefix("lm."): v for k, v in full.items()})
 
 
 def _window_targets(acc: Any, micro_cols: list[dict[str, Tensor]]) -> float:
