@@ -123,11 +123,22 @@ def test_resume_after_sigkill_gives_identical_weights(tmp_path: Path) -> None:
         _cli([*args, "--run-dir", str(killed), "--resume"]), env=env, capture_output=True, text=True
     )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "student: resumed from step-" in " ".join(resumed.stdout.split())  # says from where
     a = load_file(str(full / "student" / "final" / "model.safetensors"))
     b = load_file(str(killed / "student" / "final" / "model.safetensors"))
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    # the steps replayed after the last checkpoint are logged once, not twice (issue 13, item 12)
+    rows = [json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if r.get("phase") == "student" and "lr" in r]
+    assert steps == sorted(set(steps)) and len(steps) == len(
+        [
+            r
+            for r in map(json.loads, (full / "metrics.jsonl").read_text().splitlines())
+            if r.get("phase") == "student" and "lr" in r
+        ]
+    )
 
 
 def test_resume_refuses_a_changed_config(tmp_path: Path) -> None:
