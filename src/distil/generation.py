@@ -37,7 +37,12 @@ from distil.data.lm import pad_token_id_for
 from distil.data.prompts import Prompt, PromptsSection, load_prompts, prompts_fingerprint
 from distil.errors import DistilError
 from distil.models.lm import load_causal_lm, model_context_length
-from distil.models.vocab import load_tokenizer_folder, tokenizer_fingerprint, tokenizer_vocab_size
+from distil.models.vocab import (
+    load_tokenizer_folder,
+    mask_unknown_ids,
+    tokenizer_fingerprint,
+    tokenizer_vocab_size,
+)
 from distil.storage import atomic_write_bytes, remove_temp_files, sha256_file
 from distil.training.progress import progress_bar, rate_text
 
@@ -121,8 +126,7 @@ class _TeacherDecoding:
         self.generators = [torch.Generator().manual_seed(s) for s in seeds or []]
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        scores = scores.clone()
-        scores[:, self.vocab_size :] = float("-inf")  # padded output rows no token id maps to
+        scores = mask_unknown_ids(scores, self.vocab_size)  # never a padded output row
         if not self.generators:
             return scores
         probs = torch.softmax(scores.float() / self.temperature, dim=-1)  # [B, V]

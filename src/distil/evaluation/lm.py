@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from distil.config.lm import EvalSection
 from distil.data.lm import IGNORE_INDEX, LMData, shift_for_next_token
 from distil.losses.divergences import forward_kl
+from distil.models.vocab import KnownIdsOnly, tokenizer_vocab_size
 from distil.teachers.base import Teacher
 
 Batch = Mapping[str, Tensor]
@@ -144,7 +145,13 @@ def forward_cost(model: Any, input_ids: Tensor, *, threads: int = 1) -> dict[str
 
 @torch.no_grad()
 def generation_speed(
-    model: Any, prompt_ids: Tensor, *, max_new_tokens: int, pad_token_id: int, repeats: int = 3
+    model: Any,
+    prompt_ids: Tensor,
+    *,
+    max_new_tokens: int,
+    pad_token_id: int,
+    vocab_size: int,
+    repeats: int = 3,
 ) -> float:
     """Generated tokens per second with greedy decoding and the KV cache, median of ``repeats``.
 
@@ -156,11 +163,14 @@ def generation_speed(
         prompt_ids: ``(B, P)`` prompts of equal length.
         max_new_tokens: Tokens generated per prompt.
         pad_token_id: Passed to ``generate``.
+        vocab_size: The tokenizer's vocabulary; padded output rows past it are never decoded.
         repeats: Timed runs after one warm-up run.
 
     Returns:
         ``B * max_new_tokens / median seconds``.
     """
+    from transformers import LogitsProcessorList
+
     model.eval()
     kwargs = {
         "attention_mask": torch.ones_like(prompt_ids),
@@ -169,6 +179,7 @@ def generation_speed(
         "do_sample": False,
         "pad_token_id": pad_token_id,
         "eos_token_id": None,
+        "logits_processor": LogitsProcessorList([KnownIdsOnly(vocab_size)]),
     }
     model.generate(prompt_ids, **kwargs)  # warm-up
     times = []
@@ -191,9 +202,14 @@ def generate_texts(
 ) -> list[str]:
     """Continue each prompt; greedy when ``sampling_temperature == 0``, else seeded sampling.
 
+    Ids past the tokenizer's vocabulary (padded output rows) are never drawn.
+
     Returns:
         The decoded continuations (prompt excluded), one per prompt.
     """
+    from transformers import LogitsProcessorList
+
+    known_ids = LogitsProcessorList([KnownIdsOnly(tokenizer_vocab_size(tokenizer))])
     model.eval()
     device = next(model.parameters()).device
     texts = []
@@ -212,6 +228,7 @@ def generate_texts(
                 top_p=None,
                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
                 eos_token_id=tokenizer.eos_token_id,
+                logits_processor=known_ids,
             )
         texts.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
     return texts
@@ -262,7 +279,11 @@ def model_summary(
     context = int(getattr(model.config, "max_position_embeddings", ids.shape[1] + speed_new_tokens))
     new_tokens = max(1, min(speed_new_tokens, context - ids.shape[1]))
     speed = generation_speed(
-        model, ids.to(device), max_new_tokens=new_tokens, pad_token_id=pad_token_id
+        model,
+        ids.to(device),
+        max_new_tokens=new_tokens,
+        pad_token_id=pad_token_id,
+        vocab_size=vocab_size,
     )
     params = count_parameters(model)
     return {

@@ -259,6 +259,38 @@ def align_logits_to_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor
     return logits[..., :vocab_size]  # [..., V]
 
 
+def mask_unknown_ids(scores: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Scores with every id past the tokenizer's vocabulary (padded output rows) at ``-inf``.
+
+    The one masking step of every sampler (report generations, generation-speed measurement,
+    ``distil generate``, the on-policy student): a padded row has no token, decodes to nothing
+    and was never trained, so drawing it is always wrong.
+
+    Args:
+        scores: ``(..., V_model)`` next-token scores; not changed in place.
+        vocab_size: Ids the tokenizer can produce (``tokenizer_vocab_size``).
+
+    Returns:
+        ``scores`` itself when ``V_model <= vocab_size``, else a copy of shape ``(..., V_model)``
+        with ``[..., vocab_size:]`` at ``-inf``.
+    """
+    if scores.shape[-1] <= vocab_size:
+        return scores
+    masked = scores.clone()
+    masked[..., vocab_size:] = float("-inf")
+    return masked
+
+
+class KnownIdsOnly:
+    """A transformers logits processor that applies :func:`mask_unknown_ids` at every step."""
+
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return mask_unknown_ids(scores, self.vocab_size)
+
+
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     """A sha256 over what decides token ids: vocabulary, merges, special and added tokens.
 
