@@ -138,16 +138,8 @@ def run(
         name = cfg.run.name or recipe
 
         def choose() -> Path:
-            if run_dir is not None:
-                if run_dir.exists() and any(run_dir.iterdir()) and not resume:
-                    raise DistilError(
-                        f"{run_dir} already holds a run; add --resume to continue it, or pick a new --run-dir"
-                    )
-                return run_dir
-            return (
-                rd.latest_run_dir(cfg.run.output_dir, name)
-                if resume
-                else rd.new_run_dir(cfg.run.output_dir, name)
+            return rd.choose_run_dir(
+                run_dir, resume=resume, output_dir=cfg.run.output_dir, name=name
             )
 
         def prepare(path: Path) -> None:
@@ -223,6 +215,10 @@ def cp(
         if not src.is_file():
             raise DistilError(f"{recipe!r}: no such shipped config")
         target = dest / src.name if dest.is_dir() else dest
+        if not target.parent.is_dir():
+            raise DistilError(
+                f"{target.parent} does not exist; create the folder first or choose another destination"
+            )
         if target.exists():
             raise DistilError(f"{target} exists; choose another destination or delete it first")
         shutil.copyfile(src, target)
@@ -280,7 +276,7 @@ def advise(
     teacher: Annotated[
         str,
         typer.Argument(
-            help="HF model folder, YAML config, or shape: layers=12,hidden=768,heads=12,ffn=3072,vocab=32000"
+            help="HF model folder, YAML or shipped config (e.g. lm_kd), or an inline shape such as layers=12,hidden=768,heads=12,ffn=3072,vocab=32000"
         ),
     ],
     speedup: Annotated[
@@ -323,15 +319,14 @@ def advise(
     try:
         path = Path(teacher)
         if path.suffix in (".yaml", ".yml") or (not path.exists() and teacher in shipped_configs()):
-            _, cfg, data = load_config(teacher, [])
-            if data.get("recipe") == "classifier_kd" and cfg.teacher.model.zoo is not None:
+            recipe, cfg, data = load_config(teacher, [])
+            if recipe == "classifier_kd" and data["teacher"]["model"].get("zoo") is not None:
                 advice = adv.advise_classifier(cfg, teacher, speedup=speedup, size_ratio=size)
                 adv.print_advice(advice, console)
                 if json_out is not None:
                     json_out.write_text(_json.dumps(advice, indent=1, default=str))
                 return
-            if cfg.teacher.model.hf is not None:
-                teacher = cfg.teacher.model.hf
+            teacher = adv.teacher_spec_from_config(data, teacher)
         budget = adv.Budget(
             memory_bytes=adv.parse_count(memory, binary=True) if memory else None,
             dataset_tokens=adv.parse_count(dataset_tokens) if dataset_tokens else None,

@@ -546,12 +546,23 @@ def load_report(run_dir: Path) -> dict[str, Any]:
     """Read ``run_dir/report.json``.
 
     Raises:
-        DistilError: If the run has no report (it did not finish).
+        DistilError: If the folder does not exist, has no report (the run did not finish) or
+            its report is not valid JSON.
     """
+    if not Path(run_dir).is_dir():
+        raise DistilError(f"{run_dir}: no such run folder (check the path)")
     path = Path(run_dir) / "report.json"
     if not path.is_file():
         raise DistilError(
             f"{run_dir} has no report.json: the run did not finish (resume it with `distil run CONFIG --resume`)"
         )
-    data: dict[str, Any] = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DistilError(
+            f"{path} is not valid JSON ({exc}); it was damaged or edited by hand: "
+            "rerun the run's evaluation, or restore the file"
+        ) from exc
+    if not isinstance(data, dict):
+        raise DistilError(f"{path} does not hold a report (a JSON object); restore the file")
     return data

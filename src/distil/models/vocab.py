@@ -76,7 +76,9 @@ def load_tokenizer_folder(
 
     folder = Path(folder)
     if not folder.is_dir():
-        raise DistilError(f"tokenizer folder {folder} does not exist")
+        from distil.models.lm import missing_folder_error
+
+        raise missing_folder_error(folder, "tokenizer folder")
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         present = sorted(path.name for path in folder.iterdir())
         raise DistilError(
