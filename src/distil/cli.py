@@ -60,17 +60,28 @@ def resolve_config_path(spec: str) -> Path:
     )
 
 
+def _command_of(data: dict[str, Any]) -> str | None:
+    """The ``command:`` of a config that belongs to a command in ``CONFIG_COMMANDS``, if any."""
+    command = data.get("command")
+    return command if isinstance(command, str) and command in CONFIG_COMMANDS else None
+
+
 def load_config(spec: str, overrides: list[str]) -> tuple[str, Any, dict[str, Any]]:
     """Read, override and validate a config; return (recipe name, Config, resolved dict)."""
     path = resolve_config_path(spec)
     data = apply_overrides(load_yaml(path), overrides)
     recipe = data.get("recipe")
-    if recipe is None and data.get("command") in CONFIG_COMMANDS:
+    if recipe is None and _command_of(data) is not None:
         command = data["command"]
         raise ConfigError(
             [
                 f"command: this is a `distil {command}` config, not a recipe's; run it with `distil {command} {spec}`"
             ],
+            source=str(path),
+        )
+    if recipe is not None and not isinstance(recipe, str):
+        raise ConfigError(
+            [f"recipe: must be one recipe name (known: {', '.join(RECIPES)}), got {recipe!r}"],
             source=str(path),
         )
     if recipe not in RECIPES:
@@ -178,8 +189,8 @@ def validate(
 ) -> None:
     """Check a config (and overrides) without running it; print every problem at once."""
     try:
-        command = load_yaml(resolve_config_path(config)).get("command")
-        if command in CONFIG_COMMANDS:
+        command = _command_of(load_yaml(resolve_config_path(config)))
+        if command is not None:
             load_command_config(command, config, overrides or [])
             kind = f"`distil {command}`"
         else:
