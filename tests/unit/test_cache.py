@@ -216,15 +216,50 @@ def test_corrupt_or_truncated_shard_is_named(fx: dict[str, Any], tmp_path: Path)
     raw = bytearray(shard.read_bytes())
     raw[-5] ^= 0xFF  # flip a value byte: the file still parses
     shard.write_bytes(bytes(raw))
-    reader = CacheReader(out)
-    reader.get(0)  # shard 0 is fine
+    # found when the cache is opened, before any step reads shard 1
     with pytest.raises(CacheIntegrityError, match="shard-00001.safetensors fails its checksum"):
-        reader.get(20)
+        CacheReader(out)
+    reader = CacheReader(out, verify=False)  # opened unchecked: found when first read
+    reader.get(0)  # shard 0 is fine
     problems = reader.verify_all()
     assert len(problems) == 1 and "shard-00001" in problems[0]
     (out / "shard-00002.safetensors").write_bytes(b"")  # truncated to nothing
     with pytest.raises(CacheIntegrityError, match="shard-00002.safetensors"):
-        CacheReader(out)
+        CacheReader(out, verify=False)
+
+
+def test_cache_refuses_a_tokenizer_that_is_not_the_teachers(
+    fx: dict[str, Any], tmp_path: Path
+) -> None:
+    from distil.data.corpus import stdlib_root, train_bpe_tokenizer_from_texts
+    from distil.models.lm import save_model_folder
+
+    teacher_dir = tmp_path / "teacher"
+    save_model_folder(
+        fx["cfg"].teacher.spec.build(fx["tok"], seed=0), teacher_dir, tokenizer=fx["tok"]
+    )
+    other = (stdlib_root() / "bisect.py").read_text(encoding="utf-8")[:3000]
+    train_bpe_tokenizer_from_texts([other], tmp_path / "other-tok", 300)
+    data = fx["cfg"].model_dump(mode="json")
+    out = tmp_path / "cache"
+    cfg = CacheConfig.model_validate(
+        data
+        | {
+            "tokenizer": str(tmp_path / "other-tok"),
+            "teacher": {"hf": str(teacher_dir)},
+            "cache": data["cache"] | {"out": str(out)},
+        }
+    )
+    with pytest.raises(DistilError, match="not the teacher's"):
+        write_cache(cfg)
+    assert not out.exists()  # refused before anything was written
+    # the teacher's own tokenizer, named explicitly, is fine
+    same = CacheConfig.model_validate(
+        data
+        | {"tokenizer": str(teacher_dir), "teacher": {"hf": str(teacher_dir)}}
+        | {"cache": data["cache"] | {"out": str(tmp_path / "ok")}}
+    )
+    assert write_cache(same).shards_written > 0
 
 
 def test_rewriting_a_folder_with_other_settings_is_refused(fx: dict[str, Any]) -> None:

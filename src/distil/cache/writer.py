@@ -43,12 +43,18 @@ from distil.cache.manifest import (
     write_json_atomic,
 )
 from distil.config.lm import CacheTargets, LMCacheJob
+from distil.config.sources import HFModel
 from distil.data.lm import IGNORE_INDEX, collate_lm_batch, load_lm_data, shift_for_next_token
 from distil.errors import DistilError
 from distil.losses.divergences import log_probs
 from distil.losses.sparse import sample_tail_targets, sample_teacher_targets, teacher_topk
 from distil.models.lm import check_model_fits, load_lm, torch_dtype
-from distil.models.vocab import load_tokenizer_folder, tokenizer_fingerprint, tokenizer_vocab_size
+from distil.models.vocab import (
+    check_teacher_tokenizer,
+    load_tokenizer_folder,
+    tokenizer_fingerprint,
+    tokenizer_vocab_size,
+)
 from distil.training.progress import progress_bar, rate_text
 
 if TYPE_CHECKING:
@@ -331,10 +337,12 @@ def write_cache(
             "teacher.cache is not set: give it a path, e.g. teacher.cache.path=runs/teacher-cache"
         )
     out = Path(c.path)
-    out.mkdir(parents=True, exist_ok=True)
     rank, world = _rank_world()
     if tokenizer is None:
-        tokenizer = load_tokenizer_folder(job.tokenizer_folder())
+        tokenizer_folder = job.tokenizer_folder()
+        tokenizer = load_tokenizer_folder(tokenizer_folder)
+        teacher_folder = job.teacher.model.hf if isinstance(job.teacher.model, HFModel) else None
+        check_teacher_tokenizer(teacher_folder, tokenizer, tokenizer_folder=tokenizer_folder)
     model = (
         teacher_model
         if teacher_model is not None
@@ -346,6 +354,7 @@ def write_cache(
         raise DistilError(
             f"teacher.cache.k={c.k} exceeds the vocabulary ({vocab} ids); set teacher.cache.k <= {vocab}"
         )
+    out.mkdir(parents=True, exist_ok=True)  # only now: a refused config leaves no folder behind
     data = load_lm_data(job.data, tokenizer, out / "work", _OneProcess())
     train: datasets.Dataset = data.train
     kd_temperature = c.kd_temperature if c.kd_temperature is not None else job.kd_temperature

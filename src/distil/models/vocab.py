@@ -191,6 +191,40 @@ def check_same_tokenizer(
         )
 
 
+def check_teacher_tokenizer(
+    teacher_folder: Path | str | None,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    tokenizer_folder: Path | str,
+    trust_remote_code: bool = False,
+) -> None:
+    """Refuse a tokenizer given next to a teacher folder that ships a different one.
+
+    The teacher's outputs are indexed by its own token ids, so data tokenised with another
+    tokenizer would be scored id by id against the wrong tokens. A teacher folder without
+    tokenizer files (or no folder: a teacher built in code) is not checked.
+
+    Raises:
+        DistilError: Naming both folders, the differences and the fix.
+    """
+    if teacher_folder is None:
+        return
+    folder = Path(teacher_folder)
+    if Path(tokenizer_folder).resolve() == folder.resolve():
+        return
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        return
+    teacher_tokenizer = load_tokenizer_folder(folder, trust_remote_code=trust_remote_code)
+    try:
+        check_same_tokenizer(teacher_tokenizer, tokenizer)
+    except DistilError as exc:
+        raise DistilError(
+            f"the tokenizer {tokenizer_folder} is not the teacher's ({folder}): {exc} "
+            "Here: leave `tokenizer` unset (the teacher folder's tokenizer is used), or point it "
+            "at the teacher's own tokenizer."
+        ) from exc
+
+
 def check_vocab_alignment(
     tokenizer: PreTrainedTokenizerBase, *, teacher_vocab_rows: int, student_vocab_rows: int
 ) -> VocabAlignment:
