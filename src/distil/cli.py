@@ -394,6 +394,11 @@ def _cache_write(config: str, overrides: list[str]) -> None:
     console.print(f"[bold]cache[/bold] {escape(str(path))}: {done}", soft_wrap=True)
     if main_process:
         _cache_inspect(path, verify=False)
+        console.print(  # the same config and overrides read the cache it just wrote
+            f"train from it: distil run {' '.join([config, *overrides])}",
+            markup=False,
+            soft_wrap=True,
+        )
 
 
 def _cache_inspect(path: Path, *, verify: bool) -> None:

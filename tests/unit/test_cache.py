@@ -375,3 +375,25 @@ def test_teacher_fingerprint_covers_zero_dim_buffers() -> None:
     assert before == teacher_fingerprint(a)
     a[1].num_batches_tracked += 1
     assert teacher_fingerprint(a) != before
+
+
+def test_a_dataset_mismatch_names_the_data_setting_to_match(fx: dict[str, Any]) -> None:
+    from distil.cache.writer import _OneProcess
+    from distil.recipes.lm_setup import load_lm_data
+    from distil.teachers.cached import open_lm_cache
+
+    cfg = fx["cfg"]
+    fewer = cfg.data.model_copy(update={"train_limit": 40})
+    data = load_lm_data(fewer, fx["tok"], fx["root"] / "work-40", _OneProcess())
+    kwargs = {
+        "tokenizer": fx["tok"],
+        "dataset": data.train,
+        "sequence_length": cfg.data.max_length,
+        "kd_temperature": 2.0,
+        "vocab_size": fx["vocab"],
+    }
+    with pytest.raises(CacheMismatchError, match="data.train_limit: cache 48, run 40"):
+        open_lm_cache(fx["root"] / "k8", **kwargs, data_settings=fewer.model_dump(mode="json"))
+    # without the run's settings, the cache's own are named
+    with pytest.raises(CacheMismatchError, match="written with .*data.train_limit=48"):
+        open_lm_cache(fx["root"] / "k8", **kwargs)

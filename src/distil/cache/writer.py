@@ -62,6 +62,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# Spec fields that describe, but do not decide, the cache's content (the dataset fingerprint
+# does): a rerun that differs only there completes the same cache.
+INFORMATIONAL_FIELDS = ("created_by", "data_settings")
+
+
 
 def id_dtype(vocab_size: int) -> torch.dtype:
     """The smallest signed-or-byte integer type that holds token ids ``< vocab_size``."""
@@ -249,7 +254,11 @@ def _check_spec(out: Path, spec: dict[str, Any]) -> None:
         write_json_atomic(path, spec)
         return
     old = json.loads(path.read_text())
-    differ = [k for k in sorted(set(old) | set(spec)) if old.get(k) != spec.get(k)]
+    differ = [
+        k
+        for k in sorted(set(old) | set(spec))
+        if k not in INFORMATIONAL_FIELDS and old.get(k) != spec.get(k)
+    ]
     if differ:
         raise DistilError(
             f"{out} holds a cache of another teacher, data or settings ({', '.join(differ)} differ); "
@@ -412,6 +421,8 @@ def write_cache(
             else {}
         ),
         "created_by": f"distil {getattr(distil, '__version__', 'dev')}",
+        # the settings that made the dataset, so a run whose data differs is told which to match
+        "data_settings": {f"data.{k}": v for k, v in job.data.model_dump(mode="json").items()},
     }
     if rank == 0:
         _check_spec(out, spec)
