@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from distil.evaluation.report import byte_formatters, flatten_config, fmt, per_class_table
+from distil.evaluation.report import byte_formatters, cell, flatten_config, fmt, per_class_table
 
 CSS = """
 :root { --fg: #1d232a; --muted: #5f6b76; --line: #dde3e8; --bg: #f6f8fa; --accent: #1f77b4; }
@@ -112,9 +112,7 @@ def table_html(
             if highlight is not None and row.get(cols[0]["key"]) == highlight
             else ""
         )
-        cells = "".join(
-            f"<td>{_e(formatters.get(c['key'], fmt)(row.get(c['key'])))}</td>" for c in cols
-        )
+        cells = "".join(f"<td>{_e(cell(row, c['key'], formatters))}</td>" for c in cols)
         body.append(f"<tr{cls}>{cells}</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
@@ -154,6 +152,38 @@ def _student_value(report: Mapping[str, Any], part: str, key: str, student: str 
     return None if row is None else row.get(key)
 
 
+def _speed_cards(report: Mapping[str, Any], student: str | None) -> list[tuple[str, Any]]:
+    """A card per measured speed-up of the student (batch-1 forward, generation): the median
+    and quartiles, or "too noisy" when the interleaved rounds do not allow a call."""
+    labels = {
+        "speedup": "at batch 1",
+        "forward_speedup": "forward pass",
+        "gen_speedup": "generating",
+    }
+    cards: list[tuple[str, Any]] = []
+    for key, where in labels.items():
+        value = _student_value(report, "cost", key, student)
+        if not isinstance(value, int | float):
+            continue
+        q1 = _student_value(report, "cost", f"{key}_q1", student)
+        q3 = _student_value(report, "cost", f"{key}_q3", student)
+        spread = f" (quartiles {q1:.2g}-{q3:.2g}×)" if q1 is not None and q3 is not None else ""
+        if _student_value(report, "cost", f"{key}_noisy", student):
+            cards.append(
+                (f"speed vs the teacher, {where}: median {value:.2g}×{spread}", "too noisy")
+            )
+        elif value >= 1:
+            cards.append((f"faster than the teacher, {where}{spread}", f"{times(value)}"))
+        else:
+            cards.append((f"slower than the teacher, {where}{spread}", f"{times(1 / value)}"))
+    return cards
+
+
+def times(ratio: float) -> str:
+    """``8.2×``, ``28×``: two significant digits below 10, whole numbers above."""
+    return f"{ratio:.1f}×" if ratio < 9.95 else f"{ratio:.0f}×"
+
+
 def _summary(report: Mapping[str, Any], student: str | None) -> str:
     out = ['<section id="summary"><h2>Summary</h2>']
     cards: list[tuple[str, Any]] = []
@@ -163,9 +193,7 @@ def _summary(report: Mapping[str, Any], student: str | None) -> str:
     agreement = _student_value(report, "fidelity", "agreement", student)
     if agreement is not None:
         cards.append(("top-1 agreement with the teacher", f"{100 * agreement:.1f} %"))
-    speedup = _student_value(report, "cost", "speedup", student)
-    if speedup is not None:
-        cards.append(("faster than the teacher at batch 1", f"{speedup:.1f}×"))
+    cards += _speed_cards(report, student)
     ratio = _student_value(report, "cost", "size_ratio", student)
     if ratio is not None:
         cards.append(("fewer parameters than the teacher", f"{ratio:.1f}×"))

@@ -123,9 +123,13 @@ def held_out_logits(
     return torch.cat(rows), torch.cat(labels)
 
 
-def forward_cost(model: Any, input_ids: Tensor, *, threads: int = 1) -> dict[str, float]:
+def forward_cost(
+    model: Any, input_ids: Tensor, *, threads: int = 1, measure_latency: bool = True
+) -> dict[str, float]:
     """CPU cost of one forward pass over ``input_ids`` ``(B, T)``: median latency in ms at
-    ``threads`` intra-op threads and the peak memory (weights + live activations, bytes)."""
+    ``threads`` intra-op threads and the peak memory (weights + live activations, bytes).
+    ``measure_latency=False`` gives the memory only (compare models' latencies with
+    :func:`forward_speeds`, which times them interleaved)."""
     from distil.evaluation.cost import cpu_latency_ms, cpu_threads, peak_forward_memory_bytes
 
     was_training = model.training
@@ -136,11 +140,13 @@ def forward_cost(model: Any, input_ids: Tensor, *, threads: int = 1) -> dict[str
     def run() -> object:
         return model(input_ids=ids, attention_mask=att, use_cache=False).logits
 
-    with cpu_threads(threads):
-        latency = cpu_latency_ms(run, repeats=10, warmup=2, min_seconds=0.2)
-    peak = peak_forward_memory_bytes(run, model)
+    out: dict[str, float] = {}
+    if measure_latency:
+        with cpu_threads(threads):
+            out["latency_ms"] = cpu_latency_ms(run, repeats=10, warmup=2, min_seconds=0.2)
+    out["peak_memory_bytes"] = float(peak_forward_memory_bytes(run, model))
     model.train(was_training)
-    return {"latency_ms": latency, "peak_memory_bytes": float(peak)}
+    return out
 
 
 @torch.no_grad()
@@ -260,12 +266,14 @@ def model_summary(
     speed_prompt_tokens: int,
     speed_new_tokens: int,
     pad_token_id: int,
+    measure_speed: bool = True,
 ) -> dict[str, Any]:
     """One report row: held-out metrics, parameters and generation speed, on the model's device.
 
     Generation speed uses the first ``speed_batch`` held-out sequences cut to a common prompt
     length (at most ``speed_prompt_tokens``) and generates ``speed_new_tokens`` per prompt
-    (fewer if the context is shorter).
+    (fewer if the context is shorter). ``measure_speed=False`` leaves it out: to compare
+    models, time them together with :func:`generation_speeds`.
     """
     from distil.models.lm import count_parameters
 
@@ -273,26 +281,136 @@ def model_summary(
     metrics = held_out_metrics(
         model, batches, vocab_size=vocab_size, device=device, teacher=teacher
     )
-    ids = batches[0]["input_ids"][:speed_batch]  # (b, T)
-    real = int(batches[0]["attention_mask"][:speed_batch].sum(-1).min())
-    ids = ids[:, : max(1, min(speed_prompt_tokens, real))]
-    context = int(getattr(model.config, "max_position_embeddings", ids.shape[1] + speed_new_tokens))
-    new_tokens = max(1, min(speed_new_tokens, context - ids.shape[1]))
-    speed = generation_speed(
-        model,
-        ids.to(device),
-        max_new_tokens=new_tokens,
-        pad_token_id=pad_token_id,
-        vocab_size=vocab_size,
-    )
     params = count_parameters(model)
-    return {
+    row = {
         "model": role,
         **metrics,
         "params": params.total,
         "non_embedding_params": params.non_embedding,
-        "gen_tokens_per_s": speed,
     }
+    if measure_speed:
+        ids, new_tokens = _speed_prompts(
+            model, batches, speed_batch, speed_prompt_tokens, speed_new_tokens
+        )
+        row["gen_tokens_per_s"] = generation_speed(
+            model,
+            ids.to(device),
+            max_new_tokens=new_tokens,
+            pad_token_id=pad_token_id,
+            vocab_size=vocab_size,
+        )
+    return row
+
+
+def _speed_prompts(
+    model: Any, batches: Sequence[Batch], speed_batch: int, prompt_tokens: int, new_tokens: int
+) -> tuple[Tensor, int]:
+    """The first ``speed_batch`` held-out sequences cut to a common prompt length, and the
+    tokens to generate after them within the model's context."""
+    ids = batches[0]["input_ids"][:speed_batch]  # (b, T)
+    real = int(batches[0]["attention_mask"][:speed_batch].sum(-1).min())
+    ids = ids[:, : max(1, min(prompt_tokens, real))]
+    context = int(getattr(model.config, "max_position_embeddings", ids.shape[1] + new_tokens))
+    return ids, max(1, min(new_tokens, context - ids.shape[1]))
+
+
+@torch.no_grad()
+def generation_speeds(
+    models: Mapping[str, Any],
+    batches: Sequence[Batch],
+    *,
+    speed_batch: int,
+    speed_prompt_tokens: int,
+    speed_new_tokens: int,
+    pad_token_id: int,
+    vocab_size: int,
+    rounds: int = 5,
+) -> dict[str, dict[str, Any]]:
+    """Generated tokens per second of several models, timed interleaved, with each model's
+    speed-up over the first and its spread.
+
+    Every model greedily generates the same number of tokens for the same prompts (as in
+    :func:`model_summary`; EOS does not stop it, padded vocabulary rows are never decoded), once
+    per round, in an order that rotates from round to round.
+
+    Returns:
+        Per name: ``gen_tokens_per_s`` (median) with ``_q1``/``_q3``, ``gen_speedup`` over the
+        first model with ``_q1``/``_q3``/``_noisy``/``_verdict`` (see
+        :func:`distil.evaluation.cost.speed_columns`).
+    """
+    from transformers import LogitsProcessorList
+
+    from distil.evaluation.cost import interleaved_seconds, speed_columns
+
+    first = next(iter(models.values()))
+    ids, new_tokens = _speed_prompts(
+        first, batches, speed_batch, speed_prompt_tokens, speed_new_tokens
+    )
+    for model in models.values():  # the shortest context decides, so all do the same work
+        new_tokens = _speed_prompts(model, batches, speed_batch, speed_prompt_tokens, new_tokens)[1]
+    known_ids = LogitsProcessorList([KnownIdsOnly(vocab_size)])
+
+    def call(model: Any) -> Any:
+        model.eval()
+        prompt = ids.to(next(model.parameters()).device)
+        kwargs = {
+            "attention_mask": torch.ones_like(prompt),
+            "max_new_tokens": new_tokens,
+            "min_new_tokens": new_tokens,
+            "do_sample": False,
+            "pad_token_id": pad_token_id,
+            "eos_token_id": None,
+            "logits_processor": known_ids,
+        }
+        return lambda: model.generate(prompt, **kwargs)
+
+    seconds = interleaved_seconds(
+        {name: call(m) for name, m in models.items()},
+        rounds=rounds,
+        warmup=1,
+        min_round_seconds=0.0,
+    )
+    tokens = ids.shape[0] * new_tokens
+    cols = speed_columns(
+        seconds,
+        next(iter(models)),
+        time_key="gen_ms",
+        speedup_key="gen_speedup",
+        at=f"generating {new_tokens} tokens at batch {ids.shape[0]}",
+    )
+    for c in cols.values():
+        c["gen_tokens_per_s"] = tokens / (c["gen_ms"] / 1e3)
+        c["gen_tokens_per_s_q1"] = tokens / (c["gen_ms_q3"] / 1e3)
+        c["gen_tokens_per_s_q3"] = tokens / (c["gen_ms_q1"] / 1e3)
+    return cols
+
+
+def forward_speeds(
+    models: Mapping[str, Any], input_ids: Tensor, *, rounds: int = 15, threads: int = 1
+) -> dict[str, dict[str, Any]]:
+    """CPU latency of one forward pass over ``input_ids`` ``(B, T)`` for several models, timed
+    interleaved at ``threads`` threads, with each model's speed-up over the first.
+
+    Returns:
+        Per name: ``latency_b1_ms`` (median) with ``_q1``/``_q3``, ``forward_speedup`` with
+        ``_q1``/``_q3``/``_noisy``/``_verdict``.
+    """
+    from distil.evaluation.cost import cpu_threads, interleaved_seconds, speed_columns
+
+    def call(model: Any) -> Any:
+        model.eval()
+        ids = input_ids.to(next(model.parameters()).device)
+        att = torch.ones_like(ids)
+        return lambda: model(input_ids=ids, attention_mask=att, use_cache=False).logits
+
+    with cpu_threads(threads):
+        seconds = interleaved_seconds({n: call(m) for n, m in models.items()}, rounds=rounds)
+    return speed_columns(
+        seconds,
+        next(iter(models)),
+        speedup_key="forward_speedup",
+        at=f"for a {input_ids.shape[0]}x{input_ids.shape[1]} forward pass",
+    )
 
 
 def evaluate_models(
@@ -305,17 +423,21 @@ def evaluate_models(
 ) -> tuple[list[dict[str, Any]], str]:
     """Report rows (held-out metrics, size, generation speed) and side-by-side sample generations."""
     gen, batches = ev.generation, data.eval_batches(ev.batch_size)
-    speed = {
+    speed: dict[str, Any] = {
         "speed_batch": gen.speed_batch,
         "speed_prompt_tokens": gen.prompt_tokens,
         "speed_new_tokens": gen.speed_new_tokens,
+        "pad_token_id": data.pad_token_id,
     }
     rows = [
-        model_summary(
-            role, m, batches, vocab_size=vocab, teacher=t, pad_token_id=data.pad_token_id, **speed
-        )
+        model_summary(role, m, batches, vocab_size=vocab, teacher=t, measure_speed=False, **speed)
         for role, m, t in models
     ]
+    speeds = generation_speeds(
+        {role: m for role, m, _ in models}, batches, vocab_size=vocab, **speed
+    )  # all models interleaved, so load changes do not decide the speed-ups
+    for row in rows:
+        row |= speeds[row["model"]]
     samples = []
     for i, prompt in enumerate(prompts_from(data.eval, gen.prompts, gen.prompt_tokens)):
         samples.append(

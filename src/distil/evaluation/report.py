@@ -170,13 +170,19 @@ def quality_part(
     return part
 
 
+SPREAD_SUFFIXES = ("q1", "q3", "rounds", "noisy", "verdict")
+
+
 def cost_part(rows: list[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> dict[str, Any]:
     """The ``cost`` part: what each model costs to keep and to run (``training`` is added by
-    :func:`complete_report` from ``metrics.jsonl``)."""
+    :func:`complete_report` from ``metrics.jsonl``). A column's spread (``KEY_q1``, ``KEY_q3``,
+    ``KEY_rounds``, ``KEY_noisy``, ``KEY_verdict``) travels with it."""
+    keys = ["model", *(c for c, _ in columns)]
+    keys += [f"{c}_{s}" for c, _ in columns for s in SPREAD_SUFFIXES]
     return {
         "table": make_table(
             [("model", "model"), *columns],
-            [{k: r.get(k) for k in ["model", *(c for c, _ in columns)]} for r in rows],
+            [{k: r[k] for k in keys if k in r} for r in rows],
         )
     }
 
@@ -363,6 +369,21 @@ def _training_part(rows: Sequence[Mapping[str, Any]], roles: Mapping[str, str]) 
 # Rendering
 
 
+def cell(row: Mapping[str, Any], key: str, formatters: Mapping[str, Any] | None = None) -> str:
+    """One table cell as text. A speed-up measured over interleaved rounds (a row with
+    ``KEY_q1`` and ``KEY_q3``) shows its quartiles, and is marked when too noisy to call:
+    ``8.2 (7.9-8.6)``, ``~1.1 (0.8-1.3) noisy``."""
+    value = row.get(key)
+    text = (formatters or {}).get(key, fmt)(value)
+    q1, q3 = row.get(f"{key}_q1"), row.get(f"{key}_q3")
+    if not key.endswith("speedup") or not isinstance(value, float) or q1 is None or q3 is None:
+        return str(text)
+    if row.get(f"{key}_verdict") is None:  # the reference itself: 1 by definition
+        return str(text)
+    noisy = bool(row.get(f"{key}_noisy"))
+    return f"{'~' if noisy else ''}{text} ({q1:.2g}-{q3:.2g}){' noisy' if noisy else ''}"
+
+
 def md_table(table: Mapping[str, Any], formatters: Mapping[str, Any] | None = None) -> list[str]:
     """A report table as Markdown lines (a blank line after)."""
     cols = table["columns"]
@@ -370,9 +391,7 @@ def md_table(table: Mapping[str, Any], formatters: Mapping[str, Any] | None = No
     lines = ["| " + " | ".join(c["label"] for c in cols) + " |"]
     lines.append("|" + "|".join("---" if i == 0 else "---:" for i in range(len(cols))) + "|")
     for row in table["rows"]:
-        lines.append(
-            "| " + " | ".join(formatters.get(c["key"], fmt)(row.get(c["key"])) for c in cols) + " |"
-        )
+        lines.append("| " + " | ".join(cell(row, c["key"], formatters) for c in cols) + " |")
     return [*lines, ""]
 
 
@@ -513,9 +532,7 @@ def print_table(table_spec: Mapping[str, Any], console: Console, title: str | No
         table.add_column(c["label"], justify="left" if i == 0 else "right")
     formatters = byte_formatters(table_spec)
     for row in table_spec["rows"]:
-        table.add_row(
-            *(formatters.get(c["key"], fmt)(row.get(c["key"])) for c in table_spec["columns"])
-        )
+        table.add_row(*(cell(row, c["key"], formatters) for c in table_spec["columns"]))
     console.print(table)
 
 

@@ -42,7 +42,7 @@ from distil.data.mixing import apply_mix, sample_mix
 from distil.errors import DistilError
 from distil.evaluation import classification as metrics
 from distil.evaluation.calibration import fidelity_part
-from distil.evaluation.cost import cpu_latency_ms, cpu_threads, peak_forward_memory_bytes
+from distil.evaluation.cost import interleaved_speeds, peak_forward_memory_bytes
 from distil.evaluation.report import cost_part, print_report, quality_part, write_report
 from distil.losses.classifier import mixed_targets
 from distil.losses.objective import (
@@ -518,21 +518,30 @@ def _sum_costs(costs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _cost(built: BuiltModel, inputs: Inputs, folder: Path, throughput_batch: int) -> dict[str, Any]:
     module = built.module.cpu().eval()
-    one = {k: v[:1] for k, v in inputs.items()}
     many = {k: v[:throughput_batch] for k, v in inputs.items()}
-    n_many = next(iter(many.values())).shape[0]
-    with cpu_threads(1):  # comparable between runs on a busy machine (see cpu_threads)
-        lat1 = cpu_latency_ms(lambda: logits_of(module, one))
-        lat_many = cpu_latency_ms(lambda: logits_of(module, many), repeats=10)
-    return {
+    return {  # latency and throughput: _speeds, all models interleaved
         "params": count_parameters(module),
         "size_bytes": sum(f.stat().st_size for f in folder.glob("*.safetensors")),
         "peak_memory_bytes": peak_forward_memory_bytes(lambda: logits_of(module, many), module),
-        "latency_b1_ms": lat1,
-        f"latency_b{n_many}_ms": lat_many,
-        "throughput_per_s": n_many / (lat_many / 1e3),
-        "throughput_batch": n_many,
+        "throughput_batch": next(iter(many.values())).shape[0],
     }
+
+
+def _speeds(roles: list[tuple[str, BuiltModel, Inputs]], batch: int) -> dict[str, dict[str, Any]]:
+    """Batch-1 latency and batch-``batch`` throughput of every model, timed interleaved on one
+    CPU thread, with speed-ups over the teacher (the first role) and their spread."""
+
+    def call(module: nn.Module, inputs: Inputs, n: int) -> Any:
+        part = {k: v[:n] for k, v in inputs.items()}
+        return lambda: logits_of(module, part)
+
+    modules = [(role, built.module.cpu().eval(), inp) for role, built, inp in roles]
+    return interleaved_speeds(
+        {role: call(m, inp, 1) for role, m, inp in modules},
+        {role: call(m, inp, batch) for role, m, inp in modules},
+        reference=roles[0][0],
+        batch_size=batch,
+    )
 
 
 def feature_terms(
@@ -772,8 +781,9 @@ def build_report(
     save_file(
         saved, str(s.run_dir / "eval" / "test_logits.safetensors")
     )  # for calibration/confusion in reports
+    speeds = _speeds(roles, rows[0]["throughput_batch"])
     for row in rows:
-        row["speedup"] = rows[0]["latency_b1_ms"] / row["latency_b1_ms"]
+        row |= speeds[row["model"]]
         row["size_ratio"] = rows[0]["params"] / row["params"]
     highlights: dict[str, Any] = {"dataset": f"{data.name} ({len(data.test)} test examples)"}
     if baseline is not None:
@@ -784,7 +794,7 @@ def build_report(
             gain / gap if gap > 0 else None
         )
     highlights["student is smaller by"] = (
-        f"{rows[1]['size_ratio']:.1f}x params, {rows[1]['speedup']:.1f}x faster at batch 1"
+        f"{rows[1]['size_ratio']:.1f}x params, {rows[1]['speedup_verdict']}"
     )
     columns = [
         ("model", "model"),
