@@ -53,3 +53,28 @@ def test_validate_reports_all_problems_and_exits_2() -> None:
 def test_unknown_config_name_suggests_the_close_one() -> None:
     result = runner.invoke(app, ["validate", "classifer_kd"])
     assert result.exit_code == 2 and "Did you mean 'classifier_kd'" in result.output
+
+
+def test_readme_cache_workflow_trains_from_the_folder_distil_cache_writes() -> None:
+    from distil.cli import load_config
+
+    lines = [line.split("#")[0].split() for line in README.read_text().splitlines()]
+    cache_args = next(w[3:] for w in lines if w[:3] == ["distil", "cache", "lm_kd"])
+    run_args = next(
+        w[3:]
+        for w in lines
+        if w[:3] == ["distil", "run", "lm_kd"] and any(a.startswith("teacher.cache") for a in w)
+    )
+    _, cfg, _ = load_config("lm_kd", cache_args)  # what `distil cache` writes to
+    run = dict(a.split("=", 1) for a in run_args)
+    assert run["teacher.cache.path"] == cfg.teacher.cache.path
+    # the settings that decide the cached dataset are the same on both lines (else: refused)
+    cache = dict(a.split("=", 1) for a in cache_args)
+    assert {k: v for k, v in cache.items() if k.startswith("data.")} == {
+        k: v for k, v in run.items() if k.startswith("data.")
+    }
+    # the README says how long the unbounded cache takes and how to bound it
+    assert "data.train_limit" in cache
+    text = " ".join(README.read_text().split())
+    assert "Unbounded, `distil cache lm_kd` runs the teacher over the whole" in text
+    assert "about 40 minutes" in text and "`data.train_limit=N` bounds it" in text
