@@ -258,7 +258,10 @@ def write_generations(cfg: GenerateConfig) -> GenerateResult:
     trust = cfg.teacher.model.trust_remote_code if isinstance(cfg.teacher.model, HFModel) else False
     tokenizer = load_tokenizer_folder(cfg.teacher_folder, trust_remote_code=trust)
     prompts = load_prompts(cfg.prompts, tokenizer)
-    encoded = tokenizer([p.text for p in prompts], add_special_tokens=True)["input_ids"]
+    # verbose=False: prompts too long for the context are refused below, by distil
+    encoded = tokenizer([p.text for p in prompts], add_special_tokens=True, verbose=False)[
+        "input_ids"
+    ]
     prompt_ids = [list(ids) for ids in encoded]
     empty = [p.id for p, ids in zip(prompts, prompt_ids, strict=True) if not ids]
     if empty:

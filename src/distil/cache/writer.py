@@ -156,6 +156,7 @@ def encode_shard(
     shard_index: int = 0,
     tail_samples: int = 0,
     seed: int = 0,
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> tuple[dict[str, Tensor], float, int]:
     """Run the teacher over one shard's examples; return its tensors, kept-mass sum and tokens read.
 
@@ -168,7 +169,8 @@ def encode_shard(
     ``tail_sample_ids (N, m)`` drawn from the teacher outside the top-k and
     ``tail_sample_log_probs (N, m)``. The kept mass is that of the top-k, or of the distinct
     sampled ids. Draws use a generator seeded by ``seed`` (or ``sampling.seed``) and the shard
-    index, so a rewritten shard is byte-identical.
+    index, so a rewritten shard is byte-identical. ``on_batch(examples, tokens)`` is called after
+    each teacher batch (for progress).
     """
     n = len(rows["example_id"])
     parts: dict[str, list[Tensor]] = {}
@@ -191,6 +193,8 @@ def encode_shard(
         logits = teacher(cols).float()  # (b, T, V)
         mask = shift_for_next_token(cols["labels"]) != IGNORE_INDEX  # (b, T) supervised positions
         tokens += int(cols["attention_mask"].sum())
+        if on_batch is not None:
+            on_batch(len(batch), int(cols["attention_mask"].sum()))
         pos_of = [mask[r].nonzero().squeeze(-1) for r in range(len(batch))]  # (n_r,) each
         flat_pos = torch.cat(
             [torch.full_like(p, r) * logits.shape[1] + p for r, p in enumerate(pos_of)]
@@ -448,11 +452,26 @@ def write_cache(
     )
     positions_written = tokens_read = 0
     t0 = time.perf_counter()
+    read = [0]  # tokens the teacher read so far, for the rate
+
+    def shard_size(i: int) -> int:
+        return min((i + 1) * c.examples_per_shard, n) - i * c.examples_per_shard
+
     with progress_bar(rank == 0) as bar:
-        task = bar.add_task(
-            "cache", total=len(mine), completed=len(mine) - len(todo), rate="", info=""
+        task = bar.add_task(  # moves per teacher batch, in examples
+            "cache",
+            total=sum(shard_size(i) for i in mine),
+            completed=sum(shard_size(i) for i in mine if i not in todo),
+            rate="",
+            info="",
         )
         for i in todo:
+
+            def batch_done(examples: int, tokens: int, i: int = i) -> None:
+                read[0] += tokens
+                rate = rate_text(read[0], time.perf_counter() - t0, "tok")
+                bar.update(task, advance=examples, rate=rate, info=f"shard {i}")
+
             lo, hi = i * c.examples_per_shard, min((i + 1) * c.examples_per_shard, n)
             tensors, mass_sum, tokens = encode_shard(
                 teacher,
@@ -468,6 +487,7 @@ def write_cache(
                 shard_index=i,
                 tail_samples=0 if sampled else c.tail_samples,
                 seed=job.seed,
+                on_batch=batch_done,
             )
             path = out / shard_name(i)
             # One metadata key only: safetensors writes a metadata map in hash order, which varies
@@ -491,10 +511,7 @@ def write_cache(
             )
             positions_written += int(tensors["positions"].numel())
             tokens_read += tokens
-            elapsed = time.perf_counter() - t0
-            bar.update(
-                task, advance=1, rate=rate_text(tokens_read, elapsed, "tok"), info=f"shard {i}"
-            )
+
     seconds = time.perf_counter() - t0
     merged = False
     if rank == 0:

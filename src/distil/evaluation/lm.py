@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence, Sized
 from typing import Any
 
 import torch
@@ -22,6 +22,7 @@ from distil.data.lm import IGNORE_INDEX, LMData, shift_for_next_token
 from distil.losses.divergences import forward_kl
 from distil.models.vocab import KnownIdsOnly, tokenizer_vocab_size
 from distil.teachers.base import Teacher
+from distil.training.progress import phase_progress
 
 Batch = Mapping[str, Tensor]
 
@@ -43,6 +44,7 @@ def held_out_metrics(
     vocab_size: int,
     device: torch.device,
     teacher: Teacher | None = None,
+    description: str = "held-out metrics",
 ) -> dict[str, float]:
     """Cross-entropy, perplexity and (with a teacher) top-1 agreement and KL(teacher ‖ student).
 
@@ -53,6 +55,7 @@ def held_out_metrics(
         vocab_size: The tokenizer's vocabulary; logits are sliced to it.
         device: Where the model runs.
         teacher: If given, agreement and KL are computed against it.
+        description: What the progress bar says (shown when this takes more than 2 s).
 
     Returns:
         ``ce`` (nats/token), ``perplexity``, ``tokens`` (supervised targets), and with a teacher
@@ -63,18 +66,21 @@ def held_out_metrics(
     model.eval()
     ce_sum = kl_sum = 0.0
     agree = tokens = 0
-    for batch in batches:
-        ids, att = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        targets = shift_for_next_token(batch["labels"]).to(device)  # (B, T)
-        mask = targets != IGNORE_INDEX
-        logits = model(input_ids=ids, attention_mask=att, use_cache=False).logits[..., :vocab_size]
-        student = logits[mask].float()  # (N, V)
-        ce_sum += float(F.cross_entropy(student, targets[mask], reduction="sum"))
-        tokens += int(mask.sum())
-        if teacher is not None:
-            t_logits = _teacher_logits(teacher, ids, att).to(device)[mask].float()  # (N, V)
-            kl_sum += float(forward_kl(student, t_logits, reduction="sum"))
-            agree += int((student.argmax(-1) == t_logits.argmax(-1)).sum())
+    total = len(batches) if isinstance(batches, Sized) else None
+    with phase_progress(description, total, unit="batches") as done:
+        for batch in batches:
+            ids, att = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+            targets = shift_for_next_token(batch["labels"]).to(device)  # (B, T)
+            mask = targets != IGNORE_INDEX
+            logits = model(input_ids=ids, attention_mask=att, use_cache=False).logits
+            student = logits[..., :vocab_size][mask].float()  # (N, V)
+            ce_sum += float(F.cross_entropy(student, targets[mask], reduction="sum"))
+            tokens += int(mask.sum())
+            if teacher is not None:
+                t_logits = _teacher_logits(teacher, ids, att).to(device)[mask].float()  # (N, V)
+                kl_sum += float(forward_kl(student, t_logits, reduction="sum"))
+                agree += int((student.argmax(-1) == t_logits.argmax(-1)).sum())
+            done(1)
     model.train(was_training)
     n = max(tokens, 1)
     out = {
@@ -279,7 +285,12 @@ def model_summary(
 
     device = next(model.parameters()).device
     metrics = held_out_metrics(
-        model, batches, vocab_size=vocab_size, device=device, teacher=teacher
+        model,
+        batches,
+        vocab_size=vocab_size,
+        device=device,
+        teacher=teacher,
+        description=f"evaluating {role} on held-out data",
     )
     params = count_parameters(model)
     row = {
