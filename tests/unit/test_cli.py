@@ -78,3 +78,40 @@ def test_readme_cache_workflow_trains_from_the_folder_distil_cache_writes() -> N
     text = " ".join(README.read_text().split())
     assert "Unbounded, `distil cache lm_kd` runs the teacher over the whole" in text
     assert "about 40 minutes" in text and "`data.train_limit=N` bounds it" in text
+
+
+def _help(*args: str) -> str:
+    result = runner.invoke(app, [*args, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    return " ".join(result.output.replace("│", " ").split())
+
+
+def test_help_texts_say_what_they_mean() -> None:
+    main = _help()
+    assert "MNIST" in main and "digits, CNN" not in main  # the default job is MNIST-5k
+    cache = _help("cache")
+    assert "distil cache CONFIG [overrides]" in cache  # brackets not eaten as Rich markup
+    assert "[cache.k=8 ...]" in cache and "inspect PATH [--verify]" in cache
+    generate = _help("generate")
+    assert "resumable shards that `lm_kd` trains on" in generate  # one paragraph, no stray break
+
+
+def test_version_option_prints_the_version() -> None:
+    from importlib.metadata import version
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.output.strip() == f"distil {version('distil')}"
+
+
+def test_readme_validate_sample_matches_the_output() -> None:
+    text = README.read_text()
+    block = text.split("$ distil validate ", 1)[1].split("```", 1)[0]
+    command, *expected = block.strip().splitlines()
+    result = runner.invoke(app, ["validate", *command.split()], env={"COLUMNS": "300"})
+    assert result.exit_code == 2
+    got = [line.rstrip() for line in result.output.strip().splitlines()]
+    assert len(got) == len(expected)
+    for want, line in zip(expected, got, strict=True):
+        head, _, tail = want.partition("[...]")  # the README shortens long lists to [...]
+        assert line.startswith(head.rstrip()) and line.endswith(tail.strip()), (want, line)

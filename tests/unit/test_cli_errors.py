@@ -129,3 +129,33 @@ def test_advise_encoder_kd_reads_the_teacher_package() -> None:
     result = runner.invoke(app, ["advise", "encoder_kd", "--size", "0.5"])
     assert result.exit_code == 0, result.output
     assert "6L × 384d" in result.output  # MiniLM-L6: 6 blocks of width 384
+
+
+def test_messages_are_printed_as_written_not_as_rich_markup(tmp_path: Path) -> None:
+    # a path whose name looks like Rich markup: "[bold]" must not vanish from the message
+    weird = tmp_path / "my[bold]config.yaml"
+    out = _error(["validate", str(weird)])
+    assert "my[bold]config.yaml" in out
+    missing = tmp_path / "runs[red]" / "x"
+    assert "runs[red]" in _error(["report", str(missing)])
+
+
+def test_missing_paths_are_named_as_missing(tmp_path: Path) -> None:
+    nope = tmp_path / "nope"
+    assert "no such run folder" in _error(["report", str(nope)])
+    assert "no such run folder" in _error(["compare", str(nope), str(tmp_path)])
+    out = _error(["cache", "inspect", str(nope)])
+    assert "does not exist" in out and "manifest" not in out
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["run", "lm_kd", "run.log_with=[]"], ["cache", "lm_kd"], ["generate"]],
+    ids=["run", "cache", "generate"],
+)
+def test_a_missing_built_in_teacher_says_to_run_lm_pretrain_first(
+    args: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # no runs/lm-teacher here
+    out = _error(args)
+    assert "runs/lm-teacher" in out and "run `distil run lm_pretrain` first" in out

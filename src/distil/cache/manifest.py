@@ -125,6 +125,8 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         DistilError: If the folder has no manifest (an unfinished or foreign folder), or one of
             another format or version.
     """
+    if not Path(folder).is_dir():
+        raise DistilError(f"cache folder {folder} does not exist (check the path)")
     path = Path(folder) / MANIFEST
     if not path.is_file():
         hint = (

@@ -197,7 +197,7 @@ def _model_in_annotation(annotation: Any) -> Any:
 
 
 def format_validation_error(exc: ValidationError, model: type[BaseModel]) -> list[str]:
-    """One line per problem, each starting with its dotted key."""
+    """One line per problem, each starting with its dotted key, sorted by key."""
     problems: list[str] = []
     for err in exc.errors():
         loc = tuple(err["loc"])
@@ -216,7 +216,7 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel]) -> lis
             got = err.get("input")
             shown = "" if err["type"] == "missing" or isinstance(got, dict) else f" (got {got!r})"
             problems.append(f"{dotted}: {msg}{shown}")
-    return problems
+    return sorted(problems, key=lambda p: p.partition(":")[0])  # by dotted key, stable
 
 
 def validate_config(model: type[ModelT], data: Mapping[str, Any], source: str = "config") -> ModelT:

@@ -511,7 +511,7 @@ def print_report(report: dict[str, Any], console: Console | None = None) -> None
     if table_spec:
         print_table(table_spec, console, title=report.get("title"))
     for key, value in report.get("highlights", {}).items():
-        console.print(f"  [bold]{key}[/bold]: {fmt(value)}")
+        console.print(f"  [bold]{escape(str(key))}[/bold]: {escape(fmt(value))}")
 
 
 def wide(console: Console, width: int = 140) -> Console:
@@ -527,12 +527,12 @@ def print_table(table_spec: Mapping[str, Any], console: Console, title: str | No
     console = wide(
         console, max(140, sum(max(len(c["label"]), 8) + 3 for c in table_spec["columns"]))
     )
-    table = Table(title=title)
+    table = Table(title=None if title is None else escape(title))
     for i, c in enumerate(table_spec["columns"]):
-        table.add_column(c["label"], justify="left" if i == 0 else "right")
+        table.add_column(escape(c["label"]), justify="left" if i == 0 else "right")
     formatters = byte_formatters(table_spec)
     for row in table_spec["rows"]:
-        table.add_row(*(cell(row, c["key"], formatters) for c in table_spec["columns"]))
+        table.add_row(*(escape(cell(row, c["key"], formatters)) for c in table_spec["columns"]))
     console.print(table)
 
 

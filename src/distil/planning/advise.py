@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+
 from distil.errors import DistilError
 
 logger = logging.getLogger(__name__)
@@ -967,8 +969,8 @@ def print_advice(advice: Mapping[str, Any], console: Any) -> None:
         table.add_row(*((fmt_bytes if "memory" in c else fmt)(cand.get(c)) for c in cols))
     console.print(table)
     if advice["kind"] != "transformer":
-        console.print(f"  {advice['cache']['note']}")
-        console.print(f"  [dim]{gap.get('note', '')}[/dim]")
+        console.print(f"  {escape(str(advice['cache']['note']))}")
+        console.print(f"  [dim]{escape(str(gap.get('note', '')))}[/dim]")
         return
     console.print(
         "  [dim]* estimates: b1 = weights read per decoded token, throughput = forward FLOPs at "
@@ -976,7 +978,9 @@ def print_advice(advice: Mapping[str, Any], console: Any) -> None:
         "check speed with --measure[/dim]"
     )
     for cand in advice["candidates"]:
-        console.print(f"  [bold]{cand['candidate']}[/bold]: {cand['why']}")
+        console.print(
+            f"  [bold]{escape(str(cand['candidate']))}[/bold]: {escape(str(cand['why']))}"
+        )
     budget = advice["budget"]
     title = f"teacher placement (batch {budget['batch_size']} × {budget['seq_len']} tokens"
     title += f", memory {fmt_bytes(budget['memory_bytes'])}" if budget["memory_bytes"] else ""
@@ -1014,5 +1018,5 @@ def print_advice(advice: Mapping[str, Any], console: Any) -> None:
         else c["memory"]["advice"]
         for c in advice["candidates"]
     ):
-        console.print(f"  [bold]placement[/bold] {text}")
-    console.print(f"  [dim]{gap.get('note', '')}[/dim]")
+        console.print(f"  [bold]placement[/bold] {escape(text)}")
+    console.print(f"  [dim]{escape(str(gap.get('note', '')))}[/dim]")

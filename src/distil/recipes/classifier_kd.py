@@ -786,6 +786,9 @@ def build_report(
         row |= speeds[row["model"]]
         row["size_ratio"] = rows[0]["params"] / row["params"]
     highlights: dict[str, Any] = {"dataset": f"{data.name} ({len(data.test)} test examples)"}
+    weak = metrics.chance_level_warning(rows[0]["accuracy"], test_labels)
+    if weak is not None:
+        logger.warning("%s", weak)
     if baseline is not None:
         gain = rows[1]["accuracy"] - rows[2]["accuracy"]
         gap = rows[0]["accuracy"] - rows[2]["accuracy"]
@@ -814,6 +817,7 @@ def build_report(
         row["mean_class_accuracy"] = sum(known) / len(known) if known else None
     batch = rows[0]["throughput_batch"]
     return {
+        "warnings": [] if weak is None else [weak],
         "title": f"classifier_kd: {data.name}",
         "recipe": "classifier_kd",
         "roles": role_names,

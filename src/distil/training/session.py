@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from distil.errors import DistilError
 from distil.storage import atomic_write_json
@@ -33,7 +34,7 @@ class Session:
         """Log the effective mode of the run: printed at start and kept in ``mode.txt``."""
         logger.info("%s", text)
         if self.accelerator.is_main_process:
-            self.console.print(f"[bold green]distil[/bold green] {text}")
+            self.console.print(f"[bold green]distil[/bold green] {escape(text)}")
             with open(self.run_dir / "mode.txt", "a", encoding="utf-8") as f:
                 f.write(text + "\n")
 
