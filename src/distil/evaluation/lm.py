@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from distil.config.lm import EvalSection
 from distil.data.lm import IGNORE_INDEX, LMData, shift_for_next_token
+from distil.evaluation.calibration import clamp_divergence
 from distil.losses.divergences import forward_kl
 from distil.models.vocab import KnownIdsOnly, tokenizer_vocab_size
 from distil.teachers.base import Teacher
@@ -89,7 +90,7 @@ def held_out_metrics(
         "tokens": float(tokens),
     }
     if teacher is not None:
-        out |= {"agreement": agree / n, "kl_teacher_student": kl_sum / n}
+        out |= {"agreement": agree / n, "kl_teacher_student": clamp_divergence(kl_sum / n)}
     return out
 
 

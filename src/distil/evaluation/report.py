@@ -74,6 +74,25 @@ def fmt(value: Any) -> str:
     return str(value)
 
 
+def percent(fraction: float, digits: int = 0) -> str:
+    """``0.123`` → ``"12 %"``; a value that rounds to zero is ``"0 %"``, never ``"-0 %"``."""
+    shown = round(100 * fraction, digits)
+    if shown == 0:
+        shown = 0.0  # drops the sign of -0.0
+    return f"{shown:.{digits}f} %"
+
+
+def relative_time_text(overhead: float) -> str:
+    """How much longer one phase took than another, ``overhead = a / b - 1``: ``"54 % slower"``,
+    ``"28x slower"`` from twice as long on (a percentage past 100 reads badly), ``"12 % faster"``."""
+    if overhead >= 1:
+        ratio = 1 + overhead
+        return f"{ratio:.1f}x slower" if ratio < 9.95 else f"{ratio:.0f}x slower"
+    if overhead >= 0:
+        return f"{percent(overhead)} slower"
+    return f"{percent(-overhead)} faster"
+
+
 def fmt_bytes(value: Any) -> str:
     """Bytes in binary units (``12.3 MiB``); other values as :func:`fmt`."""
     if not isinstance(value, int | float) or isinstance(value, bool):
@@ -470,7 +489,7 @@ def render_markdown(report: dict[str, Any], plots: Mapping[str, str] | None = No
                 lines.append(f"![training time]({plots['training_time']})")
             if training.get("teacher_overhead") is not None:
                 lines.append(
-                    f"The live teacher made the KD phase {fmt(100 * training['teacher_overhead'])} % slower than the baseline."
+                    f"The live teacher made the KD phase {relative_time_text(training['teacher_overhead'])} than the baseline."
                 )
             lines.append("")
     curves = report.get("curves")
@@ -528,8 +547,13 @@ def print_table(table_spec: Mapping[str, Any], console: Console, title: str | No
         console, max(140, sum(max(len(c["label"]), 8) + 3 for c in table_spec["columns"]))
     )
     table = Table(title=None if title is None else escape(title))
+    names = [str(row.get(table_spec["columns"][0]["key"], "")) for row in table_spec["rows"]]
     for i, c in enumerate(table_spec["columns"]):
-        table.add_column(escape(c["label"]), justify="left" if i == 0 else "right")
+        if i == 0:  # the names: never cut (two runs named a…b and a…c must not both read "a…")
+            width = max([len(c["label"]), *map(len, names)])
+            table.add_column(escape(c["label"]), justify="left", no_wrap=True, min_width=width)
+        else:
+            table.add_column(escape(c["label"]), justify="right")
     formatters = byte_formatters(table_spec)
     for row in table_spec["rows"]:
         table.add_row(*(escape(cell(row, c["key"], formatters)) for c in table_spec["columns"]))
