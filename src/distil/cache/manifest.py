@@ -158,6 +158,19 @@ def _short(value: Any) -> str:
     return text[:12] + "…" if len(text) > 16 else text
 
 
+# The data settings that most often make a run's dataset differ from a cache's, named first.
+_DATASET_KEYS = (
+    "data.builtin",
+    "data.corpus_max_bytes",
+    "data.train_files",
+    "data.eval_files",
+    "data.eval_fraction",
+    "data.format",
+    "data.max_length",
+    "data.train_limit",
+)
+
+
 def data_settings_hint(
     manifest: Mapping[str, Any], run_settings: Mapping[str, Any] | None = None
 ) -> str:
@@ -187,8 +200,12 @@ def data_settings_hint(
                 f"The data settings differ: {'; '.join(differ)}; run with the cache's values "
                 "(or write a cache with this run's)."
             )
-    listed = ", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(recorded.items()) if v is not None)
-    return f"The cache was written with {listed}: run with the same data settings."
+    shown = [k for k in _DATASET_KEYS if recorded.get(k) is not None]
+    listed = ", ".join(f"{k}={json.dumps(recorded[k])}" for k in shown)
+    return (
+        f"The cache was written with {listed} (all its data settings are in its manifest's "
+        "data_settings): run with the same data settings."
+    )
 
 
 def check_matches(
