@@ -43,8 +43,8 @@ from distil.models.vocab import (
     tokenizer_fingerprint,
     tokenizer_vocab_size,
 )
+from distil.progress import progress_bar, rate_text
 from distil.storage import atomic_write_bytes, remove_temp_files, sha256_file
-from distil.training.progress import progress_bar, rate_text
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 ARGS = [
     "run",
     "classifier_kd",
-    "data.dataset=digits",
+    "data.source={builtin: digits}",
     "teacher.train=true",
     "teacher.training.epochs=1",
     "teacher.model.kwargs.channels=[8,16,16]",

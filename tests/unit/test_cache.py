@@ -236,30 +236,25 @@ def test_cache_refuses_a_tokenizer_that_is_not_the_teachers(
 
     teacher_dir = tmp_path / "teacher"
     save_model_folder(
-        fx["cfg"].teacher.spec.build(fx["tok"], seed=0), teacher_dir, tokenizer=fx["tok"]
+        load_lm(fx["cfg"].teacher.model, fx["tok"], seed=0), teacher_dir, tokenizer=fx["tok"]
     )
     other = (stdlib_root() / "bisect.py").read_text(encoding="utf-8")[:3000]
     train_bpe_tokenizer_from_texts([other], tmp_path / "other-tok", 300)
     data = fx["cfg"].model_dump(mode="json")
-    out = tmp_path / "cache"
-    cfg = CacheConfig.model_validate(
-        data
-        | {
-            "tokenizer": str(tmp_path / "other-tok"),
-            "teacher": {"hf": str(teacher_dir)},
-            "cache": data["cache"] | {"out": str(out)},
+
+    def job(tokenizer: Path, out: Path) -> LMCacheJob:
+        teacher = data["teacher"] | {
+            "model": {"hf": str(teacher_dir)},
+            "cache": data["teacher"]["cache"] | {"path": str(out)},
         }
-    )
+        return LMCacheJob.model_validate(data | {"tokenizer": str(tokenizer), "teacher": teacher})
+
+    out = tmp_path / "cache"
     with pytest.raises(DistilError, match="not the teacher's"):
-        write_cache(cfg)
+        write_cache(job(tmp_path / "other-tok", out))
     assert not out.exists()  # refused before anything was written
     # the teacher's own tokenizer, named explicitly, is fine
-    same = CacheConfig.model_validate(
-        data
-        | {"tokenizer": str(teacher_dir), "teacher": {"hf": str(teacher_dir)}}
-        | {"cache": data["cache"] | {"out": str(tmp_path / "ok")}}
-    )
-    assert write_cache(same).shards_written > 0
+    assert write_cache(job(teacher_dir, tmp_path / "ok")).shards_written > 0
 
 
 def test_rewriting_a_folder_with_other_settings_is_refused(fx: dict[str, Any]) -> None:
@@ -379,7 +374,7 @@ def test_teacher_fingerprint_covers_zero_dim_buffers() -> None:
 
 def test_a_dataset_mismatch_names_the_data_setting_to_match(fx: dict[str, Any]) -> None:
     from distil.cache.writer import _OneProcess
-    from distil.recipes.lm_setup import load_lm_data
+    from distil.data.lm import load_lm_data
     from distil.teachers.cached import open_lm_cache
 
     cfg = fx["cfg"]

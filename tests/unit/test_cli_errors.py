@@ -12,8 +12,9 @@ from distil.cli import app
 
 runner = CliRunner()
 SHORT = [
-    "data.dataset=digits",
-    "teacher.train=false",
+    "data.source={builtin: digits}",
+    "teacher.train=true",
+    "teacher.training.epochs=1",
     "train.epochs=1",
     "eval.baseline=false",
     "run.log_with=[]",
@@ -69,8 +70,7 @@ def test_malformed_csv_data_file_is_an_error(tmp_path: Path) -> None:
             "run",
             "classifier_kd",
             *SHORT[1:],
-            "data.dataset=null",
-            f"data.train_file={bad}",
+            f"data.source={{train: [{bad}]}}",
             "data.text_column=text",
             "--run-dir",
             str(tmp_path / "run"),
@@ -158,4 +158,4 @@ def test_a_missing_built_in_teacher_says_to_run_lm_pretrain_first(
 ) -> None:
     monkeypatch.chdir(tmp_path)  # no runs/lm-teacher here
     out = _error(args)
-    assert "runs/lm-teacher" in out and "run `distil run lm_pretrain` first" in out
+    assert "runs/lm-teacher" in out and "distil run lm_pretrain" in out

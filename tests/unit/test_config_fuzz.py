@@ -18,9 +18,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from distil.cli import app, load_config, shipped_configs
+from distil.cli import app, shipped_configs
 from distil.config.loading import load_yaml
-from distil.recipes import RECIPES
+from distil.recipes import RECIPES, load_recipe
 
 runner = CliRunner()
 KEYS = [
@@ -130,11 +130,28 @@ def _dotted_keys(data: Any, prefix: str = "") -> list[str]:
     return keys
 
 
+def _model_keys(model: Any, prefix: str = "", depth: int = 0) -> list[str]:
+    """Every dotted field name of a pydantic config model (through unions and optionals)."""
+    from pydantic import BaseModel
+
+    keys: list[str] = []
+    for name, field in getattr(model, "model_fields", {}).items():
+        dotted = f"{prefix}{name}"
+        keys.append(dotted)
+        stack = [field.annotation]
+        while stack and depth < 4:
+            ann = stack.pop()
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                keys += _model_keys(ann, f"{dotted}.", depth + 1)
+            stack.extend(getattr(ann, "__args__", ()) or ())
+    return keys
+
+
 SHIPPED = sorted(shipped_configs())
-# every dotted key of every shipped config, so overrides reach each section's validators
+# every dotted key of every shipped config and recipe schema, so overrides reach each validator
 SHIPPED_KEYS = sorted(
     {k for name in SHIPPED for k in _dotted_keys(load_yaml(shipped_configs()[name]))}
-    | {k for name in RECIPES for k in _dotted_keys(load_config(name, [])[2])}
+    | {k for name in RECIPES for k in _model_keys(load_recipe(name).Config)}
 )
 yaml_values = values.map(lambda v: yaml.safe_dump(v, default_flow_style=True).strip())
 

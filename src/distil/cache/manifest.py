@@ -160,6 +160,7 @@ def _short(value: Any) -> str:
 
 # The data settings that most often make a run's dataset differ from a cache's, named first.
 _DATASET_KEYS = (
+    "data.source",
     "data.builtin",
     "data.corpus_max_bytes",
     "data.train_files",

@@ -55,7 +55,7 @@ from distil.models.vocab import (
     tokenizer_fingerprint,
     tokenizer_vocab_size,
 )
-from distil.training.progress import progress_bar, rate_text
+from distil.progress import progress_bar, rate_text
 
 if TYPE_CHECKING:
     import datasets
@@ -65,7 +65,6 @@ logger = logging.getLogger(__name__)
 # Spec fields that describe, but do not decide, the cache's content (the dataset fingerprint
 # does): a rerun that differs only there completes the same cache.
 INFORMATIONAL_FIELDS = ("created_by", "data_settings")
-
 
 
 def id_dtype(vocab_size: int) -> torch.dtype:

@@ -33,7 +33,7 @@ from enum import Enum
 from pathlib import Path
 
 from distil.errors import DistilError
-from distil.training.progress import is_main_process, phase_progress
+from distil.progress import is_main_process, phase_progress
 
 logger = logging.getLogger(__name__)
 

@@ -42,7 +42,7 @@ from distil.config.sources import FileData
 from distil.data.corpus import build_stdlib_corpus
 from distil.data.generated import generated_shard_files
 from distil.errors import DistilError
-from distil.training.progress import phase_progress
+from distil.progress import phase_progress
 
 if TYPE_CHECKING:
     import datasets

@@ -21,7 +21,7 @@ from distil.config.base import StrictModel
 from distil.config.sources import BuiltinData, DataSource, FileData, require_builtin
 from distil.data.corpus import build_stdlib_corpus, read_corpus_texts
 from distil.errors import DistilError
-from distil.training.progress import phase_progress
+from distil.progress import phase_progress
 
 
 class PromptsSection(StrictModel):

@@ -22,8 +22,8 @@ from distil.data.lm import IGNORE_INDEX, LMData, shift_for_next_token
 from distil.evaluation.calibration import clamp_divergence
 from distil.losses.divergences import forward_kl
 from distil.models.vocab import KnownIdsOnly, tokenizer_vocab_size
+from distil.progress import phase_progress
 from distil.teachers.base import Teacher
-from distil.training.progress import phase_progress
 
 Batch = Mapping[str, Tensor]
 

@@ -644,9 +644,9 @@ _SPEC_TO_INLINE = {
 def teacher_spec_from_config(data: Mapping[str, Any], source: str = "config") -> str:
     """The teacher a recipe config names, as a spec :func:`load_teacher_shape` reads.
 
-    A Hugging Face folder (``teacher.hf``, ``teacher.model.hf``, ``teacher.folder``), the folder
-    a pip package ships (``teacher.package``), or a shape built in code (``teacher.spec``) becomes
-    an inline shape.
+    A Hugging Face folder (``teacher.model.hf``), the folder a pip package ships
+    (``teacher.model.package``), or a shape built in code (``teacher.model.spec``, given back as
+    an inline shape).
 
     Raises:
         DistilError: If the config names no transformer teacher, or its folder does not exist.
@@ -658,11 +658,11 @@ def teacher_spec_from_config(data: Mapping[str, Any], source: str = "config") ->
         raise DistilError(f"{source}: has no teacher section; give the teacher folder instead")
     model = teacher.get("model") if isinstance(teacher.get("model"), Mapping) else teacher
     assert isinstance(model, Mapping)
-    folder = model.get("hf") or teacher.get("folder")
-    if teacher.get("package") and not folder:
+    folder = model.get("hf")
+    if model.get("package") and not folder:
         from distil.models.encoder import package_model_folder
 
-        folder = str(package_model_folder(str(teacher["package"])))
+        folder = str(package_model_folder(str(model["package"])))
     if folder:
         if not Path(str(folder)).is_dir():
             raise missing_folder_error(str(folder), "teacher folder")
@@ -675,9 +675,9 @@ def teacher_spec_from_config(data: Mapping[str, Any], source: str = "config") ->
             if k in _SPEC_TO_INLINE and v is not None
         )
     raise DistilError(
-        f"{source}: advise reads transformer teachers (a Hugging Face folder: teacher.hf, "
-        "teacher.folder or teacher.package; or teacher.spec) and zoo classifiers; this teacher "
-        "is neither: give its folder or an inline shape (layers=12,hidden=768,heads=12,...)"
+        f"{source}: advise reads transformer teachers (teacher.model {{hf: FOLDER}}, "
+        "{package: NAME} or {spec: ...}) and zoo classifiers; this teacher is neither: give its "
+        "folder or an inline shape (layers=12,hidden=768,heads=12,...)"
     )
 
 

@@ -501,18 +501,13 @@ def teacher_cache(
 
 
 def _sum_costs(costs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The cost of running every member of an ensemble (one cost when there is one member)."""
+    """The cost of keeping every member of an ensemble (one cost when there is one member);
+    running them all is timed by ``_speeds``."""
     if len(costs) == 1:
         return costs[0]
-    total = {
-        k: sum(c[k] for c in costs)
-        for k in costs[0]
-        if k not in ("throughput_per_s", "throughput_batch")
-    }
-    batch = costs[0]["throughput_batch"]
+    total = {k: sum(c[k] for c in costs) for k in costs[0] if k != "throughput_batch"}
     total["peak_memory_bytes"] = max(c["peak_memory_bytes"] for c in costs)
-    total["throughput_batch"] = batch
-    total["throughput_per_s"] = batch / (total[f"latency_b{batch}_ms"] / 1e3)
+    total["throughput_batch"] = costs[0]["throughput_batch"]
     return total
 
 
@@ -527,19 +522,20 @@ def _cost(built: BuiltModel, inputs: Inputs, folder: Path, throughput_batch: int
     }
 
 
-def _speeds(roles: list[tuple[str, BuiltModel, Inputs]], batch: int) -> dict[str, dict[str, Any]]:
-    """Batch-1 latency and batch-``batch`` throughput of every model, timed interleaved on one
-    CPU thread, with speed-ups over the teacher (the first role) and their spread."""
+def _speeds(
+    runs: dict[str, list[tuple[nn.Module, Inputs]]], reference: str, batch: int
+) -> dict[str, dict[str, Any]]:
+    """Batch-1 latency and batch-``batch`` throughput of every row's models (an ensemble runs all
+    its members), timed interleaved on one CPU thread, with speed-ups over ``reference``."""
 
-    def call(module: nn.Module, inputs: Inputs, n: int) -> Any:
-        part = {k: v[:n] for k, v in inputs.items()}
-        return lambda: logits_of(module, part)
+    def call(models: list[tuple[nn.Module, Inputs]], n: int) -> Any:
+        parts = [(m.cpu().eval(), {k: v[:n] for k, v in inp.items()}) for m, inp in models]
+        return lambda: [logits_of(m, part) for m, part in parts]
 
-    modules = [(role, built.module.cpu().eval(), inp) for role, built, inp in roles]
     return interleaved_speeds(
-        {role: call(m, inp, 1) for role, m, inp in modules},
-        {role: call(m, inp, batch) for role, m, inp in modules},
-        reference=roles[0][0],
+        {name: call(models, 1) for name, models in runs.items()},
+        {name: call(models, batch) for name, models in runs.items()},
+        reference=reference,
         batch_size=batch,
     )
 
@@ -781,7 +777,14 @@ def build_report(
     save_file(
         saved, str(s.run_dir / "eval" / "test_logits.safetensors")
     )  # for calibration/confusion in reports
-    speeds = _speeds(roles, rows[0]["throughput_batch"])
+    runs = {teacher_name: [(b.module, b.encoder(data.test)) for b, _ in members]}
+    for role, trained in (("student (KD)", student), ("baseline (no teacher)", baseline)):
+        if trained is not None:
+            runs[role] = [(trained.module, trained.encoder(data.test))]
+    if len(members) > 1:
+        for i, (built, w) in enumerate(members):
+            runs[f"teacher {i + 1} (w={w:g})"] = [(built.module, built.encoder(data.test))]
+    speeds = _speeds(runs, teacher_name, rows[0]["throughput_batch"])
     for row in rows:
         row |= speeds[row["model"]]
         row["size_ratio"] = rows[0]["params"] / row["params"]

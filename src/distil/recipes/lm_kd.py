@@ -587,6 +587,7 @@ def lm_teacher_cache(
         teacher_model=teacher.model,
         output_device=acc.device,
         signal=TeacherSignal.LOGITS if chunked else TeacherSignal.SPARSE,
+        data_settings=cfg.data.model_dump(mode="json"),  # a mismatch names the setting
     )
     how = (
         "dense logits rebuilt from it (chunked path: tail mass spread evenly over the other ids)"
