@@ -30,6 +30,31 @@ app = typer.Typer(
 console = Console()
 err_console = Console(stderr=True)
 
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            found = version("distil")
+        except PackageNotFoundError:  # a source checkout that was never installed
+            from distil import __version__ as found
+        console.print(f"distil {found}", markup=False, highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", help="print the version and exit", is_eager=True, callback=_version
+        ),
+    ] = False,
+) -> None:
+    """Knowledge distillation: turn a large teacher into a small, fast student that keeps what matters."""
+
+
 DEFAULT_CONFIG = "classifier_kd"
 
 # Commands other than `run` that read a config of their own: its YAML says `command: NAME` instead
@@ -60,28 +85,45 @@ def resolve_config_path(spec: str) -> Path:
     )
 
 
+def _command_of(data: dict[str, Any]) -> str | None:
+    """The ``command:`` of a config that belongs to a command in ``CONFIG_COMMANDS``, if any."""
+    command = data.get("command")
+    return command if isinstance(command, str) and command in CONFIG_COMMANDS else None
+
+
+def config_source(path: Path) -> str:
+    """How messages name a config file: a shipped config by its file name, others by path."""
+    shipped = shipped_configs()
+    return path.name if shipped.get(path.stem) == path else str(path)
+
+
 def load_config(spec: str, overrides: list[str]) -> tuple[str, Any, dict[str, Any]]:
     """Read, override and validate a config; return (recipe name, Config, resolved dict)."""
     path = resolve_config_path(spec)
     data = apply_overrides(load_yaml(path), overrides)
     recipe = data.get("recipe")
-    if recipe is None and data.get("command") in CONFIG_COMMANDS:
+    if recipe is None and _command_of(data) is not None:
         command = data["command"]
         raise ConfigError(
             [
                 f"command: this is a `distil {command}` config, not a recipe's; run it with `distil {command} {spec}`"
             ],
-            source=str(path),
+            source=config_source(path),
+        )
+    if recipe is not None and not isinstance(recipe, str):
+        raise ConfigError(
+            [f"recipe: must be one recipe name (known: {', '.join(RECIPES)}), got {recipe!r}"],
+            source=config_source(path),
         )
     if recipe not in RECIPES:
         close = difflib.get_close_matches(str(recipe), list(RECIPES), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ConfigError(
             [f"recipe: {recipe!r} is not a recipe{hint} (known: {', '.join(RECIPES)})"],
-            source=str(path),
+            source=config_source(path),
         )
     module = load_recipe(recipe)
-    cfg = validate_config(module.Config, data, source=str(path))
+    cfg = validate_config(module.Config, data, source=config_source(path))
     return recipe, cfg, cfg.model_dump(mode="json")
 
 
@@ -95,15 +137,17 @@ def load_command_config(command: str, spec: str, overrides: list[str]) -> Any:
                 f"recipe: this is a `distil run` config ({data['recipe']}); `distil {command}` takes one with "
                 f"`command: {command}` (copy one with `distil cp {command} FILE`)"
             ],
-            source=str(path),
+            source=config_source(path),
         )
     module, _, name = CONFIG_COMMANDS[command].partition(":")
-    return validate_config(getattr(importlib.import_module(module), name), data, source=str(path))
+    return validate_config(
+        getattr(importlib.import_module(module), name), data, source=config_source(path)
+    )
 
 
 def _fail(exc: Exception) -> None:
     err_console.print(
-        f"[bold red]error:[/bold red] {exc}", soft_wrap=True, markup=True, highlight=False
+        f"[bold red]error:[/bold red] {escape(str(exc))}", soft_wrap=True, highlight=False
     )
     raise typer.Exit(code=2)
 
@@ -123,7 +167,7 @@ def run(
         Path | None, typer.Option("--run-dir", help="use exactly this run folder")
     ] = None,
 ) -> None:
-    """Run a distillation. With no argument: the built-in default job (digits, CNN → MLP)."""
+    """Run a distillation. With no argument: the built-in default job (MNIST-5k, CNN → MLP)."""
     from distil.training import run_dir as rd
     from distil.training.session import open_session
 
@@ -138,16 +182,8 @@ def run(
         name = cfg.run.name or recipe
 
         def choose() -> Path:
-            if run_dir is not None:
-                if run_dir.exists() and any(run_dir.iterdir()) and not resume:
-                    raise DistilError(
-                        f"{run_dir} already holds a run; add --resume to continue it, or pick a new --run-dir"
-                    )
-                return run_dir
-            return (
-                rd.latest_run_dir(cfg.run.output_dir, name)
-                if resume
-                else rd.new_run_dir(cfg.run.output_dir, name)
+            return rd.choose_run_dir(
+                run_dir, resume=resume, output_dir=cfg.run.output_dir, name=name
             )
 
         def prepare(path: Path) -> None:
@@ -170,11 +206,11 @@ def run(
             cpu_threads=cfg.run.cpu_threads,
         )
         if session.accelerator.is_main_process:
-            console.print(f"[bold]run folder[/bold] {session.run_dir}")
+            console.print(f"[bold]run folder[/bold] {escape(str(session.run_dir))}")
         load_recipe(recipe).main(cfg, session)
         session.accelerator.end_training()
         if session.accelerator.is_main_process:
-            console.print(f"[bold]report[/bold] {session.run_dir / 'report.md'}")
+            console.print(f"[bold]report[/bold] {escape(str(session.run_dir / 'report.md'))}")
     except DistilError as exc:
         _fail(exc)
 
@@ -186,8 +222,8 @@ def validate(
 ) -> None:
     """Check a config (and overrides) without running it; print every problem at once."""
     try:
-        command = load_yaml(resolve_config_path(config)).get("command")
-        if command in CONFIG_COMMANDS:
+        command = _command_of(load_yaml(resolve_config_path(config)))
+        if command is not None:
             load_command_config(command, config, overrides or [])
             kind = f"`distil {command}`"
         else:
@@ -195,7 +231,7 @@ def validate(
     except DistilError as exc:
         _fail(exc)
         return
-    console.print(f"[green]ok[/green]: {config} is a valid {kind} config")
+    console.print(f"[green]ok[/green]: {escape(config)} is a valid {escape(kind)} config")
 
 
 @app.command()
@@ -223,13 +259,17 @@ def cp(
         if not src.is_file():
             raise DistilError(f"{recipe!r}: no such shipped config")
         target = dest / src.name if dest.is_dir() else dest
+        if not target.parent.is_dir():
+            raise DistilError(
+                f"{target.parent} does not exist; create the folder first or choose another destination"
+            )
         if target.exists():
             raise DistilError(f"{target} exists; choose another destination or delete it first")
         shutil.copyfile(src, target)
     except DistilError as exc:
         _fail(exc)
         return
-    console.print(f"copied {src.name} to {target}; run it with: distil run {target}")
+    console.print(f"copied {src.name} to {target}; run it with: distil run {target}", markup=False)
 
 
 @app.command()
@@ -244,8 +284,8 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a run folder")]) -> Non
         return
     write_report(run_dir, data)
     print_report(data, console)
-    console.print(f"[bold]report[/bold] {run_dir / 'report.md'}")
-    console.print(f"[bold]report[/bold] {run_dir / 'report.html'}")
+    console.print(f"[bold]report[/bold] {escape(str(run_dir / 'report.md'))}")
+    console.print(f"[bold]report[/bold] {escape(str(run_dir / 'report.html'))}")
 
 
 @app.command()
@@ -272,7 +312,7 @@ def compare(
         return
     print_table(terminal_table(comparison), console, title=f"distil compare ({len(run_dirs)} runs)")
     for path in write_comparison(comparison, run_dirs, out or default_out_dir(run_dirs)):
-        console.print(f"[bold]wrote[/bold] {path}")
+        console.print(f"[bold]wrote[/bold] {escape(str(path))}")
 
 
 @app.command()
@@ -280,7 +320,7 @@ def advise(
     teacher: Annotated[
         str,
         typer.Argument(
-            help="HF model folder, YAML config, or shape: layers=12,hidden=768,heads=12,ffn=3072,vocab=32000"
+            help="HF model folder, YAML or shipped config (e.g. lm_kd), or an inline shape such as layers=12,hidden=768,heads=12,ffn=3072,vocab=32000"
         ),
     ],
     speedup: Annotated[
@@ -323,15 +363,14 @@ def advise(
     try:
         path = Path(teacher)
         if path.suffix in (".yaml", ".yml") or (not path.exists() and teacher in shipped_configs()):
-            _, cfg, data = load_config(teacher, [])
-            if data.get("recipe") == "classifier_kd" and cfg.teacher.model.zoo is not None:
+            recipe, cfg, data = load_config(teacher, [])
+            if recipe == "classifier_kd" and data["teacher"]["model"].get("zoo") is not None:
                 advice = adv.advise_classifier(cfg, teacher, speedup=speedup, size_ratio=size)
                 adv.print_advice(advice, console)
                 if json_out is not None:
                     json_out.write_text(_json.dumps(advice, indent=1, default=str))
                 return
-            if cfg.teacher.model.hf is not None:
-                teacher = cfg.teacher.model.hf
+            teacher = adv.teacher_spec_from_config(data, teacher)
         budget = adv.Budget(
             memory_bytes=adv.parse_count(memory, binary=True) if memory else None,
             dataset_tokens=adv.parse_count(dataset_tokens) if dataset_tokens else None,
@@ -355,7 +394,7 @@ def advise(
     adv.print_advice(advice, console)
     if json_out is not None:
         json_out.write_text(_json.dumps(advice, indent=1, default=str))
-        console.print(f"[bold]wrote[/bold] {json_out}")
+        console.print(f"[bold]wrote[/bold] {escape(str(json_out))}")
 
 
 def _cache_write(config: str, overrides: list[str]) -> None:
@@ -388,22 +427,27 @@ def _cache_write(config: str, overrides: list[str]) -> None:
     console.print(f"[bold]cache[/bold] {escape(str(path))}: {done}", soft_wrap=True)
     if main_process:
         _cache_inspect(path, verify=False)
+        console.print(  # the same config and overrides read the cache it just wrote
+            f"train from it: distil run {' '.join([config, *overrides])}",
+            markup=False,
+            soft_wrap=True,
+        )
 
 
 def _cache_inspect(path: Path, *, verify: bool) -> None:
     from distil.cache.reader import summarize, verify_cache
 
-    table = Table(title=f"teacher cache {path}", show_header=False)
+    table = Table(title=escape(f"teacher cache {path}"), show_header=False)
     table.add_column("field")
     table.add_column("value")
     for key, value in summarize(path).items():
-        table.add_row(key, f"{value:,.4g}" if isinstance(value, float) else str(value))
+        table.add_row(key, escape(f"{value:,.4g}" if isinstance(value, float) else str(value)))
     console.print(table)
     if verify:
         problems = verify_cache(path)
         for problem in problems:
             err_console.print(
-                f"[bold red]corrupt:[/bold red] {problem}", soft_wrap=True, highlight=False
+                f"[bold red]corrupt:[/bold red] {escape(problem)}", soft_wrap=True, highlight=False
             )
         if problems:
             raise typer.Exit(code=1)
@@ -412,13 +456,12 @@ def _cache_inspect(path: Path, *, verify: bool) -> None:
 
 @app.command()
 def cache(
-    args: Annotated[list[str], typer.Argument(help="CONFIG [overrides], or: inspect PATH")],
+    args: Annotated[list[str], typer.Argument(help="CONFIG \\[overrides], or: inspect PATH")],
     verify: Annotated[
         bool, typer.Option("--verify", help="with inspect: re-check every shard's sha256")
     ] = False,
 ) -> None:
-    """Run the teacher once and store its top-k outputs: `distil cache CONFIG [cache.k=8 ...]`;
-    summarise a cache: `distil cache inspect PATH [--verify]`."""
+    """Run the teacher once and store its top-k outputs: `distil cache CONFIG \\[overrides]`, e.g. `distil cache lm_kd \\[cache.k=8 ...]`; summarise a cache: `distil cache inspect PATH \\[--verify]`."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args[0] == "inspect":
@@ -441,8 +484,7 @@ def generate(
         typer.Argument(help="dotted overrides, e.g. generation.max_new_tokens=128"),
     ] = None,
 ) -> None:
-    """Sequence-level KD data: the teacher writes completions for a prompt set, in resumable shards
-    that `lm_kd` trains on (data.train_files=[OUTPUT], data.format=prompt_completion)."""
+    """Sequence-level KD data: the teacher writes completions for a prompt set, in resumable shards that `lm_kd` trains on (data.train_files=\\[OUTPUT], data.format=prompt_completion)."""
     from distil.generation import write_generations
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

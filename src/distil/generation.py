@@ -37,9 +37,14 @@ from distil.data.lm import pad_token_id_for
 from distil.data.prompts import Prompt, PromptsSection, load_prompts, prompts_fingerprint
 from distil.errors import DistilError
 from distil.models.lm import load_causal_lm, model_context_length
-from distil.models.vocab import load_tokenizer_folder, tokenizer_fingerprint, tokenizer_vocab_size
+from distil.models.vocab import (
+    load_tokenizer_folder,
+    mask_unknown_ids,
+    tokenizer_fingerprint,
+    tokenizer_vocab_size,
+)
+from distil.progress import progress_bar, rate_text
 from distil.storage import atomic_write_bytes, remove_temp_files, sha256_file
-from distil.training.progress import progress_bar, rate_text
 
 logger = logging.getLogger(__name__)
 
@@ -121,8 +126,7 @@ class _TeacherDecoding:
         self.generators = [torch.Generator().manual_seed(s) for s in seeds or []]
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        scores = scores.clone()
-        scores[:, self.vocab_size :] = float("-inf")  # padded output rows no token id maps to
+        scores = mask_unknown_ids(scores, self.vocab_size)  # never a padded output row
         if not self.generators:
             return scores
         probs = torch.softmax(scores.float() / self.temperature, dim=-1)  # [B, V]
@@ -254,7 +258,10 @@ def write_generations(cfg: GenerateConfig) -> GenerateResult:
     trust = cfg.teacher.model.trust_remote_code if isinstance(cfg.teacher.model, HFModel) else False
     tokenizer = load_tokenizer_folder(cfg.teacher_folder, trust_remote_code=trust)
     prompts = load_prompts(cfg.prompts, tokenizer)
-    encoded = tokenizer([p.text for p in prompts], add_special_tokens=True)["input_ids"]
+    # verbose=False: prompts too long for the context are refused below, by distil
+    encoded = tokenizer([p.text for p in prompts], add_special_tokens=True, verbose=False)[
+        "input_ids"
+    ]
     prompt_ids = [list(ids) for ids in encoded]
     empty = [p.id for p, ids in zip(prompts, prompt_ids, strict=True) if not ids]
     if empty:

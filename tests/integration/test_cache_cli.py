@@ -80,6 +80,11 @@ def test_killed_writer_resumes_to_byte_identical_cache(config: Path) -> None:
     whole = runner.invoke(app, ["cache", str(config), f"teacher.cache.path={root / 'whole'}"])
     assert whole.exit_code == 0, whole.output
     assert "wrote 6 shard(s)" in " ".join(whole.output.split()) and "kd_temperature" in whole.output
+    assert "60/60" in whole.output  # the bar counts examples, moving per teacher batch
+    # and it says how to train from it: the same config and overrides
+    assert f"distil run {config} teacher.cache.path={root / 'whole'}" in "".join(
+        whole.output.split("\n")
+    )
 
     out = root / "killed"
     cmd = [sys.executable, "-c", DYING, "cache", str(config), f"teacher.cache.path={out}"]

@@ -216,15 +216,45 @@ def test_corrupt_or_truncated_shard_is_named(fx: dict[str, Any], tmp_path: Path)
     raw = bytearray(shard.read_bytes())
     raw[-5] ^= 0xFF  # flip a value byte: the file still parses
     shard.write_bytes(bytes(raw))
-    reader = CacheReader(out)
-    reader.get(0)  # shard 0 is fine
+    # found when the cache is opened, before any step reads shard 1
     with pytest.raises(CacheIntegrityError, match="shard-00001.safetensors fails its checksum"):
-        reader.get(20)
+        CacheReader(out)
+    reader = CacheReader(out, verify=False)  # opened unchecked: found when first read
+    reader.get(0)  # shard 0 is fine
     problems = reader.verify_all()
     assert len(problems) == 1 and "shard-00001" in problems[0]
     (out / "shard-00002.safetensors").write_bytes(b"")  # truncated to nothing
     with pytest.raises(CacheIntegrityError, match="shard-00002.safetensors"):
-        CacheReader(out)
+        CacheReader(out, verify=False)
+
+
+def test_cache_refuses_a_tokenizer_that_is_not_the_teachers(
+    fx: dict[str, Any], tmp_path: Path
+) -> None:
+    from distil.data.corpus import stdlib_root, train_bpe_tokenizer_from_texts
+    from distil.models.lm import save_model_folder
+
+    teacher_dir = tmp_path / "teacher"
+    save_model_folder(
+        load_lm(fx["cfg"].teacher.model, fx["tok"], seed=0), teacher_dir, tokenizer=fx["tok"]
+    )
+    other = (stdlib_root() / "bisect.py").read_text(encoding="utf-8")[:3000]
+    train_bpe_tokenizer_from_texts([other], tmp_path / "other-tok", 300)
+    data = fx["cfg"].model_dump(mode="json")
+
+    def job(tokenizer: Path, out: Path) -> LMCacheJob:
+        teacher = data["teacher"] | {
+            "model": {"hf": str(teacher_dir)},
+            "cache": data["teacher"]["cache"] | {"path": str(out)},
+        }
+        return LMCacheJob.model_validate(data | {"tokenizer": str(tokenizer), "teacher": teacher})
+
+    out = tmp_path / "cache"
+    with pytest.raises(DistilError, match="not the teacher's"):
+        write_cache(job(tmp_path / "other-tok", out))
+    assert not out.exists()  # refused before anything was written
+    # the teacher's own tokenizer, named explicitly, is fine
+    assert write_cache(job(teacher_dir, tmp_path / "ok")).shards_written > 0
 
 
 def test_rewriting_a_folder_with_other_settings_is_refused(fx: dict[str, Any]) -> None:
@@ -340,3 +370,25 @@ def test_teacher_fingerprint_covers_zero_dim_buffers() -> None:
     assert before == teacher_fingerprint(a)
     a[1].num_batches_tracked += 1
     assert teacher_fingerprint(a) != before
+
+
+def test_a_dataset_mismatch_names_the_data_setting_to_match(fx: dict[str, Any]) -> None:
+    from distil.cache.writer import _OneProcess
+    from distil.data.lm import load_lm_data
+    from distil.teachers.cached import open_lm_cache
+
+    cfg = fx["cfg"]
+    fewer = cfg.data.model_copy(update={"train_limit": 40})
+    data = load_lm_data(fewer, fx["tok"], fx["root"] / "work-40", _OneProcess())
+    kwargs = {
+        "tokenizer": fx["tok"],
+        "dataset": data.train,
+        "sequence_length": cfg.data.max_length,
+        "kd_temperature": 2.0,
+        "vocab_size": fx["vocab"],
+    }
+    with pytest.raises(CacheMismatchError, match="data.train_limit: cache 48, run 40"):
+        open_lm_cache(fx["root"] / "k8", **kwargs, data_settings=fewer.model_dump(mode="json"))
+    # without the run's settings, the cache's own are named
+    with pytest.raises(CacheMismatchError, match="written with .*data.train_limit=48"):
+        open_lm_cache(fx["root"] / "k8", **kwargs)

@@ -413,3 +413,12 @@ def test_a_student_made_worse_is_warned_about_first_in_every_rendering() -> None
     md = render_markdown(report)
     assert md.index("Warning") < md.index("**a**")
     assert "recall@10 0.3600 before" in render_html(report, Path("."), {})
+
+
+def test_a_teacher_at_chance_level_is_named() -> None:
+    from distil.evaluation.classification import chance_level_warning
+
+    labels = torch.tensor([0] * 60 + [1] * 20 + [2] * 20)  # majority class: 60 %
+    assert "at chance level" in (chance_level_warning(0.62, labels) or "")
+    assert "60.0 %" in (chance_level_warning(0.33, labels) or "")
+    assert chance_level_warning(0.95, labels) is None

@@ -43,18 +43,28 @@ from distil.cache.manifest import (
     write_json_atomic,
 )
 from distil.config.lm import CacheTargets, LMCacheJob
+from distil.config.sources import HFModel
 from distil.data.lm import IGNORE_INDEX, collate_lm_batch, load_lm_data, shift_for_next_token
 from distil.errors import DistilError
 from distil.losses.divergences import log_probs
 from distil.losses.sparse import sample_tail_targets, sample_teacher_targets, teacher_topk
 from distil.models.lm import check_model_fits, load_lm, torch_dtype
-from distil.models.vocab import load_tokenizer_folder, tokenizer_fingerprint, tokenizer_vocab_size
-from distil.training.progress import progress_bar, rate_text
+from distil.models.vocab import (
+    check_teacher_tokenizer,
+    load_tokenizer_folder,
+    tokenizer_fingerprint,
+    tokenizer_vocab_size,
+)
+from distil.progress import progress_bar, rate_text
 
 if TYPE_CHECKING:
     import datasets
 
 logger = logging.getLogger(__name__)
+
+# Spec fields that describe, but do not decide, the cache's content (the dataset fingerprint
+# does): a rerun that differs only there completes the same cache.
+INFORMATIONAL_FIELDS = ("created_by", "data_settings")
 
 
 def id_dtype(vocab_size: int) -> torch.dtype:
@@ -145,6 +155,7 @@ def encode_shard(
     shard_index: int = 0,
     tail_samples: int = 0,
     seed: int = 0,
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> tuple[dict[str, Tensor], float, int]:
     """Run the teacher over one shard's examples; return its tensors, kept-mass sum and tokens read.
 
@@ -157,7 +168,8 @@ def encode_shard(
     ``tail_sample_ids (N, m)`` drawn from the teacher outside the top-k and
     ``tail_sample_log_probs (N, m)``. The kept mass is that of the top-k, or of the distinct
     sampled ids. Draws use a generator seeded by ``seed`` (or ``sampling.seed``) and the shard
-    index, so a rewritten shard is byte-identical.
+    index, so a rewritten shard is byte-identical. ``on_batch(examples, tokens)`` is called after
+    each teacher batch (for progress).
     """
     n = len(rows["example_id"])
     parts: dict[str, list[Tensor]] = {}
@@ -180,6 +192,8 @@ def encode_shard(
         logits = teacher(cols).float()  # (b, T, V)
         mask = shift_for_next_token(cols["labels"]) != IGNORE_INDEX  # (b, T) supervised positions
         tokens += int(cols["attention_mask"].sum())
+        if on_batch is not None:
+            on_batch(len(batch), int(cols["attention_mask"].sum()))
         pos_of = [mask[r].nonzero().squeeze(-1) for r in range(len(batch))]  # (n_r,) each
         flat_pos = torch.cat(
             [torch.full_like(p, r) * logits.shape[1] + p for r, p in enumerate(pos_of)]
@@ -243,7 +257,11 @@ def _check_spec(out: Path, spec: dict[str, Any]) -> None:
         write_json_atomic(path, spec)
         return
     old = json.loads(path.read_text())
-    differ = [k for k in sorted(set(old) | set(spec)) if old.get(k) != spec.get(k)]
+    differ = [
+        k
+        for k in sorted(set(old) | set(spec))
+        if k not in INFORMATIONAL_FIELDS and old.get(k) != spec.get(k)
+    ]
     if differ:
         raise DistilError(
             f"{out} holds a cache of another teacher, data or settings ({', '.join(differ)} differ); "
@@ -331,10 +349,12 @@ def write_cache(
             "teacher.cache is not set: give it a path, e.g. teacher.cache.path=runs/teacher-cache"
         )
     out = Path(c.path)
-    out.mkdir(parents=True, exist_ok=True)
     rank, world = _rank_world()
     if tokenizer is None:
-        tokenizer = load_tokenizer_folder(job.tokenizer_folder())
+        tokenizer_folder = job.tokenizer_folder()
+        tokenizer = load_tokenizer_folder(tokenizer_folder)
+        teacher_folder = job.teacher.model.hf if isinstance(job.teacher.model, HFModel) else None
+        check_teacher_tokenizer(teacher_folder, tokenizer, tokenizer_folder=tokenizer_folder)
     model = (
         teacher_model
         if teacher_model is not None
@@ -346,6 +366,7 @@ def write_cache(
         raise DistilError(
             f"teacher.cache.k={c.k} exceeds the vocabulary ({vocab} ids); set teacher.cache.k <= {vocab}"
         )
+    out.mkdir(parents=True, exist_ok=True)  # only now: a refused config leaves no folder behind
     data = load_lm_data(job.data, tokenizer, out / "work", _OneProcess())
     train: datasets.Dataset = data.train
     kd_temperature = c.kd_temperature if c.kd_temperature is not None else job.kd_temperature
@@ -403,6 +424,8 @@ def write_cache(
             else {}
         ),
         "created_by": f"distil {getattr(distil, '__version__', 'dev')}",
+        # the settings that made the dataset, so a run whose data differs is told which to match
+        "data_settings": {f"data.{k}": v for k, v in job.data.model_dump(mode="json").items()},
     }
     if rank == 0:
         _check_spec(out, spec)
@@ -428,11 +451,26 @@ def write_cache(
     )
     positions_written = tokens_read = 0
     t0 = time.perf_counter()
+    read = [0]  # tokens the teacher read so far, for the rate
+
+    def shard_size(i: int) -> int:
+        return min((i + 1) * c.examples_per_shard, n) - i * c.examples_per_shard
+
     with progress_bar(rank == 0) as bar:
-        task = bar.add_task(
-            "cache", total=len(mine), completed=len(mine) - len(todo), rate="", info=""
+        task = bar.add_task(  # moves per teacher batch, in examples
+            "cache",
+            total=sum(shard_size(i) for i in mine),
+            completed=sum(shard_size(i) for i in mine if i not in todo),
+            rate="",
+            info="",
         )
         for i in todo:
+
+            def batch_done(examples: int, tokens: int, i: int = i) -> None:
+                read[0] += tokens
+                rate = rate_text(read[0], time.perf_counter() - t0, "tok")
+                bar.update(task, advance=examples, rate=rate, info=f"shard {i}")
+
             lo, hi = i * c.examples_per_shard, min((i + 1) * c.examples_per_shard, n)
             tensors, mass_sum, tokens = encode_shard(
                 teacher,
@@ -448,6 +486,7 @@ def write_cache(
                 shard_index=i,
                 tail_samples=0 if sampled else c.tail_samples,
                 seed=job.seed,
+                on_batch=batch_done,
             )
             path = out / shard_name(i)
             # One metadata key only: safetensors writes a metadata map in hash order, which varies
@@ -471,10 +510,7 @@ def write_cache(
             )
             positions_written += int(tensors["positions"].numel())
             tokens_read += tokens
-            elapsed = time.perf_counter() - t0
-            bar.update(
-                task, advance=1, rate=rate_text(tokens_read, elapsed, "tok"), info=f"shard {i}"
-            )
+
     seconds = time.perf_counter() - t0
     merged = False
     if rank == 0:

@@ -224,13 +224,23 @@ def _read_table(path: Path) -> Any:
     if not path.is_file():
         raise DistilError(f"data file not found: {path}")
     suffix = path.suffix.lower()
-    if suffix == ".csv":
-        return pd.read_csv(path)
-    if suffix in (".jsonl", ".json"):
-        return pd.read_json(path, lines=suffix == ".jsonl")
-    if suffix == ".parquet":
-        return pd.read_parquet(path)
-    raise DistilError(f"{path}: unsupported file type {suffix!r}; use .csv, .jsonl or .parquet")
+    readers = {
+        ".csv": ("CSV", lambda: pd.read_csv(path)),
+        ".jsonl": ("JSON Lines", lambda: pd.read_json(path, lines=True)),
+        ".json": ("JSON", lambda: pd.read_json(path)),
+        ".parquet": ("Parquet", lambda: pd.read_parquet(path)),
+    }
+    if suffix not in readers:
+        raise DistilError(f"{path}: unsupported file type {suffix!r}; use .csv, .jsonl or .parquet")
+    kind, read = readers[suffix]
+    try:
+        return read()
+    except (ValueError, UnicodeDecodeError, OSError) as exc:  # pandas' ParserError is a ValueError
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DistilError(
+            f"{path}: cannot read it as {kind} ({first}); fix the file (quotes, separators, "
+            "one record per line) or convert it"
+        ) from exc
 
 
 def _split_from_table(

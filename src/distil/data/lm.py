@@ -42,6 +42,7 @@ from distil.config.sources import FileData
 from distil.data.corpus import build_stdlib_corpus
 from distil.data.generated import generated_shard_files
 from distil.errors import DistilError
+from distil.progress import phase_progress
 
 if TYPE_CHECKING:
     import datasets
@@ -195,13 +196,19 @@ def tokenize_packed_text(
     eos_id = _eos_token_id(tokenizer)
     bos_id = tokenizer.bos_token_id if tokenizer.bos_token_id not in (None, eos_id) else None
     stream: list[int] = []
-    for texts in _column_batches(records, options.text_field):
-        encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-        for ids in encoded:
-            if bos_id is not None:
-                stream.append(bos_id)
-            stream.extend(ids)
-            stream.append(eos_id)
+    with phase_progress(
+        f"tokenizing {len(records):,} documents", len(records), unit="docs"
+    ) as done:
+        for texts in _column_batches(records, options.text_field):
+            # verbose=False: documents longer than the model are expected here (packing cuts
+            # them into blocks), so transformers' "indexing errors" warning would be wrong
+            encoded = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+            for ids in encoded:
+                if bos_id is not None:
+                    stream.append(bos_id)
+                stream.extend(ids)
+                stream.append(eos_id)
+            done(len(texts))
     n_blocks = len(stream) // block_size
     if n_blocks == 0:
         raise DistilError(
@@ -234,19 +241,25 @@ def tokenize_prompt_completion(
     example_ids = _example_ids(records, options.example_id_field)
     input_ids: list[list[int]] = []
     labels: list[list[int]] = []
-    for prompts, completions in zip(
-        _column_batches(records, options.prompt_field),
-        _column_batches(records, options.completion_field),
-        strict=True,
-    ):
-        prompt_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
-        completion_ids = tokenizer(completions, add_special_tokens=False)["input_ids"]
-        for prompt, completion in zip(prompt_ids, completion_ids, strict=True):
-            completion = list(completion)
-            if not completion or completion[-1] != eos_id:
-                completion.append(eos_id)
-            input_ids.append(list(prompt) + completion)
-            labels.append([IGNORE_INDEX] * len(prompt) + completion)
+    progress = phase_progress(f"tokenizing {len(records):,} examples", len(records), unit="ex")
+    with progress as done:
+        for prompts, completions in zip(
+            _column_batches(records, options.prompt_field),
+            _column_batches(records, options.completion_field),
+            strict=True,
+        ):
+            # verbose=False: over-long examples are handled by options.overlength below
+            prompt_ids = tokenizer(prompts, add_special_tokens=True, verbose=False)["input_ids"]
+            completion_ids = tokenizer(completions, add_special_tokens=False, verbose=False)[
+                "input_ids"
+            ]
+            for prompt, completion in zip(prompt_ids, completion_ids, strict=True):
+                completion = list(completion)
+                if not completion or completion[-1] != eos_id:
+                    completion.append(eos_id)
+                input_ids.append(list(prompt) + completion)
+                labels.append([IGNORE_INDEX] * len(prompt) + completion)
+            done(len(prompts))
     return _finish_examples(example_ids, input_ids, labels, options, source="prompt/completion")
 
 
@@ -281,18 +294,27 @@ def tokenize_chat(
     example_ids = _example_ids(records, options.example_id_field)
     input_ids: list[list[int]] = []
     labels: list[list[int]] = []
-    for example_id, messages in zip(example_ids, records[options.messages_field], strict=True):
-        text, spans = _render_with_assistant_spans(tokenizer, messages, example_id)
-        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = list(encoded["input_ids"])
-        supervised = [
-            any(start < span_end and end > span_start for span_start, span_end in spans)
-            for start, end in encoded["offset_mapping"]
-        ]
-        input_ids.append(ids)
-        labels.append(
-            [token if keep else IGNORE_INDEX for token, keep in zip(ids, supervised, strict=True)]
-        )
+    progress = phase_progress(f"tokenizing {len(records):,} chats", len(records), unit="chats")
+    with progress as done:
+        for example_id, messages in zip(example_ids, records[options.messages_field], strict=True):
+            text, spans = _render_with_assistant_spans(tokenizer, messages, example_id)
+            # verbose=False: over-long chats are handled by options.overlength
+            encoded = tokenizer(
+                text, add_special_tokens=False, return_offsets_mapping=True, verbose=False
+            )
+            ids = list(encoded["input_ids"])
+            supervised = [
+                any(start < span_end and end > span_start for span_start, span_end in spans)
+                for start, end in encoded["offset_mapping"]
+            ]
+            input_ids.append(ids)
+            labels.append(
+                [
+                    token if keep else IGNORE_INDEX
+                    for token, keep in zip(ids, supervised, strict=True)
+                ]
+            )
+            done(1)
     return _finish_examples(example_ids, input_ids, labels, options, source="chat")
 
 

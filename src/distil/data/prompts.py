@@ -21,6 +21,7 @@ from distil.config.base import StrictModel
 from distil.config.sources import BuiltinData, DataSource, FileData, require_builtin
 from distil.data.corpus import build_stdlib_corpus, read_corpus_texts
 from distil.errors import DistilError
+from distil.progress import phase_progress
 
 
 class PromptsSection(StrictModel):
@@ -105,10 +106,16 @@ def _stdlib_prompts(section: PromptsSection, tokenizer: Any) -> list[Prompt]:
     n = section.prompt_tokens
     docs: list[np.ndarray] = []
     windows: list[tuple[int, int]] = []  # (document, start); int32 arrays keep the corpus small
-    for start in range(0, len(texts), 256):
-        for ids in tokenizer(texts[start : start + 256], add_special_tokens=False)["input_ids"]:
-            windows.extend((len(docs), s) for s in range(0, len(ids) - n + 1, n))
-            docs.append(np.asarray(ids, dtype=np.int32))
+    with phase_progress(
+        f"cutting prompts from {len(texts):,} documents", len(texts), unit="docs"
+    ) as done:
+        for start in range(0, len(texts), 256):
+            batch = texts[start : start + 256]
+            # verbose=False: long documents are expected, they are cut into windows here
+            for ids in tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]:
+                windows.extend((len(docs), s) for s in range(0, len(ids) - n + 1, n))
+                docs.append(np.asarray(ids, dtype=np.int32))
+            done(len(batch))
     count = min(section.limit or len(windows), len(windows))
     picks = sorted({k * len(windows) // count for k in range(count)}) if count else []
     spans = [(k, *windows[k]) for k in picks]

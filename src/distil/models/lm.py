@@ -135,6 +135,30 @@ def build_causal_lm(spec: CausalLMSpec, *, seed: int | None = None) -> PreTraine
         return LlamaForCausalLM(config)
 
 
+BUILTIN_TEACHER_FOLDER = Path(
+    "runs/lm-teacher"
+)  # where `distil run lm_pretrain` exports by default
+
+
+def missing_folder_error(folder: Path | str, what: str) -> DistilError:
+    """The error for a model or tokenizer folder that does not exist, with the way to make it.
+
+    The shipped ``lm_kd``, ``distil cache`` and ``distil generate`` configs read the built-in
+    teacher, which only exists after ``distil run lm_pretrain``: a newcomer who skipped that step
+    is told so instead of "not found".
+    """
+    folder = Path(folder)
+    message = f"{what} {folder} does not exist"
+    if folder.resolve() == BUILTIN_TEACHER_FOLDER.resolve():
+        message += (
+            "; it is the built-in teacher: run `distil run lm_pretrain` first (it exports the "
+            f"model and tokenizer to {BUILTIN_TEACHER_FOLDER}), or set teacher.hf to a model folder of yours"
+        )
+    else:
+        message += " (only local folders are loaded; check the path)"
+    return DistilError(message)
+
+
 def load_causal_lm(
     folder: Path | str,
     *,
@@ -158,7 +182,7 @@ def load_causal_lm(
 
     folder = Path(folder)
     if not folder.is_dir():
-        raise DistilError(f"model folder {folder} does not exist (only local folders are loaded)")
+        raise missing_folder_error(folder, "model folder")
     if not (folder / "config.json").is_file():
         present = sorted(path.name for path in folder.iterdir())
         raise DistilError(

@@ -42,7 +42,7 @@ from distil.data.mixing import apply_mix, sample_mix
 from distil.errors import DistilError
 from distil.evaluation import classification as metrics
 from distil.evaluation.calibration import fidelity_part
-from distil.evaluation.cost import cpu_latency_ms, cpu_threads, peak_forward_memory_bytes
+from distil.evaluation.cost import interleaved_speeds, peak_forward_memory_bytes
 from distil.evaluation.report import cost_part, print_report, quality_part, write_report
 from distil.losses.classifier import mixed_targets
 from distil.losses.objective import (
@@ -501,38 +501,43 @@ def teacher_cache(
 
 
 def _sum_costs(costs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The cost of running every member of an ensemble (one cost when there is one member)."""
+    """The cost of keeping every member of an ensemble (one cost when there is one member);
+    running them all is timed by ``_speeds``."""
     if len(costs) == 1:
         return costs[0]
-    total = {
-        k: sum(c[k] for c in costs)
-        for k in costs[0]
-        if k not in ("throughput_per_s", "throughput_batch")
-    }
-    batch = costs[0]["throughput_batch"]
+    total = {k: sum(c[k] for c in costs) for k in costs[0] if k != "throughput_batch"}
     total["peak_memory_bytes"] = max(c["peak_memory_bytes"] for c in costs)
-    total["throughput_batch"] = batch
-    total["throughput_per_s"] = batch / (total[f"latency_b{batch}_ms"] / 1e3)
+    total["throughput_batch"] = costs[0]["throughput_batch"]
     return total
 
 
 def _cost(built: BuiltModel, inputs: Inputs, folder: Path, throughput_batch: int) -> dict[str, Any]:
     module = built.module.cpu().eval()
-    one = {k: v[:1] for k, v in inputs.items()}
     many = {k: v[:throughput_batch] for k, v in inputs.items()}
-    n_many = next(iter(many.values())).shape[0]
-    with cpu_threads(1):  # comparable between runs on a busy machine (see cpu_threads)
-        lat1 = cpu_latency_ms(lambda: logits_of(module, one))
-        lat_many = cpu_latency_ms(lambda: logits_of(module, many), repeats=10)
-    return {
+    return {  # latency and throughput: _speeds, all models interleaved
         "params": count_parameters(module),
         "size_bytes": sum(f.stat().st_size for f in folder.glob("*.safetensors")),
         "peak_memory_bytes": peak_forward_memory_bytes(lambda: logits_of(module, many), module),
-        "latency_b1_ms": lat1,
-        f"latency_b{n_many}_ms": lat_many,
-        "throughput_per_s": n_many / (lat_many / 1e3),
-        "throughput_batch": n_many,
+        "throughput_batch": next(iter(many.values())).shape[0],
     }
+
+
+def _speeds(
+    runs: dict[str, list[tuple[nn.Module, Inputs]]], reference: str, batch: int
+) -> dict[str, dict[str, Any]]:
+    """Batch-1 latency and batch-``batch`` throughput of every row's models (an ensemble runs all
+    its members), timed interleaved on one CPU thread, with speed-ups over ``reference``."""
+
+    def call(models: list[tuple[nn.Module, Inputs]], n: int) -> Any:
+        parts = [(m.cpu().eval(), {k: v[:n] for k, v in inp.items()}) for m, inp in models]
+        return lambda: [logits_of(m, part) for m, part in parts]
+
+    return interleaved_speeds(
+        {name: call(models, 1) for name, models in runs.items()},
+        {name: call(models, batch) for name, models in runs.items()},
+        reference=reference,
+        batch_size=batch,
+    )
 
 
 def feature_terms(
@@ -772,10 +777,21 @@ def build_report(
     save_file(
         saved, str(s.run_dir / "eval" / "test_logits.safetensors")
     )  # for calibration/confusion in reports
+    runs = {teacher_name: [(b.module, b.encoder(data.test)) for b, _ in members]}
+    for role, trained in (("student (KD)", student), ("baseline (no teacher)", baseline)):
+        if trained is not None:
+            runs[role] = [(trained.module, trained.encoder(data.test))]
+    if len(members) > 1:
+        for i, (built, w) in enumerate(members):
+            runs[f"teacher {i + 1} (w={w:g})"] = [(built.module, built.encoder(data.test))]
+    speeds = _speeds(runs, teacher_name, rows[0]["throughput_batch"])
     for row in rows:
-        row["speedup"] = rows[0]["latency_b1_ms"] / row["latency_b1_ms"]
+        row |= speeds[row["model"]]
         row["size_ratio"] = rows[0]["params"] / row["params"]
     highlights: dict[str, Any] = {"dataset": f"{data.name} ({len(data.test)} test examples)"}
+    weak = metrics.chance_level_warning(rows[0]["accuracy"], test_labels)
+    if weak is not None:
+        logger.warning("%s", weak)
     if baseline is not None:
         gain = rows[1]["accuracy"] - rows[2]["accuracy"]
         gap = rows[0]["accuracy"] - rows[2]["accuracy"]
@@ -784,7 +800,7 @@ def build_report(
             gain / gap if gap > 0 else None
         )
     highlights["student is smaller by"] = (
-        f"{rows[1]['size_ratio']:.1f}x params, {rows[1]['speedup']:.1f}x faster at batch 1"
+        f"{rows[1]['size_ratio']:.1f}x params, {rows[1]['speedup_verdict']}"
     )
     columns = [
         ("model", "model"),
@@ -804,6 +820,7 @@ def build_report(
         row["mean_class_accuracy"] = sum(known) / len(known) if known else None
     batch = rows[0]["throughput_batch"]
     return {
+        "warnings": [] if weak is None else [weak],
         "title": f"classifier_kd: {data.name}",
         "recipe": "classifier_kd",
         "roles": role_names,

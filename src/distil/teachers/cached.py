@@ -38,6 +38,7 @@ from distil.cache.manifest import (
     check_matches,
     dataset_fingerprint,
     example_hash,
+    read_manifest,
     teacher_fingerprint,
 )
 from distil.cache.reader import CacheReader
@@ -94,10 +95,12 @@ class CachedTeacher:
             ``kd_temperature``, ``vocab_size``, ``teacher_fingerprint``); any difference is a
             :class:`~distil.cache.manifest.CacheMismatchError` naming the field.
         output_device: Where the outputs go.
-        verify: Check each shard's sha256 when first read.
+        verify: Check every shard's size and sha256 when the cache is opened.
         max_loaded_shards: Decoded shards held in memory at once (None: only the byte budget).
         max_loaded_bytes: Budget of decoded shard bytes held in memory (1 GiB: a cache for
             ~30M tokens at k = 8 stays decoded; larger ones stream, least recently used first).
+        data_settings: The run's data settings (``cfg.data.model_dump()``), so that a dataset
+            that differs from the cache's names the settings to match.
     """
 
     def __init__(
@@ -110,14 +113,21 @@ class CachedTeacher:
         verify: bool = True,
         max_loaded_shards: int | None = None,
         max_loaded_bytes: int = DEFAULT_MAX_LOADED_BYTES,
+        data_settings: Mapping[str, Any] | None = None,
     ) -> None:
+        # the cheap fingerprint check first, then the checksums of every shard
+        check_matches(
+            read_manifest(Path(path)),
+            expect or {},
+            source=f"the teacher cache {path}",
+            data_settings=data_settings,
+        )
         self.reader = CacheReader(
             path,
             verify=verify,
             max_loaded_shards=max_loaded_shards,
             max_loaded_bytes=max_loaded_bytes,
         )
-        check_matches(self.reader.manifest, expect or {}, source=f"the teacher cache {path}")
         self.path = Path(path)
         self.output_device = torch.device(output_device)
         if signal is TeacherSignal.HIDDEN:
@@ -312,6 +322,7 @@ def open_lm_cache(
     teacher_model: nn.Module | None = None,
     output_device: torch.device | str = "cpu",
     signal: TeacherSignal = TeacherSignal.SPARSE,
+    data_settings: Mapping[str, Any] | None = None,
 ) -> CachedTeacher:
     """Open a causal-LM cache for a training run, refusing it unless it was made for this run.
 
@@ -326,6 +337,8 @@ def open_lm_cache(
             weights too; None skips that check (a cache of a teacher you no longer have).
         output_device: The student's device.
         signal: ``sparse`` targets, or dense ``logits`` rebuilt from them (chunked losses).
+        data_settings: The run's data settings (``cfg.data.model_dump()``): a dataset that
+            differs from the cache's then names the settings that differ.
 
     Raises:
         CacheMismatchError: Naming each field that differs.
@@ -339,6 +352,12 @@ def open_lm_cache(
     }
     if teacher_model is not None:
         expect["teacher_fingerprint"] = teacher_fingerprint(teacher_model)
-    teacher = CachedTeacher(path, expect=expect, output_device=output_device, signal=signal)
+    teacher = CachedTeacher(
+        path,
+        expect=expect,
+        output_device=output_device,
+        signal=signal,
+        data_settings=data_settings,
+    )
     logger.info("teacher: %s", teacher.describe())
     return teacher

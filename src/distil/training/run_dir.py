@@ -93,6 +93,38 @@ def latest_run_dir(output_dir: str, name: str) -> Path:
     return candidates[-1]
 
 
+def choose_run_dir(run_dir: Path | None, *, resume: bool, output_dir: str, name: str) -> Path:
+    """The run folder of ``distil run``: ``--run-dir`` as given, else the newest run of ``name``
+    (``--resume``) or a fresh one.
+
+    Raises:
+        DistilError: If ``--run-dir`` is a file; if ``--resume --run-dir`` names a folder that
+            does not exist or is not a run (resuming must never start a fresh run silently); if
+            a fresh run would land in a folder that already holds one.
+    """
+    if run_dir is None:
+        return latest_run_dir(output_dir, name) if resume else new_run_dir(output_dir, name)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise DistilError(f"--run-dir {run_dir} is a file, not a folder; give a folder path")
+    if resume:
+        if not run_dir.is_dir():
+            raise DistilError(
+                f"--resume --run-dir {run_dir}: the folder does not exist, so there is nothing to "
+                "resume; check the path, or drop --resume to start a new run there"
+            )
+        if not (run_dir / "config.resolved.yaml").is_file():
+            raise DistilError(
+                f"--resume --run-dir {run_dir}: not a distil run folder (no config.resolved.yaml); "
+                "check the path, or drop --resume and pick a new --run-dir"
+            )
+        return run_dir
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        raise DistilError(
+            f"{run_dir} already holds a run; add --resume to continue it, or pick a new --run-dir"
+        )
+    return run_dir
+
+
 def write_resolved_config(run_dir: Path, config: dict[str, Any]) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.resolved.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
