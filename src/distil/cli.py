@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import logging
+import shlex
 import shutil
 import sys
 from importlib import resources
@@ -207,7 +208,18 @@ def run(
         )
         if session.accelerator.is_main_process:
             console.print(f"[bold]run folder[/bold] {escape(str(session.run_dir))}")
-        load_recipe(recipe).main(cfg, session)
+        try:
+            load_recipe(recipe).main(cfg, session)
+        except KeyboardInterrupt:  # say how to continue: the last checkpoint is on disk
+            again = shlex.join(
+                ["distil", "run", config, *overrides, "--resume", "--run-dir", str(session.run_dir)]
+            )
+            err_console.print(
+                f"[bold yellow]interrupted[/bold yellow]; continue from the last checkpoint with: {escape(again)}",
+                soft_wrap=True,
+                highlight=False,
+            )
+            raise typer.Exit(code=130) from None
         session.accelerator.end_training()
         if session.accelerator.is_main_process:
             console.print(f"[bold]report[/bold] {escape(str(session.run_dir / 'report.md'))}")

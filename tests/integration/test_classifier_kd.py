@@ -119,11 +119,14 @@ def test_resume_after_sigkill_gives_identical_weights(tmp_path: Path) -> None:
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (killed / "student" / "final").exists(), "the run finished before it could be killed"
+    leftover = killed / "student" / "checkpoints" / ".tmp-step-99-1"  # as a kill mid-save leaves
+    leftover.mkdir()
     resumed = subprocess.run(
         _cli([*args, "--run-dir", str(killed), "--resume"]), env=env, capture_output=True, text=True
     )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "student: resumed from step-" in " ".join(resumed.stdout.split())  # says from where
+    assert not leftover.exists()  # the interrupted save is cleaned, never read
     a = load_file(str(full / "student" / "final" / "model.safetensors"))
     b = load_file(str(killed / "student" / "final" / "model.safetensors"))
     assert a.keys() == b.keys()
@@ -139,6 +142,41 @@ def test_resume_after_sigkill_gives_identical_weights(tmp_path: Path) -> None:
             if r.get("phase") == "student" and "lr" in r
         ]
     )
+
+
+def test_ctrl_c_says_how_to_resume(tmp_path: Path) -> None:
+    args = ["run", "classifier_kd", "data.source={builtin: digits}", "teacher.training.epochs=50"]
+    args += ["teacher.model.kwargs.channels=[8,16]", "eval.baseline=false", "run.log_with=[]"]
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        _cli([*args, "--run-dir", str(run_dir)]),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run_dir / "metrics.jsonl").is_file():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "--resume --run-dir" in " ".join(err.split()) and str(run_dir) in err
+
+
+def test_resume_without_a_path_skips_a_start_that_failed_before_any_checkpoint(
+    tmp_path: Path,
+) -> None:
+    from distil.training.run_dir import latest_run_dir
+
+    good, failed = tmp_path / "classifier_kd-1", tmp_path / "classifier_kd-2"
+    for folder in (good, failed):
+        folder.mkdir()
+        (folder / "config.resolved.yaml").write_text("recipe: classifier_kd\n")
+    (good / "student" / "checkpoints" / "step-7").mkdir(parents=True)
+    os.utime(good, (1, 1))  # older than the failed start
+    assert latest_run_dir(str(tmp_path), "classifier_kd") == good
 
 
 def test_resume_refuses_a_changed_config(tmp_path: Path) -> None:
@@ -183,7 +221,7 @@ def test_bad_inputs_stop_before_training(tmp_path: Path) -> None:
                 f"data.source={{train: [{tmp_path / 'none.csv'}]}}",
                 "data.image_column=pixels",
             ],
-            "data file not found",
+            "none.csv' does not exist",  # caught by the config, before any work
         ),
         "teacher without weights": (["teacher.train=false"], "zoo teacher has no weights"),
         "teacher checkpoint of another shape": (

@@ -257,7 +257,7 @@ def test_bad_input_is_refused_with_the_fix(fx: dict[str, Path], tmp_path: Path) 
     cases = {
         "missing prompts file": (
             [f"prompts.source={{train: [{tmp_path / 'nope.jsonl'}]}}"],
-            "prompts file",
+            "nope.jsonl' does not exist",
         ),
         "empty prompt set": (
             [f"prompts.source={{train: [{tmp_path / 'empty.jsonl'}]}}"],

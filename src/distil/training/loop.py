@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -464,6 +465,9 @@ def open_phase(
     )
     state, resumed_from = TrainState(step=0, epoch=0, batch_in_epoch=0, extra={}), None
     phase_dir = s.run_dir / name
+    if s.resume and acc.is_main_process:  # saves a kill interrupted: never read, now removed
+        for leftover in (phase_dir / "checkpoints").glob(".tmp-step-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
     ckpt = latest_checkpoint(phase_dir / "checkpoints") if s.resume else None
     if ckpt is not None:
         holders: tuple[Any, Any] = (trainable, optimizer)

@@ -90,7 +90,15 @@ def latest_run_dir(output_dir: str, name: str) -> Path:
         raise DistilError(
             f"--resume: no earlier run named {name!r} under {root}; start one without --resume"
         )
-    return candidates[-1]
+    # a start that failed before its first checkpoint left a folder with nothing to resume:
+    # the newest run that made progress is the one to continue
+    progressed = [p for p in candidates if made_progress(p)]
+    return (progressed or candidates)[-1]
+
+
+def made_progress(run_dir: Path) -> bool:
+    """Whether a run folder holds a checkpoint or a finished phase of some phase."""
+    return any(run_dir.glob("*/checkpoints/step-*")) or any(run_dir.glob("*/final/COMPLETE"))
 
 
 def choose_run_dir(run_dir: Path | None, *, resume: bool, output_dir: str, name: str) -> Path:
