@@ -163,3 +163,18 @@ def test_resume_ignores_fields_added_later_with_their_defaults(
     _, _, changed = load_config("lm_kd", ["train.lr=0.5"])
     with pytest.raises(DistilError, match="train"):
         check_resume_config(tmp_path, changed, normalize)
+
+
+def test_a_pretrained_encoder_student_defaults_to_similarity_matching(tmp_path: Path) -> None:
+    """A student folder with an embedding space of its own is taught which sentences are close,
+    not the teacher's coordinates (MSE/cosine made such a student worse: issue 13, item 17);
+    a cut of the teacher keeps MSE + cosine, and explicit weights are kept as given."""
+    from distil.recipes.encoder_kd import Config
+
+    folder = {"hf": str(tmp_path)}
+    given = Config.model_validate({"student": {"model": folder}})
+    assert (given.kd.mse_weight, given.kd.cosine_weight, given.kd.similarity_weight) == (0, 0, 1)
+    cut = Config.model_validate({})
+    assert (cut.kd.mse_weight, cut.kd.cosine_weight, cut.kd.similarity_weight) == (1, 1, 0)
+    kept = Config.model_validate({"student": {"model": folder}, "kd": {"mse_weight": 2.0}})
+    assert (kept.kd.mse_weight, kept.kd.similarity_weight) == (2.0, 0.0)
