@@ -138,6 +138,16 @@ def test_classifier_scores_and_folder(tmp_path: Path) -> None:
     assert quality.class_fidelity == 1.0 and quality.num_images == 64
     floor = real_floor(model, train, train_labels, 100, kid_subsets=2, kid_subset_size=50)
     assert floor.frechet_distance >= 0 and floor.class_fidelity == 1.0
+    against = real_floor(
+        model,
+        train,
+        train_labels,
+        200,
+        reference_features=classifier_features(model, test),
+        kid_subsets=2,
+        kid_subset_size=50,
+    )
+    assert against.num_images == 200 and against.frechet_distance >= 0
     with pytest.raises(DistilError, match="real-vs-real"):
         real_floor(model, train, train_labels, 200)
     with pytest.raises(DistilError, match="classifier.json"):

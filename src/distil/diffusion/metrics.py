@@ -337,26 +337,38 @@ def real_floor(
     real_labels: Tensor,
     num_images: int,
     *,
+    reference_features: Tensor | None = None,
     seed: int = 0,
     kid_subsets: int = 100,
     kid_subset_size: int = 1000,
 ) -> SampleQuality:
-    """The scores of ``num_images`` real images against a disjoint set of real images (the
-    reference), drawn from ``real_images01``: the floor any generator is compared to.
+    """The scores of ``num_images`` real images drawn from ``real_images01``: the floor any
+    generator of that many images is compared to.
 
-    Needs ``2·num_images`` real images.
+    Args:
+        model: the feature classifier.
+        real_images01: ``(N, C, H, W)`` real images in [0, 1] (e.g. the training set).
+        real_labels: ``(N,)``.
+        num_images: how many to score (the sample size of the generators).
+        reference_features: the reference the samples are scored against (e.g. the test set's
+            features); without it, a disjoint second draw of ``num_images`` from
+            ``real_images01`` is the reference (needs ``2·num_images`` images).
+        seed: which images are drawn.
     """
-    if 2 * num_images > len(real_images01):
+    needed = num_images if reference_features is not None else 2 * num_images
+    if needed > len(real_images01):
         raise DistilError(
-            f"the real-vs-real floor needs {2 * num_images} real images, have {len(real_images01)}"
+            f"the real-vs-real floor needs {needed} real images, have {len(real_images01)}"
         )
     order = torch.randperm(len(real_images01), generator=torch.Generator().manual_seed(seed))
-    first, second = order[:num_images], order[num_images : 2 * num_images]
+    first = order[:num_images]
+    if reference_features is None:
+        reference_features = classifier_features(model, real_images01[order[num_images:needed]])
     return evaluate_samples(
         model,
         real_images01[first],
         real_labels[first],
-        classifier_features(model, real_images01[second]),
+        reference_features,
         kid_subsets=kid_subsets,
         kid_subset_size=kid_subset_size,
     )
