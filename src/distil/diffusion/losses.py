@@ -55,15 +55,29 @@ __all__ = [
 
 @dataclass(frozen=True)
 class DiffusionLoss:
-    """A loss and what to log about it.
+    """A loss and its named parts, the shape the training loop reads.
 
     Attributes:
         loss: scalar to back-propagate (mean over the micro-batch).
-        metrics: detached scalars (floats) for the log.
+        components: detached scalars for the log; ``NAME/weighted`` entries add up to ``loss``,
+            others (e.g. the mean guidance scale drawn) are per-row means.
     """
 
     loss: Tensor
-    metrics: dict[str, float] = field(default_factory=dict)
+    components: dict[str, Tensor] = field(default_factory=dict)
+
+    def scaled(self, factor: float) -> DiffusionLoss:
+        """Loss and components times ``factor``: with ``factor = rows / window_rows`` the sum
+        over the micro-batches of an accumulation window is the mean over the window."""
+        return DiffusionLoss(
+            self.loss * factor, {k: v * factor for k, v in self.components.items()}
+        )
+
+
+def _named(name: str, loss: Tensor, **extra: Tensor) -> DiffusionLoss:
+    return DiffusionLoss(
+        loss, {f"{name}/weighted": loss.detach(), **{k: v.detach() for k, v in extra.items()}}
+    )
 
 
 def _uniform(n: int, generator: torch.Generator) -> Tensor:
@@ -127,7 +141,7 @@ def denoising_loss(
     )
     output = denoiser(x_t, timesteps.to(images.dtype), cond)
     loss = (output - target.to(output.dtype)).square().mean()
-    return DiffusionLoss(loss, {"loss": float(loss.detach())})
+    return _named("denoise", loss)
 
 
 class XWeighting(str, Enum):
@@ -277,7 +291,7 @@ def progressive_distillation_loss(
     )
     x0_student, _ = _x0_eps(student, z_t, t, labels, schedule, student_prediction_type)
     loss = weighted_x_error(x0_student, target, alpha, sigma, weighting)
-    return DiffusionLoss(loss, {"loss": float(loss.detach())})
+    return _named("progressive", loss)
 
 
 def _uniform_scales(
@@ -338,9 +352,7 @@ def guidance_distillation_loss(
     student_out = student(z_t, timesteps.to(images.dtype), labels, scales)
     x0_student, _ = x0_eps_from_prediction(student_out, z_t, alpha, sigma, student_prediction_type)
     loss = weighted_x_error(x0_student, target, alpha, sigma, weighting)
-    return DiffusionLoss(
-        loss, {"loss": float(loss.detach()), "guidance_scale": float(scales.mean())}
-    )
+    return _named("guidance", loss, guidance_scale=scales.mean())
 
 
 LCM_TIMESTEP_SCALING = 10.0
@@ -478,9 +490,7 @@ def consistency_distillation_loss(
         loss = ((difference.square() + huber_c**2).sqrt() - huber_c).mean()
     else:
         loss = difference.square().mean()
-    return DiffusionLoss(
-        loss, {"loss": float(loss.detach()), "guidance_scale": float(scales.mean())}
-    )
+    return _named("consistency", loss, guidance_scale=scales.mean())
 
 
 def adapter_guidance_loss(student: GuidedDenoiser, rows: Trajectories) -> DiffusionLoss:
@@ -496,4 +506,4 @@ def adapter_guidance_loss(student: GuidedDenoiser, rows: Trajectories) -> Diffus
     """
     out = student(rows.inputs, rows.timesteps, rows.labels, rows.guidance_scales)
     loss = (out - rows.outputs.to(out.dtype)).square().mean()
-    return DiffusionLoss(loss, {"loss": float(loss.detach())})
+    return _named("adapter_guidance", loss)

@@ -12,7 +12,7 @@ classifier trained here on the same images.
 
 The feature classifier is a :class:`~distil.models.classifier.SmallCNN` on ``[0, 1]`` images; its
 weights are an input (a folder with ``classifier.safetensors`` + ``classifier.json``), trained
-once by :func:`fit_feature_classifier` or by the ``classifier_kd`` recipe's teacher stage.
+by the ``diffusion_train`` recipe's ``classifier`` phase (cross-entropy on the same images).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from distil.errors import DistilError
@@ -33,10 +32,10 @@ from distil.models.classifier import SmallCNN
 __all__ = [
     "FeatureClassifierInfo",
     "SampleQuality",
+    "build_feature_classifier",
     "class_fidelity",
     "classifier_features",
     "evaluate_samples",
-    "fit_feature_classifier",
     "frechet_distance",
     "kernel_distance",
     "load_feature_classifier",
@@ -65,9 +64,12 @@ class FeatureClassifierInfo:
     seed: int
 
 
-def build_feature_classifier(info: FeatureClassifierInfo) -> SmallCNN:
-    """The classifier architecture (a stage per width, max-pool after each)."""
-    return SmallCNN(info.in_channels, info.num_classes, channels=info.channels, pool_every=1)
+def build_feature_classifier(info: FeatureClassifierInfo, *, seed: int = 0) -> SmallCNN:
+    """The classifier architecture (a stage per width, max-pool after each), freshly
+    initialised from ``seed``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return SmallCNN(info.in_channels, info.num_classes, channels=info.channels, pool_every=1)
 
 
 def classifier_features(model: SmallCNN, images01: Tensor, batch_size: int = 1000) -> Tensor:
@@ -98,68 +100,6 @@ def _predict(model: SmallCNN, images01: Tensor, batch_size: int = 1000) -> Tenso
         )
 
 
-def fit_feature_classifier(
-    train_images01: Tensor,
-    train_labels: Tensor,
-    test_images01: Tensor,
-    test_labels: Tensor,
-    *,
-    dataset: str,
-    channels: tuple[int, ...] = (32, 64, 128),
-    epochs: int = 3,
-    batch_size: int = 128,
-    lr: float = 2e-3,
-    seed: int = 0,
-) -> tuple[SmallCNN, FeatureClassifierInfo]:
-    """Train the metric's classifier with cross-entropy (Adam, cosine-decayed learning rate).
-
-    A tool of the metric, not a distillation: a few epochs reach ~90 % on Fashion-MNIST at 16×16,
-    which is all the feature space needs.
-
-    Args:
-        train_images01: ``(N, C, S, S)`` in [0, 1].
-        train_labels: ``(N,)``.
-        test_images01, test_labels: held-out images for the recorded accuracy.
-        dataset: the dataset's name (recorded).
-        channels: widths of the CNN's stages.
-        epochs: passes over the training images.
-        batch_size: images per step.
-        lr: peak Adam learning rate.
-        seed: initialisation and shuffling seed.
-    """
-    num_classes = int(train_labels.max()) + 1
-    info = FeatureClassifierInfo(
-        channels=tuple(channels),
-        in_channels=int(train_images01.shape[1]),
-        num_classes=num_classes,
-        image_size=int(train_images01.shape[-1]),
-        dataset=dataset,
-        test_accuracy=float("nan"),
-        epochs=epochs,
-        seed=seed,
-    )
-    generator = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = build_feature_classifier(info)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    steps_per_epoch = -(-len(train_labels) // batch_size)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps_per_epoch)
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(train_labels), generator=generator)
-        for begin in range(0, len(order), batch_size):
-            index = order[begin : begin + batch_size]
-            loss = F.cross_entropy(model(train_images01[index]), train_labels[index])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-    accuracy = class_fidelity(model, test_images01, test_labels)
-    logger.info("feature classifier: %.2f %% test accuracy after %d epochs", 100 * accuracy, epochs)
-    return model, FeatureClassifierInfo(**{**asdict(info), "test_accuracy": accuracy})
-
-
 def save_feature_classifier(folder: Path, model: SmallCNN, info: FeatureClassifierInfo) -> Path:
     """Write ``classifier.safetensors`` and ``classifier.json`` into ``folder``."""
     from safetensors.torch import save_file
@@ -180,7 +120,7 @@ def load_feature_classifier(folder: Path) -> tuple[SmallCNN, FeatureClassifierIn
     if not (folder / CLASSIFIER_INFO).is_file():
         raise DistilError(
             f"{folder}: no {CLASSIFIER_INFO}; train the metric's classifier first "
-            "(distil.diffusion.metrics.fit_feature_classifier + save_feature_classifier)"
+            "(the classifier phase of `distil run diffusion_train` writes one in classifier/final)"
         )
     raw: dict[str, Any] = json.loads((folder / CLASSIFIER_INFO).read_text())
     info = FeatureClassifierInfo(**{**raw, "channels": tuple(raw["channels"])})

@@ -404,12 +404,14 @@ def _build_from_card(card: DiffusionModelCard) -> nn.Module:
 
 
 def find_model_folder(path: Path) -> Path:
-    """A model folder itself, or the model inside a run folder (``final/``, ``final/model``)."""
-    for candidate in (path, path / "final", path / "final" / "model", path / "model"):
+    """A model folder itself, or the model inside a run folder: ``final/``, ``model/final``
+    (``diffusion_train``) or ``student/final`` (``diffusion_distill``)."""
+    for candidate in (path, path / "final", path / "model" / "final", path / "student" / "final"):
         if (candidate / CARD_FILE).is_file():
             return candidate
     raise DistilError(
-        f"{path}: no {CARD_FILE} here or in final/; give a diffusion model folder or a diffusion run folder"
+        f"{path}: no {CARD_FILE} here or in final/, model/final or student/final; give a "
+        "diffusion model folder or a diffusion_train / diffusion_distill run folder"
     )
 
 
