@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from distil.diffusion.metrics import load_feature_classifier
 from distil.diffusion.model import ModelKind, load_diffusion_model
@@ -190,3 +191,26 @@ def test_bad_configs_stop_before_training(teacher_run: Path, tmp_path: Path) -> 
         ["validate", "diffusion_train", "eval.samplers=[{kind: truncated_karras, steps: 7}]"]
     )
     assert code == 2 and "pinned" in out
+
+
+def test_resume_restores_the_ema_bit_for_bit(teacher_run: Path, tmp_path: Path) -> None:
+    """The EMA rides in the phase checkpoints: resuming from step 3 of 6 exports the same EMA."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(teacher_run, resumed)
+    shutil.rmtree(resumed / "model" / "final")
+    shutil.rmtree(resumed / "model" / "checkpoints" / "step-6")
+    config = (teacher_run / "config.resolved.yaml").read_text()
+    (tmp_path / "config.yaml").write_text(config)
+    code, out = run_cli(
+        ["run", str(tmp_path / "config.yaml"), "--run-dir", str(resumed), "--resume"]
+    )
+    assert code == 0, out
+    assert "resumed from step-3" in " ".join(out.split())
+    first = load_file(str(teacher_run / "model" / "final" / "model.safetensors"))
+    again = load_file(str(resumed / "model" / "final" / "model.safetensors"))
+    assert first.keys() == again.keys()
+    assert all(torch.equal(first[k], again[k]) for k in first)

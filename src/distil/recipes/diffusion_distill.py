@@ -187,8 +187,13 @@ class Config(StrictModel):
     eval: DistillEvalSection = DistillEvalSection()
 
     @model_validator(mode="after")
-    def _unsharded(self) -> Config:
+    def _consistent(self) -> Config:
         require_unsharded(self.train, "train", "diffusion_distill")
+        if self.eval.track_every is not None and not isinstance(self.method, ConsistencyMethod):
+            raise ValueError(
+                "eval.track_every samples the consistency student along training; "
+                f"method.kind={self.method.kind} has no such tracking: remove it"
+            )
         return self
 
 
@@ -308,15 +313,24 @@ def _run_phase(
     loss_step: Callable[[Tensor, float], DiffusionLoss],
     after_step: Callable[[Phase], None] | None = None,
 ) -> None:
-    """The loop every method shares: micro-batches through the method's loss step."""
+    """The loop every method shares: micro-batches through the method's loss step.
+
+    ``after_step`` runs after each optimiser step's update, but at the top of the next step (and
+    once after the last): ``optimizer_step`` writes the checkpoints, and an EMA updated after it
+    would be missing from the checkpoint, so a resumed run would diverge from an uninterrupted
+    one. For the consistency target this order is the same math (the update lands before the
+    next loss, as in LCM).
+    """
     for step in phase.steps():
+        if after_step is not None and step.index > 0:
+            after_step(phase)
         for m, ids in enumerate(step.micro_batches):
             with phase.accumulate(m):
                 out = loss_step(ids, step.window_items)
             phase.backward(out, micro=m)
         phase.optimizer_step(count=len(step.batch))
-        if after_step is not None:
-            after_step(phase)
+    if after_step is not None and phase.step > 0:
+        after_step(phase)
 
 
 def _card(

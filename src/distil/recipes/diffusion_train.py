@@ -202,12 +202,17 @@ def train_model(
         acc.device,
     )
     for step in phase.steps():
+        if step.index > 0:  # the EMA takes the previous step's weights: see below
+            ema_update(ema, phase.unwrapped(), ema_decay_at(step.index, cfg.ema.decay))
         for m, ids in enumerate(step.micro_batches):
             with phase.accumulate(m):
                 out = denoise_loss_step(ctx, ids, step.window_items)
             phase.backward(out, micro=m)
         phase.optimizer_step(count=len(step.batch))
-        ema_update(ema, phase.unwrapped(), ema_decay_at(phase.step, cfg.ema.decay))
+    # optimizer_step saves checkpoints, so an EMA update right after it would be missing from the
+    # checkpoint it just wrote; taken at the top of the next step instead (and once here for the
+    # last), a resumed run repeats the uninterrupted one bit for bit (tested)
+    ema_update(ema, phase.unwrapped(), ema_decay_at(phase.step, cfg.ema.decay))
     exported = ema if cfg.ema.decay > 0 else phase.unwrapped()
     card = card_for(
         exported,
