@@ -96,7 +96,7 @@ class Config(StrictModel):
     ema: EMASection = EMASection()
     train: TrainSection = TrainSection(
         epochs=100,
-        max_steps=6000,
+        max_steps=4000,
         batch_size=128,
         lr=5e-4,
         scheduler=SchedulerName.constant,
