@@ -1,4 +1,5 @@
-"""The ``distil`` command line: run, validate, recipes, cp, report, compare, advise, cache, generate."""
+"""The ``distil`` command line: run, validate, recipes, cp, report, compare, advise, cache, generate,
+sample."""
 
 from __future__ import annotations
 
@@ -522,6 +523,96 @@ def generate(
         markup=False,
         soft_wrap=True,
     )
+
+
+@app.command()
+def sample(
+    model: Annotated[
+        Path, typer.Argument(help="a diffusion model folder, or a run folder with one in final/")
+    ],
+    sampler: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--sampler",
+            help="ddim, dpmpp_2m, euler, unipc, lcm or truncated_karras (repeat for several; "
+            "default: the model's own)",
+        ),
+    ] = None,
+    steps: Annotated[
+        list[int] | None,
+        typer.Option(
+            "--steps", help="sampling steps (repeat for several; default: the model's own)"
+        ),
+    ] = None,
+    guidance: Annotated[
+        float | None,
+        typer.Option("--guidance", help="guidance scale s (1 = none; default: the model's own)"),
+    ] = None,
+    per_class: Annotated[
+        int, typer.Option("--per-class", help="images per class (grid columns)")
+    ] = 8,
+    seed: Annotated[
+        int, typer.Option("--seed", help="initial-noise seed (shared by all grids)")
+    ] = 0,
+    early_stop_output: Annotated[
+        str,
+        typer.Option(
+            "--early-stop-output",
+            help="truncated_karras only: state (the paper: stop at sigma_end) or denoised (+1 NFE)",
+        ),
+    ] = "state",
+    zoom: Annotated[
+        int, typer.Option("--zoom", help="nearest-neighbour upscaling of the PNGs")
+    ] = 4,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="output folder (default: MODEL/samples)")
+    ] = None,
+) -> None:
+    """Write image grids of a diffusion model: one PNG per sampler and step count, a row per class."""
+    from pydantic import ValidationError
+
+    from distil.diffusion.grids import write_sample_grids
+    from distil.diffusion.model import find_model_folder, load_card
+    from distil.diffusion.sampling import SamplerSpec
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        card = load_card(model)
+        defaults = card.sampling
+        try:
+            specs = [
+                SamplerSpec.model_validate(
+                    {
+                        "kind": kind,
+                        "steps": n,
+                        "guidance_scale": defaults.guidance_scale if guidance is None else guidance,
+                        "early_stop_output": early_stop_output,
+                    }
+                )
+                for kind in (sampler or [defaults.sampler])
+                for n in (steps or [defaults.steps])
+            ]
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()
+            )
+            raise DistilError(f"bad sampling option: {problems}") from exc
+        if per_class < 1 or zoom < 1:
+            raise DistilError("--per-class and --zoom must be at least 1")
+        target = out or find_model_folder(model) / "samples"
+        records = write_sample_grids(
+            model, target, specs, per_class=per_class, seed=seed, zoom=zoom
+        )
+    except DistilError as exc:
+        _fail(exc)
+        return
+    table = Table(title=f"distil sample {escape(str(model))}")
+    for column in ("grid", "NFE/image", "s/image"):
+        table.add_column(column)
+    for record in records:
+        table.add_row(record.path, f"{record.nfe_per_image:g}", f"{record.seconds_per_image:.4f}")
+    console.print(table)
+    console.print(f"[bold]wrote[/bold] {escape(str(target))}/grids.json", soft_wrap=True)
 
 
 def main() -> None:  # pragma: no cover - console entry point

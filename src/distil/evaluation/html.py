@@ -465,6 +465,21 @@ def _environment(run_dir: Path) -> str:
     return "".join(out)
 
 
+def _figures(figures: Sequence[Mapping[str, Any]], run_dir: Path) -> str:
+    """PNGs a recipe wrote into the run folder (``{"title", "file"}``, file relative to it),
+    embedded; a missing file is named instead of breaking the page."""
+    body = '<section id="figures"><h2>Figures</h2>'
+    for figure in figures:
+        path = run_dir / str(figure["file"])
+        body += f"<h3>{_e(figure['title'])}</h3>"
+        body += (
+            img(path.read_bytes(), str(figure["title"]))
+            if path.is_file()
+            else f'<p class="warning">missing: {_e(figure["file"])}</p>'
+        )
+    return body + "</section>"
+
+
 def render_html(report: Mapping[str, Any], run_dir: Path, images: Mapping[str, bytes]) -> str:
     """The whole page.
 
@@ -504,6 +519,8 @@ def render_html(report: Mapping[str, Any], run_dir: Path, images: Mapping[str, b
         if "monitor" in images:
             body += img(images["monitor"], "teacher-hacking monitor")
         parts.append(("monitor", "Teacher hacking", body + "</section>"))
+    if report.get("figures"):
+        parts.append(("figures", "Figures", _figures(report["figures"], run_dir)))
     parts.append(("config", "Configuration", _config(run_dir, report)))
     parts.append(("environment", "Environment", _environment(run_dir)))
     for i, (heading, body) in enumerate((report.get("sections") or {}).items()):

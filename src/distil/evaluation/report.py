@@ -506,6 +506,11 @@ def render_markdown(report: dict[str, Any], plots: Mapping[str, str] | None = No
         lines += ["## Teacher-hacking monitor", "", f"**{monitor['text']}**", ""]
         if "monitor" in plots:
             lines += [f"![teacher-hacking monitor]({plots['monitor']})", ""]
+    figures = report.get("figures") or []
+    if figures:  # PNGs the recipe wrote into the run folder (sample grids, its own plots)
+        lines += ["## Figures", ""]
+        for figure in figures:
+            lines += [f"**{figure['title']}**", "", f"![{figure['title']}]({figure['file']})", ""]
     for section, body in report.get("sections", {}).items():
         lines += [f"## {section}", "", body, ""]
     details = report.get("details")
