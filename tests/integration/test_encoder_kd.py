@@ -126,6 +126,8 @@ def test_student_gets_closer_to_the_teacher_and_saves_a_loadable_folder(tmp_path
         f"student.model={{hf: {other}}}",
         "kd.hidden_weight=1.0",
         "kd.attention_weight=0.5",
+        "kd.mse_weight=1.0",  # a pretrained student defaults to similarity matching;
+        "kd.cosine_weight=1.0",  # naming the embedding terms keeps them
     )
     result = runner.invoke(app, _args(corpus, teacher, run_dir, *extra))
     assert result.exit_code == 0, result.output + repr(result.exception)
