@@ -140,16 +140,252 @@ def train(target: Path, work: Path) -> None:
         out.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), **timings}) + "\n")
 
 
+EVAL_PROMPTS, PROMPT_TOKENS, NEW_TOKENS, EVAL_BATCH = 64, 64, 64, 16
+GAMMA, SWEEP, SPEED_PROMPTS, CHECK_SAMPLES = 4, (1, 2, 4, 8), 8, 512
+MODES = (0.0, 1.0)
+
+
+def _held_out(target: Any, draft: Any, windows: list[list[int]], vocab: int) -> dict[str, float]:
+    """The draft's perplexity and KL(target ‖ draft) on the same held-out corpus windows."""
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    from distil.losses.divergences import forward_kl
+
+    ids = torch.tensor(windows)  # (N, T)
+    with torch.no_grad():
+        d = draft(input_ids=ids).logits[:, :-1, :vocab].float()
+        t = target(input_ids=ids).logits[:, :-1, :vocab].float()
+    ce = float(F.cross_entropy(d.reshape(-1, vocab), ids[:, 1:].reshape(-1)))
+    return {"perplexity": math.exp(ce), "kl_teacher_student": float(forward_kl(d, t))}
+
+
+def evaluate(target_dir: Path, work: Path, out_dir: Path) -> list[dict[str, Any]]:
+    """Measure every draft with distil's speculative decoding against the same references."""
+    import torch
+
+    from distil.evaluation.drafts import _eos_ids, _speed, first_token_check, mode_name
+    from distil.evaluation.speculative import (
+        acceptance_by_position,
+        block_summary,
+        held_out_prompts,
+        modelled_speedup,
+        predicted_block_efficiency,
+        run_in_batches,
+        step_costs,
+        target_alone_in_batches,
+        token_acceptance,
+    )
+    from distil.models.lm import load_causal_lm
+    from distil.models.vocab import load_tokenizer_folder, tokenizer_vocab_size
+
+    torch.set_num_threads(1)
+    tok = load_tokenizer_folder(target_dir)
+    target = load_causal_lm(target_dir).eval()
+    vocab, eos = tokenizer_vocab_size(tok), _eos_ids(tok, target)
+    prompts = held_out_prompts(tok, EVAL_PROMPTS, PROMPT_TOKENS)
+    windows = held_out_prompts(tok, 32, SEQ)
+    drafts = {"pretrained": work / "pretrained"} | {name: work / name for name in DRAFTS}
+    references = {}
+    for temp in MODES:
+        common = {"max_new_tokens": NEW_TOKENS, "sampling_temperature": temp}
+        common |= {"eos_token_ids": eos, "vocab_size": vocab, "seed": 0}
+        references[temp] = target_alone_in_batches(target, prompts, batch_size=EVAL_BATCH, **common)
+    rows: list[dict[str, Any]] = []
+    jsonl = out_dir / "drafts.jsonl"
+    for name, run_dir in drafts.items():
+        draft = load_causal_lm(run_dir / "student" / "final").eval()
+        quality = _held_out(target, draft, windows, vocab)
+        costs = step_costs(
+            target,
+            draft,
+            batch_size=1,
+            context_tokens=PROMPT_TOKENS + NEW_TOKENS // 2,
+            gammas=SWEEP,
+            repeats=30,
+        )
+        for temp in MODES:
+            mode, greedy = mode_name(temp), temp == 0
+            reference, _ = references[temp]
+            common = {"max_new_tokens": NEW_TOKENS, "sampling_temperature": temp}
+            common |= {"eos_token_ids": eos, "vocab_size": vocab, "seed": 0}
+            acc = token_acceptance(
+                target,
+                draft,
+                prompts,
+                reference,
+                vocab_size=vocab,
+                sampling_temperature=temp or 1.0,
+            )
+            alpha = float(acc.agree.double().mean() if greedy else acc.alpha.mean())
+            speed = _speed(
+                target,
+                draft,
+                prompts[:SPEED_PROMPTS],
+                gamma=GAMMA,
+                sampling_temperature=temp,
+                max_new_tokens=NEW_TOKENS,
+                eos=eos,
+                vocab=vocab,
+                seed=0,
+            )
+            gammas = SWEEP if name in ("no-target", "tvd-onpolicy", "fkl-offpolicy") else (GAMMA,)
+            for gamma in gammas:
+                result = run_in_batches(
+                    target, draft, prompts, batch_size=EVAL_BATCH, gamma=gamma, **common
+                )
+                summary = block_summary(result)
+                tau = summary["tau"]
+                row = {
+                    "draft": name,
+                    "mode": mode,
+                    "gamma": gamma,
+                    "alpha": alpha,
+                    "alpha_t1": float(acc.alpha.mean()),
+                    **summary,
+                    "tau_predicted": predicted_block_efficiency(alpha, gamma),
+                    "cost_ratio": costs["cost_ratio"],
+                    "verify_cost": costs["verify_cost"][gamma],
+                    "target_step_ms": costs["target_step_ms"],
+                    "speedup_model": modelled_speedup(tau, gamma, costs["cost_ratio"]),
+                    "speedup_cpu_model": modelled_speedup(
+                        tau, gamma, costs["cost_ratio"], costs["verify_cost"][gamma]
+                    ),
+                    "by_position": acceptance_by_position(result),
+                    "load": list(os.getloadavg()),
+                    "cpu_s": time.process_time(),
+                    **quality,
+                }
+                if gamma == GAMMA:
+                    row["speed"] = speed
+                    row["speedup_measured"] = speed["measured_speedup"]
+                if greedy:
+                    same = sum(a == b for a, b in zip(result.tokens, reference, strict=True))
+                    row["lossless"] = f"{same}/{len(prompts)} identical"
+                elif gamma == GAMMA:
+                    check = first_token_check(
+                        target,
+                        draft,
+                        prompts[0],
+                        samples=CHECK_SAMPLES,
+                        sampling_temperature=temp,
+                        vocab_size=vocab,
+                        seed=0,
+                    )
+                    row["lossless"] = f"first token chi2 p={check['p_value']:.2f}"
+                    row["first_token_check"] = check
+                rows.append(row)
+                with jsonl.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                print(json.dumps({k: row[k] for k in ("draft", "mode", "gamma", "alpha", "tau")}))
+    return rows
+
+
+def write_markdown(rows: list[dict[str, Any]], work: Path, out: Path) -> None:
+    """The results table, the γ sweep, the goals and how the drafts were trained."""
+
+    def f(v: Any, digits: int = 3) -> str:
+        return "-" if v is None else f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+    main = [r for r in rows if r["gamma"] == GAMMA]
+    lines = [
+        "# Draft models for speculative decoding (issue #17)",
+        "",
+        "Target: the built-in `lm_pretrain` teacher (Llama 4 x 256, 8.39M parameters). Every draft:",
+        "Llama 2 x 128, tied embeddings, 1.57M parameters, same tokenizer. Generated by",
+        "`bench/drafts.py`; definitions in `docs/speculative.md`.",
+        "",
+        f"## γ = {GAMMA}, {EVAL_PROMPTS} held-out prompts x {NEW_TOKENS} new tokens, batch {EVAL_BATCH}",
+        "",
+        "| draft | mode | α | τ measured | τ from α | measured / predicted | tokens per target call "
+        "| c | speed-up model (v=1) | speed-up model (this CPU) | speed-up measured (batch 1) "
+        "| lossless | held-out ppl | KL(target‖draft) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+    ]
+    for r in main:
+        lines.append(
+            f"| {r['draft']} | {r['mode']} | {f(r['alpha'])} | {f(r['tau'])} | {f(r['tau_predicted'])} "
+            f"| {f(r['tau'] / r['tau_predicted'])} | {f(r['tokens_per_call'])} | {f(r['cost_ratio'])} "
+            f"| {f(r['speedup_model'], 2)} | {f(r['speedup_cpu_model'], 2)} | {f(r.get('speedup_measured'), 2)} "
+            f"| {r.get('lossless', '-')} | {f(r.get('perplexity'), 1)} | {f(r.get('kl_teacher_student'))} |"
+        )
+    lines += ["", "## Goals", ""]
+    for mode in ("greedy", "T=1"):
+        tau = {r["draft"]: r["tau"] for r in main if r["mode"] == mode}
+        distilled = {k: v for k, v in tau.items() if k not in ("no-target", "pretrained")}
+        if not distilled or "no-target" not in tau:
+            continue
+        best = max(distilled, key=lambda k: distilled[k])
+        lines.append(
+            f"- {mode}: best distilled draft `{best}` τ = {tau[best]:.3f}: "
+            f"{tau[best] / tau['no-target']:.3f}x the no-target draft's (goal ≥ 1.25), "
+            f"{tau[best] / tau['fkl-offpolicy']:.3f}x the off-policy FKL draft's (goal ≥ 1.1)"
+        )
+    worst = max(abs(r["tau"] / r["tau_predicted"] - 1) for r in rows)
+    lines.append(
+        f"- largest |measured / predicted − 1| over every row and γ: {100 * worst:.1f} % (goal ≤ 3 %)"
+    )
+    lines += [
+        "",
+        "## τ by γ",
+        "",
+        "| draft | mode | " + " | ".join(f"γ={g} measured / from α" for g in SWEEP) + " |",
+    ]
+    lines.append("|---|---|" + "---:|" * len(SWEEP))
+    for name in dict.fromkeys(r["draft"] for r in rows if r["gamma"] != GAMMA):
+        for mode in ("greedy", "T=1"):
+            cells = []
+            for g in SWEEP:
+                r = next(
+                    (x for x in rows if (x["draft"], x["mode"], x["gamma"]) == (name, mode, g)),
+                    None,
+                )
+                cells.append("-" if r is None else f"{r['tau']:.3f} / {r['tau_predicted']:.3f}")
+            lines.append(f"| {name} | {mode} | " + " | ".join(cells) + " |")
+    lines += ["", "## Acceptance by position within a round (γ = 4)", ""]
+    lines += ["| draft | mode | α | j=1 | j=2 | j=3 | j=4 |", "|---|---|---:|---:|---:|---:|---:|"]
+    for r in main:
+        lines.append(
+            f"| {r['draft']} | {r['mode']} | {f(r['alpha'])} | "
+            + " | ".join(f(v) for v in r["by_position"])
+            + " |"
+        )
+    timings = work / "train_timings.jsonl"
+    if timings.is_file():
+        lines += [
+            "",
+            "## Training (`distil run lm_kd`, heavy jobs under the lock, one thread)",
+            "",
+            "```",
+        ]
+        lines += timings.read_text().splitlines()
+        lines += ["```"]
+    (out / "drafts.md").write_text("\n".join(lines) + "\n")
+
+
 def main() -> None:
+    global EVAL_PROMPTS, PROMPT_TOKENS, NEW_TOKENS, SEQ  # a smoke run on a tiny model shrinks them
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("phase", choices=["train", "eval"])
+    parser.add_argument("phase", choices=["train", "eval", "all"])
     parser.add_argument("--target", type=Path, required=True)
     parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--out", type=Path, default=BENCH / "results")
+    parser.add_argument("--prompts", type=int, default=EVAL_PROMPTS)
+    parser.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS)
+    parser.add_argument("--new-tokens", type=int, default=NEW_TOKENS)
+    parser.add_argument("--windows", type=int, default=SEQ, help="held-out window length")
     args = parser.parse_args()
-    if args.phase == "train":
+    EVAL_PROMPTS, PROMPT_TOKENS, NEW_TOKENS = args.prompts, args.prompt_tokens, args.new_tokens
+    SEQ = args.windows
+    if args.phase in ("train", "all"):
         train(args.target, args.work)
-    else:
-        raise SystemExit("eval: not written yet")
+    if args.phase in ("eval", "all"):
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "drafts.jsonl").unlink(missing_ok=True)
+        rows = evaluate(args.target, args.work, args.out)
+        write_markdown(rows, args.work, args.out)
     print(json.dumps({"phase": args.phase, "platform": platform.platform()}))
 
 
