@@ -172,7 +172,9 @@ def evaluate(target_dir: Path, work: Path, out_dir: Path) -> list[dict[str, Any]
         block_summary,
         held_out_prompts,
         modelled_speedup,
+        per_row,
         predicted_block_efficiency,
+        predicted_from_positions,
         run_in_batches,
         step_costs,
         target_alone_in_batches,
@@ -220,6 +222,7 @@ def evaluate(target_dir: Path, work: Path, out_dir: Path) -> list[dict[str, Any]
                 sampling_temperature=temp or 1.0,
             )
             alpha = float(acc.agree.double().mean() if greedy else acc.alpha.mean())
+            alpha_rows = per_row(acc, greedy=greedy)
             speed = _speed(
                 target,
                 draft,
@@ -246,6 +249,7 @@ def evaluate(target_dir: Path, work: Path, out_dir: Path) -> list[dict[str, Any]
                     "alpha_t1": float(acc.alpha.mean()),
                     **summary,
                     "tau_predicted": predicted_block_efficiency(alpha, gamma),
+                    "tau_positions": predicted_from_positions(alpha_rows, gamma)["tau"],
                     "cost_ratio": costs["cost_ratio"],
                     "verify_cost": costs["verify_cost"][gamma],
                     "target_step_ms": costs["target_step_ms"],
@@ -299,15 +303,17 @@ def write_markdown(rows: list[dict[str, Any]], work: Path, out: Path) -> None:
         "",
         f"## γ = {GAMMA}, {EVAL_PROMPTS} held-out prompts x {NEW_TOKENS} new tokens, batch {EVAL_BATCH}",
         "",
-        "| draft | mode | α | τ measured | τ from α | measured / predicted | tokens per target call "
+        "| draft | mode | α | τ measured | τ from α | measured / predicted | τ from per-position α "
+        "| tokens per target call "
         "| c | speed-up model (v=1) | speed-up model (this CPU) | speed-up measured (batch 1) "
         "| lossless | held-out ppl | KL(target‖draft) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     for r in main:
         lines.append(
             f"| {r['draft']} | {r['mode']} | {f(r['alpha'])} | {f(r['tau'])} | {f(r['tau_predicted'])} "
-            f"| {f(r['tau'] / r['tau_predicted'])} | {f(r['tokens_per_call'])} | {f(r['cost_ratio'])} "
+            f"| {f(r['tau'] / r['tau_predicted'])} | {f(r['tau_positions'])} "
+            f"| {f(r['tokens_per_call'])} | {f(r['cost_ratio'])} "
             f"| {f(r['speedup_model'], 2)} | {f(r['speedup_cpu_model'], 2)} | {f(r.get('speedup_measured'), 2)} "
             f"| {r.get('lossless', '-')} | {f(r.get('perplexity'), 1)} | {f(r.get('kl_teacher_student'))} |"
         )

@@ -22,6 +22,7 @@ from distil.evaluation.speculative import (
     greedy_target_calls,
     modelled_speedup,
     predicted_block_efficiency,
+    predicted_from_positions,
     top1_agreement,
 )
 
@@ -155,3 +156,17 @@ def test_block_statistics_of_a_run() -> None:
     by_position = acceptance_by_position(result)
     assert by_position == pytest.approx([2 / 3, 1 / 2, 1.0])
     assert math.isclose(sum(result.block_emitted), sum(len(t) for t in result.tokens))
+
+
+def test_prediction_from_positions_is_exact_for_greedy_and_the_formula_for_constant_alpha() -> None:
+    agree = [True, True, False, True, True, True, True, False, False, True]
+    calls, _accepted = greedy_target_calls(agree, 2)
+    got = predicted_from_positions([[float(a) for a in agree]], 2)
+    # rounds at t = 0, 3, 6 propose γ = 2; those at t = 8 and 9 have room for 1 and 0 only
+    assert got["rounds"] == calls and got["tau"] == pytest.approx((3 + 3 + 2) / 3)
+    assert got["tokens_per_call"] == pytest.approx(len(agree) / calls)
+    long = predicted_from_positions([[0.7] * 4000], 4)
+    assert long["tau"] == pytest.approx(predicted_block_efficiency(0.7, 4), rel=1e-9)
+    # the same mean acceptance, unevenly spread, gives more tokens per round
+    mixed = predicted_from_positions([[1.0, 0.4] * 2000], 4)
+    assert mixed["tau"] > predicted_block_efficiency(0.7, 4)

@@ -32,7 +32,9 @@ from distil.evaluation.speculative import (
     held_out_prompts,
     lowest_acceptance_tokens,
     modelled_speedup,
+    per_row,
     predicted_block_efficiency,
+    predicted_from_positions,
     run_in_batches,
     step_costs,
     target_alone_in_batches,
@@ -211,6 +213,7 @@ TABLE_COLUMNS = [
     ("alpha", "α"),
     ("tau", "τ measured"),
     ("tau_predicted", "τ from α"),
+    ("tau_positions", "τ from per-position α"),
     ("tau_ratio", "measured / predicted"),
     ("tokens_per_call", "tokens per target call"),
     ("acceptance", "acceptance measured"),
@@ -292,6 +295,7 @@ def evaluate_draft(cfg: SpeculateConfig) -> dict[str, Any]:
             part["alpha"][mode] = alpha
             part["lowest"][mode] = lowest_acceptance_tokens(acceptance, tokenizer, greedy=greedy)
             part["by_position"][mode] = {}
+            alpha_rows = per_row(acceptance, greedy=greedy)
             speed = None
             if cfg.speed_prompts:
                 speed = _speed(
@@ -320,6 +324,7 @@ def evaluate_draft(cfg: SpeculateConfig) -> dict[str, Any]:
                     "alpha": alpha,
                     **summary,
                     "tau_predicted": predicted,
+                    "tau_positions": predicted_from_positions(alpha_rows, gamma)["tau"],
                     "tau_ratio": summary["tau"] / predicted if summary["tau"] else None,
                     "speedup_model": modelled_speedup(
                         summary["tau"] or 1.0, gamma, costs["cost_ratio"]

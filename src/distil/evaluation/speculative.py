@@ -50,7 +50,9 @@ __all__ = [
     "lowest_acceptance_tokens",
     "merge_results",
     "modelled_speedup",
+    "per_row",
     "predicted_block_efficiency",
+    "predicted_from_positions",
     "step_costs",
     "token_acceptance",
     "top1_agreement",
@@ -132,6 +134,51 @@ def greedy_target_calls(agreement: Sequence[bool], gamma: int) -> tuple[int, lis
         accepted.append(k)
         t += k + 1
     return len(accepted), accepted
+
+
+def predicted_from_positions(alphas: Sequence[Sequence[float]], gamma: int) -> dict[str, float]:
+    """τ expected from the acceptance of every position of every row, not from their mean.
+
+    Along one row's text of ``n`` tokens, a round starting at ``t`` proposes
+    ``g = min(γ, n − t − 1)`` tokens and accepts ``k`` of them with probability
+    ``Π_{i<k} α_{t+i} · (1 − α_{t+k})`` (all ``g``: ``Π_{i<g} α_{t+i}``), then the next round
+    starts at ``t + k + 1``. A forward pass over positions carries the probability that a round
+    starts at each one. Where α varies along a text (easy and hard stretches) this differs from
+    ``(1 − ᾱ^(γ+1)) / (1 − ᾱ)``; for greedy acceptance (α_t ∈ {0, 1}) it is exact.
+
+    Args:
+        alphas: Per row, the acceptance at each position of the target's continuation.
+        gamma: Draft tokens per round.
+
+    Returns:
+        ``tau`` (over rounds proposing all γ, as measured), ``tokens_per_call`` and
+        ``rounds`` (expected rounds, summed over rows).
+    """
+    full_rounds = full_tokens = rounds = tokens = 0.0
+    for row in alphas:
+        n = len(row)
+        start = [0.0] * (n + 1)
+        start[0] = 1.0
+        for t in range(n):
+            if start[t] == 0.0:
+                continue
+            g = min(gamma, n - t - 1)
+            rounds += start[t]
+            prefix = 1.0
+            for k in range(g + 1):
+                chance = prefix * (1.0 - row[t + k]) if k < g else prefix
+                start[t + k + 1] += start[t] * chance
+                if g == gamma:
+                    full_rounds += start[t] * chance
+                    full_tokens += start[t] * chance * (k + 1)
+                if k < g:
+                    prefix *= row[t + k]
+        tokens += n
+    return {
+        "tau": full_tokens / full_rounds if full_rounds else math.nan,
+        "tokens_per_call": tokens / rounds if rounds else math.nan,
+        "rounds": rounds,
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,6 +264,13 @@ def token_acceptance(
     if not parts["alpha"]:
         raise DistilError("the target generated no token for any prompt; nothing to measure")
     return TokenAcceptance(**{k: torch.cat(v) for k, v in parts.items()})
+
+
+def per_row(acceptance: TokenAcceptance, *, greedy: bool) -> list[list[float]]:
+    """Per prompt, the acceptance at each continuation position (agreement when ``greedy``)."""
+    score = acceptance.agree.double() if greedy else acceptance.alpha
+    rows = int(acceptance.row.max()) + 1 if acceptance.row.numel() else 0
+    return [score[acceptance.row == r].tolist() for r in range(rows)]
 
 
 def lowest_acceptance_tokens(
