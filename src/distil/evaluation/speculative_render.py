@@ -46,7 +46,8 @@ def _speed_line(part: Mapping[str, Any]) -> str:
     return " ".join(
         f"{mode}, γ={s['gamma']}, {s['prompts']} prompts at batch 1: target alone "
         f"{fmt(s['target_alone_tokens_per_s'])} tokens/s, speculative {fmt(s['speculative_tokens_per_s'])} "
-        f"tokens/s, measured speed-up {fmt(s['measured_speedup'])}x."
+        f"tokens/s, measured speed-up {fmt(s['measured_speedup'])}x (in process CPU time "
+        f"{fmt(s['cpu_time_speedup'])}x)."
         for mode, s in part.get("speed", {}).items()
     )
 
