@@ -251,7 +251,7 @@ def test_refuses_what_cannot_run(pair: dict[str, Any]) -> None:
 # Sampling: the output is distributed as the target's
 
 
-V, ROWS, NEW_SAMPLED, SAMPLES = 6, 8, 3, 8000
+V, ROWS, NEW_SAMPLED, SAMPLES = 6, 8, 3, 4000
 
 
 def _peaked_model(layers: int, seed: int) -> Any:
