@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,50 +14,43 @@ from distil.decoding.cached_lm import CachedLM
 from distil.decoding.speculative import autoregressive_generate, speculative_generate
 from distil.errors import DistilError
 from distil.evaluation.speculative import greedy_target_calls, token_acceptance
-from distil.models.lm import (
-    CausalLMSpec,
-    build_causal_lm,
-    init_student_from_teacher,
-    load_causal_lm,
-)
-from tests.helpers import make_lm_fixture
+from distil.models.lm import CausalLMSpec, build_causal_lm
+from tests.helpers import make_draft_pair
 
 NEW = 14
 
 
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """The fixture teacher (400-id tokenizer, 8 padded vocab rows) as target and a 1-layer copy
-    of it as draft, both in float64 so that batched and unbatched passes pick the same argmax."""
-    from distil.models.vocab import load_tokenizer_folder, tokenizer_vocab_size
+@torch.no_grad()
+def greedy_without_cache(
+    model: Any, prompt: list[int], vocab: int, eos: int | None = None
+) -> list[int]:
+    """The target alone, the plainest way: the whole sequence through the model at every step,
+    no KV cache, argmax over the real vocabulary; stops after ``eos``."""
+    ids = list(prompt)
+    for _ in range(NEW):
+        token = int(model(input_ids=torch.tensor([ids])).logits[0, -1, :vocab].argmax())
+        ids.append(token)
+        if token == eos:
+            break
+    return ids[len(prompt) :]
 
-    lm = make_lm_fixture(Path(tmp_path_factory.mktemp("spec")))
-    target = load_causal_lm(lm["teacher"]).double().eval()
-    draft = init_student_from_teacher(target, num_layers=1).eval()
-    tok = load_tokenizer_folder(lm["tok"])
+
+@pytest.fixture(scope="module")
+def pair() -> Iterator[dict[str, Any]]:
+    """A tiny float64 target with 8 padded vocabulary rows and a 1-layer draft cut from it, six
+    ragged prompts, and the target's own greedy continuations."""
+    target, draft = make_draft_pair()
+    vocab = 400
+    padded = list(range(vocab, target.lm_head.weight.shape[0]))  # rows no token id maps to
     g = torch.Generator().manual_seed(3)
     lengths = [1, 7, 3, 12, 5, 9]
     prompts = [torch.randint(3, 390, (n,), generator=g).tolist() for n in lengths]
-    vocab = tokenizer_vocab_size(tok)
-    padded = list(range(vocab, target.lm_head.weight.shape[0]))  # rows no token id maps to
-    reference = []
-    for p in prompts:  # the target alone, through transformers' own greedy search
-        out = target.generate(
-            torch.tensor([p]),
-            attention_mask=torch.ones(1, len(p), dtype=torch.long),
-            max_new_tokens=NEW,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-            suppress_tokens=padded,
-        )
-        reference.append(out[0, len(p) :].tolist())
+    reference = [greedy_without_cache(target, p, vocab) for p in prompts]
     yield {
         "target": target,
         "draft": draft,
         "vocab": vocab,
         "padded": padded,
-        "eos": tok.eos_token_id,
         "prompts": prompts,
         "reference": reference,
     }
@@ -89,23 +81,22 @@ def test_plain_loop_matches_transformers_greedy(pair: dict[str, Any]) -> None:
         pair["target"], pair["prompts"], max_new_tokens=NEW, vocab_size=pair["vocab"]
     )
     assert out.tokens == pair["reference"] and out.target_calls == NEW
+    prompt = pair["prompts"][1]
+    hf = pair["target"].generate(
+        torch.tensor([prompt]),
+        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        max_new_tokens=NEW,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+        suppress_tokens=pair["padded"],
+    )
+    assert hf[0, len(prompt) :].tolist() == pair["reference"][1]
 
 
 def test_eos_ends_each_row_where_the_target_would(pair: dict[str, Any]) -> None:
     eos = pair["reference"][1][4]  # a token the target writes: rows stop at it
-    want = []
-    for p in pair["prompts"]:
-        out = pair["target"].generate(
-            torch.tensor([p]),
-            attention_mask=torch.ones(1, len(p), dtype=torch.long),
-            max_new_tokens=NEW,
-            do_sample=False,
-            eos_token_id=eos,
-            pad_token_id=0,
-            suppress_tokens=pair["padded"],
-        )
-        new = out[0, len(p) :].tolist()
-        want.append(new[: new.index(eos) + 1] if eos in new else new)
+    want = [greedy_without_cache(pair["target"], p, pair["vocab"], eos) for p in pair["prompts"]]
     result = speculative_generate(
         pair["target"],
         pair["draft"],
