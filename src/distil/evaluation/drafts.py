@@ -24,6 +24,7 @@ from pydantic import Field, field_validator
 
 from distil.config.base import StrictModel
 from distil.decoding.speculative import autoregressive_generate, speculative_generate
+from distil.errors import DistilError
 from distil.evaluation.report import make_table
 from distil.evaluation.speculative import (
     acceptance_by_position,
@@ -98,13 +99,16 @@ def _eos_ids(tokenizer: Any, model: Any) -> list[int]:
 def _prompts(cfg: SpeculateConfig, tokenizer: Any) -> list[list[int]]:
     if cfg.prompts_file is None:
         return held_out_prompts(tokenizer, cfg.prompts, cfg.prompt_tokens)
+    from distil.config.sources import FileData
     from distil.data.prompts import PromptsSection, load_prompts
 
-    texts = [
-        p.text
-        for p in load_prompts(PromptsSection(file=cfg.prompts_file, limit=cfg.prompts), tokenizer)
-    ]
-    return [list(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
+    section = PromptsSection(source=FileData(train=[cfg.prompts_file]), limit=cfg.prompts)
+    prompts = load_prompts(section, tokenizer)
+    encoded = tokenizer([p.text for p in prompts], add_special_tokens=True)["input_ids"]
+    empty = [p.id for p, ids in zip(prompts, encoded, strict=True) if not ids]
+    if empty:
+        raise DistilError(f"prompt(s) {empty[:5]} of {cfg.prompts_file} tokenize to no token")
+    return [list(ids) for ids in encoded]
 
 
 @torch.no_grad()
