@@ -14,6 +14,7 @@ much more than the longest row.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -38,6 +39,8 @@ class CachedLM:
         from transformers import DynamicCache
 
         self.model = model
+        # Models that can skip the LM head on positions nobody reads (a long prompt's) say so.
+        self.can_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.cache = DynamicCache(config=model.config)
         self._layers()  # refuse caches that cannot be rolled back per row, before any work
         self.valid = torch.zeros(batch_size, 0, dtype=torch.bool, device=device)
@@ -45,32 +48,36 @@ class CachedLM:
         self.calls = 0
 
     @torch.no_grad()
-    def step(self, tokens: Tensor, present: Tensor) -> Tensor:
+    def step(self, tokens: Tensor, present: Tensor, *, keep: int | None = None) -> Tensor:
         """Run the model on new tokens and append them to the cache.
 
         Args:
             tokens: ``(B, W)`` token ids; entries where ``present`` is False are placeholders.
             present: ``(B, W)`` bool, which entries are tokens of their row (a row's present
                 entries are its next tokens in order; absent ones are invisible to every row).
+            keep: Return logits for the last ``keep`` positions only (the LM head is then not
+                run on the others where the model supports it); all ``W`` when None.
 
         Returns:
-            Logits ``(B, W, V_model)``; rows of absent entries are meaningless.
+            Logits ``(B, keep or W, V_model)``; rows of absent entries are meaningless.
         """
         offsets = present.long().cumsum(-1) - 1  # (B, W)
         positions = torch.where(present, self.lengths[:, None] + offsets, 0)  # (B, W)
         mask = torch.cat([self.valid, present], dim=1)  # (B, L + W)
+        extra = {"logits_to_keep": keep} if keep is not None and self.can_keep else {}
         out = self.model(
             input_ids=tokens,
             attention_mask=mask.long(),
             position_ids=positions,
             cache=self.cache,
             use_cache=True,
+            **extra,
         )
         self.calls += 1
         self.valid = mask
         self.lengths = self.lengths + present.sum(-1)
         logits: Tensor = out.logits
-        return logits
+        return logits if keep is None else logits[:, -keep:]
 
     def drop_last(self, counts: Tensor) -> None:
         """Roll back the last ``counts[r]`` tokens of each row (they must be its most recent

@@ -336,7 +336,7 @@ def autoregressive_generate(
     wall, cpu = time.perf_counter(), time.process_time()
     while rows:
         ids, present = _left_pad(pending, device)
-        logits = lm.step(ids, present)[:, -1, :vocab]  # (b, V)
+        logits = lm.step(ids, present, keep=1)[:, -1, :vocab]  # (b, V)
         if sampling:
             u = torch.stack([torch.rand((), generator=gens[r], dtype=torch.float64) for r in rows])
             chosen = sample_categorical(_probs(logits, sampling_temperature), u.to(device))
@@ -429,7 +429,7 @@ def speculative_generate(
         )  # (b, g, V): the q each draft token was drawn from (sampling only)
         if g > 0:
             ids, present = _left_pad([draft_pending[r] for r in rows], device)
-            logits = drf.step(ids, present)[:, -1, :vocab]  # (b, V)
+            logits = drf.step(ids, present, keep=1)[:, -1, :vocab]  # (b, V)
             for j in range(g):
                 if uniforms is not None:
                     draft_probs[:, j] = _probs(logits, sampling_temperature)
@@ -438,7 +438,7 @@ def speculative_generate(
                     drafts[:, j] = logits.argmax(-1)
                 if j + 1 < g:
                     step_present = torch.ones(b, 1, dtype=torch.bool, device=device)
-                    logits = drf.step(drafts[:, j : j + 1], step_present)[:, -1, :vocab]
+                    logits = drf.step(drafts[:, j : j + 1], step_present, keep=1)[:, -1, :vocab]
         # A row offers what could still be emitted: up to its first EOS, and at most room - 1
         # tokens (the round adds the target's own token), as it would alone in the batch.
         room = torch.tensor([max_new_tokens - len(out[r]) for r in rows], device=device)
@@ -446,7 +446,7 @@ def speculative_generate(
         ids, present = _left_pad([target_pending[r] for r in rows], device)
         ids = torch.cat([ids, drafts], dim=1)
         present = torch.cat([present, torch.ones_like(drafts, dtype=torch.bool)], dim=1)
-        target_logits = tgt.step(ids, present)[:, -(g + 1) :, :vocab]  # (b, g + 1, V)
+        target_logits = tgt.step(ids, present, keep=g + 1)[:, :, :vocab]  # (b, g + 1, V)
         if uniforms is not None:
             accepted, next_token = verify_sampled(
                 drafts,
