@@ -64,7 +64,7 @@ class SpeculateConfig(StrictModel):
     speed_gamma: int = Field(default=4, ge=1, description="γ of the wall-clock comparison")
     speed_prompts: int = Field(default=8, ge=0, description="batch-1 wall-clock runs; 0 = skip")
     check_samples: int = Field(
-        default=512, ge=0, description="first-token samples of the sampled lossless check"
+        default=1000, ge=0, description="first-token samples of the sampled lossless check"
     )
     seed: int = 0
     cpu_threads: int = Field(default=1, ge=1)
