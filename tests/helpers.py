@@ -82,6 +82,29 @@ def make_lm_fixture(root: Path) -> dict[str, Path]:
     }
 
 
+def make_draft_pair(
+    *, vocab_size: int = 400, padded_rows: int = 8, draft_layers: int = 1
+) -> tuple[Any, Any]:
+    """A tiny Llama target (4 layers x 32, ``vocab_size + padded_rows`` output rows, built in
+    code, no files) and a draft made of ``draft_layers`` of its layers, both in float64 so that
+    batched and one-row passes agree to the last bit on every argmax."""
+    from distil.models.lm import CausalLMSpec, build_causal_lm, init_student_from_teacher
+
+    spec = CausalLMSpec(
+        num_layers=4,
+        hidden_size=32,
+        num_heads=4,
+        intermediate_size=64,
+        vocab_size=vocab_size + padded_rows,
+        max_context=64,
+        eos_token_id=1,
+        pad_token_id=0,
+    )
+    target = build_causal_lm(spec, seed=0).double().eval()
+    draft = init_student_from_teacher(target, num_layers=draft_layers).eval()
+    return target, draft
+
+
 def base_args(lm: dict[str, Path], data: str = "text") -> list[str]:
     return [
         "run",
