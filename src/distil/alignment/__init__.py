@@ -1,0 +1,52 @@
+"""Cross-tokenizer alignment: per-token byte spans, aligned token groups, vocabulary maps.
+
+* :mod:`~distil.alignment.offsets` byte spans of every token for any Hugging Face tokenizer
+  (fast offsets, or an explicit decode-based fallback);
+* :mod:`~distil.alignment.groups` groups of tokens of two tokenizations that cover the same
+  bytes, computed once per example, and the index tensors the losses consume;
+* :mod:`~distil.alignment.vocab` token surfaces, shared vocabulary entries, MinED mapping.
+
+The losses that read these live in :mod:`distil.losses.cross_tokenizer`.
+"""
+
+from distil.alignment.groups import (
+    AlignedGroups,
+    SpanAlignment,
+    align_spans,
+    alignment_stats,
+    collate_groups,
+    positional_alignment,
+)
+from distil.alignment.offsets import (
+    ByteOffsetMethod,
+    ByteSpanEncoder,
+    Special,
+    TokenSpans,
+    char_to_byte_table,
+)
+from distil.alignment.vocab import (
+    SharedVocabulary,
+    VocabMatch,
+    min_edit_distance_map,
+    shared_vocabulary,
+    token_surfaces,
+)
+
+__all__ = [
+    "AlignedGroups",
+    "ByteOffsetMethod",
+    "ByteSpanEncoder",
+    "SharedVocabulary",
+    "SpanAlignment",
+    "Special",
+    "TokenSpans",
+    "VocabMatch",
+    "align_spans",
+    "alignment_stats",
+    "char_to_byte_table",
+    "collate_groups",
+    "min_edit_distance_map",
+    "positional_alignment",
+    "shared_vocabulary",
+    "token_surfaces",
+]
