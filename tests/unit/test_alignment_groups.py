@@ -16,10 +16,12 @@ from distil.alignment import (
     align_spans,
     alignment_stats,
     collate_groups,
+    cut_aligned_blocks,
     positional_alignment,
 )
 from distil.alignment.groups import IGNORE_INDEX
 from distil.data.lm import IGNORE_INDEX as DATA_IGNORE_INDEX
+from distil.errors import DistilError
 from tests.helpers import TRICKY_TEXTS
 
 
@@ -282,3 +284,27 @@ def test_collate_groups_builds_index_tensors_and_checks_them() -> None:
         collate_groups([a], student, teacher)
     empty = collate_groups([np.zeros((0, 4)), np.zeros((0, 4))], student, teacher)
     assert empty.num_groups == 0
+
+
+def test_packed_stream_cuts_into_blocks_that_read_the_same_text(
+    tokenizer_pair: dict[str, Any],
+) -> None:
+    s_enc = ByteSpanEncoder(tokenizer_pair["uni600"])
+    t_enc = ByteSpanEncoder(tokenizer_pair["bpe500"])
+    segments: list[str | Special] = []
+    for text in TRICKY_TEXTS * 3:
+        segments += [text, Special.EOS]
+    student, teacher = s_enc.encode_segments(segments), t_enc.encode_segments(segments)
+    blocks = cut_aligned_blocks(student, teacher, 16)
+    assert len(blocks) == len(student) // 16
+    for k, block in enumerate(blocks):
+        assert block.student.ids.tolist() == student.ids[16 * k : 16 * (k + 1)].tolist()
+        assert block.teacher.starts[0] >= block.student.starts[0]
+        assert block.teacher.ends[-1] <= block.student.ends[-1]
+        _check_groups(block.student, block.teacher, block.alignment.groups)
+    coverage = sum(b.alignment.covered_units for b in blocks) / sum(
+        b.alignment.student_units for b in blocks
+    )
+    assert coverage > 0.6
+    with pytest.raises(DistilError, match="context"):
+        cut_aligned_blocks(teacher, student, 16, teacher_max_length=16)

@@ -345,3 +345,42 @@ def test_min_ed_map_checks() -> None:
         min_ed(student, teacher, groups, vocab_map=torch.full((VT,), VS, dtype=torch.long))
     reverse = min_ed(student, teacher, groups, vocab_map=_vocab_map(), divergence="reverse_kl")
     assert float(reverse) > 0
+
+
+def test_cross_tokenizer_objective_with_one_tokenizer_is_the_token_objective() -> None:
+    from distil.losses.objective import cross_tokenizer_objective, token_objective
+
+    g = torch.Generator().manual_seed(7)
+    student = torch.randn(B, TS, VS, generator=g, dtype=torch.float64)
+    teacher = torch.randn(B, TS, VS, generator=g, dtype=torch.float64)
+    targets = _targets([[1, 1, 1, 1, 1, 1, 0], [0, 1, 1, 1, 1, 0, 0]], VS, 4)
+    groups = positional_alignment(targets, targets)
+    cross = cross_tokenizer_objective(
+        student,
+        teacher,
+        groups,
+        kd_weight=0.7,
+        kd_temperature=2.0,
+        loss="min_ed",
+        vocab_map=torch.arange(VS),
+        num_items=12,
+        num_groups=12,
+    )
+    plain = token_objective(
+        student, teacher, targets, kd_weight=0.7, kd_temperature=2.0, num_items=12
+    )
+    torch.testing.assert_close(cross.loss, plain.loss)
+    for key in ("hard_ce/raw", "kd/raw", "kd/weighted"):
+        torch.testing.assert_close(cross.components[key], plain.components[key])
+
+
+def test_cross_tokenizer_objective_mixes_ce_and_the_soft_term_once() -> None:
+    from distil.losses.objective import cross_tokenizer_objective
+
+    student, teacher, groups = _batch()
+    out = cross_tokenizer_objective(student, teacher, groups, kd_weight=0.25, kd_temperature=1.0)
+    mask = groups.student_targets != -100
+    ce = torch.nn.functional.cross_entropy(student[mask], groups.student_targets[mask])
+    torch.testing.assert_close(out.loss, 0.75 * ce + 0.25 * uld(student, teacher, groups))
+    with pytest.raises(ValueError, match="kd_weight"):
+        cross_tokenizer_objective(student, teacher, groups, kd_weight=1.5, kd_temperature=1.0)

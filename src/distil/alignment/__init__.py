@@ -4,6 +4,7 @@
   (fast offsets, or an explicit decode-based fallback);
 * :mod:`~distil.alignment.groups` groups of tokens of two tokenizations that cover the same
   bytes, computed once per example, and the index tensors the losses consume;
+* :mod:`~distil.alignment.packing` a packed stream cut into blocks both tokenizers read;
 * :mod:`~distil.alignment.vocab` token surfaces, shared vocabulary entries, MinED mapping.
 
 The losses that read these live in :mod:`distil.losses.cross_tokenizer`.
@@ -24,6 +25,7 @@ from distil.alignment.offsets import (
     TokenSpans,
     char_to_byte_table,
 )
+from distil.alignment.packing import AlignedBlock, cut_aligned_blocks
 from distil.alignment.vocab import (
     SharedVocabulary,
     VocabMatch,
@@ -33,6 +35,7 @@ from distil.alignment.vocab import (
 )
 
 __all__ = [
+    "AlignedBlock",
     "AlignedGroups",
     "ByteOffsetMethod",
     "ByteSpanEncoder",
@@ -45,6 +48,7 @@ __all__ = [
     "alignment_stats",
     "char_to_byte_table",
     "collate_groups",
+    "cut_aligned_blocks",
     "min_edit_distance_map",
     "positional_alignment",
     "shared_vocabulary",
