@@ -309,7 +309,8 @@ class ByteSpanEncoder:
                 raise DistilError(
                     f"decoding the tokens of {type(self.tokenizer).__name__} does not reproduce "
                     f"the text after {text[:chars][-20:]!r} ({_MAX_PENDING_TOKENS} tokens give "
-                    f"{new_text[-20:]!r}): the tokenizer normalises text, so decode-based byte "
+                    f"{new_text[-20:]!r}): the tokenizer normalises the text or its decode is "
+                    "lossy, so decode-based byte "
                     "offsets are impossible; use byte_offsets: offsets with a fast tokenizer, or a "
                     "positional alignment (ULD)"
                 )
@@ -317,7 +318,8 @@ class ByteSpanEncoder:
         if chars != len(text):
             raise DistilError(
                 f"decoding the tokens of {type(self.tokenizer).__name__} does not give the text "
-                f"back ({text[chars : chars + 20]!r} is left over: the tokenizer normalises text), "
+                f"back ({text[chars : chars + 20]!r} is left over: the tokenizer normalises the text "
+                "or its decode is lossy), "
                 "so decode-based byte offsets are impossible; use byte_offsets: offsets with a fast "
                 "tokenizer, or a positional alignment (ULD)"
             )
