@@ -185,6 +185,8 @@ def _sorted_ascending(x: Tensor) -> Tensor:
     than ``torch.sort`` here (576 rows of 8,192 fp32: 0.04 s vs 0.64 s; of 4,096 with the
     gradient: 0.08 s vs 0.36 s). Ties may come in any order: the sorted values are the same.
     """
+    if x.device.type == "cpu" and not x.requires_grad:  # the teacher: values only
+        return torch.from_numpy(np.sort(x.numpy(), axis=-1))
     if x.device.type == "cpu":
         order = torch.from_numpy(np.argsort(x.detach().numpy(), axis=-1))
     else:
