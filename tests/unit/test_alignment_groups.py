@@ -306,5 +306,32 @@ def test_packed_stream_cuts_into_blocks_that_read_the_same_text(
         b.alignment.student_units for b in blocks
     )
     assert coverage > 0.6
-    with pytest.raises(DistilError, match="context"):
-        cut_aligned_blocks(teacher, student, 16, teacher_max_length=16)
+    # A teacher that needs more tokens than its context keeps the first ones: the rest of the
+    # block's text is left out of the groups, never misaligned.
+    cut = cut_aligned_blocks(teacher, student, 16, teacher_max_length=16)
+    assert all(len(b.teacher) <= 16 for b in cut)
+    for block in cut:
+        _check_groups(block.student, block.teacher, block.alignment.groups)
+    with pytest.raises(DistilError, match="block_size"):
+        cut_aligned_blocks(student, teacher, 1)
+
+
+def test_padded_groups_and_the_alignment_kinds() -> None:
+    from distil.alignment import AlignmentKind, batch_groups, groups_from_padded
+
+    student = torch.tensor([[5, 6, 7, -100], [1, 2, 3, 4]])
+    teacher = torch.tensor([[9, 9, -100], [8, 8, 8]])
+    padded = torch.tensor(
+        [[[0, 1, 0, 0], [2, 2, 1, 1]], [[0, 3, 0, 2], [-1, -1, -1, -1]]]
+    )  # (B, G_max, 4)
+    groups = groups_from_padded(padded, student, teacher)
+    reference = collate_groups(
+        [np.array([[0, 1, 0, 0], [2, 2, 1, 1]]), np.array([[0, 3, 0, 2]])], student, teacher
+    )
+    for field in ("example", "student_first", "student_last", "teacher_first", "teacher_last"):
+        assert torch.equal(getattr(groups, field), getattr(reference, field))
+    assert batch_groups(AlignmentKind.BYTE_SPAN, padded, student, teacher).num_groups == 3
+    positional = batch_groups("positional", padded, student, teacher)
+    assert positional.student_first.tolist() == [0, 1, 0, 1, 2]
+    with pytest.raises(ValueError, match="beyond"):
+        groups_from_padded(torch.tensor([[[0, 9, 0, 0]], [[0, 0, 0, 0]]]), student, teacher)

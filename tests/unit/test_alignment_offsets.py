@@ -185,3 +185,24 @@ def test_segments_put_eos_on_one_unit_and_bos_on_none(tokenizer_pair: dict[str, 
 
 def test_empty_text_has_no_tokens(tokenizer_pair: dict[str, Any]) -> None:
     assert len(ByteSpanEncoder(tokenizer_pair["bpe500"]).encode_text("")) == 0
+
+
+@pytest.mark.parametrize("name", ["bpe500", "uni600"])
+def test_segments_of_sampled_ids_give_back_the_text_and_the_special_tokens(
+    tokenizer_pair: dict[str, Any], name: str
+) -> None:
+    """On-policy: ids the student sampled are read back as segments another tokenizer can
+    encode; EOS stays one unit, and the spans are the ones encoding gives."""
+    tokenizer = tokenizer_pair[name]
+    encoder = ByteSpanEncoder(tokenizer)
+    segments = [TRICKY_TEXTS[0], Special.EOS, TRICKY_TEXTS[3]]
+    encoded = encoder.encode_segments(segments)
+    back, spans = encoder.segments_of_ids(encoded.ids.tolist(), origin=0)
+    assert back == segments
+    assert spans.ids.tolist() == encoded.ids.tolist()
+    assert set(spans.ends.tolist()) <= set(encoded.ends.tolist())
+    assert spans.ends[-1] == encoded.ends[-1]
+    with pytest.raises(DistilError, match="only EOS and BOS"):
+        encoder.segments_of_ids([tokenizer.pad_token_id])
+    text, decoded = encoder.decode_spans([])
+    assert text == "" and len(decoded) == 0

@@ -384,3 +384,19 @@ def test_cross_tokenizer_objective_mixes_ce_and_the_soft_term_once() -> None:
     torch.testing.assert_close(out.loss, 0.75 * ce + 0.25 * uld(student, teacher, groups))
     with pytest.raises(ValueError, match="kd_weight"):
         cross_tokenizer_objective(student, teacher, groups, kd_weight=1.5, kd_temperature=1.0)
+
+
+@pytest.mark.parametrize("name", ["uld", "hybrid", "min_ed"])
+def test_precomputed_teacher_groups_give_the_same_loss(name: str) -> None:
+    """A cache hands over the teacher's merged group distributions instead of logits."""
+    student, teacher, groups = _batch()
+    merged = group_log_probs(
+        teacher, groups.teacher_targets, groups.example, groups.teacher_first, groups.teacher_last
+    )
+    live = _call(name, student, teacher, groups)
+    cached = _call(name, student, None, groups, teacher_group_log_probs=merged)
+    torch.testing.assert_close(cached, live)
+    with pytest.raises(ValueError, match="not both"):
+        _call(name, student, teacher, groups, teacher_group_log_probs=merged)
+    with pytest.raises(ValueError, match="rows for"):
+        _call(name, student, None, groups, teacher_group_log_probs=merged[:-1])

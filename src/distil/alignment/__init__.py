@@ -12,10 +12,13 @@ The losses that read these live in :mod:`distil.losses.cross_tokenizer`.
 
 from distil.alignment.groups import (
     AlignedGroups,
+    AlignmentKind,
     SpanAlignment,
     align_spans,
     alignment_stats,
+    batch_groups,
     collate_groups,
+    groups_from_padded,
     positional_alignment,
 )
 from distil.alignment.offsets import (
@@ -37,6 +40,7 @@ from distil.alignment.vocab import (
 __all__ = [
     "AlignedBlock",
     "AlignedGroups",
+    "AlignmentKind",
     "ByteOffsetMethod",
     "ByteSpanEncoder",
     "SharedVocabulary",
@@ -46,9 +50,11 @@ __all__ = [
     "VocabMatch",
     "align_spans",
     "alignment_stats",
+    "batch_groups",
     "char_to_byte_table",
     "collate_groups",
     "cut_aligned_blocks",
+    "groups_from_padded",
     "min_edit_distance_map",
     "positional_alignment",
     "shared_vocabulary",

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import Enum
 
 import numpy as np
 import torch
@@ -32,14 +33,31 @@ from distil.alignment.offsets import TokenSpans
 
 __all__ = [
     "AlignedGroups",
+    "AlignmentKind",
     "SpanAlignment",
     "align_spans",
     "alignment_stats",
+    "batch_groups",
     "collate_groups",
+    "groups_from_padded",
     "positional_alignment",
 ]
 
 IGNORE_INDEX = -100  # the label convention of distil.data.lm (kept in sync by a test)
+
+
+class AlignmentKind(str, Enum):
+    """How the tokens of two tokenizations are paired.
+
+    Attributes:
+        BYTE_SPAN: groups of tokens that cover the same bytes (TRL GOLD); needs byte spans.
+        POSITIONAL: the k-th supervised target with the k-th (the original ULD); needs nothing.
+    """
+
+    BYTE_SPAN = "byte_span"
+    POSITIONAL = "positional"
+
+
 GROUP_COLUMNS = ("student_first", "student_last", "teacher_first", "teacher_last")
 
 
@@ -303,3 +321,51 @@ def positional_alignment(student_targets: Tensor, teacher_targets: Tensor) -> Al
         student_targets,
         teacher_targets.to(student_targets.device),
     )
+
+
+def groups_from_padded(
+    padded: Tensor, student_targets: Tensor, teacher_targets: Tensor
+) -> AlignedGroups:
+    """A batch's groups from the padded ``(B, G_max, 4)`` form a collate makes (-1 = padding).
+
+    Args:
+        padded: ``(B, G_max, 4)`` int64, each row's groups first, then rows of -1.
+        student_targets: ``(B, T_s)`` next-token targets of the student batch.
+        teacher_targets: ``(B, T_t)`` next-token targets of the teacher batch.
+
+    Returns:
+        The groups, example by example in order (checked as in :func:`collate_groups`).
+    """
+    present = padded[..., 0] >= 0  # (B, G_max)
+    flat = padded[present].to(student_targets.device)  # (G, 4), row-major: example by example
+    example = present.nonzero(as_tuple=True)[0].to(student_targets.device)
+    out = AlignedGroups(
+        example,
+        flat[:, 0],
+        flat[:, 1],
+        flat[:, 2],
+        flat[:, 3],
+        student_targets,
+        teacher_targets.to(student_targets.device),
+    )
+    _check_groups(out)
+    return out
+
+
+def batch_groups(
+    kind: AlignmentKind | str,
+    padded: Tensor,
+    student_targets: Tensor,
+    teacher_targets: Tensor,
+) -> AlignedGroups:
+    """The groups a batch is distilled over: the stored byte-span groups, or positional pairs.
+
+    Args:
+        kind: ``byte_span`` or ``positional``.
+        padded: ``(B, G_max, 4)`` byte-span groups of the batch (read for ``byte_span`` only).
+        student_targets: ``(B, T_s)`` next-token targets of the student batch.
+        teacher_targets: ``(B, T_t)`` next-token targets of the teacher batch.
+    """
+    if AlignmentKind(kind) is AlignmentKind.POSITIONAL:
+        return positional_alignment(student_targets, teacher_targets)
+    return groups_from_padded(padded, student_targets, teacher_targets)

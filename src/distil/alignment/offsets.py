@@ -51,6 +51,7 @@ __all__ = [
 ]
 
 _MAX_PENDING_TOKENS = 64  # tokens decoding may wait for before the text must reappear
+_REPLACEMENT_CHAR = "\ufffd"
 
 
 class ByteOffsetMethod(str, Enum):
@@ -209,7 +210,7 @@ class ByteSpanEncoder:
         starts = np.concatenate([[0], ends[:-1]]).astype(np.int64)
         return TokenSpans(ids, starts + origin, ends + origin)
 
-    def encode_segments(self, segments: Sequence[str | Special]) -> TokenSpans:
+    def encode_segments(self, segments: Sequence[str | Special], *, origin: int = 0) -> TokenSpans:
         """Tokenize text segments and special tokens in order, in one unit coordinate.
 
         Each text segment is tokenized on its own (as the data pipeline does with documents and
@@ -217,12 +218,13 @@ class ByteSpanEncoder:
 
         Args:
             segments: e.g. ``[Special.BOS, prompt, completion, Special.EOS]``.
+            origin: unit where the first segment starts.
 
         Returns:
             The spans of the whole sequence.
         """
         parts: list[TokenSpans] = []
-        cursor = 0
+        cursor = origin
         for segment in segments:
             if isinstance(segment, Special):
                 width = 1 if segment is Special.EOS else 0
@@ -279,6 +281,55 @@ class ByteSpanEncoder:
                 ends[a:b] = cut
         return starts, ends
 
+    def segments_of_ids(
+        self, ids: Sequence[int], *, origin: int = 0
+    ) -> tuple[list[str | Special], TokenSpans]:
+        """The segments (text runs and special tokens) that ids stand for, and their spans.
+
+        What another tokenizer needs to read the same text as token ids that were sampled, not
+        encoded: runs of ordinary ids are decoded (:meth:`decode_spans`), EOS is one unit and
+        BOS none, as in :meth:`encode_segments`.
+
+        Raises:
+            DistilError: on another special token (a chat role, padding) inside ``ids``.
+        """
+        special = {
+            tid: kind
+            for kind in (Special.BOS, Special.EOS)  # EOS wins where a tokenizer shares the id
+            if (tid := getattr(self.tokenizer, f"{kind.value}_token_id", None)) is not None
+        }
+        segments: list[str | Special] = []
+        parts: list[TokenSpans] = []
+        cursor, run = origin, []
+        others = set(getattr(self.tokenizer, "all_special_ids", [])) - set(special)
+        for token in [*map(int, ids), None]:
+            if token is not None and token not in special:
+                if token in others:
+                    raise DistilError(
+                        f"special token id {token} ({self.tokenizer.convert_ids_to_tokens(token)}) "
+                        "has no counterpart in another tokenizer; only EOS and BOS can be aligned"
+                    )
+                run.append(token)
+                continue
+            if run:
+                text, spans = self.decode_spans(run, origin=cursor)
+                segments.append(text)
+                parts.append(spans)
+                cursor, run = cursor + len(text.encode("utf-8")), []
+            if token is not None:
+                kind = special[token]
+                width = 1 if kind is Special.EOS else 0
+                segments.append(kind)
+                parts.append(
+                    TokenSpans(
+                        np.array([token], dtype=np.int64),
+                        np.array([cursor], dtype=np.int64),
+                        np.array([cursor + width], dtype=np.int64),
+                    )
+                )
+                cursor += width
+        return segments, TokenSpans.concatenate(parts)
+
     def _decode(self, ids: Sequence[int]) -> str:
         return str(
             self.tokenizer.decode(
@@ -288,9 +339,41 @@ class ByteSpanEncoder:
 
     def _decode_ends(self, text: str) -> tuple[np.ndarray, np.ndarray]:
         ids = [int(i) for i in self.tokenizer.encode(text, add_special_tokens=False)]
+        _, ends = self._incremental_decode(ids, text)
+        return np.asarray(ids, dtype=np.int64), ends
+
+    def decode_spans(self, ids: Sequence[int], *, origin: int = 0) -> tuple[str, TokenSpans]:
+        """The text that token ids stand for and each token's span in it (decode-based).
+
+        For ids that come from sampling rather than from encoding a text (the student's own
+        completions on-policy): any tokenizer, whatever ``method`` the encoder was made with.
+
+        Args:
+            ids: token ids without special tokens.
+            origin: unit where the first token starts.
+
+        Returns:
+            The decoded text and the spans of ``ids`` over its UTF-8 bytes.
+
+        Raises:
+            DistilError: if decoding is not prefix-stable (the spans would be meaningless).
+        """
+        ids = [int(i) for i in ids]
+        text, ends = self._incremental_decode(ids, None)
+        starts = np.concatenate([[0], ends[:-1]]).astype(np.int64) if len(ids) else ends
+        return text, TokenSpans(np.asarray(ids, dtype=np.int64), starts + origin, ends + origin)
+
+    def _incremental_decode(self, ids: list[int], text: str | None) -> tuple[str, np.ndarray]:
+        """Decode ``ids`` piece by piece; with ``text``, every piece must reproduce it.
+
+        Returns:
+            The decoded text and the byte end of every token (tokens that complete nothing,
+            inside a multi-byte character, share the next piece's end).
+        """
         n = len(ids)
         emitted_at: list[int] = []  # token index that completed each emitted piece
         emitted_end: list[int] = []  # byte end after that piece
+        pieces: list[str] = []
         prefix, read, chars, total = 0, 0, 0, 0
         for i in range(n):
             # Decode a short window (the previously emitted piece as context, then the pending
@@ -299,7 +382,12 @@ class ByteSpanEncoder:
             prefix_text = self._decode(ids[prefix:read]) if read > prefix else ""
             new_text = self._decode(ids[prefix : i + 1])
             delta = new_text[len(prefix_text) :] if new_text.startswith(prefix_text) else ""
-            if delta and text.startswith(delta, chars):
+            if text is None:
+                ok = bool(delta) and not delta.endswith(_REPLACEMENT_CHAR)
+            else:
+                ok = bool(delta) and text.startswith(delta, chars)
+            if ok:
+                pieces.append(delta)
                 chars += len(delta)
                 total += len(delta.encode("utf-8"))
                 emitted_at.append(i)
@@ -308,22 +396,29 @@ class ByteSpanEncoder:
             elif i + 1 - read > _MAX_PENDING_TOKENS:
                 raise DistilError(
                     f"decoding the tokens of {type(self.tokenizer).__name__} does not reproduce "
-                    f"the text after {text[:chars][-20:]!r} ({_MAX_PENDING_TOKENS} tokens give "
+                    f"the text after {''.join(pieces)[-20:]!r} ({_MAX_PENDING_TOKENS} tokens give "
                     f"{new_text[-20:]!r}): the tokenizer normalises the text or its decode is "
-                    "lossy, so decode-based byte "
-                    "offsets are impossible; use byte_offsets: offsets with a fast tokenizer, or a "
-                    "positional alignment (ULD)"
+                    "lossy, so decode-based byte offsets are impossible; use byte_offsets: "
+                    "offsets with a fast tokenizer, or a positional alignment (ULD)"
                 )
             # else: the pending tokens end inside a multi-byte character; wait for the rest.
-        if chars != len(text):
+        if text is None and read < n:  # a trailing partial character: whatever decoding gives
+            rest = self._decode(ids[prefix:])[len(self._decode(ids[prefix:read])) :]
+            pieces.append(rest)
+            total += len(rest.encode("utf-8"))
+            emitted_at.append(n - 1)
+            emitted_end.append(total)
+            chars += len(rest)
+        if text is not None and chars != len(text):
             raise DistilError(
                 f"decoding the tokens of {type(self.tokenizer).__name__} does not give the text "
-                f"back ({text[chars : chars + 20]!r} is left over: the tokenizer normalises the text "
-                "or its decode is lossy), "
-                "so decode-based byte offsets are impossible; use byte_offsets: offsets with a fast "
-                "tokenizer, or a positional alignment (ULD)"
+                f"back ({text[chars : chars + 20]!r} is left over: the tokenizer normalises the "
+                "text or its decode is lossy), so decode-based byte offsets are impossible; use "
+                "byte_offsets: offsets with a fast tokenizer, or a positional alignment (ULD)"
             )
+        if not n:
+            return "", np.zeros(0, dtype=np.int64)
         # Tokens that emitted nothing (inside a multi-byte character) share the next emission's end.
         which = np.searchsorted(np.asarray(emitted_at), np.arange(n), side="left")
         ends = np.asarray(emitted_end, dtype=np.int64)[which]
-        return np.asarray(ids, dtype=np.int64), ends
+        return "".join(pieces), ends

@@ -9,6 +9,7 @@ side predicts its first token).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +19,8 @@ from distil.alignment.offsets import TokenSpans
 from distil.errors import DistilError
 
 __all__ = ["AlignedBlock", "cut_aligned_blocks"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -49,29 +52,31 @@ def cut_aligned_blocks(
         teacher: the same segments tokenized by the teacher.
         block_size: student tokens per block; a last partial block is dropped (as in
             ``distil.data.lm`` packing).
-        teacher_max_length: the teacher's context; a longer teacher block is an error.
+        teacher_max_length: the teacher's context: a longer teacher block keeps its first
+            ``teacher_max_length`` tokens (the text after them is not aligned; logged).
 
     Returns:
         One block per full student block, in order.
-
-    Raises:
-        DistilError: if a teacher block is longer than ``teacher_max_length`` (the teacher
-            tokenizer splits this text much finer than the student's: use a smaller block).
     """
     if block_size < 2:
         raise DistilError(f"block_size must be at least 2, got {block_size}")
     blocks: list[AlignedBlock] = []
+    cut = 0
     for begin in range(0, len(student) - block_size + 1, block_size):
         s_block = student[begin : begin + block_size]
         lo, hi = s_block.starts[0], s_block.ends[-1]
         first = int(np.searchsorted(teacher.starts, lo, side="left"))
         stop = int(np.searchsorted(teacher.ends, hi, side="right"))
+        if teacher_max_length is not None and stop - first > teacher_max_length:
+            stop, cut = first + teacher_max_length, cut + 1
         t_block = teacher[first:stop]
-        if teacher_max_length is not None and len(t_block) > teacher_max_length:
-            raise DistilError(
-                f"the teacher needs {len(t_block)} tokens for the text of a {block_size}-token "
-                f"student block, more than its context of {teacher_max_length}; lower "
-                "data.max_length"
-            )
         blocks.append(AlignedBlock(s_block, t_block, align_spans(s_block, t_block)))
+    if cut:
+        logger.warning(
+            "%d of %d blocks need more teacher tokens than the teacher's context of %d: their "
+            "teacher side is cut there and the rest of their text is not distilled",
+            cut,
+            len(blocks),
+            teacher_max_length,
+        )
     return blocks

@@ -150,10 +150,11 @@ def group_log_probs(
 
 def _both_sides(
     student_logits: Tensor,
-    teacher_logits: Tensor,
+    teacher_logits: Tensor | None,
     groups: AlignedGroups,
     merge: GroupMerge | str,
     kd_temperature: float,
+    teacher_group_log_probs: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
     """Merged log-probabilities ``(G, V_s)`` of the student and ``(G, V_t)`` of the teacher."""
     student = group_log_probs(
@@ -165,6 +166,16 @@ def _both_sides(
         merge=merge,
         kd_temperature=kd_temperature,
     )
+    if (teacher_logits is None) == (teacher_group_log_probs is None):
+        raise ValueError("give the teacher as teacher_logits or teacher_group_log_probs, not both")
+    if teacher_group_log_probs is not None:
+        if teacher_group_log_probs.shape[0] != groups.num_groups:
+            raise ValueError(
+                f"teacher_group_log_probs has {teacher_group_log_probs.shape[0]} rows for "
+                f"{groups.num_groups} groups"
+            )
+        return student, upcast(teacher_group_log_probs.detach()).to(student.dtype)
+    assert teacher_logits is not None
     with torch.no_grad():
         teacher = group_log_probs(
             teacher_logits.detach(),
@@ -228,13 +239,14 @@ def _reduce(per_group: Tensor, num_items: NumItems, reduction: Reduction | str) 
 
 def uld(
     student_logits: Tensor,
-    teacher_logits: Tensor,
+    teacher_logits: Tensor | None,
     groups: AlignedGroups,
     *,
     kd_temperature: float = 1.0,
     num_items: NumItems = None,
     reduction: Reduction | str = Reduction.MEAN,
     merge: GroupMerge | str = GroupMerge.OBSERVED,
+    teacher_group_log_probs: Tensor | None = None,
 ) -> Tensor:
     """Universal Logit Distillation: sorted-probability L1 per aligned group.
 
@@ -250,11 +262,15 @@ def uld(
             the groups of this call.
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (shape ``(G,)``).
         merge: ``observed`` or ``bayesian`` (for runs of several tokens).
+        teacher_group_log_probs: instead of ``teacher_logits``, the teacher's merged
+            distributions ``(G, V_t)`` already made (a teacher cache's), at ``kd_temperature``.
 
     Returns:
         A scalar, or ``(G,)`` for ``reduction="none"``.
     """
-    student, teacher = _both_sides(student_logits, teacher_logits, groups, merge, kd_temperature)
+    student, teacher = _both_sides(
+        student_logits, teacher_logits, groups, merge, kd_temperature, teacher_group_log_probs
+    )
     return _reduce(uld_per_group(student, teacher), num_items, reduction)
 
 
@@ -336,7 +352,7 @@ def hybrid_uld_per_group(
 
 def hybrid_uld(
     student_logits: Tensor,
-    teacher_logits: Tensor,
+    teacher_logits: Tensor | None,
     groups: AlignedGroups,
     *,
     shared_vocabulary: SharedVocabulary,
@@ -347,6 +363,7 @@ def hybrid_uld(
     matched_divergence: Divergence | str = Divergence.GENERALIZED_JSD,
     matched_weight: float | None = None,
     unmatched_weight: float | None = None,
+    teacher_group_log_probs: Tensor | None = None,
     **divergence_params: Any,
 ) -> Tensor:
     """GOLD's hybrid loss: exact divergence on shared vocabulary entries, ULD on the rest.
@@ -366,12 +383,16 @@ def hybrid_uld(
         matched_divergence: divergence on the shared columns (default generalised JSD).
         matched_weight: see :func:`hybrid_uld_per_group`.
         unmatched_weight: see :func:`hybrid_uld_per_group`.
+        teacher_group_log_probs: instead of ``teacher_logits``, the teacher's merged
+            distributions ``(G, V_t)`` (see :func:`uld`).
         **divergence_params: e.g. ``beta`` of the JSD.
 
     Returns:
         A scalar, or ``(G,)`` for ``reduction="none"``.
     """
-    student, teacher = _both_sides(student_logits, teacher_logits, groups, merge, kd_temperature)
+    student, teacher = _both_sides(
+        student_logits, teacher_logits, groups, merge, kd_temperature, teacher_group_log_probs
+    )
     per_group = hybrid_uld_per_group(
         student,
         teacher,
@@ -429,7 +450,7 @@ def min_ed_per_group(
 
 def min_ed(
     student_logits: Tensor,
-    teacher_logits: Tensor,
+    teacher_logits: Tensor | None,
     groups: AlignedGroups,
     *,
     vocab_map: Tensor,
@@ -438,6 +459,7 @@ def min_ed(
     reduction: Reduction | str = Reduction.MEAN,
     merge: GroupMerge | str = GroupMerge.OBSERVED,
     divergence: Divergence | str = Divergence.FORWARD_KL,
+    teacher_group_log_probs: Tensor | None = None,
     **divergence_params: Any,
 ) -> Tensor:
     """MinED (FuseLLM): divergence between the student and the teacher mapped by edit distance.
@@ -458,12 +480,16 @@ def min_ed(
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (shape ``(G,)``).
         merge: ``observed`` or ``bayesian``.
         divergence: default forward KL (FuseLLM's choice).
+        teacher_group_log_probs: instead of ``teacher_logits``, the teacher's merged
+            distributions ``(G, V_t)`` (see :func:`uld`).
         **divergence_params: the divergence's parameters.
 
     Returns:
         A scalar, or ``(G,)`` for ``reduction="none"``.
     """
-    student, teacher = _both_sides(student_logits, teacher_logits, groups, merge, kd_temperature)
+    student, teacher = _both_sides(
+        student_logits, teacher_logits, groups, merge, kd_temperature, teacher_group_log_probs
+    )
     per_group = min_ed_per_group(
         student, teacher, vocab_map, divergence=divergence, **divergence_params
     )

@@ -347,7 +347,7 @@ def token_objective(
 
 def cross_tokenizer_objective(
     student_logits: Tensor,
-    teacher_logits: Tensor,
+    teacher_logits: Tensor | None,
     groups: AlignedGroups,
     *,
     kd_weight: float,
@@ -366,7 +366,8 @@ def cross_tokenizer_objective(
 
     Args:
         student_logits: ``(B, T_s, V_s)``, aligned with ``groups.student_targets``.
-        teacher_logits: ``(B, T_t, V_t)`` in the teacher's own tokenization.
+        teacher_logits: ``(B, T_t, V_t)`` in the teacher's own tokenization, or None with
+            ``teacher_group_log_probs`` (a cache's merged distributions) in ``loss_params``.
         groups: the batch's aligned groups (they carry both sides' next-token targets).
         kd_weight: in [0, 1].
         kd_temperature: T > 0 of the soft term (the CE uses T = 1).
