@@ -400,3 +400,48 @@ def test_precomputed_teacher_groups_give_the_same_loss(name: str) -> None:
         _call(name, student, teacher, groups, teacher_group_log_probs=merged)
     with pytest.raises(ValueError, match="rows for"):
         _call(name, student, None, groups, teacher_group_log_probs=merged[:-1])
+
+
+@pytest.mark.parametrize("name", ["uld", "hybrid", "min_ed"])
+def test_micro_batches_with_window_counts_give_the_whole_batch_gradient(name: str) -> None:
+    """Normalise once (F6): a batch of 2 in one call equals two micro-batches of 1 that each
+    divide by the whole window's tokens and groups."""
+    from dataclasses import replace
+
+    from distil.losses.objective import cross_tokenizer_objective
+
+    student, teacher, groups = _batch()
+    extra: dict[str, object] = {}
+    if name == "hybrid":
+        extra["shared_vocabulary"] = _shared()
+    if name == "min_ed":
+        extra["vocab_map"] = _vocab_map()
+    tokens = int((groups.student_targets != -100).sum())
+    kw = {
+        "kd_weight": 0.6,
+        "kd_temperature": 2.0,
+        "loss": name,
+        "num_items": tokens,
+        "num_groups": groups.num_groups,
+        **extra,
+    }
+    whole = student.clone().requires_grad_(True)
+    cross_tokenizer_objective(whole, teacher, groups, **kw).loss.backward()
+    parts = student.clone().requires_grad_(True)
+    for row in range(B):
+        keep = groups.example == row
+        micro = replace(
+            groups,
+            example=groups.example[keep] - row,
+            student_first=groups.student_first[keep],
+            student_last=groups.student_last[keep],
+            teacher_first=groups.teacher_first[keep],
+            teacher_last=groups.teacher_last[keep],
+            student_targets=groups.student_targets[row : row + 1],
+            teacher_targets=groups.teacher_targets[row : row + 1],
+        )
+        cross_tokenizer_objective(
+            parts[row : row + 1], teacher[row : row + 1], micro, **kw
+        ).loss.backward()
+    assert whole.grad is not None and parts.grad is not None
+    torch.testing.assert_close(parts.grad, whole.grad)
