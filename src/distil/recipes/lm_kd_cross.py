@@ -40,7 +40,7 @@ from distil.evaluation.cost import weight_bytes
 from distil.evaluation.lm import generation_speed
 from distil.evaluation.report import cost_part, print_report, quality_part, write_report
 from distil.generation import eos_token_ids
-from distil.losses.cross_tokenizer import CrossTokenizerLoss
+from distil.losses.cross_tokenizer import CrossTokenizerLoss, group_log_probs
 from distil.losses.objective import ObjectiveOutput, cross_tokenizer_objective, token_objective
 from distil.models.lm import (
     LMForward,
@@ -402,8 +402,6 @@ def cross_cache(
                 }
             ).logits
             assert logits is not None
-            from distil.losses.cross_tokenizer import group_log_probs
-
             merged = group_log_probs(
                 logits.float().cpu(),
                 t_targets,
@@ -467,6 +465,10 @@ def run(cfg: Config, s: Session, teacher_tokenizer: Any, student_tokenizer: Any)
         dtype=torch_dtype(cfg.teacher.dtype, teacher_model.dtype),
         output_device=acc.device,
         signal=TeacherSignal.LOGITS,
+    )
+    probe = data.collate(data.train, [0])
+    live.check_deterministic(
+        {"input_ids": probe["teacher_input_ids"], "attention_mask": probe["teacher_attention_mask"]}
     )
     train_teacher: Teacher = live
     if cfg.teacher.cache is not None:
