@@ -149,6 +149,7 @@ def test_prompt_completion_with_the_decode_fallback(lm: dict[str, Path], tmp_pat
         ("eval.monitor.every=2", "eval.monitor"),
         ("student.model={from_teacher: {num_layers: 1}}", "from_teacher"),
         ("kd.cross_tokenizer.matched_weight=0.5", "both matched_weight"),
+        ("student.tokenizer=/nonexistent/tok", "does not exist"),
     ],
 )
 def test_impossible_settings_are_refused_before_training(

@@ -9,7 +9,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import Any
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, model_validator
 
 from distil.alignment.groups import AlignmentKind
 from distil.alignment.offsets import ByteOffsetMethod
@@ -23,6 +23,8 @@ from distil.config.sources import (
     LayerSubset,
     ModelSource,
     TeacherCache,
+    check_paths,
+    missing_path,
     require_builtin,
     require_kind,
 )
@@ -330,8 +332,12 @@ class StudentSection(StrictModel):
     )
 
     @model_validator(mode="after")
-    def _kinds(self) -> StudentSection:
+    def _kinds(self, info: ValidationInfo) -> StudentSection:
         require_kind(self.model, LM_STUDENT_KINDS, "student.model")
+        if self.tokenizer is not None and check_paths(info):
+            problem = missing_path(self.tokenizer, "student.tokenizer:")
+            if problem:
+                raise ValueError(problem)
         if self.tokenizer is not None and isinstance(self.model, FromTeacher):
             raise ValueError(
                 "student.model.from_teacher copies the teacher's blocks and vocabulary: with "
