@@ -167,3 +167,32 @@ def delta_oracle(target: torch.Tensor, schedule: Any, prediction_type: str) -> A
         return prediction_from_x0_eps(x0, eps, alpha, sigma, prediction_type).to(x_t.dtype)
 
     return denoise
+
+
+TRICKY_TEXTS = (
+    "def f(x):\n    return x  # é 日本 😀\n",
+    "  leading spaces, then\ttabs\t\tand a run:" + " " * 20 + "end",
+    "\n\n\nclass A:\n        pass\n",
+    "naïve café — 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 and <0x41> literally",
+    "x",
+    "日本語のテキスト😀😀 mixed ASCII",
+)
+"""Texts that stress byte alignment: multi-byte characters (2, 3 and 4 bytes), emoji split into
+byte tokens, whitespace runs and indentation, leading spaces, a literal byte-piece string."""
+
+
+def make_tokenizer_pair(root: Path) -> dict[str, Path]:
+    """Tokenizers that split the same text differently, all trained on the same stdlib snippets:
+    a byte-level BPE of 500 (the teacher's kind), a BPE of 320 of the same family (nested in the
+    500) and a Metaspace Unigram of 600 with byte fallback (the student's kind)."""
+    from distil.data.corpus import (
+        stdlib_root,
+        train_bpe_tokenizer_from_texts,
+        train_unigram_tokenizer_from_texts,
+    )
+
+    texts = [p.read_text(encoding="utf-8")[:3000] for p in sorted(stdlib_root().glob("*.py"))[:20]]
+    train_bpe_tokenizer_from_texts(texts, root / "bpe500", 500)
+    train_bpe_tokenizer_from_texts(texts, root / "bpe320", 320)
+    train_unigram_tokenizer_from_texts(texts, root / "uni600", 600)
+    return {"bpe500": root / "bpe500", "bpe320": root / "bpe320", "uni600": root / "uni600"}
