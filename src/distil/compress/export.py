@@ -1,0 +1,227 @@
+"""Export: folders other tools load as they are, and ONNX files checked with onnxruntime.
+
+- Causal LMs and Hugging Face classifiers: ``save_pretrained`` folders (safetensors + config).
+- Sentence encoders: ``models.encoder.save_sentence_encoder`` (transformers and
+  sentence-transformers both load it).
+- Zoo classifiers (MLP, CNN, ResNet built in code): ``model.safetensors`` plus
+  ``distil_model.json`` naming the zoo model and its kwargs, rebuilt by
+  :func:`load_zoo_classifier` without pickle.
+- ONNX for classifiers and encoders (torch's dynamo exporter, batch and sequence dimensions
+  dynamic), then :func:`check_onnx` runs the file with onnxruntime on fresh inputs and compares
+  with PyTorch: an export is only reported as done when the outputs agree within tolerance.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from distil.errors import DistilError
+
+logger = logging.getLogger(__name__)
+
+ZOO_SPEC = "distil_model.json"
+ZOO_FORMAT = "distil-zoo-classifier"
+
+
+def save_zoo_classifier(
+    module: nn.Module,
+    folder: Path | str,
+    *,
+    zoo: str,
+    kwargs: Mapping[str, Any],
+    in_shape: Sequence[int],
+    num_classes: int,
+) -> Path:
+    """Save a zoo classifier as ``model.safetensors`` + ``distil_model.json``.
+
+    Args:
+        module: The model (e.g. a pruned ``SmallCNN``).
+        folder: Output folder.
+        zoo: Zoo name (``cnn``, ``mlp``, ``resnet``).
+        kwargs: Zoo kwargs that build this exact shape (``cnn_prune.zoo_kwargs_of``).
+        in_shape: One example's shape, e.g. ``(1, 28, 28)``.
+        num_classes: Output classes.
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    save_file(state, str(folder / "model.safetensors"), metadata={"source": f"zoo:{zoo}"})
+    spec = {
+        "format": ZOO_FORMAT,
+        "zoo": zoo,
+        "kwargs": dict(kwargs),
+        "in_shape": list(in_shape),
+        "num_classes": num_classes,
+    }
+    (folder / ZOO_SPEC).write_text(json.dumps(spec, indent=1, sort_keys=True))
+    return folder
+
+
+def read_zoo_spec(folder: Path | str) -> dict[str, Any]:
+    """The ``distil_model.json`` of a zoo classifier folder."""
+    path = Path(folder) / ZOO_SPEC
+    if not path.is_file():
+        raise DistilError(f"{folder} has no {ZOO_SPEC}; is it a distil zoo classifier folder?")
+    spec: dict[str, Any] = json.loads(path.read_text())
+    if spec.get("format") != ZOO_FORMAT:
+        raise DistilError(f"{path} is not a {ZOO_FORMAT} spec (format {spec.get('format')!r})")
+    return spec
+
+
+def build_zoo_module(spec: Mapping[str, Any]) -> nn.Module:
+    """An untrained zoo model of a ``distil_model.json`` spec's shape."""
+    from distil.models.classifier import MLP, SmallCNN, SmallResNet
+
+    zoo, kwargs = spec["zoo"], dict(spec["kwargs"])
+    in_shape, classes = list(spec["in_shape"]), int(spec["num_classes"])
+    kwargs.pop("text_features", None)
+    if zoo == "cnn":
+        return SmallCNN(in_shape[0], classes, **kwargs)
+    if zoo == "resnet":
+        return SmallResNet(in_shape[0], classes, **kwargs)
+    if zoo == "mlp":
+        features = 1
+        for size in in_shape:
+            features *= size
+        image_shape = tuple(in_shape) if len(in_shape) == 3 else None
+        return MLP(features, classes, image_shape=image_shape, **kwargs)
+    raise DistilError(f"unknown zoo model {zoo!r} in {ZOO_SPEC}")
+
+
+def load_zoo_classifier(folder: Path | str) -> nn.Module:
+    """Rebuild a zoo classifier folder (no pickle), in eval mode."""
+    from distil.models.classifier import load_weights
+
+    module = build_zoo_module(read_zoo_spec(folder))
+    load_weights(module, Path(folder) / "model.safetensors")
+    return module.eval()
+
+
+class SentenceEmbedding(nn.Module):
+    """A transformer body with masked mean pooling (and L2 normalisation): the graph exported
+    to ONNX for a sentence encoder, so the file outputs sentence embeddings directly."""
+
+    def __init__(self, body: nn.Module, normalize: bool) -> None:
+        super().__init__()
+        self.body = body
+        self.normalize = normalize
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        hidden = self.body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # (B, D)
+        return nn.functional.normalize(pooled, dim=-1) if self.normalize else pooled
+
+
+def export_onnx(
+    module: nn.Module,
+    inputs: Mapping[str, Tensor],
+    path: Path | str,
+    *,
+    output_names: Sequence[str] = ("output",),
+    dynamic_dims: Mapping[str, Mapping[int, str]] | None = None,
+) -> Path:
+    """Export ``module(**inputs)`` to ONNX with torch's dynamo exporter.
+
+    Args:
+        module: The model (put in eval mode).
+        inputs: Keyword inputs of one call, e.g. ``{"x": images}``; their order is the graph's.
+        path: The ``.onnx`` file.
+        output_names: Names of the graph outputs.
+        dynamic_dims: Input name → {dimension: symbol}; default: dimension 0 of every input is
+            ``batch``.
+
+    Returns:
+        The path.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    module.eval()
+    dims = dynamic_dims or {name: {0: "batch"} for name in inputs}
+    dynamic_shapes = {
+        name: {axis: torch.export.Dim.DYNAMIC for axis in dims.get(name, {})} for name in inputs
+    }
+    try:
+        torch.onnx.export(
+            module,
+            (),
+            str(path),
+            kwargs=dict(inputs),
+            input_names=list(inputs),
+            output_names=list(output_names),
+            dynamic_shapes=dynamic_shapes,
+            dynamo=True,
+            verbose=False,
+        )
+    except Exception as exc:  # the exporter raises many types; the cause is in the message
+        raise DistilError(
+            f"ONNX export of {type(module).__name__} failed: {str(exc).strip().splitlines()[0]}"
+        ) from exc
+    return path
+
+
+@dataclass(frozen=True)
+class OnnxCheck:
+    """How an ONNX file's outputs compare with PyTorch's on the same inputs.
+
+    Attributes:
+        max_abs_diff: Largest absolute difference over all outputs.
+        max_abs_reference: Largest absolute PyTorch output (for scale).
+        batch_size: Batch size of the check (not the export's, to test the dynamic axis).
+    """
+
+    max_abs_diff: float
+    max_abs_reference: float
+    batch_size: int
+
+
+def check_onnx(
+    path: Path | str,
+    module: nn.Module,
+    inputs: Mapping[str, Tensor],
+    *,
+    atol: float = 1e-4,
+    rtol: float = 1e-4,
+) -> OnnxCheck:
+    """Run an ONNX file with onnxruntime and compare with ``module(**inputs)``.
+
+    Raises:
+        DistilError: When any output differs by more than ``atol + rtol * |reference|``.
+    """
+    import numpy as np
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feed = {name: value.detach().cpu().numpy() for name, value in inputs.items()}
+    got = session.run(None, feed)
+    module.eval()
+    with torch.no_grad():
+        expected = module(**inputs)
+    expected_list = [expected] if isinstance(expected, Tensor) else list(expected)
+    worst, scale = 0.0, 0.0
+    for out, ref in zip(got, expected_list, strict=True):
+        reference = ref.detach().cpu().numpy()
+        if out.shape != reference.shape:
+            raise DistilError(
+                f"ONNX output shape {out.shape} differs from PyTorch's {reference.shape} ({path})"
+            )
+        diff = np.abs(out - reference)
+        worst = max(worst, float(diff.max(initial=0.0)))
+        scale = max(scale, float(np.abs(reference).max(initial=0.0)))
+        if bool((diff > atol + rtol * np.abs(reference)).any()):
+            raise DistilError(
+                f"ONNX outputs of {path} differ from PyTorch by up to {worst:.3g} "
+                f"(tolerance {atol} + {rtol}·|x|); the export is not faithful"
+            )
+    batch = next(iter(inputs.values())).shape[0]
+    return OnnxCheck(max_abs_diff=worst, max_abs_reference=scale, batch_size=int(batch))
