@@ -33,7 +33,7 @@ def test_int8_hf_folder_loads_with_plain_from_pretrained(tmp_path: Path) -> None
 
     model = build_causal_lm(SPEC, seed=0).eval()
     model.save_pretrained(tmp_path / "fp")
-    quantised = save_quantised_hf(model, QuantScheme.INT8_WEIGHT_ONLY, tmp_path / "int8")
+    quantised = save_quantised_hf(model, QuantScheme.int8_weight_only, tmp_path / "int8")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "int8").eval()
     assert type(loaded.lm_head.weight.data) is torch.Tensor  # the LM head stays float
     assert "Int" in type(loaded.model.layers[0].mlp.up_proj.weight.data).__name__
@@ -71,7 +71,7 @@ def test_pt2e_static_int8_quantises_convolutions(tmp_path: Path) -> None:
 def test_compiled_int8_is_timed_next_to_eager() -> None:
     torch.manual_seed(0)
     model = quantise_linears(
-        nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8)), QuantScheme.INT8_DYNAMIC
+        nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8)), QuantScheme.int8_dynamic
     )
     rows = latency_grid(
         {"int8": model},

@@ -82,7 +82,7 @@ def test_bad_requests_are_named() -> None:
     with pytest.raises(DistilError, match="between 1 and its"):
         prune_small_cnn_channels(model, channels=[8, 13, 16])
     with pytest.raises(DistilError, match="calibration"):
-        small_cnn_channel_scores(model, ChannelImportance.ACTIVATION)
+        small_cnn_channel_scores(model, ChannelImportance.activation)
     with pytest.raises(DistilError, match="ratio"):
         channels_after([8], ratio=1.0)
     assert channels_after([8, 3], ratio=0.75) == [2, 1]
@@ -109,11 +109,11 @@ def test_depgraph_prunes_a_resnet_that_the_zoo_can_rebuild() -> None:
 def test_depgraph_and_zoo_kwargs_on_the_small_cnn() -> None:
     model = _cnn()
     pruned = prune_with_depgraph(
-        model, _images(1), ratio=0.5, importance=ChannelImportance.BN_SCALE
+        model, _images(1), ratio=0.5, importance=ChannelImportance.bn_scale
     )
     assert zoo_kwargs_of("cnn", pruned, {"channels": [8, 12, 16], "pool_every": 1}) == {
         "channels": [4, 6, 8],
         "pool_every": 1,
     }
     with pytest.raises(DistilError, match="weight_l2 or bn_scale"):
-        prune_with_depgraph(model, _images(1), ratio=0.5, importance=ChannelImportance.ACTIVATION)
+        prune_with_depgraph(model, _images(1), ratio=0.5, importance=ChannelImportance.activation)

@@ -150,7 +150,7 @@ def test_an_identity_layer_is_the_one_depth_pruning_drops() -> None:
     torch.testing.assert_close(_logits(result.model, ids), _logits(model, ids))
     # At random init a layer can lower the loss; loss_increase drops the most negative one.
     by_loss = prune_causal_lm(
-        model, batches, num_layers=3, depth_importance=DepthImportance.LOSS_INCREASE
+        model, batches, num_layers=3, depth_importance=DepthImportance.loss_increase
     )
     dropped = int(increase.argmin())
     assert by_loss.kept_layers == tuple(i for i in range(4) if i != dropped)

@@ -47,7 +47,7 @@ def _x() -> torch.Tensor:
 
 @pytest.mark.parametrize(
     "scheme",
-    [QuantScheme.INT8_WEIGHT_ONLY, QuantScheme.INT8_DYNAMIC, QuantScheme.INT8_DYNAMIC_INT4_WEIGHT],
+    [QuantScheme.int8_weight_only, QuantScheme.int8_dynamic, QuantScheme.int8_dynamic_int4_weight],
 )
 def test_ptq_quantises_linears_and_stays_close(scheme: QuantScheme) -> None:
     model = _mlp()
@@ -57,12 +57,12 @@ def test_ptq_quantises_linears_and_stays_close(scheme: QuantScheme) -> None:
     with torch.no_grad():
         reference, out = model(_x()), quantised(_x())
     relative = float((out - reference).norm() / reference.norm())
-    assert relative < (0.15 if scheme == QuantScheme.INT8_DYNAMIC_INT4_WEIGHT else 0.01)
+    assert relative < (0.15 if scheme == QuantScheme.int8_dynamic_int4_weight else 0.01)
 
 
 def test_qat_fake_quant_forward_equals_the_converted_model() -> None:
     model = _mlp()
-    prepare_qat(model, QuantScheme.INT8_DYNAMIC)
+    prepare_qat(model, QuantScheme.int8_dynamic)
     assert has_fake_quant(model)
     model(_x()).pow(2).mean().backward()
     first = model[0]
@@ -71,7 +71,7 @@ def test_qat_fake_quant_forward_equals_the_converted_model() -> None:
         first.weight -= 0.1 * first.weight.grad  # one training step through the rounding
         fake = model(_x())
     trained = first.weight.detach().clone()
-    convert_qat(model, QuantScheme.INT8_DYNAMIC)
+    convert_qat(model, QuantScheme.int8_dynamic)
     assert not has_fake_quant(model)
     with torch.no_grad():
         torch.testing.assert_close(model(_x()), fake, rtol=1e-5, atol=1e-5)
@@ -80,24 +80,24 @@ def test_qat_fake_quant_forward_equals_the_converted_model() -> None:
         ptq[0].weight.copy_(trained)
     with torch.no_grad():  # converting QAT == post-training quantisation of the trained weights
         torch.testing.assert_close(
-            quantise_linears(ptq, QuantScheme.INT8_DYNAMIC)(_x()), fake, rtol=1e-5, atol=1e-5
+            quantise_linears(ptq, QuantScheme.int8_dynamic)(_x()), fake, rtol=1e-5, atol=1e-5
         )
 
 
 def test_qat_convert_without_scheme_leaves_float_layers() -> None:
-    model = prepare_qat(_mlp(), QuantScheme.INT8_WEIGHT_ONLY)
+    model = prepare_qat(_mlp(), QuantScheme.int8_weight_only)
     convert_qat(model, None)
     assert type(model[0]) is nn.Linear and model[0].weight.dtype == torch.float32
     with pytest.raises(DistilError, match="no fake-quantised"):
         convert_qat(model, None)
     with pytest.raises(DistilError, match="quantisation-aware training supports"):
-        prepare_qat(_mlp(), QuantScheme.INT4_WEIGHT_ONLY)
+        prepare_qat(_mlp(), QuantScheme.int4_weight_only)
 
 
 def test_plain_module_round_trips_through_safetensors(tmp_path: Path) -> None:
-    quantised = quantise_linears(_mlp(), QuantScheme.INT8_WEIGHT_ONLY)
+    quantised = quantise_linears(_mlp(), QuantScheme.int8_weight_only)
     size = save_quantised_module(quantised, tmp_path / "q.safetensors")
-    fresh = quantise_linears(_mlp(), QuantScheme.INT8_WEIGHT_ONLY)
+    fresh = quantise_linears(_mlp(), QuantScheme.int8_weight_only)
     with torch.no_grad():
         for p in fresh.parameters():  # make sure the load, not the seed, sets the values
             if type(p.data) is torch.Tensor:
@@ -116,11 +116,11 @@ def test_int4_weight_only_is_refused_where_its_kernels_are_missing() -> None:
     assert report["8da4w(unpacked_to_int8)"] == "ok"
     kernels_here = importlib.util.find_spec("mslk") is not None or torch.cuda.is_available()
     if kernels_here:
-        quantise_linears(_mlp(), QuantScheme.INT4_WEIGHT_ONLY)
+        quantise_linears(_mlp(), QuantScheme.int4_weight_only)
     else:
         assert report["Int4WeightOnlyConfig(plain)"] != "ok"
         with pytest.raises(DistilError, match="mslk"):
-            quantise_linears(_mlp(), QuantScheme.INT4_WEIGHT_ONLY)
+            quantise_linears(_mlp(), QuantScheme.int4_weight_only)
 
 
 def test_timing_summary_and_interleaving() -> None:
@@ -140,7 +140,7 @@ def test_timing_summary_and_interleaving() -> None:
 
 def test_latency_grid_rows_and_folder_bytes(tmp_path: Path) -> None:
     rows = latency_grid(
-        {"fp32": _mlp(), "int8": quantise_linears(_mlp(), QuantScheme.INT8_WEIGHT_ONLY)},
+        {"fp32": _mlp(), "int8": quantise_linears(_mlp(), QuantScheme.int8_weight_only)},
         lambda batch: {"input": torch.randn(batch, 64)},
         batch_sizes=(1, 4),
         compiled=(False,),

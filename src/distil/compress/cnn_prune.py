@@ -37,9 +37,9 @@ logger = logging.getLogger(__name__)
 class ChannelImportance(str, Enum):
     """How output channels are ranked."""
 
-    BN_SCALE = "bn_scale"  # |gamma| of the BatchNorm after the convolution (network slimming)
-    WEIGHT_L2 = "weight_l2"  # L2 norm of the convolution filter
-    ACTIVATION = "activation"  # activation magnitude on calibration images (own slicing only)
+    bn_scale = "bn_scale"  # |gamma| of the BatchNorm after the convolution (network slimming)
+    weight_l2 = "weight_l2"  # L2 norm of the convolution filter
+    activation = "activation"  # activation magnitude on calibration images (own slicing only)
 
 
 def _stage_parts(model: SmallCNN) -> list[tuple[nn.Conv2d, nn.BatchNorm2d, nn.Module]]:
@@ -85,9 +85,9 @@ def small_cnn_channel_scores(
         Per stage, ``(C_stage,)`` scores; larger means more important.
     """
     parts = _stage_parts(model)
-    if importance == ChannelImportance.BN_SCALE:
+    if importance == ChannelImportance.bn_scale:
         return [bn.weight.detach().abs().clone() for _, bn, _ in parts]
-    if importance == ChannelImportance.WEIGHT_L2:
+    if importance == ChannelImportance.weight_l2:
         return [conv.weight.detach().flatten(1).norm(dim=1) for conv, _, _ in parts]
     if calibration is None:
         raise DistilError("activation importance needs calibration images")
@@ -220,7 +220,7 @@ def prune_small_cnn_channels(
     *,
     channels: Sequence[int] | None = None,
     ratio: float | None = None,
-    importance: ChannelImportance = ChannelImportance.BN_SCALE,
+    importance: ChannelImportance = ChannelImportance.bn_scale,
     calibration: Iterable[Tensor] | None = None,
 ) -> CNNPruneResult:
     """Prune a zoo ``SmallCNN`` to ``channels`` per stage (or by ``ratio``), own slicing.
@@ -258,7 +258,7 @@ def prune_with_depgraph(
     example_inputs: Tensor,
     *,
     ratio: float,
-    importance: ChannelImportance = ChannelImportance.WEIGHT_L2,
+    importance: ChannelImportance = ChannelImportance.weight_l2,
     ignored: Sequence[nn.Module] | None = None,
 ) -> nn.Module:
     """Prune ``ratio`` of the channels of every coupled group with Torch-Pruning's DepGraph.
@@ -290,9 +290,9 @@ def prune_with_depgraph(
         names = {id(m): n for n, m in model.named_modules()}
         ignored_modules = [pruned.get_submodule(names[id(m)]) for m in ignored]
     scorer: Any
-    if importance == ChannelImportance.WEIGHT_L2:
+    if importance == ChannelImportance.weight_l2:
         scorer = tp.importance.GroupMagnitudeImportance(p=2)
-    elif importance == ChannelImportance.BN_SCALE:
+    elif importance == ChannelImportance.bn_scale:
         scorer = tp.importance.BNScaleImportance()
     else:
         raise DistilError(

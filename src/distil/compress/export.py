@@ -18,17 +18,22 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from distil.errors import DistilError
 
+if TYPE_CHECKING:
+    from distil.compress.quantise import QuantScheme
+
 logger = logging.getLogger(__name__)
 
 ZOO_SPEC = "distil_model.json"
 ZOO_FORMAT = "distil-zoo-classifier"
+PT2E_FILE = "model.pt2"
+STATIC_PT2E = "static_pt2e"
 
 
 def save_zoo_classifier(
@@ -39,31 +44,53 @@ def save_zoo_classifier(
     kwargs: Mapping[str, Any],
     in_shape: Sequence[int],
     num_classes: int,
+    linear_scheme: QuantScheme | None = None,
 ) -> Path:
     """Save a zoo classifier as ``model.safetensors`` + ``distil_model.json``.
 
     Args:
-        module: The model (e.g. a pruned ``SmallCNN``).
+        module: The model (e.g. a pruned ``SmallCNN``), float or with torchao-quantised Linear
+            layers.
         folder: Output folder.
         zoo: Zoo name (``cnn``, ``mlp``, ``resnet``).
         kwargs: Zoo kwargs that build this exact shape (``cnn_prune.zoo_kwargs_of``).
         in_shape: One example's shape, e.g. ``(1, 28, 28)``.
         num_classes: Output classes.
+        linear_scheme: The scheme its Linear layers were quantised with, if any.
     """
-    from safetensors.torch import save_file
+    from distil.compress.quantise import save_quantised_module
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-    save_file(state, str(folder / "model.safetensors"), metadata={"source": f"zoo:{zoo}"})
+    save_quantised_module(module, folder / "model.safetensors", metadata={"source": f"zoo:{zoo}"})
     spec = {
         "format": ZOO_FORMAT,
         "zoo": zoo,
         "kwargs": dict(kwargs),
         "in_shape": list(in_shape),
         "num_classes": num_classes,
+        "quantisation": None if linear_scheme is None else linear_scheme.value,
     }
     (folder / ZOO_SPEC).write_text(json.dumps(spec, indent=1, sort_keys=True))
+    return folder
+
+
+def save_zoo_pt2e(
+    graph_module: torch.fx.GraphModule,
+    folder: Path | str,
+    *,
+    example_inputs: tuple[Tensor, ...],
+    spec: Mapping[str, Any],
+) -> Path:
+    """Save a PT2E static-int8 zoo classifier: ``model.pt2`` (a ``torch.export`` program that
+    runs without distil) and ``distil_model.json`` (the float model's spec, marked quantised)."""
+    from distil.compress.quantise import save_pt2
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_pt2(graph_module, example_inputs, folder / PT2E_FILE)
+    out = {**dict(spec), "format": ZOO_FORMAT, "quantisation": STATIC_PT2E}
+    (folder / ZOO_SPEC).write_text(json.dumps(out, indent=1, sort_keys=True))
     return folder
 
 
@@ -99,11 +126,22 @@ def build_zoo_module(spec: Mapping[str, Any]) -> nn.Module:
 
 
 def load_zoo_classifier(folder: Path | str) -> nn.Module:
-    """Rebuild a zoo classifier folder (no pickle), in eval mode."""
+    """Rebuild a zoo classifier folder (no pickle), in eval mode: float, or with its Linear
+    layers quantised by the scheme the spec names."""
+    from distil.compress.quantise import QuantScheme, load_quantised_module, quantise_linears
     from distil.models.classifier import load_weights
 
-    module = build_zoo_module(read_zoo_spec(folder))
-    load_weights(module, Path(folder) / "model.safetensors")
+    spec = read_zoo_spec(folder)
+    if spec.get("quantisation") == STATIC_PT2E:
+        program: nn.Module = torch.export.load(str(Path(folder) / PT2E_FILE)).module()
+        return program
+    module = build_zoo_module(spec)
+    weights = Path(folder) / "model.safetensors"
+    if spec.get("quantisation"):
+        module = quantise_linears(module, QuantScheme(spec["quantisation"]))
+        load_quantised_module(module, weights)
+    else:
+        load_weights(module, weights)
     return module.eval()
 
 

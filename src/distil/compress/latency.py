@@ -130,7 +130,8 @@ def latency_grid(
         models: Variant name → model (put in eval mode; not changed otherwise).
         make_inputs: Batch size → keyword inputs of one forward pass.
         batch_sizes: Batch sizes to time.
-        compiled: Which of eager (``False``) and ``torch.compile`` (``True``) to time.
+        compiled: Which of eager (``False``) and ``torch.compile`` (``True``, static shapes)
+            to time.
         warmup: Untimed calls per variant (the first compiled call compiles).
         repeats: Timed rounds.
         threads: Intra-op threads.
@@ -145,7 +146,8 @@ def latency_grid(
         model.eval()
         runners: dict[bool, Callable[..., Any]] = {}
         for mode in compiled:
-            runners[mode] = torch.compile(model) if mode else model
+            # dynamic=False: one graph specialised per batch size, as a deployment would use
+            runners[mode] = torch.compile(model, dynamic=False) if mode else model
         for batch in batch_sizes:
             inputs = dict(make_inputs(batch))
             for mode, runner in runners.items():
@@ -158,7 +160,12 @@ def latency_grid(
 
                 calls[key] = call
                 keys[key] = (name, batch, mode)
-    timings = interleaved_latency(calls, warmup=warmup, repeats=repeats, threads=threads)
+    # Every model and batch size is another compiled entry of the same forward code (Hugging
+    # Face models share one wrapper function); past dynamo's recompile limit (8) it silently runs
+    # eagerly, which would report eager times as compiled ones.
+    limit = max(8, 2 * len(calls))
+    with torch._dynamo.config.patch(recompile_limit=limit, accumulated_recompile_limit=4 * limit):
+        timings = interleaved_latency(calls, warmup=warmup, repeats=repeats, threads=threads)
     load = load_average()
     rows = []
     for key, timing in timings.items():

@@ -54,9 +54,9 @@ _MLP = ("gate_proj", "up_proj", "down_proj")
 class DepthImportance(str, Enum):
     """How decoder layers are ranked for depth pruning."""
 
-    BLOCK_INFLUENCE = "block_influence"  # 1 - cos(input, output), one pass (ShortGPT)
-    LOSS_INCREASE = "loss_increase"  # calibration loss without the layer, one pass per layer
-    UNIFORM = "uniform"  # keep evenly spread layers (DistilBERT-style), no calibration
+    block_influence = "block_influence"  # 1 - cos(input, output), one pass (ShortGPT)
+    loss_increase = "loss_increase"  # calibration loss without the layer, one pass per layer
+    uniform = "uniform"  # keep evenly spread layers (DistilBERT-style), no calibration
 
 
 @dataclass(frozen=True)
@@ -454,7 +454,7 @@ def prune_causal_lm(
     *,
     width: WidthTarget | None = None,
     num_layers: int | None = None,
-    depth_importance: DepthImportance = DepthImportance.BLOCK_INFLUENCE,
+    depth_importance: DepthImportance = DepthImportance.block_influence,
 ) -> LMPruneResult:
     """Width- and/or depth-prune a Llama-style causal LM from calibration importance.
 
@@ -474,16 +474,16 @@ def prune_causal_lm(
     _, layers = _check_llama_like(model)
     total_layers = len(layers)
     needs_importance = width is not None or (
-        num_layers is not None and depth_importance == DepthImportance.BLOCK_INFLUENCE
+        num_layers is not None and depth_importance == DepthImportance.block_influence
     )
     importance = collect_lm_importance(model, batches) if needs_importance else None
     layer_scores: Tensor | None = None
     kept = tuple(range(total_layers))
     if num_layers is not None and num_layers != total_layers:
-        if depth_importance == DepthImportance.BLOCK_INFLUENCE:
+        if depth_importance == DepthImportance.block_influence:
             assert importance is not None
             layer_scores = importance.block_influence
-        elif depth_importance == DepthImportance.LOSS_INCREASE:
+        elif depth_importance == DepthImportance.loss_increase:
             layer_scores = layer_loss_increase(model, batches)
         if layer_scores is None:
             from distil.models.lm import uniform_layer_indices

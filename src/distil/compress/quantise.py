@@ -46,16 +46,16 @@ logging.getLogger("torchao").setLevel(logging.ERROR)
 class QuantScheme(str, Enum):
     """Quantisation of ``nn.Linear`` weights (and activations) through torchao."""
 
-    INT8_WEIGHT_ONLY = "int8_weight_only"
-    INT8_DYNAMIC = "int8_dynamic"
-    INT8_DYNAMIC_INT4_WEIGHT = "int8_dynamic_int4_weight"
-    INT4_WEIGHT_ONLY = "int4_weight_only"
+    int8_weight_only = "int8_weight_only"
+    int8_dynamic = "int8_dynamic"
+    int8_dynamic_int4_weight = "int8_dynamic_int4_weight"
+    int4_weight_only = "int4_weight_only"
 
 
 QAT_SCHEMES = (
-    QuantScheme.INT8_WEIGHT_ONLY,
-    QuantScheme.INT8_DYNAMIC,
-    QuantScheme.INT8_DYNAMIC_INT4_WEIGHT,
+    QuantScheme.int8_weight_only,
+    QuantScheme.int8_dynamic,
+    QuantScheme.int8_dynamic_int4_weight,
 )
 """Schemes torchao's ``QATConfig`` derives fake quantisation for."""
 
@@ -73,13 +73,13 @@ def torchao_config(scheme: QuantScheme) -> Any:
         PerGroup,
     )
 
-    if scheme == QuantScheme.INT8_WEIGHT_ONLY:
+    if scheme == QuantScheme.int8_weight_only:
         return IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0))
-    if scheme == QuantScheme.INT8_DYNAMIC:
+    if scheme == QuantScheme.int8_dynamic:
         return Int8DynamicActivationIntxWeightConfig(
             weight_dtype=torch.int8, weight_granularity=PerAxis(0)
         )
-    if scheme == QuantScheme.INT8_DYNAMIC_INT4_WEIGHT:
+    if scheme == QuantScheme.int8_dynamic_int4_weight:
         return Int8DynamicActivationIntxWeightConfig(
             weight_dtype=INT4, weight_granularity=PerGroup(INT4_GROUP_SIZE)
         )
@@ -117,7 +117,7 @@ def int4_kernel_report() -> dict[str, str]:
             weight_granularity=PerGroup(32),
             intx_packing_format="opaque_aten_kleidiai",
         ),
-        "8da4w(unpacked_to_int8)": torchao_config(QuantScheme.INT8_DYNAMIC_INT4_WEIGHT),
+        "8da4w(unpacked_to_int8)": torchao_config(QuantScheme.int8_dynamic_int4_weight),
     }
     report = {}
     for name, config in candidates.items():
@@ -134,7 +134,7 @@ def int4_kernel_report() -> dict[str, str]:
 
 
 def _check_runs_here(scheme: QuantScheme) -> None:
-    if scheme != QuantScheme.INT4_WEIGHT_ONLY:
+    if scheme != QuantScheme.int4_weight_only:
         return
     import importlib.util
 
@@ -418,6 +418,36 @@ def save_graph_constants(graph_module: torch.fx.GraphModule, path: Path | str) -
     return path.stat().st_size
 
 
+def strip_unused_constants(graph_module: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Delete the parameters and buffers a graph module's code never reads, in place (PT2E
+    keeps the float weights it replaced with int8 constants); returns the module."""
+    used = set(graph_constants(graph_module))
+    named = [*graph_module.named_parameters(), *graph_module.named_buffers()]
+    for name, _ in named:
+        if name not in used:
+            owner_name, _, attribute = name.rpartition(".")
+            owner = graph_module.get_submodule(owner_name) if owner_name else graph_module
+            delattr(owner, attribute)
+    return graph_module
+
+
+def save_pt2(
+    graph_module: torch.fx.GraphModule, example_inputs: tuple[Tensor, ...], path: Path | str
+) -> int:
+    """Save a (PT2E-quantised) graph module as a ``torch.export`` program (``.pt2``) with a
+    dynamic batch dimension, after dropping the constants it never reads; returns bytes written.
+    ``torch.export.load(path).module()`` runs it without distil."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    strip_unused_constants(graph_module)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    program = torch.export.export(
+        graph_module, example_inputs, dynamic_shapes=tuple({0: batch} for _ in example_inputs)
+    )
+    torch.export.save(program, str(path))
+    return path.stat().st_size
+
+
 def quantised_dtypes(module: nn.Module) -> dict[str, int]:
     """Count of parameters per storage class: ``{"float32": n, "Int8Tensor": m, ...}``."""
     counts: dict[str, int] = {}
@@ -431,12 +461,12 @@ def quantised_dtypes(module: nn.Module) -> dict[str, int]:
 def describe(scheme: QuantScheme) -> str:
     """One line for the run's mode line."""
     notes = {
-        QuantScheme.INT8_WEIGHT_ONLY: "int8 weights per output row, float activations",
-        QuantScheme.INT8_DYNAMIC: "int8 weights per row, int8 activations per token (dynamic)",
-        QuantScheme.INT8_DYNAMIC_INT4_WEIGHT: (
+        QuantScheme.int8_weight_only: "int8 weights per output row, float activations",
+        QuantScheme.int8_dynamic: "int8 weights per row, int8 activations per token (dynamic)",
+        QuantScheme.int8_dynamic_int4_weight: (
             f"int4 weights in groups of {INT4_GROUP_SIZE} stored one per byte "
             "(no packed int4 CPU kernel here), int8 dynamic activations"
         ),
-        QuantScheme.INT4_WEIGHT_ONLY: f"int4 weights in groups of {INT4_GROUP_SIZE} (mslk/CUDA)",
+        QuantScheme.int4_weight_only: f"int4 weights in groups of {INT4_GROUP_SIZE} (mslk/CUDA)",
     }
     return f"{scheme.value}: {notes[scheme]}"
