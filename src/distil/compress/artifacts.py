@@ -161,9 +161,18 @@ def parameter_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def usable_length(loaded: LoadedModel, sequence_length: int) -> int:
+    """``sequence_length`` capped at the model's positions (and an encoder's ``max_length``)."""
+    config: Any = getattr(loaded.module, "config", None)
+    limits = [sequence_length, int(getattr(config, "max_position_embeddings", sequence_length))]
+    if loaded.encoder is not None:
+        limits.append(int(loaded.encoder.max_length))
+    return min(limits)
+
+
 def example_inputs(loaded: LoadedModel, batch_size: int, sequence_length: int) -> dict[str, Any]:
-    """Inputs of one forward pass at ``batch_size`` (random token ids / images), for latency and
-    ONNX checks."""
+    """Inputs of one forward pass at ``batch_size`` (random token ids of
+    :func:`usable_length` / images), for latency and ONNX checks."""
     g = torch.Generator().manual_seed(batch_size)
     if loaded.kind == ModelKind.classifier:
         assert loaded.zoo_spec is not None
@@ -171,7 +180,8 @@ def example_inputs(loaded: LoadedModel, batch_size: int, sequence_length: int) -
         return {"x": torch.randn(shape, generator=g)}
     config: Any = getattr(loaded.module, "config", None)
     vocab = int(config.vocab_size)
-    ids = torch.randint(0, vocab, (batch_size, sequence_length), generator=g)
+    length = usable_length(loaded, sequence_length)
+    ids = torch.randint(0, vocab, (batch_size, length), generator=g)
     if loaded.kind == ModelKind.causal_lm:
         return {"input_ids": ids, "use_cache": False}
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}

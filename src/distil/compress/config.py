@@ -216,6 +216,25 @@ class PipelineConfig(StrictModel):
     stages: list[Stage] = Field(min_length=1)
     measure: Measure = Measure()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _method_kind_from_source(cls, data: Any) -> Any:
+        """A prune method without ``kind`` gets the one that fits the source model."""
+        if not isinstance(data, dict):
+            return data
+        source, stages = data.get("source"), data.get("stages")
+        source_kind = source.get("kind") if isinstance(source, dict) else None
+        default = {v.value: k for k, v in _PRUNE_FOR_KIND.items()}.get(str(source_kind))
+        if default is None or not isinstance(stages, list):
+            return data
+        filled = []
+        for stage in stages:
+            method = stage.get("method") if isinstance(stage, dict) else None
+            if isinstance(method, dict) and stage.get("stage") == "prune" and "kind" not in method:
+                stage = {**stage, "method": {**method, "kind": default}}
+            filled.append(stage)
+        return {**data, "stages": filled}
+
     @model_validator(mode="after")
     def _coherent(self) -> PipelineConfig:
         problems: list[str] = []

@@ -127,7 +127,7 @@ def latency_grid(
     """Latency of every model at every batch size, eager and/or compiled, interleaved.
 
     Args:
-        models: Variant name → model (put in eval mode; not changed otherwise).
+        models: Variant name → model, already in eval mode (exported programs cannot switch).
         make_inputs: Batch size → keyword inputs of one forward pass.
         batch_sizes: Batch sizes to time.
         compiled: Which of eager (``False``) and ``torch.compile`` (``True``, static shapes)
@@ -143,7 +143,6 @@ def latency_grid(
     calls: dict[str, Callable[[], object]] = {}
     keys: dict[str, tuple[str, int, bool]] = {}
     for name, model in models.items():
-        model.eval()
         runners: dict[bool, Callable[..., Any]] = {}
         for mode in compiled:
             # dynamic=False: one graph specialised per batch size, as a deployment would use

@@ -48,6 +48,7 @@ from distil.compress.artifacts import (
     load_model,
     parameter_count,
     save_float_model,
+    usable_length,
     weight_bytes_on_disk,
 )
 from distil.compress.config import (
@@ -296,6 +297,18 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+class _Positional(nn.Module):
+    """Calls a classifier with its image batch as the positional argument (a ``torch.export``
+    program accepts only the calling convention it was exported with)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: Any) -> Any:
+        return self.module(x)
+
+
 def measure_model(
     loaded: LoadedModel, measure: Measure, evaluate: EvaluateFn | None
 ) -> dict[str, Any]:
@@ -309,8 +322,11 @@ def measure_model(
     if evaluate is not None:
         metrics["quality"] = dict(evaluate(loaded))
     if measure.latency:
+        runner = (
+            loaded.module if loaded.kind != ModelKind.classifier else _Positional(loaded.module)
+        )
         rows = latency_grid(
-            {"model": loaded.module},
+            {"model": runner},
             lambda batch: example_inputs(loaded, batch, measure.sequence_length),
             batch_sizes=measure.batch_sizes,
             compiled=measure.compiled,
@@ -324,6 +340,8 @@ def measure_model(
             for r in rows
         ]
         metrics["load_average"] = list(load_average())
+        if loaded.kind != ModelKind.classifier:
+            metrics["latency_tokens"] = usable_length(loaded, measure.sequence_length)
     return metrics
 
 
