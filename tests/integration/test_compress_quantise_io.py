@@ -86,3 +86,22 @@ def test_compiled_int8_is_timed_next_to_eager() -> None:
     assert all(r["median_ms"] > 0 and r["repeats"] == 2 for r in rows)
     # the compiled variant's warm-up call compiled it, which takes far longer than a forward
     assert by_mode[True]["warmup_s"] > by_mode[False]["warmup_s"]
+
+
+def test_int8_with_the_lm_head(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = build_causal_lm(SPEC, seed=0).eval()
+    model.save_pretrained(tmp_path / "fp")
+    save_quantised_hf(model, QuantScheme.int8_dynamic, tmp_path / "head", include_lm_head=True)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "head").eval()
+    assert type(loaded.lm_head.weight.data) is not torch.Tensor  # quantised too
+    assert type(loaded.model.embed_tokens.weight.data) is torch.Tensor  # the lookup stays float
+    ids = torch.randint(0, SPEC.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference, got = model(input_ids=ids).logits, loaded(input_ids=ids).logits
+    assert float((got - reference).abs().max()) < 0.05 * float(reference.abs().max())
+    head_bytes = folder_bytes(tmp_path / "head", suffixes=[".safetensors"])
+    without = save_quantised_hf(model, QuantScheme.int8_dynamic, tmp_path / "linears")
+    assert type(without.lm_head.weight.data) is torch.Tensor
+    assert head_bytes < folder_bytes(tmp_path / "linears", suffixes=[".safetensors"])

@@ -167,7 +167,7 @@ class QuantiseStage(StrictModel):
     name: str | None = None
     method: QuantMethod = QuantMethod.linear
     scheme: QuantScheme = QuantScheme.int8_weight_only
-    include_output_embedding: bool = Field(default=False, description="quantise the LM head too")
+    include_lm_head: bool = Field(default=False, description="quantise the LM head too")
     calibration: Calibration = Calibration(num_examples=128)
 
 

@@ -479,7 +479,7 @@ def save_quantised_stage(
     scheme: QuantScheme,
     output_dir: Path,
     *,
-    include_output_embedding: bool = False,
+    include_lm_head: bool = False,
 ) -> None:
     """Quantise a float ``module`` (of ``float_model``'s kind) with torchao and write it as a
     stage folder; what the quantise stage and a quantisation-aware distiller both end with."""
@@ -503,7 +503,7 @@ def save_quantised_stage(
         module,  # type: ignore[arg-type]
         scheme,
         output_dir,
-        include_output_embedding=include_output_embedding,
+        include_lm_head=include_lm_head,
     )
     copy_side_files(float_model.folder, output_dir, sentence_transformers=kind == ModelKind.encoder)
 
@@ -531,7 +531,7 @@ def run_quantise(ctx: StageContext) -> dict[str, Any]:
         loaded.module,
         stage.scheme,
         ctx.output_dir,
-        include_output_embedding=stage.include_output_embedding,
+        include_lm_head=stage.include_lm_head,
     )
     return {
         "method": stage.method.value,

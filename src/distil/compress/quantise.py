@@ -146,13 +146,12 @@ def _check_runs_here(scheme: QuantScheme) -> None:
         )
 
 
-def linear_filter(
-    model: nn.Module, *, include_output_embedding: bool = False
-) -> Callable[..., bool]:
-    """The ``filter_fn`` for torchao: every ``nn.Linear`` except the LM head (unless asked),
-    the modules Hugging Face's ``TorchAoConfig`` converts by default."""
+def linear_filter(model: nn.Module, *, include_lm_head: bool = False) -> Callable[..., bool]:
+    """The ``filter_fn`` for torchao: every ``nn.Linear`` except the LM head (unless asked), as
+    Hugging Face's ``TorchAoConfig`` does by default. Input embeddings stay float: transformers
+    5.25 does not quantise ``nn.Embedding`` when it loads a torchao folder (checked here)."""
     get_output = getattr(model, "get_output_embeddings", None)
-    output = get_output() if callable(get_output) and not include_output_embedding else None
+    output = get_output() if callable(get_output) and not include_lm_head else None
 
     def wanted(module: nn.Module, _fqn: str) -> bool:
         return isinstance(module, nn.Linear) and module is not output
@@ -161,14 +160,14 @@ def linear_filter(
 
 
 def quantise_linears(
-    model: nn.Module, scheme: QuantScheme, *, include_output_embedding: bool = False
+    model: nn.Module, scheme: QuantScheme, *, include_lm_head: bool = False
 ) -> nn.Module:
     """A copy of ``model`` with its ``nn.Linear`` layers quantised (post-training).
 
     Args:
         model: Any module (left unchanged).
         scheme: The quantisation.
-        include_output_embedding: Quantise the LM head too.
+        include_lm_head: Quantise the LM head too.
 
     Returns:
         The quantised copy, in eval mode.
@@ -180,7 +179,7 @@ def quantise_linears(
     quantize_(
         quantised,
         torchao_config(scheme),
-        filter_fn=linear_filter(quantised, include_output_embedding=include_output_embedding),
+        filter_fn=linear_filter(quantised, include_lm_head=include_lm_head),
     )
     return quantised
 
@@ -194,7 +193,7 @@ def _check_qat(scheme: QuantScheme) -> None:
 
 
 def prepare_qat(
-    model: nn.Module, scheme: QuantScheme, *, include_output_embedding: bool = False
+    model: nn.Module, scheme: QuantScheme, *, include_lm_head: bool = False
 ) -> nn.Module:
     """Swap ``model``'s Linear layers for fake-quantised ones, in place, for QAT.
 
@@ -212,7 +211,7 @@ def prepare_qat(
     quantize_(
         model,
         QATConfig(torchao_config(scheme), step="prepare"),
-        filter_fn=linear_filter(model, include_output_embedding=include_output_embedding),
+        filter_fn=linear_filter(model, include_lm_head=include_lm_head),
     )
     return model
 
@@ -257,7 +256,7 @@ def save_quantised_hf(
     folder: Path | str,
     *,
     tokenizer: Any = None,
-    include_output_embedding: bool = False,
+    include_lm_head: bool = False,
 ) -> PreTrainedModel:
     """Quantise a float Hugging Face model and save a folder plain ``from_pretrained`` loads.
 
@@ -270,7 +269,7 @@ def save_quantised_hf(
         scheme: The quantisation.
         folder: Output folder.
         tokenizer: Saved alongside when given.
-        include_output_embedding: Quantise the LM head too.
+        include_lm_head: Quantise the LM head too.
 
     Returns:
         The quantised model, loaded back from ``folder``.
@@ -295,8 +294,9 @@ def save_quantised_hf(
         if hasattr(model, "classifier") or hasattr(model, "score")
         else AutoModel
     )
+    # modules_to_not_convert=None skips the LM head (transformers' default); [] converts it too
     config = TorchAoConfig(
-        torchao_config(scheme), include_input_output_embeddings=include_output_embedding
+        torchao_config(scheme), modules_to_not_convert=[] if include_lm_head else None
     )
     with tempfile.TemporaryDirectory(prefix="distil-quantise-") as tmp:
         model.save_pretrained(tmp)
