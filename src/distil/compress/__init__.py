@@ -12,3 +12,30 @@ Modules (each imported on its own; this package imports nothing heavy):
 - ``export``: safetensors folders and ONNX files checked with onnxruntime.
 - ``config`` and ``pipeline``: the pipeline schema and its fingerprinted, resumable runner.
 """
+
+from __future__ import annotations
+
+import importlib.util
+
+from distil.errors import DistilError
+
+_EXTRA_PACKAGES = {
+    "torchao": "torchao",
+    "torch_pruning": "torch-pruning",
+    "peft": "peft",
+    "onnxruntime": "onnxruntime",
+    "onnxscript": "onnxscript",
+}
+
+
+def require(module: str) -> None:
+    """Refuse early, naming the install command, when an optional package is missing.
+
+    Raises:
+        DistilError: If ``module`` cannot be imported.
+    """
+    if importlib.util.find_spec(module) is None:
+        package = _EXTRA_PACKAGES.get(module, module)
+        raise DistilError(
+            f"this needs the {package} package: pip install 'distil[compress]' (or {package})"
+        )

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from distil.compress import require
 from distil.errors import DistilError
 from distil.models.classifier import SmallCNN, SmallResNet
 
@@ -274,6 +275,7 @@ def prune_with_depgraph(
     Returns:
         The pruned copy.
     """
+    require("torch_pruning")
     import torch_pruning as tp
 
     if not 0 <= ratio < 1:

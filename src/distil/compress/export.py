@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from distil.compress import require
 from distil.errors import DistilError
 
 if TYPE_CHECKING:
@@ -182,6 +183,7 @@ def export_onnx(
     Returns:
         The path.
     """
+    require("onnxscript")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     module.eval()
@@ -236,6 +238,7 @@ def check_onnx(
     Raises:
         DistilError: When any output differs by more than ``atol + rtol * |reference|``.
     """
+    require("onnxruntime")
     import numpy as np
     import onnxruntime as ort
 

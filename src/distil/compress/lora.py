@@ -16,6 +16,7 @@ from typing import Any
 
 from torch import nn
 
+from distil.compress import require
 from distil.errors import DistilError
 
 logger = logging.getLogger(__name__)
@@ -91,6 +92,7 @@ def add_lora(
     Raises:
         DistilError: For a rank below 1 or targets that match nothing.
     """
+    require("peft")
     from peft import LoraConfig, get_peft_model
 
     if rank < 1:

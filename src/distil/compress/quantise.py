@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from distil.compress import require
 from distil.errors import DistilError
 
 if TYPE_CHECKING:
@@ -65,6 +66,7 @@ INT4: torch.dtype = torch.int4  # type: ignore[attr-defined]  # missing from tor
 
 def torchao_config(scheme: QuantScheme) -> Any:
     """The torchao ``AOBaseConfig`` of a scheme."""
+    require("torchao")
     from torchao.quantization import (
         Int4WeightOnlyConfig,
         Int8DynamicActivationIntxWeightConfig,
