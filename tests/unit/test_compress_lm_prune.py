@@ -19,6 +19,7 @@ from distil.compress.lm_prune import (
     prune_causal_lm,
     prune_lm_width,
     select_layers,
+    uniform_ratio_target,
 )
 from distil.errors import DistilError
 from distil.models.lm import CausalLMSpec, build_causal_lm, count_parameters
@@ -193,3 +194,17 @@ def test_bad_targets_are_named() -> None:
     with pytest.raises(DistilError, match="no tokens"):
         collect_lm_importance(model, [])
     assert isinstance(plan_width(model, importance, WidthTarget()), WidthKeep)
+
+
+def test_uniform_ratio_target_scales_every_width_by_the_square_root() -> None:
+    config = _model().config
+    target = uniform_ratio_target(config, 0.25)
+    assert (target.hidden_size, target.intermediate_size, target.num_heads) == (16, 32, 2)
+    assert target.num_heads % 2 == 0  # the grouped-query ratio of SPEC is 2
+    full = lm_parameter_count(config)
+    half_width = lm_parameter_count(
+        config, hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=1
+    )
+    assert half_width < 0.5 * full
+    with pytest.raises(DistilError, match="fraction"):
+        uniform_ratio_target(config, 0.0)

@@ -165,13 +165,13 @@ def test_quantisation_aware_stage_gets_the_float_input_and_scheme(tmp_path: Path
     def qat_without_training(ctx: StageContext) -> dict[str, Any]:
         from distil.compress.quantise import convert_qat, prepare_qat
 
-        seen["scheme"], seen["float"] = ctx.qat_scheme, ctx.float_input_dir
-        assert ctx.qat_scheme is not None and ctx.float_input_dir is not None
+        assert ctx.qat is not None and ctx.float_input_dir is not None
+        seen["scheme"], seen["float"] = ctx.qat.scheme, ctx.float_input_dir
         loaded = load_model(ModelKind.classifier, ctx.float_input_dir)
-        model = prepare_qat(loaded.module, ctx.qat_scheme)
+        model = prepare_qat(loaded.module, ctx.qat.scheme)
         assert has_fake_quant(model)  # a recipe would train here, teacher = ctx.source_dir
         convert_qat(model, None)
-        save_quantised_stage(ModelKind.classifier, loaded, model, ctx.qat_scheme, ctx.output_dir)
+        save_quantised_stage(ModelKind.classifier, loaded, model, ctx.qat.scheme, ctx.output_dir)
         return {"teacher": str(ctx.source_dir)}
 
     source = _source(tmp_path)

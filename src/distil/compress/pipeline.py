@@ -151,8 +151,9 @@ class StageContext:
         extras_dir: Where a stage may write files besides the model (e.g. LoRA adapters kept
             apart); part of the stage's fingerprint.
         work_dir: Scratch that survives a kill until the stage is published (checkpoints).
-        qat_scheme: For a quantisation-aware distil stage: the scheme to fake-quantise with and
-            convert to at the end; ``None`` otherwise.
+        qat: For a quantisation-aware distil stage: the quantise stage it follows, whose
+            ``scheme`` (and ``include_lm_head``) it fake-quantises with and converts to at the
+            end (:func:`save_quantised_stage`); ``None`` otherwise.
         float_input_dir: For that stage: the float model the quantise stage started from,
             whose weights QAT trains.
         hooks: The caller's hooks (calibration data, evaluation).
@@ -167,7 +168,7 @@ class StageContext:
     output_dir: Path
     extras_dir: Path
     work_dir: Path
-    qat_scheme: QuantScheme | None
+    qat: QuantiseStage | None
     float_input_dir: Path | None
     hooks: PipelineHooks
 
@@ -773,7 +774,7 @@ def run_pipeline(config: PipelineConfig, hooks: PipelineHooks | None = None) -> 
                 "index": index,
                 "source_dir": source_dir,
                 "input_dir": input_dir,
-                "qat_scheme": quantise.scheme if qat and quantise is not None else None,
+                "qat": quantise if qat else None,
                 "float_input_dir": float_before_quantise if qat else None,
                 "hooks": hooks,
             }
