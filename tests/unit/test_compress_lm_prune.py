@@ -208,3 +208,18 @@ def test_uniform_ratio_target_scales_every_width_by_the_square_root() -> None:
     assert half_width < 0.5 * full
     with pytest.raises(DistilError, match="fraction"):
         uniform_ratio_target(config, 0.0)
+
+
+def test_tied_embeddings_stay_tied_after_width_pruning(tmp_path: Path) -> None:
+    import dataclasses
+
+    from transformers import AutoModelForCausalLM
+
+    tied = build_causal_lm(dataclasses.replace(SPEC, tie_word_embeddings=True), seed=0).eval()
+    result = prune_causal_lm(tied, _batches(), width=WidthTarget(hidden_size=20))
+    pruned = result.model
+    assert pruned.lm_head.weight.data_ptr() == pruned.model.embed_tokens.weight.data_ptr()
+    pruned.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = _batches(1)[0]["input_ids"]
+    torch.testing.assert_close(_logits(loaded, ids), _logits(pruned, ids))

@@ -91,6 +91,21 @@ def test_rerun_reuses_every_stage_and_reports_the_same(tmp_path: Path) -> None:
     assert [s["name"] for s in report["stages"]] == ["prune", "quantise", "export"]
     markdown = (tmp_path / "out" / "report.md").read_text()
     assert "| source |" in markdown and "mean_logit" in markdown
+
+    def max_logit(loaded: LoadedModel) -> dict[str, float]:
+        with torch.no_grad():
+            return {"max_logit": float(loaded.module(IMAGES).max())}
+
+    other_evaluation = PipelineHooks(
+        evaluate=max_logit,
+        calibration=_calibration,
+        data_fingerprint="images-v1",
+        evaluation_fingerprint="max-logit",
+    )
+    remeasured = run_pipeline(config, other_evaluation)  # re-measures, retrains nothing
+    assert [r.status for r in remeasured.stages] == [StageStatus.reused] * 3
+    assert all(set(r.metrics["quality"]) == {"max_logit"} for r in remeasured.stages)
+    assert set(remeasured.source["metrics"]["quality"]) == {"max_logit"}
     exported = load_model(ModelKind.classifier, second.final_model_dir)
     assert exported.zoo_spec is not None and exported.zoo_spec["kwargs"]["channels"] == [4, 8]
 

@@ -5,12 +5,17 @@ Each stage reads the previous stage's model folder and writes its own under
 
 - the fingerprint of the stage's input (the previous stage's output fingerprint, or the
   source folder's file hashes for the first stage),
-- the stage's own config, the data fingerprint the caller gives (calibration, training and
-  evaluation data), the measurement settings and the format version,
+- the stage's own config, the data fingerprint the caller gives (calibration and training
+  data) and the format version,
 - for distillation stages, the source model's fingerprint (it is the teacher).
 
 So a rerun with the same config reuses every stage (after checking the recorded sha256 of
 every output file); changing one stage reruns it and everything after it, nothing before.
+
+Measurements (size, quality through the caller's ``evaluate``, latency) live next to the stage
+in ``metrics.json``, keyed by the measurement settings, the caller's evaluation fingerprint
+and the output fingerprint: changing what is measured re-measures the published models and
+retrains nothing.
 
 Crash safety: a stage writes into ``stages/.tmp-NN-name-KEY/`` and is published by one atomic
 ``rename`` after ``stage.json`` (the completion record) is written and synced. A kill at any
@@ -76,11 +81,12 @@ logger = logging.getLogger(__name__)
 
 STAGE_FORMAT = 1
 RECORD_FILE = "stage.json"
+METRICS_FILE = "metrics.json"
 MODEL_DIR = "model"
 EXTRAS_DIR = "extras"
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
-SOURCE_JSON = "source.json"
+SOURCE_METRICS = "source-metrics.json"
 
 
 class StageStatus(str, Enum):
@@ -195,8 +201,10 @@ class PipelineHooks:
         distillers: Recipe name → the callable that runs a distil stage with that recipe.
         calibration: Calibration data (pruning importance, static int8 observers).
         evaluate: Quality metrics of each stage's model.
-        data_fingerprint: Identity of the data the hooks use; part of every stage key, so other
-            data recomputes the stages.
+        data_fingerprint: Identity of the calibration and training data; part of every stage
+            key, so other data recomputes the stages.
+        evaluation_fingerprint: Identity of what ``evaluate`` measures (its data, its code);
+            part of the measurement key only, so another evaluation re-measures, not retrains.
         after_stage: Called with each record right after the stage is published or reused.
     """
 
@@ -204,6 +212,7 @@ class PipelineHooks:
     calibration: CalibrationFn | None = None
     evaluate: EvaluateFn | None = None
     data_fingerprint: str = ""
+    evaluation_fingerprint: str = ""
     after_stage: Callable[[StageRecord], None] | None = None
 
 
@@ -270,7 +279,6 @@ def stage_key(
     input_fingerprint: str,
     stage: Stage,
     data_fingerprint: str,
-    measure: Measure,
     teacher_fingerprint: str | None,
 ) -> str:
     """The sha256 that names what a stage output was computed from."""
@@ -279,10 +287,42 @@ def stage_key(
         "input": input_fingerprint,
         "stage": stage.model_dump(mode="json", exclude={"name"}),
         "data": data_fingerprint,
-        "measure": measure.model_dump(mode="json"),
         "teacher": teacher_fingerprint,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def measurement_key(model_fingerprint: str, measure: Measure, evaluation_fingerprint: str) -> str:
+    """The sha256 that names what a model's metrics were measured with."""
+    payload = {
+        "format": STAGE_FORMAT,
+        "model": model_fingerprint,
+        "measure": measure.model_dump(mode="json"),
+        "evaluation": evaluation_fingerprint,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _metrics(
+    folder: Path,
+    model_dir: Path,
+    model_fingerprint: str,
+    config: PipelineConfig,
+    hooks: PipelineHooks,
+) -> dict[str, Any]:
+    """The metrics of a model folder, from ``folder/metrics.json`` when it was measured the same
+    way, else measured now and written there."""
+    key = measurement_key(model_fingerprint, config.measure, hooks.evaluation_fingerprint)
+    path = folder / METRICS_FILE
+    if path.is_file():
+        cached = json.loads(path.read_text())
+        if cached.get("key") == key:
+            return dict(cached["metrics"])
+    source = config.source
+    loaded = load_model(source.kind, model_dir, max_length=source.max_length)
+    metrics = measure_model(loaded, config.measure, hooks.evaluate)
+    _write_json(path, {"key": key, "metrics": metrics})
+    return metrics
 
 
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:
@@ -596,7 +636,9 @@ BUILT_IN: dict[str, StageFn] = {
 }
 
 
-def _reuse(folder: Path, key: str, index: int, name: str) -> StageRecord | None:
+def _reuse(
+    folder: Path, key: str, index: int, name: str, config: PipelineConfig, hooks: PipelineHooks
+) -> StageRecord | None:
     """The record of a published stage folder whose files still match it, else ``None``."""
     path = folder / RECORD_FILE
     if not path.is_file():
@@ -623,13 +665,11 @@ def _reuse(folder: Path, key: str, index: int, name: str) -> StageRecord | None:
         output_fingerprint=data["output_fingerprint"],
         seconds=float(data["seconds"]),
         details=data["details"],
-        metrics=data["metrics"],
+        metrics=_metrics(folder, folder / MODEL_DIR, data["output_fingerprint"], config, hooks),
     )
 
 
-def _run(
-    ctx_args: dict[str, Any], folder: Path, key: str, evaluate: EvaluateFn | None
-) -> StageRecord:
+def _run(ctx_args: dict[str, Any], folder: Path, key: str) -> StageRecord:
     """Run one stage into a temporary folder and publish it atomically."""
     stages_dir = folder.parent
     tmp = stages_dir / f".tmp-{folder.name}"
@@ -654,13 +694,11 @@ def _run(
     seconds = time.perf_counter() - start
     if not ctx.output_dir.is_dir() or not any(ctx.output_dir.iterdir()):
         raise DistilError(f"stage {ctx.name} wrote no model into {ctx.output_dir}")
-    source = ctx.config.source
-    loaded = load_model(source.kind, ctx.output_dir, max_length=source.max_length)
-    metrics = measure_model(loaded, ctx.config.measure, evaluate)
     extras = tmp / EXTRAS_DIR
     if extras.is_dir() and not any(extras.iterdir()):
         extras.rmdir()
-    output_fingerprint, files = fingerprint_folder(tmp, skip=(RECORD_FILE,))
+    output_fingerprint, files = fingerprint_folder(tmp, skip=(RECORD_FILE, METRICS_FILE))
+    metrics = _metrics(tmp, ctx.output_dir, output_fingerprint, ctx.config, ctx.hooks)
     record = {
         "format": STAGE_FORMAT,
         "key": key,
@@ -671,7 +709,6 @@ def _run(
         "files": files,
         "seconds": seconds,
         "details": details,
-        "metrics": metrics,
         "finished_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     _write_json(tmp / RECORD_FILE, record)
@@ -697,28 +734,19 @@ def _run(
 def _source_metrics(
     config: PipelineConfig, hooks: PipelineHooks, source_dir: Path, fingerprint: str
 ) -> dict[str, Any]:
-    """The source model's metrics, cached in ``output_dir/source.json`` by everything they
-    depend on."""
-    key = hashlib.sha256(
-        json.dumps(
-            {
-                "source": fingerprint,
-                "measure": config.measure.model_dump(mode="json"),
-                "data": hooks.data_fingerprint,
-                "format": STAGE_FORMAT,
-            },
-            sort_keys=True,
-        ).encode()
-    ).hexdigest()
-    path = Path(config.output_dir) / SOURCE_JSON
-    if path.is_file():
-        cached = json.loads(path.read_text())
+    """The source model's metrics, cached in ``output_dir/source-metrics.json``."""
+    root = Path(config.output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    cache = root / SOURCE_METRICS
+    key = measurement_key(fingerprint, config.measure, hooks.evaluation_fingerprint)
+    if cache.is_file():
+        cached = json.loads(cache.read_text())
         if cached.get("key") == key:
             return dict(cached["metrics"])
     source = config.source
     loaded = load_model(source.kind, source_dir, max_length=source.max_length)
     metrics = measure_model(loaded, config.measure, hooks.evaluate)
-    _write_json(path, {"key": key, "metrics": metrics})
+    _write_json(cache, {"key": key, "metrics": metrics})
     return metrics
 
 
@@ -760,11 +788,10 @@ def run_pipeline(config: PipelineConfig, hooks: PipelineHooks | None = None) -> 
             input_fingerprint=input_fingerprint,
             stage=stage,
             data_fingerprint=hooks.data_fingerprint,
-            measure=config.measure,
             teacher_fingerprint=source_fingerprint if stage.stage == "distil" else None,
         )
         folder = stages_dir / f"{index:02d}-{name}-{key[:12]}"
-        record = _reuse(folder, key, index, name)
+        record = _reuse(folder, key, index, name, config, hooks)
         if record is None:
             quantise = next((s for s in config.stages if isinstance(s, QuantiseStage)), None)
             ctx_args = {
@@ -779,7 +806,7 @@ def run_pipeline(config: PipelineConfig, hooks: PipelineHooks | None = None) -> 
                 "hooks": hooks,
             }
             logger.info("stage %s (%s): running", name, stage.stage)
-            record = _run(ctx_args, folder, key, hooks.evaluate)
+            record = _run(ctx_args, folder, key)
         else:
             logger.info("stage %s (%s): reusing %s", name, stage.stage, folder)
         records.append(record)
