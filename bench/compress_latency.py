@@ -150,7 +150,13 @@ def main() -> None:
         "",
         f"Model: {described}. One forward pass of batch x {args.tokens} tokens, "
         f"{args.threads} thread(s), {args.repeats} interleaved rounds after {args.warmup} "
-        "warm-up calls (compilation included in warm-up); median (p10-p90) ms.",
+        "warm-up calls; median (p10-p90) ms. Modes: "
+        + (
+            "eager only (--no-compile)."
+            if args.no_compile
+            else "eager and torch.compile "
+            "(static shapes; compilation happens in the warm-up calls)."
+        ),
         f"Wall {wall:.0f} s, process CPU {cpu:.0f} s, load average at the end "
         f"{meta['load_average_end'][0]:.2f}.",
         "",
