@@ -45,7 +45,6 @@ from typing import Any, Protocol
 
 from torch import nn
 
-from distil.cache.integrity import atomic_write_bytes, sha256_file
 from distil.compress.artifacts import (
     LoadedModel,
     copy_side_files,
@@ -76,6 +75,7 @@ from distil.compress.config import (
 )
 from distil.compress.quantise import QuantScheme
 from distil.errors import DistilError
+from distil.storage import atomic_write_bytes, sha256_file
 
 logger = logging.getLogger(__name__)
 

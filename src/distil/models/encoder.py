@@ -27,7 +27,6 @@ __all__ = [
     "encode",
     "load_encoder",
     "mean_pool",
-    "narrow_encoder",
     "package_model_folder",
     "save_sentence_encoder",
     "subset_layers",
@@ -148,27 +147,6 @@ def subset_layers(teacher: Encoder, layers: Sequence[int]) -> Encoder:
         teacher.max_length,
         teacher.normalize,
         f"{teacher.source} layers {list(layers)}",
-    )
-
-
-def narrow_encoder(
-    encoder: Encoder,
-    hidden_size: int,
-    *,
-    intermediate_size: int | None = None,
-    calibration: Sequence[str],
-    batch_size: int = 32,
-) -> Encoder:
-    """Width pruning of a BERT-style encoder; it lives in :mod:`distil.compress.encoder` with the
-    other pruning code, and this name stays for the imports that use it here."""
-    from distil.compress.encoder import narrow_encoder as narrow
-
-    return narrow(
-        encoder,
-        hidden_size,
-        intermediate_size=intermediate_size,
-        calibration=calibration,
-        batch_size=batch_size,
     )
 
 
