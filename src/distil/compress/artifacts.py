@@ -157,8 +157,15 @@ def weight_bytes_on_disk(folder: Path | str) -> int:
 
 
 def parameter_count(module: nn.Module) -> int:
-    """Logical parameters: a quantised weight counts its elements, not its bytes."""
-    return sum(p.numel() for p in module.parameters())
+    """Logical parameters: a quantised weight counts its elements, not its bytes. A PT2E
+    program (a graph module) keeps its int8 weights as constants, not parameters: every tensor
+    its graph reads counts (weights, biases and their quantisation scales)."""
+    tensors = {id(p): p.numel() for p in module.parameters()}
+    if isinstance(module, torch.fx.GraphModule):
+        from distil.compress.quantise import graph_constants
+
+        tensors |= {id(t): t.numel() for t in graph_constants(module).values()}
+    return sum(tensors.values())
 
 
 def usable_length(loaded: LoadedModel, sequence_length: int) -> int:

@@ -133,24 +133,35 @@ class PruneStage(StrictModel):
 
 
 class LoraOptions(StrictModel):
-    """Distil into LoRA adapters instead of all weights."""
+    """Distil into LoRA adapters on the stage's input model (the pretrained student) instead of
+    all its weights. The stage's ``model/`` always holds the merged weights (what later stages and
+    ``from_pretrained`` read); ``keep_adapters`` also saves the adapters apart."""
 
     rank: int = Field(default=8, ge=1)
     alpha: int = Field(default=16, ge=1)
     target_modules: list[str] | None = Field(
         default=None, description="None: q/v/up/down projections of a Llama, else every Linear"
     )
-    merge: bool = Field(default=True, description="merge at the end (else keep adapters apart)")
+    keep_adapters: bool = Field(
+        default=False,
+        description="also save the adapters apart in extras/adapter (a peft folder for the "
+        "stage's input model)",
+    )
 
 
 class DistilStage(StrictModel):
-    """Distillation from the source model into this stage's input model, by a recipe."""
+    """Distillation from the source model (the teacher) into this stage's input model."""
 
     stage: Literal["distil"]
     name: str | None = None
-    recipe: str = Field(description="the recipe that distils, e.g. lm_kd or classifier_kd")
+    recipe: str = Field(
+        description="whose loss step distils (the caller's distillers by name): lm_kd for causal "
+        "LMs, classifier_kd for classifiers in the compress recipe"
+    )
     overrides: dict[str, Any] = Field(
-        default_factory=dict, description="dotted recipe-config overrides, e.g. train.max_steps"
+        default_factory=dict,
+        description="dotted overrides of the distillation settings for this stage, e.g. "
+        "{train.max_steps: 40, kd.kd_weight: 1.0}",
     )
     lora: LoraOptions | None = None
 
@@ -220,20 +231,7 @@ class PipelineConfig(StrictModel):
     @classmethod
     def _method_kind_from_source(cls, data: Any) -> Any:
         """A prune method without ``kind`` gets the one that fits the source model."""
-        if not isinstance(data, dict):
-            return data
-        source, stages = data.get("source"), data.get("stages")
-        source_kind = source.get("kind") if isinstance(source, dict) else None
-        default = {v.value: k for k, v in _PRUNE_FOR_KIND.items()}.get(str(source_kind))
-        if default is None or not isinstance(stages, list):
-            return data
-        filled = []
-        for stage in stages:
-            method = stage.get("method") if isinstance(stage, dict) else None
-            if isinstance(method, dict) and stage.get("stage") == "prune" and "kind" not in method:
-                stage = {**stage, "method": {**method, "kind": default}}
-            filled.append(stage)
-        return {**data, "stages": filled}
+        return fill_prune_kinds(data)
 
     @model_validator(mode="after")
     def _coherent(self) -> PipelineConfig:
@@ -301,6 +299,25 @@ class PipelineConfig(StrictModel):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+
+def fill_prune_kinds(data: Any) -> Any:
+    """Raw config data (``source.kind`` and ``stages``) with each prune method's missing
+    ``kind`` set to the one that fits the source model."""
+    if not isinstance(data, dict):
+        return data
+    source, stages = data.get("source"), data.get("stages")
+    source_kind = source.get("kind") if isinstance(source, dict) else None
+    default = {v.value: k for k, v in _PRUNE_FOR_KIND.items()}.get(str(source_kind))
+    if default is None or not isinstance(stages, list):
+        return data
+    filled = []
+    for stage in stages:
+        method = stage.get("method") if isinstance(stage, dict) else None
+        if isinstance(method, dict) and stage.get("stage") == "prune" and "kind" not in method:
+            stage = {**stage, "method": {**method, "kind": default}}
+        filled.append(stage)
+    return {**data, "stages": filled}
 
 
 def stage_names(config: PipelineConfig) -> list[str]:

@@ -84,7 +84,7 @@ def save_zoo_pt2e(
     spec: Mapping[str, Any],
 ) -> Path:
     """Save a PT2E static-int8 zoo classifier: ``model.pt2`` (a ``torch.export`` program that
-    runs without distil) and ``distil_model.json`` (the float model's spec, marked quantised)."""
+    runs without distil, once ``torchao.quantization.pt2e`` is imported: :func:`load_pt2e_program`) and ``distil_model.json`` (the float model's spec, marked quantised)."""
     from distil.compress.quantise import save_pt2
 
     folder = Path(folder)
@@ -126,6 +126,21 @@ def build_zoo_module(spec: Mapping[str, Any]) -> nn.Module:
     raise DistilError(f"unknown zoo model {zoo!r} in {ZOO_SPEC}")
 
 
+def load_pt2e_program(path: Path | str) -> nn.Module:
+    """Run a PT2E int8 ``model.pt2`` (``torch.export.load(path).module()``).
+
+    Its graph calls the ``quantized_decomposed`` operators, which exist only once a module
+    defining them is imported: torchao's PT2E package is (a fresh process that imports neither
+    fails to deserialise the program with "failed to resolve
+    torch.ops.quantized_decomposed...").
+    """
+    require("torchao")
+    import torchao.quantization.pt2e  # noqa: F401  (registers the quantized_decomposed ops)
+
+    program: nn.Module = torch.export.load(str(path)).module()
+    return program
+
+
 def load_zoo_classifier(folder: Path | str) -> nn.Module:
     """Rebuild a zoo classifier folder (no pickle), in eval mode: float, or with its Linear
     layers quantised by the scheme the spec names."""
@@ -134,8 +149,7 @@ def load_zoo_classifier(folder: Path | str) -> nn.Module:
 
     spec = read_zoo_spec(folder)
     if spec.get("quantisation") == STATIC_PT2E:
-        program: nn.Module = torch.export.load(str(Path(folder) / PT2E_FILE)).module()
-        return program
+        return load_pt2e_program(Path(folder) / PT2E_FILE)
     module = build_zoo_module(spec)
     weights = Path(folder) / "model.safetensors"
     if spec.get("quantisation"):

@@ -14,8 +14,10 @@ every output file); changing one stage reruns it and everything after it, nothin
 
 Measurements (size, quality through the caller's ``evaluate``, latency) live next to the stage
 in ``metrics.json``, keyed by the measurement settings, the caller's evaluation fingerprint
-and the output fingerprint: changing what is measured re-measures the published models and
-retrains nothing.
+and the content of the stage's ``model/`` folder: changing what is measured re-measures the
+published models and retrains nothing, and an export stage that copies its input's model is
+not measured twice. What a stage logged while it ran (training metrics) is published in its
+``logs/`` folder, outside the fingerprint.
 
 Crash safety: a stage writes into ``stages/.tmp-NN-name-KEY/`` and is published by one atomic
 ``rename`` after ``stage.json`` (the completion record) is written and synced. A kill at any
@@ -84,6 +86,7 @@ RECORD_FILE = "stage.json"
 METRICS_FILE = "metrics.json"
 MODEL_DIR = "model"
 EXTRAS_DIR = "extras"
+LOGS_DIR = "logs"
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 SOURCE_METRICS = "source-metrics.json"
@@ -126,6 +129,11 @@ class StageRecord:
     def model_dir(self) -> Path:
         return self.folder / MODEL_DIR
 
+    @property
+    def log_dir(self) -> Path:
+        """What the stage logged while it ran (absent when it logged nothing)."""
+        return self.folder / LOGS_DIR
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "index": self.index,
@@ -157,6 +165,8 @@ class StageContext:
         extras_dir: Where a stage may write files besides the model (e.g. LoRA adapters kept
             apart); part of the stage's fingerprint.
         work_dir: Scratch that survives a kill until the stage is published (checkpoints).
+        log_dir: Where a stage keeps what it logged (training metrics, summaries); published
+            with the stage but outside its fingerprint (timings differ between equal runs).
         qat: For a quantisation-aware distil stage: the quantise stage it follows, whose
             ``scheme`` (and ``include_lm_head``) it fake-quantises with and converts to at the
             end (:func:`save_quantised_stage`); ``None`` otherwise.
@@ -174,6 +184,7 @@ class StageContext:
     output_dir: Path
     extras_dir: Path
     work_dir: Path
+    log_dir: Path
     qat: QuantiseStage | None
     float_input_dir: Path | None
     hooks: PipelineHooks
@@ -260,15 +271,19 @@ def fingerprint_folder(folder: Path, *, skip: Sequence[str] = ()) -> tuple[str, 
 
     Args:
         folder: The folder.
-        skip: Relative paths to leave out.
+        skip: Relative paths to leave out (a folder's path leaves out everything under it).
 
     Returns:
         (digest, relative path → file sha256).
     """
+
+    def skipped(relative: str) -> bool:
+        return any(relative == s or relative.startswith(f"{s}/") for s in skip)
+
     files = {
         path.relative_to(folder).as_posix(): content_sha256(path)
         for path in sorted(folder.rglob("*"))
-        if path.is_file() and path.relative_to(folder).as_posix() not in skip
+        if path.is_file() and not skipped(path.relative_to(folder).as_posix())
     }
     digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
     return digest, files
@@ -304,25 +319,28 @@ def measurement_key(model_fingerprint: str, measure: Measure, evaluation_fingerp
 
 
 def _metrics(
-    folder: Path,
+    path: Path,
     model_dir: Path,
-    model_fingerprint: str,
     config: PipelineConfig,
     hooks: PipelineHooks,
+    measured: dict[str, dict[str, Any]],
 ) -> dict[str, Any]:
-    """The metrics of a model folder, from ``folder/metrics.json`` when it was measured the same
-    way, else measured now and written there."""
+    """The metrics of a model folder: from ``path`` (a ``metrics.json``) when it was measured the
+    same way, else from ``measured`` (this run's measurements by key: an export stage holds the
+    same model as the stage before it), else measured now; written to ``path`` either way."""
+    model_fingerprint, _ = fingerprint_folder(model_dir)
     key = measurement_key(model_fingerprint, config.measure, hooks.evaluation_fingerprint)
-    path = folder / METRICS_FILE
     if path.is_file():
         cached = json.loads(path.read_text())
         if cached.get("key") == key:
+            measured[key] = dict(cached["metrics"])
             return dict(cached["metrics"])
-    source = config.source
-    loaded = load_model(source.kind, model_dir, max_length=source.max_length)
-    metrics = measure_model(loaded, config.measure, hooks.evaluate)
-    _write_json(path, {"key": key, "metrics": metrics})
-    return metrics
+    if key not in measured:
+        source = config.source
+        loaded = load_model(source.kind, model_dir, max_length=source.max_length)
+        measured[key] = measure_model(loaded, config.measure, hooks.evaluate)
+    _write_json(path, {"key": key, "metrics": measured[key]})
+    return dict(measured[key])
 
 
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:
@@ -637,7 +655,13 @@ BUILT_IN: dict[str, StageFn] = {
 
 
 def _reuse(
-    folder: Path, key: str, index: int, name: str, config: PipelineConfig, hooks: PipelineHooks
+    folder: Path,
+    key: str,
+    index: int,
+    name: str,
+    config: PipelineConfig,
+    hooks: PipelineHooks,
+    measured: dict[str, dict[str, Any]],
 ) -> StageRecord | None:
     """The record of a published stage folder whose files still match it, else ``None``."""
     path = folder / RECORD_FILE
@@ -665,11 +689,13 @@ def _reuse(
         output_fingerprint=data["output_fingerprint"],
         seconds=float(data["seconds"]),
         details=data["details"],
-        metrics=_metrics(folder, folder / MODEL_DIR, data["output_fingerprint"], config, hooks),
+        metrics=_metrics(folder / METRICS_FILE, folder / MODEL_DIR, config, hooks, measured),
     )
 
 
-def _run(ctx_args: dict[str, Any], folder: Path, key: str) -> StageRecord:
+def _run(
+    ctx_args: dict[str, Any], folder: Path, key: str, measured: dict[str, dict[str, Any]]
+) -> StageRecord:
     """Run one stage into a temporary folder and publish it atomically."""
     stages_dir = folder.parent
     tmp = stages_dir / f".tmp-{folder.name}"
@@ -685,8 +711,10 @@ def _run(ctx_args: dict[str, Any], folder: Path, key: str) -> StageRecord:
         output_dir=tmp / MODEL_DIR,
         extras_dir=tmp / EXTRAS_DIR,
         work_dir=work,
+        log_dir=tmp / LOGS_DIR,
     )
     (tmp / EXTRAS_DIR).mkdir(parents=True)
+    (tmp / LOGS_DIR).mkdir()
     if ctx.stage.stage != "export":  # export copies a whole folder into place
         ctx.output_dir.mkdir(parents=True)
     start = time.perf_counter()
@@ -694,11 +722,11 @@ def _run(ctx_args: dict[str, Any], folder: Path, key: str) -> StageRecord:
     seconds = time.perf_counter() - start
     if not ctx.output_dir.is_dir() or not any(ctx.output_dir.iterdir()):
         raise DistilError(f"stage {ctx.name} wrote no model into {ctx.output_dir}")
-    extras = tmp / EXTRAS_DIR
-    if extras.is_dir() and not any(extras.iterdir()):
-        extras.rmdir()
-    output_fingerprint, files = fingerprint_folder(tmp, skip=(RECORD_FILE, METRICS_FILE))
-    metrics = _metrics(tmp, ctx.output_dir, output_fingerprint, ctx.config, ctx.hooks)
+    for empty in (tmp / EXTRAS_DIR, tmp / LOGS_DIR):
+        if empty.is_dir() and not any(empty.iterdir()):
+            empty.rmdir()
+    output_fingerprint, files = fingerprint_folder(tmp, skip=(RECORD_FILE, METRICS_FILE, LOGS_DIR))
+    metrics = _metrics(tmp / METRICS_FILE, ctx.output_dir, ctx.config, ctx.hooks, measured)
     record = {
         "format": STAGE_FORMAT,
         "key": key,
@@ -731,25 +759,6 @@ def _run(ctx_args: dict[str, Any], folder: Path, key: str) -> StageRecord:
     )
 
 
-def _source_metrics(
-    config: PipelineConfig, hooks: PipelineHooks, source_dir: Path, fingerprint: str
-) -> dict[str, Any]:
-    """The source model's metrics, cached in ``output_dir/source-metrics.json``."""
-    root = Path(config.output_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    cache = root / SOURCE_METRICS
-    key = measurement_key(fingerprint, config.measure, hooks.evaluation_fingerprint)
-    if cache.is_file():
-        cached = json.loads(cache.read_text())
-        if cached.get("key") == key:
-            return dict(cached["metrics"])
-    source = config.source
-    loaded = load_model(source.kind, source_dir, max_length=source.max_length)
-    metrics = measure_model(loaded, config.measure, hooks.evaluate)
-    _write_json(cache, {"key": key, "metrics": metrics})
-    return metrics
-
-
 def run_pipeline(config: PipelineConfig, hooks: PipelineHooks | None = None) -> PipelineReport:
     """Run (or reuse) every stage of ``config`` and write ``report.json`` / ``report.md``.
 
@@ -772,11 +781,12 @@ def run_pipeline(config: PipelineConfig, hooks: PipelineHooks | None = None) -> 
     if not source_dir.is_dir():
         raise DistilError(f"source.folder {source_dir} does not exist")
     source_fingerprint, _ = fingerprint_folder(source_dir)
+    measured: dict[str, dict[str, Any]] = {}
     source = {
         "folder": str(source_dir),
         "kind": config.source.kind.value,
         "fingerprint": source_fingerprint,
-        "metrics": _source_metrics(config, hooks, source_dir, source_fingerprint),
+        "metrics": _metrics(root / SOURCE_METRICS, source_dir, config, hooks, measured),
     }
     names = stage_names(config)
     records: list[StageRecord] = []
@@ -791,7 +801,7 @@ def run_pipeline(config: PipelineConfig, hooks: PipelineHooks | None = None) -> 
             teacher_fingerprint=source_fingerprint if stage.stage == "distil" else None,
         )
         folder = stages_dir / f"{index:02d}-{name}-{key[:12]}"
-        record = _reuse(folder, key, index, name, config, hooks)
+        record = _reuse(folder, key, index, name, config, hooks, measured)
         if record is None:
             quantise = next((s for s in config.stages if isinstance(s, QuantiseStage)), None)
             ctx_args = {
@@ -806,7 +816,7 @@ def run_pipeline(config: PipelineConfig, hooks: PipelineHooks | None = None) -> 
                 "hooks": hooks,
             }
             logger.info("stage %s (%s): running", name, stage.stage)
-            record = _run(ctx_args, folder, key)
+            record = _run(ctx_args, folder, key, measured)
         else:
             logger.info("stage %s (%s): reusing %s", name, stage.stage, folder)
         records.append(record)

@@ -438,7 +438,8 @@ def save_pt2(
 ) -> int:
     """Save a (PT2E-quantised) graph module as a ``torch.export`` program (``.pt2``) with a
     dynamic batch dimension, after dropping the constants it never reads; returns bytes written.
-    ``torch.export.load(path).module()`` runs it without distil."""
+    ``torch.export.load(path).module()`` runs it without distil (after ``import
+    torchao.quantization.pt2e``, which defines the ``quantized_decomposed`` operators it calls)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     strip_unused_constants(graph_module)
