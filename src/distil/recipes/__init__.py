@@ -34,6 +34,11 @@ RECIPES: dict[str, RecipeEntry] = {
         "Causal LM → smaller causal LM: token-level KD (any divergence, chunked for large vocabularies) + hard LM loss, with a no-teacher baseline",
         "lm_kd.yaml",
     ),
+    "compress": RecipeEntry(
+        "distil.recipes.compress",
+        "Prune → distil → quantise → distil (quantisation-aware) → export in one resumable pipeline: a causal LM (lm_kd's loss) or a CNN classifier (classifier_kd's) recovers from its own unpruned, full-precision self; LoRA-KD optional",
+        "compress.yaml",
+    ),
     "lm_pretrain": RecipeEntry(
         "distil.recipes.lm_pretrain",
         "Pre-train a causal LM from scratch with next-token CE (makes the built-in teacher from the CPython stdlib corpus)",
