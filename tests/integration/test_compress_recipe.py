@@ -206,6 +206,18 @@ def test_cnn_pruned_distilled_and_static_int8(tmp_path: Path) -> None:
         [sys.executable, "-c", code, str(program)], capture_output=True, text=True, check=False
     )
     assert fresh.stdout.strip().endswith("(3, 10)"), fresh.stderr[-2000:]
+    # another quantise method: prune and distil are reused, quantise and export run
+    config["stages"][2] = {"stage": "quantise", "method": "int8_weights"}  # type: ignore[index]
+    path.write_text(yaml.safe_dump(config))
+    code_, out = run_cli(["run", str(path), "--run-dir", str(tmp_path / "int8-weights")])
+    assert code_ == 0, out
+    again = _rows(_report(tmp_path / "int8-weights"))
+    assert [again[n]["status"] for n in ("prune (prune)", "distil (distil)")] == ["reused"] * 2
+    assert again["quantise (quantise)"]["status"] == "ran"
+    assert again["quantise (quantise)"]["size_bytes"] < 0.6 * rows["distil (distil)"]["size_bytes"]  # type: ignore[operator]
+    assert (
+        abs(again["quantise (quantise)"]["accuracy"] - rows["distil (distil)"]["accuracy"]) < 0.05
+    )  # type: ignore[operator]
 
 
 def _cli(args: list[str]) -> list[str]:

@@ -160,3 +160,41 @@ def test_latency_grid_rows_and_folder_bytes(tmp_path: Path) -> None:
     assert folder_bytes(tmp_path, suffixes=[".safetensors"]) == 10
     with pytest.raises(DistilError, match="does not exist"):
         folder_bytes(tmp_path / "missing")
+
+
+def test_int8_weight_storage_is_within_half_a_step_and_a_quarter_of_the_bytes(
+    tmp_path: Path,
+) -> None:
+    from distil.compress.export import load_zoo_classifier, save_zoo_int8_weights
+    from distil.compress.quantise import SCALE_SUFFIX, dequantise_int8_state, int8_weight_state
+    from distil.models.classifier import SmallCNN
+
+    torch.manual_seed(0)
+    cnn = SmallCNN(1, 10, channels=(16, 32)).eval()
+    state = int8_weight_state(cnn)
+    restored = dequantise_int8_state(state)
+    assert restored.keys() == cnn.state_dict().keys()
+    for name, value in cnn.state_dict().items():
+        if name + SCALE_SUFFIX in state:
+            assert state[name].dtype == torch.int8
+            scale = state[name + SCALE_SUFFIX].reshape((-1,) + (1,) * (value.dim() - 1))
+            assert bool(((restored[name] - value).abs() <= scale / 2 + 1e-7).all()), name
+            # the largest weight of each output channel is exact: it sets the scale
+            flat = value.reshape(value.shape[0], -1).abs().amax(1)
+            back = restored[name].reshape(value.shape[0], -1).abs().amax(1)
+            torch.testing.assert_close(back, flat)
+        else:
+            assert torch.equal(restored[name], value), name  # biases, BatchNorm: untouched
+    spec = {
+        "zoo": "cnn",
+        "kwargs": {"channels": [16, 32]},
+        "in_shape": [1, 8, 8],
+        "num_classes": 10,
+    }
+    folder = save_zoo_int8_weights(cnn, tmp_path / "int8", spec=spec)
+    save_file({k: v.contiguous() for k, v in cnn.state_dict().items()}, str(tmp_path / "f.st"))
+    assert (folder / "model.safetensors").stat().st_size < 0.4 * (tmp_path / "f.st").stat().st_size
+    loaded = load_zoo_classifier(folder)
+    x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), cnn(x), rtol=0.05, atol=0.05)

@@ -171,6 +171,9 @@ class QuantMethod(str, Enum):
 
     linear = "linear"  # torchao, nn.Linear layers (any model kind), QAT-capable
     static_pt2e = "static_pt2e"  # torchao PT2E x86 static int8 of a whole CNN (classifiers)
+    # int8 storage of every conv/linear weight, dequantised to float at load (classifiers): the
+    # smallest file (a PT2E program carries its serialised graph), float compute
+    int8_weights = "int8_weights"
 
 
 class QuantiseStage(StrictModel):
@@ -254,21 +257,20 @@ class PipelineConfig(StrictModel):
                 problems.append(
                     "after quantise come at most one distil (quantisation-aware) and export"
                 )
-            if after and quantise.method == QuantMethod.static_pt2e:
+            if after and quantise.method != QuantMethod.linear:
                 problems.append(
                     "quantisation-aware distillation needs method linear (torchao QAT); "
-                    "static_pt2e is post-training only"
+                    f"{quantise.method.value} is post-training only"
                 )
             if after and quantise.scheme not in QAT_SCHEMES:
                 problems.append(
                     f"quantisation-aware distillation supports schemes "
                     f"{[s.value for s in QAT_SCHEMES]}, not {quantise.scheme.value}"
                 )
-            if (
-                quantise.method == QuantMethod.static_pt2e
-                and self.source.kind != ModelKind.classifier
-            ):
-                problems.append("static_pt2e quantises CNN classifiers; use method linear")
+            if quantise.method != QuantMethod.linear and self.source.kind != ModelKind.classifier:
+                problems.append(
+                    f"{quantise.method.value} quantises zoo classifiers; use method linear"
+                )
         for index, stage in enumerate(self.stages):
             if isinstance(stage, PruneStage):
                 wanted = _PRUNE_FOR_KIND[stage.method.kind]

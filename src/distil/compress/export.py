@@ -35,6 +35,7 @@ ZOO_SPEC = "distil_model.json"
 ZOO_FORMAT = "distil-zoo-classifier"
 PT2E_FILE = "model.pt2"
 STATIC_PT2E = "static_pt2e"
+INT8_WEIGHTS = "int8_weights"  # == quantise.INT8_WEIGHTS (not imported: torch-only module here)
 
 
 def save_zoo_classifier(
@@ -73,6 +74,25 @@ def save_zoo_classifier(
         "quantisation": None if linear_scheme is None else linear_scheme.value,
     }
     (folder / ZOO_SPEC).write_text(json.dumps(spec, indent=1, sort_keys=True))
+    return folder
+
+
+def save_zoo_int8_weights(
+    module: nn.Module, folder: Path | str, *, spec: Mapping[str, Any]
+) -> Path:
+    """Save a float zoo classifier with int8 weights (``quantise.int8_weight_state``):
+    ``model.safetensors`` holds int8 convolution/linear weights and their per-channel scales,
+    ``distil_model.json`` the float model's spec marked ``int8_weights``; loading dequantises
+    (float compute, a quarter of the weight bytes)."""
+    from safetensors.torch import save_file
+
+    from distil.compress.quantise import int8_weight_state
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(int8_weight_state(module), str(folder / "model.safetensors"))
+    out = {**dict(spec), "format": ZOO_FORMAT, "quantisation": INT8_WEIGHTS}
+    (folder / ZOO_SPEC).write_text(json.dumps(out, indent=1, sort_keys=True))
     return folder
 
 
@@ -142,8 +162,9 @@ def load_pt2e_program(path: Path | str) -> nn.Module:
 
 
 def load_zoo_classifier(folder: Path | str) -> nn.Module:
-    """Rebuild a zoo classifier folder (no pickle), in eval mode: float, or with its Linear
-    layers quantised by the scheme the spec names."""
+    """Rebuild a zoo classifier folder (no pickle), in eval mode: float, with its Linear layers
+    quantised by the torchao scheme the spec names, or from int8 weight storage (dequantised to
+    float: :func:`save_zoo_int8_weights`)."""
     from distil.compress.quantise import QuantScheme, load_quantised_module, quantise_linears
     from distil.models.classifier import load_weights
 
@@ -152,7 +173,13 @@ def load_zoo_classifier(folder: Path | str) -> nn.Module:
         return load_pt2e_program(Path(folder) / PT2E_FILE)
     module = build_zoo_module(spec)
     weights = Path(folder) / "model.safetensors"
-    if spec.get("quantisation"):
+    if spec.get("quantisation") == INT8_WEIGHTS:
+        from safetensors.torch import load_file
+
+        from distil.compress.quantise import dequantise_int8_state
+
+        module.load_state_dict(dequantise_int8_state(load_file(str(weights))), strict=True)
+    elif spec.get("quantisation"):
         module = quantise_linears(module, QuantScheme(spec["quantisation"]))
         load_quantised_module(module, weights)
     else:

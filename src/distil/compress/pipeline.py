@@ -575,6 +575,15 @@ def run_quantise(ctx: StageContext) -> dict[str, Any]:
     assert isinstance(stage, QuantiseStage)
     source = ctx.config.source
     loaded = load_model(source.kind, ctx.input_dir, max_length=source.max_length)
+    if stage.method == QuantMethod.int8_weights:
+        from distil.compress.export import save_zoo_int8_weights
+
+        save_zoo_int8_weights(loaded.module, ctx.output_dir, spec=loaded.zoo_spec or {})
+        return {
+            "method": stage.method.value,
+            "description": "int8 weights per output channel (every conv and linear), "
+            "dequantised to float when loaded",
+        }
     if stage.method == QuantMethod.static_pt2e:
         from distil.compress.export import save_zoo_pt2e
         from distil.compress.quantise import quantise_static_pt2e

@@ -356,6 +356,51 @@ def load_quantised_module(module: nn.Module, path: Path | str) -> nn.Module:
     return module
 
 
+INT8_WEIGHTS = "int8_weights"
+"""Storage format of :func:`int8_weight_state`: int8 weights, float compute after loading."""
+SCALE_SUFFIX = ".int8_scale"
+
+
+def int8_weight_state(module: nn.Module) -> dict[str, Tensor]:
+    """``module``'s state with every convolution and linear weight stored as int8.
+
+    Symmetric, one scale per output channel: ``scale = max|w| / 127`` over the channel's
+    weights, ``q = round(w / scale)`` in ``[-127, 127]``; the scale is stored beside the weight
+    as ``NAME.int8_scale``. Everything else (biases, BatchNorm) stays float. A weight is off by at
+    most ``scale / 2`` per element after :func:`dequantise_int8_state`.
+
+    Returns:
+        Name → tensor: int8 weights ``(out, ...)``, their float32 scales ``(out,)``, the rest.
+    """
+    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    for name, sub in module.named_modules():
+        if not isinstance(sub, nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.Linear):
+            continue
+        key = f"{name}.weight" if name else "weight"
+        weight = state[key].float()
+        flat = weight.reshape(weight.shape[0], -1)  # (out, in * kernel)
+        scale = flat.abs().amax(dim=1).clamp_min(1e-12) / 127.0  # (out,)
+        q = torch.round(flat / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        state[key] = q.reshape(weight.shape).contiguous()
+        state[key + SCALE_SUFFIX] = scale.float().contiguous()
+    return state
+
+
+def dequantise_int8_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The float state dict of an :func:`int8_weight_state` (``q * scale`` per channel)."""
+    out: dict[str, Tensor] = {}
+    for key, value in state.items():
+        if key.endswith(SCALE_SUFFIX):
+            continue
+        scale = state.get(key + SCALE_SUFFIX)
+        if scale is None:
+            out[key] = value
+            continue
+        shape = (-1,) + (1,) * (value.dim() - 1)
+        out[key] = value.float() * scale.reshape(shape)
+    return out
+
+
 def quantise_static_pt2e(
     model: nn.Module, example_inputs: tuple[Tensor, ...], calibration: Iterable[Tensor]
 ) -> torch.fx.GraphModule:

@@ -107,7 +107,6 @@ SOURCE_MODEL_KINDS = {ModelKind.causal_lm: ("hf",), ModelKind.classifier: ("zoo"
 FORMAT = 1  # of the store's sources, self-data and baseline keys
 STUDENT_PHASE = "student"  # the phase name inside a stage's work folder
 BASELINE_PHASE = "baseline"
-LOG_FILES = ("metrics.jsonl", "summary.json")
 
 
 # --------------------------------------------------------------------------------------------
