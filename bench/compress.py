@@ -162,6 +162,13 @@ def run_lm(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             width,
             {"stage": "distil", "lora": {"rank": 8, "alpha": 16, "keep_adapters": True}},
         ],
+        # int8 activations too: post-training costs more, so QAT has something to recover
+        "width int8 dynamic": [
+            width,
+            {"stage": "distil"},
+            {"stage": "quantise", "scheme": "int8_dynamic"},
+            {"stage": "distil", "name": "qat", "overrides": qat},
+        ],
     }
     for label, stages in extras.items():
         cfg = lm_config(args, store, stages, baseline=False)
@@ -181,69 +188,47 @@ def run_lm(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
 
 def lm_rows(result: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
-    tokens = args.kd_steps * 8 * 256
-    rows: list[dict[str, Any]] = []
+    """The LM table, width rows first: what pruning alone, CE, KD and scratch give, then int8."""
+    kd_tokens = args.kd_steps * 8 * 256
+    qat_tokens = kd_tokens + args.qat_steps * 8 * 256
     reports = result["reports"]
-    first = rows_of(reports["width"])
-    teacher = first["teacher (source)"]
-    rows.append(_lm_row("teacher", "-", teacher, teacher, TEACHER_TOKENS, "pre-trained"))
+    teacher = rows_of(reports["width"])["teacher (source)"]
+    rows = [_lm_row("teacher", "-", teacher, teacher, TEACHER_TOKENS, "4 layers x 256")]
     for variant in PRUNES:
         report = reports[variant]
         r = rows_of(report)
         shape = stage_of(report, "prune")["details"]["shape"]
-        shape_text = f"{shape['num_layers']} layers x {shape['hidden_size']}"
-        rows.append(
-            _lm_row(variant, "pruned, no training", r["prune (prune)"], teacher, 0, shape_text)
-        )
+        entries: list[tuple[str, dict[str, Any], int]] = [
+            ("pruned, no training", r["prune (prune)"], 0)
+        ]
         if variant == "width":
             ce = rows_of(reports["width CE fine-tune"])["distil (distil)"]
-            rows.append(
-                _lm_row(
-                    variant, "pruned + CE fine-tune (no teacher)", ce, teacher, tokens, shape_text
-                )
-            )
-        rows.append(
-            _lm_row(variant, "pruned + KD", r["distil (distil)"], teacher, tokens, shape_text)
-        )
-        rows.append(
-            _lm_row(
-                variant,
-                "same shape from scratch",
-                r["baseline (scratch, same shape)"],
-                teacher,
-                tokens,
-                shape_text,
-            )
-        )
-        rows.append(
-            _lm_row(
-                variant,
-                "pruned + KD, int8 weight-only",
-                r["quantise (quantise)"],
-                teacher,
-                tokens,
-                shape_text,
-            )
-        )
-        qat_tokens = tokens + args.qat_steps * 8 * 256
-        rows.append(
-            _lm_row(
-                variant, "pruned + KD, QAT-int8", r["qat (distil)"], teacher, qat_tokens, shape_text
-            )
-        )
-    if "width KD on teacher generations" in reports:
-        report = reports["width KD on teacher generations"]
-        summary = stage_of(report, "distil")["details"]["train_summary"]
-        rows.append(
-            _lm_row(
-                "width",
-                "pruned + KD on the teacher's generations (#78)",
-                rows_of(report)["distil (distil)"],
-                teacher,
-                int(summary.get("tokens", 0)),
-                "4 layers x 128",
-            )
-        )
+            entries.append(("pruned + CE fine-tune (no teacher)", ce, kd_tokens))
+        entries += [
+            ("pruned + KD", r["distil (distil)"], kd_tokens),
+            ("same shape from scratch", r["baseline (scratch, same shape)"], kd_tokens),
+        ]
+        if variant == "width" and "width KD on teacher generations" in reports:
+            own = reports["width KD on teacher generations"]
+            tokens = int(stage_of(own, "distil")["details"]["train_summary"].get("tokens", 0))
+            label = "pruned + KD on the teacher's generations (#78)"
+            entries.append((label, rows_of(own)["distil (distil)"], tokens))
+        entries += [
+            ("pruned + KD, int8 weight-only", r["quantise (quantise)"], kd_tokens),
+            ("pruned + KD, QAT-int8 weight-only", r["qat (distil)"], qat_tokens),
+        ]
+        if variant == "width":
+            dynamic = rows_of(reports["width int8 dynamic"])
+            entries += [
+                (
+                    "pruned + KD, int8 dynamic (activations too)",
+                    dynamic["quantise (quantise)"],
+                    kd_tokens,
+                ),
+                ("pruned + KD, QAT-int8 dynamic", dynamic["qat (distil)"], qat_tokens),
+            ]
+        shape_text = f"{shape['num_layers']} layers x {shape['hidden_size']}"
+        rows += [_lm_row(variant, what, row, teacher, n, shape_text) for what, row, n in entries]
     return rows
 
 
@@ -453,7 +438,11 @@ def lm_latency(result: dict[str, Any], args: argparse.Namespace) -> list[dict[st
     for variant in PRUNES:
         report = reports[variant]
         folders[f"{variant} KD float32"] = Path(stage_of(report, "distil")["folder"]) / "model"
-        folders[f"{variant} KD int8"] = Path(stage_of(report, "quantise")["folder"]) / "model"
+        folders[f"{variant} KD int8 weight-only"] = (
+            Path(stage_of(report, "quantise")["folder"]) / "model"
+        )
+    dynamic = reports["width int8 dynamic"]
+    folders["width KD int8 dynamic"] = Path(stage_of(dynamic, "quantise")["folder"]) / "model"
     loaded = {name: load_model(ModelKind.causal_lm, f) for name, f in folders.items()}
     some = next(iter(loaded.values()))
     rows = latency_grid(
