@@ -415,6 +415,9 @@ def search(
     stage: Annotated[
         str, typer.Option("--stage", help="all, search, select, final or report")
     ] = "all",
+    worker_index: Annotated[
+        int, typer.Option("--worker-index", hidden=True, help="set by --workers for each worker")
+    ] = 0,
 ) -> None:
     """Search hyperparameters and student shapes with Optuna: trials are resumable runs, the top
     candidates are re-run over seeds, and the study report shows the Pareto front of quality
@@ -467,6 +470,7 @@ def search(
             chosen,
             reference=reference,
             say=lambda text: console.print(text, markup=False, soft_wrap=True),
+            worker_index=worker_index,
         )
     except DistilError as exc:
         _fail(exc)

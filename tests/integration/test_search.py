@@ -210,11 +210,11 @@ def has_checkpoint(run_dir: Path) -> bool:
     return any((run_dir / "student" / "checkpoints").glob("step-*"))
 
 
-def load_trials(study_dir: Path) -> list[Any]:
-    study = optuna.load_study(
-        study_name="distil-search", storage=f"sqlite:///{study_dir / 'study.db'}"
-    )
-    return study.get_trials()
+def load_trials(
+    study_dir: Path, storage: str | None = None, name: str = "distil-search"
+) -> list[Any]:
+    url = storage or f"sqlite:///{study_dir / 'study.db'}"
+    return optuna.load_study(study_name=name, storage=url).get_trials()
 
 
 def test_kill_9_mid_trial_then_resume_keeps_completed_trials_and_resumes_the_stale_one(
@@ -271,10 +271,32 @@ def test_kill_9_mid_trial_then_resume_keeps_completed_trials_and_resumes_the_sta
     assert "--resume" in (study_dir / "trials/0001.log").read_text()
 
 
-def test_two_workers_share_one_sqlite_file_and_one_survives_a_kill(
-    tmp_path: Path, teacher: Path
+POSTGRES = os.environ.get(
+    "DISTIL_TEST_POSTGRES_URL"
+)  # e.g. postgresql+psycopg2://postgres@127.0.0.1:5432/distil_search
+
+
+@pytest.mark.parametrize(
+    "storage",
+    [
+        None,
+        pytest.param(
+            POSTGRES,
+            marks=pytest.mark.skipif(
+                POSTGRES is None, reason="set DISTIL_TEST_POSTGRES_URL to a PostgreSQL database"
+            ),
+        ),
+    ],
+    ids=["sqlite", "postgres"],
+)
+def test_two_workers_share_one_storage_and_one_survives_a_kill(
+    tmp_path: Path, teacher: Path, storage: str | None
 ) -> None:
-    config = study_config(tmp_path, teacher, {"budget": {"trials": 2}, "workers": 2})
+    name = f"test-{tmp_path.name}-{os.getpid()}"  # a server keeps studies between test runs
+    extra: dict[str, Any] = {"budget": {"trials": 2}, "workers": 2, "study_name": name}
+    if storage is not None:
+        extra["storage"] = storage
+    config = study_config(tmp_path, teacher, extra)
     study_dir = tmp_path / "study"
     argv = [
         sys.executable,
@@ -297,13 +319,13 @@ def test_two_workers_share_one_sqlite_file_and_one_survives_a_kill(
         )
         running = {
             t.number: t.user_attrs.get("worker", {}).get("pid")
-            for t in load_trials(study_dir)
+            for t in load_trials(study_dir, storage, name)
             if t.state.name == "RUNNING"
         }
         victim_trial, victim = next((n, pid) for n, pid in running.items() if pid)
         os.kill(victim, signal.SIGKILL)
         assert proc.wait(timeout=180) == 0
-    trials = load_trials(study_dir)
+    trials = load_trials(study_dir, storage, name)
     states = {t.number: t.state.name for t in trials}
     assert states[victim_trial] == "FAIL"
     retries = [
@@ -316,7 +338,7 @@ def test_two_workers_share_one_sqlite_file_and_one_survives_a_kill(
     )
     assert sum(s == "COMPLETE" for s in states.values()) == 2
     pids = {t.user_attrs["worker"]["pid"] for t in trials}
-    assert len(pids) == 2  # both workers ran trials against the one study.db
+    assert len(pids) == 2  # both workers ran trials against the one storage
     assert "its trial is re-queued" in (tmp_path / "coordinator.log").read_text()
 
 

@@ -144,6 +144,8 @@ def spawn_workers(root: Path, count: int, say: Callable[[str], None]) -> list[in
             "search",
             "--workers",
             "1",
+            "--worker-index",
+            str(k),
         ]
         # A worker dies with this process (PR_SET_PDEATHSIG), as its trial's run dies with it:
         # a killed `distil search` leaves nothing running, and resuming it starts clean.
@@ -184,6 +186,7 @@ def run_stages(
     *,
     reference: Path | None,
     say: Callable[[str], None],
+    worker_index: int = 0,
 ) -> dict[str, Any] | None:
     """Run the requested stage(s) on a prepared study; return the report when one was written."""
     from distil.search.report import write_report
@@ -205,7 +208,7 @@ def run_stages(
                     f"{ {k: v for k, v in trial.params.items()} }"
                 )
 
-            Worker(ctx, SubprocessRunner(ctx), on_trial=on_trial).run()
+            Worker(ctx, SubprocessRunner(ctx), worker_index=worker_index, on_trial=on_trial).run()
         use = spent(open_study(ctx))
         say(
             f"search stage: {use.trials} trials, {use.wall_time_s:.0f} s busy wall time "

@@ -252,6 +252,9 @@ def history_plot(rows: Sequence[Mapping[str, Any]], metric: str, direction: Dire
         )
     ax.scatter([], [], s=16, color=ROLE_COLORS["student"], label="completed")
     ax.scatter([], [], s=16, marker="x", color="#d62728", label="pruned (last intermediate value)")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("trial", fontsize=9)
     ax.set_ylabel(metric, fontsize=9)
     ax.legend(fontsize=7, frameon=False)

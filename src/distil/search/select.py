@@ -203,6 +203,10 @@ def _separation_note(ranked: Sequence[Mapping[str, Any]], objective: Metric) -> 
     )
 
 
+def _bound(value: float | None) -> str:
+    return "unbounded" if value is None else f"{value:.4g}"
+
+
 def best_config(ctx: StudyContext, values: Mapping[str, Any]) -> dict[str, Any]:
     """The base config with the winner's values: what the user runs (no trial or flash overrides)."""
     return apply_overrides(ctx.base, to_overrides(values))
@@ -213,7 +217,7 @@ def write_best_yaml(ctx: StudyContext, winner: Mapping[str, Any], objective: Met
     interval = winner.get("interval")
     score = (
         f"{objective.metric} {interval['mean']:.4g} over seeds {winner['seeds']} "
-        f"({100 * ctx.search.select.confidence:.0f}% CI {interval['low']}..{interval['high']})"
+        f"({100 * ctx.search.select.confidence:.0f}% CI {_bound(interval['low'])}..{_bound(interval['high'])})"
         if interval
         else f"{objective.metric} {winner['score']:.4g} (one flash run)"
     )

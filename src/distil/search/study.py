@@ -214,9 +214,11 @@ def retry_callback(search: SearchSection) -> Callable[[Any, Any], None]:
     return callback
 
 
-def derive_seed(seed: int, trial_number: int) -> int:
-    """The sampler seed of one trial: a fixed function of the study seed and the trial number."""
-    return (seed * 1_000_003 + trial_number * 7919 + 12345) % (2**32)
+def derive_seed(seed: int, trial_number: int, worker_index: int = 0) -> int:
+    """The sampler seed of one trial: a fixed function of the study seed, the trial number and
+    the worker's index (two workers asking at the same moment see the same number of trials, and
+    must not draw the same values)."""
+    return (seed * 1_000_003 + trial_number * 7919 + worker_index * 104_729 + 12345) % (2**32)
 
 
 def make_sampler(cfg: SamplerSection, seed: int) -> Any:
@@ -473,6 +475,7 @@ class Worker:
 
     ctx: StudyContext
     runner: TrialRunner
+    worker_index: int = 0
     poll_s: float = 2.0
     on_trial: Callable[[Any], None] | None = None
     study: Any = field(default=None, init=False)
@@ -534,7 +537,8 @@ class Worker:
                 time.sleep(self.poll_s)  # another worker's trial may still go stale: wait
                 continue
             self.study.sampler = make_sampler(
-                self.ctx.search.sampler, derive_seed(self.ctx.search.sampler.seed, len(recs))
+                self.ctx.search.sampler,
+                derive_seed(self.ctx.search.sampler.seed, len(recs), self.worker_index),
             )
             self._current = None
             try:
