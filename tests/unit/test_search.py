@@ -297,3 +297,44 @@ def test_mean_interval_matches_the_t_distribution() -> None:
     assert diff.mean == pytest.approx(0.01) and diff.sd == pytest.approx(0.0, abs=1e-12)
     with pytest.raises(ValueError):
         mean_interval([])
+
+
+# --- command-line flags and `distil validate` ------------------------------------------------
+
+
+def test_flags_add_to_the_yaml_section() -> None:
+    from distil.search.command import SearchFlags
+
+    yaml_section = {"space": {"train.lr": "loguniform(1e-4, 1e-2)"}, "budget": {"trials": 5}}
+    flags = SearchFlags(
+        space=["kd.kd_temperature=uniform(1, 4)", "train.lr=loguniform(1e-3, 1e-2)"],
+        objectives=["min:student ECE (15 bins)"],
+        wall_time="10m",
+        workers=2,
+    )
+    merged = SearchSection.model_validate(flags.apply(yaml_section))
+    assert set(merged.space) == {"train.lr", "kd.kd_temperature"}
+    assert merged.space["train.lr"].low == 1e-3  # type: ignore[union-attr]
+    assert merged.budget.trials == 5 and merged.budget.wall_time == 600
+    assert merged.objectives[0].direction is Direction.minimize and merged.workers == 2
+    with pytest.raises(ConfigError, match="dotted.key=DISTRIBUTION"):
+        SearchFlags(space=["kd.kd_temperature"]).apply({})
+
+
+def test_validate_checks_a_search_section(tmp_path: Path) -> None:
+    from tests.helpers import run_cli
+
+    config = tmp_path / "study.yaml"
+    config.write_text(
+        "recipe: classifier_kd\n"
+        "search:\n"
+        "  space:\n"
+        "    kd.kd_temperature: loguniform(1, 8)\n"
+        "    student.model.kwargs.hidden: [[16], [32, 16]]\n"
+        "  objectives: [maximize:student test accuracy]\n"
+        "  budget: {wall_time: 30m}\n"
+    )
+    code, out = run_cli(["validate", str(config)])
+    assert code == 0 and "with a valid search: section" in out, out
+    code, out = run_cli(["validate", str(config), "search.budget={}", "search.select.top_k=-1"])
+    assert code == 2 and "give the search a budget" in out and "select.top_k" in out, out

@@ -104,7 +104,7 @@ def check_search(
         flags: Command-line additions to the section.
 
     Returns:
-        ``(recipe, base config mapping, search section)``.
+        ``(recipe, resolved base config mapping, search section)``.
 
     Raises:
         ConfigError: Listing every problem.
@@ -113,11 +113,14 @@ def check_search(
     section_data = data.pop("search", None) or {}
     if not isinstance(section_data, dict):
         raise ConfigError(["search: must be a mapping"], source=source)
-    recipe, _, _ = validate(data, source, source)
+    # The base is the resolved config (every default written out), so that an override such as
+    # student.model.kwargs.hidden lands in a complete student.model, in validation, in every
+    # trial and in best.yaml alike.
+    recipe, _, base = validate(data, source, source)
     section_data = (flags or SearchFlags()).apply(section_data)
     section = validate_config(SearchSection, section_data, source=f"{source} (search:)")
-    check_space_against_config(section, data, lambda d: validate(d, source, source))
-    return recipe, data, section
+    check_space_against_config(section, base, lambda d: validate(d, source, source))
+    return recipe, base, section
 
 
 def spawn_workers(root: Path, count: int, say: Callable[[str], None]) -> list[int]:
