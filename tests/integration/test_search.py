@@ -362,3 +362,34 @@ def test_every_trial_pruned_ends_with_a_report_and_no_winner(tmp_path: Path, tea
     assert report["states"] == {"pruned": 2} and report["select"]["winner"] is None
     assert not (study_dir / "best.yaml").exists() and (study_dir / "report.html").is_file()
     assert not (study_dir / "trials/0000/report.json").exists()  # stopped after its first epoch
+
+
+class TwoObjectiveRunner:
+    """Quality rises with the student's width and so does its size: a real trade-off."""
+
+    def __call__(self, trial: Any, values: dict[str, Any], run_dir: Path) -> Any:
+        from distil.search.study import TrialOutcome
+
+        width = sum(values["hidden"])
+        quality = 1 - 1 / width - 0.01 * abs(values["kd.kd_temperature"] - 3)
+        return TrialOutcome(
+            [quality, float(width)], {"student test accuracy": quality, "student params": width}
+        )
+
+
+def test_a_multi_objective_study_reports_its_pareto_front(tmp_path: Path) -> None:
+    from distil.search.report import write_report
+    from distil.search.study import Worker, open_study
+
+    ctx = study_ctx(
+        tmp_path, 6, objectives=["maximize:student test accuracy", "minimize:student params"]
+    )
+    Worker(ctx, TwoObjectiveRunner()).run()
+    study = open_study(ctx)
+    assert len(study.directions) == 2
+    report = write_report(ctx, study)
+    front = report["pareto"]["front"]
+    assert front and report["pareto"]["axes"] == ["student test accuracy", "student params"]
+    widths = [json.loads(r["hidden"]) for r in front]
+    assert len({sum(w) for w in widths}) == len(front)  # one point per size on this front
+    assert {t.number for t in study.best_trials} >= {r["trial"] for r in front}
