@@ -128,6 +128,12 @@ def test_a_live_worker_is_not_reaped(tmp_path: Path) -> None:
     trial.set_user_attr("worker", worker_identity(trial.number))
     assert worker_alive(worker_identity(0)) is True
     assert worker_alive({"host": "elsewhere", "pid": 1}) is None
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])  # exits; not waited for yet
+    wait_for(
+        lambda: Path(f"/proc/{zombie.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    )
+    assert worker_alive({**worker_identity(0), "pid": zombie.pid, "start_ticks": None}) is False
+    zombie.wait()
     assert reap_dead_local_workers(study) == []
 
 

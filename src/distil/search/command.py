@@ -161,26 +161,30 @@ def spawn_workers(root: Path, count: int, say: Callable[[str], None]) -> list[in
         )
         procs.append((k, proc, log))
         say(f"worker {k}: pid {procs[-1][1].pid}, log {root / f'worker-{k}.log'}")
-    codes = []
+    codes: dict[int, int] = {}
     try:
-        for k, proc, log in procs:
-            code = proc.wait()
-            log.close()
-            codes.append(code)
-            if code != 0:
-                say(
-                    f"worker {k} ended with {code}"
-                    + (
-                        f" (signal {-code}): its trial is re-queued and resumed by another worker"
-                        if code < 0
-                        else ""
+        while len(codes) < len(procs):  # poll all: a dead worker is reported (and reaped) at once
+            for k, proc, log in procs:
+                code = proc.poll()
+                if code is None or k in codes:
+                    continue
+                log.close()
+                codes[k] = code
+                if code != 0:
+                    say(
+                        f"worker {k} ended with {code}"
+                        + (
+                            f" (signal {-code}): its trial is re-queued and resumed by another worker"
+                            if code < 0
+                            else ""
+                        )
                     )
-                )
+            time.sleep(0.5)
     finally:
         for _, proc, _ in procs:
             if proc.poll() is None:
                 proc.terminate()
-    return codes
+    return [codes[k] for k in sorted(codes)]
 
 
 def run_stages(

@@ -305,14 +305,20 @@ def spent(study: Any) -> Usage:
     return usage(records(study), dt.datetime.now())
 
 
-def _start_ticks(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (``/proc/PID/stat`` field 22), which
-    tells a live worker from a new process that reused its pid."""
+def _proc_stat(pid: int) -> list[str] | None:
+    """The fields of ``/proc/PID/stat`` after the command name (state first), if readable."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return int(stat.rsplit(")", 1)[1].split()[19])
+    return stat.rsplit(")", 1)[1].split()
+
+
+def _start_ticks(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (``/proc/PID/stat`` field 22), which
+    tells a live worker from a new process that reused its pid."""
+    fields = _proc_stat(pid)
+    return None if fields is None else int(fields[19])
 
 
 def worker_identity(trial_number: int) -> dict[str, Any]:
@@ -337,8 +343,11 @@ def worker_alive(identity: dict[str, Any]) -> bool | None:
         return False
     except PermissionError:
         pass
+    fields = _proc_stat(pid)
+    if fields is not None and fields[0] in ("Z", "X"):
+        return False  # killed, not yet reaped by its parent: dead all the same
     ticks = identity.get("start_ticks")
-    return ticks is None or _start_ticks(pid) == ticks
+    return ticks is None or fields is None or int(fields[19]) == ticks
 
 
 def reap_dead_local_workers(study: Any) -> list[int]:
