@@ -385,7 +385,10 @@ def search(
     ] = None,
     space: Annotated[
         list[str] | None,
-        typer.Option("--space", help="KEY=DIST: loguniform(1,8), uniform(0,1), int(1,4), [a,b]"),
+        typer.Option(
+            "--space",
+            help="KEY=DIST: loguniform(1,8), uniform(0,1), int(1,4), categorical(a,b) or a YAML list",
+        ),
     ] = None,
     objective: Annotated[
         list[str] | None,
