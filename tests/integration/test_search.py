@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
+from distil.errors import DistilError
 from distil.search.config import SearchSection
 from tests.helpers import run_cli
 
@@ -399,3 +400,15 @@ def test_a_multi_objective_study_reports_its_pareto_front(tmp_path: Path) -> Non
     widths = [json.loads(r["hidden"]) for r in front]
     assert len({sum(w) for w in widths}) == len(front)  # one point per size on this front
     assert {t.number for t in study.best_trials} >= {r["trial"] for r in front}
+
+
+def test_the_final_test_runs_once(tmp_path: Path) -> None:
+    from distil.search.select import final_test
+
+    ctx = study_ctx(tmp_path, 1, final={"seeds": [0, 1]})
+    stored = {"metric": {"metric": "student test accuracy"}, "best": {"mean": 0.9}}
+    (tmp_path / "final.json").write_text(json.dumps(stored))
+    assert final_test(ctx, None, parallel=1) == stored  # read back, nothing re-run
+    (tmp_path / "final.json").unlink()
+    with pytest.raises(DistilError, match="named no winner"):
+        final_test(ctx, None, parallel=1)

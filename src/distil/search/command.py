@@ -187,6 +187,10 @@ def spawn_workers(root: Path, count: int, say: Callable[[str], None]) -> list[in
     return [codes[k] for k in sorted(codes)]
 
 
+def _fmt(value: float | None) -> str:
+    return "unbounded" if value is None else f"{value:.4g}"
+
+
 def run_stages(
     ctx: Any,
     stage: Stage,
@@ -238,7 +242,7 @@ def run_stages(
                 f"final test ({result['metric']['metric']}): winner {result['best']['mean']:.4g}"
                 + (
                     f", reference {result['reference']['mean']:.4g}, paired difference "
-                    f"{diff['mean']:+.4g} (CI {diff['low']}..{diff['high']})"
+                    f"{diff['mean']:+.4g} (CI {_fmt(diff['low'])}..{_fmt(diff['high'])})"
                     if diff
                     else ""
                 )
