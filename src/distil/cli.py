@@ -446,28 +446,32 @@ def search(
             storage=storage,
             workers=workers,
         )
-        if config is None:
-            if study_dir is None:
-                raise DistilError("give a CONFIG to start a study, or --study-dir to resume one")
-            stored = st.load(study_dir)
-            raw = {**stored.base, "search": stored.search.model_dump(mode="json")}
-            source = str(study_dir / st.SPEC_FILE)
+        if config is None and study_dir is None:
+            raise DistilError("give a CONFIG to start a study, or --study-dir to resume one")
+        if config is None and study_dir is not None and not overrides and flags == SearchFlags():
+            ctx = st.load(study_dir)  # resume exactly what the folder holds
         else:
-            raw = load_yaml(resolve_config_path(config))
-            source = config
-        recipe, base, section = check_search(
-            raw, list(overrides or []), validate_data, source=source, flags=flags
-        )
-        root = study_dir or Path(base.get("run", {}).get("output_dir", "runs")) / (
-            f"search-{base.get('run', {}).get('name') or recipe}"
-        )
-        ctx = st.prepare(root, recipe, base, section)
+            if config is None and study_dir is not None:
+                stored = st.load(study_dir)
+                raw = {**stored.base, "search": stored.search.model_dump(mode="json")}
+                source = str(study_dir / st.SPEC_FILE)
+            else:
+                source = str(config)
+                raw = load_yaml(resolve_config_path(source))
+            recipe, base, search_cfg = check_search(
+                raw, list(overrides or []), validate_data, source=source, flags=flags
+            )
+            root = study_dir or Path(base.get("run", {}).get("output_dir", "runs")) / (
+                f"search-{base.get('run', {}).get('name') or recipe}"
+            )
+            ctx = st.prepare(root, recipe, base, search_cfg)
+        section = ctx.search
         reference = (
             resolve_config_path(section.final.reference)
             if section.final is not None and section.final.reference is not None
             else None
         )
-        console.print(f"[bold]study[/bold] {root} ({ctx.storage_url})")
+        console.print(f"[bold]study[/bold] {ctx.root} ({ctx.storage_url})")
         run_stages(
             ctx,
             chosen,
