@@ -122,18 +122,26 @@ def states(db: Path) -> dict[int, dict[str, Any]]:
     return {v["number"]: v for v in by_id.values()}
 
 
-def prepare(out: Path, log: Path) -> tuple[Path, Path]:
-    """The trials' training file (the default job's training split) and their teacher."""
+def shipped(config: str) -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load(
+        (ROOT / "src" / "distil" / "configs" / f"{config}.yaml").read_text()
+    )
+    return data
+
+
+def prepare(out: Path, log: Path, config: str) -> tuple[Path, Path]:
+    """The trials' training file (the shipped config's training split) and their teacher."""
     import pandas as pd
 
-    from distil.data.classification import load_mnist5k
+    from distil.data.classification import BUILTIN_DATASETS
 
-    data_file = out / "data" / "mnist5k-train.parquet"
+    d = shipped(config)["data"]
+    data_file = out / "data" / f"{d['dataset']}-train.parquet"
     if not data_file.is_file():
         data_file.parent.mkdir(parents=True, exist_ok=True)
-        data = load_mnist5k(
-            0.25, 0
-        )  # the shipped default's split (test_fraction 0.25, split_seed 0)
+        # the shipped config's own split, so its test split is never in the trials' data
+        load = BUILTIN_DATASETS[d["dataset"]][0]
+        data = load(d.get("test_fraction", 0.25), d.get("split_seed", 0))
         assert data.train.images is not None
         frame = pd.DataFrame(
             {
@@ -147,7 +155,7 @@ def prepare(out: Path, log: Path) -> tuple[Path, Path]:
         code = sh(
             distil(
                 "run",
-                "classifier_kd",
+                config,
                 *trial_data(data_file),
                 "eval.baseline=false",
                 "train.epochs=1",
@@ -171,15 +179,16 @@ def trial_data(data_file: Path) -> list[str]:
     ]
 
 
-def study_yaml(out: Path, data_file: Path, teacher: Path, budget: str, workers: int) -> Path:
-    shipped = ROOT / "src" / "distil" / "configs" / "classifier_kd.yaml"
-    base = yaml.safe_load(shipped.read_text())
+def study_yaml(out: Path, data_file: Path, teacher: Path, args: argparse.Namespace) -> Path:
+    base = shipped(args.config)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    budget = {"trials": args.trials} if args.trials else {"wall_time": args.budget}
     base["search"] = {
         "space": SPACE,
         "objectives": ["maximize:student test accuracy"],
         "costs": ["minimize:student params", "minimize:cost.student.latency_b1_ms"],
-        "budget": {"wall_time": budget},
-        "workers": workers,
+        "budget": budget,
+        "workers": args.workers,
         "heartbeat_interval": 10,
         "grace_period": 60,
         "sampler": {"name": "tpe", "seed": 0, "startup_trials": 10},
@@ -192,11 +201,11 @@ def study_yaml(out: Path, data_file: Path, teacher: Path, budget: str, workers: 
             "eval.baseline=false",
             "run.log_with=[]",
         ],
-        "flash_overrides": ["train.epochs=8"],
-        "select": {"top_k": 3, "seeds": [0, 1, 2]},
+        "flash_overrides": [f"train.epochs={args.flash_epochs}"],
+        "select": {"top_k": args.top_k, "seeds": seeds},
         "final": {
-            "seeds": [0, 1, 2],
-            "reference": "classifier_kd",
+            "seeds": seeds,
+            "reference": args.config,
             "overrides": ["eval.baseline=false", "run.log_with=[]"],
         },
     }
@@ -215,7 +224,12 @@ def worker_pids(coordinator: int) -> list[int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--budget", default="20m")
+    parser.add_argument("--config", default="classifier_kd", help="shipped classifier_kd config")
+    parser.add_argument("--budget", default="20m", help="busy wall time of the search stage")
+    parser.add_argument("--trials", type=int, default=None, help="a trial budget instead")
+    parser.add_argument("--flash-epochs", type=int, default=8)
+    parser.add_argument("--top-k", type=int, default=3)
+    parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--kill-worker-at", type=float, default=300.0)
     parser.add_argument("--kill-study-at", type=float, default=540.0)
@@ -229,9 +243,9 @@ def main() -> None:
     load = LoadSampler()
     record: dict[str, Any] = {"load_at_start": Path("/proc/loadavg").read_text().strip()}
     t0 = time.time()
-    data_file, teacher = prepare(out, log)
+    data_file, teacher = prepare(out, log, args.config)
     record["prepare_s"] = time.time() - t0
-    config = study_yaml(out, data_file, teacher, args.budget, args.workers)
+    config = study_yaml(out, data_file, teacher, args)
     study = out / ("study-dry" if args.dry else "study")
     db = study / "study.db"
 
@@ -249,8 +263,15 @@ def main() -> None:
                 if pids:
                     os.kill(pids[0], signal.SIGKILL)
                     killed_worker = True
+                    # With one worker the study process is the worker: its child is a trial's run.
+                    what = "one worker" if args.workers > 1 else "the running trial's run"
                     events.append(
-                        {"t": now, "event": "kill -9 one worker", "pid": pids[0], "states": before}
+                        {
+                            "t": now,
+                            "event": f"kill -9 {what}",
+                            "pid": pids[0] if args.workers > 1 else None,
+                            "states": before,
+                        }
                     )
             if killed_worker and not killed_study and now >= args.kill_study_at:
                 before = states(db)
@@ -298,8 +319,9 @@ def main() -> None:
     advise_path = out / "advise.json"
     if advise_path.is_file():
         record["advise"] = json.loads(advise_path.read_text()).get("capacity_gap")
+    record["args"] = {k: str(v) for k, v in vars(args).items() if k != "out"}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "search_classifier_kd.json").write_text(
+    (RESULTS / f"search_{args.config.replace('-', '_')}.json").write_text(
         rel(json.dumps(record, indent=1, default=str))
     )
     print(
