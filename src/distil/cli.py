@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib
 import logging
@@ -419,8 +420,9 @@ def search(
         str, typer.Option("--stage", help="all, search, select, final or report")
     ] = "all",
     worker_index: Annotated[
-        int, typer.Option("--worker-index", hidden=True, help="set by --workers for each worker")
-    ] = 0,
+        int | None,
+        typer.Option("--worker-index", hidden=True, help="run as worker K of --study-dir"),
+    ] = None,
 ) -> None:
     """Search hyperparameters and student shapes with Optuna: trials are resumable runs, the top
     candidates are re-run over seeds, and the study report shows the Pareto front of quality
@@ -448,7 +450,13 @@ def search(
         )
         if config is None and study_dir is None:
             raise DistilError("give a CONFIG to start a study, or --study-dir to resume one")
-        if config is None and study_dir is not None and not overrides and flags == SearchFlags():
+        if worker_index is not None and study_dir is not None:
+            # One of the workers `--workers N` starts: run trials of the stored study, in this
+            # process, and change nothing in the folder's spec.
+            ctx = st.load(study_dir)
+            ctx = dataclasses.replace(ctx, search=ctx.search.model_copy(update={"workers": 1}))
+            chosen = Stage.search
+        elif config is None and study_dir is not None and not overrides and flags == SearchFlags():
             ctx = st.load(study_dir)  # resume exactly what the folder holds
         else:
             if config is None and study_dir is not None:
@@ -477,7 +485,7 @@ def search(
             chosen,
             reference=reference,
             say=lambda text: console.print(text, markup=False, soft_wrap=True),
-            worker_index=worker_index,
+            worker_index=worker_index or 0,
         )
     except DistilError as exc:
         _fail(exc)

@@ -124,8 +124,9 @@ def check_search(
 
 
 def spawn_workers(root: Path, count: int, say: Callable[[str], None]) -> list[int]:
-    """Run ``count`` worker processes on the study (``distil search --study-dir ROOT --stage
-    search --workers 1``), each logging to ``ROOT/worker-K.log``; wait for all.
+    """Run ``count`` worker processes on the study (``distil search --study-dir ROOT
+    --worker-index K``: the search stage of the stored study, in that process), each logging to
+    ``ROOT/worker-K.log``; wait for all.
 
     A worker that dies (even by ``kill -9``) only loses its trial to a retry that another worker,
     or the next ``distil search`` on the study, resumes.
@@ -143,10 +144,6 @@ def spawn_workers(root: Path, count: int, say: Callable[[str], None]) -> list[in
             "search",
             "--study-dir",
             str(root),
-            "--stage",
-            "search",
-            "--workers",
-            "1",
             "--worker-index",
             str(k),
         ]
