@@ -301,7 +301,7 @@ def main() -> None:
     code = sh(distil("search", "--study-dir", str(study), "--stage", "final"), out / "final.log")
     record["final_s"], record["final_exit"] = time.time() - t3, code
     sh(
-        distil("advise", "classifier_kd", "--json", str(out / "advise.json")),
+        distil("advise", args.config, "--json", str(out / "advise.json")),
         out / "advise.log",
     )
     record["load"] = load.stop()
@@ -354,7 +354,8 @@ def kill_check(events: list[dict[str, Any]]) -> dict[str, Any]:
             if info["state"] == "RUNNING" and event.get("pid") in (None, info.get("pid")):
                 stale.append(number)
     for number in sorted(set(stale)):
-        retries = [v for v in final.values() if v.get("origin") == number and v["number"] != number]
+        origin = final[number].get("origin", number)  # a retry that was itself killed
+        retries = [v for v in final.values() if v.get("origin") == origin and v["number"] > number]
         rerun[number] = [
             {"trial": r["number"], "state": r["state"], "resumed": r.get("resumed")}
             for r in retries
