@@ -321,9 +321,9 @@ def main() -> None:
         record["advise"] = json.loads(advise_path.read_text()).get("capacity_gap")
     record["args"] = {k: str(v) for k, v in vars(args).items() if k != "out"}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"search_{args.config.replace('-', '_')}.json").write_text(
-        rel(json.dumps(record, indent=1, default=str))
-    )
+    name = f"search_{args.config.replace('-', '_')}"
+    (RESULTS / f"{name}.md").write_text(rel(markdown(record)))
+    (RESULTS / f"{name}.json").write_text(rel(json.dumps(record, indent=1, default=str)))
     print(
         json.dumps(
             {
@@ -340,6 +340,71 @@ def main() -> None:
             default=str,
         )
     )
+
+
+def markdown(record: dict[str, Any]) -> str:
+    """The results as a Markdown page (``results/search_<config>.md``)."""
+    rep = record["report"]
+    lines = [
+        f"# distil search study: {record['args']['config']}",
+        "",
+        f"Arguments: `{json.dumps(record['args'])}`",
+        "",
+        f"Wall time {record['wall_s']:.0f} s (prepare {record['prepare_s']:.0f}, search "
+        f"{record['search_s']:.0f}, select {record['select_s']:.0f}, final {record['final_s']:.0f}); "
+        f"CPU time of all child processes {record['children_cpu_s']:.0f} s; load average mean "
+        f"{record['load']['mean']:.1f}, max {record['load']['max']:.1f} (2 cores).",
+        "",
+        f"Trials: {rep['states']}; spent {rep['spent']}; trials re-run after a dead worker: {rep['retried']}.",
+        "",
+        "## Kills",
+        "",
+        f"`{json.dumps(record['kill_check'], default=str)}`",
+        "",
+        "## Selection (validation split, full-length runs)",
+        "",
+        "| trial | flash | mean | 95% CI | per seed | configuration |",
+        "|---:|---:|---:|---|---|---|",
+    ]
+    for c in rep["select"]["candidates"]:
+        i = c.get("interval") or {}
+        lines.append(
+            f"| {c['origin']} | {c['score']:.4f} | {i.get('mean', float('nan')):.4f} | "
+            f"{i.get('low', float('nan')):.4f} .. {i.get('high', float('nan')):.4f} | "
+            f"{', '.join(f'{s:.4f}' for s in c['scores'])} | `{json.dumps(c['values'])}` |"
+        )
+    lines += ["", rep["select"]["note"], ""]
+    final = rep.get("final")
+    if final:
+        lines += [
+            "## Final test (used once)",
+            "",
+            "| run | mean | 95% CI | per seed |",
+            "|---|---:|---|---|",
+        ]
+        for name in ("best", "reference", "difference"):
+            part = final.get(name)
+            if part:
+                lines.append(
+                    f"| {name} | {part['mean']:.4f} | {part['low']:.4f} .. {part['high']:.4f} | "
+                    f"{', '.join(f'{s:.4f}' for s in part.get('scores', []))} |"
+                )
+        lines.append("")
+    front = record["pareto_front"]
+    lines += [
+        "## Pareto front (validation accuracy vs student params)",
+        "",
+        "| trial | accuracy | params | hidden |",
+        "|---:|---:|---:|---|",
+    ]
+    lines += [
+        f"| {p['trial']} | {p[front['axes'][0]]:.4f} | {p[front['axes'][1]]:,.0f} | "
+        f"{p.get('student.model.kwargs.hidden')} |"
+        for p in front["front"]
+    ]
+    lines += ["", "## Importances", "", f"`{json.dumps(rep['importances'])}`", ""]
+    lines += ["## Capacity gap", "", str((rep.get("capacity_gap") or {}).get("text")), ""]
+    return "\n".join(lines)
 
 
 def kill_check(events: list[dict[str, Any]]) -> dict[str, Any]:
