@@ -18,7 +18,7 @@ from typing import Any
 
 from distil.config.loading import ConfigError, apply_overrides, validate_config
 from distil.errors import DistilError
-from distil.search.config import SearchSection, check_space_against_config
+from distil.search.config import SearchSection, check_space_against_config, reads_test_split
 from distil.search.runs import die_with_parent
 from distil.search.space import parse_space_item
 
@@ -120,6 +120,14 @@ def check_search(
     section_data = (flags or SearchFlags()).apply(section_data)
     section = validate_config(SearchSection, section_data, source=f"{source} (search:)")
     check_space_against_config(section, base, lambda d: validate(d, source, source))
+    for what in reads_test_split(section):
+        logger.warning(
+            "%s reads the test split: trials are then chosen on test data and the final test "
+            "is optimistic; search on a validation split (classifier_kd: "
+            "data.validation_fraction in trial_overrides, objective table.student.val_accuracy, "
+            "intermediate series val_accuracy)",
+            what,
+        )
     return recipe, base, section
 
 

@@ -174,7 +174,7 @@ PrunerSection = Annotated[
 class IntermediateSection(StrictModel):
     """The series of ``metrics.jsonl`` reported to the pruner while a trial trains."""
 
-    series: str = Field(min_length=1, description="e.g. test_accuracy, or val_accuracy")
+    series: str = Field(min_length=1, description="e.g. val_accuracy")
     phase: str | None = Field(default="student", description="rows of this phase only")
     step_key: str = Field(default="step", description="the row field used as the step")
 
@@ -222,7 +222,8 @@ class SearchSection(StrictModel):
         min_length=1, description="dotted config key -> distribution"
     )
     objectives: list[MetricSpec] = Field(
-        min_length=1, description="what the sampler optimises, e.g. maximize:student test accuracy"
+        min_length=1,
+        description="what the sampler optimises, e.g. maximize:table.student.val_accuracy",
     )
     costs: list[MetricSpec] = Field(
         default_factory=lambda: [Metric(metric="student params", direction=Direction.minimize)],
@@ -270,7 +271,7 @@ class SearchSection(StrictModel):
             if self.intermediate is None:
                 raise ValueError(
                     f"pruner {self.pruner.type!r} needs search.intermediate: the metrics.jsonl series "
-                    "to report while a trial trains (e.g. {series: test_accuracy, phase: student})"
+                    "to report while a trial trains (e.g. {series: val_accuracy, phase: student})"
                 )
             if len(self.objectives) > 1:
                 raise ValueError(
@@ -283,6 +284,13 @@ class SearchSection(StrictModel):
             raise ValueError(
                 f"{both} are searched and also fixed by trial/flash overrides; keep one"
             )
+        first = self.objectives[0].metric
+        if self.final is not None and self.final.metric is None and "val" in first.lower():
+            raise ValueError(
+                f"final.metric: the first objective {first!r} reads the validation split, which "
+                "best.yaml and the reference do not carve out; name the test metric the final "
+                "test compares, e.g. final: {metric: 'maximize:student test accuracy'}"
+            )
         if self.select.seed_key in self.space:
             raise ValueError(f"select.seed_key {self.select.seed_key!r} is also searched")
         return self
@@ -290,6 +298,17 @@ class SearchSection(StrictModel):
     @property
     def directions(self) -> list[Direction]:
         return [o.direction for o in self.objectives]
+
+
+def reads_test_split(section: SearchSection) -> list[str]:
+    """What in the section chooses trials by a test-split number (an objective, or the series
+    the pruner follows, whose name says ``test``). Choosing on the test split makes the final
+    test optimistic; the validation split (e.g. classifier_kd's ``data.validation_fraction`` with
+    ``table.student.val_accuracy`` and ``val_accuracy``) keeps it honest."""
+    found = [f"objective {o.metric!r}" for o in section.objectives if "test" in o.metric.lower()]
+    if section.intermediate is not None and "test" in section.intermediate.series.lower():
+        found.append(f"intermediate series {section.intermediate.series!r}")
+    return found
 
 
 def check_space_against_config(

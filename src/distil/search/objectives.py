@@ -13,20 +13,47 @@ from typing import Any
 from distil.errors import DistilError
 from distil.evaluation.report import row_of, summary_of
 
+HEADLINE = "table"  # PART of ``table.ROLE.KEY``: the report's headline table, every key of a row
+
+
+def _table(report: Mapping[str, Any], part: str) -> Mapping[str, Any] | None:
+    """The table of ``part`` (``quality``, ``fidelity``, ``cost``), or the headline table."""
+    if part == HEADLINE:
+        table = report.get(HEADLINE)
+        return table if isinstance(table, Mapping) and "rows" in table else None
+    section = report.get(part)
+    return section.get("table") if isinstance(section, Mapping) else None
+
 
 def available_metrics(report: Mapping[str, Any]) -> list[str]:
-    """Every name :func:`metric_value` accepts for this report: summary labels, then table paths."""
+    """Every name :func:`metric_value` accepts for this report: summary labels, then table paths
+    (the headline table's rows offer every numeric key they hold, shown as a column or not, such
+    as classifier_kd's ``val_accuracy``)."""
     names = list(report.get("summary") or summary_of(report))
     roles: Mapping[str, str] = report.get("roles") or {}
-    for part in ("quality", "fidelity", "cost"):
-        table = (report.get(part) or {}).get("table")
+    for part in ("quality", "fidelity", "cost", HEADLINE):
+        table = _table(report, part)
         if not table:
             continue
-        keys = [c["key"] for c in table["columns"][1:]]
         for role, model in roles.items():
-            if row_of(table, model) is not None:
-                names += [f"{part}.{role}.{k}" for k in keys]
+            row = row_of(table, model)
+            if row is None:
+                continue
+            if part == HEADLINE:
+                keys = [
+                    k
+                    for k, v in row.items()
+                    if isinstance(v, int | float) and not isinstance(v, bool)
+                ]
+            else:
+                keys = [c["key"] for c in table["columns"][1:]]
+            names += [f"{part}.{role}.{k}" for k in keys]
     return names
+
+
+class MetricMissing(DistilError):
+    """An objective or cost names a metric the run's report does not hold: a mistake in the
+    search section that every later trial would repeat, so the search stops at the first."""
 
 
 def metric_value(report: Mapping[str, Any], name: str) -> float:
@@ -35,20 +62,21 @@ def metric_value(report: Mapping[str, Any], name: str) -> float:
     Args:
         report: A completed ``report.json``.
         name: A ``summary`` label (``student test accuracy``) or ``PART.ROLE.KEY``
-            (``cost.student.latency_b1_ms``).
+            (``cost.student.latency_b1_ms``; PART ``table`` is the headline table, whose rows
+            may hold keys shown nowhere else, e.g. ``table.student.val_accuracy``).
 
     Returns:
         The value as a float (NaN when the report holds ``None`` there).
 
     Raises:
-        DistilError: If the name is neither, naming the closest available metric.
+        MetricMissing: If the name is neither, naming the closest available metric.
     """
     summary = report.get("summary") or summary_of(report)
     if name in summary:
         return _number(summary[name], name)
     part, _, rest = name.partition(".")
     role, _, key = rest.partition(".")
-    table = (report.get(part) or {}).get("table") if isinstance(report.get(part), dict) else None
+    table = _table(report, part)
     model = (report.get("roles") or {}).get(role)
     if table and model and key:
         row = row_of(table, model)
@@ -57,7 +85,7 @@ def metric_value(report: Mapping[str, Any], name: str) -> float:
     names = available_metrics(report)
     close = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
     hint = f"; did you mean {close[0]!r}?" if close else f"; available: {names}"
-    raise DistilError(f"metric {name!r} is not in the run's report{hint}")
+    raise MetricMissing(f"metric {name!r} is not in the run's report{hint}")
 
 
 def _number(value: Any, name: str) -> float:
@@ -94,7 +122,7 @@ def intermediate_points(
 
     Args:
         rows: Parsed ``metrics.jsonl`` rows.
-        series: The column to read (e.g. ``test_accuracy``).
+        series: The column to read (e.g. ``val_accuracy``).
         phase: Only rows of this phase (``None``: every row).
         step_key: The row field that is the step (``step`` or ``epoch``).
     """

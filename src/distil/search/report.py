@@ -110,12 +110,15 @@ def importances(ctx: StudyContext, trials: Sequence[Any]) -> dict[str, float] | 
 
 
 def capacity_gap_check(
-    ctx: StudyContext, trials: Sequence[Any], rows: Sequence[Mapping[str, Any]]
+    ctx: StudyContext,
+    trials: Sequence[Any],
+    rows: Sequence[Mapping[str, Any]],
+    select: Mapping[str, Any] | None = None,
 ) -> dict[str, Any] | None:
     """``distil advise``'s capacity-gap rule (best student ≈ teacher params / ratio) against the
-    student size the search found best, when the reports name the teacher's and student's
-    parameter counts."""
-    from distil.evaluation.advise import CAPACITY_GAP_RATIO
+    student sizes the search found best: the best search trial's, the selection winner's (when
+    selection ran), and the best first-objective value reached at each size tried."""
+    from distil.planning.advise import CAPACITY_GAP_RATIO
     from distil.search.objectives import read_report
 
     objective = ctx.search.objectives[0]
@@ -135,27 +138,45 @@ def capacity_gap_check(
     if not isinstance(teacher, int) or not isinstance(student, int):
         return None
     predicted = teacher / CAPACITY_GAP_RATIO
-    sizes = sorted(
-        {
-            int(r["student params"])
-            for r in rows
-            if isinstance(r.get("student params"), int | float)
-            and r["state"].startswith("complete")
-        }
-    )
-    return {
+    done = [
+        r
+        for r in rows
+        if r["state"].startswith("complete")
+        and isinstance(r.get("student params"), int | float)
+        and isinstance(r.get(objective.metric), int | float)
+        and math.isfinite(r[objective.metric])
+    ]
+    pick = max if objective.direction is Direction.maximize else min
+    by_size: dict[int, dict[str, Any]] = {}
+    for size in sorted({int(r["student params"]) for r in done}):
+        at = [r for r in done if int(r["student params"]) == size]
+        by_size[size] = {"trials": len(at), "best": pick(r[objective.metric] for r in at)}
+    out: dict[str, Any] = {
         "teacher_params": teacher,
         "ratio": CAPACITY_GAP_RATIO,
         "predicted_best_student_params": predicted,
         "search_best_student_params": student,
         "search_best_trial": best["trial"],
         "factor": student / predicted,
-        "student_sizes_tried": sizes,
+        "student_sizes_tried": sorted(by_size),
+        "best_by_size": {str(k): v for k, v in by_size.items()},
         "text": (
             f"advise predicts the best student near teacher/{CAPACITY_GAP_RATIO:g} = {predicted:,.0f} params; "
             f"the search's best trial ({best['trial']}) has {student:,} params, {student / predicted:.2g}x that"
         ),
     }
+    winner = (select or {}).get("winner")
+    if winner is not None:
+        row = next((r for r in rows if r["trial"] == winner.get("number")), None)
+        winner_size = None if row is None else row.get("student params")
+        if isinstance(winner_size, int | float):
+            out["winner_student_params"] = int(winner_size)
+            out["winner_factor"] = winner_size / predicted
+            out["text"] += (
+                f"; the selection winner (trial {winner['origin']}) has {int(winner_size):,} params, "
+                f"{winner_size / predicted:.2g}x"
+            )
+    return out
 
 
 def _best_row(
@@ -350,7 +371,7 @@ def build_report(ctx: StudyContext, study: Any) -> tuple[dict[str, Any], dict[st
         "trials": rows,
         "select": select,
         "final": final,
-        "capacity_gap": capacity_gap_check(ctx, trials, rows),
+        "capacity_gap": capacity_gap_check(ctx, trials, rows, select),
     }
     images: dict[str, bytes] = {}
     if done:
@@ -481,11 +502,29 @@ def render_markdown(report: Mapping[str, Any], ctx: StudyContext, plots: Mapping
     gap = report.get("capacity_gap")
     if gap:
         lines += ["## Capacity gap (distil advise)", "", gap["text"], ""]
+        lines += md_table(_size_table(report, gap))
     lines += ["## Search history", ""]
     lines += [f"![{n}]({plots[n]})" for n in ("history", "intermediate") if n in plots] + [""]
     lines += ["## Trials", "", *md_table(_trial_table(ctx, report["trials"]))]
     lines += ["## Space", ""] + [f"- `{k}`: {v}" for k, v in report["space"].items()] + [""]
     return "\n".join(lines)
+
+
+def _size_table(report: Mapping[str, Any], gap: Mapping[str, Any]) -> dict[str, Any]:
+    """The best first-objective value the search reached at each student size."""
+    metric = report["objectives"][0]["metric"]
+    rows = [
+        {"student params": int(size), "trials": v["trials"], f"best {metric}": v["best"]}
+        for size, v in (gap.get("best_by_size") or {}).items()
+    ]
+    return make_table(
+        [
+            ("student params", "student params"),
+            ("trials", "trials"),
+            (f"best {metric}", f"best {metric}"),
+        ],
+        rows,
+    )
 
 
 def _e(value: Any) -> str:
@@ -560,7 +599,7 @@ def render_html(report: Mapping[str, Any], ctx: StudyContext, images: Mapping[st
             (
                 "capacity",
                 "Capacity gap",
-                f'<p>{_e(gap["text"])}.</p><p class="note">Student sizes tried: {_e(", ".join(f"{s:,}" for s in gap["student_sizes_tried"]))}</p>',
+                f"<p>{_e(gap['text'])}.</p>" + table_html(_size_table(report, gap)),
             )
         )
     body = "".join(img(images[n], n) for n in ("history", "intermediate") if n in images)

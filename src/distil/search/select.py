@@ -26,7 +26,13 @@ from distil.search.objectives import metric_value, read_report
 from distil.search.runs import RunSpec, is_finished, run_all
 from distil.search.space import decode_params, to_overrides
 from distil.search.stats import Interval, mean_interval, paired_difference
-from distil.search.study import StudyContext, origin_of, require_optuna, trial_overrides
+from distil.search.study import (
+    NO_PLOTS,
+    StudyContext,
+    origin_of,
+    require_optuna,
+    trial_overrides,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +95,7 @@ def selection_runs(
                 f"{sel.seed_key}={seed}",
             ]
             run_dir = ctx.root / "select" / f"t{cand.origin:04d}-seed{seed}"
-            out.append((cand, seed, RunSpec(ctx.base_yaml, overrides, run_dir)))
+            out.append((cand, seed, RunSpec(ctx.base_yaml, overrides, run_dir, extra_env=NO_PLOTS)))
     return out
 
 

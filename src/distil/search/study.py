@@ -38,6 +38,7 @@ from typing import Any, Protocol
 import yaml
 
 from distil.errors import DistilError
+from distil.evaluation.report import PLOTS_ENV
 from distil.search.budget import TrialRecord, Usage, exhausted, usage
 from distil.search.config import (
     HyperbandPruner,
@@ -49,12 +50,14 @@ from distil.search.config import (
     SearchSection,
     ThresholdPruner,
 )
-from distil.search.objectives import metric_value, processed, read_report
+from distil.search.objectives import MetricMissing, metric_value, processed, read_report
 from distil.search.runs import RunSpec, Watch, is_finished, start, tail, watch
 from distil.search.space import suggest, to_overrides
 
 logger = logging.getLogger(__name__)
 
+# Trials and selection runs are measured, not read: their reports skip the plots.
+NO_PLOTS = {PLOTS_ENV: "0"}
 SPEC_FILE = "study.json"
 BASE_FILE = "base.yaml"
 # Parts of the spec that may change when a study is resumed (how much to spend, how to select
@@ -442,7 +445,12 @@ class SubprocessRunner:
         optuna = require_optuna()
         if is_finished(run_dir):  # the worker died after the run ended: only measure it
             return measure(self.ctx, run_dir)
-        spec = RunSpec(self.ctx.base_yaml, trial_overrides(self.ctx, values, flash=True), run_dir)
+        spec = RunSpec(
+            self.ctx.base_yaml,
+            trial_overrides(self.ctx, values, flash=True),
+            run_dir,
+            extra_env=NO_PLOTS,
+        )
         follow = self.ctx.search.intermediate
         single = len(self.ctx.search.objectives) == 1
         reported = set(trial.storage.get_trial(trial._trial_id).intermediate_values)
@@ -490,6 +498,7 @@ class Worker:
     study: Any = field(default=None, init=False)
     _current: int | None = field(default=None, init=False)
     _interrupted: bool = field(default=False, init=False)
+    _fatal: MetricMissing | None = field(default=None, init=False)
 
     def objective(self, trial: Any) -> Any:
         origin = origin_of(trial)
@@ -504,6 +513,12 @@ class Worker:
             outcome = self.runner(trial, values, run_dir)
         except RunKilled as exc:
             trial.set_user_attr("killed", str(exc))
+            raise
+        except MetricMissing as exc:
+            # the section is wrong, not the trial: stop rather than repeat it in every trial
+            self._fatal = MetricMissing(
+                f"trial {trial.number}: {exc} (the run is kept in {run_dir})"
+            )
             raise
         trial.set_user_attr("metrics", outcome.metrics)
         trial.set_user_attr("examples", outcome.examples)
@@ -559,6 +574,11 @@ class Worker:
                 self._retry_own_trial()
                 raise
             self._retry_own_trial()
+            if self._fatal is not None:
+                raise DistilError(
+                    f"{self._fatal}; fix the search section's objectives or costs and start a "
+                    "new study"
+                )
             if self.on_trial is not None and self._current is not None:
                 done = [
                     t for t in self.study.get_trials(deepcopy=False) if t.number == self._current
