@@ -1,7 +1,8 @@
 """distil search end to end: the worker loop with in-process trials (a resumed study draws what an
 uninterrupted one draws, a dead worker's trial resumes its own folder, every trial pruned), and
-the CLI on tiny digits runs (``kill -9`` of a worker then resume, two workers sharing one SQLite
-file, a study where every trial is pruned)."""
+the CLI on tiny digits runs chosen on a validation split (two workers sharing one SQLite file, one
+of them killed with ``kill -9`` and its trial resumed by the other; a study where every trial is
+pruned)."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ pytestmark = pytest.mark.filterwarnings(
 def section(**extra: Any) -> SearchSection:
     data: dict[str, Any] = {
         "space": {"kd.kd_temperature": "loguniform(1, 8)"},
-        "objectives": ["maximize:student test accuracy"],
+        "objectives": ["maximize:table.student.val_accuracy"],
         "budget": {"trials": 3},
     }
     data.update(extra)
@@ -57,7 +58,7 @@ class QuadraticRunner:
         if self.prune:
             trial.report(score, 1)
             raise optuna.TrialPruned("always")
-        return TrialOutcome([score], {"student test accuracy": score, "student params": 10.0})
+        return TrialOutcome([score], {"table.student.val_accuracy": score, "student params": 10.0})
 
 
 def study_ctx(root: Path, trials: int, **extra: Any) -> Any:
@@ -82,9 +83,9 @@ def test_a_resumed_study_draws_what_an_uninterrupted_one_draws(tmp_path: Path) -
         study = optuna.load_study(study_name="distil-search", storage=ctx.storage_url)
         return [t.params for t in study.get_trials()]
 
-    straight = params(tmp_path / "a", [6])
-    resumed = params(tmp_path / "b", [2, 4, 6])
-    assert len(straight) == 6 and straight == resumed
+    straight = params(tmp_path / "a", [4])
+    resumed = params(tmp_path / "b", [1, 3, 4])  # stopped while random, then while TPE
+    assert len(straight) == 4 and straight == resumed
 
 
 def test_a_dead_workers_trial_is_requeued_and_resumes_its_own_folder(tmp_path: Path) -> None:
@@ -143,9 +144,7 @@ def test_every_trial_pruned_names_no_winner_and_still_reports(tmp_path: Path) ->
     from distil.search.select import select_winner
     from distil.search.study import Worker, open_study
 
-    ctx = study_ctx(
-        tmp_path, 3, pruner={"type": "median"}, intermediate={"series": "test_accuracy"}
-    )
+    ctx = study_ctx(tmp_path, 3, pruner={"type": "median"}, intermediate={"series": "val_accuracy"})
     Worker(ctx, QuadraticRunner(prune=True)).run()
     study = open_study(ctx)
     assert [t.state.name for t in study.get_trials()] == ["PRUNED"] * 3
@@ -162,39 +161,42 @@ def test_every_trial_pruned_names_no_winner_and_still_reports(tmp_path: Path) ->
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny CNN teacher's weights (random: the mechanics of a search do not need a good one)."""
+    """A tiny MLP teacher's weights (random: the mechanics of a search do not need a good one)."""
     import torch
 
+    from distil.config.sources import ZooModel
     from distil.data.classification import load_digits
     from distil.models.classifier import build_classifier, save_model
 
     folder = tmp_path_factory.mktemp("teacher")
     torch.manual_seed(0)
-    built = build_classifier(
-        zoo="cnn", hf=None, factory=None, kwargs={"channels": [8, 16]}, data=load_digits(0.25, 0)
-    )
+    built = build_classifier(ZooModel(zoo="mlp", kwargs={"hidden": [16]}), load_digits(0.25, 0))
     save_model(built, folder)
     return folder / "model.safetensors"
 
 
-def study_config(root: Path, teacher: Path, search: dict[str, Any], epochs: int = 2) -> Path:
+def study_config(
+    root: Path, teacher: Path, search: dict[str, Any], *, epochs: int = 1, batch_size: int = 64
+) -> Path:
+    """The shipped digits job, shrunk: a loaded tiny teacher, a tiny student, no baseline, a
+    validation split that trials are chosen on (the test split is never read by the search)."""
     config = {
         "recipe": "classifier_kd",
-        "data": {"dataset": "digits"},
+        "data": {"source": {"builtin": "digits"}, "validation_fraction": 0.2},
         "teacher": {
-            "model": {"zoo": "cnn", "kwargs": {"channels": [8, 16]}},
-            "checkpoint": str(teacher),
+            "model": {"zoo": "mlp", "kwargs": {"hidden": [16]}, "weights": str(teacher)},
+            "train": False,
         },
-        "student": {"model": {"zoo": "mlp", "kwargs": {"hidden": [16]}}},
-        "train": {"epochs": epochs, "batch_size": 64, "lr": 0.003, "checkpoint_every": 5},
-        "eval": {"baseline": False, "throughput_batch": 32},
+        "student": {"model": {"zoo": "mlp", "kwargs": {"hidden": [8]}}},
+        "train": {"epochs": epochs, "batch_size": batch_size, "lr": 0.003, "checkpoint_every": 5},
+        "eval": {"baseline": False, "throughput_batch": 16},
         "run": {"log_with": [], "cpu_threads": 1},
         "search": {
             "space": {
                 "kd.kd_temperature": "uniform(1, 4)",
                 "student.model.kwargs.hidden": [[8], [16]],
             },
-            "objectives": ["maximize:student test accuracy"],
+            "objectives": ["maximize:table.student.val_accuracy"],
             "heartbeat_interval": 1,
             "grace_period": 3,
             "select": {"top_k": 0},
@@ -210,11 +212,26 @@ def wait_for(check: Callable[[], bool], timeout: float = 120.0) -> None:
     end = time.time() + timeout
     while not check():
         assert time.time() < end, "timed out"
-        time.sleep(0.2)
+        time.sleep(0.1)
 
 
 def has_checkpoint(run_dir: Path) -> bool:
     return any((run_dir / "student" / "checkpoints").glob("step-*"))
+
+
+def wait_for_victim(
+    study_dir: Path, storage: str | None, name: str, ready: Callable[[int], bool]
+) -> tuple[int, int]:
+    """A running trial for which ``ready`` holds, and its worker's pid (both read again after
+    the storage, which is slow on a loaded machine: the run may have moved on meanwhile)."""
+    end = time.time() + 120
+    while time.time() < end:
+        if ready(0) or ready(1):
+            for t in load_trials(study_dir, storage, name):
+                if t.state.name == "RUNNING" and "worker" in t.user_attrs and ready(t.number):
+                    return t.number, int(t.user_attrs["worker"]["pid"])
+        time.sleep(0.1)
+    raise AssertionError("no trial was caught mid-training")
 
 
 def load_trials(
@@ -222,60 +239,6 @@ def load_trials(
 ) -> list[Any]:
     url = storage or f"sqlite:///{study_dir / 'study.db'}"
     return optuna.load_study(study_name=name, storage=url).get_trials()
-
-
-def test_kill_9_mid_trial_then_resume_keeps_completed_trials_and_resumes_the_stale_one(
-    tmp_path: Path, teacher: Path
-) -> None:
-    config = study_config(tmp_path, teacher, {"budget": {"trials": 2}}, epochs=3)
-    study_dir = tmp_path / "study"
-    argv = [
-        sys.executable,
-        "-m",
-        "distil",
-        "search",
-        str(config),
-        "--study-dir",
-        str(study_dir),
-        "--stage",
-        "search",
-    ]
-    with open(tmp_path / "first.log", "wb") as log:
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            wait_for(
-                lambda: (
-                    (study_dir / "trials/0000/report.json").is_file()
-                    and has_checkpoint(study_dir / "trials/0001")
-                )
-            )
-        finally:
-            proc.send_signal(signal.SIGKILL)  # the worker; its trial's run dies with it
-            proc.wait()
-    before = {t.number: t.state.name for t in load_trials(study_dir)}
-    assert before == {0: "COMPLETE", 1: "RUNNING"}
-
-    code, out = run_cli(["search", "--study-dir", str(study_dir), "--stage", "search"])
-    assert code == 0, out
-    trials = load_trials(study_dir)
-    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE"]
-    assert trials[0].values == pytest.approx(
-        [
-            json.loads((study_dir / "trials/0000/report.json").read_text())["summary"][
-                "student test accuracy"
-            ]
-        ]
-    )
-    retry = trials[2]
-    assert retry.user_attrs["origin"] == 1 and retry.params == trials[1].params
-    assert retry.user_attrs["resumed"] is True
-    assert sorted(p.name for p in (study_dir / "trials").iterdir() if p.is_dir()) == [
-        "0000",
-        "0001",
-    ]
-    summary = json.loads((study_dir / "trials/0001/student/summary.json").read_text())
-    assert summary["resumed_at_step"] > 0  # continued from its checkpoint, not started over
-    assert "--resume" in (study_dir / "trials/0001.log").read_text()
 
 
 POSTGRES = os.environ.get(
@@ -296,61 +259,64 @@ POSTGRES = os.environ.get(
     ],
     ids=["sqlite", "postgres"],
 )
-def test_two_workers_share_one_storage_and_one_survives_a_kill(
+def test_kill_9_of_a_worker_loses_no_completed_trial_and_its_trial_resumes(
     tmp_path: Path, teacher: Path, storage: str | None
 ) -> None:
+    """Two workers on one storage; one is killed (-9) while its trial's run is mid-training
+    with a checkpoint: that run dies with it, the other worker re-runs the trial by resuming
+    the same folder, and the completed trial is kept. Then the winner is named and best.yaml
+    validates."""
     name = f"test-{tmp_path.name}-{os.getpid()}"  # a server keeps studies between test runs
     extra: dict[str, Any] = {"budget": {"trials": 2}, "workers": 2, "study_name": name}
     if storage is not None:
         extra["storage"] = storage
-    config = study_config(tmp_path, teacher, extra, epochs=3)
+    # Small batches make the student phase long enough (68 steps) to be killed inside it.
+    config = study_config(tmp_path, teacher, extra, batch_size=16)
     study_dir = tmp_path / "study"
-    argv = [
-        sys.executable,
-        "-m",
-        "distil",
-        "search",
-        str(config),
-        "--study-dir",
-        str(study_dir),
-        "--stage",
-        "search",
-    ]
+    argv = [sys.executable, "-m", "distil", "search", str(config), "--study-dir", str(study_dir)]
+    argv += ["--stage", "search"]
+
+    def mid_training(number: int) -> bool:
+        run_dir = study_dir / "trials" / f"{number:04d}"
+        return has_checkpoint(run_dir) and not (run_dir / "student" / "final").exists()
+
     with open(tmp_path / "coordinator.log", "wb") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-        wait_for(
-            lambda: (
-                has_checkpoint(study_dir / "trials/0000")
-                or has_checkpoint(study_dir / "trials/0001")
-            )
-        )
-        running = {  # a running trial that has checkpointed, and its worker
-            t.number: t.user_attrs["worker"]["pid"]
-            for t in load_trials(study_dir, storage, name)
-            if t.state.name == "RUNNING"
-            and "worker" in t.user_attrs
-            and has_checkpoint(study_dir / "trials" / f"{t.number:04d}")
-        }
-        victim_trial, victim = next(iter(running.items()))
-        os.kill(victim, signal.SIGKILL)  # its run dies with it (PR_SET_PDEATHSIG)
-        time.sleep(1.0)
-        # A tiny run may have written its report just before the kill: then the retry only
-        # measures it; otherwise it must resume the folder.
-        finished_at_kill = (study_dir / "trials" / f"{victim_trial:04d}" / "report.json").is_file()
-        assert proc.wait(timeout=180) == 0
+        try:
+            victim_trial, victim = wait_for_victim(study_dir, storage, name, mid_training)
+            os.kill(victim, signal.SIGKILL)  # its run dies with it (PR_SET_PDEATHSIG)
+            victim_dir = study_dir / "trials" / f"{victim_trial:04d}"
+            # On a loaded machine the run may have finished training between the check and the
+            # kill; then its retry resumes a finished phase instead of a checkpoint.
+            trained_at_kill = (victim_dir / "student" / "final").exists()
+            assert proc.wait(timeout=180) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
     trials = load_trials(study_dir, storage, name)
     states = {t.number: t.state.name for t in trials}
     assert states[victim_trial] == "FAIL"
-    retries = [
-        t for t in trials if t.user_attrs.get("origin") == victim_trial and t.number != victim_trial
-    ]
-    assert len(retries) == 1 and retries[0].state.name == "COMPLETE"
-    assert retries[0].user_attrs["run_dir"] == str(study_dir / "trials" / f"{victim_trial:04d}")
-    assert retries[0].user_attrs["resumed"] or finished_at_kill
-    assert sum(s == "COMPLETE" for s in states.values()) == 2
-    pids = {t.user_attrs["worker"]["pid"] for t in trials}
-    assert len(pids) == 2  # both workers ran trials against the one storage
+    assert sum(s == "COMPLETE" for s in states.values()) == 2 and len(trials) == 3
+    retry = next(t for t in trials if t.user_attrs.get("origin") == victim_trial and t.number > 1)
+    assert retry.state.name == "COMPLETE" and retry.params == trials[victim_trial].params
+    assert retry.user_attrs["run_dir"] == str(study_dir / "trials" / f"{victim_trial:04d}")
+    assert retry.user_attrs["resumed"] is True
+    summary = json.loads((victim_dir / "student" / "summary.json").read_text())
+    assert summary["resumed_at_step"] > 0 or trained_at_kill  # from its checkpoint, not anew
+    assert "--resume" in victim_dir.with_name(victim_dir.name + ".log").read_text()
+    assert len({t.user_attrs["worker"]["pid"] for t in trials}) == 2  # both workers ran trials
     assert "its trial is re-queued" in (tmp_path / "coordinator.log").read_text()
+    # Trials are measured on the validation split, not the test split.
+    for t in trials:
+        if t.state.name == "COMPLETE":
+            report = json.loads((Path(t.user_attrs["run_dir"]) / "report.json").read_text())
+            student = next(r for r in report["table"]["rows"] if r["model"] == "student (KD)")
+            assert t.values == [pytest.approx(student["val_accuracy"])]
+
+    code, out = run_cli(["search", "--study-dir", str(study_dir), "--stage", "select"])
+    assert code == 0 and "winner: trial" in out, out
+    code, out = run_cli(["validate", str(study_dir / "best.yaml")])
+    assert code == 0, out  # the winner's config runs as it is (no trial overrides in it)
 
 
 def test_every_trial_pruned_ends_with_a_report_and_no_winner(tmp_path: Path, teacher: Path) -> None:
@@ -358,19 +324,22 @@ def test_every_trial_pruned_ends_with_a_report_and_no_winner(tmp_path: Path, tea
         tmp_path,
         teacher,
         {
-            "budget": {"trials": 2},
+            "budget": {"trials": 1},
             "pruner": {"type": "threshold", "lower": 2.0},  # accuracy never reaches 2: prune all
-            "intermediate": {"series": "test_accuracy"},
+            "intermediate": {"series": "val_accuracy"},
             "select": {"top_k": 2, "seeds": [0, 1]},
         },
+        epochs=2,
     )
     study_dir = tmp_path / "study"
     code, out = run_cli(["search", str(config), "--study-dir", str(study_dir)])
     assert code == 0, out
-    assert "no winner: no search trial completed (2 trials: 2 pruned)" in out
-    assert [t.state.name for t in load_trials(study_dir)] == ["PRUNED", "PRUNED"]
+    assert "no winner: no search trial completed (1 trials: 1 pruned)" in out
+    trials = load_trials(study_dir)
+    assert [t.state.name for t in trials] == ["PRUNED"]
+    assert list(trials[0].intermediate_values) == [trials[0].last_step]  # after one epoch
     report = json.loads((study_dir / "report.json").read_text())
-    assert report["states"] == {"pruned": 2} and report["select"]["winner"] is None
+    assert report["states"] == {"pruned": 1} and report["select"]["winner"] is None
     assert not (study_dir / "best.yaml").exists() and (study_dir / "report.html").is_file()
     assert not (study_dir / "trials/0000/report.json").exists()  # stopped after its first epoch
 
@@ -384,7 +353,8 @@ class TwoObjectiveRunner:
         width = sum(values["hidden"])
         quality = 1 - 1 / width - 0.01 * abs(values["kd.kd_temperature"] - 3)
         return TrialOutcome(
-            [quality, float(width)], {"student test accuracy": quality, "student params": width}
+            [quality, float(width)],
+            {"table.student.val_accuracy": quality, "student params": width},
         )
 
 
@@ -393,14 +363,14 @@ def test_a_multi_objective_study_reports_its_pareto_front(tmp_path: Path) -> Non
     from distil.search.study import Worker, open_study
 
     ctx = study_ctx(
-        tmp_path, 6, objectives=["maximize:student test accuracy", "minimize:student params"]
+        tmp_path, 6, objectives=["maximize:table.student.val_accuracy", "minimize:student params"]
     )
     Worker(ctx, TwoObjectiveRunner()).run()
     study = open_study(ctx)
     assert len(study.directions) == 2
     report = write_report(ctx, study)
     front = report["pareto"]["front"]
-    assert front and report["pareto"]["axes"] == ["student test accuracy", "student params"]
+    assert front and report["pareto"]["axes"] == ["table.student.val_accuracy", "student params"]
     widths = [json.loads(r["hidden"]) for r in front]
     assert len({sum(w) for w in widths}) == len(front)  # one point per size on this front
     assert {t.number for t in study.best_trials} >= {r["trial"] for r in front}
@@ -409,7 +379,9 @@ def test_a_multi_objective_study_reports_its_pareto_front(tmp_path: Path) -> Non
 def test_the_final_test_runs_once(tmp_path: Path) -> None:
     from distil.search.select import final_test
 
-    ctx = study_ctx(tmp_path, 1, final={"seeds": [0, 1]})
+    ctx = study_ctx(
+        tmp_path, 1, final={"seeds": [0, 1], "metric": "maximize:student test accuracy"}
+    )
     stored = {"metric": {"metric": "student test accuracy"}, "best": {"mean": 0.9}}
     (tmp_path / "final.json").write_text(json.dumps(stored))
     assert final_test(ctx, None, parallel=1) == stored  # read back, nothing re-run

@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 
 from distil.config.loading import ConfigError, parse_override, validate_config
-from distil.errors import DistilError
 from distil.search.budget import TrialRecord, busy_seconds, exhausted, usage
 from distil.search.config import (
     BudgetSection,
@@ -20,8 +19,15 @@ from distil.search.config import (
     SearchSection,
     check_space_against_config,
     parse_duration,
+    reads_test_split,
 )
-from distil.search.objectives import intermediate_points, metric_value, processed
+from distil.search.objectives import (
+    MetricMissing,
+    available_metrics,
+    intermediate_points,
+    metric_value,
+    processed,
+)
 from distil.search.space import (
     CategoricalDistribution,
     FloatDistribution,
@@ -160,11 +166,32 @@ def test_parse_duration() -> None:
         ({"trial_overrides": ["novalue"]}, "must look like key.sub=value"),
         ({"select": {"seeds": [0, 0]}}, "seeds repeat"),
         ({"pruner": {"type": "threshold"}, "intermediate": {"series": "x"}}, "lower, upper"),
+        (
+            {"objectives": ["max:table.student.val_accuracy"], "final": {"seeds": [0]}},
+            "reads the validation split",
+        ),
     ],
 )
 def test_section_validation_names_the_problem(extra: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         section(**extra)
+
+
+def test_choosing_on_the_test_split_is_named() -> None:
+    on_test = section(
+        pruner={"type": "median"}, intermediate={"series": "test_accuracy"}, final={"seeds": [0]}
+    )
+    assert reads_test_split(on_test) == [
+        "objective 'student test accuracy'",
+        "intermediate series 'test_accuracy'",
+    ]
+    on_validation = section(
+        objectives=["max:table.student.val_accuracy"],
+        pruner={"type": "median"},
+        intermediate={"series": "val_accuracy"},
+        final={"metric": "max:student test accuracy"},
+    )
+    assert reads_test_split(on_validation) == []
 
 
 def test_space_is_checked_against_the_recipe_at_every_bound_and_choice() -> None:
@@ -206,6 +233,13 @@ REPORT: dict[str, Any] = {
             ],
         }
     },
+    "table": {  # the headline table: rows may hold keys no column shows (classifier_kd's val_accuracy)
+        "columns": [{"key": "model", "label": "model"}, {"key": "accuracy", "label": "test acc"}],
+        "rows": [
+            {"model": "teacher", "accuracy": 0.95},
+            {"model": "student (KD)", "accuracy": 0.91, "val_accuracy": 0.93, "agree": True},
+        ],
+    },
 }
 
 
@@ -215,8 +249,15 @@ def test_metric_value_reads_summary_labels_and_table_paths() -> None:
     assert metric_value(REPORT, "cost.student.latency_b1_ms") == 0.02
     assert metric_value(REPORT, "cost.teacher.latency_b1_ms") == 0.5
     assert math.isnan(metric_value(REPORT, "gap closed"))
-    with pytest.raises(DistilError, match="did you mean 'student test accuracy'"):
+    assert metric_value(REPORT, "table.student.val_accuracy") == 0.93
+    assert "table.student.val_accuracy" in available_metrics(REPORT)
+    assert "table.student.agree" not in available_metrics(REPORT)  # not a number
+    with pytest.raises(MetricMissing, match="did you mean 'student test accuracy'"):
         metric_value(REPORT, "student test acuracy")
+    with pytest.raises(MetricMissing, match="did you mean 'table.student.val_accuracy'"):
+        metric_value(REPORT, "table.student.val_acuracy")
+    with pytest.raises(MetricMissing):
+        metric_value(REPORT, "table.teacher.val_accuracy")  # the teacher's row has none
 
 
 def test_intermediate_points_filter_phase_and_keep_the_last_row_per_step() -> None:
