@@ -1,29 +1,29 @@
-"""Issue 21's study: ``distil search`` over the default job (classifier_kd on MNIST-5k) for about
-30 minutes, with a worker killed mid-study and the whole study killed and resumed, then the
-test set used once.
+"""Issue 21's study: ``distil search`` over the default job (classifier_kd on MNIST-5k) for 30
+minutes of busy wall time, with a worker killed mid-study and the whole study killed and
+resumed, the top candidates re-run over seeds, then the test set used once.
 
-Protocol (the test split is never seen before the final stage):
+Protocol (the search never reads a test-split number):
 
-1. The default job's training split (3,750 MNIST-5k images; the 1,250 test images stay aside) is
-   written to a Parquet file; trials read it as ``data.train_file`` with ``data.test_fraction``
-   carving a stratified **validation** split out of it. So in trials the report's "test
-   accuracy" is validation accuracy. This stands in for ``data.validation_fraction``, which
-   classifier_kd does not have yet (asked for in issue 14).
-2. One teacher is trained on the trials' training part (the default job's teacher settings) and
-   every trial loads it (``teacher.train=false``), without the baseline phase.
-3. Search: flash trials (``train.epochs=8`` of 30) with the median pruner on the per-epoch
-   validation accuracy, two workers, ``--budget`` of busy wall time. At ``--kill-worker-at``
-   seconds one worker gets ``kill -9``; at ``--kill-study-at`` the whole study does; then it is
-   resumed with the same command. The trial states before and after are recorded.
-4. Selection: the top 3 re-run at full length with seeds 0, 1, 2 (validation still).
-5. Final, once: ``best.yaml`` (the shipped default plus the winner's values; teacher trained in
-   the run, as in the default job) and the shipped default, seeds 0, 1, 2, on the test split.
+1. Two teachers, each the default job's teacher (seed 0): one trained on the trials' training
+   part (``data.validation_fraction``: a stratified share of the 3,750 training images held out
+   for validation), one on the whole training split for the final stage.
+2. Search: trials carve the same validation split, load the first teacher
+   (``teacher.train=false``), skip the baseline, and run ``--flash-epochs`` of the default 30
+   epochs; the objective is the student's validation accuracy (``table.student.val_accuracy``),
+   the median pruner follows the per-epoch ``val_accuracy``; two workers for ``--budget`` of busy
+   wall time. After ``--kill-worker-at`` seconds, the first worker whose trial is mid-training
+   with a checkpoint gets ``kill -9``; at ``--kill-study-at`` the whole study does; then it is
+   resumed with ``distil search --study-dir``. Trial states around each kill are recorded.
+3. Selection: the top ``--top-k`` re-run at full length with seeds 0, 1, 2 (validation still).
+4. Final, once: ``best.yaml`` (the shipped default plus the winner's values) and the shipped
+   default, seeds 0, 1, 2, both with the second teacher, on the test split.
+5. ``distil advise classifier_kd``: its capacity-gap student size against the search's.
 
-    nohup flock /work/heavy.lock nice -n 5 env OMP_NUM_THREADS=1 PYTHONPATH=src \\
+    nohup nice -n 10 env OMP_NUM_THREADS=1 PYTHONPATH=src \\
         python bench/search_classifier_kd.py --out /work/scratch/search/study > log 2>&1 &
 
 Writes ``bench/results/search_classifier_kd.{json,md}`` (times, load averages, process CPU time,
-trial states around each kill, selection, final test, capacity-gap check).
+trial states around each kill, selection, final test, accuracy by student size, advise's check).
 """
 
 from __future__ import annotations
@@ -129,63 +129,29 @@ def shipped(config: str) -> dict[str, Any]:
     return data
 
 
-def prepare(out: Path, log: Path, config: str) -> tuple[Path, Path]:
-    """The trials' training file (the shipped config's training split) and their teacher."""
-    import pandas as pd
-
-    from distil.data.classification import BUILTIN_DATASETS
-
-    d = shipped(config)["data"]
-    data_file = out / "data" / f"{d['dataset']}-train.parquet"
-    if not data_file.is_file():
-        data_file.parent.mkdir(parents=True, exist_ok=True)
-        # the shipped config's own split, so its test split is never in the trials' data
-        load = BUILTIN_DATASETS[d["dataset"]][0]
-        data = load(d.get("test_fraction", 0.25), d.get("split_seed", 0))
-        assert data.train.images is not None
-        frame = pd.DataFrame(
-            {
-                "image": [img.reshape(-1).tolist() for img in data.train.images],
-                "label": data.train.labels.tolist(),
-            }
-        )
-        frame.to_parquet(data_file)
-    teacher = out / "teacher-run" / "teacher" / "final" / "model.safetensors"
-    if not teacher.is_file():
-        code = sh(
-            distil(
-                "run",
-                config,
-                *trial_data(data_file),
-                "eval.baseline=false",
-                "train.epochs=1",
-                "run.log_with=[]",
-                "--run-dir",
-                str(out / "teacher-run"),
-            ),
-            log,
-        )
-        assert code == 0, f"teacher run failed; see {log}"
-    return data_file, teacher
+def teacher_run(out: Path, log: Path, config: str, name: str, overrides: list[str]) -> Path:
+    """The default job's teacher (seed 0), trained once and reused: ``name/teacher/final``."""
+    weights = out / name / "teacher" / "final" / "model.safetensors"
+    if not weights.is_file():
+        run_dir = out / name
+        argv = distil("run", config, *overrides, "eval.baseline=false", "train.epochs=1")
+        argv += ["run.log_with=[]", "--run-dir", str(run_dir)]
+        if (run_dir / "config.resolved.yaml").is_file():
+            argv.append("--resume")
+        code = sh(argv, log)
+        assert code == 0 and weights.is_file(), f"teacher run {name} failed; see {log}"
+    return weights
 
 
-def trial_data(data_file: Path) -> list[str]:
-    return [
-        "data.dataset=null",
-        f"data.train_file={data_file}",
-        "data.image_column=image",
-        "data.label_column=label",
-        "data.test_fraction=0.15",
-    ]
-
-
-def study_yaml(out: Path, data_file: Path, teacher: Path, args: argparse.Namespace) -> Path:
+def study_yaml(
+    out: Path, search_teacher: Path, final_teacher: Path, args: argparse.Namespace
+) -> Path:
     base = shipped(args.config)
     seeds = [int(s) for s in args.seeds.split(",")]
     budget = {"trials": args.trials} if args.trials else {"wall_time": args.budget}
     base["search"] = {
         "space": SPACE,
-        "objectives": ["maximize:student test accuracy"],
+        "objectives": ["maximize:table.student.val_accuracy"],
         "costs": ["minimize:student params", "minimize:cost.student.latency_b1_ms"],
         "budget": budget,
         "workers": args.workers,
@@ -193,11 +159,11 @@ def study_yaml(out: Path, data_file: Path, teacher: Path, args: argparse.Namespa
         "grace_period": 60,
         "sampler": {"name": "tpe", "seed": 0, "startup_trials": 10},
         "pruner": {"type": "median", "startup_trials": 6, "warmup_steps": 100},
-        "intermediate": {"series": "test_accuracy", "phase": "student"},
+        "intermediate": {"series": "val_accuracy", "phase": "student"},
         "trial_overrides": [
-            *trial_data(data_file),
+            f"data.validation_fraction={args.validation_fraction}",
             "teacher.train=false",
-            f"teacher.checkpoint={teacher}",
+            f"teacher.model.weights={search_teacher}",
             "eval.baseline=false",
             "run.log_with=[]",
         ],
@@ -205,13 +171,43 @@ def study_yaml(out: Path, data_file: Path, teacher: Path, args: argparse.Namespa
         "select": {"top_k": args.top_k, "seeds": seeds},
         "final": {
             "seeds": seeds,
+            "metric": "maximize:student test accuracy",
             "reference": args.config,
-            "overrides": ["eval.baseline=false", "run.log_with=[]"],
+            "overrides": [
+                "teacher.train=false",
+                f"teacher.model.weights={final_teacher}",
+                "eval.baseline=false",
+                "run.log_with=[]",
+            ],
         },
     }
     path = out / "study.yaml"
     path.write_text(yaml.safe_dump(base, sort_keys=False))
     return path
+
+
+def mid_training(study: Path, origin: int) -> bool:
+    """The trial's run has a student checkpoint and has not finished training."""
+    run_dir = study / "trials" / f"{origin:04d}" / "student"
+    return any((run_dir / "checkpoints").glob("step-*")) and not (run_dir / "final").exists()
+
+
+def become_subreaper() -> None:
+    """Orphaned descendants (a killed study's workers and runs) are re-parented to this process,
+    so their CPU time is counted in RUSAGE_CHILDREN once reaped."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(36, 1)  # PR_SET_CHILD_SUBREAPER
+
+
+def reap_orphans() -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
 
 
 def worker_pids(coordinator: int) -> list[int]:
@@ -221,55 +217,67 @@ def worker_pids(coordinator: int) -> list[int]:
     return [int(p) for p in out.split()]
 
 
+def cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--config", default="classifier_kd", help="shipped classifier_kd config")
-    parser.add_argument("--budget", default="20m", help="busy wall time of the search stage")
+    parser.add_argument("--budget", default="30m", help="busy wall time of the search stage")
     parser.add_argument("--trials", type=int, default=None, help="a trial budget instead")
-    parser.add_argument("--flash-epochs", type=int, default=8)
+    parser.add_argument("--flash-epochs", type=int, default=5)
+    parser.add_argument("--validation-fraction", type=float, default=0.2)
     parser.add_argument("--top-k", type=int, default=3)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--kill-worker-at", type=float, default=300.0)
-    parser.add_argument("--kill-study-at", type=float, default=540.0)
-    parser.add_argument(
-        "--dry", action="store_true", help="a short check of the kills and resume (study-dry/)"
-    )
+    parser.add_argument("--kill-worker-at", type=float, default=480.0)
+    parser.add_argument("--kill-study-at", type=float, default=900.0)
     args = parser.parse_args()
     out: Path = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
+    become_subreaper()
     log = out / "bench.log"
     load = LoadSampler()
     record: dict[str, Any] = {"load_at_start": Path("/proc/loadavg").read_text().strip()}
+    cpu: dict[str, float] = {}
     t0 = time.time()
-    data_file, teacher = prepare(out, log, args.config)
-    record["prepare_s"] = time.time() - t0
-    config = study_yaml(out, data_file, teacher, args)
-    study = out / ("study-dry" if args.dry else "study")
+    fraction = f"data.validation_fraction={args.validation_fraction}"
+    search_teacher = teacher_run(out, log, args.config, "teacher-run", [fraction])
+    final_teacher = teacher_run(out, log, args.config, "teacher-full", [])
+    record["prepare_s"], cpu["prepare"] = time.time() - t0, cpu_s()
+    config = study_yaml(out, search_teacher, final_teacher, args)
+    study = out / "study"
     db = study / "study.db"
 
     t1 = time.time()
     search = distil("search", str(config), "--study-dir", str(study), "--stage", "search")
+    events: list[dict[str, Any]] = []
     with open(out / "search-1.log", "ab") as first_log:
         coordinator = subprocess.Popen(search, stdout=first_log, stderr=subprocess.STDOUT)
-        events: list[dict[str, Any]] = []
         killed_worker = killed_study = False
         while coordinator.poll() is None:
             now = time.time() - t1
-            if not killed_worker and now >= args.kill_worker_at:
-                pids = worker_pids(coordinator.pid)
+            if not killed_worker and now >= args.kill_worker_at and db.is_file():
+                workers = set(worker_pids(coordinator.pid))
                 before = states(db)
-                if pids:
-                    os.kill(pids[0], signal.SIGKILL)
+                victims = [  # a worker whose trial is mid-training, past a checkpoint
+                    info
+                    for info in before.values()
+                    if info["state"] == "RUNNING"
+                    and info.get("pid") in workers
+                    and mid_training(study, int(info.get("origin", info["number"])))
+                ]
+                if victims:
+                    os.kill(victims[0]["pid"], signal.SIGKILL)
                     killed_worker = True
-                    # With one worker the study process is the worker: its child is a trial's run.
-                    what = "one worker" if args.workers > 1 else "the running trial's run"
                     events.append(
                         {
                             "t": now,
-                            "event": f"kill -9 {what}",
-                            "pid": pids[0] if args.workers > 1 else None,
+                            "event": f"kill -9 one worker (trial {victims[0]['number']})",
+                            "pid": victims[0]["pid"],
                             "states": before,
                         }
                     )
@@ -281,7 +289,9 @@ def main() -> None:
                 events.append({"t": now, "event": "kill -9 the whole study", "states": before})
                 break
             time.sleep(2)
-    time.sleep(3)
+        coordinator.wait()
+    time.sleep(5)
+    reap_orphans()  # the killed study's workers and runs (their CPU time is counted then)
     events.append({"t": time.time() - t1, "event": "after the kills", "states": states(db)})
     code = sh(
         distil("search", "--study-dir", str(study), "--stage", "search"), out / "search-2.log"
@@ -289,24 +299,21 @@ def main() -> None:
     events.append(
         {"t": time.time() - t1, "event": f"resumed search ended ({code})", "states": states(db)}
     )
-    record["search_s"] = time.time() - t1
-    if args.dry:
-        print(json.dumps(kill_check(events), default=str))
-        return
+    reap_orphans()
+    record["search_s"], cpu["search"] = time.time() - t1, cpu_s() - cpu["prepare"]
 
     t2 = time.time()
     code = sh(distil("search", "--study-dir", str(study), "--stage", "select"), out / "select.log")
     record["select_s"], record["select_exit"] = time.time() - t2, code
+    cpu["select"] = cpu_s() - cpu["prepare"] - cpu["search"]
     t3 = time.time()
     code = sh(distil("search", "--study-dir", str(study), "--stage", "final"), out / "final.log")
     record["final_s"], record["final_exit"] = time.time() - t3, code
-    sh(
-        distil("advise", args.config, "--json", str(out / "advise.json")),
-        out / "advise.log",
-    )
+    cpu["final"] = cpu_s() - sum(cpu.values())
+    sh(distil("advise", args.config, "--json", str(out / "advise.json")), out / "advise.log")
     record["load"] = load.stop()
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    record["children_cpu_s"] = usage.ru_utime + usage.ru_stime
+    record["children_cpu_s"] = cpu_s()
+    record["cpu_s"] = cpu
     record["wall_s"] = time.time() - t0
     record["events"] = events
     record["kill_check"] = kill_check(events)
@@ -328,23 +335,21 @@ def main() -> None:
         json.dumps(
             {
                 k: record[k]
-                for k in (
-                    "wall_s",
-                    "search_s",
-                    "select_s",
-                    "final_s",
-                    "children_cpu_s",
-                    "kill_check",
-                )
+                for k in ("wall_s", "search_s", "select_s", "final_s", "cpu_s", "kill_check")
             },
             default=str,
         )
     )
 
 
+def _pct(v: float | None) -> str:
+    return "unbounded" if v is None else f"{100 * v:.2f}"
+
+
 def markdown(record: dict[str, Any]) -> str:
     """The results as a Markdown page (``results/search_<config>.md``)."""
     rep = record["report"]
+    cpu = record["cpu_s"]
     lines = [
         f"# distil search study: {record['args']['config']}",
         "",
@@ -352,32 +357,44 @@ def markdown(record: dict[str, Any]) -> str:
         "",
         f"Wall time {record['wall_s']:.0f} s (prepare {record['prepare_s']:.0f}, search "
         f"{record['search_s']:.0f}, select {record['select_s']:.0f}, final {record['final_s']:.0f}); "
-        f"CPU time of all child processes {record['children_cpu_s']:.0f} s; load average mean "
-        f"{record['load']['mean']:.1f}, max {record['load']['max']:.1f} (2 cores).",
+        f"CPU time of all child processes {record['children_cpu_s']:.0f} s (prepare "
+        f"{cpu['prepare']:.0f}, search {cpu['search']:.0f}, select {cpu['select']:.0f}, final "
+        f"{cpu['final']:.0f}); load average at start `{record['load_at_start']}`, sampled every "
+        f"30 s: mean {record['load']['mean']:.1f}, max {record['load']['max']:.1f} (2 cores; every "
+        "process of the study at nice 10).",
         "",
-        f"Trials: {rep['states']}; spent {rep['spent']}; trials re-run after a dead worker: {rep['retried']}.",
+        f"Trials: {rep['states']}; spent {rep['spent']}; trials re-run after a dead worker: "
+        f"{rep['retried']}.",
         "",
         "## Kills",
         "",
-        f"`{json.dumps(record['kill_check'], default=str)}`",
-        "",
+        "| when (s into the search) | event | trials complete / running before |",
+        "|---:|---|---|",
+    ]
+    for e in record["events"]:
+        st = e["states"]
+        done = sum(v["state"] == "COMPLETE" for v in st.values())
+        running = [n for n, v in st.items() if v["state"] == "RUNNING"]
+        lines.append(f"| {e['t']:.0f} | {e['event']} | {done} / {running} |")
+    lines += ["", f"Check: `{json.dumps(record['kill_check'], default=str)}`", ""]
+    lines += [
         "## Selection (validation split, full-length runs)",
         "",
-        "| trial | flash | mean | 95% CI | per seed | configuration |",
+        "| trial | flash val acc | mean val acc | 95% CI | per seed | configuration |",
         "|---:|---:|---:|---|---|---|",
     ]
     for c in rep["select"]["candidates"]:
         i = c.get("interval") or {}
         lines.append(
-            f"| {c['origin']} | {c['score']:.4f} | {i.get('mean', float('nan')):.4f} | "
-            f"{i.get('low', float('nan')):.4f} .. {i.get('high', float('nan')):.4f} | "
-            f"{', '.join(f'{s:.4f}' for s in c['scores'])} | `{json.dumps(c['values'])}` |"
+            f"| {c['origin']} | {100 * c['score']:.2f} | {_pct(i.get('mean'))} | "
+            f"{_pct(i.get('low'))} .. {_pct(i.get('high'))} | "
+            f"{', '.join(f'{100 * s:.2f}' for s in c['scores'])} | `{json.dumps(c['values'])}` |"
         )
     lines += ["", rep["select"]["note"], ""]
     final = rep.get("final")
     if final:
         lines += [
-            "## Final test (used once)",
+            "## Final test (used once): test accuracy %, seeds " + str(final["seeds"]),
             "",
             "| run | mean | 95% CI | per seed |",
             "|---|---:|---|---|",
@@ -386,24 +403,36 @@ def markdown(record: dict[str, Any]) -> str:
             part = final.get(name)
             if part:
                 lines.append(
-                    f"| {name} | {part['mean']:.4f} | {part['low']:.4f} .. {part['high']:.4f} | "
-                    f"{', '.join(f'{s:.4f}' for s in part.get('scores', []))} |"
+                    f"| {name} | {_pct(part['mean'])} | {_pct(part['low'])} .. "
+                    f"{_pct(part['high'])} | "
+                    f"{', '.join(f'{100 * s:.2f}' for s in part.get('scores', []))} |"
                 )
         lines.append("")
     front = record["pareto_front"]
     lines += [
-        "## Pareto front (validation accuracy vs student params)",
+        "## Pareto front (validation accuracy of flash trials vs student params)",
         "",
-        "| trial | accuracy | params | hidden |",
+        "| trial | val acc % | params | hidden |",
         "|---:|---:|---:|---|",
     ]
     lines += [
-        f"| {p['trial']} | {p[front['axes'][0]]:.4f} | {p[front['axes'][1]]:,.0f} | "
+        f"| {p['trial']} | {100 * p[front['axes'][0]]:.2f} | {p[front['axes'][1]]:,.0f} | "
         f"{p.get('student.model.kwargs.hidden')} |"
         for p in front["front"]
     ]
-    lines += ["", "## Importances", "", f"`{json.dumps(rep['importances'])}`", ""]
-    lines += ["## Capacity gap", "", str((rep.get("capacity_gap") or {}).get("text")), ""]
+    lines += ["", f"{front['distinct_student_sizes']} distinct student sizes on the front.", ""]
+    lines += ["## Importances (fANOVA)", "", f"`{json.dumps(rep['importances'])}`", ""]
+    gap = rep.get("capacity_gap") or {}
+    lines += ["## Capacity gap: distil advise vs the search", ""]
+    if record.get("advise"):
+        lines.append(f"`distil advise`: `{json.dumps(record['advise'])}`")
+    lines += ["", str(gap.get("text")), ""]
+    lines += ["| student params | trials | best flash val acc % |", "|---:|---:|---:|"]
+    lines += [
+        f"| {int(size):,} | {v['trials']} | {100 * v['best']:.2f} |"
+        for size, v in (gap.get("best_by_size") or {}).items()
+    ]
+    lines.append("")
     return "\n".join(lines)
 
 
