@@ -394,7 +394,9 @@ def search(
     objective: Annotated[
         list[str] | None,
         typer.Option(
-            "--objective", help="maximize:METRIC or minimize:METRIC (a report summary label)"
+            "--objective",
+            help="maximize:METRIC or minimize:METRIC: a report summary label or PART.ROLE.KEY "
+            "(e.g. table.student.val_accuracy)",
         ),
     ] = None,
     cost: Annotated[

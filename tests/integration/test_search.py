@@ -156,6 +156,23 @@ def test_every_trial_pruned_names_no_winner_and_still_reports(tmp_path: Path) ->
     assert 'id="winner"' in html and "no search trial completed" in html
 
 
+def test_a_metric_missing_from_the_report_stops_the_search_at_the_first_trial(
+    tmp_path: Path,
+) -> None:
+    from distil.search.objectives import metric_value
+    from distil.search.study import TrialOutcome, Worker
+
+    def runner(trial: Any, values: dict[str, Any], run_dir: Path) -> TrialOutcome:
+        report = {"summary": {"student test accuracy": 0.9}}
+        return TrialOutcome([metric_value(report, "table.student.val_accuracy")], {})
+
+    ctx = study_ctx(tmp_path, 3)
+    with pytest.raises(DistilError, match="trial 0: metric 'table.student.val_accuracy'"):
+        Worker(ctx, runner).run()
+    trials = optuna.load_study(study_name="distil-search", storage=ctx.storage_url).get_trials()
+    assert [t.state.name for t in trials] == ["FAIL"]  # not repeated in trials 1 and 2
+
+
 # --- the CLI on tiny digits runs -------------------------------------------------------------
 
 

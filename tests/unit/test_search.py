@@ -262,16 +262,16 @@ def test_metric_value_reads_summary_labels_and_table_paths() -> None:
 
 def test_intermediate_points_filter_phase_and_keep_the_last_row_per_step() -> None:
     rows = [
-        {"phase": "teacher", "step": 10, "test_accuracy": 0.9},
-        {"phase": "student", "step": 10, "test_accuracy": 0.5},
+        {"phase": "teacher", "step": 10, "val_accuracy": 0.9},
+        {"phase": "student", "step": 10, "val_accuracy": 0.5},
         {"phase": "student", "step": 10, "loss": 1.0},
-        {"phase": "student", "step": 20, "test_accuracy": 0.6},
-        {"phase": "student", "step": 20, "test_accuracy": 0.65},  # logged again after a resume
-        {"phase": "student", "step": 30, "test_accuracy": float("nan")},
+        {"phase": "student", "step": 20, "val_accuracy": 0.6},
+        {"phase": "student", "step": 20, "val_accuracy": 0.65},  # logged again after a resume
+        {"phase": "student", "step": 30, "val_accuracy": float("nan")},
     ]
-    points = intermediate_points(rows, "test_accuracy", phase="student", step_key="step")
+    points = intermediate_points(rows, "val_accuracy", phase="student", step_key="step")
     assert points == [(10, 0.5), (20, 0.65)]
-    assert intermediate_points(rows, "test_accuracy", phase=None, step_key="step")[0] == (10, 0.5)
+    assert intermediate_points(rows, "val_accuracy", phase=None, step_key="step")[0] == (10, 0.5)
 
 
 def test_processed_sums_the_phases(tmp_path: Path) -> None:

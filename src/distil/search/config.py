@@ -246,7 +246,7 @@ class SearchSection(StrictModel):
     trial_overrides: list[str] = Field(
         default_factory=list,
         description="applied to every search and selection run, not to best.yaml (e.g. a "
-        "validation split, a teacher checkpoint, eval.baseline=false)",
+        "validation split, a trained teacher's weights, eval.baseline=false)",
     )
     flash_overrides: list[str] = Field(
         default_factory=list,
