@@ -1,8 +1,9 @@
-"""The ``distil`` command line: run, validate, recipes, cp, report, compare, advise, cache, generate,
-sample, speculate."""
+"""The ``distil`` command line: run, validate, recipes, cp, report, compare, advise, search, cache,
+generate, sample, speculate."""
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib
 import logging
@@ -93,8 +94,9 @@ def _command_of(data: dict[str, Any]) -> str | None:
     return command if isinstance(command, str) and command in CONFIG_COMMANDS else None
 
 
-def config_source(path: Path) -> str:
+def config_source(path: Path | str) -> str:
     """How messages name a config file: a shipped config by its file name, others by path."""
+    path = Path(path)
     shipped = shipped_configs()
     return path.name if shipped.get(path.stem) == path else str(path)
 
@@ -103,6 +105,14 @@ def load_config(spec: str, overrides: list[str]) -> tuple[str, Any, dict[str, An
     """Read, override and validate a config; return (recipe name, Config, resolved dict)."""
     path = resolve_config_path(spec)
     data = apply_overrides(load_yaml(path), overrides)
+    data.pop("search", None)  # a `distil search` YAML runs its base config under `distil run`
+    return validate_data(data, spec, path)
+
+
+def validate_data(
+    data: dict[str, Any], spec: str, path: Path | str
+) -> tuple[str, Any, dict[str, Any]]:
+    """Validate a config mapping against the recipe it names; return (recipe, Config, resolved)."""
     recipe = data.get("recipe")
     if recipe is None and _command_of(data) is not None:
         command = data["command"]
@@ -241,6 +251,12 @@ def validate(
             kind = f"`distil {command}`"
         else:
             kind, _cfg, _ = load_config(config, overrides or [])
+            raw = load_yaml(resolve_config_path(config))
+            if "search" in raw:
+                from distil.search.command import check_search
+
+                check_search(raw, overrides or [], validate_data, source=config)
+                kind += " (with a valid search: section)"
     except DistilError as exc:
         _fail(exc)
         return
@@ -408,6 +424,126 @@ def advise(
     if json_out is not None:
         json_out.write_text(_json.dumps(advice, indent=1, default=str))
         console.print(f"[bold]wrote[/bold] {escape(str(json_out))}")
+
+
+@app.command()
+def search(
+    config: Annotated[
+        str | None,
+        typer.Argument(
+            help="YAML (its search: section is read) or shipped config; omit to resume --study-dir"
+        ),
+    ] = None,
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="dotted overrides, search.* ones too")
+    ] = None,
+    space: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--space",
+            help="KEY=DIST: loguniform(1,8), uniform(0,1), int(1,4), categorical(a,b) or a YAML list",
+        ),
+    ] = None,
+    objective: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--objective",
+            help="maximize:METRIC or minimize:METRIC: a report summary label or PART.ROLE.KEY "
+            "(e.g. table.student.val_accuracy)",
+        ),
+    ] = None,
+    cost: Annotated[
+        list[str] | None, typer.Option("--cost", help="cost metric drawn on the Pareto front")
+    ] = None,
+    trials: Annotated[int | None, typer.Option("--trials", help="budget: trials")] = None,
+    wall_time: Annotated[
+        str | None, typer.Option("--time", help="budget: busy wall time, e.g. 30m")
+    ] = None,
+    examples: Annotated[
+        int | None, typer.Option("--examples", help="budget: training examples")
+    ] = None,
+    study_dir: Annotated[
+        Path | None, typer.Option("--study-dir", help="the study folder (resumed when it exists)")
+    ] = None,
+    storage: Annotated[
+        str | None, typer.Option("--storage", help="database URL (default: SQLite in the study)")
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option("--workers", help="worker processes on this machine")
+    ] = None,
+    stage: Annotated[
+        str, typer.Option("--stage", help="all, search, select, final or report")
+    ] = "all",
+    worker_index: Annotated[
+        int | None,
+        typer.Option("--worker-index", hidden=True, help="run as worker K of --study-dir"),
+    ] = None,
+) -> None:
+    """Search hyperparameters and student shapes with Optuna: trials are resumable runs, the top
+    candidates are re-run over seeds, and the study report shows the Pareto front of quality
+    against cost."""
+    from distil.search import study as st
+    from distil.search.command import SearchFlags, Stage, check_search, run_stages
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        try:
+            chosen = Stage(stage)
+        except ValueError:
+            raise DistilError(
+                f"--stage {stage!r}: choose one of {', '.join(s.value for s in Stage)}"
+            ) from None
+        flags = SearchFlags(
+            space=list(space or []),
+            objectives=list(objective or []),
+            costs=list(cost or []),
+            trials=trials,
+            wall_time=wall_time,
+            examples=examples,
+            storage=storage,
+            workers=workers,
+        )
+        if config is None and study_dir is None:
+            raise DistilError("give a CONFIG to start a study, or --study-dir to resume one")
+        if worker_index is not None and study_dir is not None:
+            # One of the workers `--workers N` starts: run trials of the stored study, in this
+            # process, and change nothing in the folder's spec.
+            ctx = st.load(study_dir)
+            ctx = dataclasses.replace(ctx, search=ctx.search.model_copy(update={"workers": 1}))
+            chosen = Stage.search
+        elif config is None and study_dir is not None and not overrides and flags == SearchFlags():
+            ctx = st.load(study_dir)  # resume exactly what the folder holds
+        else:
+            if config is None and study_dir is not None:
+                stored = st.load(study_dir)
+                raw = {**stored.base, "search": stored.search.model_dump(mode="json")}
+                source = str(study_dir / st.SPEC_FILE)
+            else:
+                source = str(config)
+                raw = load_yaml(resolve_config_path(source))
+            recipe, base, search_cfg = check_search(
+                raw, list(overrides or []), validate_data, source=source, flags=flags
+            )
+            root = study_dir or Path(base.get("run", {}).get("output_dir", "runs")) / (
+                f"search-{base.get('run', {}).get('name') or recipe}"
+            )
+            ctx = st.prepare(root, recipe, base, search_cfg)
+        section = ctx.search
+        reference = (
+            resolve_config_path(section.final.reference)
+            if section.final is not None and section.final.reference is not None
+            else None
+        )
+        console.print(f"[bold]study[/bold] {ctx.root} ({ctx.storage_url})")
+        run_stages(
+            ctx,
+            chosen,
+            reference=reference,
+            say=lambda text: console.print(text, markup=False, soft_wrap=True),
+            worker_index=worker_index or 0,
+        )
+    except DistilError as exc:
+        _fail(exc)
 
 
 def _cache_write(config: str, overrides: list[str]) -> None:

@@ -88,3 +88,15 @@ def test_map_losses_refuse_flat_features() -> None:
             lambda: student(torch.randn(2, 16)),
             feature_shapes(teacher, [names[0]], lambda: teacher(torch.randn(2, 16))),
         )
+
+
+def test_mixup_with_a_tiny_alpha_never_gives_nan() -> None:
+    # Beta(α, α) with α → 0 puts its mass at 0 and 1; the Gamma draws underflowed to 0 and
+    # λ = 0/0 was NaN (found by `distil search` drawing kd.mixup_alpha from uniform(0, 0.4)).
+    gen = torch.Generator().manual_seed(0)
+    lams = [
+        sample_mix(8, mixup_alpha=a, generator=gen).lam for a in (5e-4, 0.015) for _ in range(300)
+    ]
+    assert all(0.0 <= lam <= 1.0 for lam in lams)
+    extreme = [lam for lam in lams[:300] if lam < 1e-3 or lam > 1 - 1e-3]
+    assert len(extreme) > 250  # α = 5e-4: almost every λ is (nearly) 0 or 1

@@ -39,6 +39,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,9 @@ logger = logging.getLogger(__name__)
 
 LOGITS_FILE = Path("eval") / "test_logits.safetensors"  # {role: (N, C) logits, "labels": (N,)}
 PLOTS_DIR = "plots"  # PNGs the Markdown report links to (the HTML embeds its own copies)
+# Set to 0 to skip the plots (a search's trials: hundreds of runs nobody opens; drawing them is a
+# third of a small run's time). `distil report RUN_DIR` draws them later.
+PLOTS_ENV = "DISTIL_REPORT_PLOTS"
 NOT_A_SERIES = frozenset(
     {"phase", "step", "time_s", "epoch"}
 )  # metrics.jsonl keys that are no curve
@@ -581,7 +585,13 @@ def write_report(run_dir: Path, report: dict[str, Any]) -> None:
     from distil.evaluation.html import render_html
     from distil.evaluation.plots import report_plots
 
-    images = report_plots(report, read_metrics_rows(run_dir))
+    if os.environ.get(PLOTS_ENV, "1") == "0":
+        logger.info(
+            "%s=0: report without plots (`distil report %s` draws them)", PLOTS_ENV, run_dir
+        )
+        images: dict[str, bytes] = {}
+    else:
+        images = report_plots(report, read_metrics_rows(run_dir))
     plot_dir = run_dir / PLOTS_DIR
     plot_dir.mkdir(exist_ok=True)
     for stale in plot_dir.glob("*.png"):  # a plot an earlier rendering drew but this one does not
