@@ -158,6 +158,13 @@ def test_splits_are_deterministic_disjoint_and_readable(tmp_path: Path) -> None:
     assert len(set(ids)) == len(ids) and records["harder"][0]["id"] == SPLIT_ID_OFFSET["harder"]
     for r in records["harder"]:
         assert r["size"] == spec.harder_sizes[TaskKind(r["kind"])].min_size
+
+    def rare(rows: list[dict[str, object]]) -> int:
+        return sum(r["size"] == spec.harder_sizes[TaskKind(r["kind"])].min_size for r in rows)
+
+    assert rare(records["train"]) == 30 and rare(records["pool"]) == 6  # harder_in_train = 0.1
+    pure = write_reasoning_splits(spec.model_copy(update={"harder_in_train": 0.0}), tmp_path / "d")
+    assert rare(read_problems(pure["train"])) == 0
     r = records["train"][0]
     assert r["text"] == r["prompt"] + r["completion"] and check_answer(r, r["completion"])
     summary = json.loads((tmp_path / "a" / "splits.json").read_text())
@@ -181,3 +188,16 @@ def test_tokenizer_spells_every_character(tmp_path: Path) -> None:
     assert len(ids) == len(text) and len(tok) == 261
     assert tok.decode(ids) == text
     assert tok.eos_token_id is not None and tok.pad_token_id not in (None, tok.eos_token_id)
+
+
+def test_problems_command_writes_splits_and_tokenizer(tmp_path: Path) -> None:
+    from tests.helpers import run_cli
+
+    args = ["kinds=[sorting]", "train_examples=20", "pool_examples=4", "held_out_examples=3"]
+    code, text = run_cli(["problems", str(tmp_path / "p"), *args, "harder_examples=2"])
+    assert code == 0, text
+    assert [len(read_problems(tmp_path / "p" / f"{s}.jsonl")) for s in SPLITS] == [20, 4, 3, 2]
+    assert (tmp_path / "p" / "tokenizer" / "tokenizer.json").is_file()
+    assert "lm_pretrain-reasoning" in text
+    code, text = run_cli(["problems", str(tmp_path / "q"), "kinds=[sortin]", "train_exampls=3"])
+    assert code == 2 and "train_exampls: unknown key" in text and "kinds.0" in text, text
