@@ -500,8 +500,8 @@ def problems(
         console.print(f"{split:>9}: {escape(str(path))} ({len(read_problems(path))} problems)")
     console.print(f"tokenizer: {escape(str(tokenizer))}")
     console.print(
-        f"train a teacher: distil run lm_pretrain-reasoning data.train_files=[{paths['train']}] "
-        f"data.eval_files=[{paths['held_out']}] tokenizer.path={tokenizer}",
+        f"train a teacher: distil run lm_pretrain-reasoning data.source.train=[{paths['train']}] "
+        f"data.source.eval=[{paths['held_out']}] tokenizer.path={tokenizer}",
         markup=False,
         soft_wrap=True,
     )

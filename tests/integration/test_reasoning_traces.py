@@ -33,6 +33,8 @@ from tests.helpers import run_cli
 
 @pytest.fixture(scope="module")
 def generated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from distil.config.lm import TeacherSection
+    from distil.config.sources import FileData, HFModel
     from distil.data.prompts import PromptsSection
     from distil.generation import GenerateConfig, GenerationSettings, write_generations
     from distil.models.lm import CausalLMSpec, build_causal_lm, save_model_folder
@@ -65,8 +67,8 @@ def generated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         model.lm_head.weight[tok.eos_token_id] += 0.5
     save_model_folder(model, root / "teacher", tokenizer=tok, overwrite=True)
     cfg = GenerateConfig(
-        teacher=str(root / "teacher"),
-        prompts=PromptsSection(file=str(paths["pool"])),
+        teacher=TeacherSection(model=HFModel(hf=str(root / "teacher"))),
+        prompts=PromptsSection(source=FileData(train=[str(paths["pool"])])),
         generation=GenerationSettings(
             max_new_tokens=10,
             sampling_temperature=1.0,
@@ -162,9 +164,7 @@ def test_lm_pretrain_trains_on_correct_traces_only(generated: dict[str, Path]) -
             "--run-dir",
             str(run_dir),
             f"tokenizer.path={generated['root'] / 'tok'}",
-            "data.builtin=null",
-            f"data.train_files=[{kept}]",
-            f"data.eval_files=[{kept}]",
+            f"data.source={{train: [{kept}], eval: [{kept}]}}",
             "data.format=prompt_completion",
             "data.max_length=40",
             "model.num_layers=1",

@@ -40,9 +40,9 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from distil.cache.integrity import atomic_write_bytes
 from distil.config.base import StrictModel
 from distil.errors import DistilError
+from distil.storage import atomic_write_bytes
 
 __all__ = [
     "ANSWER_MARKER",

@@ -26,9 +26,9 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from distil.cache.integrity import atomic_write_bytes
 from distil.data.reasoning import answer_format_ok, check_answer, read_problems
 from distil.errors import DistilError
+from distil.storage import atomic_write_bytes
 
 __all__ = [
     "TraceFilter",
@@ -88,7 +88,7 @@ def verify_traces(
         DistilError: If ``generated`` is not a finished ``distil generate`` folder, a record's
             id is not among the problems, or its prompt differs from the problem's.
     """
-    from distil.generation import generated_shard_files
+    from distil.data.generated import generated_shard_files
 
     files = generated_shard_files(Path(generated))
     if files is None:
