@@ -38,18 +38,23 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
+from pydantic import Field, model_validator
 
+from distil.config.base import StrictModel
 from distil.errors import DistilError
 
 __all__ = [
     "LIMR_THRESHOLD",
     "PassRatePreference",
+    "ScorerKind",
     "SelectionMethod",
+    "SelectionSection",
     "TraceScorer",
     "budget_count",
     "learning_impact_scores",
     "mean_logprob_scores",
     "per_example_nll",
+    "per_key_mean",
     "rewards_from_losses",
     "select_above",
     "select_by_pass_rate",
@@ -79,6 +84,33 @@ class PassRatePreference(str, Enum):
     MEDIUM = "medium"
     HARDEST = "hardest"
     EASIEST = "easiest"
+
+
+class ScorerKind(str, Enum):
+    """Where ``scorer`` selection's scores come from."""
+
+    TEACHER_LOGPROB = "teacher_logprob"  # the traces' recorded mean token log-probability
+    MODEL = "model"  # mean token log-likelihood under another model (``scorer_model``)
+
+
+class SelectionSection(StrictModel):
+    """How a run chooses its problems (a recipe's ``selection`` section)."""
+
+    method: SelectionMethod = SelectionMethod.ALL
+    budget: float = Field(default=1.0, gt=0, description="a fraction < 1 or a count of problems")
+    prefer: PassRatePreference = PassRatePreference.MEDIUM
+    scorer: ScorerKind = ScorerKind.TEACHER_LOGPROB
+    scorer_model: str | None = Field(default=None, description="HF folder for scorer=model")
+    probe_steps: int = Field(default=60, ge=2, description="learning_impact: the short run")
+    probe_points: int = Field(default=4, ge=2, description="learning_impact: K loss measurements")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SelectionSection:
+        if self.scorer is ScorerKind.MODEL and self.scorer_model is None:
+            raise ValueError("selection.scorer=model needs selection.scorer_model (an HF folder)")
+        if self.budget >= 1 and not float(self.budget).is_integer():
+            raise ValueError("selection.budget is a fraction in (0, 1) or a whole count")
+        return self
 
 
 class TraceScorer(Protocol):
@@ -194,6 +226,14 @@ def rewards_from_losses(losses: np.ndarray | Sequence[Sequence[float]]) -> np.nd
     if (values < 0).any():
         raise DistilError("losses must be non-negative mean token NLLs")
     return np.asarray(np.exp(-values))
+
+
+def per_key_mean(keys: Sequence[Key], values: Sequence[float]) -> dict[Key, float]:
+    """The mean of ``values`` per key (e.g. a problem's score from its traces' scores)."""
+    grouped: dict[Key, list[float]] = {}
+    for key, value in zip(keys, values, strict=True):
+        grouped.setdefault(key, []).append(float(value))
+    return {k: sum(v) / len(v) for k, v in grouped.items()}
 
 
 def mean_logprob_scores(traces: Sequence[Mapping[str, Any]]) -> list[float]:

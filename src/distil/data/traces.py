@@ -24,26 +24,73 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
+import torch
+
+from distil.config.lm import LMDataFormat
+from distil.data.lm import (
+    IGNORE_INDEX,
+    LMData,
+    LMDataOptions,
+    build_lm_dataset,
+    collate_lm_batch,
+    pad_token_id_for,
+)
 from distil.data.reasoning import answer_format_ok, check_answer, read_problems
 from distil.errors import DistilError
 from distil.storage import atomic_write_bytes
 
 __all__ = [
+    "Completions",
+    "TraceExamples",
     "TraceFilter",
     "TraceSummary",
     "pass_rates",
     "read_traces",
     "redi_pairs",
     "select_traces",
+    "trace_examples",
+    "training_records",
     "verify_traces",
     "write_traces",
 ]
 
+if TYPE_CHECKING:
+    import datasets
+
 Checker = Callable[[Mapping[str, Any], str], bool]
 _PROBLEM_FIELDS = ("id", "prompt", "answer", "kind", "size")
 _TEACHER_FIELDS = ("token_ids", "token_logprobs")
+
+
+class Completions(str, Enum):
+    """What a student trains on for each problem."""
+
+    GOLD = "gold"  # the problem's own worked solution: no teacher involved
+    ALL_TRACES = "all_traces"  # every teacher trace (SFT on all traces)
+    CORRECT_TRACES = "correct_traces"  # verified-correct traces (rejection sampling)
+
+
+def training_records(
+    problems: Sequence[Mapping[str, Any]],
+    traces: Sequence[Mapping[str, Any]] | None,
+    keep: Iterable[Any],
+    completions: Completions | str,
+) -> list[Mapping[str, Any]]:
+    """The sequences of the kept problems: their gold solutions, or their (correct) traces.
+
+    Raises:
+        DistilError: If traces are asked for but none were given.
+    """
+    completions, chosen = Completions(completions), set(keep)
+    if completions is Completions.GOLD:
+        return [p for p in problems if p["id"] in chosen]
+    if traces is None:
+        raise DistilError(f"completions={completions.value} needs the verified trace file")
+    every = completions is Completions.ALL_TRACES
+    return [t for t in traces if t["id"] in chosen and (every or t["correct"])]
 
 
 class TraceFilter(str, Enum):
@@ -216,3 +263,77 @@ def redi_pairs(
             count = min(count, max_pairs_per_problem)
         pairs.extend(zip(positives[:count], negatives[:count], strict=True))
     return pairs
+
+
+@dataclass
+class TraceExamples:
+    """Tokenized traces (or gold solutions) ready for a training loop.
+
+    Attributes:
+        dataset: ``example_id`` (the row), ``input_ids`` and ``labels`` (prompt masked,
+            completion + EOS supervised), as ``distil.data.lm`` builds them.
+        targets_per_example: ``(N,)`` supervised next-token targets of each example (the
+            normaliser of token-level losses over an accumulation window).
+        is_positive: ``(N,)`` the verifier's verdict (True for gold solutions).
+        problem_ids: The problem each example belongs to.
+        pad_token_id: What collation pads with.
+    """
+
+    dataset: datasets.Dataset
+    targets_per_example: np.ndarray
+    is_positive: np.ndarray
+    problem_ids: list[int | str]
+    pad_token_id: int
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def collate(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        """The examples at ``indices``, right-padded (``input_ids``, ``attention_mask``,
+        ``labels``, ``example_id``; int64)."""
+        cols = self.dataset[list(indices)]
+        rows = [
+            {"example_id": e, "input_ids": i, "labels": lab}
+            for e, i, lab in zip(cols["example_id"], cols["input_ids"], cols["labels"], strict=True)
+        ]
+        return collate_lm_batch(rows, pad_token_id=self.pad_token_id)
+
+    def as_lm_data(self) -> LMData:
+        """The same examples as ``LMData`` (its held-out split: the first 8 examples, unused by
+        pass@k evaluation) for loops written against ``distil.data.lm``."""
+        held = self.dataset.select(range(min(8, len(self.dataset))))
+        return LMData(self.dataset, held, self.targets_per_example, self.pad_token_id)
+
+
+def trace_examples(
+    records: Sequence[Mapping[str, Any]], tokenizer: Any, *, max_length: int
+) -> TraceExamples:
+    """Tokenize traces or problems (``prompt`` + ``completion``) as prompt/completion examples.
+
+    A record's ``correct`` field is its verdict; a record without one (a gold solution) counts
+    as correct.
+
+    Raises:
+        DistilError: If there is no record, or one is longer than ``max_length`` tokens.
+    """
+    import datasets
+
+    if not records:
+        raise DistilError("no traces to train on: the filter or the selection kept none")
+    rows = [
+        {"example_id": i, "prompt": r["prompt"], "completion": r["completion"]}
+        for i, r in enumerate(records)
+    ]
+    options = LMDataOptions(data_format=LMDataFormat.PROMPT_COMPLETION, max_length=max_length)
+    dataset = build_lm_dataset(datasets.Dataset.from_list(rows), tokenizer, options)
+    targets = np.asarray(
+        [sum(1 for t in labels[1:] if t != IGNORE_INDEX) for labels in dataset["labels"]],
+        dtype=np.int64,
+    )
+    return TraceExamples(
+        dataset=dataset,
+        targets_per_example=targets,
+        is_positive=np.asarray([bool(r.get("correct", True)) for r in records], dtype=bool),
+        problem_ids=[r["id"] for r in records],
+        pad_token_id=pad_token_id_for(tokenizer),
+    )

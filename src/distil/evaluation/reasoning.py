@@ -18,14 +18,19 @@ Everything is also broken down by the record's ``kind`` and ``size`` when presen
 
 from __future__ import annotations
 
+import copy
+import json
 import math
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import Field, model_validator
 
+from distil.config.base import StrictModel
 from distil.data.lm import pad_token_id_for
 from distil.data.reasoning import answer_format_ok, check_answer
 from distil.errors import DistilError
@@ -34,8 +39,10 @@ from distil.training.on_policy import SamplingSettings, sample_completions
 
 __all__ = [
     "Checker",
+    "ReasoningEvalSection",
     "ReasoningScores",
     "SampledSolution",
+    "checkpoint_curve",
     "evaluate_reasoning",
     "pass_at_k",
     "sample_solutions",
@@ -282,3 +289,109 @@ def evaluate_reasoning(
         seed=seed,
     )
     return score_solutions(records, samples, ks=ks, checker=checker)
+
+
+class ReasoningEvalSection(StrictModel):
+    """How a recipe evaluates reasoning: ``problems`` of each split, ``samples_per_problem`` at
+    ``sampling_temperature``, pass@k for ``ks``; ``curve_samples`` per problem at every kept
+    checkpoint (0: no learning curve)."""
+
+    problems: int = Field(default=200, ge=1, description="the first N of each split")
+    samples_per_problem: int = Field(default=4, ge=1)
+    ks: list[int] = Field(default_factory=lambda: [1, 4], min_length=1)
+    sampling_temperature: float = Field(default=1.0, ge=0)
+    max_new_tokens: int = Field(default=160, ge=1)
+    batch_size: int = Field(default=64, ge=1)
+    curve_samples: int = Field(default=1, ge=0, description="per problem and checkpoint; 0: none")
+    teacher: bool = Field(default=True, description="also evaluate the teacher")
+
+    @model_validator(mode="after")
+    def _ks(self) -> ReasoningEvalSection:
+        if any(not 1 <= k <= self.samples_per_problem for k in self.ks):
+            raise ValueError(
+                f"eval.ks must lie in 1..samples_per_problem={self.samples_per_problem}"
+            )
+        return self
+
+    def score(
+        self,
+        model: Any,
+        tokenizer: Any,
+        records: Sequence[Mapping[str, Any]],
+        *,
+        samples: int | None = None,
+        seed: int = 0,
+    ) -> ReasoningScores:
+        """:func:`evaluate_reasoning` with these settings (``samples`` overrides the count; the
+        ``ks`` above it are dropped)."""
+        n = samples or self.samples_per_problem
+        return evaluate_reasoning(
+            model,
+            tokenizer,
+            records,
+            samples_per_problem=n,
+            ks=[k for k in self.ks if k <= n] or [1],
+            sampling_temperature=self.sampling_temperature,
+            max_new_tokens=self.max_new_tokens,
+            batch_size=self.batch_size,
+            seed=seed,
+        )
+
+
+def checkpoint_curve(
+    phase_dirs: Sequence[Path],
+    arch: Any,
+    tokenizer: Any,
+    splits: Mapping[str, Sequence[Mapping[str, Any]]],
+    section: ReasoningEvalSection,
+    *,
+    sequences_per_step: int,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """pass@1 of every checkpoint the training phases kept, in training order, against the
+    training sequences and tokens seen so far (a learning curve across phases).
+
+    Args:
+        phase_dirs: Phase folders (``checkpoints/step-N/model.safetensors``, ``summary.json``)
+            in the order they trained; a later phase continues the earlier one's steps.
+        arch: A model of the trained architecture; each checkpoint is loaded into a copy.
+        tokenizer: The run's tokenizer.
+        splits: Problems to score, by split name.
+        section: The evaluation settings (``curve_samples`` samples per problem).
+        sequences_per_step: Training sequences per optimiser step (the global batch).
+        seed: The sampling seed.
+
+    Returns:
+        One dict per checkpoint: ``step``, ``examples``, ``tokens`` (from each phase's mean
+        tokens per step in ``summary.json``) and ``<split>/pass@1``.
+    """
+    from safetensors.torch import load_file
+
+    points: list[dict[str, Any]] = []
+    offset, tokens_before = 0, 0.0
+    for folder in phase_dirs:
+        summary_file = Path(folder) / "summary.json"
+        summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+        steps = sorted(
+            int(p.name.split("-")[1]) for p in (Path(folder) / "checkpoints").glob("step-*")
+        )
+        per_step = float(summary.get("tokens", 0.0)) / max(float(summary.get("steps", 1)), 1.0)
+        for step in steps:
+            model = copy.deepcopy(arch)
+            model.load_state_dict(
+                load_file(str(Path(folder) / "checkpoints" / f"step-{step}" / "model.safetensors"))
+            )
+            point: dict[str, Any] = {
+                "step": offset + step,
+                "examples": (offset + step) * sequences_per_step,
+                "tokens": tokens_before + step * per_step,
+            }
+            for split, records in splits.items():
+                scores = section.score(
+                    model, tokenizer, records, samples=section.curve_samples, seed=seed
+                )
+                point[f"{split}/pass@1"] = scores.pass_at[1]
+            points.append(point)
+        offset += int(summary.get("steps", steps[-1] if steps else 0))
+        tokens_before += float(summary.get("tokens", 0.0))
+    return points
