@@ -68,6 +68,7 @@ from distil.data.traces import (
     trace_examples,
     training_records,
 )
+from distil.errors import DistilError
 from distil.evaluation.reasoning import ReasoningEvalSection, checkpoint_curve
 from distil.evaluation.report import cost_part, print_report, quality_part, write_report
 from distil.losses.chunked import loss_chunk_rows
@@ -350,6 +351,11 @@ def learning_impact_probe(
         if step.index + 1 in points:  # what LIM reads: every example's loss at this point
             nll = per_example_nll(phase.unwrapped().lm, _batches(data), vocab_size=vocab)
             losses.append([nll[i] for i in range(len(data))])
+    if len(losses) != len(points):  # resumed after the probe ended but before its scores
+        raise DistilError(
+            f"{s.run_dir / 'probe'} holds a finished probe without its scores; delete that "
+            "folder and resume to probe again"
+        )
     trained: Any = phase.unwrapped().lm
     phase.finish(
         export=lambda f: save_model_folder(trained, f, tokenizer=tokenizer, overwrite=True)
