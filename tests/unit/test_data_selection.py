@@ -132,3 +132,31 @@ def test_per_example_nll_matches_cross_entropy_per_row() -> None:
         targets = labels[row, 1:]
         want = torch.nn.functional.cross_entropy(logits[row, :-1], targets, ignore_index=-100)
         assert got[key] == pytest.approx(float(want), rel=1e-5)
+
+
+def test_per_key_mean_and_the_selection_section() -> None:
+    from pydantic import ValidationError
+
+    from distil.data.selection import SelectionSection, per_key_mean
+
+    assert per_key_mean(["a", "b", "a"], [1.0, 5.0, 3.0]) == {"a": 2.0, "b": 5.0}
+    assert SelectionSection(method="random", budget=0.1).budget == 0.1
+    with pytest.raises(ValidationError, match="whole count"):
+        SelectionSection(budget=2.5)
+    with pytest.raises(ValidationError, match="scorer_model"):
+        SelectionSection(method="scorer", scorer="model")
+
+
+def test_training_records_pick_gold_or_traces_of_the_kept_problems() -> None:
+    from distil.data.traces import training_records
+
+    problems = [{"id": i, "prompt": f"Q{i}", "completion": "gold"} for i in range(3)]
+    traces = [
+        {"id": i, "correct": j == 0, "completion": f"t{j}"} for i in range(3) for j in range(2)
+    ]
+    assert [r["id"] for r in training_records(problems, traces, [0, 2], "gold")] == [0, 2]
+    assert len(training_records(problems, traces, [0, 2], "all_traces")) == 4
+    kept = training_records(problems, traces, [1], "correct_traces")
+    assert [(r["id"], r["completion"]) for r in kept] == [(1, "t0")]
+    with pytest.raises(DistilError, match="trace file"):
+        training_records(problems, None, [0], "correct_traces")
