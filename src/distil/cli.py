@@ -1,5 +1,5 @@
 """The ``distil`` command line: run, validate, recipes, cp, report, compare, advise, search, cache,
-generate, sample, speculate."""
+generate, problems, sample, speculate."""
 
 from __future__ import annotations
 
@@ -815,6 +815,42 @@ def speculate(
     write_report(out, report_data)
     print_report(report_data, console)
     console.print(f"[bold]report[/bold] {out / 'report.md'}")
+
+
+@app.command()
+def problems(
+    out: Annotated[Path, typer.Argument(help="output folder")] = Path("runs/reasoning-data"),
+    overrides: Annotated[
+        list[str] | None,
+        typer.Argument(help="e.g. kinds=[addition,sorting] train_examples=5000 seed=1"),
+    ] = None,
+) -> None:
+    """Checkable multi-step problems with worked solutions (train, pool, held_out, harder JSONL
+    splits) and a digit-level tokenizer, for lm_pretrain, distil generate and trace verification."""
+    from distil.data.reasoning import (
+        ReasoningSplits,
+        read_problems,
+        write_reasoning_splits,
+        write_reasoning_tokenizer,
+    )
+
+    try:
+        data = apply_overrides(ReasoningSplits().model_dump(mode="json"), overrides or [])
+        spec = validate_config(ReasoningSplits, data, source="distil problems")
+        paths = write_reasoning_splits(spec, out)
+        tokenizer = write_reasoning_tokenizer(out / "tokenizer")
+    except (DistilError, ConfigError) as exc:
+        _fail(exc)
+        return
+    for split, path in paths.items():
+        console.print(f"{split:>9}: {escape(str(path))} ({len(read_problems(path))} problems)")
+    console.print(f"tokenizer: {escape(str(tokenizer))}")
+    console.print(
+        f"train a teacher: distil run lm_pretrain-reasoning data.source.train=[{paths['train']}] "
+        f"data.source.eval=[{paths['held_out']}] tokenizer.path={tokenizer}",
+        markup=False,
+        soft_wrap=True,
+    )
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -56,6 +56,10 @@ class GenerationSettings(StrictModel):
     num_return_sequences: int = Field(default=1, ge=1, description="per prompt (sampling only)")
     batch_size: int = Field(default=16, ge=1, description="sequences per generate call")
     seed: int = 0
+    logprobs: bool = Field(
+        default=False,
+        description="also write each generated token's id and the teacher's log-probability",
+    )
 
     @model_validator(mode="after")
     def _sampling_only(self) -> GenerationSettings:
@@ -117,17 +121,34 @@ class _TeacherDecoding:
     Hugging Face's sampler draws all rows from the global RNG, so a row's text would depend on
     its neighbours; here row ``r`` uses only its own generator and the drawn token is returned
     as the one finite score, which greedy decoding then picks (cost: a sort of ``[B, V]`` per step).
+    With ``record_logprobs`` it keeps, per step, each row's log-probability of the token it
+    picks under the teacher's own distribution (temperature 1, no nucleus cut), without storing
+    the ``[B, V]`` logits of every step.
     """
 
     def __init__(
-        self, vocab: int, seeds: list[int] | None, temperature: float, top_p: float
+        self,
+        vocab: int,
+        seeds: list[int] | None,
+        temperature: float,
+        top_p: float,
+        *,
+        record_logprobs: bool = False,
     ) -> None:
         self.vocab_size, self.temperature, self.top_p = vocab, temperature, top_p
         self.generators = [torch.Generator().manual_seed(s) for s in seeds or []]
+        self.record_logprobs = record_logprobs
+        self.step_logprobs: list[torch.Tensor] = []  # one [B] tensor per generated step
+
+    def _record(self, scores: torch.Tensor, chosen: torch.Tensor) -> None:
+        if self.record_logprobs:
+            log_probs = torch.log_softmax(scores.float(), dim=-1)  # [B, V]
+            self.step_logprobs.append(log_probs.gather(-1, chosen).squeeze(-1).cpu())  # [B]
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         scores = mask_unknown_ids(scores, self.vocab_size)  # never a padded output row
         if not self.generators:
+            self._record(scores, scores.argmax(dim=-1, keepdim=True))  # what greedy picks
             return scores
         probs = torch.softmax(scores.float() / self.temperature, dim=-1)  # [B, V]
         probs, order = probs.sort(dim=-1, descending=True)  # [B, V] each
@@ -136,6 +157,7 @@ class _TeacherDecoding:
         u = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in self.generators])
         pick = torch.searchsorted(cdf, (u.to(cdf.device) * cdf[:, -1]).unsqueeze(-1))  # [B, 1]
         chosen = order.gather(-1, pick.clamp_max(cdf.shape[-1] - 1))  # [B, 1]
+        self._record(scores, chosen)
         return torch.full_like(scores, float("-inf")).scatter_(-1, chosen, 0.0)
 
 
@@ -187,13 +209,20 @@ def generate_shard(
             input_ids[r, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
             attention_mask[r, width - len(ids) :] = 1
         seeds = [row_seed(settings.seed, p.id, j) for p, _, j in batch] if sampling else None
-        decoding = _TeacherDecoding(vocab, seeds, settings.sampling_temperature, settings.top_p)
+        decoding = _TeacherDecoding(
+            vocab,
+            seeds,
+            settings.sampling_temperature,
+            settings.top_p,
+            record_logprobs=settings.logprobs,
+        )
         out = model.generate(
             input_ids.to(device),
             attention_mask=attention_mask.to(device),
             generation_config=config,
             logits_processor=LogitsProcessorList([decoding]),
         )
+        step_logprobs = torch.stack(decoding.step_logprobs, 1) if settings.logprobs else None
         for r, (p, _, j) in enumerate(batch):
             new = out[r, width:].tolist()
             end = next((i for i, t in enumerate(new) if t in eos_ids), None)
@@ -204,6 +233,12 @@ def generate_shard(
             record = {"id": p.id, "prompt": p.text, "completion": text} | (
                 {"sample": j} if n > 1 else {}
             )
+            if step_logprobs is not None:  # the generated ids through the first EOS
+                generated = len(kept) + (end is not None)
+                record["token_ids"] = new[:generated]
+                record["token_logprobs"] = [
+                    round(x, 6) for x in step_logprobs[r, :generated].tolist()
+                ]
             lines.append(json.dumps(record, ensure_ascii=False) + "\n")
     counts["records"] = len(lines)
     return "".join(lines).encode("utf-8"), counts
@@ -219,7 +254,10 @@ def _settings(cfg: GenerateConfig, dtype: torch.dtype) -> dict[str, Any]:
             "prompts.prompt_tokens": p.prompt_tokens,
             "prompts.corpus_max_bytes": p.corpus_max_bytes,
         }
-    out |= {f"generation.{k}": v for k, v in cfg.generation.model_dump(mode="json").items()}
+    generation = cfg.generation.model_dump(mode="json")
+    if not generation["logprobs"]:  # added later: folders made before it have no such key
+        del generation["logprobs"]
+    out |= {f"generation.{k}": v for k, v in generation.items()}
     return out | {"shard_size": cfg.shard_size, "dtype": str(dtype).removeprefix("torch.")}
 
 

@@ -213,6 +213,40 @@ def test_sampled_run_resumes_to_byte_identical_shards(
     assert _shards(reseeded) != _shards(whole)
 
 
+@pytest.mark.parametrize("sampled", [False, True])
+def test_logprobs_are_the_teachers_own_and_leave_the_text_unchanged(
+    fx: dict[str, Path], tmp_path: Path, sampled: bool
+) -> None:
+    from distil.models.lm import load_causal_lm
+    from distil.models.vocab import load_tokenizer_folder
+
+    sampling = ["generation.sampling_temperature=0.7", "generation.top_p=0.9"] if sampled else []
+    plain, scored = tmp_path / "plain", tmp_path / "scored"
+    assert _generate(fx, plain, *sampling)[0] == 0
+    assert _generate(fx, scored, *sampling, "generation.logprobs=true")[0] == 0
+    without, records = _records(plain), _records(scored)
+    assert [r["completion"] for r in records] == [r["completion"] for r in without]
+    assert (
+        "generation.logprobs" not in json.loads((plain / "manifest.json").read_text())["settings"]
+    )
+    assert json.loads((scored / "manifest.json").read_text())["settings"]["generation.logprobs"]
+    model, tok = load_causal_lm(fx["gen_teacher"]).eval(), load_tokenizer_folder(fx["gen_teacher"])
+    ended = 0
+    for r in records:
+        ids, logprobs = r["token_ids"], r["token_logprobs"]
+        assert len(ids) == len(logprobs) and 1 <= len(ids) <= 12
+        ended += ids[-1] == tok.eos_token_id
+        body = ids[:-1] if ids[-1] == tok.eos_token_id else ids
+        assert tok.decode(body, skip_special_tokens=True) == r["completion"]
+        prompt = tok(r["prompt"])["input_ids"]
+        with torch.no_grad():  # teacher forcing: log p(token | prefix) at temperature 1
+            logits = model(torch.tensor([prompt + ids])).logits[0, len(prompt) - 1 : -1]
+        want = logits.float().log_softmax(-1).gather(-1, torch.tensor(ids)[:, None])[:, 0]
+        assert torch.allclose(torch.tensor(logprobs), want, atol=1e-4), r["id"]
+        assert all(x <= 0 for x in logprobs)
+    assert 0 < ended < len(records) or sampled  # greedy: some stop early, some run to the limit
+
+
 def test_changed_settings_are_refused_and_corrupt_shards_named_then_regenerated(
     fx: dict[str, Path], tmp_path: Path
 ) -> None:

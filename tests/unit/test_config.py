@@ -17,6 +17,10 @@ def in_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     `distil run lm_pretrain`): validation checks the files a config names."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs" / "lm-teacher").mkdir(parents=True)
+    (tmp_path / "runs" / "reasoning-teacher").mkdir(parents=True)
+    (tmp_path / "runs" / "reasoning-data" / "tokenizer").mkdir(parents=True)
+    for split in ("train", "pool", "held_out", "harder"):  # as `distil problems` writes them
+        (tmp_path / "runs" / "reasoning-data" / f"{split}.jsonl").touch()
     return tmp_path
 
 

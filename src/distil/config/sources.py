@@ -61,11 +61,14 @@ def missing_path(path: str, what: str) -> str | None:
     """A message for a path that does not exist, else None."""
     if Path(path).exists():
         return None
-    hint = (
-        " (make the built-in teacher first: distil run lm_pretrain)"
-        if path.rstrip("/") == BUILTIN_LM_TEACHER
-        else ""
-    )
+    hints = {
+        BUILTIN_LM_TEACHER: " (make the built-in teacher first: distil run lm_pretrain)",
+        "runs/reasoning-teacher": " (make it first: distil problems, then distil run "
+        "lm_pretrain-reasoning; see docs/reasoning.md)",
+    }
+    hint = hints.get(path.rstrip("/"), "")
+    if path.startswith("runs/reasoning-data/"):
+        hint = " (write the problem splits first: distil problems runs/reasoning-data)"
     return f"{what} {path!r} does not exist{hint}"
 
 

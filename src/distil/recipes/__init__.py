@@ -54,6 +54,11 @@ RECIPES: dict[str, RecipeEntry] = {
         "Pre-train a causal LM from scratch with next-token CE (makes the built-in teacher from the CPython stdlib corpus)",
         "lm_pretrain.yaml",
     ),
+    "reasoning_kd": RecipeEntry(
+        "distil.recipes.reasoning_kd",
+        "Reasoning teacher → smaller student on checkable problems: SFT on gold or teacher traces, rejection sampling, REDI (negative traces), token-level or on-policy KD, data selection; pass@k on held-out and harder problems",
+        "reasoning_kd.yaml",
+    ),
 }
 
 
