@@ -34,7 +34,12 @@ DEFAULT_CONFIG = "classifier_kd"
 
 # Commands other than `run` that read a config of their own: its YAML says `command: NAME` instead
 # of `recipe:`, and `validate` checks it against the model named here (imported when needed).
-CONFIG_COMMANDS: dict[str, str] = {"generate": "distil.generation:GenerateConfig"}
+# The target is a config model, or a function that picks one from the YAML mapping (generate:
+# a local teacher folder or an endpoint).
+CONFIG_COMMANDS: dict[str, str] = {
+    "generate": "distil.remote.config:generate_config_model",
+    "relabel": "distil.remote.relabel:RelabelConfig",
+}
 
 
 def shipped_configs() -> dict[str, Path]:
@@ -98,7 +103,9 @@ def load_command_config(command: str, spec: str, overrides: list[str]) -> Any:
             source=str(path),
         )
     module, _, name = CONFIG_COMMANDS[command].partition(":")
-    return validate_config(getattr(importlib.import_module(module), name), data, source=str(path))
+    target = getattr(importlib.import_module(module), name)
+    model = target if isinstance(target, type) else target(data)
+    return validate_config(model, data, source=str(path))
 
 
 def _fail(exc: Exception) -> None:
@@ -428,6 +435,7 @@ def generate(
     """Sequence-level KD data: the teacher writes completions for a prompt set, in resumable shards
     that `lm_kd` trains on (data.train_files=[OUTPUT], data.format=prompt_completion)."""
     from distil.generation import write_generations
+    from distil.remote.config import EndpointGenerateConfig
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     overrides = list(overrides or [])
@@ -436,7 +444,11 @@ def generate(
     ):  # `distil generate output=...`: the shipped config
         overrides, config = [config, *overrides], "generate"
     try:
-        result = write_generations(load_command_config("generate", config, overrides))
+        cfg = load_command_config("generate", config, overrides)
+        if isinstance(cfg, EndpointGenerateConfig):
+            _generate_endpoint(cfg)
+            return
+        result = write_generations(cfg)
     except DistilError as exc:
         _fail(exc)
         return
@@ -452,6 +464,79 @@ def generate(
         markup=False,
         soft_wrap=True,
     )
+
+
+def _generate_endpoint(cfg: Any) -> None:
+    from distil.remote.generate import generate_from_endpoint
+
+    def say(text: str) -> None:
+        console.print(f"[bold]mode[/bold] {escape(text)}", soft_wrap=True)
+
+    result = generate_from_endpoint(cfg, announce=say)
+    m = result.manifest
+    counts, ledger, run = m["counts"], m["ledger"], result.run
+    state = "complete" if m["complete"] else f"incomplete ({counts['missing']} missing"
+    state += "" if m["complete"] else f"; stopped: {m['stopped']})" if m["stopped"] else ")"
+    console.print(
+        f"[bold]generate[/bold] {escape(str(result.path))}: {state}; {counts['records']} records "
+        f"({run['records_new']} new, {counts['rejected']} rejected, {counts['failed']} failed for good); "
+        f"this run sent {run['requests_sent']} request(s), {run['retries']} retries, errors "
+        f"{run['errors'] or 'none'}; ledger {ledger['prompt_tokens']:,} prompt + "
+        f"{ledger['completion_tokens']:,} completion tokens, {ledger['cost']:.6g} {ledger['currency']}",
+        soft_wrap=True,
+    )
+    if m["stopped"] == "budget":
+        console.print(
+            "budget reached: raise budget.max_cost / budget.max_tokens and re-run the same command "
+            "to continue (nothing answered is sent again)",
+            soft_wrap=True,
+        )
+    fmt = "chat" if m["teacher"]["api"] == "chat" else "prompt_completion"
+    console.print(
+        f"train on it: distil run lm_kd data.builtin=null data.train_files=[{result.path}] data.format={fmt}",
+        markup=False,
+        soft_wrap=True,
+    )
+    if m["signal"].startswith("text+top_logprobs"):
+        console.print(
+            f"token-level KD: distil cache from-api {result.path} --tokenizer TEACHER_TOKENIZER --out CACHE",
+            markup=False,
+            soft_wrap=True,
+        )
+
+
+@app.command()
+def serve(
+    folder: Annotated[Path, typer.Argument(help="Hugging Face causal-LM (or classifier) folder")],
+    port: Annotated[int, typer.Option("--port", help="port on 127.0.0.1")] = 8765,
+    model_name: Annotated[
+        str | None, typer.Option("--model-name", help="name clients send (default: folder name)")
+    ] = None,
+    api_key_env: Annotated[
+        str | None,
+        typer.Option("--api-key-env", help="require the key held in this environment variable"),
+    ] = None,
+    usage_log: Annotated[
+        Path | None, typer.Option("--usage-log", help="append each answer's usage (JSONL)")
+    ] = None,
+    threads: Annotated[int | None, typer.Option("--threads", help="torch CPU threads")] = None,
+) -> None:
+    """Serve a local model behind an OpenAI-compatible API on 127.0.0.1 (completions, chat,
+    n, seed, logprobs/top_logprobs, usage), for `distil generate` / `distil relabel`."""
+    from distil.remote.server import serve as run_server
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        run_server(
+            folder,
+            port=port,
+            model_name=model_name,
+            api_key_env=api_key_env,
+            usage_log=usage_log,
+            threads=threads,
+        )
+    except DistilError as exc:
+        _fail(exc)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -10,7 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,6 +43,9 @@ class PromptsSection(StrictModel):
 class Prompt:
     id: int | str
     text: str
+    fields: Mapping[str, Any] = field(
+        default_factory=dict
+    )  # a file line's other fields (answers, tests)
 
 
 def load_prompts(section: PromptsSection, tokenizer: Any) -> list[Prompt]:
@@ -78,7 +82,10 @@ def _file_prompts(path: Path) -> list[Prompt]:
         raise DistilError(f"{path}: ids must be all integers or all strings")
     if len(set(ids)) != len(ids):
         raise DistilError(f"{path}: ids must be unique (they seed sampling and name completions)")
-    return [Prompt(i, row["prompt"]) for i, (_, row) in zip(ids, rows, strict=True)]
+    return [
+        Prompt(i, row["prompt"], {k: v for k, v in row.items() if k not in ("id", "prompt")})
+        for i, (_, row) in zip(ids, rows, strict=True)
+    ]
 
 
 def _stdlib_prompts(section: PromptsSection, tokenizer: Any) -> list[Prompt]:
