@@ -1,4 +1,5 @@
-"""The ``distil`` command line: run, validate, recipes, cp, report, compare, advise, cache, generate."""
+"""The ``distil`` command line: run, validate, recipes, cp, report, compare, advise, cache, generate,
+relabel, serve."""
 
 from __future__ import annotations
 
@@ -110,7 +111,10 @@ def load_command_config(command: str, spec: str, overrides: list[str]) -> Any:
 
 def _fail(exc: Exception) -> None:
     err_console.print(
-        f"[bold red]error:[/bold red] {exc}", soft_wrap=True, markup=True, highlight=False
+        f"[bold red]error:[/bold red] {escape(str(exc))}",
+        soft_wrap=True,
+        markup=True,
+        highlight=False,
     )
     raise typer.Exit(code=2)
 
@@ -401,6 +405,50 @@ def _cache_inspect(path: Path, *, verify: bool) -> None:
         console.print("[green]ok[/green]: every shard matches its sha256 in the manifest")
 
 
+def _cache_from_api(args: list[str]) -> None:
+    from distil.remote.api_cache import from_api
+
+    usage = (
+        "usage: distil cache from-api GENERATED OUT tokenizer=DIR [max_length=256] "
+        "[eval_fraction=0.05] [examples_per_shard=256]"
+    )
+    positional = [a for a in args if "=" not in a]
+    options = dict(a.split("=", 1) for a in args if "=" in a)
+    unknown = set(options) - {"tokenizer", "max_length", "eval_fraction", "examples_per_shard"}
+    if len(positional) != 2 or "tokenizer" not in options or unknown:
+        raise DistilError(usage + (f" (unknown: {sorted(unknown)})" if unknown else ""))
+    try:
+        max_length = int(options.get("max_length", "256"))
+        eval_fraction = float(options.get("eval_fraction", "0.05"))
+        per_shard = int(options.get("examples_per_shard", "256"))
+    except ValueError as exc:
+        raise DistilError(f"{usage} ({exc})") from exc
+    result = from_api(
+        Path(positional[0]),
+        Path(positional[1]),
+        tokenizer_path=Path(options["tokenizer"]),
+        max_length=max_length,
+        eval_fraction=eval_fraction,
+        examples_per_shard=per_shard,
+    )
+    left = dict(result.excluded) or "none"
+    console.print(
+        f"[bold]from-api[/bold] {escape(str(result.out))}: {result.examples} training examples "
+        f"({result.positions} positions with top-k targets), {result.eval_examples} held out; "
+        f"records left out: {left}; cut: {dict(result.cut) or 'none'}",
+        soft_wrap=True,
+    )
+    evals = f" data.eval_files=[{result.eval_file}]" if result.eval_file else ""
+    console.print(
+        f"train on it (token-level KD, kd.kd_temperature=1): distil run lm_kd teacher.hf=TEACHER "
+        f"data.builtin=null data.train_files=[{result.train_file}]{evals} data.format=prompt_completion "
+        f"data.max_length={max_length} teacher.cache={result.cache} kd.kd_temperature=1",
+        markup=False,
+        soft_wrap=True,
+    )
+    _cache_inspect(result.cache, verify=False)
+
+
 @app.command()
 def cache(
     args: Annotated[list[str], typer.Argument(help="CONFIG [overrides], or: inspect PATH")],
@@ -409,9 +457,13 @@ def cache(
     ] = False,
 ) -> None:
     """Run the teacher once and store its top-k outputs: `distil cache CONFIG [cache.k=8 ...]`;
-    summarise a cache: `distil cache inspect PATH [--verify]`."""
+    summarise a cache: `distil cache inspect PATH [--verify]`; turn an endpoint's top_logprobs
+    into a cache: `distil cache from-api GENERATED OUT tokenizer=DIR max_length=N`."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        if args[0] == "from-api":
+            _cache_from_api(args[1:])
+            return
         if args[0] == "inspect":
             if len(args) != 2:
                 raise DistilError("usage: distil cache inspect PATH [--verify]")
@@ -503,6 +555,41 @@ def _generate_endpoint(cfg: Any) -> None:
             markup=False,
             soft_wrap=True,
         )
+
+
+@app.command()
+def relabel(
+    config: Annotated[str, typer.Argument(help="YAML file with `command: relabel`")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="dotted overrides")] = None,
+) -> None:
+    """Label unlabelled text with a teacher behind an OpenAI-compatible endpoint (resumable,
+    budgeted); writes labels.csv that `classifier_kd` trains on (data.train_file)."""
+    from distil.remote.relabel import relabel as run_relabel
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    def say(text: str) -> None:
+        console.print(f"[bold]mode[/bold] {escape(text)}", soft_wrap=True)
+
+    try:
+        result = run_relabel(load_command_config("relabel", config, overrides or []), announce=say)
+    except DistilError as exc:
+        _fail(exc)
+        return
+    ledger = result.job.manifest["ledger"]
+    console.print(
+        f"[bold]relabel[/bold] {escape(str(result.label_file))}: {result.labelled} labelled "
+        f"{result.label_counts}, {result.invalid} invalid answers (invalid.jsonl), "
+        f"{result.unanswered} unanswered; labels bought {result.job.manifest['counts']['records']}, "
+        f"{ledger['total_tokens']:,} tokens, {ledger['cost']:.6g} {ledger['currency']}",
+        soft_wrap=True,
+    )
+    console.print(
+        f"train on it: distil run classifier_kd data.dataset=null data.train_file={result.label_file} "
+        "data.text_column=text data.label_column=label",
+        markup=False,
+        soft_wrap=True,
+    )
 
 
 @app.command()

@@ -51,6 +51,7 @@ class FaultRates:
     reset: float = 0.0
     retry_after_s: float = 1.0
     stall_s: float = 5.0
+    latency_s: float = 0.0  # added to every forwarded completion request (network latency)
 
     def __post_init__(self) -> None:
         total = sum(getattr(self, f) for f in FAULTS)
@@ -204,6 +205,8 @@ class FaultProxy:
                     await writer.drain()
                     self._write_log(entry)
                     continue
+                if faultable and self.rates.latency_s > 0:
+                    await asyncio.sleep(self.rates.latency_s)
                 response = await self._forward(request)
                 entry["status"] = int(response.head.split(b" ")[1])
                 try:
@@ -252,6 +255,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.add_argument(f"--{fault.replace('_', '-')}", type=float, default=0.0)
     parser.add_argument("--retry-after", type=float, default=1.0, help="seconds, in 429 answers")
     parser.add_argument("--stall-s", type=float, default=5.0)
+    parser.add_argument("--latency-s", type=float, default=0.0, help="added to every request")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -260,6 +264,7 @@ def main(argv: list[str] | None = None) -> None:
         **{f: getattr(args, f) for f in FAULTS},
         retry_after_s=args.retry_after,
         stall_s=args.stall_s,
+        latency_s=args.latency_s,
     )
     proxy = FaultProxy(args.upstream, rates, seed=args.seed, log=args.log)
     asyncio.run(proxy.serve(args.port))

@@ -56,6 +56,8 @@ logger = logging.getLogger(__name__)
 FORMAT_NAME = "distil-generated-data"  # the format `distil generate` writes and lm_kd reads
 FORMAT_VERSION = 1
 PERMANENT = frozenset({ErrorClass.BAD_REQUEST, ErrorClass.CONTENT_FILTER})
+REFUSALS_BEFORE_STOP = 5
+"""A job whose first requests are all refused (400/422) stops: its requests do not suit the server."""
 
 
 @dataclass(frozen=True)
@@ -189,6 +191,7 @@ class _Job:
         self.new_records = 0
         self.new_failures = 0
         self.gave_up = 0
+        self.refused = 0
         self.sent = 0
         self.started = time.time()
 
@@ -269,6 +272,11 @@ class _Job:
                     self.state.failures[f["key"]] = f
                 self.new_failures += len(keys)
                 logger.warning("request %s failed for good: %s", keys[0], result.message)
+                self.refused += 1
+                if self.refused >= REFUSALS_BEFORE_STOP and self.new_records == 0:
+                    # every request refused, none answered: the request itself is wrong here
+                    self.fatal = (result.error, result.message)
+                    self.stopping = "fatal"
             else:
                 self.gave_up += len(keys)
                 logger.warning(
@@ -507,6 +515,11 @@ class _Job:
                 ErrorClass.AUTH: "check the key in the variable teacher.api_key_env names",
                 ErrorClass.NOT_FOUND: "check teacher.model and teacher.base_url (GET /v1/models lists the models)",
                 ErrorClass.QUOTA: "the account's quota is used up: add credit or use another key",
+                ErrorClass.BAD_REQUEST: f"the first {REFUSALS_BEFORE_STOP} requests were all refused, "
+                "so the requests do not suit this server (a parameter it rejects? "
+                "teacher.extra_body, generation.top_logprobs, teacher.api?)",
+                ErrorClass.CONTENT_FILTER: f"the first {REFUSALS_BEFORE_STOP} requests were all "
+                "filtered by the server's content policy; check the prompts",
             }[error]
             raise DistilError(
                 f"the server stopped the job ({error.value}: {message}); {fix}. Everything answered "
