@@ -144,6 +144,7 @@ class FaultProxy:
         self.count = 0
 
     def _write_log(self, entry: dict[str, Any]) -> None:
+        entry["answered"] = time.time()  # the upstream answer (or the injected fault) is ready
         if self.log is not None:
             with open(self.log, "a", encoding="utf-8") as f:
                 f.write(json.dumps(entry) + "\n")
