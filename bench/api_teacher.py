@@ -57,7 +57,7 @@ FAULTS = {
     "reset": 0.01,
 }
 RETRY_AFTER_S = 1.0
-TIMEOUT_S = 8.0
+TIMEOUT_S = 20.0
 PROMPTS, PROMPT_TOKENS, NEW_TOKENS, CONCURRENCY = 500, 32, 48, 4
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
 
@@ -634,6 +634,81 @@ def relabel(args: argparse.Namespace) -> None:
         emit({"bench": "relabel", "row": name, **proc, "models": report["table"]["rows"]})
 
 
+PEERS_PY = BENCH / ".venv-api-peers" / "bin" / "python"
+
+
+def peers(args: argparse.Namespace) -> None:
+    """distilabel and curator under the same faults and the same kill -9 at about half-way."""
+    from distil.data.prompts import PromptsSection, load_prompts
+    from distil.models.vocab import load_tokenizer_folder
+
+    if not PEERS_PY.is_file():
+        raise SystemExit(f"make {PEERS_PY.parent.parent} first (see bench/api_teacher_peers.py)")
+    work = args.work / "peers"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    section = PromptsSection(builtin="stdlib", prompt_tokens=PROMPT_TOKENS, limit=PROMPTS)
+    prompts = load_prompts(section, load_tokenizer_folder(args.teacher))
+    prompt_file = work / "prompts.jsonl"
+    prompt_file.write_text("".join(json.dumps({"prompt": p.text}) + "\n" for p in prompts))
+    with Services(work) as services:
+        server_port, usage = services.serve(args.teacher)
+        for tool in args.tools.split(","):
+            port, plog = services.proxy(server_port, tool, FAULTS)
+            cmd = [str(PEERS_PY), str(BENCH / "api_teacher_peers.py"), tool]
+            cmd += ["--base-url", f"http://127.0.0.1:{port}/v1", "--prompts", str(prompt_file)]
+            cmd += ["--cache", str(work / f"{tool}-cache"), "--out", str(work / f"{tool}.json")]
+            cmd += ["--timeout", str(TIMEOUT_S), "--concurrency", str(CONCURRENCY)]
+            served_before = len(read_jsonl(usage))
+            started = time.time()
+            with open(work / f"{tool}-killed.log", "w") as f:
+                job = subprocess.Popen(cmd, stdout=f, stderr=f, start_new_session=True)
+            while job.poll() is None:
+                ok = sum(
+                    1 for e in read_jsonl(plog) if e.get("status") == 200 and e["fault"] is None
+                )
+                if ok >= PROMPTS // 2:
+                    break
+                time.sleep(0.5)
+            killed = job.poll() is None
+            killed_at = time.time()
+            if killed:
+                os.killpg(job.pid, signal.SIGKILL)
+                job.wait()
+            with open(work / f"{tool}-resume.log", "w") as f:
+                t0 = time.perf_counter()
+                rc = subprocess.run(cmd, stdout=f, stderr=f, timeout=3600).returncode
+                resume_wall = time.perf_counter() - t0
+            entries = [e for e in read_jsonl(plog) if e.get("body_sha")]
+            before = {e["body_sha"] for e in entries if e["time"] < killed_at}
+            after = {e["body_sha"] for e in entries if e["time"] >= killed_at}
+            rows = json.loads((work / f"{tool}.json").read_text()) if rc == 0 else []
+            done = [r for r in rows if r["completion"]]
+            texts = [r["prompt"] for r in done if r["prompt"] is not None]
+            served = read_jsonl(usage)[served_before:]
+            emit(
+                {
+                    "bench": "peers",
+                    "row": tool,
+                    "prompts": PROMPTS,
+                    "killed_after_s": round(killed_at - started, 1) if killed else None,
+                    "resume_rc": rc,
+                    "resume_wall_s": round(resume_wall, 1),
+                    "rows": len(rows),
+                    "records_with_text": len(done),
+                    "records_lost": PROMPTS - len(done),
+                    "duplicate_prompts_in_output": len(texts) - len(set(texts)) if texts else None,
+                    "requests_total": len(entries),
+                    "requests_before_kill": sum(1 for e in entries if e["time"] < killed_at),
+                    "resent_after_kill": len(before & after),
+                    "server_answers": len(served),
+                    "faults_injected": {
+                        f: sum(1 for e in entries if e["fault"] == f) for f in FAULTS
+                    },
+                }
+            )
+
+
 def table(_: argparse.Namespace) -> None:
     rows = read_jsonl(JSONL)
     lines = ["# Teachers behind an API: reliability under faults, quality, relabelling", ""]
@@ -646,21 +721,26 @@ def table(_: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    global PROMPTS  # one knob for a smoke run of every part
+    global PROMPTS, STUDENT_STEPS  # knobs for a smoke run of every part
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("part", choices=["reliability", "seqkd", "tokenkd", "relabel", "table"])
+    parser.add_argument(
+        "part", choices=["reliability", "seqkd", "tokenkd", "relabel", "peers", "table"]
+    )
     parser.add_argument("--teacher", type=Path, default=ROOT / "runs" / "lm-teacher")
     parser.add_argument("--work", type=Path, default=BENCH / "artifacts" / "api_teacher")
     parser.add_argument("--gold", type=int, default=500, help="relabel: gold labels of the teacher")
     parser.add_argument("--unlabelled", type=int, default=4000, help="relabel: texts to label")
     parser.add_argument("--prompts", type=int, default=PROMPTS, help="a smaller smoke run")
+    parser.add_argument("--tools", default="distilabel,curator", help="peers: which tools")
+    parser.add_argument("--steps", type=int, default=STUDENT_STEPS, help="lm_kd student steps")
     args = parser.parse_args()
-    PROMPTS = args.prompts
+    PROMPTS, STUDENT_STEPS = args.prompts, args.steps
     {
         "reliability": reliability,
         "seqkd": seqkd,
         "tokenkd": tokenkd,
         "relabel": relabel,
+        "peers": peers,
         "table": table,
     }[args.part](args)
 

@@ -199,7 +199,8 @@ def _settings(cfg: GenerateConfig, dtype: torch.dtype) -> dict[str, Any]:
     """The config values that decide the output, by dotted key (the prompts file path is not one:
     its content is, through the prompt-set fingerprint)."""
     p = cfg.prompts
-    out: dict[str, Any] = {"prompts.source": p.builtin or "file", "prompts.limit": p.limit}
+    source = p.builtin or ("dataset" if p.dataset is not None else "file")
+    out: dict[str, Any] = {"prompts.source": source, "prompts.limit": p.limit}
     if p.builtin is not None:
         out |= {
             "prompts.prompt_tokens": p.prompt_tokens,

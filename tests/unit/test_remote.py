@@ -432,3 +432,22 @@ def test_fault_draws_follow_the_rates() -> None:
     assert draws.count("rate_limit") / 20000 == pytest.approx(0.1, abs=0.01)
     with pytest.raises(ValueError):
         FaultRates(rate_limit=0.9, reset=0.2)
+
+
+def test_prompts_from_a_hugging_face_dataset_keep_their_fields(tmp_path: Path) -> None:
+    import datasets
+
+    from distil.data.prompts import PromptsSection, load_prompts
+
+    rows = {"id": ["a", "b"], "question": ["2+2?", "3*3?"], "answer": [4, 9]}
+    datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "ds"))
+    section = PromptsSection(dataset=str(tmp_path / "ds"), prompt_field="question")
+    prompts = load_prompts(section, None)
+    assert [(p.id, p.text, dict(p.fields)) for p in prompts] == [
+        ("a", "2+2?", {"answer": 4}),
+        ("b", "3*3?", {"answer": 9}),
+    ]
+    with pytest.raises(DistilError, match="no column 'prompt'"):
+        load_prompts(PromptsSection(dataset=str(tmp_path / "ds")), None)
+    with pytest.raises(ValueError, match="exactly one of"):
+        PromptsSection(dataset="x", file="y.jsonl")

@@ -28,14 +28,23 @@ class PromptsSection(StrictModel):
 
     file: str | None = Field(default=None, description="JSONL: a string `prompt` (+ `id`) a line")
     builtin: Literal["stdlib"] | None = Field(default=None, description="stdlib train split")
+    dataset: str | None = Field(
+        default=None,
+        description="a Hugging Face dataset: a save_to_disk folder, or a name load_dataset finds offline",
+    )
+    dataset_split: str = Field(default="train", description="dataset: the split")
+    prompt_field: str = Field(default="prompt", description="dataset: the prompt column")
     prompt_tokens: int = Field(default=64, ge=1, description="builtin: tokens per prompt")
     corpus_max_bytes: int | None = Field(default=None, ge=1, description="builtin: corpus size cap")
     limit: int | None = Field(default=None, ge=1, description="file: first N; builtin: N spread")
 
     @model_validator(mode="after")
     def _one_source(self) -> PromptsSection:
-        if (self.file is None) == (self.builtin is None):
-            raise ValueError("set exactly one of prompts.file (JSONL) or prompts.builtin (stdlib)")
+        if sum(x is not None for x in (self.file, self.builtin, self.dataset)) != 1:
+            raise ValueError(
+                "set exactly one of prompts.file (JSONL), prompts.builtin (stdlib) or "
+                "prompts.dataset (Hugging Face)"
+            )
         return self
 
 
@@ -52,6 +61,8 @@ def load_prompts(section: PromptsSection, tokenizer: Any) -> list[Prompt]:
     """The prompt set, in order; raises DistilError for a missing, malformed or empty one."""
     if section.file is not None:
         prompts = _file_prompts(Path(section.file))[: section.limit]
+    elif section.dataset is not None:
+        prompts = _dataset_prompts(section)[: section.limit]
     else:
         prompts = _stdlib_prompts(section, tokenizer)
     if not prompts:
@@ -85,6 +96,46 @@ def _file_prompts(path: Path) -> list[Prompt]:
     return [
         Prompt(i, row["prompt"], {k: v for k, v in row.items() if k not in ("id", "prompt")})
         for i, (_, row) in zip(ids, rows, strict=True)
+    ]
+
+
+def _dataset_prompts(section: PromptsSection) -> list[Prompt]:
+    """Prompts from a Hugging Face dataset: ``id`` column if any (else the row number), the
+    ``prompt_field`` column, every other column as the prompt's fields."""
+    import datasets
+
+    assert section.dataset is not None
+    path = Path(section.dataset)
+    try:
+        if path.is_dir() and any((path / f).is_file() for f in ("state.json", "dataset_dict.json")):
+            loaded = datasets.load_from_disk(str(path))
+        else:
+            loaded = datasets.load_dataset(section.dataset, split=section.dataset_split)
+    except (FileNotFoundError, ValueError, ConnectionError) as exc:
+        raise DistilError(
+            f"prompts.dataset {section.dataset!r} cannot be loaded offline ({exc}); give a folder "
+            "written by Dataset.save_to_disk, or use prompts.file"
+        ) from exc
+    if isinstance(loaded, datasets.DatasetDict):
+        if section.dataset_split not in loaded:
+            raise DistilError(
+                f"prompts.dataset has splits {sorted(loaded)}, not {section.dataset_split!r}; "
+                "set prompts.dataset_split"
+            )
+        loaded = loaded[section.dataset_split]
+    if section.prompt_field not in loaded.column_names:
+        raise DistilError(
+            f"prompts.dataset has no column {section.prompt_field!r} (it has "
+            f"{loaded.column_names}); set prompts.prompt_field"
+        )
+    rows = list(loaded)
+    ids = [row["id"] for row in rows] if "id" in loaded.column_names else list(range(len(rows)))
+    if len(set(ids)) != len(ids):
+        raise DistilError("prompts.dataset: the id column has duplicates")
+    skip = {"id", section.prompt_field}
+    return [
+        Prompt(i, str(row[section.prompt_field]), {k: v for k, v in row.items() if k not in skip})
+        for i, row in zip(ids, rows, strict=True)
     ]
 
 

@@ -12,8 +12,8 @@ arrival order), answers with the faults real APIs produce:
 | ``reset`` | the connection is reset (TCP RST), no answer | yes: tokens spent |
 
 Other requests (``/health``, ``/v1/models``) pass untouched. Every request is logged as a JSON
-line (arrival number, time, path, the client's ``Idempotency-Key``, the fault, the upstream
-status and answer id), which is how tests and ``bench/api_teacher.py`` count re-sent requests and
+line (arrival number, time, path, the client's ``Idempotency-Key``, a hash of the body for
+clients that send no key, the fault, the upstream status and answer id), which is how tests and ``bench/api_teacher.py`` count re-sent requests and
 check the client's ledger against the server's usage.
 
 Run it with ``python -m distil.remote.faults --upstream 127.0.0.1:8765 --port 8766 --rate-limit
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import logging
 import random
@@ -161,6 +162,21 @@ class FaultProxy:
             raise ConnectionError("the upstream closed without an answer")
         return response
 
+    async def _forward_unless_gone(
+        self, request: _Message, reader: asyncio.StreamReader
+    ) -> _Message | None:
+        """Forward, but drop the upstream connection if the client closes first (its timeout), so
+        the server sees the disconnect as it would without a proxy. Clients do not pipeline, so
+        any byte (or EOF) from the client before the answer means it is gone."""
+        forward = asyncio.ensure_future(self._forward(request))
+        gone = asyncio.ensure_future(reader.read(1))
+        done, _ = await asyncio.wait({forward, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if forward in done:
+            gone.cancel()
+            return forward.result()
+        forward.cancel()
+        return None
+
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Serve one client connection (keep-alive: many requests)."""
         try:
@@ -175,6 +191,9 @@ class FaultProxy:
                     "time": time.time(),
                     "path": path,
                     "key": request.headers.get("idempotency-key"),
+                    "body_sha": hashlib.sha256(request.body).hexdigest()[:16]
+                    if faultable
+                    else None,
                     "fault": fault,
                 }
                 if fault == "rate_limit":
@@ -208,7 +227,11 @@ class FaultProxy:
                     continue
                 if faultable and self.rates.latency_s > 0:
                     await asyncio.sleep(self.rates.latency_s)
-                response = await self._forward(request)
+                response = await self._forward_unless_gone(request, reader)
+                if response is None:  # the client went away first: so does the upstream request
+                    entry["fault"] = entry["fault"] or "client_gone"
+                    self._write_log(entry)
+                    return
                 entry["status"] = int(response.head.split(b" ")[1])
                 try:
                     entry["id"] = json.loads(response.body).get("id")

@@ -26,7 +26,8 @@ entry (the teacher's distribution at the end, which token-level KD needs for the
 A folder with a sequence-classification head (``*ForSequenceClassification``) is served as a
 labeller: the text of the prompt (or of the last user message) is classified, the answer is the
 label name, and log-probs are over the label set. Requests run one at a time (a lock around the
-model); the server is for teachers on one machine, not for production traffic.
+model), and a request whose client has gone (timed out) by the time its turn comes is dropped
+instead of computed; the server is for teachers on one machine, not for production traffic.
 """
 
 from __future__ import annotations
@@ -504,7 +505,9 @@ def build_app(
                 f.write(json.dumps(line) + "\n")
         return usage
 
-    async def run(prompt: str | list[Message], d: Decoding) -> tuple[list[Generated], int]:
+    async def run(
+        prompt: str | list[Message], d: Decoding, request: Request
+    ) -> tuple[list[Generated], int]:
         def work() -> tuple[list[Generated], int]:
             if isinstance(backend, ClassifierBackend):
                 text = prompt if isinstance(prompt, str) else _last_user(prompt)
@@ -515,6 +518,10 @@ def build_app(
             return backend.generate(ids, d), len(ids)
 
         async with lock:  # one generation at a time: the model is not shared between threads
+            if await request.is_disconnected():
+                # the client gave up (timed out) while this waited for the model: generating now
+                # would only delay every request queued behind it (a retry storm feeds on this)
+                raise ApiError(499, "the client closed the request before it was served")
             return await asyncio.to_thread(work)
 
     @app.get("/health")
@@ -538,7 +545,7 @@ def build_app(
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         choices, prompt_tokens, completion_tokens = [], 0, 0
         for p_index, prompt in enumerate(prompts):
-            generated, used = await run(prompt, d)
+            generated, used = await run(prompt, d, request)
             prompt_tokens += used
             for j, g in enumerate(generated):
                 completion_tokens += len(g.token_ids)
@@ -563,7 +570,7 @@ def build_app(
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request) -> dict[str, Any]:
         d = check(body, chat=True)
-        generated, prompt_tokens = await run(list(body.messages), d)
+        generated, prompt_tokens = await run(list(body.messages), d, request)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         choices = [
             {
