@@ -59,6 +59,7 @@ FAULTS = {
 RETRY_AFTER_S = 1.0
 TIMEOUT_S = 20.0
 PROMPTS, PROMPT_TOKENS, NEW_TOKENS, CONCURRENCY = 500, 32, 48, 4
+STUDENT_STEPS = 200  # lm_kd steps of each student (2x128, batch 8, 128 tokens)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
 
 
@@ -384,9 +385,6 @@ def lm_kd(
     proc = distil(args, work / f"{name}.log")
     report = json.loads((run_dir / "report.json").read_text())
     return {"proc": proc, "rows": report["table"]["rows"]}
-
-
-STUDENT_STEPS = 200
 
 
 def student_metrics(result: dict[str, Any]) -> dict[str, Any]:

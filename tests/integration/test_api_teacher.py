@@ -671,3 +671,46 @@ def test_relabel_with_a_classifier_endpoint_feeds_classifier_kd(tmp_path: Path) 
     ]
     run = runner.invoke(app, args)
     assert run.exit_code == 0, " ".join(run.output.split())
+
+
+class _SlowBackend:
+    """The tiny teacher, one second per request, counting what it generates."""
+
+    kind = "causal_lm"
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.info, self.calls = inner, inner.info, 0
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        return list(self.inner.prompt_ids(prompt))
+
+    def generate(self, ids: list[int], d: Any) -> Any:
+        self.calls += 1
+        time.sleep(1.0)
+        return self.inner.generate(ids, d)
+
+
+def test_serve_drops_a_queued_request_whose_client_gave_up(
+    env: dict[str, Any], tmp_path: Path
+) -> None:
+    import openai
+
+    from distil.remote.server import CausalLMBackend, build_app
+
+    backend = _SlowBackend(CausalLMBackend(env["teacher"]))
+    usage = tmp_path / "usage.jsonl"
+    with ThreadServer(build_app(backend, model_name=MODEL, usage_log=usage)) as server:  # type: ignore[arg-type]
+        url = f"http://127.0.0.1:{server.port}/v1"
+        patient = openai.OpenAI(base_url=url, api_key="k", max_retries=0, timeout=30)
+        hasty = openai.OpenAI(base_url=url, api_key="k", max_retries=0, timeout=0.4)
+        first = threading.Thread(
+            target=lambda: patient.completions.create(model=MODEL, prompt="a", max_tokens=2)
+        )
+        first.start()
+        time.sleep(0.2)  # the first request holds the model now
+        with pytest.raises(openai.APITimeoutError):
+            hasty.completions.create(model=MODEL, prompt="b", max_tokens=2)
+        first.join()
+        time.sleep(0.5)  # the abandoned request's turn has come and gone
+    assert backend.calls == 1  # it was dropped, not computed for nobody
+    assert len(usage.read_text().splitlines()) == 1

@@ -239,17 +239,20 @@ class _Job:
                 return
             self.in_flight += 1
         self.sent += 1
+        spent = 0.0
         try:
             body = request_body(g, unit.samples, self.spec.endpoint, gen)
             result = await client.call(body, key=g.sample_keys[unit.samples[0]], est_tokens=tokens)
+            if result.answer is not None:  # counted before the reservation goes: no gap to race
+                spent = self.ledger.add(result.answer.usage)
         finally:
             async with self.cond:
                 self.ledger.release(tokens, cost)
                 self.in_flight -= 1
                 self.cond.notify_all()
-        await self.settle(unit, result)
+        await self.settle(unit, result, spent)
 
-    async def settle(self, unit: _Unit, result: CallResult) -> None:
+    async def settle(self, unit: _Unit, result: CallResult, cost: float) -> None:
         g = unit.group
         keys = [g.sample_keys[j] for j in unit.samples]
         if result.answer is None:
@@ -288,7 +291,6 @@ class _Job:
                 )
             return
         answer = result.answer
-        cost = self.ledger.add(answer.usage)
         self.estimator.observe(g.text_bytes, answer.usage.prompt_tokens)
         call_id = uuid.uuid4().hex
         filled = list(zip(unit.samples, answer.choices, strict=False))

@@ -449,15 +449,11 @@ def build_app(
         where = ".".join(str(p) for p in first.get("loc", ())[1:]) or "body"
         return error(400, f"{where}: {first.get('msg', 'invalid request')}", "invalid_request")
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next: Any) -> Any:
-        if (
-            api_key is not None
-            and request.url.path.startswith("/v1")
-            and request.headers.get("authorization") != f"Bearer {api_key}"
-        ):
-            return error(401, "Incorrect API key provided", "invalid_api_key")
-        return await call_next(request)
+    def authorize(request: Request) -> None:
+        # a check per endpoint, not an HTTP middleware: Starlette's middleware wraps the ASGI
+        # receive channel and hides client disconnects from the handler
+        if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
+            raise ApiError(401, "Incorrect API key provided", code="invalid_api_key")
 
     def check(body: _Request, chat: bool) -> Decoding:
         if body.model != model_name:
@@ -529,7 +525,8 @@ def build_app(
         return {"status": "ok"}
 
     @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
+    async def models(request: Request) -> dict[str, Any]:
+        authorize(request)
         entry = {
             "id": model_name,
             "object": "model",
@@ -541,6 +538,7 @@ def build_app(
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> dict[str, Any]:
+        authorize(request)
         d = check(body, chat=False)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         choices, prompt_tokens, completion_tokens = [], 0, 0
@@ -569,6 +567,7 @@ def build_app(
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request) -> dict[str, Any]:
+        authorize(request)
         d = check(body, chat=True)
         generated, prompt_tokens = await run(list(body.messages), d, request)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
