@@ -46,6 +46,7 @@ import yaml
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
+sys.path.insert(0, str(ROOT / "src"))  # this checkout's distil, also in this process
 RESULTS = BENCH / "results"
 JSONL = RESULTS / "api_teacher.jsonl"
 MODEL = "lm-teacher"
@@ -453,12 +454,12 @@ def tokenkd(args: argparse.Namespace) -> None:
         with Services(work) as services:
             port, _ = services.serve(args.teacher)
             cfg = generate_config(
-                work / "gen.yaml", port=port, teacher=args.teacher, output=gen, top_logprobs=8
+                work / "gen.yaml", port=port, teacher=args.teacher, output=gen, top_logprobs=20
             )
             emit(
                 {
                     "bench": "tokenkd",
-                    "row": "api generate top-8",
+                    "row": "api generate top-20",
                     **distil(["generate", str(cfg)], work / "gen.log"),
                 }
             )
@@ -536,12 +537,13 @@ def relabel(args: argparse.Namespace) -> None:
                 f"data.test_file={work / 'test.csv'}",
                 "data.text_column=text",
                 "data.label_column=label",
+                "teacher.model.zoo=null",
                 f"teacher.model.hf={teacher_init}",
                 "teacher.model.kwargs={max_length: 48}",
                 "teacher.train=true",
-                "teacher.training.epochs=4",
+                "teacher.training.epochs=5",
                 "teacher.training.batch_size=32",
-                "teacher.training.lr=5e-5",
+                "teacher.training.lr=1e-4",
                 "student.model.zoo=mlp",
                 "student.model.kwargs={hidden: [16], text_features: 4096}",
                 "train.epochs=1",
@@ -707,15 +709,89 @@ def peers(args: argparse.Namespace) -> None:
             )
 
 
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:,.4g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {v}" for k, v in value.items())
+    return "-" if value is None else str(value)
+
+
 def table(_: argparse.Namespace) -> None:
-    rows = read_jsonl(JSONL)
-    lines = ["# Teachers behind an API: reliability under faults, quality, relabelling", ""]
-    for r in rows:
-        lines.append(
-            f"- `{r['bench']}` / {r['row']}: "
-            + json.dumps({k: v for k, v in r.items() if k not in ("bench", "row")})[:2000]
-        )
-    (RESULTS / "api_teacher.md").write_text("\n".join(lines) + "\n")
+    """``bench/results/api_teacher.md`` from the latest row of each kind in the JSON lines."""
+    latest: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in read_jsonl(JSONL):
+        latest[(r["bench"], r["row"])] = r
+    out = ["# Teachers behind an API (bench/api_teacher.py)", ""]
+    rel = latest.get(("reliability", "faults + kill -9 + resume"))
+    if rel:
+        load = ", ".join(f"{x:.1f}" for x in rel["load_avg"])
+        out += [
+            f"## Reliability: {rel['prompts']} prompts through the fault proxy, `kill -9` at about "
+            f"half-way, resume ({rel['time']}, load average {load}, 2 shared CPU cores)",
+            "",
+            f"Faults injected (429 + Retry-After {RETRY_AFTER_S:g} s / 500 / stall past the "
+            f"{TIMEOUT_S:g} s timeout / truncated JSON / reset): {_fmt(rel['faults_injected'])}; "
+            f"the client retried {rel['client_retries']} times and quarantined "
+            f"{rel['quarantined']} bodies.",
+            "",
+            "| measure | value | target |",
+            "|---|---|---|",
+            f"| unique records / duplicates | {rel['unique_records']} / {rel['duplicates']} | {rel['prompts']} / 0 |",
+            f"| journal lines at the kill | {rel['journal_lines_at_kill']} (after {rel['killed_after_s']} s) | about half |",
+            f"| requests re-sent after the kill (sent before it, sent again) | {rel['resent_after_kill']} ({rel['resent_pct']} %) | <= 1 % (in flight only) |",
+            f"| ledger tokens / server usage for the same answers | {rel['ledger_tokens']:,} / {rel['server_tokens_for_ledger_ids']:,} | equal |",
+            f"| server answers the client never received (faults, kill) | {rel['server_answers_lost_to_faults_or_kill']} ({rel['server_tokens_lost']:,} tokens) | - |",
+            f"| requests of an unchanged rerun | {rel['rerun_requests']} | 0 |",
+            f"| loop wall, faulty (kill + resume) / fault-free runs | {rel['loop_wall_s']} s / {_fmt(rel['fault_free_loop_wall_s'])} s | - |",
+            f"| mandated Retry-After pauses | {rel['mandated_retry_after_s']} s | - |",
+            f"| faulty without them / fault-free (mean) | {rel['wall_ratio_without_retry_after']}x | <= 1.2x |",
+            f"| completions equal to the fault-free run (greedy) | {rel['completions_equal_to_fault_free']} | {rel['prompts']} |",
+            "",
+        ]
+    peer_rows = [r for (b, _), r in latest.items() if b == "peers"]
+    if rel or peer_rows:
+        out += [
+            "## The same fault scenario with peers",
+            "",
+            "| tool | records with text | lost | duplicates | re-sent after the kill | requests | note |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        if rel:
+            out.append(
+                f"| distil | {rel['unique_records']} | {rel['prompts'] - rel['unique_records']} | "
+                f"{rel['duplicates']} | {rel['resent_after_kill']} | {rel['requests_total']} | idempotency keys, fsynced journal |"
+            )
+        for r in peer_rows:
+            out.append(
+                f"| {r['row']} | {r['records_with_text']} | {r['records_lost']} | "
+                f"{_fmt(r['duplicate_prompts_in_output'])} | {r['resent_after_kill']} | {r['requests_total']} | "
+                f"resume rc {r['resume_rc']}, {r['resume_wall_s']} s |"
+            )
+        out.append("")
+    quality = [r for (b, _), r in latest.items() if b in ("seqkd", "tokenkd") and "student" in r]
+    if quality:
+        out += [
+            f"## Quality: a 2x128 student, {STUDENT_STEPS} steps, scored on held-out real text",
+            "",
+            "| data / teacher signal | student held-out ppl | teacher held-out ppl | top-1 agreement | KL(t||s) | wall s |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in quality:
+            st, te = r["student"], r["teacher"]
+            out.append(
+                f"| {r['bench']}: {r['row']} | {_fmt(st['perplexity'])} | {_fmt(te['perplexity'])} | "
+                f"{_fmt(st['agreement'])} | {_fmt(st['kl_teacher_student'])} | {r['wall_s']} |"
+            )
+        out.append("")
+    relabel_rows = [r for (b, _), r in latest.items() if b == "relabel"]
+    if relabel_rows:
+        out += ["## Relabelling (Rotten Tomatoes, ADE-style)", ""]
+        for r in relabel_rows:
+            shown = {k: v for k, v in r.items() if k not in ("bench", "row", "time", "load_avg")}
+            out.append(f"- {r['row']}: {_fmt(shown)[:1500]}")
+        out.append("")
+    (RESULTS / "api_teacher.md").write_text("\n".join(out) + "\n")
 
 
 def main() -> None:
