@@ -637,6 +637,26 @@ def relabel(args: argparse.Namespace) -> None:
 PEERS_PY = BENCH / ".venv-api-peers" / "bin" / "python"
 
 
+HANG_S = 300.0
+"""A resumed peer that sends no request for this long while still running is stuck."""
+
+
+def watch(job: subprocess.Popen[bytes], plog: Path) -> bool:
+    """Wait for ``job``; kill its process group if the proxy sees no request for ``HANG_S``
+    (distilabel#1065: a restart from its cache can hang). Returns whether it hung."""
+    last, seen = time.monotonic(), len(read_jsonl(plog))
+    while job.poll() is None:
+        time.sleep(2)
+        now = len(read_jsonl(plog))
+        if now != seen:
+            last, seen = time.monotonic(), now
+        elif time.monotonic() - last > HANG_S:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+            return True
+    return False
+
+
 def peers(args: argparse.Namespace) -> None:
     """distilabel and curator under the same faults and the same kill -9 at about half-way."""
     from distil.data.prompts import PromptsSection, load_prompts
@@ -677,7 +697,9 @@ def peers(args: argparse.Namespace) -> None:
                 job.wait()
             with open(work / f"{tool}-resume.log", "w") as f:
                 t0 = time.perf_counter()
-                rc = subprocess.run(cmd, stdout=f, stderr=f, timeout=3600).returncode
+                resume = subprocess.Popen(cmd, stdout=f, stderr=f, start_new_session=True)
+                hung = watch(resume, plog)
+                rc = resume.wait()
                 resume_wall = time.perf_counter() - t0
             entries = [e for e in read_jsonl(plog) if e.get("body_sha")]
             before = {e["body_sha"] for e in entries if e["time"] < killed_at}
@@ -693,6 +715,7 @@ def peers(args: argparse.Namespace) -> None:
                     "prompts": PROMPTS,
                     "killed_after_s": round(killed_at - started, 1) if killed else None,
                     "resume_rc": rc,
+                    "resume_hung": hung,
                     "resume_wall_s": round(resume_wall, 1),
                     "rows": len(rows),
                     "records_with_text": len(done),
@@ -766,9 +789,19 @@ def table(_: argparse.Namespace) -> None:
             out.append(
                 f"| {r['row']} | {r['records_with_text']} | {r['records_lost']} | "
                 f"{_fmt(r['duplicate_prompts_in_output'])} | {r['resent_after_kill']} | {r['requests_total']} | "
-                f"resume rc {r['resume_rc']}, {r['resume_wall_s']} s |"
+                f"{'resume hung: no request for ' + str(int(HANG_S)) + ' s, killed' if r.get('resume_hung') else 'resume rc ' + str(r['resume_rc'])}, {r['resume_wall_s']} s |"
             )
-        out.append("")
+        out += [
+            "",
+            "distilabel 1.5.3 and bespokelabs-curator 0.1.31 run in their own venv "
+            "(`bench/api_teacher_peers.py`: curator would downgrade openai, datasets and tokenizers "
+            "here; neither changes torch or transformers); chat API, 48 new tokens, greedy, 4 "
+            "requests in flight, each tool's own retries and cache; its process group is killed "
+            "with SIGKILL once 250 answers have passed the proxy intact, then the same command "
+            'runs again. "Re-sent" counts request bodies sent both before and after the kill '
+            '(at most 4 were in flight). "Lost" is what the finished run does not deliver.',
+            "",
+        ]
     quality = [r for (b, _), r in latest.items() if b in ("seqkd", "tokenkd") and "student" in r]
     if quality:
         out += [

@@ -32,6 +32,9 @@ logger = logging.getLogger(__name__)
 QUARANTINE_BODY_CHARS = 4000
 """Characters of a malformed body kept in ``quarantine.jsonl``."""
 
+PROBE_ATTEMPTS = 3
+"""Tries of the ``/v1/models`` probe before a server counts as unreachable."""
+
 
 class MalformedAnswer(Exception):
     """A 200 answer that is not a valid completion (the message is the reason)."""
@@ -271,7 +274,21 @@ class EndpointClient:
 
         url = self.endpoint.base_url
         try:
-            raw = await self.client.models.with_raw_response.list(timeout=self.timeout)
+            for attempt in range(1, PROBE_ATTEMPTS + 1):  # a reset or a timeout may be passing
+                try:
+                    raw = await self.client.models.with_raw_response.list(timeout=self.timeout)
+                    break
+                except openai.APIConnectionError:
+                    if attempt == PROBE_ATTEMPTS:
+                        raise
+                    await asyncio.sleep(
+                        backoff_s(
+                            attempt,
+                            initial_s=self.retry.backoff_initial_s,
+                            max_s=self.retry.backoff_max_s,
+                            rng=self.rng,
+                        )
+                    )
         except openai.APIConnectionError as exc:
             raise DistilError(
                 f"cannot reach {url} ({type(exc).__name__}: {exc}); is the server running and the "
