@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -182,6 +183,9 @@ class CausalLMBackend:
         self.tokenizer = load_tokenizer_folder(folder, trust_remote_code=trust_remote_code)
         self.model = load_causal_lm(folder, trust_remote_code=trust_remote_code, dtype=dtype)
         self.model.eval().requires_grad_(False)
+        # transformers 5.x names the KV cache argument `cache`; 4.x `past_key_values`
+        forward = inspect.signature(self.model.forward).parameters
+        self.cache_arg = "cache" if "cache" in forward else "past_key_values"
         self.vocab = tokenizer_vocab_size(self.tokenizer)
         self.context = model_context_length(self.model)
         found = getattr(self.model.generation_config, "eos_token_id", None)
@@ -234,7 +238,7 @@ class CausalLMBackend:
             generators = [torch.Generator().manual_seed(choice_seed(base, j)) for j in range(n)]
         input_ids = torch.tensor([prompt_ids] * n, dtype=torch.long)  # [n, P]: no padding needed
         out = self.model(input_ids=input_ids, use_cache=True)
-        past = out.past_key_values
+        past = _kv_cache(out)
         logits = out.logits[:, -1, : self.vocab].float()  # [n, V]: padded rows cut off
         tokens: list[list[int]] = [[] for _ in range(n)]
         entries: list[list[tuple[int, float, tuple[tuple[int, float], ...]]]] = [
@@ -277,13 +281,21 @@ class CausalLMBackend:
                         entries[r].pop()
             if all(f is not None for f in finish):
                 break
-            out = self.model(input_ids=chosen.unsqueeze(-1), past_key_values=past, use_cache=True)
-            past = out.past_key_values
+            out = self.model(
+                input_ids=chosen.unsqueeze(-1), use_cache=True, **{self.cache_arg: past}
+            )
+            past = _kv_cache(out)
             logits = out.logits[:, -1, : self.vocab].float()  # [n, V]
         return [
             Generated(texts[r], finish[r] or "length", tuple(tokens[r]), tuple(entries[r]))
             for r in range(n)
         ]
+
+
+def _kv_cache(out: Any) -> Any:
+    """The KV cache of a forward output (``cache`` in transformers 5.x, else ``past_key_values``)."""
+    cache = out.get("cache")  # not .get(..., default): the 4.x attribute warns in 5.x
+    return cache if cache is not None else out.past_key_values
 
 
 def _stop_position(text: str, stops: Sequence[str]) -> int | None:
