@@ -38,7 +38,7 @@ DISTILLKIT = {"DistillKit recommended (published)": 300.0, "DistillKit budget (p
 
 def _teacher_section(teacher: Path | None, work: Path) -> tuple[dict[str, Any], str]:
     if teacher is not None and teacher.is_dir():
-        return {"hf": str(teacher)}, str(teacher)
+        return {"model": {"hf": str(teacher)}}, str(teacher)
     from distil.data.corpus import (
         build_stdlib_corpus,
         read_corpus_texts,
@@ -56,7 +56,7 @@ def _teacher_section(teacher: Path | None, work: Path) -> tuple[dict[str, Any], 
         "intermediate_size": 1024,
         "max_context": 256,
     }
-    return {"spec": spec}, f"random spec {spec} (tokenizer {work / 'tok'})"
+    return {"model": {"spec": spec}}, f"random spec {spec} (tokenizer {work / 'tok'})"
 
 
 def main() -> None:
@@ -71,18 +71,20 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
 
-    from distil.cache.writer import CacheConfig, _OneProcess, write_cache
+    from distil.cache.writer import _OneProcess, write_cache
+    from distil.config.lm import LMCacheJob
+    from distil.data.lm import load_lm_data
+    from distil.models.lm import load_lm, torch_dtype
     from distil.models.vocab import load_tokenizer_folder, tokenizer_vocab_size
-    from distil.recipes.lm_setup import load_lm_data, load_teacher_model, torch_dtype
-    from distil.teachers import LiveLMTeacher
+    from distil.teachers import LiveLMTeacher, TeacherSignal
     from distil.teachers.cached import CachedTeacher
 
     work = Path(tempfile.mkdtemp(prefix="distil-bench-cache-"))
     teacher_section, teacher_desc = _teacher_section(args.teacher, work)
     base: dict[str, Any] = {
-        "tokenizer": str(args.teacher) if "hf" in teacher_section else str(work / "tok"),
+        "tokenizer": str(args.teacher) if "hf" in teacher_section["model"] else str(work / "tok"),
         "data": {
-            "builtin": "stdlib",
+            "source": {"builtin": "stdlib"},
             "corpus_max_bytes": 2_000_000,
             "max_length": args.seq,
             "train_limit": args.examples,
@@ -96,9 +98,9 @@ def main() -> None:
         print(json.dumps(row), flush=True)
 
     # the teacher's plain forward over the same batches: the floor for writing
-    cfg0 = CacheConfig.model_validate({**base, "cache": {"out": str(work / "probe")}})
+    cfg0 = LMCacheJob.model_validate(base)
     tok = load_tokenizer_folder(cfg0.tokenizer or "")
-    model = load_teacher_model(cfg0.teacher, tok)
+    model = load_lm(cfg0.teacher.model, tok, seed=cfg0.teacher_seed)
     vocab = tokenizer_vocab_size(tok)
     data = load_lm_data(cfg0.data, tok, work / "data", _OneProcess())
     live = LiveLMTeacher(
@@ -114,7 +116,7 @@ def main() -> None:
     ]
     t0 = time.perf_counter()
     for b in batches:
-        live(b["input_ids"], b["attention_mask"])
+        live(b)
     forward_s = time.perf_counter() - t0
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     supervised = int(data.targets_per_example.sum())
@@ -141,18 +143,21 @@ def main() -> None:
     ]
     for k, value_dtype, targets in settings:
         out = work / f"k{k}-{value_dtype}-{targets}"
-        cfg = CacheConfig.model_validate(
+        cfg = LMCacheJob.model_validate(
             {
                 **base,
-                "cache": {
-                    "out": str(out),
-                    "k": k,
-                    "value_dtype": value_dtype,
-                    "targets": targets,
-                    "num_samples": k,
-                    "examples_per_shard": 16,
-                    "batch_size": 8,
-                    "device": "cpu",
+                "teacher": {
+                    **base["teacher"],
+                    "cache": {
+                        "path": str(out),
+                        "k": k,
+                        "value_dtype": value_dtype,
+                        "targets": targets,
+                        "num_samples": k,
+                        "examples_per_shard": 16,
+                        "batch_size": 8,
+                        "device": "cpu",
+                    },
                 },
             }
         )
@@ -161,6 +166,7 @@ def main() -> None:
         total_s = time.perf_counter() - t0
         manifest = json.loads((out / "manifest.json").read_text())
         reader = CachedTeacher(out)
+        dense = None if targets == "sampled" else CachedTeacher(out, signal=TeacherSignal.LOGITS)
         t1 = time.perf_counter()
         read = reader.sampled_targets if targets == "sampled" else reader.targets
         for b in batches:
@@ -169,8 +175,9 @@ def main() -> None:
         dense_s = None
         if targets == "topk":  # the dense (B, T, V) view lm_kd's logit losses read
             t2 = time.perf_counter()
+            assert dense is not None
             for b in batches:
-                reader(b["input_ids"], b["attention_mask"], b["example_id"])
+                dense(b)
             dense_s = time.perf_counter() - t2
         if (k, value_dtype, targets) == (8, "float16", "topk"):
             from distil.cache.reader import summarize

@@ -71,7 +71,7 @@ def main() -> None:
     started = time.time()
     steps = a.examples // 8
     data = [
-        f"teacher.hf={a.teacher}",
+        f"teacher.model={{hf: {a.teacher}}}",
         f"data.train_limit={a.examples}",
         f"run.cpu_threads={a.threads}",
     ]
@@ -83,16 +83,19 @@ def main() -> None:
         "eval.generation.prompts=1",
         f"train.checkpoint_every={steps}",
     ]
-    caches: dict[str, list[str]] = {f"top-{k}": [f"cache.k={k}"] for k in a.ks}
+    caches: dict[str, list[str]] = {f"top-{k}": [f"teacher.cache.k={k}"] for k in a.ks}
     if a.samples:
         caches[f"sampled {a.samples}"] = [
-            f"cache.k={a.samples}",
-            "cache.targets=sampled",
-            f"cache.num_samples={a.samples}",
+            f"teacher.cache.k={a.samples}",
+            "teacher.cache.targets=sampled",
+            f"teacher.cache.num_samples={a.samples}",
         ]
     for spec in a.tails:
         k, m = (int(x) for x in spec.split(":"))
-        caches[f"top-{k} + {m} tail samples"] = [f"cache.k={k}", f"cache.tail_samples={m}"]
+        caches[f"top-{k} + {m} tail samples"] = [
+            f"teacher.cache.k={k}",
+            f"teacher.cache.tail_samples={m}",
+        ]
     runs: dict[str, tuple[Path, Path | None]] = {"live teacher": (a.work / "run-live", None)}
     for name, opts in caches.items():
         folder = a.work / f"cache-{name.replace(' ', '-')}"
@@ -100,11 +103,11 @@ def main() -> None:
             not (folder / "manifest.json").is_file()
             or "bytes_per_position" not in (folder / "manifest.json").read_text()
         ):
-            distil(["cache", "lm_kd", *data, f"cache.out={folder}", *opts], a.threads)
+            distil(["cache", "lm_kd", *data, f"teacher.cache.path={folder}", *opts], a.threads)
         runs[name] = (a.work / f"run-{name.replace(' ', '-')}", folder)
     for run_dir, cache in runs.values():  # live first: the reference
         if not (run_dir / "report.json").is_file():
-            extra = [] if cache is None else [f"teacher.cache={cache}"]
+            extra = [] if cache is None else [f"teacher.cache.path={cache}"]
             distil(["run", "lm_kd", *train, *extra, "--run-dir", str(run_dir)], a.threads)
     records: list[dict[str, Any]] = []
     for name, (run_dir, cache) in runs.items():

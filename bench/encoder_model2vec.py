@@ -111,10 +111,13 @@ def distil_overrides(
     narrow = (
         []
         if width is None
-        else [f"student.hidden_size={width}", f"kd.relation_weight={RELATION_WEIGHT:g}"]
+        else [
+            f"student.model.from_teacher.hidden_size={width}",
+            f"kd.relation_weight={RELATION_WEIGHT:g}",
+        ]
     )
     return [
-        f"student.layers=[{','.join(map(str, layers))}]",
+        f"student.model={{from_teacher: {{layers: [{', '.join(map(str, layers))}]}}}}",
         *narrow,
         f"train.max_steps={args.steps}",
         f"train.warmup_steps={args.warmup}",

@@ -8,7 +8,7 @@ initial weights, same batches in the same order, same AdamW + cosine schedule, s
 * ``distil scratch``: the baseline phase of the distil logit-KD run (CE only, its own batch order);
 * ``distil logit KD``: ``distil run classifier_kd`` with the teacher's checkpoint;
 * ``distil logit+feature KD``: the same plus one ``kd.features`` term;
-* ``distil logit KD (teacher cache)``: ``teacher.cache=...``, the teacher's logits computed once per run
+* ``distil logit KD (teacher cache)``: ``teacher.cache.path=...``, the teacher's logits computed once per run
   (the cache-writing time is part of the wall);
 * ``pytorch-minimal``: a hand-written loop, the reference for time ratios;
 * ``torchdistill``: a ``DistillationBox`` with ``KDLoss`` (alpha = 1-w, beta = w);
@@ -69,7 +69,7 @@ NAMES = {
     "textbrewer": "TextBrewer BasicDistiller",
 }
 TEACHER_CMD = [
-    "data.dataset=fashion-mnist",
+    "data.source={builtin: fashion-mnist}",
     "teacher.model.zoo=cnn",
     f"teacher.model.kwargs={{channels: {TEACHER_CH}}}",
     "teacher.train=true",
@@ -470,10 +470,10 @@ def distil_overrides(
 ) -> list[str]:
     return [
         *([f"data.train_limit={train_limit}"] if train_limit else []),
-        "data.dataset=fashion-mnist",
+        "data.source={builtin: fashion-mnist}",
         "teacher.model.zoo=cnn",
         f"teacher.model.kwargs={{channels: {TEACHER_CH}}}",
-        f"teacher.checkpoint={teacher}",
+        f"teacher.model.weights={teacher}",
         "teacher.train=false",
         "student.model.zoo=cnn",
         f"student.model.kwargs={{channels: {STUDENT_CH}}}",
@@ -518,7 +518,7 @@ def run_distil(
     extra = {
         "distil": ["eval.baseline=true"],
         "distil-features": ["eval.baseline=false", f"kd.features={FEATURES}"],
-        "distil-cache": ["eval.baseline=false", f"teacher.cache={out / 'teacher-cache'}"],
+        "distil-cache": ["eval.baseline=false", f"teacher.cache.path={out / 'teacher-cache'}"],
     }[tool]
     cmd = [
         sys.executable,

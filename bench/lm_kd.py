@@ -72,26 +72,30 @@ def _peak_mb() -> float:
 
 def prepare(work: Path, teacher: Path) -> None:
     """Student init folder, the ordered training blocks and the held-out blocks, from distil's own data path."""
-    from distil.config.sections import TrainSection
-    from distil.models.lm import save_model_folder
+    from distil.config.lm import LMDataSection
+    from distil.config.sources import LMSpec
+    from distil.data.lm import load_lm_data
+    from distil.models.lm import build_from_spec, save_model_folder
     from distil.models.vocab import load_tokenizer_folder
-    from distil.recipes.lm_kd import epoch_batches
-    from distil.recipes.lm_setup import LMDataSection, LMSpecSection, load_lm_data
+    from distil.training.batches import global_batches
+    from distil.training.loop import PHASE_STREAMS
 
     work.mkdir(parents=True, exist_ok=True)
     tok = load_tokenizer_folder(teacher)
-    student = LMSpecSection(**STUDENT).build(tok, seed=SEED)
+    student = build_from_spec(LMSpec(**STUDENT), tok, seed=SEED)
     save_model_folder(student, work / "student-init", tokenizer=tok, overwrite=True)
     data = load_lm_data(
-        LMDataSection(builtin="stdlib", max_length=SEQ, eval_limit=64), tok, work, _OneProcess()
+        LMDataSection(source={"builtin": "stdlib"}, max_length=SEQ, eval_limit=64),
+        tok,
+        work,
+        _OneProcess(),
     )
-    order = epoch_batches(
+    order = global_batches(  # the order lm_kd's student phase draws
         len(data.train),
-        TrainSection(batch_size=BATCH),
-        seed=SEED,
-        phase="student",
+        global_batch_size=BATCH,
+        seed=SEED + PHASE_STREAMS["student"],
         epoch=0,
-        shuffle=True,
+        drop_last=True,
     )[:STEPS]
     idx = torch.cat(order).tolist()  # the blocks distil's lm_kd consumes, in its order
     np.save(work / "train_tokens.npy", np.asarray(data.train[idx]["input_ids"], dtype=np.int64))
@@ -238,11 +242,9 @@ def run_trl(work: Path, teacher_dir: Path, out: Path) -> dict[str, Any]:
 def run_distil(work: Path, teacher_dir: Path, out: Path, baseline: bool) -> dict[str, Any]:
     """``distil run lm_kd`` through its CLI, on the same blocks in the same order (same seed)."""
     overrides = [
-        f"teacher.hf={teacher_dir}",
-        "student.init=checkpoint",
-        f"student.hf={work / 'student-init'}",
-        "student.spec=null",
-        "data.builtin=stdlib",
+        f"teacher.model={{hf: {teacher_dir}}}",
+        f"student.model={{hf: {work / 'student-init'}}}",
+        "data.source={builtin: stdlib}",
         f"data.max_length={SEQ}",
         f"train.max_steps={STEPS}",
         f"train.batch_size={BATCH}",

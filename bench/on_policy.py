@@ -56,18 +56,22 @@ def prepare(work: Path, teacher: Path) -> None:
     decoded halves re-tokenize to exactly the same ids (and hold no EOS) are kept, so the text
     in the JSONL is the token sequence, whichever tool tokenizes it.
     """
-    from distil.config.sections import TrainSection
-    from distil.models.lm import save_model_folder
+    from distil.config.lm import LMDataSection
+    from distil.config.sources import LMSpec
+    from distil.data.lm import load_lm_data
+    from distil.models.lm import build_from_spec, save_model_folder
     from distil.models.vocab import load_tokenizer_folder
-    from distil.recipes.lm_kd import epoch_batches
-    from distil.recipes.lm_setup import LMDataSection, LMSpecSection, load_lm_data
+    from distil.training.batches import global_batches
+    from distil.training.loop import PHASE_STREAMS
 
     work.mkdir(parents=True, exist_ok=True)
     tok = load_tokenizer_folder(teacher)
-    student = LMSpecSection(**STUDENT).build(tok, seed=SEED)
+    student = build_from_spec(LMSpec(**STUDENT), tok, seed=SEED)
     save_model_folder(student, work / "student-init", tokenizer=tok, overwrite=True)
     packed = load_lm_data(
-        LMDataSection(builtin="stdlib", max_length=PROMPT + COMPLETION, eval_limit=None),
+        LMDataSection(
+            source={"builtin": "stdlib"}, max_length=PROMPT + COMPLETION, eval_limit=None
+        ),
         tok,
         work / "packed",
         _OneProcess(),
@@ -106,13 +110,12 @@ def prepare(work: Path, teacher: Path) -> None:
     np.save(work / "eval_tokens.npy", np.asarray(blocks, dtype=np.int64))
     # distil's own tokenization of the pairs and the order its loop consumes them: TRL gets these ids
     data = load_lm_data(_data_section(work), tok, work, _OneProcess())
-    order = epoch_batches(
+    order = global_batches(  # the order lm_kd's student phase draws
         len(data.train),
-        TrainSection(batch_size=BATCH),
-        seed=SEED,
-        phase="student",
+        global_batch_size=BATCH,
+        seed=SEED + PHASE_STREAMS["student"],
         epoch=0,
-        shuffle=True,
+        drop_last=True,
     )[:STEPS]
     idx = torch.cat(order).tolist()
     rows = data.train[idx]
@@ -126,11 +129,10 @@ def prepare(work: Path, teacher: Path) -> None:
 
 
 def _data_section(work: Path) -> Any:
-    from distil.recipes.lm_setup import LMDataSection
+    from distil.config.lm import LMDataSection
 
     return LMDataSection(
-        train_files=[str(work / "train.jsonl")],
-        eval_files=[str(work / "eval.jsonl")],
+        source={"train": [str(work / "train.jsonl")], "eval": [str(work / "eval.jsonl")]},
         format="prompt_completion",
         max_length=MAX_LENGTH,
     )
@@ -139,13 +141,9 @@ def _data_section(work: Path) -> Any:
 def run_distil(work: Path, teacher: Path, out: Path, fraction: float) -> dict[str, Any]:
     """``distil run lm_kd`` through its CLI on the pairs (prompt_completion format)."""
     overrides = [
-        f"teacher.hf={teacher}",
-        "student.init=checkpoint",
-        f"student.hf={work / 'student-init'}",
-        "student.spec=null",
-        "data.builtin=null",
-        f"data.train_files=[{work / 'train.jsonl'}]",
-        f"data.eval_files=[{work / 'eval.jsonl'}]",
+        f"teacher.model={{hf: {teacher}}}",
+        f"student.model={{hf: {work / 'student-init'}}}",
+        f"data.source={{train: [{work / 'train.jsonl'}], eval: [{work / 'eval.jsonl'}]}}",
         "data.format=prompt_completion",
         f"data.max_length={MAX_LENGTH}",
         f"train.max_steps={STEPS}",

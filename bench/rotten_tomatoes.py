@@ -273,10 +273,12 @@ def textbrewer_worker(args: argparse.Namespace) -> None:
     from safetensors.torch import save_file
     from textbrewer import BasicDistiller, DistillationConfig, GeneralDistiller, TrainingConfig
 
+    from distil.data.classification import load_data
     from distil.evaluation import classification as metrics
     from distil.models.classifier import build_classifier
-    from distil.recipes.classifier_kd import PHASES, Config, load_data
+    from distil.recipes.classifier_kd import Config
     from distil.training.batches import global_batches
+    from distil.training.loop import PHASE_STREAMS as PHASES
     from distil.training.optim import build_optimizer, build_scheduler
 
     spec = distil_config(
@@ -290,12 +292,12 @@ def textbrewer_worker(args: argparse.Namespace) -> None:
         test_fraction=args.test_fraction,
     )
     cfg = Config.model_validate(spec)
-    data = load_data(cfg)
-    teacher = build_classifier(**cfg.teacher.model.model_dump(), data=data)
+    data = load_data(cfg.data)
+    teacher = build_classifier(cfg.teacher.model, data)
     torch.manual_seed(
         cfg.seed + 17
     )  # as distil's fresh_student (the folder holds every weight anyway)
-    student = build_classifier(**cfg.student.model.model_dump(), data=data)
+    student = build_classifier(cfg.student.model, data)
     train, test = student.encoder(data.train), student.encoder(data.test)
     t_train = teacher.encoder(data.train)
     assert all(torch.equal(train[k], t_train[k]) for k in train), (

@@ -32,22 +32,20 @@ from typing import Any
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 STUDENT = [
-    "student.init=scratch",
-    "student.spec.num_layers=1",
-    "student.spec.hidden_size=64",
-    "student.spec.num_heads=2",
-    "student.spec.intermediate_size=256",
-    "student.spec.max_context=256",
-    "student.spec.tie_word_embeddings=true",
+    "student.model.spec.num_layers=1",
+    "student.model.spec.hidden_size=64",
+    "student.model.spec.num_heads=2",
+    "student.model.spec.intermediate_size=256",
+    "student.model.spec.max_context=256",
+    "student.model.spec.tie_word_embeddings=true",
 ]
 TEACHER = [
-    "student.init=scratch",
-    "student.spec.num_layers=2",
-    "student.spec.hidden_size=128",
-    "student.spec.num_heads=2",
-    "student.spec.intermediate_size=512",
-    "student.spec.max_context=256",
-    "student.spec.tie_word_embeddings=true",
+    "student.model.spec.num_layers=2",
+    "student.model.spec.hidden_size=128",
+    "student.model.spec.num_heads=2",
+    "student.model.spec.intermediate_size=512",
+    "student.model.spec.max_context=256",
+    "student.model.spec.tie_word_embeddings=true",
 ]
 QUIET = [
     "run.log_with=[]",
@@ -149,7 +147,7 @@ def main() -> None:
     teacher_run = a.work / "teacher"
     distil_run(
         [
-            f"teacher.hf={a.oracle}",
+            f"teacher.model={{hf: {a.oracle}}}",
             *TEACHER,
             "kd.kd_weight=1",
             f"train.max_steps={a.teacher_steps}",
@@ -163,7 +161,7 @@ def main() -> None:
     teacher = teacher_run / "student" / "final"
     # 2. the student, offline and online, with the monitor (oracle = golden measure)
     common = [
-        f"teacher.hf={teacher}",
+        f"teacher.model={{hf: {teacher}}}",
         f"tokenizer={a.oracle}",
         *STUDENT,
         "kd.kd_weight=1",

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
+import torch
 from typer.testing import CliRunner
 
 from distil.cli import app
@@ -84,13 +86,10 @@ def base_args(lm: dict[str, Path], data: str = "text") -> list[str]:
     return [
         "run",
         "lm_kd",
-        f"teacher.hf={lm['teacher']}",
-        "data.builtin=null",
-        f"data.train_files=[{lm[data]}]",
+        f"teacher.model={{hf: {lm['teacher']}}}",
+        f"data.source={{train: [{lm[data]}]}}",
         "data.max_length=64",
-        "student.init=from_teacher",
-        "student.spec=null",
-        "student.num_layers=2",
+        "student.model={from_teacher: {num_layers: 2}}",
         "train.batch_size=4",
         "train.max_steps=6",
         "train.checkpoint_every=3",
@@ -118,3 +117,30 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def tiny_diffusion_unet(num_classes: int = 3, seed: int = 0) -> Any:
+    """A class-conditional diffusers UNet on 1x8x8 images (~20k parameters), for diffusion tests."""
+    from distil.diffusion.model import UNetSpec, build_unet
+
+    spec = UNetSpec(image_size=8, block_out_channels=(8, 16), norm_num_groups=4)
+    return build_unet(spec, num_classes, seed=seed).eval()
+
+
+def delta_oracle(target: torch.Tensor, schedule: Any, prediction_type: str) -> Any:
+    """The exact denoiser of a data distribution that is one image, ``target`` (1, C, H, W):
+    x̂₀ = target whatever the input, expressed in ``prediction_type``. Every deterministic
+    sampler must return ``target`` from any noise, and every distillation target is known."""
+    from distil.diffusion.schedule import prediction_from_x0_eps
+
+    def denoise(
+        x_t: torch.Tensor, timesteps: torch.Tensor, class_labels: torch.Tensor
+    ) -> torch.Tensor:
+        alpha, sigma = schedule.alpha_sigma(timesteps)
+        x0 = target.expand_as(x_t).to(torch.float64)
+        a = alpha.reshape(-1, 1, 1, 1)
+        s = sigma.reshape(-1, 1, 1, 1)
+        eps = (x_t.to(torch.float64) - a * x0) / s
+        return prediction_from_x0_eps(x0, eps, alpha, sigma, prediction_type).to(x_t.dtype)
+
+    return denoise

@@ -1,11 +1,12 @@
 """The ``distil`` command line: run, validate, recipes, cp, report, compare, advise, cache, generate,
-relabel, serve."""
+sample, relabel, serve."""
 
 from __future__ import annotations
 
 import difflib
 import importlib
 import logging
+import shlex
 import shutil
 import sys
 from importlib import resources
@@ -30,6 +31,31 @@ app = typer.Typer(
 )
 console = Console()
 err_console = Console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            found = version("distil")
+        except PackageNotFoundError:  # a source checkout that was never installed
+            from distil import __version__ as found
+        console.print(f"distil {found}", markup=False, highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", help="print the version and exit", is_eager=True, callback=_version
+        ),
+    ] = False,
+) -> None:
+    """Knowledge distillation: turn a large teacher into a small, fast student that keeps what matters."""
+
 
 DEFAULT_CONFIG = "classifier_kd"
 
@@ -66,28 +92,45 @@ def resolve_config_path(spec: str) -> Path:
     )
 
 
+def _command_of(data: dict[str, Any]) -> str | None:
+    """The ``command:`` of a config that belongs to a command in ``CONFIG_COMMANDS``, if any."""
+    command = data.get("command")
+    return command if isinstance(command, str) and command in CONFIG_COMMANDS else None
+
+
+def config_source(path: Path) -> str:
+    """How messages name a config file: a shipped config by its file name, others by path."""
+    shipped = shipped_configs()
+    return path.name if shipped.get(path.stem) == path else str(path)
+
+
 def load_config(spec: str, overrides: list[str]) -> tuple[str, Any, dict[str, Any]]:
     """Read, override and validate a config; return (recipe name, Config, resolved dict)."""
     path = resolve_config_path(spec)
     data = apply_overrides(load_yaml(path), overrides)
     recipe = data.get("recipe")
-    if recipe is None and data.get("command") in CONFIG_COMMANDS:
+    if recipe is None and _command_of(data) is not None:
         command = data["command"]
         raise ConfigError(
             [
                 f"command: this is a `distil {command}` config, not a recipe's; run it with `distil {command} {spec}`"
             ],
-            source=str(path),
+            source=config_source(path),
+        )
+    if recipe is not None and not isinstance(recipe, str):
+        raise ConfigError(
+            [f"recipe: must be one recipe name (known: {', '.join(RECIPES)}), got {recipe!r}"],
+            source=config_source(path),
         )
     if recipe not in RECIPES:
         close = difflib.get_close_matches(str(recipe), list(RECIPES), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ConfigError(
             [f"recipe: {recipe!r} is not a recipe{hint} (known: {', '.join(RECIPES)})"],
-            source=str(path),
+            source=config_source(path),
         )
     module = load_recipe(recipe)
-    cfg = validate_config(module.Config, data, source=str(path))
+    cfg = validate_config(module.Config, data, source=config_source(path))
     return recipe, cfg, cfg.model_dump(mode="json")
 
 
@@ -101,20 +144,17 @@ def load_command_config(command: str, spec: str, overrides: list[str]) -> Any:
                 f"recipe: this is a `distil run` config ({data['recipe']}); `distil {command}` takes one with "
                 f"`command: {command}` (copy one with `distil cp {command} FILE`)"
             ],
-            source=str(path),
+            source=config_source(path),
         )
     module, _, name = CONFIG_COMMANDS[command].partition(":")
     target = getattr(importlib.import_module(module), name)
-    model = target if isinstance(target, type) else target(data)
-    return validate_config(model, data, source=str(path))
+    model = target if isinstance(target, type) else target(data)  # a function picks the model
+    return validate_config(model, data, source=config_source(path))
 
 
 def _fail(exc: Exception) -> None:
     err_console.print(
-        f"[bold red]error:[/bold red] {escape(str(exc))}",
-        soft_wrap=True,
-        markup=True,
-        highlight=False,
+        f"[bold red]error:[/bold red] {escape(str(exc))}", soft_wrap=True, highlight=False
     )
     raise typer.Exit(code=2)
 
@@ -134,7 +174,7 @@ def run(
         Path | None, typer.Option("--run-dir", help="use exactly this run folder")
     ] = None,
 ) -> None:
-    """Run a distillation. With no argument: the built-in default job (digits, CNN → MLP)."""
+    """Run a distillation. With no argument: the built-in default job (MNIST-5k, CNN → MLP)."""
     from distil.training import run_dir as rd
     from distil.training.session import open_session
 
@@ -149,16 +189,8 @@ def run(
         name = cfg.run.name or recipe
 
         def choose() -> Path:
-            if run_dir is not None:
-                if run_dir.exists() and any(run_dir.iterdir()) and not resume:
-                    raise DistilError(
-                        f"{run_dir} already holds a run; add --resume to continue it, or pick a new --run-dir"
-                    )
-                return run_dir
-            return (
-                rd.latest_run_dir(cfg.run.output_dir, name)
-                if resume
-                else rd.new_run_dir(cfg.run.output_dir, name)
+            return rd.choose_run_dir(
+                run_dir, resume=resume, output_dir=cfg.run.output_dir, name=name
             )
 
         def prepare(path: Path) -> None:
@@ -181,11 +213,22 @@ def run(
             cpu_threads=cfg.run.cpu_threads,
         )
         if session.accelerator.is_main_process:
-            console.print(f"[bold]run folder[/bold] {session.run_dir}")
-        load_recipe(recipe).main(cfg, session)
+            console.print(f"[bold]run folder[/bold] {escape(str(session.run_dir))}")
+        try:
+            load_recipe(recipe).main(cfg, session)
+        except KeyboardInterrupt:  # say how to continue: the last checkpoint is on disk
+            again = shlex.join(
+                ["distil", "run", config, *overrides, "--resume", "--run-dir", str(session.run_dir)]
+            )
+            err_console.print(
+                f"[bold yellow]interrupted[/bold yellow]; continue from the last checkpoint with: {escape(again)}",
+                soft_wrap=True,
+                highlight=False,
+            )
+            raise typer.Exit(code=130) from None
         session.accelerator.end_training()
         if session.accelerator.is_main_process:
-            console.print(f"[bold]report[/bold] {session.run_dir / 'report.md'}")
+            console.print(f"[bold]report[/bold] {escape(str(session.run_dir / 'report.md'))}")
     except DistilError as exc:
         _fail(exc)
 
@@ -197,8 +240,8 @@ def validate(
 ) -> None:
     """Check a config (and overrides) without running it; print every problem at once."""
     try:
-        command = load_yaml(resolve_config_path(config)).get("command")
-        if command in CONFIG_COMMANDS:
+        command = _command_of(load_yaml(resolve_config_path(config)))
+        if command is not None:
             load_command_config(command, config, overrides or [])
             kind = f"`distil {command}`"
         else:
@@ -206,7 +249,7 @@ def validate(
     except DistilError as exc:
         _fail(exc)
         return
-    console.print(f"[green]ok[/green]: {config} is a valid {kind} config")
+    console.print(f"[green]ok[/green]: {escape(config)} is a valid {escape(kind)} config")
 
 
 @app.command()
@@ -234,13 +277,17 @@ def cp(
         if not src.is_file():
             raise DistilError(f"{recipe!r}: no such shipped config")
         target = dest / src.name if dest.is_dir() else dest
+        if not target.parent.is_dir():
+            raise DistilError(
+                f"{target.parent} does not exist; create the folder first or choose another destination"
+            )
         if target.exists():
             raise DistilError(f"{target} exists; choose another destination or delete it first")
         shutil.copyfile(src, target)
     except DistilError as exc:
         _fail(exc)
         return
-    console.print(f"copied {src.name} to {target}; run it with: distil run {target}")
+    console.print(f"copied {src.name} to {target}; run it with: distil run {target}", markup=False)
 
 
 @app.command()
@@ -255,8 +302,8 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a run folder")]) -> Non
         return
     write_report(run_dir, data)
     print_report(data, console)
-    console.print(f"[bold]report[/bold] {run_dir / 'report.md'}")
-    console.print(f"[bold]report[/bold] {run_dir / 'report.html'}")
+    console.print(f"[bold]report[/bold] {escape(str(run_dir / 'report.md'))}")
+    console.print(f"[bold]report[/bold] {escape(str(run_dir / 'report.html'))}")
 
 
 @app.command()
@@ -283,7 +330,7 @@ def compare(
         return
     print_table(terminal_table(comparison), console, title=f"distil compare ({len(run_dirs)} runs)")
     for path in write_comparison(comparison, run_dirs, out or default_out_dir(run_dirs)):
-        console.print(f"[bold]wrote[/bold] {path}")
+        console.print(f"[bold]wrote[/bold] {escape(str(path))}")
 
 
 @app.command()
@@ -291,7 +338,7 @@ def advise(
     teacher: Annotated[
         str,
         typer.Argument(
-            help="HF model folder, YAML config, or shape: layers=12,hidden=768,heads=12,ffn=3072,vocab=32000"
+            help="HF model folder, YAML or shipped config (e.g. lm_kd), or an inline shape such as layers=12,hidden=768,heads=12,ffn=3072,vocab=32000"
         ),
     ],
     speedup: Annotated[
@@ -329,20 +376,19 @@ def advise(
     """Propose student shapes for a teacher and a target, with estimated size, speed and memory."""
     import json as _json
 
-    from distil.evaluation import advise as adv
+    from distil.planning import advise as adv
 
     try:
         path = Path(teacher)
         if path.suffix in (".yaml", ".yml") or (not path.exists() and teacher in shipped_configs()):
-            _, cfg, data = load_config(teacher, [])
-            if data.get("recipe") == "classifier_kd" and cfg.teacher.model.zoo is not None:
+            recipe, cfg, data = load_config(teacher, [])
+            if recipe == "classifier_kd" and data["teacher"]["model"].get("zoo") is not None:
                 advice = adv.advise_classifier(cfg, teacher, speedup=speedup, size_ratio=size)
                 adv.print_advice(advice, console)
                 if json_out is not None:
                     json_out.write_text(_json.dumps(advice, indent=1, default=str))
                 return
-            if cfg.teacher.model.hf is not None:
-                teacher = cfg.teacher.model.hf
+            teacher = adv.teacher_spec_from_config(data, teacher)
         budget = adv.Budget(
             memory_bytes=adv.parse_count(memory, binary=True) if memory else None,
             dataset_tokens=adv.parse_count(dataset_tokens) if dataset_tokens else None,
@@ -366,39 +412,60 @@ def advise(
     adv.print_advice(advice, console)
     if json_out is not None:
         json_out.write_text(_json.dumps(advice, indent=1, default=str))
-        console.print(f"[bold]wrote[/bold] {json_out}")
+        console.print(f"[bold]wrote[/bold] {escape(str(json_out))}")
 
 
 def _cache_write(config: str, overrides: list[str]) -> None:
-    from distil.cache.writer import CacheConfig, cache_config_data, write_cache
+    """Write (or complete) the ``teacher.cache`` of any recipe's config ahead of training; the
+    run then reads it instead of running the teacher (the same writer the run uses itself)."""
+    from distil.training.session import Session, open_session
 
-    path = resolve_config_path(config)
-    data = cache_config_data(apply_overrides(load_yaml(path), overrides))
-    cfg = validate_config(CacheConfig, data, source=str(path))
-    result = write_cache(cfg)
-    console.print(
-        f"[bold]cache[/bold] {result.path}: wrote {result.shards_written} shard(s), "
-        f"{result.shards_skipped} already complete"
-        + ("" if result.merged else "; rank 0 merges the manifest")
-    )
-    if result.merged:
-        _cache_inspect(result.path, verify=False)
+    recipe, cfg, _ = load_config(config, overrides)
+    module = load_recipe(recipe)
+    cache = getattr(getattr(cfg, "teacher", None), "cache", None)
+    if not hasattr(module, "write_teacher_cache"):
+        raise DistilError(f"{recipe} has no teacher whose outputs could be cached")
+    if cache is None:
+        raise DistilError(
+            f"{recipe}: teacher.cache is not set; say where it goes: teacher.cache.path=runs/teacher-cache"
+        )
+
+    def session() -> Session:  # recipes that run their teacher through Accelerate ask for one
+        return open_session(
+            lambda: Path(cache.path) / "work",
+            resume=True,
+            device=cfg.train.device.value,
+            mixed_precision="no",
+            log_with=[],
+            project=recipe,
+            cpu_threads=cfg.run.cpu_threads,
+        )
+
+    path, main_process, done = module.write_teacher_cache(cfg, session)
+    console.print(f"[bold]cache[/bold] {escape(str(path))}: {done}", soft_wrap=True)
+    if main_process:
+        _cache_inspect(path, verify=False)
+        console.print(  # the same config and overrides read the cache it just wrote
+            f"train from it: distil run {' '.join([config, *overrides])}",
+            markup=False,
+            soft_wrap=True,
+        )
 
 
 def _cache_inspect(path: Path, *, verify: bool) -> None:
     from distil.cache.reader import summarize, verify_cache
 
-    table = Table(title=f"teacher cache {path}", show_header=False)
+    table = Table(title=escape(f"teacher cache {path}"), show_header=False)
     table.add_column("field")
     table.add_column("value")
     for key, value in summarize(path).items():
-        table.add_row(key, f"{value:,.4g}" if isinstance(value, float) else str(value))
+        table.add_row(key, escape(f"{value:,.4g}" if isinstance(value, float) else str(value)))
     console.print(table)
     if verify:
         problems = verify_cache(path)
         for problem in problems:
             err_console.print(
-                f"[bold red]corrupt:[/bold red] {problem}", soft_wrap=True, highlight=False
+                f"[bold red]corrupt:[/bold red] {escape(problem)}", soft_wrap=True, highlight=False
             )
         if problems:
             raise typer.Exit(code=1)
@@ -438,11 +505,11 @@ def _cache_from_api(args: list[str]) -> None:
         f"records left out: {left}; cut: {dict(result.cut) or 'none'}",
         soft_wrap=True,
     )
-    evals = f" data.eval_files=[{result.eval_file}]" if result.eval_file else ""
+    evals = f", eval: [{result.eval_file}]" if result.eval_file else ""
     console.print(
-        f"train on it (token-level KD, kd.kd_temperature=1): distil run lm_kd teacher.hf=TEACHER "
-        f"data.builtin=null data.train_files=[{result.train_file}]{evals} data.format=prompt_completion "
-        f"data.max_length={max_length} teacher.cache={result.cache} kd.kd_temperature=1",
+        f"train on it (token-level KD, kd.kd_temperature=1): distil run lm_kd 'teacher.model={{hf: TEACHER}}' "
+        f"'data.source={{train: [{result.train_file}]{evals}}}' data.format=prompt_completion "
+        f"data.max_length={max_length} teacher.cache.path={result.cache} kd.kd_temperature=1",
         markup=False,
         soft_wrap=True,
     )
@@ -451,14 +518,17 @@ def _cache_from_api(args: list[str]) -> None:
 
 @app.command()
 def cache(
-    args: Annotated[list[str], typer.Argument(help="CONFIG [overrides], or: inspect PATH")],
+    args: Annotated[
+        list[str],
+        typer.Argument(
+            help="CONFIG \\[overrides], or: inspect PATH, or: from-api GENERATED OUT ..."
+        ),
+    ],
     verify: Annotated[
         bool, typer.Option("--verify", help="with inspect: re-check every shard's sha256")
     ] = False,
 ) -> None:
-    """Run the teacher once and store its top-k outputs: `distil cache CONFIG [cache.k=8 ...]`;
-    summarise a cache: `distil cache inspect PATH [--verify]`; turn an endpoint's top_logprobs
-    into a cache: `distil cache from-api GENERATED OUT tokenizer=DIR max_length=N`."""
+    """Run the teacher once and store its top-k outputs: `distil cache CONFIG \\[overrides]`, e.g. `distil cache lm_kd \\[teacher.cache.k=8 ...]`; summarise a cache: `distil cache inspect PATH \\[--verify]`; turn an endpoint's top_logprobs into a cache: `distil cache from-api GENERATED OUT tokenizer=DIR \\[max_length=N]`."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args[0] == "from-api":
@@ -484,8 +554,7 @@ def generate(
         typer.Argument(help="dotted overrides, e.g. generation.max_new_tokens=128"),
     ] = None,
 ) -> None:
-    """Sequence-level KD data: the teacher writes completions for a prompt set, in resumable shards
-    that `lm_kd` trains on (data.train_files=[OUTPUT], data.format=prompt_completion)."""
+    """Sequence-level KD data: the teacher (a local folder, or an OpenAI-compatible endpoint) writes completions for a prompt set, in resumable shards that `lm_kd` trains on (data.source={train: \\[OUTPUT]}, data.format=prompt_completion)."""
     from distil.generation import write_generations
     from distil.remote.config import EndpointGenerateConfig
 
@@ -512,10 +581,100 @@ def generate(
         soft_wrap=True,
     )
     console.print(
-        f"train on it: distil run lm_kd data.builtin=null data.train_files=[{result.path}] data.format=prompt_completion",
+        f"train on it: distil run lm_kd 'data.source={{train: [{result.path}]}}' data.format=prompt_completion",
         markup=False,
         soft_wrap=True,
     )
+
+
+@app.command()
+def sample(
+    model: Annotated[
+        Path, typer.Argument(help="a diffusion model folder, or a run folder with one in final/")
+    ],
+    sampler: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--sampler",
+            help="ddim, dpmpp_2m, euler, unipc, lcm or truncated_karras (repeat for several; "
+            "default: the model's own)",
+        ),
+    ] = None,
+    steps: Annotated[
+        list[int] | None,
+        typer.Option(
+            "--steps", help="sampling steps (repeat for several; default: the model's own)"
+        ),
+    ] = None,
+    guidance: Annotated[
+        float | None,
+        typer.Option("--guidance", help="guidance scale s (1 = none; default: the model's own)"),
+    ] = None,
+    per_class: Annotated[
+        int, typer.Option("--per-class", help="images per class (grid columns)")
+    ] = 8,
+    seed: Annotated[
+        int, typer.Option("--seed", help="initial-noise seed (shared by all grids)")
+    ] = 0,
+    early_stop_output: Annotated[
+        str,
+        typer.Option(
+            "--early-stop-output",
+            help="truncated_karras only: state (the paper: stop at sigma_end) or denoised (+1 NFE)",
+        ),
+    ] = "state",
+    zoom: Annotated[
+        int, typer.Option("--zoom", help="nearest-neighbour upscaling of the PNGs")
+    ] = 4,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="output folder (default: MODEL/samples)")
+    ] = None,
+) -> None:
+    """Write image grids of a diffusion model: one PNG per sampler and step count, a row per class."""
+    from pydantic import ValidationError
+
+    from distil.diffusion.grids import write_sample_grids
+    from distil.diffusion.model import find_model_folder, load_card
+    from distil.diffusion.sampling import SamplerSpec
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        card = load_card(model)
+        defaults = card.sampling
+        try:
+            specs = [
+                SamplerSpec.model_validate(
+                    {
+                        "kind": kind,
+                        "steps": n,
+                        "guidance_scale": defaults.guidance_scale if guidance is None else guidance,
+                        "early_stop_output": early_stop_output,
+                    }
+                )
+                for kind in (sampler or [defaults.sampler])
+                for n in (steps or [defaults.steps])
+            ]
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()
+            )
+            raise DistilError(f"bad sampling option: {problems}") from exc
+        if per_class < 1 or zoom < 1:
+            raise DistilError("--per-class and --zoom must be at least 1")
+        target = out or find_model_folder(model) / "samples"
+        records = write_sample_grids(
+            model, target, specs, per_class=per_class, seed=seed, zoom=zoom
+        )
+    except DistilError as exc:
+        _fail(exc)
+        return
+    table = Table(title=f"distil sample {escape(str(model))}")
+    for column in ("grid", "NFE/image", "s/image"):
+        table.add_column(column)
+    for record in records:
+        table.add_row(record.path, f"{record.nfe_per_image:g}", f"{record.seconds_per_image:.4f}")
+    console.print(table)
+    console.print(f"[bold]wrote[/bold] {escape(str(target))}/grids.json", soft_wrap=True)
 
 
 def _generate_endpoint(cfg: Any) -> None:
@@ -545,13 +704,13 @@ def _generate_endpoint(cfg: Any) -> None:
         )
     fmt = "chat" if m["teacher"]["api"] == "chat" else "prompt_completion"
     console.print(
-        f"train on it: distil run lm_kd data.builtin=null data.train_files=[{result.path}] data.format={fmt}",
+        f"train on it: distil run lm_kd 'data.source={{train: [{result.path}]}}' data.format={fmt}",
         markup=False,
         soft_wrap=True,
     )
     if m["signal"].startswith("text+top_logprobs"):
         console.print(
-            f"token-level KD: distil cache from-api {result.path} --tokenizer TEACHER_TOKENIZER --out CACHE",
+            f"token-level KD: distil cache from-api {result.path} CACHE tokenizer=TEACHER_TOKENIZER",
             markup=False,
             soft_wrap=True,
         )
@@ -563,7 +722,7 @@ def relabel(
     overrides: Annotated[list[str] | None, typer.Argument(help="dotted overrides")] = None,
 ) -> None:
     """Label unlabelled text with a teacher behind an OpenAI-compatible endpoint (resumable,
-    budgeted); writes labels.csv that `classifier_kd` trains on (data.train_file)."""
+    budgeted); writes labels.csv that `classifier_kd` trains on (data.source={train: \\[FILE]})."""
     from distil.remote.relabel import relabel as run_relabel
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -585,7 +744,7 @@ def relabel(
         soft_wrap=True,
     )
     console.print(
-        f"train on it: distil run classifier_kd data.dataset=null data.train_file={result.label_file} "
+        f"train on it: distil run classifier_kd 'data.source={{train: [{result.label_file}]}}' "
         "data.text_column=text data.label_column=label",
         markup=False,
         soft_wrap=True,

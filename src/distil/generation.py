@@ -1,7 +1,7 @@
 """``distil generate``: sequence-level KD data, i.e. a teacher LM's completions for a prompt set.
 
 Sequence-level KD (Kim & Rush, 2016) trains the student on what the teacher *writes*, not on its
-token distributions: train on an output folder with ``lm_kd`` (``data.train_files=[FOLDER]``,
+token distributions: train on an output folder with ``lm_kd`` (``data.source={train: [FOLDER]}``,
 ``data.format=prompt_completion``; ``kd.kd_weight=0`` is plain fine-tuning on the teacher's text).
 
 The folder holds ``shard-00000.jsonl``… (shard ``i`` = prompts ``[i·S, (i+1)·S)``, one line
@@ -28,22 +28,25 @@ import torch
 from pydantic import Field, model_validator
 
 import distil
-from distil.cache.integrity import atomic_write_bytes, remove_temp_files, sha256_file
 from distil.cache.manifest import teacher_fingerprint, write_json_atomic
 from distil.config.base import StrictModel
+from distil.config.lm import TeacherSection, TorchDtype
+from distil.config.sources import HFModel
+from distil.data.generated import FORMAT_NAME, FORMAT_VERSION, MANIFEST
 from distil.data.lm import pad_token_id_for
 from distil.data.prompts import Prompt, PromptsSection, load_prompts, prompts_fingerprint
 from distil.errors import DistilError
 from distil.models.lm import load_causal_lm, model_context_length
-from distil.models.vocab import load_tokenizer_folder, tokenizer_fingerprint, tokenizer_vocab_size
-from distil.recipes.lm_setup import TorchDtype
-from distil.training.progress import progress_bar, rate_text
+from distil.models.vocab import (
+    load_tokenizer_folder,
+    mask_unknown_ids,
+    tokenizer_fingerprint,
+    tokenizer_vocab_size,
+)
+from distil.progress import progress_bar, rate_text
+from distil.storage import atomic_write_bytes, remove_temp_files, sha256_file
 
 logger = logging.getLogger(__name__)
-
-FORMAT_NAME = "distil-generated-data"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 
 
 class GenerationSettings(StrictModel):
@@ -68,14 +71,26 @@ class GenerateConfig(StrictModel):
     """A ``distil generate`` config (``command: generate`` in its YAML)."""
 
     command: Literal["generate"] = "generate"
-    teacher: str = Field(default="runs/lm-teacher", description="HF causal-LM folder + tokenizer")
-    prompts: PromptsSection = PromptsSection(builtin="stdlib", limit=256)
+    teacher: TeacherSection = Field(
+        default_factory=TeacherSection, description="{model: {hf: FOLDER}, dtype, device}"
+    )
+    prompts: PromptsSection = PromptsSection(limit=256)
     generation: GenerationSettings = GenerationSettings()
     shard_size: int = Field(default=64, ge=1, description="prompts per shard")
     output: str = "runs/generated"
-    dtype: TorchDtype = TorchDtype.AUTO
-    device: str | None = Field(default=None, description="cuda if available, else cpu, when null")
-    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _local_teacher(self) -> GenerateConfig:
+        if not isinstance(self.teacher.model, HFModel):
+            raise ValueError("teacher.model: `distil generate` runs a local folder: {hf: FOLDER}")
+        if self.teacher.cache is not None:
+            raise ValueError("teacher.cache: `distil generate` runs the teacher itself; drop it")
+        return self
+
+    @property
+    def teacher_folder(self) -> str:
+        assert isinstance(self.teacher.model, HFModel)
+        return self.teacher.model.hf
 
 
 @dataclass(frozen=True)
@@ -111,8 +126,7 @@ class _TeacherDecoding:
         self.generators = [torch.Generator().manual_seed(s) for s in seeds or []]
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        scores = scores.clone()
-        scores[:, self.vocab_size :] = float("-inf")  # padded output rows no token id maps to
+        scores = mask_unknown_ids(scores, self.vocab_size)  # never a padded output row
         if not self.generators:
             return scores
         probs = torch.softmax(scores.float() / self.temperature, dim=-1)  # [B, V]
@@ -242,15 +256,21 @@ def write_generations(cfg: GenerateConfig) -> GenerateResult:
             prompts too long for the context, or an output folder made with other settings.
     """
     out = Path(cfg.output)
-    tokenizer = load_tokenizer_folder(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
+    trust = cfg.teacher.model.trust_remote_code if isinstance(cfg.teacher.model, HFModel) else False
+    tokenizer = load_tokenizer_folder(cfg.teacher_folder, trust_remote_code=trust)
     prompts = load_prompts(cfg.prompts, tokenizer)
-    encoded = tokenizer([p.text for p in prompts], add_special_tokens=True)["input_ids"]
+    # verbose=False: prompts too long for the context are refused below, by distil
+    encoded = tokenizer([p.text for p in prompts], add_special_tokens=True, verbose=False)[
+        "input_ids"
+    ]
     prompt_ids = [list(ids) for ids in encoded]
     empty = [p.id for p, ids in zip(prompts, prompt_ids, strict=True) if not ids]
     if empty:
         raise DistilError(f"prompt(s) {empty[:5]} tokenize to no token; remove them or add text")
-    dtype = None if cfg.dtype is TorchDtype.AUTO else getattr(torch, cfg.dtype.value)
-    model = load_causal_lm(cfg.teacher, trust_remote_code=cfg.trust_remote_code, dtype=dtype)
+    dtype = (
+        None if cfg.teacher.dtype is TorchDtype.AUTO else getattr(torch, cfg.teacher.dtype.value)
+    )
+    model = load_causal_lm(cfg.teacher_folder, trust_remote_code=trust, dtype=dtype)
     context = model_context_length(model)
     longest = max(range(len(prompts)), key=lambda i: len(prompt_ids[i]))
     if len(prompt_ids[longest]) + cfg.generation.max_new_tokens > context:
@@ -259,7 +279,7 @@ def write_generations(cfg: GenerateConfig) -> GenerateResult:
             f"{cfg.generation.max_new_tokens} exceeds the teacher's context of {context} tokens; lower "
             "max_new_tokens or prompts.prompt_tokens, or shorten the prompts"
         )
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(cfg.teacher.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)  # type: ignore[arg-type]  # transformers types .to() for dtypes only
     model.eval().requires_grad_(False)
     spec: dict[str, Any] = {
@@ -303,7 +323,7 @@ def write_generations(cfg: GenerateConfig) -> GenerateResult:
         len(prompts),
         num_shards,
         num_shards - len(todo),
-        cfg.teacher,
+        cfg.teacher_folder,
         model.dtype,
         device,
         decoding,
@@ -313,7 +333,7 @@ def write_generations(cfg: GenerateConfig) -> GenerateResult:
     version = getattr(distil, "__version__", "dev")
     manifest = {
         **spec,
-        "teacher": cfg.teacher,
+        "teacher": cfg.teacher_folder,
         "device": str(device),
         "created_by": f"distil {version}",
     }
@@ -367,33 +387,3 @@ def _finish(
     }
     done = {"num_shards": num_shards, "complete": len(shards) == num_shards}
     return {**manifest, **done, "shards": shards, "counts": counts}
-
-
-def generated_shard_files(folder: Path) -> list[Path] | None:
-    """The shards of a finished ``distil generate`` folder, each checked against its sha256;
-    ``None`` when ``folder`` is not one (``distil.data.lm`` then reads it as a plain folder).
-
-    Raises:
-        DistilError: If the run is unfinished or a shard is missing or corrupt.
-    """
-    path = Path(folder) / MANIFEST
-    try:
-        manifest = json.loads(path.read_text()) if path.is_file() else None
-    except json.JSONDecodeError:
-        return None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        return None
-    fix = "re-run `distil generate` with the config that made it"
-    if not manifest.get("complete"):
-        raise DistilError(
-            f"{folder} is an unfinished `distil generate` output; {fix} to complete it"
-        )
-    files = []
-    for shard in manifest["shards"]:
-        file = Path(folder) / shard["file"]
-        if not file.is_file() or sha256_file(file) != shard["sha256"]:
-            raise DistilError(
-                f"generated shard {file} is missing or fails its sha256 in the manifest; {fix} to regenerate it"
-            )
-        files.append(file)
-    return files

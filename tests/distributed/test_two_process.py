@@ -18,7 +18,7 @@ from tests.helpers import free_port
 ARGS = [
     "run",
     "classifier_kd",
-    "data.dataset=digits",
+    "data.source={builtin: digits}",
     "teacher.train=false",
     "teacher.model.kwargs.channels=[32,64,64]",
     "student.model.kwargs.hidden=[32]",
@@ -43,16 +43,17 @@ def test_two_processes_cover_the_data_once_and_match_one_process(tmp_path: Path)
             "-c",
             (
                 "import torch; from safetensors.torch import save_file;"
-                "from distil.recipes.classifier_kd import Config, load_data;"
+                "from distil.recipes.classifier_kd import Config;"
+                "from distil.data.classification import load_data;"
                 "from distil.models.classifier import build_classifier;"
                 "torch.manual_seed(1); cfg = Config();"
-                "b = build_classifier(**cfg.teacher.model.model_dump(), data=load_data(cfg));"
+                "b = build_classifier(cfg.teacher.model, load_data(cfg.data));"
                 f"save_file({{k: v.contiguous() for k, v in b.module.state_dict().items()}}, {str(ckpt)!r})"
             ),
         ],
         check=True,
     )
-    args = [*ARGS, f"teacher.checkpoint={ckpt}"]
+    args = [*ARGS, f"teacher.model.weights={ckpt}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = tmp_path / "one"
     subprocess.run(

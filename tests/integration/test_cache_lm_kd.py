@@ -48,15 +48,17 @@ def test_lm_kd_from_full_vocab_cache_matches_live_teacher(
             "lm_kd",
             *data_args,
             "kd.kd_temperature=2.0",
-            f"cache.out={cache}",
-            "cache.k=400",
+            f"teacher.cache.path={cache}",
+            "teacher.cache.k=400",
         ],
     )
     assert made.exit_code == 0, made.output
     live_dir, cached_dir = tmp_path / "live", tmp_path / "cached"
     live = runner.invoke(app, [*args, "--run-dir", str(live_dir)])
     assert live.exit_code == 0, live.output
-    cached = runner.invoke(app, [*args, f"teacher.cache={cache}", "--run-dir", str(cached_dir)])
+    cached = runner.invoke(
+        app, [*args, f"teacher.cache.path={cache}", "--run-dir", str(cached_dir)]
+    )
     assert cached.exit_code == 0, cached.output
     assert "learns from the cached" in (cached_dir / "mode.txt").read_text()
     want, got = _kd_raw(live_dir), _kd_raw(cached_dir)
@@ -69,7 +71,7 @@ def test_lm_kd_from_full_vocab_cache_matches_live_teacher(
         [
             *args,
             "kd.kd_temperature=1.0",
-            f"teacher.cache={cache}",
+            f"teacher.cache.path={cache}",
             "--run-dir",
             str(tmp_path / "bad"),
         ],
@@ -92,15 +94,15 @@ def test_lm_kd_trains_from_sparse_caches_with_the_exact_sparse_loss(
             "cache",
             "lm_kd",
             *data_args,
-            f"cache.out={cache}",
-            "cache.k=8",
-            f"cache.targets={targets.removesuffix('+tail')}",
-            *(["cache.tail_samples=3"] if targets.endswith("+tail") else []),
+            f"teacher.cache.path={cache}",
+            "teacher.cache.k=8",
+            f"teacher.cache.targets={targets.removesuffix('+tail')}",
+            *(["teacher.cache.tail_samples=3"] if targets.endswith("+tail") else []),
         ],
     )
     assert made.exit_code == 0, made.output
     run_dir = tmp_path / "run"
-    result = runner.invoke(app, [*args, f"teacher.cache={cache}", "--run-dir", str(run_dir)])
+    result = runner.invoke(app, [*args, f"teacher.cache.path={cache}", "--run-dir", str(run_dir)])
     assert result.exit_code == 0, result.output + repr(result.exception)
     mode = " ".join((run_dir / "mode.txt").read_text().split())
     expected = {
@@ -109,6 +111,8 @@ def test_lm_kd_trains_from_sparse_caches_with_the_exact_sparse_loss(
         "topk+tail": "top-8 head + sampled tail",
     }[targets]
     assert expected in mode
+    # the teacher the mode line names is the cache, never a live full-logits teacher (item 6)
+    assert "teacher cached" in mode and "live LlamaForCausalLM" not in mode
     got = _kd_raw(run_dir)
     # an unbiased estimate (sampled tail) can dip below 0 when the student is this close to the teacher
     low = -0.05 if targets == "topk+tail" else 0.0

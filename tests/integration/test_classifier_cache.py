@@ -24,7 +24,7 @@ runner = CliRunner()
 BASE = [
     "run",
     "classifier_kd",
-    "data.dataset=digits",
+    "data.source={builtin: digits}",
     "teacher.model.kwargs.channels=[8,16]",
     "train.epochs=2",
     "train.checkpoint_every=1000",
@@ -56,13 +56,13 @@ def teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_cached_run_trains_the_live_runs_student(tmp_path: Path, teacher: Path) -> None:
     live, cached, cache = tmp_path / "live", tmp_path / "cached", tmp_path / "cache"
-    _ok([*BASE, "teacher.train=false", f"teacher.checkpoint={teacher}", "--run-dir", str(live)])
+    _ok([*BASE, "teacher.train=false", f"teacher.model.weights={teacher}", "--run-dir", str(live)])
     _ok(
         [
             *BASE,
             "teacher.train=false",
-            f"teacher.checkpoint={teacher}",
-            f"teacher.cache={cache}",
+            f"teacher.model.weights={teacher}",
+            f"teacher.cache.path={cache}",
             "--run-dir",
             str(cached),
         ]
@@ -96,8 +96,8 @@ def test_cached_run_trains_the_live_runs_student(tmp_path: Path, teacher: Path) 
         [
             *BASE,
             "teacher.train=false",
-            f"teacher.checkpoint={teacher}",
-            f"teacher.cache={cache}",
+            f"teacher.model.weights={teacher}",
+            f"teacher.cache.path={cache}",
             "train.max_steps=2",
             "--run-dir",
             str(tmp_path / "again"),
@@ -112,8 +112,8 @@ def test_cache_of_another_teacher_is_refused_by_name(tmp_path: Path, teacher: Pa
         [
             *BASE,
             "teacher.train=false",
-            f"teacher.checkpoint={teacher}",
-            f"teacher.cache={cache}",
+            f"teacher.model.weights={teacher}",
+            f"teacher.cache.path={cache}",
             "train.max_steps=1",
             "--run-dir",
             str(tmp_path / "a"),
@@ -129,8 +129,8 @@ def test_cache_of_another_teacher_is_refused_by_name(tmp_path: Path, teacher: Pa
         [
             *BASE,
             "teacher.train=false",
-            f"teacher.checkpoint={other}",
-            f"teacher.cache={cache}",
+            f"teacher.model.weights={other}",
+            f"teacher.cache.path={cache}",
             "train.max_steps=1",
             "--run-dir",
             str(tmp_path / "b"),
@@ -142,9 +142,9 @@ def test_cache_of_another_teacher_is_refused_by_name(tmp_path: Path, teacher: Pa
 
 def test_cache_with_settings_that_need_the_live_teacher_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="kd.mixup_alpha"):
-        load_config("classifier_kd", ["teacher.cache=somewhere", "kd.mixup_alpha=0.2"])
+        load_config("classifier_kd", ["teacher.cache.path=somewhere", "kd.mixup_alpha=0.2"])
     with pytest.raises(ConfigError, match="kd.cutmix_alpha"):
-        load_config("classifier_kd", ["teacher.cache=somewhere", "kd.cutmix_alpha=1.0"])
+        load_config("classifier_kd", ["teacher.cache.path=somewhere", "kd.cutmix_alpha=1.0"])
 
 
 def test_cached_feature_maps_train_the_live_runs_student(tmp_path: Path, teacher: Path) -> None:
@@ -157,13 +157,13 @@ def test_cached_feature_maps_train_the_live_runs_student(tmp_path: Path, teacher
         "kd.features=[{student: stages.1, teacher: stages.1, loss: hint, weight: 1.0}]",
     ]
     live, cached, cache = tmp_path / "live", tmp_path / "cached", tmp_path / "cache"
-    common = [*BASE, "teacher.train=false", f"teacher.checkpoint={teacher}", *cnn]
+    common = [*BASE, "teacher.train=false", f"teacher.model.weights={teacher}", *cnn]
     _ok([*common, "--run-dir", str(live)])
     _ok(
         [
             *common,
-            f"teacher.cache={cache}",
-            "teacher.cache_feature_dtype=float32",
+            f"teacher.cache.path={cache}",
+            "teacher.cache.feature_dtype=float32",
             "--run-dir",
             str(cached),
         ]
@@ -189,8 +189,8 @@ def test_cached_feature_maps_train_the_live_runs_student(tmp_path: Path, teacher
         [
             *BASE,
             "teacher.train=false",
-            f"teacher.checkpoint={teacher}",
-            f"teacher.cache={cache}",
+            f"teacher.model.weights={teacher}",
+            f"teacher.cache.path={cache}",
             "train.max_steps=1",
             "--run-dir",
             str(tmp_path / "no-features"),

@@ -16,7 +16,7 @@ runner = CliRunner()
 BASE = [
     "run",
     "classifier_kd",
-    "data.dataset=digits",
+    "data.source={builtin: digits}",
     "teacher.model.kwargs.channels=[8,16]",
     "teacher.training.epochs=2",
     "student.model.zoo=cnn",
@@ -71,7 +71,7 @@ def test_resume_with_projectors_ends_with_the_same_weights(tmp_path: Path) -> No
     )
     assert len(ckpts) == 2
     assert any(
-        k.startswith("features.projectors") for k in load_file(str(ckpts[0] / "model.safetensors"))
+        k.startswith("extra.projectors") for k in load_file(str(ckpts[0] / "model.safetensors"))
     )
     resumed = tmp_path / "resumed"
     shutil.copytree(full, resumed)

@@ -76,8 +76,7 @@ def test_hf_text_teacher_into_zoo_student(tmp_path: Path) -> None:
         [
             "run",
             "classifier_kd",
-            "data.dataset=null",
-            f"data.train_file={data}",
+            f"data.source={{train: [{data}]}}",
             "data.text_column=text",
             f"teacher.model.hf={folder}",
             "teacher.model.zoo=null",
@@ -125,7 +124,7 @@ def test_hf_image_teacher_with_wrong_head_is_refused(tmp_path: Path) -> None:
         [
             "run",
             "classifier_kd",
-            "data.dataset=digits",
+            "data.source={builtin: digits}",
             f"teacher.model.hf={folder}",
             "teacher.model.zoo=null",
             "teacher.model.kwargs={}",
@@ -150,7 +149,7 @@ def test_hf_image_teacher_with_wrong_head_is_refused(tmp_path: Path) -> None:
         [
             "run",
             "classifier_kd",
-            "data.dataset=digits",
+            "data.source={builtin: digits}",
             f"teacher.model.hf={bad}",
             "teacher.model.zoo=null",
             "teacher.model.kwargs={}",

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from distil.cli import app
 
 FAST = [
-    "data.dataset=digits",
+    "data.source={builtin: digits}",
     "teacher.training.epochs=2",
     "teacher.model.kwargs.channels=[8,16]",
     "train.epochs=2",
@@ -92,7 +92,7 @@ def test_resume_after_sigkill_gives_identical_weights(tmp_path: Path) -> None:
     args = [
         "run",
         "classifier_kd",
-        "data.dataset=digits",
+        "data.source={builtin: digits}",
         "teacher.training.epochs=1",
         "teacher.model.kwargs.channels=[8,16]",
         "train.epochs=12",
@@ -119,15 +119,64 @@ def test_resume_after_sigkill_gives_identical_weights(tmp_path: Path) -> None:
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (killed / "student" / "final").exists(), "the run finished before it could be killed"
+    leftover = killed / "student" / "checkpoints" / ".tmp-step-99-1"  # as a kill mid-save leaves
+    leftover.mkdir()
     resumed = subprocess.run(
         _cli([*args, "--run-dir", str(killed), "--resume"]), env=env, capture_output=True, text=True
     )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "student: resumed from step-" in " ".join(resumed.stdout.split())  # says from where
+    assert not leftover.exists()  # the interrupted save is cleaned, never read
     a = load_file(str(full / "student" / "final" / "model.safetensors"))
     b = load_file(str(killed / "student" / "final" / "model.safetensors"))
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    # the steps replayed after the last checkpoint are logged once, not twice (issue 13, item 12)
+    rows = [json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if r.get("phase") == "student" and "lr" in r]
+    assert steps == sorted(set(steps)) and len(steps) == len(
+        [
+            r
+            for r in map(json.loads, (full / "metrics.jsonl").read_text().splitlines())
+            if r.get("phase") == "student" and "lr" in r
+        ]
+    )
+
+
+def test_ctrl_c_says_how_to_resume(tmp_path: Path) -> None:
+    args = ["run", "classifier_kd", "data.source={builtin: digits}", "teacher.training.epochs=50"]
+    args += ["teacher.model.kwargs.channels=[8,16]", "eval.baseline=false", "run.log_with=[]"]
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        _cli([*args, "--run-dir", str(run_dir)]),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run_dir / "metrics.jsonl").is_file():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "--resume --run-dir" in " ".join(err.split()) and str(run_dir) in err
+
+
+def test_resume_without_a_path_skips_a_start_that_failed_before_any_checkpoint(
+    tmp_path: Path,
+) -> None:
+    from distil.training.run_dir import latest_run_dir
+
+    good, failed = tmp_path / "classifier_kd-1", tmp_path / "classifier_kd-2"
+    for folder in (good, failed):
+        folder.mkdir()
+        (folder / "config.resolved.yaml").write_text("recipe: classifier_kd\n")
+    (good / "student" / "checkpoints" / "step-7").mkdir(parents=True)
+    os.utime(good, (1, 1))  # older than the failed start
+    assert latest_run_dir(str(tmp_path), "classifier_kd") == good
 
 
 def test_resume_refuses_a_changed_config(tmp_path: Path) -> None:
@@ -169,15 +218,14 @@ def test_bad_inputs_stop_before_training(tmp_path: Path) -> None:
     cases = {
         "missing file": (
             [
-                "data.dataset=null",
-                f"data.train_file={tmp_path / 'none.csv'}",
+                f"data.source={{train: [{tmp_path / 'none.csv'}]}}",
                 "data.image_column=pixels",
             ],
-            "data file not found",
+            "none.csv' does not exist",  # caught by the config, before any work
         ),
         "teacher without weights": (["teacher.train=false"], "zoo teacher has no weights"),
         "teacher checkpoint of another shape": (
-            ["teacher.train=false", f"teacher.checkpoint={tmp_path / 'w.safetensors'}"],
+            ["teacher.train=false", f"teacher.model.weights={tmp_path / 'w.safetensors'}"],
             "does not fit the model",
         ),
     }
@@ -187,7 +235,7 @@ def test_bad_inputs_stop_before_training(tmp_path: Path) -> None:
     header_only = tmp_path / "empty.csv"
     header_only.write_text("pixels,label\n")
     cases["empty dataset"] = (
-        ["data.dataset=null", f"data.train_file={header_only}", "data.image_column=pixels"],
+        [f"data.source={{train: [{header_only}]}}", "data.image_column=pixels"],
         "empty",
     )
     for name, (overrides, expected) in cases.items():
@@ -212,8 +260,7 @@ def test_teacher_with_other_number_of_classes_is_refused(tmp_path: Path) -> None
             "run",
             "classifier_kd",
             *FAST,
-            "data.dataset=null",
-            f"data.train_file={data}",
+            f"data.source={{train: [{data}]}}",
             "data.image_column=pixels",
             "teacher.train=false",
             "teacher.model.factory=tests.integration.factories:five_class_mlp",
@@ -236,8 +283,7 @@ def test_nan_loss_stops_with_step_batch_and_last_good_checkpoint(tmp_path: Path)
         [
             "run",
             "classifier_kd",
-            "data.dataset=null",
-            f"data.train_file={data}",
+            f"data.source={{train: [{data}]}}",
             "data.image_column=pixels",
             "data.test_fraction=0.1",
             "teacher.training.batch_size=8",

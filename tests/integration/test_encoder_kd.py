@@ -96,13 +96,11 @@ def _args(corpus: Path, teacher: Path, run_dir: Path, *extra: str) -> list[str]:
     return [
         "run",
         "encoder_kd",
-        "data.corpus=null",
-        f"data.train_file={corpus}",
+        f"data.source={{train: [{corpus}]}}",
         "data.held_out=40",
         "data.max_length=16",
-        "teacher.package=null",
-        f"teacher.folder={teacher}",
-        "student.layers=[0,3]",
+        f"teacher.model={{hf: {teacher}}}",
+        "student.model={from_teacher: {layers: [0, 3]}}",
         "train.batch_size=16",
         "train.epochs=3",
         "train.lr=0.003",
@@ -125,10 +123,11 @@ def test_student_gets_closer_to_the_teacher_and_saves_a_loadable_folder(tmp_path
     )  # same tokenizer, its own weights
     run_dir = tmp_path / "run"
     extra = (
-        "student.layers=null",
-        f"student.folder={other}",
+        f"student.model={{hf: {other}}}",
         "kd.hidden_weight=1.0",
         "kd.attention_weight=0.5",
+        "kd.mse_weight=1.0",  # a pretrained student defaults to similarity matching;
+        "kd.cosine_weight=1.0",  # naming the embedding terms keeps them
     )
     result = runner.invoke(app, _args(corpus, teacher, run_dir, *extra))
     assert result.exit_code == 0, result.output + repr(result.exception)
@@ -217,7 +216,9 @@ def test_subset_layers_copies_the_chosen_blocks(tmp_path: Path) -> None:
 def test_bad_configs_are_refused(tmp_path: Path) -> None:
     corpus = _corpus(tmp_path, n=80)
     teacher = _teacher_folder(tmp_path, corpus)
-    result = runner.invoke(app, _args(corpus, teacher, tmp_path / "a", "student.layers=[0,7]"))
+    result = runner.invoke(
+        app, _args(corpus, teacher, tmp_path / "a", "student.model.from_teacher.layers=[0,7]")
+    )
     assert result.exit_code == 2 and "0..3" in result.output
     result = runner.invoke(app, _args(corpus, teacher, tmp_path / "b", "data.held_out=500"))
     assert result.exit_code == 2 and "leaves none to train on" in result.output
@@ -260,7 +261,7 @@ def test_teacher_cache_trains_the_live_runs_student_and_is_reused(tmp_path: Path
     corpus = _corpus(tmp_path)
     teacher = _teacher_folder(tmp_path, corpus)
     live, cached, cache = tmp_path / "live", tmp_path / "cached", tmp_path / "cache"
-    for run_dir, extra in ((live, ()), (cached, (f"teacher.cache={cache}",))):
+    for run_dir, extra in ((live, ()), (cached, (f"teacher.cache.path={cache}",))):
         result = runner.invoke(app, _args(corpus, teacher, run_dir, "train.epochs=2", *extra))
         assert result.exit_code == 0, result.output + repr(result.exception)
     a = load_file(str(live / "student" / "final" / "model.safetensors"))
@@ -275,7 +276,9 @@ def test_teacher_cache_trains_the_live_runs_student_and_is_reused(tmp_path: Path
     shards = {p: p.stat().st_mtime_ns for p in cache.glob("*.safetensors")}
     result = runner.invoke(
         app,
-        _args(corpus, teacher, tmp_path / "again", "train.max_steps=1", f"teacher.cache={cache}"),
+        _args(
+            corpus, teacher, tmp_path / "again", "train.max_steps=1", f"teacher.cache.path={cache}"
+        ),
     )
     assert result.exit_code == 0, result.output + repr(result.exception)
     assert {
@@ -286,11 +289,18 @@ def test_teacher_cache_trains_the_live_runs_student_and_is_reused(tmp_path: Path
     )  # another teacher: refused by name
     result = runner.invoke(
         app,
-        _args(corpus, other, tmp_path / "other-run", "train.max_steps=1", f"teacher.cache={cache}"),
+        _args(
+            corpus,
+            other,
+            tmp_path / "other-run",
+            "train.max_steps=1",
+            f"teacher.cache.path={cache}",
+        ),
     )
     assert result.exit_code != 0 and "teacher_fingerprint" in result.output + str(result.exception)
     result = runner.invoke(
-        app, _args(corpus, teacher, tmp_path / "x", f"teacher.cache={cache}", "kd.hidden_weight=1")
+        app,
+        _args(corpus, teacher, tmp_path / "x", f"teacher.cache.path={cache}", "kd.hidden_weight=1"),
     )
     assert result.exit_code == 2 and "teacher.cache" in result.output
 
@@ -339,7 +349,7 @@ def test_narrow_student_distils_through_the_recipe(tmp_path: Path) -> None:
             corpus,
             teacher,
             run_dir,
-            "student.hidden_size=8",
+            "student.model.from_teacher.hidden_size=8",
             "kd.hidden_weight=1.0",
             "kd.relation_weight=5.0",
         ),

@@ -16,6 +16,7 @@ import yaml
 from typer.testing import CliRunner
 
 from distil.cli import app
+from distil.data.generated import generated_shard_files
 from distil.errors import DistilError
 from tests.helpers import base_args, make_lm_fixture
 
@@ -55,8 +56,8 @@ def fx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
     (root / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     config = {
         "command": "generate",
-        "teacher": str(root / "gen-teacher"),
-        "prompts": {"file": str(root / "prompts.jsonl")},
+        "teacher": {"model": {"hf": str(root / "gen-teacher")}},
+        "prompts": {"source": {"train": [str(root / "prompts.jsonl")]}},
         "generation": {"max_new_tokens": 12, "batch_size": 4},
         "shard_size": 4,
         "output": str(root / "unused"),
@@ -136,7 +137,7 @@ def test_builtin_prompts_through_the_shipped_config(fx: dict[str, Path], tmp_pat
     args = [
         "generate",
         "generate",
-        f"teacher={fx['gen_teacher']}",
+        f"teacher.model={{hf: {fx['gen_teacher']}}}",
         "prompts.corpus_max_bytes=60000",
         "prompts.prompt_tokens=10",
         "prompts.limit=5",
@@ -194,7 +195,7 @@ def test_sampled_run_resumes_to_byte_identical_shards(
     monkeypatch.setattr(gen, "atomic_write_bytes", real)
     assert not json.loads((killed / "manifest.json").read_text())["complete"]
     with pytest.raises(DistilError, match="unfinished"):
-        gen.generated_shard_files(killed)
+        generated_shard_files(killed)
     (killed / "shard-00000.jsonl").unlink()  # and a lost shard, and one cut short
     shard1 = killed / "shard-00001.jsonl"
     shard1.write_bytes(shard1.read_bytes()[:-7])
@@ -215,7 +216,6 @@ def test_sampled_run_resumes_to_byte_identical_shards(
 def test_changed_settings_are_refused_and_corrupt_shards_named_then_regenerated(
     fx: dict[str, Path], tmp_path: Path
 ) -> None:
-    from distil.generation import generated_shard_files
 
     out = tmp_path / "out"
     assert _generate(fx, out)[0] == 0
@@ -224,7 +224,9 @@ def test_changed_settings_are_refused_and_corrupt_shards_named_then_regenerated(
     assert (
         code == 2 and "generation.max_new_tokens: 12 there, 8 now" in text and "delete" in text
     ), text
-    code, text = _generate(fx, out, f"teacher={fx['teacher']}")  # another teacher, same tokenizer
+    code, text = _generate(
+        fx, out, f"teacher.model={{hf: {fx['teacher']}}}"
+    )  # another teacher, same tokenizer
     assert code == 2 and "teacher_fingerprint: '" in text and "tokenizer_fingerprint" not in text, (
         text
     )
@@ -253,16 +255,22 @@ def test_bad_input_is_refused_with_the_fix(fx: dict[str, Path], tmp_path: Path) 
     (tmp_path / "empty.jsonl").write_text("\n")
     (tmp_path / "no-field.jsonl").write_text(json.dumps({"text": "x"}) + "\n")
     cases = {
-        "missing prompts file": ([f"prompts.file={tmp_path / 'nope.jsonl'}"], "prompts file"),
+        "missing prompts file": (
+            [f"prompts.source={{train: [{tmp_path / 'nope.jsonl'}]}}"],
+            "nope.jsonl' does not exist",
+        ),
         "empty prompt set": (
-            [f"prompts.file={tmp_path / 'empty.jsonl'}"],
+            [f"prompts.source={{train: [{tmp_path / 'empty.jsonl'}]}}"],
             "the prompt set is empty",
         ),
         "no prompt field": (
-            [f"prompts.file={tmp_path / 'no-field.jsonl'}"],
+            [f"prompts.source={{train: [{tmp_path / 'no-field.jsonl'}]}}"],
             "needs a string field 'prompt'",
         ),
-        "teacher without tokenizer": ([f"teacher={no_tok}"], "has no tokenizer files"),
+        "teacher without tokenizer": (
+            [f"teacher.model={{hf: {no_tok}}}"],
+            "has no tokenizer files",
+        ),
         "longer than the context": (
             ["generation.max_new_tokens=60"],
             "exceeds the teacher's context of 64 tokens",
@@ -291,12 +299,11 @@ def test_lm_kd_trains_on_the_generated_folder(
     run_dir = tmp_path / "run"
     args = [
         *base_args(fx, "pc"),
-        f"teacher.hf={fx['gen_teacher']}",
-        f"data.train_files=[{out}]",
+        f"teacher.model={{hf: {fx['gen_teacher']}}}",
+        f"data.source={{train: [{out}]}}",
         "data.format=prompt_completion",
         f"kd.kd_weight={kd_weight}",
         "train.max_steps=2",
-        "eval.baseline=false",
         "--run-dir",
         str(run_dir),
     ]
@@ -310,3 +317,7 @@ def test_lm_kd_trains_on_the_generated_folder(
     # kd_weight 0 is fine-tuning on the teacher's text: the teacher is not run while training
     assert ("the teacher only evaluates" in mode) == (kd_weight == "0")
     assert all(("kd/raw" in m) == (kd_weight != "0") for m in steps)
+    # with kd_weight 0 the baseline would train the same objective: none is trained or reported
+    # as a gain (issue 13, item 6); with a teacher term, it is
+    assert (run_dir / "baseline" / "final").is_dir() == (kd_weight != "0")
+    assert ("no baseline" in mode) == (kd_weight == "0")

@@ -165,15 +165,16 @@ def test_prompt_completion_chat_and_bf16_chunked_teacher(
 
 
 def test_scratch_student_and_student_checkpoint(lm: dict[str, Path], tmp_path: Path) -> None:
-    spec = "student.spec={num_layers: 1, hidden_size: 16, num_heads: 2, intermediate_size: 32, max_context: 64, tie_word_embeddings: true}"
+    spec = (
+        "student.model={spec: {num_layers: 1, hidden_size: 16, num_heads: 2, "
+        "intermediate_size: 32, max_context: 64, tie_word_embeddings: true}}"
+    )
     code, out = run_cli(
         [
             *base_args(lm),
             "eval.baseline=false",
             "train.max_steps=2",
-            "student.init=scratch",
             spec,
-            "student.num_layers=null",
             "--run-dir",
             str(tmp_path / "scratch"),
         ]
@@ -185,9 +186,7 @@ def test_scratch_student_and_student_checkpoint(lm: dict[str, Path], tmp_path: P
             *base_args(lm),
             "eval.baseline=false",
             "train.max_steps=2",
-            "student.init=checkpoint",
-            f"student.hf={final}",
-            "student.num_layers=null",
+            f"student.model={{hf: {final}}}",
             "--run-dir",
             str(tmp_path / "ckpt"),
         ]
@@ -202,7 +201,7 @@ def test_grad_accumulation_normalises_once(lm: dict[str, Path], tmp_path: Path) 
         "eval.baseline=false",
         "train.max_steps=3",
         "data.format=prompt_completion",
-        f"data.train_files=[{lm['pc']}]",
+        f"data.source={{train: [{lm['pc']}]}}",
         "eval.generation.prompts=0",
     ]
     assert run_cli([*common, "--run-dir", str(tmp_path / "a1")])[0] == 0
@@ -243,9 +242,13 @@ def test_bad_input_stops_before_training(lm: dict[str, Path], tmp_path: Path) ->
         json.dumps({"prompt": "x" * 20, "completion": "def f():\n    return 1\n" * 40}) + "\n"
     )
     cases = {
-        "missing tokenizer files": ([f"teacher.hf={no_tok}"], "no tokenizer files"),
+        "missing tokenizer files": ([f"teacher.model={{hf: {no_tok}}}"], "no tokenizer files"),
         "chat without template": (
-            ["data.format=chat", f"data.train_files=[{lm['chat']}]", f"tokenizer={no_template}"],
+            [
+                "data.format=chat",
+                f"data.source={{train: [{lm['chat']}]}}",
+                f"tokenizer={no_template}",
+            ],
             "chat template",
         ),
         "longer than the context": (
@@ -253,11 +256,11 @@ def test_bad_input_stops_before_training(lm: dict[str, Path], tmp_path: Path) ->
             "longer than the teacher's context of 64",
         ),
         "over-long example": (
-            ["data.format=prompt_completion", f"data.train_files=[{long_pc}]"],
+            ["data.format=prompt_completion", f"data.source={{train: [{long_pc}]}}"],
             "longer than max_length=64",
         ),
         "different tokenizers": (
-            ["student.init=checkpoint", f"student.hf={other}", "student.num_layers=null"],
+            [f"student.model={{hf: {other}}}"],
             "tokenizers differ",
         ),
         "data tokenizer not the teacher's": (
@@ -265,7 +268,7 @@ def test_bad_input_stops_before_training(lm: dict[str, Path], tmp_path: Path) ->
             "tokenizers differ",
         ),
         "all-prompt data": (
-            ["data.format=chat", f"data.train_files=[{lm['user_only']}]"],
+            ["data.format=chat", f"data.source={{train: [{lm['user_only']}]}}"],
             "supervised token",
         ),
     }

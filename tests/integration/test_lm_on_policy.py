@@ -113,6 +113,9 @@ def test_fully_on_policy_run_logs_generation_keeps_samples_and_reports_the_monit
     assert "off-policy" not in mode and "on-policy (λ=1: the teacher scores" in " ".join(
         mode.split()
     )
+    # every statement of the mode line is true of λ = 1: no CE term is claimed (issue 13, item 6)
+    flat = " ".join(mode.split())
+    assert "no CE: every step is on-policy" in flat and "·CE" not in flat
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if r["phase"] == "student" and "loss" in r]
     assert len(steps) == 6 and all(
@@ -162,7 +165,7 @@ def test_on_policy_settings_that_cannot_run_are_refused(
 ) -> None:
     cases = {
         "kd.kd_weight=0": "needs a teacher to score the samples",
-        "teacher.cache=somewhere": "needs a live teacher",
+        "teacher.cache.path=somewhere": "needs a live teacher",
         "on_policy.max_new_tokens=60": "beyond the",
     }
     for override, message in cases.items():

@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 
 from distil.cli import app
 from distil.errors import DistilError
-from distil.evaluation import advise as adv
 from distil.models.lm import CausalLMSpec, build_causal_lm, save_model_folder, uniform_layer_indices
+from distil.planning import advise as adv
 
 runner = CliRunner()
 

@@ -14,35 +14,39 @@ from safetensors.torch import load_file
 from distil.cache import CacheIntegrityError, CacheMismatchError, CacheReader
 from distil.cache.integrity import sha256_file
 from distil.cache.manifest import RUN_FIELDS, read_manifest
-from distil.cache.writer import CacheConfig, write_cache
+from distil.cache.writer import write_cache
+from distil.config.lm import LMCacheJob
 from distil.data.lm import shift_for_next_token
 from distil.errors import DistilError
 from distil.losses.objective import token_objective
 from distil.losses.sparse import teacher_topk, topk_divergence
+from distil.models.lm import build_from_spec, load_lm
 from distil.models.vocab import load_tokenizer_folder, tokenizer_vocab_size
-from distil.teachers import LiveLMTeacher, Teacher
+from distil.teachers import LiveLMTeacher, Teacher, TeacherSignal
 from distil.teachers.cached import CachedTeacher
 from tests.helpers import CACHE_SPEC as SPEC
 from tests.helpers import write_fixture
 
 
-def cache_config(root: Path, out: Path, **cache: Any) -> CacheConfig:
-    """A config over the fixture: 48 examples of 24 tokens, 16 per shard."""
-    return CacheConfig.model_validate(
+def cache_config(root: Path, out: Path, **cache: Any) -> LMCacheJob:
+    """A cache job over the fixture: 48 examples of 24 tokens, 16 per shard."""
+    return LMCacheJob.model_validate(
         {
             "tokenizer": str(root / "tok"),
             "data": {
-                "train_files": [str(root / "text.jsonl")],
+                "source": {"train": [str(root / "text.jsonl")]},
                 "max_length": 24,
                 "train_limit": 48,
             },
-            "teacher": {"spec": SPEC},
-            "cache": {
-                "out": str(out),
-                "examples_per_shard": 16,
-                "batch_size": 8,
-                "device": "cpu",
-                **cache,
+            "teacher": {
+                "model": {"spec": SPEC},
+                "cache": {
+                    "path": str(out),
+                    "examples_per_shard": 16,
+                    "batch_size": 8,
+                    "device": "cpu",
+                    **cache,
+                },
             },
         }
     )
@@ -57,7 +61,7 @@ def fx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     cfg = cache_config(root, root / "k8", k=8, kd_temperature=2.0)
     write_cache(cfg)
     tok = load_tokenizer_folder(root / "tok")
-    teacher_model = cfg.teacher.spec.build(tok, seed=cfg.teacher.seed)  # type: ignore[union-attr]
+    teacher_model = load_lm(cfg.teacher.model, tok, seed=cfg.teacher_seed)
     vocab = tokenizer_vocab_size(tok)
     live = LiveLMTeacher(
         teacher_model,
@@ -67,7 +71,7 @@ def fx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         output_device=torch.device("cpu"),
     )
     from distil.cache.writer import _OneProcess
-    from distil.recipes.lm_setup import load_lm_data
+    from distil.data.lm import load_lm_data
 
     data = load_lm_data(cfg.data, tok, root / "work", _OneProcess())
     yield {"root": root, "cfg": cfg, "live": live, "data": data, "vocab": vocab, "tok": tok}
@@ -122,7 +126,7 @@ def test_topk_cache_loss_equals_sparse_loss_from_live_teacher(fx: dict[str, Any]
     mask = targets != -100
     cached = teacher.targets(cols["input_ids"], cols["attention_mask"], cols["example_id"])
     assert torch.equal(cached.mask, mask)
-    live_logits = fx["live"](cols["input_ids"], cols["attention_mask"]).logits
+    live_logits = fx["live"](cols).logits
     live = teacher_topk(live_logits, 8, kd_temperature=2.0)
     student = torch.randn(*live_logits.shape, generator=torch.Generator().manual_seed(0))
     assert torch.equal(cached.topk.ids[mask], live.ids[mask])
@@ -156,11 +160,13 @@ def test_full_vocab_cache_reproduces_live_teacher_loss(
     write_cache(
         cache_config(fx["root"], out, k=fx["vocab"], value_dtype=value_dtype, kd_temperature=2.0)
     )
-    teacher = CachedTeacher(out)
+    teacher = CachedTeacher(out, signal=TeacherSignal.LOGITS)  # dense logits rebuilt from top-k
     cols = batch_of(fx, [0, 33, 47])
     targets = shift_for_next_token(cols["labels"])
-    live_logits = fx["live"](cols["input_ids"], cols["attention_mask"]).logits
-    cached_logits = teacher(cols["input_ids"], cols["attention_mask"]).logits  # by token hash
+    live_logits = fx["live"](cols).logits
+    cached_logits = teacher(  # by token hash: no example_id
+        {"input_ids": cols["input_ids"], "attention_mask": cols["attention_mask"]}
+    ).logits
     student = torch.randn(*live_logits.shape, generator=torch.Generator().manual_seed(1))
     kw: dict[str, Any] = {"kd_weight": 1.0, "kd_temperature": 2.0}
     want = token_objective(student, live_logits, targets, **kw).loss
@@ -182,9 +188,7 @@ def test_shuffled_and_resumed_reading_gets_each_examples_targets(fx: dict[str, A
         cols = batch_of(fx, idx)
         by_id = teacher.targets(cols["input_ids"], cols["attention_mask"], cols["example_id"])
         by_tokens = teacher.targets(cols["input_ids"], cols["attention_mask"])
-        live = teacher_topk(
-            fx["live"](cols["input_ids"], cols["attention_mask"]).logits, 8, kd_temperature=2.0
-        )
+        live = teacher_topk(fx["live"](cols).logits, 8, kd_temperature=2.0)
         mask = by_id.mask
         assert torch.equal(mask, shift_for_next_token(cols["labels"]) != -100)
         assert torch.equal(by_id.topk.ids, by_tokens.topk.ids)
@@ -212,15 +216,45 @@ def test_corrupt_or_truncated_shard_is_named(fx: dict[str, Any], tmp_path: Path)
     raw = bytearray(shard.read_bytes())
     raw[-5] ^= 0xFF  # flip a value byte: the file still parses
     shard.write_bytes(bytes(raw))
-    reader = CacheReader(out)
-    reader.get(0)  # shard 0 is fine
+    # found when the cache is opened, before any step reads shard 1
     with pytest.raises(CacheIntegrityError, match="shard-00001.safetensors fails its checksum"):
-        reader.get(20)
+        CacheReader(out)
+    reader = CacheReader(out, verify=False)  # opened unchecked: found when first read
+    reader.get(0)  # shard 0 is fine
     problems = reader.verify_all()
     assert len(problems) == 1 and "shard-00001" in problems[0]
     (out / "shard-00002.safetensors").write_bytes(b"")  # truncated to nothing
     with pytest.raises(CacheIntegrityError, match="shard-00002.safetensors"):
-        CacheReader(out)
+        CacheReader(out, verify=False)
+
+
+def test_cache_refuses_a_tokenizer_that_is_not_the_teachers(
+    fx: dict[str, Any], tmp_path: Path
+) -> None:
+    from distil.data.corpus import stdlib_root, train_bpe_tokenizer_from_texts
+    from distil.models.lm import save_model_folder
+
+    teacher_dir = tmp_path / "teacher"
+    save_model_folder(
+        load_lm(fx["cfg"].teacher.model, fx["tok"], seed=0), teacher_dir, tokenizer=fx["tok"]
+    )
+    other = (stdlib_root() / "bisect.py").read_text(encoding="utf-8")[:3000]
+    train_bpe_tokenizer_from_texts([other], tmp_path / "other-tok", 300)
+    data = fx["cfg"].model_dump(mode="json")
+
+    def job(tokenizer: Path, out: Path) -> LMCacheJob:
+        teacher = data["teacher"] | {
+            "model": {"hf": str(teacher_dir)},
+            "cache": data["teacher"]["cache"] | {"path": str(out)},
+        }
+        return LMCacheJob.model_validate(data | {"tokenizer": str(tokenizer), "teacher": teacher})
+
+    out = tmp_path / "cache"
+    with pytest.raises(DistilError, match="not the teacher's"):
+        write_cache(job(tmp_path / "other-tok", out))
+    assert not out.exists()  # refused before anything was written
+    # the teacher's own tokenizer, named explicitly, is fine
+    assert write_cache(job(teacher_dir, tmp_path / "ok")).shards_written > 0
 
 
 def test_rewriting_a_folder_with_other_settings_is_refused(fx: dict[str, Any]) -> None:
@@ -256,7 +290,7 @@ def test_sampled_cache_gives_the_live_teachers_sampled_loss(
     mask = shift_for_next_token(cols["labels"]) != -100
     cached = teacher.sampled_targets(cols["input_ids"], cols["attention_mask"], cols["example_id"])
     assert torch.equal(cached.mask, mask)
-    live_logits = fx["live"](cols["input_ids"], cols["attention_mask"]).logits
+    live_logits = fx["live"](cols).logits
     ids = cached.samples.ids
     live_lp = log_probs(live_logits, 2.0).gather(-1, ids)  # (B, T, n)
     live_lr = (
@@ -280,8 +314,10 @@ def test_sampled_cache_gives_the_live_teachers_sampled_loss(
         student, ids, live_lp, mask, proposal_log_probs=live_lr, kd_temperature=2.0
     )
     torch.testing.assert_close(got, want, rtol=5e-3, atol=1e-4)
-    with pytest.raises(DistilError, match="importance-sampled"):
-        teacher(cols["input_ids"], cols["attention_mask"])
+    with pytest.raises(DistilError, match="no dense distribution"):
+        CachedTeacher(out, signal=TeacherSignal.LOGITS)
+    sparse = teacher(cols)  # the default signal: the cached samples, as the sparse losses read them
+    assert sparse.sparse is not None and torch.equal(sparse.sparse.ids, cached.samples.ids)
     # sampling is seeded per shard: a rewritten shard draws the same ids, byte for byte
     before = (out / "shard-00001.safetensors").read_bytes()
     for name in ("shard-00001.safetensors", "shard-00001.json", "manifest.json"):
@@ -301,7 +337,7 @@ def test_open_lm_cache_checks_the_run_and_names_the_teacher(fx: dict[str, Any]) 
         "vocab_size": fx["vocab"],
     }
     assert open_lm_cache(fx["root"] / "k8", teacher_model=fx["live"].model, **kw).k == 8
-    other = fx["cfg"].teacher.spec.build(fx["tok"], seed=99)
+    other = build_from_spec(fx["cfg"].teacher.model.spec, fx["tok"], seed=99)
     with pytest.raises(CacheMismatchError, match="teacher_fingerprint"):
         open_lm_cache(fx["root"] / "k8", teacher_model=other, **kw)
     with pytest.raises(CacheMismatchError, match="dataset_fingerprint"):
@@ -334,3 +370,25 @@ def test_teacher_fingerprint_covers_zero_dim_buffers() -> None:
     assert before == teacher_fingerprint(a)
     a[1].num_batches_tracked += 1
     assert teacher_fingerprint(a) != before
+
+
+def test_a_dataset_mismatch_names_the_data_setting_to_match(fx: dict[str, Any]) -> None:
+    from distil.cache.writer import _OneProcess
+    from distil.data.lm import load_lm_data
+    from distil.teachers.cached import open_lm_cache
+
+    cfg = fx["cfg"]
+    fewer = cfg.data.model_copy(update={"train_limit": 40})
+    data = load_lm_data(fewer, fx["tok"], fx["root"] / "work-40", _OneProcess())
+    kwargs = {
+        "tokenizer": fx["tok"],
+        "dataset": data.train,
+        "sequence_length": cfg.data.max_length,
+        "kd_temperature": 2.0,
+        "vocab_size": fx["vocab"],
+    }
+    with pytest.raises(CacheMismatchError, match="data.train_limit: cache 48, run 40"):
+        open_lm_cache(fx["root"] / "k8", **kwargs, data_settings=fewer.model_dump(mode="json"))
+    # without the run's settings, the cache's own are named
+    with pytest.raises(CacheMismatchError, match="written with .*data.train_limit=48"):
+        open_lm_cache(fx["root"] / "k8", **kwargs)

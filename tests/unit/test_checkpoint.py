@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import random
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
+from distil.errors import DistilError
 from distil.training.checkpoint import (
     TrainState,
+    checkpoint_problems,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -72,3 +76,52 @@ def test_interrupted_save_is_ignored_and_old_ones_pruned(tmp_path: Path) -> None
     (tmp_path / "step-5").mkdir()
     latest = latest_checkpoint(tmp_path)
     assert latest is not None and latest.name == "step-3"
+
+
+def _save_steps(folder: Path, steps: tuple[int, ...]) -> None:
+    model, opt, sched = _setup()
+    for step in steps:
+        save_checkpoint(
+            folder,
+            model=model,
+            optimizer=opt,
+            scheduler=sched,
+            state=TrainState(step, 0, step, {}),
+            keep=3,
+        )
+
+
+def test_a_truncated_checkpoint_falls_back_to_the_newest_intact_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    _save_steps(tmp_path, (1, 2))
+    weights = tmp_path / "step-2" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:40])  # cut short, COMPLETE marker still there
+    with caplog.at_level(logging.WARNING):
+        latest = latest_checkpoint(tmp_path)
+    assert latest is not None and latest.name == "step-1"
+    assert "step-2" in caplog.text and "model.safetensors" in caplog.text
+    assert "step-1" in caplog.text  # says where it resumes from
+    model, opt, sched = _setup()
+    with pytest.raises(DistilError, match="model.safetensors"):
+        load_checkpoint(tmp_path / "step-2", model=model, optimizer=opt, scheduler=sched)
+    assert load_checkpoint(latest, model=model, optimizer=opt, scheduler=sched).step == 1
+
+
+def test_same_size_corruption_is_found_by_the_sha256(tmp_path: Path) -> None:
+    _save_steps(tmp_path, (1, 2))
+    state = tmp_path / "step-2" / "optimizer.pt"
+    raw = bytearray(state.read_bytes())
+    raw[-3] ^= 0xFF
+    state.write_bytes(bytes(raw))
+    assert checkpoint_problems(tmp_path / "step-2") == ["optimizer.pt does not match its sha256"]
+    assert checkpoint_problems(tmp_path / "step-1") == []
+    latest = latest_checkpoint(tmp_path)
+    assert latest is not None and latest.name == "step-1"
+
+
+def test_every_checkpoint_damaged_is_an_error_not_a_fresh_start(tmp_path: Path) -> None:
+    _save_steps(tmp_path, (1,))
+    (tmp_path / "step-1" / "rng.json").unlink()
+    with pytest.raises(DistilError, match="rng.json is missing"):
+        latest_checkpoint(tmp_path)

@@ -14,6 +14,7 @@ import torch
 import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
+from distil.config.sources import HFModel
 from distil.data.classification import ClassificationData, Split
 from distil.errors import DistilError
 from distil.losses.representation import hint_loss
@@ -23,6 +24,7 @@ from distil.models.features import (
     FeatureTerm,
     capture_features,
     feature_distiller,
+    feature_shapes,
     masked_token_hint,
 )
 
@@ -79,11 +81,9 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def test_max_length_defaults_to_128_and_is_configurable(tmp_path: Path) -> None:
     folder = _bert_folder(tmp_path, "long", layers=1, positions=160)
     data = _data()
-    default = build_classifier(zoo=None, hf=str(folder), factory=None, kwargs={}, data=data)
+    default = build_classifier(HFModel(hf=str(folder), kwargs={}), data)
     assert default.encoder(data.train)["input_ids"].shape == (4, HF_TEXT_MAX_LENGTH) == (4, 128)
-    short = build_classifier(
-        zoo=None, hf=str(folder), factory=None, kwargs={"max_length": 5}, data=data
-    )
+    short = build_classifier(HFModel(hf=str(folder), kwargs={"max_length": 5}), data)
     enc = short.encoder(data.train)
     assert enc["input_ids"].shape == enc["attention_mask"].shape == (4, 5)
     assert enc["attention_mask"][3].all()  # the long snippet is truncated to 5 tokens
@@ -95,16 +95,12 @@ def test_max_length_defaults_to_128_and_is_configurable(tmp_path: Path) -> None:
 @pytest.mark.parametrize("bad", [0, 1, -3, "64", 6.0, True])
 def test_bad_max_length_is_refused(folders: tuple[Path, Path], bad: object) -> None:
     with pytest.raises(DistilError, match="max_length must be an integer"):
-        build_classifier(
-            zoo=None, hf=str(folders[1]), factory=None, kwargs={"max_length": bad}, data=_data()
-        )
+        build_classifier(HFModel(hf=str(folders[1]), kwargs={"max_length": bad}), _data())
 
 
 def test_max_length_beyond_the_position_table_is_refused(folders: tuple[Path, Path]) -> None:
     with pytest.raises(DistilError, match="longer than the model's 64 positions"):
-        build_classifier(
-            zoo=None, hf=str(folders[1]), factory=None, kwargs={"max_length": 65}, data=_data()
-        )
+        build_classifier(HFModel(hf=str(folders[1]), kwargs={"max_length": 65}), _data())
 
 
 def test_max_length_on_image_data_is_refused(folders: tuple[Path, Path]) -> None:
@@ -113,20 +109,15 @@ def test_max_length_on_image_data_is_refused(folders: tuple[Path, Path]) -> None
     )
     data = ClassificationData("img", split, split, ["a", "b"], "image")
     with pytest.raises(DistilError, match="text models only"):
-        build_classifier(
-            zoo=None, hf=str(folders[1]), factory=None, kwargs={"max_length": 8}, data=data
-        )
+        build_classifier(HFModel(hf=str(folders[1]), kwargs={"max_length": 8}), data)
 
 
 def test_other_kwargs_are_ignored_with_a_warning(
     folders: tuple[Path, Path], caplog: pytest.LogCaptureFixture
 ) -> None:
     built = build_classifier(
-        zoo=None,
-        hf=str(folders[1]),
-        factory=None,
-        kwargs={"hidden": [32], "max_length": 8},
-        data=_data(),
+        HFModel(hf=str(folders[1]), kwargs={"hidden": [32], "max_length": 8}),
+        _data(),
     )
     assert built.encoder(_data().train)["input_ids"].shape == (4, 8)
     assert "ignoring kwargs ['hidden']" in caplog.text
@@ -135,9 +126,7 @@ def test_other_kwargs_are_ignored_with_a_warning(
 def test_bert_layer_capture_gives_token_features_and_the_attention_mask(
     folders: tuple[Path, Path],
 ) -> None:
-    built = build_classifier(
-        zoo=None, hf=str(folders[0]), factory=None, kwargs={"max_length": 8}, data=_data()
-    )
+    built = build_classifier(HFModel(hf=str(folders[0]), kwargs={"max_length": 8}), _data())
     enc = built.encoder(_data().train)
     with capture_features(built.module, ["bert.encoder.layer.1"]) as feats:
         out = built.module(**enc, output_hidden_states=True)
@@ -171,22 +160,22 @@ def test_masked_token_hint_ignores_padding_and_averages_per_example() -> None:
 
 def test_feature_distiller_between_bert_blocks_masks_padding(folders: tuple[Path, Path]) -> None:
     data = _data()
-    teacher = build_classifier(
-        zoo=None, hf=str(folders[0]), factory=None, kwargs={"max_length": 8}, data=data
-    )
-    student = build_classifier(
-        zoo=None, hf=str(folders[1]), factory=None, kwargs={"max_length": 8}, data=data
-    )
+    teacher = build_classifier(HFModel(hf=str(folders[0]), kwargs={"max_length": 8}), data)
+    student = build_classifier(HFModel(hf=str(folders[1]), kwargs={"max_length": 8}), data)
     enc = student.encoder(data.train)
     term = FeatureTerm(
         student="bert.encoder.layer.0", teacher="bert.encoder.layer.1", loss="hint", weight=1.0
     )
+    t_shapes = feature_shapes(
+        teacher.module,
+        [term.teacher],
+        lambda: logits_of(teacher.module, {k: v[:2] for k, v in enc.items()}),
+    )
     fkd = feature_distiller(
         [term],
         student.module,
-        teacher.module,
         lambda: logits_of(student.module, {k: v[:2] for k, v in enc.items()}),
-        lambda: logits_of(teacher.module, {k: v[:2] for k, v in enc.items()}),
+        t_shapes,
     )
     assert isinstance(
         fkd.projectors["bert_encoder_layer_0->bert_encoder_layer_1"], torch.nn.Identity

@@ -268,3 +268,25 @@ def test_item_losses_ignore_masked_items_and_upcast() -> None:
         assert float(empty.detach()) == 0.0 and bool((grad0 == 0).all())
         half = fn(s.to(torch.bfloat16), mask)
         assert half.dtype == torch.float32
+
+
+def test_cosine_similarity_matching_ignores_the_coordinates_of_each_space() -> None:
+    """Zero for the same geometry (also after a rotation and a scaling of one space), a float64
+    reference elsewhere, and a gradient that reaches the student."""
+    from distil.losses.representation import cosine_similarity_matching
+
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(6, 8, generator=g, dtype=torch.float64)
+    q, _ = torch.linalg.qr(torch.randn(8, 8, generator=g, dtype=torch.float64))
+    assert float(cosine_similarity_matching(t, t)) == 0.0
+    assert float(cosine_similarity_matching(3.0 * t @ q, t)) < 1e-12  # rotated and scaled: same
+    s = torch.randn(6, 5, generator=g, dtype=torch.float64, requires_grad=True)  # other width
+    sn, tn = s / s.norm(dim=1, keepdim=True), t / t.norm(dim=1, keepdim=True)
+    off = ~torch.eye(6, dtype=torch.bool)
+    want = ((sn @ sn.T)[off] - (tn @ tn.T)[off]).pow(2).mean()
+    got = cosine_similarity_matching(s, t)
+    torch.testing.assert_close(got, want)
+    got.backward()
+    assert s.grad is not None and bool(s.grad.abs().sum() > 0)
+    with pytest.raises(ValueError, match=">= 2"):
+        cosine_similarity_matching(s[:1], t[:1])

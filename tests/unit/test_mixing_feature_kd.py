@@ -9,7 +9,7 @@ from distil.data.mixing import apply_mix, sample_mix
 from distil.errors import DistilError
 from distil.losses.objective import feature_objective
 from distil.models.classifier import MLP, SmallCNN
-from distil.models.features import FeatureTerm, capture_features, feature_distiller
+from distil.models.features import FeatureTerm, capture_features, feature_distiller, feature_shapes
 
 
 def test_no_alpha_means_no_plan_and_plans_follow_the_generator() -> None:
@@ -58,7 +58,8 @@ def test_feature_terms_train_student_and_projector(loss: str) -> None:
             student="stages.1", teacher="stages.1", loss=loss, weight=2.0, kd_temperature=2.0
         )
     ]
-    fkd = feature_distiller(terms, student, teacher, lambda: student(x[:2]), lambda: teacher(x[:2]))
+    t_shapes = feature_shapes(teacher, ["stages.1"], lambda: teacher(x[:2]))
+    fkd = feature_distiller(terms, student, lambda: student(x[:2]), t_shapes)
     with torch.no_grad(), capture_features(teacher, fkd.teacher_names, detach=True) as t_feats:
         teacher(x)
     with capture_features(student, fkd.student_names) as s_feats:
@@ -84,7 +85,6 @@ def test_map_losses_refuse_flat_features() -> None:
         feature_distiller(
             [FeatureTerm(student=names[0], teacher=names[0], loss="cwd")],
             student,
-            teacher,
             lambda: student(torch.randn(2, 16)),
-            lambda: teacher(torch.randn(2, 16)),
+            feature_shapes(teacher, [names[0]], lambda: teacher(torch.randn(2, 16))),
         )

@@ -376,3 +376,49 @@ def test_log_with_rejects_unknown_and_missing_trackers() -> None:
         with pytest.raises(ValueError, match="pip install wandb"):
             RunSection(log_with=["wandb"])
     assert RunSection(log_with=["tensorboard"]).log_with == ["tensorboard"]
+
+
+def test_teacher_overhead_is_only_claimed_for_a_live_teacher() -> None:
+    """A run that trained from a cache never reads "the live teacher made the KD phase slower"."""
+    from distil.evaluation.report import _training_part
+
+    def rows(source: str) -> list[dict[str, object]]:
+        return [
+            {"phase": "student", "step": 1, "time_s": 1.0, "loss": 1.0},
+            {
+                "phase": "student",
+                "step": 2,
+                "time_s": 21.0,
+                "kd_source": source,
+                "train_wall_s": 20.0,
+            },
+            {"phase": "baseline", "step": 1, "time_s": 22.0, "loss": 1.0},
+            {"phase": "baseline", "step": 2, "time_s": 32.0, "train_wall_s": 10.0},
+        ]
+
+    assert _training_part(rows("live teacher"), {}).get("teacher_overhead") is not None
+    assert "teacher_overhead" not in _training_part(rows("cache"), {})
+
+
+def test_a_student_made_worse_is_warned_about_first_in_every_rendering() -> None:
+    from distil.evaluation.html import render_html
+    from distil.evaluation.report import render_markdown
+    from distil.recipes.encoder_kd import regressions
+
+    before = {"spearman": 0.675, "recall_at_k": 0.36}
+    assert regressions(before, {"spearman": 0.70, "recall_at_k": 0.40}, 10) == []
+    warnings = regressions(before, {"spearman": 0.632, "recall_at_k": 0.30}, 10)
+    assert len(warnings) == 2 and "0.6750 before, 0.6320 after" in warnings[0]
+    report = {"title": "t", "warnings": warnings, "highlights": {"a": 1}}
+    md = render_markdown(report)
+    assert md.index("Warning") < md.index("**a**")
+    assert "recall@10 0.3600 before" in render_html(report, Path("."), {})
+
+
+def test_a_teacher_at_chance_level_is_named() -> None:
+    from distil.evaluation.classification import chance_level_warning
+
+    labels = torch.tensor([0] * 60 + [1] * 20 + [2] * 20)  # majority class: 60 %
+    assert "at chance level" in (chance_level_warning(0.62, labels) or "")
+    assert "60.0 %" in (chance_level_warning(0.33, labels) or "")
+    assert chance_level_warning(0.95, labels) is None

@@ -40,7 +40,7 @@ def test_live_teacher_is_frozen_in_eval_and_slices_padded_rows(model: Any) -> No
     assert isinstance(teacher, Teacher)
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     ids, mask = _batch()
-    out = teacher(ids, mask)
+    out = teacher({"input_ids": ids, "attention_mask": mask})
     assert (
         out.logits is not None
         and out.logits.shape == (2, 16, VOCAB)
@@ -49,7 +49,7 @@ def test_live_teacher_is_frozen_in_eval_and_slices_padded_rows(model: Any) -> No
     with torch.no_grad():
         full = model(input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(out.logits, full[..., :VOCAB])
-    teacher.check_deterministic(ids, mask)
+    teacher.check_deterministic({"input_ids": ids, "attention_mask": mask})
     assert "frozen, eval, no_grad" in teacher.describe() and "float32" in teacher.describe()
 
 
@@ -63,7 +63,7 @@ def test_teacher_keeps_its_own_precision_under_the_students_autocast(model: Any)
     )
     ids, mask = _batch()
     with torch.autocast("cpu", dtype=torch.float16):
-        out = teacher(ids, mask)
+        out = teacher({"input_ids": ids, "attention_mask": mask})
     assert out.logits is not None and out.logits.dtype == torch.bfloat16
     assert next(model.parameters()).dtype == torch.bfloat16
     assert "bfloat16" in teacher.describe()
@@ -80,7 +80,7 @@ def test_hidden_signal_rebuilds_the_same_logits(model: Any) -> None:
         output_device=torch.device("cpu"),
         signal=TeacherSignal.HIDDEN,
     )
-    out = teacher(ids, mask)
+    out = teacher({"input_ids": ids, "attention_mask": mask})
     assert out.logits is None and out.hidden is not None and out.weight is not None
     assert out.hidden.shape == (2, 16, 32) and out.weight.shape == (VOCAB, 32)
     with torch.no_grad():
@@ -109,7 +109,9 @@ def test_nondeterministic_teacher_is_refused(model: Any) -> None:
 
     teacher.model.forward = noisy  # type: ignore[method-assign]
     with pytest.raises(DistilError, match="two different answers"):
-        teacher.check_deterministic(*_batch())
+        teacher.check_deterministic(
+            dict(zip(("input_ids", "attention_mask"), _batch(), strict=True))
+        )
 
 
 def test_scaled_logits_are_detected_so_the_hidden_path_is_not_used(model: Any) -> None:

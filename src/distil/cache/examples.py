@@ -41,7 +41,7 @@ from distil.cache.manifest import (
 )
 from distil.cache.shards import DEFAULT_MAX_LOADED_BYTES, DecodedShards
 from distil.errors import DistilError
-from distil.training.progress import progress_bar
+from distil.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 

@@ -125,6 +125,8 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         DistilError: If the folder has no manifest (an unfinished or foreign folder), or one of
             another format or version.
     """
+    if not Path(folder).is_dir():
+        raise DistilError(f"cache folder {folder} does not exist (check the path)")
     path = Path(folder) / MANIFEST
     if not path.is_file():
         hint = (
@@ -156,8 +158,63 @@ def _short(value: Any) -> str:
     return text[:12] + "…" if len(text) > 16 else text
 
 
+# The data settings that most often make a run's dataset differ from a cache's, named first.
+_DATASET_KEYS = (
+    "data.source",
+    "data.builtin",
+    "data.corpus_max_bytes",
+    "data.train_files",
+    "data.eval_files",
+    "data.eval_fraction",
+    "data.format",
+    "data.max_length",
+    "data.train_limit",
+)
+
+
+def data_settings_hint(
+    manifest: Mapping[str, Any], run_settings: Mapping[str, Any] | None = None
+) -> str:
+    """Which data settings to match, for a dataset fingerprint that differs.
+
+    Args:
+        manifest: The cache's manifest (``data_settings``: dotted key → value, recorded by the
+            writer; absent in caches written before distil recorded them).
+        run_settings: The run's data settings, by the same dotted keys (``data.train_limit``)
+            or by field name (``train_limit``); None lists the cache's instead.
+
+    Returns:
+        A sentence naming the settings, or ``""`` when the cache recorded none.
+    """
+    recorded = manifest.get("data_settings")
+    if not isinstance(recorded, Mapping) or not recorded:
+        return ""
+    if run_settings is not None:
+        ours = {k if k.startswith("data.") else f"data.{k}": v for k, v in run_settings.items()}
+        differ = [
+            f"{key}: cache {value!r}, run {ours[key]!r}"
+            for key, value in sorted(recorded.items())
+            if key in ours and ours[key] != value
+        ]
+        if differ:
+            return (
+                f"The data settings differ: {'; '.join(differ)}; run with the cache's values "
+                "(or write a cache with this run's)."
+            )
+    shown = [k for k in _DATASET_KEYS if recorded.get(k) is not None]
+    listed = ", ".join(f"{k}={json.dumps(recorded[k])}" for k in shown)
+    return (
+        f"The cache was written with {listed} (all its data settings are in its manifest's "
+        "data_settings): run with the same data settings."
+    )
+
+
 def check_matches(
-    manifest: Mapping[str, Any], expected: Mapping[str, Any], *, source: str = "the cache"
+    manifest: Mapping[str, Any],
+    expected: Mapping[str, Any],
+    *,
+    source: str = "the cache",
+    data_settings: Mapping[str, Any] | None = None,
 ) -> None:
     """Refuse a cache whose manifest differs from the run on any field given in ``expected``.
 
@@ -165,6 +222,8 @@ def check_matches(
         manifest: The cache's manifest.
         expected: The run's values for some of :data:`RUN_FIELDS` (others are ignored).
         source: How to name the cache in the message (its path).
+        data_settings: The run's data settings, so that a different dataset fingerprint names
+            the settings that differ (e.g. ``data.train_limit``).
 
     Raises:
         CacheMismatchError: Naming every differing field with both values, and the fix.
@@ -182,7 +241,11 @@ def check_matches(
         if not same:
             problems.append(f"{field}: cache {_short(theirs)}, run {_short(ours)}")
     if problems:
+        hint = ""
+        if any(p.startswith("dataset_fingerprint") for p in problems):
+            hint = " " + data_settings_hint(manifest, data_settings)
         raise CacheMismatchError(
             f"{source} does not match this run ({'; '.join(problems)}); re-run `distil cache` with "
-            "this run's teacher, tokenizer, data and kd_temperature, or point teacher.cache at a matching cache"
+            "this run's teacher, tokenizer, data and kd_temperature, or point teacher.cache at a "
+            f"matching cache.{hint}".rstrip()
         )

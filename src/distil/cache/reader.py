@@ -2,9 +2,8 @@
 
 :class:`CacheReader` keeps only an index in memory (example id → shard and row, plus a token
 hash → example id map, 24 bytes per example) and decoded shards within a byte budget
-(least recently used first out). Each shard's sha256 is checked against the manifest the first
-time this process loads it, so a corrupt or truncated shard is named before any of its values
-reach a loss.
+(least recently used first out). Every shard's size and sha256 is checked against the manifest
+when the cache is opened, so a corrupt or truncated shard is named before step 0.
 """
 
 from __future__ import annotations
@@ -61,7 +60,8 @@ class CacheReader:
 
     Args:
         path: The cache folder (holding ``manifest.json``).
-        verify: Check each shard's sha256 when it is first loaded (recommended; costs one read).
+        verify: Check every shard's size and sha256 when the cache is opened (recommended;
+            costs one read of the cache).
         max_loaded_shards: Decoded shards kept in memory at once (None: no count limit).
         max_loaded_bytes: Budget of decoded shard bytes kept in memory (least recently used go
             first; the shard in use always stays).
@@ -88,6 +88,8 @@ class CacheReader:
             max_loaded_shards=max_loaded_shards,
             max_loaded_bytes=max_loaded_bytes,
         )
+        if verify:
+            self.shards.check_all()
         self._where: dict[int, tuple[int, int]] = {}  # example id -> (shard, row)
         self._by_hash: dict[int, int] = {}  # token hash -> example id
         for s, shard in enumerate(self.manifest["shards"]):

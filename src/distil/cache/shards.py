@@ -83,6 +83,18 @@ class DecodedShards:
             del self._bytes[old]
         return tensors
 
+    def check_all(self) -> None:
+        """Check every shard's size and sha256 now (each once per process), so a corrupt shard
+        stops a run when the cache is opened instead of at the step that first reads it.
+
+        Raises:
+            CacheIntegrityError: Naming the first shard that fails.
+        """
+        for s, info in enumerate(self.shards):
+            if s not in self.verified:
+                check_shard(self.folder / info["file"], info["sha256"], info.get("bytes"))
+                self.verified.add(s)
+
     def clear(self) -> None:
         """Drop every decoded shard (checksums already verified stay verified)."""
         self.loaded.clear()

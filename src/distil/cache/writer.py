@@ -21,13 +21,12 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from pydantic import Field, model_validator
 from safetensors.torch import save as safetensors_save
 from torch import Tensor
 
@@ -43,117 +42,29 @@ from distil.cache.manifest import (
     teacher_fingerprint,
     write_json_atomic,
 )
-from distil.config.base import StrictModel
-from distil.data.lm import IGNORE_INDEX, collate_lm_batch, shift_for_next_token
+from distil.config.lm import CacheTargets, LMCacheJob
+from distil.config.sources import HFModel
+from distil.data.lm import IGNORE_INDEX, collate_lm_batch, load_lm_data, shift_for_next_token
 from distil.errors import DistilError
 from distil.losses.divergences import log_probs
 from distil.losses.sparse import sample_tail_targets, sample_teacher_targets, teacher_topk
-from distil.models.vocab import load_tokenizer_folder, tokenizer_fingerprint, tokenizer_vocab_size
-from distil.recipes.lm_setup import (
-    LMDataSection,
-    TeacherSection,
-    check_model_fits,
-    load_lm_data,
-    load_teacher_model,
-    torch_dtype,
+from distil.models.lm import check_model_fits, load_lm, torch_dtype
+from distil.models.vocab import (
+    check_teacher_tokenizer,
+    load_tokenizer_folder,
+    tokenizer_fingerprint,
+    tokenizer_vocab_size,
 )
-from distil.teachers.live import LiveLMTeacher
-from distil.training.progress import progress_bar, rate_text
+from distil.progress import progress_bar, rate_text
 
 if TYPE_CHECKING:
     import datasets
 
 logger = logging.getLogger(__name__)
 
-# Sections of a training config that do not change what the teacher outputs: `distil cache`
-# accepts an lm_kd YAML as is and ignores them (kd.kd_temperature is read, see below).
-TRAINING_ONLY_KEYS = ("recipe", "run", "student", "train", "kd", "eval")
-
-
-class ValueDtype(str, Enum):
-    """Precision of the stored log-probs (and tail): 2 bytes either way."""
-
-    FLOAT16 = "float16"  # 10-bit mantissa: finer steps for log-probs in [-65504, 0]
-    BFLOAT16 = "bfloat16"  # 7-bit mantissa, fp32 range
-
-
-class CacheTargets(str, Enum):
-    """What is stored per position."""
-
-    TOPK = "topk"  # the k most likely ids, their log-probs and the tail mass
-    SAMPLED = "sampled"  # ids drawn from a proposal: unbiased estimates of the full loss
-
-
-class CacheSection(StrictModel):
-    """What ``distil cache`` writes and where."""
-
-    out: str = Field(default="runs/teacher-cache", description="folder of the cache")
-    k: int = Field(default=8, ge=1, description="teacher log-probs kept per position")
-    value_dtype: ValueDtype = ValueDtype.FLOAT16
-    kd_temperature: float | None = Field(
-        default=None,
-        gt=0,
-        description="temperature of the stored log-probs; kd.kd_temperature (or 1) when null",
-    )
-    targets: CacheTargets = CacheTargets.TOPK
-    tail_samples: int = Field(
-        default=0,
-        ge=0,
-        description="targets=topk: also draw this many ids per position from the teacher's tail, so training "
-        "estimates the full forward KL without bias (exact head + sampled tail) instead of a tail bucket",
-    )
-    num_samples: int = Field(
-        default=16, ge=1, description="targets=sampled: ids drawn per position"
-    )
-    proposal_temperature: float | None = Field(
-        default=None,
-        gt=0,
-        description="targets=sampled: proposal temperature; the teacher itself when null",
-    )
-    examples_per_shard: int = Field(default=256, ge=1)
-    batch_size: int = Field(default=8, ge=1, description="teacher forward batch")
-    device: str | None = Field(
-        default=None, description="teacher.device, else cuda if available, else cpu"
-    )
-    merge_timeout_s: float = Field(
-        default=3600.0, gt=0, description="rank 0 waits this long for other ranks"
-    )
-
-    @model_validator(mode="after")
-    def _tail_samples_go_with_topk(self) -> CacheSection:
-        if self.tail_samples and self.targets is CacheTargets.SAMPLED:
-            raise ValueError(
-                "cache.tail_samples adds sampled tail ids to a top-k cache; with cache.targets=sampled every id is "
-                "already sampled: set cache.tail_samples=0 or cache.targets=topk"
-            )
-        return self
-
-
-class CacheConfig(StrictModel):
-    """A ``distil cache`` config: the teacher and data sections of a training config plus ``cache``."""
-
-    seed: int = 0
-    tokenizer: str | None = Field(
-        default=None, description="tokenizer folder; teacher.hf when null"
-    )
-    data: LMDataSection = LMDataSection(builtin="stdlib")
-    teacher: TeacherSection = TeacherSection(hf="runs/lm-teacher")
-    cache: CacheSection = CacheSection()
-
-
-def cache_config_data(data: dict[str, Any]) -> dict[str, Any]:
-    """Turn a (training) config mapping into ``CacheConfig`` input.
-
-    Training-only sections are dropped; ``kd.kd_temperature`` becomes ``cache.kd_temperature``
-    unless the latter is set, so caching an lm_kd config stores log-probs at its temperature.
-    """
-    out = {k: v for k, v in data.items() if k not in TRAINING_ONLY_KEYS}
-    kd = data.get("kd") or {}
-    cache = dict(out.get("cache") or {})
-    if cache.get("kd_temperature") is None and isinstance(kd, dict) and "kd_temperature" in kd:
-        cache["kd_temperature"] = kd["kd_temperature"]
-    out["cache"] = cache
-    return out
+# Spec fields that describe, but do not decide, the cache's content (the dataset fingerprint
+# does): a rerun that differs only there completes the same cache.
+INFORMATIONAL_FIELDS = ("created_by", "data_settings")
 
 
 def id_dtype(vocab_size: int) -> torch.dtype:
@@ -230,7 +141,7 @@ class Sampling:
 
 
 def encode_shard(
-    teacher: LiveLMTeacher,
+    teacher: Callable[[dict[str, Tensor]], Tensor],
     rows: dict[str, list[Any]],
     *,
     pad_token_id: int,
@@ -244,6 +155,7 @@ def encode_shard(
     shard_index: int = 0,
     tail_samples: int = 0,
     seed: int = 0,
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> tuple[dict[str, Tensor], float, int]:
     """Run the teacher over one shard's examples; return its tensors, kept-mass sum and tokens read.
 
@@ -256,7 +168,8 @@ def encode_shard(
     ``tail_sample_ids (N, m)`` drawn from the teacher outside the top-k and
     ``tail_sample_log_probs (N, m)``. The kept mass is that of the top-k, or of the distinct
     sampled ids. Draws use a generator seeded by ``seed`` (or ``sampling.seed``) and the shard
-    index, so a rewritten shard is byte-identical.
+    index, so a rewritten shard is byte-identical. ``on_batch(examples, tokens)`` is called after
+    each teacher batch (for progress).
     """
     n = len(rows["example_id"])
     parts: dict[str, list[Tensor]] = {}
@@ -276,11 +189,11 @@ def encode_shard(
             for i in range(start, min(start + batch_size, n))
         ]
         cols = collate_lm_batch(batch, pad_token_id=pad_token_id)
-        out = teacher(cols["input_ids"], cols["attention_mask"])
-        assert out.logits is not None
-        logits = out.logits.float()  # (b, T, V)
+        logits = teacher(cols).float()  # (b, T, V)
         mask = shift_for_next_token(cols["labels"]) != IGNORE_INDEX  # (b, T) supervised positions
         tokens += int(cols["attention_mask"].sum())
+        if on_batch is not None:
+            on_batch(len(batch), int(cols["attention_mask"].sum()))
         pos_of = [mask[r].nonzero().squeeze(-1) for r in range(len(batch))]  # (n_r,) each
         flat_pos = torch.cat(
             [torch.full_like(p, r) * logits.shape[1] + p for r, p in enumerate(pos_of)]
@@ -344,7 +257,11 @@ def _check_spec(out: Path, spec: dict[str, Any]) -> None:
         write_json_atomic(path, spec)
         return
     old = json.loads(path.read_text())
-    differ = [k for k in sorted(set(old) | set(spec)) if old.get(k) != spec.get(k)]
+    differ = [
+        k
+        for k in sorted(set(old) | set(spec))
+        if k not in INFORMATIONAL_FIELDS and old.get(k) != spec.get(k)
+    ]
     if differ:
         raise DistilError(
             f"{out} holds a cache of another teacher, data or settings ({', '.join(differ)} differ); "
@@ -385,40 +302,82 @@ def merge_manifest(out: Path, spec: dict[str, Any], num_shards: int) -> dict[str
     return manifest
 
 
-def write_cache(cfg: CacheConfig) -> WriteResult:
-    """Write (or complete) the cache described by ``cfg``; see the module docstring.
+def cache_complete(path: str | Path) -> bool:
+    """Whether ``path`` holds a finished cache (its manifest is written last)."""
+    return (Path(path) / MANIFEST).is_file()
+
+
+class _TeacherLogits:
+    """The teacher as the cache runs it: frozen, eval, no_grad, its own dtype and device, logits
+    sliced to the tokenizer's vocabulary, on the CPU."""
+
+    def __init__(
+        self, model: Any, *, vocab_size: int, device: torch.device, dtype: torch.dtype
+    ) -> None:
+        model.to(device=device, dtype=dtype)
+        self.model = model.eval().requires_grad_(False)
+        self.vocab_size, self.device, self.dtype = vocab_size, device, dtype
+
+    def __call__(self, cols: dict[str, Tensor]) -> Tensor:
+        ids, mask = cols["input_ids"].to(self.device), cols["attention_mask"].to(self.device)
+        with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
+            logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        return logits[..., : self.vocab_size].cpu()  # (b, T, V)
+
+    def describe(self) -> str:
+        n = sum(p.numel() for p in self.model.parameters())
+        return f"{type(self.model).__name__} ({n:,} params) on {self.device} in {str(self.dtype).removeprefix('torch.')}"
+
+
+def write_cache(
+    job: LMCacheJob, *, teacher_model: Any = None, tokenizer: Any = None
+) -> WriteResult:
+    """Write (or complete) the teacher cache ``job.teacher.cache``; see the module docstring.
+
+    Args:
+        job: The teacher, tokenizer, data and cache settings (an ``lm_kd`` config's).
+        teacher_model: The teacher already loaded (in-run writes); loaded from the job when None.
+        tokenizer: The run's tokenizer; loaded from the job when None.
 
     Raises:
         DistilError: On bad teacher/data input, a folder holding another cache, or ranks that
-            do not finish within ``cache.merge_timeout_s``.
+            do not finish within ``merge_timeout_s``.
     """
-    c = cfg.cache
-    out = Path(c.out)
-    out.mkdir(parents=True, exist_ok=True)
+    c = job.teacher.cache
+    if c is None:
+        raise DistilError(
+            "teacher.cache is not set: give it a path, e.g. teacher.cache.path=runs/teacher-cache"
+        )
+    out = Path(c.path)
     rank, world = _rank_world()
-    tokenizer = load_tokenizer_folder(
-        cfg.tokenizer or cfg.teacher.hf or "", trust_remote_code=cfg.teacher.trust_remote_code
+    if tokenizer is None:
+        tokenizer_folder = job.tokenizer_folder()
+        tokenizer = load_tokenizer_folder(tokenizer_folder)
+        teacher_folder = job.teacher.model.hf if isinstance(job.teacher.model, HFModel) else None
+        check_teacher_tokenizer(teacher_folder, tokenizer, tokenizer_folder=tokenizer_folder)
+    model = (
+        teacher_model
+        if teacher_model is not None
+        else load_lm(job.teacher.model, tokenizer, seed=job.teacher_seed)
     )
-    model = load_teacher_model(cfg.teacher, tokenizer)
-    check_model_fits(model, tokenizer, cfg.data.max_length, "teacher")
+    check_model_fits(model, tokenizer, job.data.max_length, "teacher")
     vocab = tokenizer_vocab_size(tokenizer)
     if c.k > vocab:
         raise DistilError(
-            f"cache.k={c.k} exceeds the vocabulary ({vocab} ids); set cache.k <= {vocab}"
+            f"teacher.cache.k={c.k} exceeds the vocabulary ({vocab} ids); set teacher.cache.k <= {vocab}"
         )
-    data = load_lm_data(cfg.data, tokenizer, out / "work", _OneProcess())
+    out.mkdir(parents=True, exist_ok=True)  # only now: a refused config leaves no folder behind
+    data = load_lm_data(job.data, tokenizer, out / "work", _OneProcess())
     train: datasets.Dataset = data.train
-    kd_temperature = c.kd_temperature if c.kd_temperature is not None else 1.0
-    dtype = torch_dtype(cfg.teacher.dtype, model.dtype)
+    kd_temperature = c.kd_temperature if c.kd_temperature is not None else job.kd_temperature
+    dtype = torch_dtype(job.teacher.dtype, model.dtype)
     device = torch.device(
-        c.device or cfg.teacher.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        c.device or job.teacher.device or ("cuda" if torch.cuda.is_available() else "cpu")
     )
     value_dtype = getattr(torch, c.value_dtype.value)
-    teacher = LiveLMTeacher(
-        model, vocab_size=vocab, device=device, dtype=dtype, output_device=torch.device("cpu")
-    )
+    teacher = _TeacherLogits(model, vocab_size=vocab, device=device, dtype=dtype)
     sampled = c.targets is CacheTargets.SAMPLED
-    sampling = Sampling(c.num_samples, c.proposal_temperature, cfg.seed) if sampled else None
+    sampling = Sampling(c.num_samples, c.proposal_temperature, job.seed) if sampled else None
     value_name, id_name = c.value_dtype.value, str(id_dtype(vocab)).removeprefix("torch.")
     spec: dict[str, Any] = {
         "format": FORMAT_NAME,
@@ -429,7 +388,7 @@ def write_cache(cfg: CacheConfig) -> WriteResult:
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "dataset_fingerprint": dataset_fingerprint(train),
         "vocab_size": vocab,
-        "sequence_length": cfg.data.max_length,
+        "sequence_length": job.data.max_length,
         "k": c.num_samples if sampled else c.k,  # ids stored per position
         "kd_temperature": kd_temperature,
         "dtypes": {
@@ -448,23 +407,25 @@ def write_cache(cfg: CacheConfig) -> WriteResult:
                     else {}
                 )
             ),
-            "positions": str(position_dtype(cfg.data.max_length)).removeprefix("torch."),
+            "positions": str(position_dtype(job.data.max_length)).removeprefix("torch."),
             "example_ids": "int64",
         },
         "examples_per_shard": c.examples_per_shard,
         "forward_batch_size": c.batch_size,
         "split": "train",
         **(
-            {"proposal_temperature": c.proposal_temperature, "sampling_seed": cfg.seed}
+            {"proposal_temperature": c.proposal_temperature, "sampling_seed": job.seed}
             if sampled
             else {}
         ),
         **(
-            {"tail_samples": c.tail_samples, "sampling_seed": cfg.seed}
+            {"tail_samples": c.tail_samples, "sampling_seed": job.seed}
             if c.tail_samples and not sampled
             else {}
         ),
         "created_by": f"distil {getattr(distil, '__version__', 'dev')}",
+        # the settings that made the dataset, so a run whose data differs is told which to match
+        "data_settings": {f"data.{k}": v for k, v in job.data.model_dump(mode="json").items()},
     }
     if rank == 0:
         _check_spec(out, spec)
@@ -490,11 +451,26 @@ def write_cache(cfg: CacheConfig) -> WriteResult:
     )
     positions_written = tokens_read = 0
     t0 = time.perf_counter()
+    read = [0]  # tokens the teacher read so far, for the rate
+
+    def shard_size(i: int) -> int:
+        return min((i + 1) * c.examples_per_shard, n) - i * c.examples_per_shard
+
     with progress_bar(rank == 0) as bar:
-        task = bar.add_task(
-            "cache", total=len(mine), completed=len(mine) - len(todo), rate="", info=""
+        task = bar.add_task(  # moves per teacher batch, in examples
+            "cache",
+            total=sum(shard_size(i) for i in mine),
+            completed=sum(shard_size(i) for i in mine if i not in todo),
+            rate="",
+            info="",
         )
         for i in todo:
+
+            def batch_done(examples: int, tokens: int, i: int = i) -> None:
+                read[0] += tokens
+                rate = rate_text(read[0], time.perf_counter() - t0, "tok")
+                bar.update(task, advance=examples, rate=rate, info=f"shard {i}")
+
             lo, hi = i * c.examples_per_shard, min((i + 1) * c.examples_per_shard, n)
             tensors, mass_sum, tokens = encode_shard(
                 teacher,
@@ -504,12 +480,13 @@ def write_cache(cfg: CacheConfig) -> WriteResult:
                 kd_temperature=kd_temperature,
                 value_dtype=value_dtype,
                 vocab_size=vocab,
-                sequence_length=cfg.data.max_length,
+                sequence_length=job.data.max_length,
                 batch_size=c.batch_size,
                 sampling=sampling,
                 shard_index=i,
                 tail_samples=0 if sampled else c.tail_samples,
-                seed=cfg.seed,
+                seed=job.seed,
+                on_batch=batch_done,
             )
             path = out / shard_name(i)
             # One metadata key only: safetensors writes a metadata map in hash order, which varies
@@ -533,10 +510,7 @@ def write_cache(cfg: CacheConfig) -> WriteResult:
             )
             positions_written += int(tensors["positions"].numel())
             tokens_read += tokens
-            elapsed = time.perf_counter() - t0
-            bar.update(
-                task, advance=1, rate=rate_text(tokens_read, elapsed, "tok"), info=f"shard {i}"
-            )
+
     seconds = time.perf_counter() - t0
     merged = False
     if rank == 0:
@@ -544,7 +518,7 @@ def write_cache(cfg: CacheConfig) -> WriteResult:
         while world > 1 and not all(_sidecar(out, i).is_file() for i in range(num_shards)):
             if time.monotonic() > deadline:
                 raise DistilError(
-                    f"other ranks did not finish their shards of {out} within cache.merge_timeout_s={c.merge_timeout_s:g}; "
+                    f"other ranks did not finish their shards of {out} within teacher.cache.merge_timeout_s={c.merge_timeout_s:g}; "
                     "re-run `distil cache` with the same config to complete it"
                 )
             time.sleep(0.2)

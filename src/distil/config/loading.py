@@ -30,7 +30,7 @@ _Loader.add_implicit_resolver(
     re.compile(
         r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
         |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+        |\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?
         |[-+]?\.(?:inf|Inf|INF)
         |\.(?:nan|NaN|NAN))$""",
         re.X,
@@ -39,9 +39,58 @@ _Loader.add_implicit_resolver(
 )
 
 
+MAX_DEPTH = 32  # a distil config nests about 5 levels; far deeper is a mistake or an attack
+
+
 def safe_load(text: str) -> Any:
-    """``yaml.safe_load`` semantics (no object construction) with YAML 1.2-style floats."""
-    return yaml.load(text, Loader=_Loader)
+    """``yaml.safe_load`` semantics (no object construction) with YAML 1.2-style floats.
+
+    Raises:
+        yaml.YAMLError: Also for what PyYAML lets escape as other exceptions: a tag whose value
+            does not convert (``!!float abc``, a ``ValueError``), and nesting so deep that the
+            parser runs out of stack (``RecursionError``).
+    """
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError:
+        raise
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise yaml.YAMLError(f"a tagged value does not convert: {exc}") from exc
+    except RecursionError as exc:
+        raise yaml.YAMLError(
+            "nested too deeply for the YAML parser (a distil config nests about 5 levels)"
+        ) from exc
+
+
+def check_depth(data: Any, limit: int = MAX_DEPTH, *, at: tuple[str, ...] = ()) -> None:
+    """Refuse data nested deeper than ``limit`` or referring to itself (a YAML alias cycle
+    like ``&a [*a]``), before anything walks it recursively.
+
+    Args:
+        data: Parsed YAML.
+        limit: Deepest nesting allowed, counted from ``at``.
+        at: The dotted key ``data`` sits under (an override's key), for the message.
+
+    Raises:
+        ConfigError: Naming the dotted key where the limit is crossed.
+    """
+    stack: list[tuple[Any, tuple[str, ...], frozenset[int]]] = [(data, at, frozenset())]
+    while stack:
+        node, path, parents = stack.pop()
+        if not isinstance(node, (dict, list)):
+            continue
+        where = ".".join(path) or "<root>"
+        if id(node) in parents:
+            raise ConfigError(
+                [f"{where}: refers to itself (a YAML alias cycle); write the value out"]
+            )
+        if len(path) - len(at) >= limit:
+            raise ConfigError(
+                [f"{where}: nested more than {limit} levels deep; a distil config needs about 5"]
+            )
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        inner = parents | {id(node)}
+        stack.extend((child, (*path, str(key)), inner) for key, child in items)
 
 
 class ConfigError(DistilError):
@@ -61,13 +110,20 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
             [f"file not found: {p} (check the path, or list recipes with `distil recipes`)"]
         )
     try:
-        data = safe_load(p.read_text(encoding="utf-8"))
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            [f"{p}: not UTF-8 text (byte {exc.start}: {exc.reason}); save the file as UTF-8"]
+        ) from exc
+    try:
+        data = safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError([f"{p}: not valid YAML: {exc}"]) from exc
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError([f"{p}: top level must be a mapping of keys, got {type(data).__name__}"])
+    check_depth(data)
     return data
 
 
@@ -79,10 +135,13 @@ def parse_override(text: str) -> tuple[str, Any]:
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
         raise ConfigError([f"override {text!r} has an empty key part"])
+    if len(key.split(".")) > MAX_DEPTH:
+        raise ConfigError([f"override {key[:60]!r}...: more than {MAX_DEPTH} key parts"])
     try:
         value = safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
-        value = raw
+        value = raw  # not YAML: the text itself, which validation then judges
+    check_depth(value, at=tuple(key.split(".")))
     return key, value
 
 
@@ -138,7 +197,7 @@ def _model_in_annotation(annotation: Any) -> Any:
 
 
 def format_validation_error(exc: ValidationError, model: type[BaseModel]) -> list[str]:
-    """One line per problem, each starting with its dotted key."""
+    """One line per problem, each starting with its dotted key, sorted by key."""
     problems: list[str] = []
     for err in exc.errors():
         loc = tuple(err["loc"])
@@ -157,12 +216,13 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel]) -> lis
             got = err.get("input")
             shown = "" if err["type"] == "missing" or isinstance(got, dict) else f" (got {got!r})"
             problems.append(f"{dotted}: {msg}{shown}")
-    return problems
+    return sorted(problems, key=lambda p: p.partition(":")[0])  # by dotted key, stable
 
 
 def validate_config(model: type[ModelT], data: Mapping[str, Any], source: str = "config") -> ModelT:
-    """Validate ``data`` against ``model``; raise one ConfigError listing every problem."""
+    """Validate ``data`` against ``model``, the files it names included (they must exist); raise
+    one ConfigError listing every problem."""
     try:
-        return model.model_validate(dict(data))
+        return model.model_validate(dict(data), context={"check_paths": True})
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, model), source=source) from exc

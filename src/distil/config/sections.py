@@ -27,6 +27,14 @@ class DeviceName(str, Enum):
     cuda = "cuda"
 
 
+class Sharding(str, Enum):
+    """How processes hold the trained model: ``none`` (a full replica each, DDP) or ``fsdp``
+    (each a 1/N shard of parameters, gradients and optimiser state; PyTorch FSDP2)."""
+
+    none = "none"
+    fsdp = "fsdp"
+
+
 class MixedPrecision(str, Enum):
     no = "no"
     bf16 = "bf16"
@@ -101,6 +109,11 @@ class TrainSection(StrictModel):
     eval_every_epoch: bool = True
     device: DeviceName = DeviceName.auto
     mixed_precision: MixedPrecision = MixedPrecision.no
+    sharding: Sharding = Field(
+        default=Sharding.none,
+        description="fsdp: shard the trained model over the processes (torchrun); checkpoints "
+        "stay full, so a run resumes with another number of processes",
+    )
 
 
 class ModelSpec(StrictModel):
@@ -118,3 +131,9 @@ class ModelSpec(StrictModel):
         if len(given) != 1:
             raise ValueError(f"set exactly one of zoo, hf, factory (got {given or 'none'})")
         return self
+
+
+def require_unsharded(train: TrainSection, key: str, recipe: str) -> None:
+    """Refuse ``sharding: fsdp`` in a recipe that does not shard its model (yet), by key."""
+    if train.sharding is Sharding.fsdp:
+        raise ValueError(f"{key}.sharding: {recipe} trains replicas (DDP); fsdp is for lm_kd")

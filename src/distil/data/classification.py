@@ -18,7 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from distil.config.classifier import ClassifierDataSection
+from distil.config.sources import BuiltinData, FileData
 from distil.errors import DistilError
 
 logger = logging.getLogger(__name__)
@@ -221,13 +224,23 @@ def _read_table(path: Path) -> Any:
     if not path.is_file():
         raise DistilError(f"data file not found: {path}")
     suffix = path.suffix.lower()
-    if suffix == ".csv":
-        return pd.read_csv(path)
-    if suffix in (".jsonl", ".json"):
-        return pd.read_json(path, lines=suffix == ".jsonl")
-    if suffix == ".parquet":
-        return pd.read_parquet(path)
-    raise DistilError(f"{path}: unsupported file type {suffix!r}; use .csv, .jsonl or .parquet")
+    readers = {
+        ".csv": ("CSV", lambda: pd.read_csv(path)),
+        ".jsonl": ("JSON Lines", lambda: pd.read_json(path, lines=True)),
+        ".json": ("JSON", lambda: pd.read_json(path)),
+        ".parquet": ("Parquet", lambda: pd.read_parquet(path)),
+    }
+    if suffix not in readers:
+        raise DistilError(f"{path}: unsupported file type {suffix!r}; use .csv, .jsonl or .parquet")
+    kind, read = readers[suffix]
+    try:
+        return read()
+    except (ValueError, UnicodeDecodeError, OSError) as exc:  # pandas' ParserError is a ValueError
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DistilError(
+            f"{path}: cannot read it as {kind} ({first}); fix the file (quotes, separators, "
+            "one record per line) or convert it"
+        ) from exc
 
 
 def _split_from_table(
@@ -330,3 +343,35 @@ def check_labels(data: ClassificationData) -> None:
                 f"dataset {data.name!r}: {int(bad.sum())} {split_name} labels outside 0..{data.num_classes - 1} "
                 f"(e.g. {int(split.labels[bad][0])}); fix the label column or the class list"
             )
+
+
+def load_data(section: ClassifierDataSection) -> ClassificationData:
+    """The train and test splits a config names (built-in or local files), limited to
+    ``train_limit`` examples, with labels checked."""
+    source = section.source
+    if isinstance(source, BuiltinData):
+        data = BUILTIN_DATASETS[source.builtin][0](section.test_fraction, section.split_seed)
+    else:
+        assert isinstance(source, FileData)
+        data = load_files(
+            source.train[0],
+            source.eval[0] if source.eval else None,
+            text_column=section.text_column,
+            image_column=section.image_column,
+            label_column=section.label_column,
+            test_fraction=section.test_fraction,
+            seed=section.split_seed,
+        )
+    if section.train_limit is not None and section.train_limit < len(data.train):
+        g = torch.Generator().manual_seed(section.split_seed)
+        keep = torch.randperm(len(data.train), generator=g)[: section.train_limit]
+        train = data.train.subset(keep.sort().values.numpy())
+        data = ClassificationData(data.name, train, data.test, data.class_names, data.modality)
+    check_labels(data)
+    return data
+
+
+def validation_split(data: ClassificationData, fraction: float, seed: int) -> tuple[Split, Split]:
+    """A stratified (train, validation) split of the training split; the test split is untouched."""
+    keep, held = _stratified_split(data.train.labels, fraction, seed + 1)
+    return data.train.subset(keep), data.train.subset(held)

@@ -33,6 +33,7 @@ from enum import Enum
 from pathlib import Path
 
 from distil.errors import DistilError
+from distil.progress import is_main_process, phase_progress
 
 logger = logging.getLogger(__name__)
 
@@ -413,9 +414,18 @@ def train_bpe_tokenizer_from_texts(
         min_frequency=min_frequency,
         special_tokens=special_tokens,
         initial_alphabet=sorted(alphabet),
-        show_progress=False,
+        # tokenizers' own bars (counting pairs, computing merges) in a terminal
+        show_progress=sys.stderr.isatty() and is_main_process(),
     )
-    backend.train_from_iterator(documents, trainer, length=len(documents))
+    description = f"training a {vocab_size}-id BPE tokenizer on {len(documents):,} documents"
+    with phase_progress(description, len(documents), unit="docs") as done:
+
+        def feed() -> Iterator[str]:
+            for document in documents:
+                yield document
+                done(1)
+
+        backend.train_from_iterator(feed(), trainer, length=len(documents))
 
     pad_token = DEDICATED_PAD_TOKEN if pad_policy is PadTokenPolicy.DEDICATED else EOS_TOKEN
     tokenizer_kwargs: dict[str, object] = {"eos_token": EOS_TOKEN, "pad_token": pad_token}

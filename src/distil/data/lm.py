@@ -27,16 +27,22 @@ caches, so the same files, tokenizer and options always give the same ids.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
+from distil.config.lm import LMDataFormat, LMDataSection, OverlengthPolicy
+from distil.config.sources import FileData
+from distil.data.corpus import build_stdlib_corpus
+from distil.data.generated import generated_shard_files
 from distil.errors import DistilError
+from distil.progress import phase_progress
 
 if TYPE_CHECKING:
     import datasets
@@ -55,21 +61,6 @@ _SUFFIX_TO_BUILDER = {
 }
 _TOKENIZE_BATCH = 512
 _MAX_LISTED = 5  # offending example ids listed in an error message
-
-
-class LMDataFormat(str, Enum):
-    """How source records become training examples."""
-
-    TEXT = "text"
-    PROMPT_COMPLETION = "prompt_completion"
-    CHAT = "chat"
-
-
-class OverlengthPolicy(str, Enum):
-    """What to do with an example longer than ``max_length`` (prompt/completion and chat)."""
-
-    ERROR = "error"
-    TRUNCATE = "truncate"  # keep the first max_length tokens; logged with a count
 
 
 @dataclass(frozen=True)
@@ -147,8 +138,6 @@ def load_local_records(
 def _expand_data_paths(paths: Path | str | Sequence[Path | str]) -> list[Path]:
     """Files named by ``paths``; a folder contributes its supported files in sorted order, and a
     ``distil generate`` output folder its shards (checked against its manifest)."""
-    from distil.generation import generated_shard_files
-
     given = [Path(paths)] if isinstance(paths, str | Path) else [Path(p) for p in paths]
     files: list[Path] = []
     for path in given:
@@ -207,13 +196,19 @@ def tokenize_packed_text(
     eos_id = _eos_token_id(tokenizer)
     bos_id = tokenizer.bos_token_id if tokenizer.bos_token_id not in (None, eos_id) else None
     stream: list[int] = []
-    for texts in _column_batches(records, options.text_field):
-        encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-        for ids in encoded:
-            if bos_id is not None:
-                stream.append(bos_id)
-            stream.extend(ids)
-            stream.append(eos_id)
+    with phase_progress(
+        f"tokenizing {len(records):,} documents", len(records), unit="docs"
+    ) as done:
+        for texts in _column_batches(records, options.text_field):
+            # verbose=False: documents longer than the model are expected here (packing cuts
+            # them into blocks), so transformers' "indexing errors" warning would be wrong
+            encoded = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+            for ids in encoded:
+                if bos_id is not None:
+                    stream.append(bos_id)
+                stream.extend(ids)
+                stream.append(eos_id)
+            done(len(texts))
     n_blocks = len(stream) // block_size
     if n_blocks == 0:
         raise DistilError(
@@ -246,19 +241,25 @@ def tokenize_prompt_completion(
     example_ids = _example_ids(records, options.example_id_field)
     input_ids: list[list[int]] = []
     labels: list[list[int]] = []
-    for prompts, completions in zip(
-        _column_batches(records, options.prompt_field),
-        _column_batches(records, options.completion_field),
-        strict=True,
-    ):
-        prompt_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
-        completion_ids = tokenizer(completions, add_special_tokens=False)["input_ids"]
-        for prompt, completion in zip(prompt_ids, completion_ids, strict=True):
-            completion = list(completion)
-            if not completion or completion[-1] != eos_id:
-                completion.append(eos_id)
-            input_ids.append(list(prompt) + completion)
-            labels.append([IGNORE_INDEX] * len(prompt) + completion)
+    progress = phase_progress(f"tokenizing {len(records):,} examples", len(records), unit="ex")
+    with progress as done:
+        for prompts, completions in zip(
+            _column_batches(records, options.prompt_field),
+            _column_batches(records, options.completion_field),
+            strict=True,
+        ):
+            # verbose=False: over-long examples are handled by options.overlength below
+            prompt_ids = tokenizer(prompts, add_special_tokens=True, verbose=False)["input_ids"]
+            completion_ids = tokenizer(completions, add_special_tokens=False, verbose=False)[
+                "input_ids"
+            ]
+            for prompt, completion in zip(prompt_ids, completion_ids, strict=True):
+                completion = list(completion)
+                if not completion or completion[-1] != eos_id:
+                    completion.append(eos_id)
+                input_ids.append(list(prompt) + completion)
+                labels.append([IGNORE_INDEX] * len(prompt) + completion)
+            done(len(prompts))
     return _finish_examples(example_ids, input_ids, labels, options, source="prompt/completion")
 
 
@@ -293,18 +294,27 @@ def tokenize_chat(
     example_ids = _example_ids(records, options.example_id_field)
     input_ids: list[list[int]] = []
     labels: list[list[int]] = []
-    for example_id, messages in zip(example_ids, records[options.messages_field], strict=True):
-        text, spans = _render_with_assistant_spans(tokenizer, messages, example_id)
-        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = list(encoded["input_ids"])
-        supervised = [
-            any(start < span_end and end > span_start for span_start, span_end in spans)
-            for start, end in encoded["offset_mapping"]
-        ]
-        input_ids.append(ids)
-        labels.append(
-            [token if keep else IGNORE_INDEX for token, keep in zip(ids, supervised, strict=True)]
-        )
+    progress = phase_progress(f"tokenizing {len(records):,} chats", len(records), unit="chats")
+    with progress as done:
+        for example_id, messages in zip(example_ids, records[options.messages_field], strict=True):
+            text, spans = _render_with_assistant_spans(tokenizer, messages, example_id)
+            # verbose=False: over-long chats are handled by options.overlength
+            encoded = tokenizer(
+                text, add_special_tokens=False, return_offsets_mapping=True, verbose=False
+            )
+            ids = list(encoded["input_ids"])
+            supervised = [
+                any(start < span_end and end > span_start for span_start, span_end in spans)
+                for start, end in encoded["offset_mapping"]
+            ]
+            input_ids.append(ids)
+            labels.append(
+                [
+                    token if keep else IGNORE_INDEX
+                    for token, keep in zip(ids, supervised, strict=True)
+                ]
+            )
+            done(1)
     return _finish_examples(example_ids, input_ids, labels, options, source="chat")
 
 
@@ -573,3 +583,114 @@ _FORMAT_BUILDERS: dict[
     LMDataFormat.PROMPT_COMPLETION: tokenize_prompt_completion,
     LMDataFormat.CHAT: tokenize_chat,
 }
+
+
+def options_from(section: LMDataSection) -> LMDataOptions:
+    """The loading options a data section sets."""
+    return LMDataOptions(
+        data_format=section.format,
+        max_length=section.max_length,
+        overlength=section.overlength,
+        drop_unsupervised=section.drop_unsupervised,
+        text_field=section.text_field,
+        prompt_field=section.prompt_field,
+        completion_field=section.completion_field,
+        messages_field=section.messages_field,
+    )
+
+
+@dataclass
+class LMData:
+    """Tokenized, masked splits plus what the loop needs from them."""
+
+    train: datasets.Dataset
+    eval: datasets.Dataset
+    targets_per_example: np.ndarray  # supervised next-token targets of each training example
+    pad_token_id: int
+
+    def collate(self, split: datasets.Dataset, indices: list[int]) -> dict[str, torch.Tensor]:
+        """Collate the examples at ``indices`` (int64 tensors, right-padded)."""
+        cols = split[indices]
+        rows = [
+            {"example_id": e, "input_ids": i, "labels": lab}
+            for e, i, lab in zip(cols["example_id"], cols["input_ids"], cols["labels"], strict=True)
+        ]
+        return collate_lm_batch(rows, pad_token_id=self.pad_token_id)
+
+    def eval_batches(self, batch_size: int) -> list[dict[str, torch.Tensor]]:
+        n = len(self.eval)
+        return [
+            self.collate(self.eval, list(range(i, min(i + batch_size, n))))
+            for i in range(0, n, batch_size)
+        ]
+
+
+def data_files(
+    section: LMDataSection, work_dir: Path, accelerator: Any
+) -> tuple[list[str], list[str] | None]:
+    """The train and held-out files; the built-in corpus is written into ``work_dir`` first."""
+    if section.builtin is None:
+        files: FileData = section.source  # type: ignore[assignment]
+        return files.train, files.eval
+    corpus_dir = work_dir / "stdlib-corpus"
+    if (
+        accelerator.is_main_process
+    ):  # deterministic, a second or two; one writer, then everyone reads
+        build_stdlib_corpus(corpus_dir, max_total_bytes=section.corpus_max_bytes, test_fraction=0.0)
+    accelerator.wait_for_everyone()
+    return [str(corpus_dir / "train.jsonl")], [str(corpus_dir / "validation.jsonl")]
+
+
+def load_lm_data(
+    section: LMDataSection, tokenizer: PreTrainedTokenizerBase, work_dir: Path, accelerator: Any
+) -> LMData:
+    """Load, tokenize and mask the data (every process does the same, deterministically).
+
+    Raises:
+        DistilError: From ``distil.data.lm`` on bad data, or if a split ends up empty.
+    """
+    train_files, eval_files = data_files(section, work_dir, accelerator)
+    options = options_from(section)
+    train = build_lm_dataset(load_local_records(train_files), tokenizer, options)
+    if eval_files is not None:
+        held_out = build_lm_dataset(load_local_records(eval_files), tokenizer, options)
+    else:
+        n_eval = max(1, round(len(train) * section.eval_fraction))
+        if len(train) - n_eval < 1:
+            raise DistilError(
+                f"{len(train)} example(s) cannot be split into train and held-out; add data or set data.eval_files"
+            )
+        held_out = train.select(range(len(train) - n_eval, len(train)))
+        train = train.select(range(len(train) - n_eval))
+    if section.train_limit is not None:
+        train = train.select(range(min(section.train_limit, len(train))))
+    if section.eval_limit is not None:
+        held_out = held_out.select(range(min(section.eval_limit, len(held_out))))
+    counts = [
+        sum(1 for t in row[1:] if t != IGNORE_INDEX)
+        for batch in train.iter(batch_size=1024)
+        for row in batch["labels"]
+    ]
+    logger.info(
+        "data: %d training and %d held-out examples of up to %d tokens",
+        len(train),
+        len(held_out),
+        section.max_length,
+    )
+    _release_freed_memory()
+    return LMData(train, held_out, np.asarray(counts, dtype=np.int64), pad_token_id_for(tokenizer))
+
+
+def _release_freed_memory() -> None:
+    """Give the heap freed by tokenization back to the OS (glibc keeps it otherwise).
+
+    Packing builds Python lists of every token of the corpus; after they are freed the process
+    still holds the pages (measured: 807 MB resident after loading the built-in corpus, 512 MB
+    after ``malloc_trim``), which would count against the training run's memory.
+    """
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)

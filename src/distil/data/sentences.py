@@ -104,16 +104,30 @@ def load_sentence_file(path: str | Path, text_column: str | None = None) -> list
             f"{path.name} is a table: set data.text_column to the column with the sentences"
         )
     if suffix == ".jsonl":
-        rows = [
-            json.loads(line)
-            for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip()
-        ]
+        try:
+            rows = [
+                json.loads(line)
+                for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip()
+            ]
+        except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+            raise DistilError(
+                f"{path}: not valid JSON Lines ({exc}); fix the file (one JSON object per line)"
+            ) from exc
+        if not all(isinstance(row, dict) for row in rows):
+            raise DistilError(f"{path}: every line must be a JSON object with {text_column!r}")
         texts = [row.get(text_column) for row in rows]
     elif suffix in (".csv", ".tsv"):
         import pandas as pd
 
-        frame = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",")
+        try:
+            frame = pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",")
+        except (ValueError, UnicodeDecodeError) as exc:  # pandas' ParserError is a ValueError
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise DistilError(
+                f"{path}: cannot read it as {suffix[1:].upper()} ({first}); fix its quotes and "
+                "separators"
+            ) from exc
         if text_column not in frame.columns:
             raise DistilError(
                 f"{path.name} has no column {text_column!r}; columns: {list(frame.columns)}"

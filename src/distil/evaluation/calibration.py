@@ -86,7 +86,14 @@ def jsd_to_teacher(student_logits: Tensor, teacher_logits: Tensor) -> float:
 
 
 def _clean(value: float) -> float:
-    return 0.0 if abs(value) < FP32_NOISE else value
+    return clamp_divergence(value)
+
+
+def clamp_divergence(value: float) -> float:
+    """A mean divergence as reported: never below 0 (a divergence is non-negative, so a negative
+    mean is fp32 rounding, e.g. a model against itself through another batch layout) and 0 below
+    the rounding noise of fp32 log-softmax (``FP32_NOISE``)."""
+    return 0.0 if value < FP32_NOISE else value
 
 
 def confidences(logits: Tensor) -> tuple[Tensor, Tensor]:

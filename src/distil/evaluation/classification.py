@@ -41,3 +41,32 @@ def per_class_accuracy(
         sel = labels == c
         out.append(float((pred[sel] == c).float().mean()) if sel.any() else None)
     return out
+
+
+def chance_level_warning(accuracy: float, labels: torch.Tensor) -> str | None:
+    """A warning when a teacher's accuracy is no better than always guessing the most frequent
+    class, within sampling noise (three binomial standard deviations over ``len(labels)``).
+
+    Distilling such a teacher teaches the student nothing, so it should be said before and in
+    the report, not discovered from a weak student.
+
+    Args:
+        accuracy: The teacher's accuracy on ``labels``' examples.
+        labels: ``(N,)`` true class ids.
+
+    Returns:
+        The warning text, or None when the teacher is clearly better than chance.
+    """
+    n = int(labels.numel())
+    if n == 0:
+        return None
+    majority = float(torch.bincount(labels.long()).max()) / n
+    noise = 3 * (majority * (1 - majority) / n) ** 0.5
+    if accuracy > majority + noise:
+        return None
+    return (
+        f"the teacher's accuracy {100 * accuracy:.1f} % is at chance level (always guessing the "
+        f"most frequent class gives {100 * majority:.1f} % on these {n} examples): distilling it "
+        "teaches the student nothing; train the teacher longer (teacher.training.epochs), check "
+        "its checkpoint, or give a better teacher"
+    )

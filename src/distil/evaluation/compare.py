@@ -5,6 +5,7 @@ sweep. Written as ``compare.json``, ``compare.md`` and a self-contained ``compar
 
 from __future__ import annotations
 
+import html
 import json
 import logging
 import os
@@ -116,6 +117,37 @@ def compare_runs(run_dirs: Sequence[Path]) -> dict[str, Any]:
     }
 
 
+def _common_start(texts: Sequence[str]) -> str:
+    """The characters every text starts with."""
+    first = min(texts, key=len)
+    for i, char in enumerate(first):
+        if any(t[i] != char for t in texts):
+            return first[:i]
+    return first
+
+
+def distinct_labels(names: Sequence[str]) -> list[str]:
+    """The part of each name that tells it from the others: the text all names start and end
+    with is dropped, at a ``-``, ``_``, ``.`` or ``/`` boundary (``classifier_kd-20261128-110513``
+    and ``...-110514`` become ``110513`` and ``110514``). Names are kept whole when that would
+    leave one empty or two alike."""
+    if len(names) < 2:
+        return list(names)
+    separators = "-_./"
+    prefix = _common_start(names)
+    cut = max((prefix.rfind(c) for c in separators), default=-1) + 1
+    if len(prefix) == min(len(n) for n in names):  # one name is the prefix itself
+        cut = 0
+    suffix = _common_start([n[::-1] for n in names])[::-1]
+    keep = len(suffix) - min(
+        (suffix.find(c) for c in separators if c in suffix), default=len(suffix)
+    )
+    parts = [n[cut : len(n) - keep] for n in names]
+    if any(not p for p in parts) or len(set(parts)) < len(parts):
+        return list(names)
+    return parts
+
+
 def _unique_names(run_dirs: Sequence[Path]) -> list[str]:
     names = [Path(p).resolve().name for p in run_dirs]
     if len(set(names)) == len(names):
@@ -173,13 +205,14 @@ def compare_plots(comparison: Mapping[str, Any], run_dirs: Sequence[Path]) -> di
     out: dict[str, bytes] = {}
     rows = comparison["table"]["rows"]
     keys = comparison["config_keys"]
-    # A sweep over one or two keys reads best as key=value; more keys would not fit under a bar.
-    labels = [
-        ", ".join(f"{k.split('.')[-1]}={r.get(k)}" for k in keys)
+    # A sweep over one or two keys reads best as key=value; more keys would not fit under a bar,
+    # and run folder names differ only in their last characters: label by what differs.
+    labels = (
+        [", ".join(f"{k.split('.')[-1]}={r.get(k)}" for k in keys) for r in rows]
         if 0 < len(keys) <= 2
-        else r["run"]
-        for r in rows
-    ]
+        else distinct_labels([r["run"] for r in rows])
+    )
+    slanted = len(rows) > 3 or max(len(label) for label in labels) > 12
     metrics = [
         m
         for m in comparison["metrics"]
@@ -189,7 +222,8 @@ def compare_plots(comparison: Mapping[str, Any], run_dirs: Sequence[Path]) -> di
     if metrics:
         cols = min(3, len(metrics))
         nrows = -(-len(metrics) // cols)
-        fig = new_figure(4.2 * cols, 2.9 * nrows)
+        width = max(4.2, 0.45 * len(rows) + 1.5)  # room under each bar for its label
+        fig = new_figure(width * cols, (3.4 if slanted else 2.9) * nrows)
         axes = fig.subplots(nrows, cols, squeeze=False).flatten()
         for ax, metric in zip(axes, metrics, strict=False):
             values = [
@@ -201,8 +235,9 @@ def compare_plots(comparison: Mapping[str, Any], run_dirs: Sequence[Path]) -> di
                 range(len(rows)),
                 labels,
                 fontsize=7,
-                rotation=20 if len(rows) > 3 else 0,
-                ha="right" if len(rows) > 3 else "center",
+                rotation=30 if slanted else 0,
+                ha="right" if slanted else "center",
+                rotation_mode="anchor",
             )
             ax.set_title(metric, fontsize=9)
             ax.grid(True, axis="y", alpha=0.3)
@@ -256,8 +291,8 @@ def render_compare_html(comparison: Mapping[str, Any], images: Mapping[str, byte
     keys = comparison["config_keys"]
     body = [
         "<header><h1>distil compare</h1>",
-        f'<div class="meta">{len(comparison["runs"])} runs · recipes {", ".join(comparison["recipes"])} · differing config keys: '
-        + (", ".join(keys) or "none")
+        f'<div class="meta">{len(comparison["runs"])} runs · recipes {html.escape(", ".join(comparison["recipes"]))} · differing config keys: '
+        + html.escape(", ".join(keys) or "none")
         + "</div></header><main>",
         '<section id="table"><h2>Runs side by side</h2><p class="note">★ marks the best run for each metric '
         "(lower is better for KL, JSD, ECE, time, memory and size).</p>",
@@ -268,7 +303,10 @@ def render_compare_html(comparison: Mapping[str, Any], images: Mapping[str, byte
         body += [img(png, name) for name, png in images.items()]
         body.append("</section>")
     body.append('<section id="runs"><h2>Run folders</h2><ul>')
-    body += [f"<li><b>{r['name']}</b>: {r['path']}</li>" for r in comparison["runs"]]
+    body += [
+        f"<li><b>{html.escape(r['name'])}</b>: {html.escape(r['path'])}</li>"
+        for r in comparison["runs"]
+    ]
     body.append("</ul></section></main>")
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>distil compare</title>'

@@ -18,7 +18,15 @@ from typing import Any
 
 import yaml
 
-from distil.evaluation.report import byte_formatters, flatten_config, fmt, per_class_table
+from distil.evaluation.report import (
+    byte_formatters,
+    cell,
+    flatten_config,
+    fmt,
+    per_class_table,
+    percent,
+    relative_time_text,
+)
 
 CSS = """
 :root { --fg: #1d232a; --muted: #5f6b76; --line: #dde3e8; --bg: #f6f8fa; --accent: #1f77b4; }
@@ -35,13 +43,19 @@ section { margin-top: 22px; }
 h2 { font-size: 18px; border-bottom: 1px solid var(--line); padding-bottom: 4px; margin: 0 0 10px; }
 h3 { font-size: 15px; margin: 16px 0 6px; }
 p.note { color: var(--muted); margin: 4px 0 10px; }
+p.warning { border-left: 4px solid #c0392b; background: #fdecea; padding: 8px 12px; margin: 8px 0; }
 .cards { display: flex; flex-wrap: wrap; gap: 10px; margin: 12px 0 4px; }
 .card { border: 1px solid var(--line); border-radius: 6px; padding: 8px 14px; min-width: 150px; background: #fff; }
 .card .v { font-size: 20px; font-weight: 600; }
 .card .k { color: var(--muted); font-size: 12px; }
 table { border-collapse: collapse; margin: 6px 0 10px; font-variant-numeric: tabular-nums; }
 th, td { border-bottom: 1px solid var(--line); padding: 4px 10px; text-align: right; white-space: nowrap; }
-th { background: var(--bg); font-weight: 600; font-size: 12px; }
+th { background: var(--bg); font-weight: 600; font-size: 12px; white-space: normal;
+     min-width: 4.5em; max-width: 11em; vertical-align: bottom; }
+.scroll { max-width: 100%; overflow-x: auto; }
+.md pre { max-height: 18em; overflow: auto; }
+.md h3, .md h4 { font-size: 14px; }
+.md p.empty { color: var(--muted); font-style: italic; }
 th:first-child, td:first-child { text-align: left; }
 tr.student td { background: #eef5fb; }
 td.neg { color: #b42318; }
@@ -85,6 +99,82 @@ def is_distillation_key(key: str) -> bool:
     )
 
 
+_INLINE = (
+    (re.compile(r"`([^`]+)`"), r"<code>\1</code>"),
+    (re.compile(r"\*\*(.+?)\*\*"), r"<b>\1</b>"),
+)
+
+
+def _inline(text: str) -> str:
+    out = html.escape(text, quote=True)
+    for pattern, repl in _INLINE:
+        out = pattern.sub(repl, out)
+    return out
+
+
+def markdown_html(text: str) -> str:
+    """The Markdown that reports write (``#`` headings, ``**bold**``, `` `code` ``, ``-`` lists,
+    fenced code blocks, paragraphs) as HTML, everything escaped.
+
+    A code block with no visible text (a generation of only newlines or spaces) becomes one line
+    saying so instead of a screen-high empty block.
+    """
+    out: list[str] = []
+    paragraph: list[str] = []
+    items: list[str] = []
+
+    def flush() -> None:
+        if paragraph:
+            out.append(f"<p>{_inline(' '.join(paragraph))}</p>")
+            paragraph.clear()
+        if items:
+            out.append("<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in items) + "</ul>")
+            items.clear()
+
+    lines = text.splitlines()
+    i = 0
+    while i < len(lines):
+        stripped = lines[i].strip()
+        if stripped.startswith("```"):
+            flush()
+            j = i + 1
+            while j < len(lines) and not lines[j].strip().startswith("```"):
+                j += 1
+            code = "\n".join(lines[i + 1 : j])
+            if code.strip():
+                shown = code.rstrip()
+                out.append(f"<pre>{_e(shown)}</pre>")
+                trailing = code[len(shown) :].count("\n")
+                if trailing > 2:  # trailing blank lines: counted, not drawn
+                    out.append(f'<p class="empty">(then {trailing} line breaks)</p>')
+            else:
+                breaks = code.count("\n")
+                spaces = len(code) - code.count("\n")
+                out.append(
+                    f'<p class="empty">(no visible text: {breaks} line break(s), {spaces} space(s))</p>'
+                )
+            i = j + 1
+            continue
+        heading = re.match(r"^(#{1,6})\s+(.*)$", stripped)
+        if heading:
+            flush()
+            level = min(6, len(heading.group(1)) + 1)  # inside a section's <h2>
+            out.append(f"<h{level}>{_inline(heading.group(2))}</h{level}>")
+        elif stripped.startswith(("- ", "* ")):
+            if paragraph:
+                flush()
+            items.append(stripped[2:])
+        elif not stripped:
+            flush()
+        else:
+            if items:
+                flush()
+            paragraph.append(stripped)
+        i += 1
+    flush()
+    return "".join(out)
+
+
 def _e(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
@@ -103,7 +193,8 @@ def table_html(
     """A report table as HTML; the row whose ``model`` is ``highlight`` is tinted."""
     formatters = formatters or {}
     cols = table["columns"]
-    head = "".join(f"<th>{_e(c['label'])}</th>" for c in cols)
+    # dotted config keys as headers may break after each dot instead of running into the next
+    head = "".join(f"<th>{_e(c['label']).replace('.', '.<wbr>')}</th>" for c in cols)
     body = []
     for row in table["rows"]:
         cls = (
@@ -111,11 +202,12 @@ def table_html(
             if highlight is not None and row.get(cols[0]["key"]) == highlight
             else ""
         )
-        cells = "".join(
-            f"<td>{_e(formatters.get(c['key'], fmt)(row.get(c['key'])))}</td>" for c in cols
-        )
+        cells = "".join(f"<td>{_e(cell(row, c['key'], formatters))}</td>" for c in cols)
         body.append(f"<tr{cls}>{cells}</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    return (
+        f'<div class="scroll"><table><thead><tr>{head}</tr></thead>'
+        f"<tbody>{''.join(body)}</tbody></table></div>"
+    )
 
 
 def _cards(items: Sequence[tuple[str, Any]]) -> str:
@@ -153,23 +245,56 @@ def _student_value(report: Mapping[str, Any], part: str, key: str, student: str 
     return None if row is None else row.get(key)
 
 
+def _speed_cards(report: Mapping[str, Any], student: str | None) -> list[tuple[str, Any]]:
+    """A card per measured speed-up of the student (batch-1 forward, generation): the median
+    and quartiles, or "too noisy" when the interleaved rounds do not allow a call."""
+    labels = {
+        "speedup": "at batch 1",
+        "forward_speedup": "forward pass",
+        "gen_speedup": "generating",
+    }
+    cards: list[tuple[str, Any]] = []
+    for key, where in labels.items():
+        value = _student_value(report, "cost", key, student)
+        if not isinstance(value, int | float):
+            continue
+        q1 = _student_value(report, "cost", f"{key}_q1", student)
+        q3 = _student_value(report, "cost", f"{key}_q3", student)
+        spread = f" (quartiles {q1:.2g}-{q3:.2g}×)" if q1 is not None and q3 is not None else ""
+        if _student_value(report, "cost", f"{key}_noisy", student):
+            cards.append(
+                (f"speed vs the teacher, {where}: median {value:.2g}×{spread}", "too noisy")
+            )
+        elif value >= 1:
+            cards.append((f"faster than the teacher, {where}{spread}", f"{times(value)}"))
+        else:
+            cards.append((f"slower than the teacher, {where}{spread}", f"{times(1 / value)}"))
+    return cards
+
+
+def times(ratio: float) -> str:
+    """``8.2×``, ``28×``: two significant digits below 10, whole numbers above."""
+    return f"{ratio:.1f}×" if ratio < 9.95 else f"{ratio:.0f}×"
+
+
 def _summary(report: Mapping[str, Any], student: str | None) -> str:
     out = ['<section id="summary"><h2>Summary</h2>']
     cards: list[tuple[str, Any]] = []
     gap = (report.get("quality") or {}).get("gap_closed")
     if gap is not None:
-        cards.append(("of the teacher-baseline gap closed", f"{100 * gap:.0f} %"))
+        cards.append(("of the teacher-baseline gap closed", percent(gap)))
     agreement = _student_value(report, "fidelity", "agreement", student)
     if agreement is not None:
-        cards.append(("top-1 agreement with the teacher", f"{100 * agreement:.1f} %"))
-    speedup = _student_value(report, "cost", "speedup", student)
-    if speedup is not None:
-        cards.append(("faster than the teacher at batch 1", f"{speedup:.1f}×"))
+        cards.append(("top-1 agreement with the teacher", percent(agreement, 1)))
+    cards += _speed_cards(report, student)
     ratio = _student_value(report, "cost", "size_ratio", student)
     if ratio is not None:
         cards.append(("fewer parameters than the teacher", f"{ratio:.1f}×"))
     if cards:
         out.append(_cards(cards))
+    out.extend(
+        f'<p class="warning"><b>Warning:</b> {_e(w)}</p>' for w in report.get("warnings", [])
+    )
     if report.get("table"):
         out.append(table_html(report["table"], byte_formatters(report["table"]), student))
     highlights = report.get("highlights") or {}
@@ -262,7 +387,7 @@ def _cost(cost: Mapping[str, Any], student: str | None, images: Mapping[str, byt
         if training.get("teacher_overhead") is not None:
             out.append(
                 f'<p class="note">Teacher vs student time: the live teacher made the KD phase '
-                f"<b>{_e(fmt(100 * training['teacher_overhead']))} %</b> slower than training the same student "
+                f"<b>{_e(relative_time_text(training['teacher_overhead']))}</b> than training the same student "
                 "without it (the baseline phase).</p>"
             )
     out.append("</section>")
@@ -340,6 +465,21 @@ def _environment(run_dir: Path) -> str:
     return "".join(out)
 
 
+def _figures(figures: Sequence[Mapping[str, Any]], run_dir: Path) -> str:
+    """PNGs a recipe wrote into the run folder (``{"title", "file"}``, file relative to it),
+    embedded; a missing file is named instead of breaking the page."""
+    body = '<section id="figures"><h2>Figures</h2>'
+    for figure in figures:
+        path = run_dir / str(figure["file"])
+        body += f"<h3>{_e(figure['title'])}</h3>"
+        body += (
+            img(path.read_bytes(), str(figure["title"]))
+            if path.is_file()
+            else f'<p class="warning">missing: {_e(figure["file"])}</p>'
+        )
+    return body + "</section>"
+
+
 def render_html(report: Mapping[str, Any], run_dir: Path, images: Mapping[str, bytes]) -> str:
     """The whole page.
 
@@ -379,6 +519,8 @@ def render_html(report: Mapping[str, Any], run_dir: Path, images: Mapping[str, b
         if "monitor" in images:
             body += img(images["monitor"], "teacher-hacking monitor")
         parts.append(("monitor", "Teacher hacking", body + "</section>"))
+    if report.get("figures"):
+        parts.append(("figures", "Figures", _figures(report["figures"], run_dir)))
     parts.append(("config", "Configuration", _config(run_dir, report)))
     parts.append(("environment", "Environment", _environment(run_dir)))
     for i, (heading, body) in enumerate((report.get("sections") or {}).items()):
@@ -386,7 +528,7 @@ def render_html(report: Mapping[str, Any], run_dir: Path, images: Mapping[str, b
             (
                 f"section-{i}",
                 str(heading),
-                f'<section id="section-{i}"><h2>{_e(heading)}</h2><pre>{_e(body)}</pre></section>',
+                f'<section id="section-{i}" class="md"><h2>{_e(heading)}</h2>{markdown_html(body)}</section>',
             )
         )
     if report.get("details"):

@@ -167,6 +167,15 @@ def confusion_plot(labels: Sequence[str], matrices: Mapping[str, Sequence[Sequen
     return to_png(fig)
 
 
+def per_class_ylim(values: Mapping[str, Sequence[float | None]]) -> tuple[float, float] | None:
+    """The y range of a per-class plot: from 0 (bars that start elsewhere exaggerate small
+    differences), to 1 for shares and accuracies, else Matplotlib's choice (None)."""
+    finite = [v for vs in values.values() for v in vs if v is not None and math.isfinite(v)]
+    if finite and min(finite) >= 0 and max(finite) <= 1:
+        return 0.0, 1.0
+    return None
+
+
 def per_class_plot(
     labels: Sequence[str], values: Mapping[str, Sequence[float | None]], metric: str
 ) -> bytes:
@@ -182,9 +191,9 @@ def per_class_plot(
         ax.bar(xs, ys, width=width, label=model, color=color_for(model, i))
     ax.set_xticks(range(n), [str(x) for x in labels], fontsize=8, rotation=90 if n > 15 else 0)
     ax.set_ylabel(metric, fontsize=9)
-    finite = [v for vs in values.values() for v in vs if v is not None and math.isfinite(v)]
-    if finite and min(finite) >= 0 and max(finite) <= 1:
-        ax.set_ylim(max(0.0, min(finite) - 0.1), 1.0)
+    limits = per_class_ylim(values)
+    if limits is not None:
+        ax.set_ylim(*limits)
     ax.legend(
         fontsize=8, frameon=False, ncols=len(models), loc="lower center", bbox_to_anchor=(0.5, 1.0)
     )

@@ -10,6 +10,8 @@ A report is a dict. Every recipe fills the same parts, so the renderers, ``disti
 - ``table``: the headline table, ``{"columns": [{"key", "label"}], "rows": [{...}]}`` with one
   row per model; every other table below has this shape.
 - ``highlights``: a few ``key: value`` lines.
+- ``warnings``: sentences a reader must not miss (e.g. distillation made the student worse),
+  shown first in every rendering.
 - ``quality`` (optional): ``table`` of task metrics, ``primary`` (the metric key the gap closed is
   computed on), ``higher_is_better``, ``gap_closed`` ((student − baseline) / (teacher −
   baseline)), and ``per_class`` (``labels`` and per-model ``values``) where the task has classes
@@ -39,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from distil.errors import DistilError
@@ -69,6 +72,25 @@ def fmt(value: Any) -> str:
             return f"{value:.3e}"
         return f"{value:.4g}"
     return str(value)
+
+
+def percent(fraction: float, digits: int = 0) -> str:
+    """``0.123`` → ``"12 %"``; a value that rounds to zero is ``"0 %"``, never ``"-0 %"``."""
+    shown = round(100 * fraction, digits)
+    if shown == 0:
+        shown = 0.0  # drops the sign of -0.0
+    return f"{shown:.{digits}f} %"
+
+
+def relative_time_text(overhead: float) -> str:
+    """How much longer one phase took than another, ``overhead = a / b - 1``: ``"54 % slower"``,
+    ``"28x slower"`` from twice as long on (a percentage past 100 reads badly), ``"12 % faster"``."""
+    if overhead >= 1:
+        ratio = 1 + overhead
+        return f"{ratio:.1f}x slower" if ratio < 9.95 else f"{ratio:.0f}x slower"
+    if overhead >= 0:
+        return f"{percent(overhead)} slower"
+    return f"{percent(-overhead)} faster"
 
 
 def fmt_bytes(value: Any) -> str:
@@ -167,13 +189,19 @@ def quality_part(
     return part
 
 
+SPREAD_SUFFIXES = ("q1", "q3", "rounds", "noisy", "verdict")
+
+
 def cost_part(rows: list[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> dict[str, Any]:
     """The ``cost`` part: what each model costs to keep and to run (``training`` is added by
-    :func:`complete_report` from ``metrics.jsonl``)."""
+    :func:`complete_report` from ``metrics.jsonl``). A column's spread (``KEY_q1``, ``KEY_q3``,
+    ``KEY_rounds``, ``KEY_noisy``, ``KEY_verdict``) travels with it."""
+    keys = ["model", *(c for c, _ in columns)]
+    keys += [f"{c}_{s}" for c, _ in columns for s in SPREAD_SUFFIXES]
     return {
         "table": make_table(
             [("model", "model"), *columns],
-            [{k: r.get(k) for k in ["model", *(c for c, _ in columns)]} for r in rows],
+            [{k: r[k] for k in keys if k in r} for r in rows],
         )
     }
 
@@ -347,15 +375,32 @@ def _training_part(rows: Sequence[Mapping[str, Any]], roles: Mapping[str, str]) 
     times = training_times(rows)
     phases = times["phases"]
     student, baseline = phases.get("student"), phases.get("baseline")
-    if student and baseline:
+    sources = [r["kd_source"] for r in rows if r.get("phase") == "student" and "kd_source" in r]
+    live = not sources or sources[-1] == "live teacher"  # runs from before kd_source: live
+    if student and baseline and live:
         # The KD student and the baseline train the same model on the same batches: the
-        # difference is what the live teacher costs.
+        # difference is what the live teacher costs (not said of a cache: it costs no teacher)
         times["teacher_overhead"] = (student - baseline) / baseline
     return times
 
 
 # ---------------------------------------------------------------------------------------------
 # Rendering
+
+
+def cell(row: Mapping[str, Any], key: str, formatters: Mapping[str, Any] | None = None) -> str:
+    """One table cell as text. A speed-up measured over interleaved rounds (a row with
+    ``KEY_q1`` and ``KEY_q3``) shows its quartiles, and is marked when too noisy to call:
+    ``8.2 (7.9-8.6)``, ``~1.1 (0.8-1.3) noisy``."""
+    value = row.get(key)
+    text = (formatters or {}).get(key, fmt)(value)
+    q1, q3 = row.get(f"{key}_q1"), row.get(f"{key}_q3")
+    if not key.endswith("speedup") or not isinstance(value, float) or q1 is None or q3 is None:
+        return str(text)
+    if row.get(f"{key}_verdict") is None:  # the reference itself: 1 by definition
+        return str(text)
+    noisy = bool(row.get(f"{key}_noisy"))
+    return f"{'~' if noisy else ''}{text} ({q1:.2g}-{q3:.2g}){' noisy' if noisy else ''}"
 
 
 def md_table(table: Mapping[str, Any], formatters: Mapping[str, Any] | None = None) -> list[str]:
@@ -365,9 +410,7 @@ def md_table(table: Mapping[str, Any], formatters: Mapping[str, Any] | None = No
     lines = ["| " + " | ".join(c["label"] for c in cols) + " |"]
     lines.append("|" + "|".join("---" if i == 0 else "---:" for i in range(len(cols))) + "|")
     for row in table["rows"]:
-        lines.append(
-            "| " + " | ".join(formatters.get(c["key"], fmt)(row.get(c["key"])) for c in cols) + " |"
-        )
+        lines.append("| " + " | ".join(cell(row, c["key"], formatters) for c in cols) + " |")
     return [*lines, ""]
 
 
@@ -394,6 +437,8 @@ def render_markdown(report: dict[str, Any], plots: Mapping[str, str] | None = No
     """The Markdown report; ``plots`` maps a plot name to a path relative to the run folder."""
     plots = plots or {}
     lines = [f"# {report.get('title', 'distil run')}", ""]
+    for warning in report.get("warnings", []):
+        lines += [f"> **Warning:** {warning}", ""]
     table = report.get("table")
     if table:
         lines += md_table(table, byte_formatters(table))
@@ -444,7 +489,7 @@ def render_markdown(report: dict[str, Any], plots: Mapping[str, str] | None = No
                 lines.append(f"![training time]({plots['training_time']})")
             if training.get("teacher_overhead") is not None:
                 lines.append(
-                    f"The live teacher made the KD phase {fmt(100 * training['teacher_overhead'])} % slower than the baseline."
+                    f"The live teacher made the KD phase {relative_time_text(training['teacher_overhead'])} than the baseline."
                 )
             lines.append("")
     curves = report.get("curves")
@@ -461,6 +506,11 @@ def render_markdown(report: dict[str, Any], plots: Mapping[str, str] | None = No
         lines += ["## Teacher-hacking monitor", "", f"**{monitor['text']}**", ""]
         if "monitor" in plots:
             lines += [f"![teacher-hacking monitor]({plots['monitor']})", ""]
+    figures = report.get("figures") or []
+    if figures:  # PNGs the recipe wrote into the run folder (sample grids, its own plots)
+        lines += ["## Figures", ""]
+        for figure in figures:
+            lines += [f"**{figure['title']}**", "", f"![{figure['title']}]({figure['file']})", ""]
     for section, body in report.get("sections", {}).items():
         lines += [f"## {section}", "", body, ""]
     details = report.get("details")
@@ -479,11 +529,13 @@ def render_markdown(report: dict[str, Any], plots: Mapping[str, str] | None = No
 def print_report(report: dict[str, Any], console: Console | None = None) -> None:
     """Print the headline table and highlights to the terminal."""
     console = wide(console or Console())
+    for warning in report.get("warnings", []):
+        console.print(f"[bold yellow]warning:[/bold yellow] {escape(warning)}", soft_wrap=True)
     table_spec = report.get("table")
     if table_spec:
         print_table(table_spec, console, title=report.get("title"))
     for key, value in report.get("highlights", {}).items():
-        console.print(f"  [bold]{key}[/bold]: {fmt(value)}")
+        console.print(f"  [bold]{escape(str(key))}[/bold]: {escape(fmt(value))}")
 
 
 def wide(console: Console, width: int = 140) -> Console:
@@ -499,14 +551,17 @@ def print_table(table_spec: Mapping[str, Any], console: Console, title: str | No
     console = wide(
         console, max(140, sum(max(len(c["label"]), 8) + 3 for c in table_spec["columns"]))
     )
-    table = Table(title=title)
+    table = Table(title=None if title is None else escape(title))
+    names = [str(row.get(table_spec["columns"][0]["key"], "")) for row in table_spec["rows"]]
     for i, c in enumerate(table_spec["columns"]):
-        table.add_column(c["label"], justify="left" if i == 0 else "right")
+        if i == 0:  # the names: never cut (two runs named a…b and a…c must not both read "a…")
+            width = max([len(c["label"]), *map(len, names)])
+            table.add_column(escape(c["label"]), justify="left", no_wrap=True, min_width=width)
+        else:
+            table.add_column(escape(c["label"]), justify="right")
     formatters = byte_formatters(table_spec)
     for row in table_spec["rows"]:
-        table.add_row(
-            *(formatters.get(c["key"], fmt)(row.get(c["key"])) for c in table_spec["columns"])
-        )
+        table.add_row(*(escape(cell(row, c["key"], formatters)) for c in table_spec["columns"]))
     console.print(table)
 
 
@@ -537,12 +592,23 @@ def load_report(run_dir: Path) -> dict[str, Any]:
     """Read ``run_dir/report.json``.
 
     Raises:
-        DistilError: If the run has no report (it did not finish).
+        DistilError: If the folder does not exist, has no report (the run did not finish) or
+            its report is not valid JSON.
     """
+    if not Path(run_dir).is_dir():
+        raise DistilError(f"{run_dir}: no such run folder (check the path)")
     path = Path(run_dir) / "report.json"
     if not path.is_file():
         raise DistilError(
             f"{run_dir} has no report.json: the run did not finish (resume it with `distil run CONFIG --resume`)"
         )
-    data: dict[str, Any] = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DistilError(
+            f"{path} is not valid JSON ({exc}); it was damaged or edited by hand: "
+            "rerun the run's evaluation, or restore the file"
+        ) from exc
+    if not isinstance(data, dict):
+        raise DistilError(f"{path} does not hold a report (a JSON object); restore the file")
     return data

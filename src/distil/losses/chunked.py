@@ -913,3 +913,27 @@ def chunked_topk_logits_loss(
     return _sparse_targets_loss(
         student_logits, index, targets, (hard_ce_coef, kd_coef, kd_temperature), chunk_size
     )
+
+
+MAX_CHUNK_ROWS = 256
+
+
+def loss_chunk_rows(
+    chunk_size: int | None,
+    vocab_size: int,
+    *,
+    fused: bool,
+    device: torch.device | str | None = None,
+) -> int:
+    """Rows per chunk of the token loss: ``kd.chunk_size``, else the loss library's default.
+
+    ``fused`` (loss from hidden states): the library's default capped at 256 rows; it sizes
+    chunks to ~16M elements, i.e. 2048 rows at V = 8192, so one chunk would hold a whole CPU
+    batch. Over materialised logits: :func:`distil.losses.chunked.logits_chunk_size`, small
+    chunks that stay in the CPU caches (64 rows at V = 8192 on CPU).
+    """
+    if chunk_size:
+        return chunk_size
+    if fused:
+        return min(default_chunk_size(vocab_size), MAX_CHUNK_ROWS)
+    return logits_chunk_size(vocab_size, device)

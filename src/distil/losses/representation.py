@@ -360,6 +360,33 @@ def rkd_distance(
     return F.smooth_l1_loss(psi_s, psi_t.to(psi_s.dtype), beta=huber_delta)
 
 
+def cosine_similarity_matching(student_embeddings: Tensor, teacher_embeddings: Tensor) -> Tensor:
+    """Match the in-batch cosine-similarity matrices of student and teacher embeddings.
+
+    ``S_ij = cos(s_i, s_j)``, ``T_ij = cos(t_i, t_j)``; the loss is the mean of ``(S_ij − T_ij)²``
+    over ordered pairs ``i ≠ j``: the similarity-preserving idea of Tung & Mori (ICCV 2019)
+    applied to sentence embeddings with cosine as the similarity, which is what retrieval and
+    the Spearman-of-pair-similarities metric read. Unlike MSE on the embeddings it never asks the
+    student to move into the teacher's coordinates: it is invariant to any rotation or scaling of
+    either space, so a pretrained student with an embedding space of its own keeps it and only
+    learns which sentences are close. Widths may differ.
+
+    Args:
+        student_embeddings: shape ``(B, D_s)``, B >= 2.
+        teacher_embeddings: shape ``(B, D_t)``.
+
+    Returns:
+        A scalar (a per-batch mean).
+    """
+    s, t = upcast(student_embeddings).flatten(1), upcast(teacher_embeddings).flatten(1)
+    b = s.shape[0]
+    if b < 2 or t.shape[0] != b:
+        raise ValueError(f"need the same batch of >= 2 examples, got {s.shape[0]} and {t.shape[0]}")
+    off = _off_diagonal(b, s.device)
+    s_n, t_n = F.normalize(s, dim=-1), F.normalize(t.to(s.dtype), dim=-1)
+    return ((s_n @ s_n.T)[off] - (t_n @ t_n.T)[off]).square().mean()
+
+
 def rkd_angle(
     student_embeddings: Tensor,
     teacher_embeddings: Tensor,

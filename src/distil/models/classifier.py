@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from distil.config.sources import FactoryModel, HFModel, ModelSource, ZooModel, describe_model
 from distil.data.classification import ClassificationData, Split
 from distil.errors import DistilError
 
@@ -362,22 +363,26 @@ def _factory_model(spec: str, data: ClassificationData, kwargs: dict[str, Any]) 
     return BuiltModel(module, InputEncoder(_image_tensor, "image tensor"), f"factory:{spec}")
 
 
-def build_classifier(
-    *,
-    zoo: str | None,
-    hf: str | None,
-    factory: str | None,
-    kwargs: dict[str, Any],
-    data: ClassificationData,
-) -> BuiltModel:
-    """Build the model a spec names, sized for ``data``."""
-    if zoo is not None:
-        return _zoo_model(zoo, data, kwargs)
-    if hf is not None:
-        return _hf_model(hf, data, kwargs)
-    if factory is not None:
-        return _factory_model(factory, data, kwargs)
-    raise DistilError("a model spec needs one of zoo, hf or factory")
+def build_classifier(source: ModelSource, data: ClassificationData) -> BuiltModel:
+    """Build the model a source names, sized for ``data``; load its ``weights`` when given.
+
+    Raises:
+        DistilError: For a kind a classifier cannot be built from.
+    """
+    if isinstance(source, ZooModel):
+        built = _zoo_model(source.zoo, data, source.kwargs)
+    elif isinstance(source, HFModel):
+        built = _hf_model(source.hf, data, source.kwargs)
+    elif isinstance(source, FactoryModel):
+        built = _factory_model(source.factory, data, source.kwargs)
+    else:
+        raise DistilError(
+            f"a classifier is built from zoo, hf or factory, not {describe_model(source)}"
+        )
+    weights = getattr(source, "weights", None)
+    if weights is not None:
+        load_weights(built.module, Path(weights))
+    return built
 
 
 def logits_of(module: nn.Module, inputs: Inputs) -> torch.Tensor:

@@ -493,24 +493,29 @@ class FeatureDistiller(nn.Module):
 def feature_distiller(
     terms: Sequence[FeatureTerm],
     student: nn.Module,
-    teacher: nn.Module,
     run_student: Callable[[], Any],
-    run_teacher: Callable[[], Any],
+    teacher_shapes: Mapping[str, Sequence[int]],
 ) -> FeatureDistiller:
-    """Probe both models once for the feature shapes and build the projectors the terms need.
+    """Probe the student once for its feature shapes and build the projectors the terms need.
 
     Args:
         terms: the feature terms.
         student: the student model.
-        teacher: the teacher model.
         run_student: a no-argument forward of the student on a small batch.
-        run_teacher: the same for the teacher.
+        teacher_shapes: the teacher's feature shapes by module name (from one answer of the
+            teacher, live or cached).
 
     Returns:
         A :class:`FeatureDistiller`; 4-D maps get 1×1 conv projectors, others linear ones.
+
+    Raises:
+        DistilError: If the teacher did not return a named feature, or a term needs 4-D maps.
     """
+    missing = sorted({t.teacher for t in terms} - set(teacher_shapes))
+    if missing:
+        raise DistilError(f"the teacher returned no feature maps for {missing}; check kd.features")
     s_shapes = feature_shapes(student, [t.student for t in terms], run_student)
-    t_shapes = feature_shapes(teacher, [t.teacher for t in terms], run_teacher)
+    t_shapes = {name: torch.Size(shape) for name, shape in teacher_shapes.items()}
     pairs = [(t.student, t.teacher) for t in terms if t.loss is not FeatureLoss.ATTENTION]
     for spec in terms:
         if (

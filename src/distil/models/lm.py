@@ -23,6 +23,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from distil.config.lm import TorchDtype
+from distil.config.sources import (
+    FromTeacher,
+    HFModel,
+    LMSpec,
+    ModelSource,
+    SpecModel,
+    describe_model,
+)
 from distil.errors import DistilError
 
 if TYPE_CHECKING:
@@ -126,6 +135,30 @@ def build_causal_lm(spec: CausalLMSpec, *, seed: int | None = None) -> PreTraine
         return LlamaForCausalLM(config)
 
 
+BUILTIN_TEACHER_FOLDER = Path(
+    "runs/lm-teacher"
+)  # where `distil run lm_pretrain` exports by default
+
+
+def missing_folder_error(folder: Path | str, what: str) -> DistilError:
+    """The error for a model or tokenizer folder that does not exist, with the way to make it.
+
+    The shipped ``lm_kd``, ``distil cache`` and ``distil generate`` configs read the built-in
+    teacher, which only exists after ``distil run lm_pretrain``: a newcomer who skipped that step
+    is told so instead of "not found".
+    """
+    folder = Path(folder)
+    message = f"{what} {folder} does not exist"
+    if folder.resolve() == BUILTIN_TEACHER_FOLDER.resolve():
+        message += (
+            "; it is the built-in teacher: run `distil run lm_pretrain` first (it exports the "
+            f"model and tokenizer to {BUILTIN_TEACHER_FOLDER}), or set teacher.hf to a model folder of yours"
+        )
+    else:
+        message += " (only local folders are loaded; check the path)"
+    return DistilError(message)
+
+
 def load_causal_lm(
     folder: Path | str,
     *,
@@ -149,7 +182,7 @@ def load_causal_lm(
 
     folder = Path(folder)
     if not folder.is_dir():
-        raise DistilError(f"model folder {folder} does not exist (only local folders are loaded)")
+        raise missing_folder_error(folder, "model folder")
     if not (folder / "config.json").is_file():
         present = sorted(path.name for path in folder.iterdir())
         raise DistilError(
@@ -451,3 +484,149 @@ def save_model_folder(
         folder,
     )
     return folder
+
+
+# --------------------------------------------------------------------------------------------
+# Models from config sources (the causal-LM recipes, `distil cache`, `distil generate`)
+# --------------------------------------------------------------------------------------------
+
+
+def build_from_spec(
+    spec: LMSpec, tokenizer: PreTrainedTokenizerBase, *, seed: int
+) -> PreTrainedModel:
+    """A randomly initialised float32 model of ``spec`` with the tokenizer's special ids."""
+    from distil.data.lm import pad_token_id_for
+
+    shape = CausalLMSpec(
+        num_layers=spec.num_layers,
+        hidden_size=spec.hidden_size,
+        num_heads=spec.num_heads,
+        intermediate_size=spec.intermediate_size,
+        vocab_size=spec.vocab_size or len(tokenizer),
+        max_context=spec.max_context,
+        num_kv_heads=spec.num_kv_heads,
+        tie_word_embeddings=spec.tie_word_embeddings,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=pad_token_id_for(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    return build_causal_lm(shape, seed=seed)
+
+
+def torch_dtype(choice: TorchDtype, default: torch.dtype) -> torch.dtype:
+    """The dtype a config names; ``default`` (the checkpoint's) for ``auto``."""
+    return default if choice is TorchDtype.AUTO else getattr(torch, choice.value)
+
+
+def load_lm(
+    source: ModelSource,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    seed: int,
+    dtype: torch.dtype | None = None,
+) -> PreTrainedModel:
+    """A causal LM from a local folder (``hf``) or built from a shape (``spec``, seeded by the
+    source's own seed, else ``seed``).
+
+    Raises:
+        DistilError: For a kind a causal LM cannot be made from.
+    """
+    if isinstance(source, HFModel):
+        return load_causal_lm(source.hf, trust_remote_code=source.trust_remote_code, dtype=dtype)
+    if isinstance(source, SpecModel):
+        model = build_from_spec(
+            source.spec, tokenizer, seed=source.seed if source.seed is not None else seed
+        )
+        return model if dtype is None else model.to(dtype=dtype)  # type: ignore[call-arg]
+    raise DistilError(
+        f"a causal LM is made from {{hf: FOLDER}} or {{spec: ...}}, not {describe_model(source)}"
+    )
+
+
+def make_student(
+    source: ModelSource, teacher: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, seed: int
+) -> tuple[PreTrainedModel, str]:
+    """The student's initial float32 weights and a line saying where they came from.
+
+    Raises:
+        DistilError: If a student checkpoint carries a tokenizer that differs from the teacher's.
+    """
+    from distil.models.vocab import (
+        TOKENIZER_FILES,
+        check_distillation_vocab,
+        load_tokenizer_folder,
+        output_vocab_rows,
+    )
+
+    if isinstance(source, FromTeacher):
+        sub = source.from_teacher
+        model = init_student_from_teacher(
+            teacher, sub.layers, num_layers=sub.num_layers if sub.layers is None else None
+        )
+        return model.float(), f"teacher layers {sub.layers or sub.num_layers} (layer-dropped copy)"
+    if isinstance(source, HFModel):
+        model = load_causal_lm(
+            source.hf, trust_remote_code=source.trust_remote_code, dtype=torch.float32
+        )
+        if any((Path(source.hf) / f).is_file() for f in TOKENIZER_FILES):
+            check_distillation_vocab(
+                tokenizer,
+                load_tokenizer_folder(source.hf),
+                teacher_vocab_rows=output_vocab_rows(teacher),
+                student_vocab_rows=output_vocab_rows(model),
+            )
+        return model, f"checkpoint {source.hf}"
+    model = load_lm(source, tokenizer, seed=seed).float()
+    return model, describe_model(source)
+
+
+def check_model_fits(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, max_length: int, role: str
+) -> None:
+    """Refuse a model whose context is shorter than the data or whose output cannot score every token id."""
+    from distil.models.vocab import output_vocab_rows, tokenizer_vocab_size
+
+    check_fits_context(max_length, model, role=role)
+    rows, ids = output_vocab_rows(model), tokenizer_vocab_size(tokenizer)
+    if rows < ids:
+        raise DistilError(
+            f"the {role}'s output layer has {rows} rows but the tokenizer has {ids} ids; use the tokenizer it was trained with"
+        )
+
+
+class LMForward(nn.Module):
+    """Runs a causal LM to its final hidden states (``hidden=True``) or logits, so that DDP wraps
+    exactly the forward the loss uses; the output layer is then applied inside the chunked loss."""
+
+    def __init__(self, lm: PreTrainedModel, *, hidden: bool) -> None:
+        super().__init__()
+        self.lm, self.hidden = lm, hidden
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.hidden:
+            return final_hidden(self.lm, input_ids, attention_mask)  # (B, T, H)
+        logits: torch.Tensor = self.lm(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+        ).logits  # (B, T, V_model)
+        return logits
+
+
+def final_hidden(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """The decoder's final (normalised) hidden states ``(B, T, H)``, without the output layer."""
+    base = getattr(model, "base_model", model)
+    out = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    hidden: torch.Tensor = out.last_hidden_state  # (B, T, H)
+    return hidden
+
+
+def rebuild_lm(config: Any, state: dict[str, torch.Tensor]) -> PreTrainedModel:
+    """A plain (unsharded) float32 causal LM of ``config`` holding the full ``state`` (built with
+    the caller's RNG untouched: its throwaway initialisation draws from a forked generator)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.random.fork_rng(devices=[]):
+        model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(state, strict=True)
+    return model.float().eval()

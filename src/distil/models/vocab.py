@@ -76,7 +76,9 @@ def load_tokenizer_folder(
 
     folder = Path(folder)
     if not folder.is_dir():
-        raise DistilError(f"tokenizer folder {folder} does not exist")
+        from distil.models.lm import missing_folder_error
+
+        raise missing_folder_error(folder, "tokenizer folder")
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         present = sorted(path.name for path in folder.iterdir())
         raise DistilError(
@@ -189,6 +191,40 @@ def check_same_tokenizer(
         )
 
 
+def check_teacher_tokenizer(
+    teacher_folder: Path | str | None,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    tokenizer_folder: Path | str,
+    trust_remote_code: bool = False,
+) -> None:
+    """Refuse a tokenizer given next to a teacher folder that ships a different one.
+
+    The teacher's outputs are indexed by its own token ids, so data tokenised with another
+    tokenizer would be scored id by id against the wrong tokens. A teacher folder without
+    tokenizer files (or no folder: a teacher built in code) is not checked.
+
+    Raises:
+        DistilError: Naming both folders, the differences and the fix.
+    """
+    if teacher_folder is None:
+        return
+    folder = Path(teacher_folder)
+    if Path(tokenizer_folder).resolve() == folder.resolve():
+        return
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        return
+    teacher_tokenizer = load_tokenizer_folder(folder, trust_remote_code=trust_remote_code)
+    try:
+        check_same_tokenizer(teacher_tokenizer, tokenizer)
+    except DistilError as exc:
+        raise DistilError(
+            f"the tokenizer {tokenizer_folder} is not the teacher's ({folder}): {exc} "
+            "Here: leave `tokenizer` unset (the teacher folder's tokenizer is used), or point it "
+            "at the teacher's own tokenizer."
+        ) from exc
+
+
 def check_vocab_alignment(
     tokenizer: PreTrainedTokenizerBase, *, teacher_vocab_rows: int, student_vocab_rows: int
 ) -> VocabAlignment:
@@ -257,6 +293,38 @@ def align_logits_to_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor
             "would invent probabilities, so the model's output layer must cover the tokenizer"
         )
     return logits[..., :vocab_size]  # [..., V]
+
+
+def mask_unknown_ids(scores: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Scores with every id past the tokenizer's vocabulary (padded output rows) at ``-inf``.
+
+    The one masking step of every sampler (report generations, generation-speed measurement,
+    ``distil generate``, the on-policy student): a padded row has no token, decodes to nothing
+    and was never trained, so drawing it is always wrong.
+
+    Args:
+        scores: ``(..., V_model)`` next-token scores; not changed in place.
+        vocab_size: Ids the tokenizer can produce (``tokenizer_vocab_size``).
+
+    Returns:
+        ``scores`` itself when ``V_model <= vocab_size``, else a copy of shape ``(..., V_model)``
+        with ``[..., vocab_size:]`` at ``-inf``.
+    """
+    if scores.shape[-1] <= vocab_size:
+        return scores
+    masked = scores.clone()
+    masked[..., vocab_size:] = float("-inf")
+    return masked
+
+
+class KnownIdsOnly:
+    """A transformers logits processor that applies :func:`mask_unknown_ids` at every step."""
+
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return mask_unknown_ids(scores, self.vocab_size)
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:

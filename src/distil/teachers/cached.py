@@ -5,14 +5,16 @@ else by a hash of each row's unpadded token ids; either way a shuffled or resume
 targets of the examples it actually holds, and a row whose tokens differ from the cached
 example is a hard error.
 
-Two views of the same cached values:
+Three views of the same cached values:
 
 - :meth:`CachedTeacher.targets` gives top-k log-probs, ids and tail mass aligned with the
   batch, for :func:`distil.losses.sparse.topk_divergence` (exact bucket loss, no ``(B, T, V)``).
 - :meth:`CachedTeacher.sampled_targets` gives the ids of a sampled cache (``cache.targets:
   sampled``) with teacher and proposal log-probs, for
   :func:`distil.losses.sparse.sampled_divergence` (unbiased estimate of the full divergence).
-- Calling the teacher (top-k caches) gives ``TeacherOutput(logits=...)`` for the dense losses: the log-probs
+- Calling the teacher gives, with ``signal=sparse`` (the default), the targets of one of those two
+  views in ``TeacherOutput.sparse`` (and where they are in ``sparse_mask``); with
+  ``signal=logits`` (top-k caches), ``TeacherOutput(logits=...)`` for the dense losses: the log-probs
   scaled by the cache's ``kd_temperature`` (so ``log_softmax(logits / T)`` gives them back) with
   the tail mass spread evenly over the tokens outside the top-k. With ``k = V`` this is the
   teacher's distribution to fp16/bf16 rounding; with ``k < V`` it is an approximation that
@@ -36,6 +38,7 @@ from distil.cache.manifest import (
     check_matches,
     dataset_fingerprint,
     example_hash,
+    read_manifest,
     teacher_fingerprint,
 )
 from distil.cache.reader import CacheReader
@@ -43,7 +46,7 @@ from distil.cache.shards import DEFAULT_MAX_LOADED_BYTES
 from distil.errors import DistilError
 from distil.losses.sparse import SampledTargets, TopKTargets
 from distil.models.vocab import tokenizer_fingerprint
-from distil.teachers.base import TeacherOutput, TeacherSignal
+from distil.teachers.base import Batch, TeacherOutput, TeacherSignal
 
 if TYPE_CHECKING:
     import datasets
@@ -92,33 +95,51 @@ class CachedTeacher:
             ``kd_temperature``, ``vocab_size``, ``teacher_fingerprint``); any difference is a
             :class:`~distil.cache.manifest.CacheMismatchError` naming the field.
         output_device: Where the outputs go.
-        verify: Check each shard's sha256 when first read.
+        verify: Check every shard's size and sha256 when the cache is opened.
         max_loaded_shards: Decoded shards held in memory at once (None: only the byte budget).
         max_loaded_bytes: Budget of decoded shard bytes held in memory (1 GiB: a cache for
             ~30M tokens at k = 8 stays decoded; larger ones stream, least recently used first).
+        data_settings: The run's data settings (``cfg.data.model_dump()``), so that a dataset
+            that differs from the cache's names the settings to match.
     """
-
-    signal = TeacherSignal.LOGITS
 
     def __init__(
         self,
         path: str | Path,
         *,
+        signal: TeacherSignal = TeacherSignal.SPARSE,
         expect: Mapping[str, Any] | None = None,
         output_device: torch.device | str = "cpu",
         verify: bool = True,
         max_loaded_shards: int | None = None,
         max_loaded_bytes: int = DEFAULT_MAX_LOADED_BYTES,
+        data_settings: Mapping[str, Any] | None = None,
     ) -> None:
+        # the cheap fingerprint check first, then the checksums of every shard
+        check_matches(
+            read_manifest(Path(path)),
+            expect or {},
+            source=f"the teacher cache {path}",
+            data_settings=data_settings,
+        )
         self.reader = CacheReader(
             path,
             verify=verify,
             max_loaded_shards=max_loaded_shards,
             max_loaded_bytes=max_loaded_bytes,
         )
-        check_matches(self.reader.manifest, expect or {}, source=f"the teacher cache {path}")
         self.path = Path(path)
         self.output_device = torch.device(output_device)
+        if signal is TeacherSignal.HIDDEN:
+            raise DistilError(
+                "a teacher cache holds log-probs, not hidden states; use the live teacher"
+            )
+        if signal is TeacherSignal.LOGITS and self.reader.sampled:
+            raise DistilError(
+                f"{self.path} holds sampled ids, from which no dense distribution can be rebuilt; "
+                "train with the sparse losses (kd.chunked=false) or write a top-k cache"
+            )
+        self.signal = signal
 
     @property
     def k(self) -> int:
@@ -248,10 +269,18 @@ class CachedTeacher:
         samples = SampledTargets(ids.to(dev), teacher_lp.to(dev), proposal_lp.to(dev))
         return CachedSamples(samples, mask.to(dev))
 
-    def __call__(
-        self, input_ids: Tensor, attention_mask: Tensor, example_ids: Tensor | None = None
-    ) -> TeacherOutput:
-        """Dense ``(B, T, V)`` logits rebuilt from the cache; see the module docstring."""
+    def __call__(self, batch: Batch) -> TeacherOutput:
+        """The cached targets of ``batch`` (``input_ids``, ``attention_mask``, and
+        ``example_id`` when known): sparse, or dense logits rebuilt from them (see the module
+        docstring)."""
+        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+        example_ids = batch.get("example_id")
+        if self.signal is TeacherSignal.SPARSE:
+            if self.reader.sampled:
+                got = self.sampled_targets(input_ids, attention_mask, example_ids)
+                return TeacherOutput(sparse=got.samples, sparse_mask=got.mask)
+            head = self.targets(input_ids, attention_mask, example_ids)
+            return TeacherOutput(sparse=head.topk, sparse_mask=head.mask)
         cached = self.targets(input_ids, attention_mask, example_ids)
         top = cached.topk
         vocab, k, temp = self.vocab_size, self.k, self.kd_temperature
@@ -292,6 +321,8 @@ def open_lm_cache(
     vocab_size: int,
     teacher_model: nn.Module | None = None,
     output_device: torch.device | str = "cpu",
+    signal: TeacherSignal = TeacherSignal.SPARSE,
+    data_settings: Mapping[str, Any] | None = None,
 ) -> CachedTeacher:
     """Open a causal-LM cache for a training run, refusing it unless it was made for this run.
 
@@ -305,6 +336,9 @@ def open_lm_cache(
         teacher_model: The teacher as the run would use it (after its dtype cast), to check the
             weights too; None skips that check (a cache of a teacher you no longer have).
         output_device: The student's device.
+        signal: ``sparse`` targets, or dense ``logits`` rebuilt from them (chunked losses).
+        data_settings: The run's data settings (``cfg.data.model_dump()``): a dataset that
+            differs from the cache's then names the settings that differ.
 
     Raises:
         CacheMismatchError: Naming each field that differs.
@@ -318,6 +352,12 @@ def open_lm_cache(
     }
     if teacher_model is not None:
         expect["teacher_fingerprint"] = teacher_fingerprint(teacher_model)
-    teacher = CachedTeacher(path, expect=expect, output_device=output_device)
+    teacher = CachedTeacher(
+        path,
+        expect=expect,
+        output_device=output_device,
+        signal=signal,
+        data_settings=data_settings,
+    )
     logger.info("teacher: %s", teacher.describe())
     return teacher

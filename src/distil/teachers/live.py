@@ -9,7 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from distil.errors import DistilError
-from distil.teachers.base import TeacherOutput, TeacherSignal
+from distil.models.lm import final_hidden
+from distil.teachers.base import Batch, TeacherOutput, TeacherSignal
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -28,17 +29,9 @@ def head_of(model: nn.Module) -> tuple[Tensor, Tensor | None]:
     if not isinstance(head, nn.Linear):
         raise DistilError(
             f"{type(model).__name__} has no plain linear output layer (got {type(head).__name__}); "
-            "set kd.signal: logits"
+            "set kd.chunked=false"
         )
     return head.weight, head.bias
-
-
-def final_hidden(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """The decoder's final (normalised) hidden states ``(B, T, H)``, without the output layer."""
-    base = getattr(model, "base_model", model)
-    out = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    hidden: Tensor = out.last_hidden_state  # (B, T, H)
-    return hidden
 
 
 def hidden_path_matches(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> bool:
@@ -104,10 +97,10 @@ class LiveLMTeacher:
             self._weight = weight[:vocab_size].detach().to(self.output_device)  # (V, H)
             self._bias = None if bias is None else bias[:vocab_size].detach().to(self.output_device)
 
-    def __call__(self, input_ids: Tensor, attention_mask: Tensor) -> TeacherOutput:
-        """Run the teacher on a batch; see ``Teacher.__call__``."""
-        ids = input_ids.to(self.device)
-        mask = attention_mask.to(self.device)
+    def __call__(self, batch: Batch) -> TeacherOutput:
+        """Run the teacher on ``batch["input_ids"]`` and ``batch["attention_mask"]``."""
+        ids = batch["input_ids"].to(self.device)
+        mask = batch["attention_mask"].to(self.device)
         with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
             if self.signal is TeacherSignal.HIDDEN:
                 hidden = final_hidden(self.model, ids, mask).to(self.output_device)  # (B, T, H)
@@ -115,13 +108,13 @@ class LiveLMTeacher:
             logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
             return TeacherOutput(logits=logits[..., : self.vocab_size].to(self.output_device))
 
-    def check_deterministic(self, input_ids: Tensor, attention_mask: Tensor) -> None:
+    def check_deterministic(self, batch: Batch) -> None:
         """Refuse a teacher whose two answers to the same batch differ (dropout left on, F9).
 
         Raises:
             DistilError: If the two outputs are not identical.
         """
-        first, second = self(input_ids, attention_mask), self(input_ids, attention_mask)
+        first, second = self(batch), self(batch)
         a = first.logits if first.logits is not None else first.hidden
         b = second.logits if second.logits is not None else second.hidden
         if a is None or b is None or not torch.equal(a, b):

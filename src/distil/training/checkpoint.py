@@ -1,8 +1,11 @@
 """Checkpoints: safetensors weights, optimiser, scheduler, RNG states and data position.
 
-A checkpoint is written into a temporary folder, every file fsynced, a ``COMPLETE`` marker
-written last, and only then renamed to ``step-N``: a process killed during a save leaves a
-``.tmp-*`` folder that is ignored (and cleaned) instead of a ``step-N`` that loads wrong.
+A checkpoint is written into a temporary folder, every file fsynced, the size and sha256 of
+every file recorded in ``checksums.json``, a ``COMPLETE`` marker written last, and only then
+renamed to ``step-N``: a process killed during a save leaves a ``.tmp-*`` folder that is ignored
+(and cleaned) instead of a ``step-N`` that loads wrong. A checkpoint damaged afterwards (a
+truncated copy, a full disk, bit rot) fails its checksums: resuming skips it for the newest
+intact one and says so.
 """
 
 from __future__ import annotations
@@ -22,10 +25,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from distil.errors import DistilError
+from distil.storage import fsync_dir, fsync_file, sha256_file
 
 logger = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
+CHECKSUMS = "checksums.json"
 _STEP_RE = re.compile(r"^step-(\d+)$")
 
 
@@ -39,17 +44,37 @@ class TrainState:
     extra: dict[str, Any]
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
+def _digest(path: Path) -> dict[str, Any]:
+    """Size and sha256 of a file, read back from disk (what a resume will read)."""
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def checkpoint_problems(path: Path) -> list[str]:
+    """What is wrong with the checkpoint folder ``path``; empty when it is intact.
+
+    Every file recorded in ``checksums.json`` must be there with its size and sha256. A
+    checkpoint written before distil recorded checksums has only its marker checked.
+    """
+    if not (path / MARKER).is_file():
+        return [f"no {MARKER} marker (the save did not finish)"]
+    sums = path / CHECKSUMS
+    if not sums.is_file():
+        return []
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        recorded = json.loads(sums.read_text())["files"]
+        expected = {str(name): (int(v["bytes"]), str(v["sha256"])) for name, v in recorded.items()}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return [f"{CHECKSUMS} is unreadable"]
+    problems = []
+    for name, (size, sha) in sorted(expected.items()):
+        f = path / name
+        if not f.is_file():
+            problems.append(f"{name} is missing")
+        elif f.stat().st_size != size:
+            problems.append(f"{name} has {f.stat().st_size} bytes where {size} were written")
+        elif _digest(f)["sha256"] != sha:
+            problems.append(f"{name} does not match its sha256")
+    return problems
 
 
 def save_rng_state(folder: Path) -> None:
@@ -110,10 +135,13 @@ def save_checkpoint(
         )
     )
     for f in tmp.iterdir():
-        _fsync_file(f)
+        fsync_file(f)
+    files = {f.name: _digest(f) for f in sorted(tmp.iterdir())}
+    (tmp / CHECKSUMS).write_text(json.dumps({"files": files}, indent=1))
+    fsync_file(tmp / CHECKSUMS)
     (tmp / MARKER).write_text("ok\n")
-    _fsync_file(tmp / MARKER)
-    _fsync_dir(tmp)
+    fsync_file(tmp / MARKER)
+    fsync_dir(tmp)
     if final.exists():  # a rerun of the same step: replace atomically via a second rename
         trash = folder / f".old-step-{state.step}-{os.getpid()}"
         final.rename(trash)
@@ -121,7 +149,7 @@ def save_checkpoint(
         shutil.rmtree(trash, ignore_errors=True)
     else:
         tmp.rename(final)
-    _fsync_dir(folder)
+    fsync_dir(folder)
     for old in list_checkpoints(folder)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -142,16 +170,45 @@ def list_checkpoints(folder: Path) -> list[Path]:
 
 
 def latest_checkpoint(folder: Path) -> Path | None:
-    ckpts = list_checkpoints(folder)
-    return ckpts[-1] if ckpts else None
+    """The newest intact checkpoint under ``folder``, or ``None`` if none was saved.
+
+    Newer checkpoints that fail their checksums are skipped with a warning naming them, what is
+    wrong, and the step training resumes from instead.
+
+    Raises:
+        DistilError: If checkpoints exist but every one is damaged (starting the phase over
+            silently would throw the run's progress away).
+    """
+    damaged: list[str] = []
+    for ckpt in reversed(list_checkpoints(folder)):
+        problems = checkpoint_problems(ckpt)
+        if not problems:
+            if damaged:
+                logger.warning(
+                    "resuming from %s instead of the newer damaged checkpoint(s): %s",
+                    ckpt.name,
+                    "; ".join(damaged),
+                )
+            return ckpt
+        damaged.append(f"{ckpt.name} ({', '.join(problems)})")
+    if damaged:
+        raise DistilError(
+            f"every checkpoint under {folder} is damaged: {'; '.join(damaged)}. Restore them, or "
+            f"delete {folder} to train this phase again from step 0"
+        )
+    return None
 
 
 def load_checkpoint(
     path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
 ) -> TrainState:
     """Restore model, optimiser, scheduler and RNG from ``path``; return the train state."""
-    if not (path / MARKER).is_file():
-        raise DistilError(f"{path} is not a complete checkpoint (no {MARKER} marker)")
+    problems = checkpoint_problems(path)
+    if problems:
+        raise DistilError(
+            f"{path} is damaged: {', '.join(problems)}; resume from an earlier checkpoint "
+            "(latest_checkpoint picks the newest intact one)"
+        )
     model.load_state_dict(load_file(str(path / "model.safetensors")))
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     if scheduler is not None:

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from distil.data.lm import IGNORE_INDEX
+from distil.models.vocab import KnownIdsOnly
 
 
 @dataclass(frozen=True)
@@ -62,20 +63,6 @@ def prompt_of(input_ids: Sequence[int], labels: Sequence[int], prompt_tokens: in
     first = next((i for i, lab in enumerate(labels) if lab != IGNORE_INDEX), len(labels))
     cut = first if first > 0 else min(prompt_tokens, len(input_ids))
     return [int(t) for t in input_ids[: max(cut, 1)]]
-
-
-class _OnlyKnownIds:
-    """Logits processor: ids beyond the tokenizer's vocabulary (padded embedding rows) are never
-    sampled, so every sampled id is a real token the teacher also scores."""
-
-    def __init__(self, vocab_size: int) -> None:
-        self.vocab_size = vocab_size
-
-    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-        if scores.shape[-1] > self.vocab_size:
-            scores = scores.clone()
-            scores[:, self.vocab_size :] = float("-inf")
-        return scores
 
 
 @torch.no_grad()
@@ -126,7 +113,7 @@ def sample_completions(
             ids.to(device),
             attention_mask=att.to(device),
             generation_config=config,
-            logits_processor=LogitsProcessorList([_OnlyKnownIds(vocab_size)]),
+            logits_processor=LogitsProcessorList([KnownIdsOnly(vocab_size)]),
         )  # (B, P + new)
     finally:
         model.train(was_training)

@@ -90,7 +90,47 @@ def latest_run_dir(output_dir: str, name: str) -> Path:
         raise DistilError(
             f"--resume: no earlier run named {name!r} under {root}; start one without --resume"
         )
-    return candidates[-1]
+    # a start that failed before its first checkpoint left a folder with nothing to resume:
+    # the newest run that made progress is the one to continue
+    progressed = [p for p in candidates if made_progress(p)]
+    return (progressed or candidates)[-1]
+
+
+def made_progress(run_dir: Path) -> bool:
+    """Whether a run folder holds a checkpoint or a finished phase of some phase."""
+    return any(run_dir.glob("*/checkpoints/step-*")) or any(run_dir.glob("*/final/COMPLETE"))
+
+
+def choose_run_dir(run_dir: Path | None, *, resume: bool, output_dir: str, name: str) -> Path:
+    """The run folder of ``distil run``: ``--run-dir`` as given, else the newest run of ``name``
+    (``--resume``) or a fresh one.
+
+    Raises:
+        DistilError: If ``--run-dir`` is a file; if ``--resume --run-dir`` names a folder that
+            does not exist or is not a run (resuming must never start a fresh run silently); if
+            a fresh run would land in a folder that already holds one.
+    """
+    if run_dir is None:
+        return latest_run_dir(output_dir, name) if resume else new_run_dir(output_dir, name)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise DistilError(f"--run-dir {run_dir} is a file, not a folder; give a folder path")
+    if resume:
+        if not run_dir.is_dir():
+            raise DistilError(
+                f"--resume --run-dir {run_dir}: the folder does not exist, so there is nothing to "
+                "resume; check the path, or drop --resume to start a new run there"
+            )
+        if not (run_dir / "config.resolved.yaml").is_file():
+            raise DistilError(
+                f"--resume --run-dir {run_dir}: not a distil run folder (no config.resolved.yaml); "
+                "check the path, or drop --resume and pick a new --run-dir"
+            )
+        return run_dir
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        raise DistilError(
+            f"{run_dir} already holds a run; add --resume to continue it, or pick a new --run-dir"
+        )
+    return run_dir
 
 
 def write_resolved_config(run_dir: Path, config: dict[str, Any]) -> None:

@@ -6,15 +6,18 @@ own Accelerator, so device placement and multi-process execution are configured 
 
 from __future__ import annotations
 
-import json
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
+from distil.errors import DistilError
+from distil.storage import atomic_write_json
 from distil.training.run_dir import environment, write_env
 
 logger = logging.getLogger(__name__)
@@ -31,15 +34,53 @@ class Session:
         """Log the effective mode of the run: printed at start and kept in ``mode.txt``."""
         logger.info("%s", text)
         if self.accelerator.is_main_process:
-            self.console.print(f"[bold green]distil[/bold green] {text}")
+            self.console.print(f"[bold green]distil[/bold green] {escape(text)}")
             with open(self.run_dir / "mode.txt", "a", encoding="utf-8") as f:
                 f.write(text + "\n")
 
     def write_json(self, path: Path, payload: Any) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(payload))
-        tmp.replace(path)
+        """Write ``payload`` as JSON, atomically (a kill leaves the old file or the new one)."""
+        atomic_write_json(path, payload)
+
+
+def use_cpu(device: str) -> bool:
+    """Whether Accelerate must be told ``cpu=True``: asked for, or ``auto`` with no accelerator.
+
+    Under torchrun, ``Accelerator(cpu=False)`` on a machine without an accelerator does not join
+    the process group (Accelerate only picks gloo when told ``cpu=True``), so every process
+    would run the whole job alone.
+    """
+    import torch
+
+    if device == "cpu":
+        return True
+    if device != "auto":
+        return False
+    accel = getattr(torch, "accelerator", None)
+    if accel is not None:
+        return not bool(accel.is_available())
+    return not torch.cuda.is_available()
+
+
+def launched_world_size() -> int:
+    """The number of processes a launcher (torchrun, accelerate launch, MPI) started; 1 if none."""
+    for name in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
+        value = os.environ.get(name, "").strip()
+        if value.isdigit():
+            return int(value)
+    return 1
+
+
+def check_process_group(num_processes: int) -> None:
+    """Refuse a launch of several processes that became independent 1-process runs."""
+    launched = launched_world_size()
+    if launched > 1 and num_processes != launched:
+        raise DistilError(
+            f"the launcher started {launched} processes but each one runs alone "
+            f"({num_processes} process(es) in the group): the run would be done {launched} "
+            "times over. Use train.device=cpu on a machine without an accelerator, or check "
+            "that the launcher's devices match train.device"
+        )
 
 
 def open_session(
@@ -62,7 +103,8 @@ def open_session(
         import torch
 
         torch.set_num_threads(cpu_threads)
-    accelerator = Accelerator(cpu=device == "cpu", mixed_precision=mixed_precision)
+    accelerator = Accelerator(cpu=use_cpu(device), mixed_precision=mixed_precision)
+    check_process_group(accelerator.num_processes)
     chosen = [str(choose_run_dir()) if accelerator.is_main_process else ""]
     if accelerator.num_processes > 1:
         chosen = broadcast_object_list(chosen, from_process=0)

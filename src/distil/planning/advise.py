@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+
 from distil.errors import DistilError
 
 logger = logging.getLogger(__name__)
@@ -627,10 +629,62 @@ def _placement_advice(plan: Mapping[str, Any], budget: Budget) -> str:
 # Teacher loading and the whole advice
 
 
+_SPEC_TO_INLINE = {
+    "num_layers": "layers",
+    "hidden_size": "hidden",
+    "num_heads": "heads",
+    "num_kv_heads": "kv_heads",
+    "intermediate_size": "ffn",
+    "vocab_size": "vocab",
+    "max_context": "context",
+    "tie_word_embeddings": "tie",
+}
+
+
+def teacher_spec_from_config(data: Mapping[str, Any], source: str = "config") -> str:
+    """The teacher a recipe config names, as a spec :func:`load_teacher_shape` reads.
+
+    A Hugging Face folder (``teacher.model.hf``), the folder a pip package ships
+    (``teacher.model.package``), or a shape built in code (``teacher.model.spec``, given back as
+    an inline shape).
+
+    Raises:
+        DistilError: If the config names no transformer teacher, or its folder does not exist.
+    """
+    from distil.models.lm import missing_folder_error
+
+    teacher = data.get("teacher")
+    if not isinstance(teacher, Mapping):
+        raise DistilError(f"{source}: has no teacher section; give the teacher folder instead")
+    model = teacher.get("model") if isinstance(teacher.get("model"), Mapping) else teacher
+    assert isinstance(model, Mapping)
+    folder = model.get("hf")
+    if model.get("package") and not folder:
+        from distil.models.encoder import package_model_folder
+
+        folder = str(package_model_folder(str(model["package"])))
+    if folder:
+        if not Path(str(folder)).is_dir():
+            raise missing_folder_error(str(folder), "teacher folder")
+        return str(folder)
+    spec = model.get("spec")
+    if isinstance(spec, Mapping):
+        return ",".join(
+            f"{_SPEC_TO_INLINE[k]}={v}"
+            for k, v in spec.items()
+            if k in _SPEC_TO_INLINE and v is not None
+        )
+    raise DistilError(
+        f"{source}: advise reads transformer teachers (teacher.model {{hf: FOLDER}}, "
+        "{package: NAME} or {spec: ...}) and zoo classifiers; this teacher is neither: give its "
+        "folder or an inline shape (layers=12,hidden=768,heads=12,...)"
+    )
+
+
 def load_teacher_shape(spec: str) -> tuple[TransformerShape, int | None, str]:
-    """Read a teacher from a Hugging Face folder, an inline shape, or a YAML config naming an
-    ``hf`` folder. Returns the shape, the exact parameter count when weights are present, and a
-    description of where it came from.
+    """Read a teacher from a Hugging Face folder, an inline shape (optionally prefixed
+    ``shape:``), or a YAML config naming one. Returns the shape, the exact parameter count when
+    weights are present, and a description of where it came from.
 
     Raises:
         DistilError: If the spec is none of those.
@@ -646,21 +700,14 @@ def load_teacher_shape(spec: str) -> tuple[TransformerShape, int | None, str]:
             f"folder {path}",
         )
     if path.suffix in (".yaml", ".yml") and path.is_file():
-        import yaml
+        from distil.config.loading import load_yaml
 
-        data = yaml.safe_load(path.read_text()) or {}
-        model = ((data.get("teacher") or {}).get("model")) or {}
-        if isinstance(model, Mapping) and model.get("hf"):
-            shape, n, _ = load_teacher_shape(str(model["hf"]))
-            return shape, n, f"{path} → {model['hf']}"
-        if isinstance(model, Mapping) and isinstance(model.get("spec"), Mapping):
-            inline = ",".join(f"{k}={v}" for k, v in model["spec"].items())
-            return shape_from_inline(inline), None, f"{path} (teacher.model.spec)"
-        raise DistilError(
-            f"{path}: teacher.model names no Hugging Face folder (hf: PATH); for a zoo classifier use advise_classifier"
-        )
-    if "=" in spec:
-        return shape_from_inline(spec), None, "inline shape"
+        found = teacher_spec_from_config(load_yaml(path), str(path))
+        shape, n, _ = load_teacher_shape(found)
+        return shape, n, f"{path} → {found}"
+    inline = spec.removeprefix("shape:").strip()
+    if "=" in inline:
+        return shape_from_inline(inline), None, "inline shape"
     raise DistilError(
         f"{spec!r} is neither a model folder, a YAML config nor an inline shape like layers=12,hidden=768,heads=12"
     )
@@ -751,20 +798,21 @@ def advise_classifier(
     """
     import torch
 
+    from distil.config.sources import ZooModel
+    from distil.data.classification import load_data
     from distil.evaluation.cost import cpu_latency_ms, cpu_threads, peak_forward_memory_bytes
     from distil.models.classifier import build_classifier, count_parameters, logits_of
-    from distil.recipes.classifier_kd import load_data
 
-    data = load_data(cfg)
+    data = load_data(cfg.data)
     spec = cfg.teacher.model
-    if spec.zoo is None:
+    if not isinstance(spec, ZooModel):
         raise DistilError(
             "advise builds classifier candidates for zoo teachers only; give an hf folder for a transformer"
         )
 
     def measure(zoo: str, kwargs: dict[str, Any]) -> dict[str, Any]:
         torch.manual_seed(0)
-        built = build_classifier(zoo=zoo, hf=None, factory=None, kwargs=kwargs, data=data)
+        built = build_classifier(ZooModel(zoo=zoo, kwargs=kwargs), data)
         module = built.module.eval()
         inputs = built.encoder(data.test)
         one = {k: v[:1] for k, v in inputs.items()}
@@ -921,8 +969,8 @@ def print_advice(advice: Mapping[str, Any], console: Any) -> None:
         table.add_row(*((fmt_bytes if "memory" in c else fmt)(cand.get(c)) for c in cols))
     console.print(table)
     if advice["kind"] != "transformer":
-        console.print(f"  {advice['cache']['note']}")
-        console.print(f"  [dim]{gap.get('note', '')}[/dim]")
+        console.print(f"  {escape(str(advice['cache']['note']))}")
+        console.print(f"  [dim]{escape(str(gap.get('note', '')))}[/dim]")
         return
     console.print(
         "  [dim]* estimates: b1 = weights read per decoded token, throughput = forward FLOPs at "
@@ -930,7 +978,9 @@ def print_advice(advice: Mapping[str, Any], console: Any) -> None:
         "check speed with --measure[/dim]"
     )
     for cand in advice["candidates"]:
-        console.print(f"  [bold]{cand['candidate']}[/bold]: {cand['why']}")
+        console.print(
+            f"  [bold]{escape(str(cand['candidate']))}[/bold]: {escape(str(cand['why']))}"
+        )
     budget = advice["budget"]
     title = f"teacher placement (batch {budget['batch_size']} × {budget['seq_len']} tokens"
     title += f", memory {fmt_bytes(budget['memory_bytes'])}" if budget["memory_bytes"] else ""
@@ -968,5 +1018,5 @@ def print_advice(advice: Mapping[str, Any], console: Any) -> None:
         else c["memory"]["advice"]
         for c in advice["candidates"]
     ):
-        console.print(f"  [bold]placement[/bold] {text}")
-    console.print(f"  [dim]{gap.get('note', '')}[/dim]")
+        console.print(f"  [bold]placement[/bold] {escape(text)}")
+    console.print(f"  [dim]{escape(str(gap.get('note', '')))}[/dim]")
