@@ -161,7 +161,11 @@ def generate_config(
             "extra_body": {"return_tokens_as_token_ids": True},
         },
         "tokenizer": str(teacher),
-        "prompts": {"builtin": "stdlib", "prompt_tokens": PROMPT_TOKENS, "limit": PROMPTS},
+        "prompts": {
+            "source": {"builtin": "stdlib"},
+            "prompt_tokens": PROMPT_TOKENS,
+            "limit": PROMPTS,
+        },
         "generation": {"max_new_tokens": NEW_TOKENS, **generation},
         "limits": {"concurrency": CONCURRENCY, "timeout_s": TIMEOUT_S},
         "retry": {"max_attempts": 20, "backoff_initial_s": 0.25, "backoff_max_s": 4.0},
@@ -365,10 +369,8 @@ def lm_kd(
     args = [
         "run",
         "lm_kd",
-        f"teacher.hf={teacher}",
-        "data.builtin=null",
-        f"data.train_files=[{','.join(train)}]",
-        f"data.eval_files=[{eval_file}]",
+        f"teacher.model={{hf: {teacher}}}",
+        f"data.source={{train: [{', '.join(train)}], eval: [{eval_file}]}}",
         "data.format=prompt_completion",
         "data.max_length=128",
         "data.overlength=truncate",
@@ -412,8 +414,12 @@ def seqkd(args: argparse.Namespace) -> None:
     if not (local / "manifest.json").is_file():
         cfg = {
             "command": "generate",
-            "teacher": str(args.teacher),
-            "prompts": {"builtin": "stdlib", "prompt_tokens": PROMPT_TOKENS, "limit": PROMPTS},
+            "teacher": {"model": {"hf": str(args.teacher)}},
+            "prompts": {
+                "source": {"builtin": "stdlib"},
+                "prompt_tokens": PROMPT_TOKENS,
+                "limit": PROMPTS,
+            },
             "generation": {"max_new_tokens": NEW_TOKENS, "batch_size": 16},
             "output": str(local),
         }
@@ -490,7 +496,7 @@ def tokenkd(args: argparse.Namespace) -> None:
         )
     train = [str(converted / "train.jsonl")]
     for name, extra in (
-        ("tokenkd-api-cache", [f"teacher.cache={converted / 'cache'}", "kd.kd_temperature=1"]),
+        ("tokenkd-api-cache", [f"teacher.cache.path={converted / 'cache'}", "kd.kd_temperature=1"]),
         ("tokenkd-live", ["kd.kd_temperature=1"]),
         ("seqkd-same-text", ["kd.kd_weight=0"]),
     ):
@@ -532,9 +538,7 @@ def relabel(args: argparse.Namespace) -> None:
             [
                 "run",
                 "classifier_kd",
-                "data.dataset=null",
-                f"data.train_file={work / 'gold.csv'}",
-                f"data.test_file={work / 'test.csv'}",
+                f"data.source={{train: [{work / 'gold.csv'}], eval: [{work / 'test.csv'}]}}",
                 "data.text_column=text",
                 "data.label_column=label",
                 "teacher.model.zoo=null",
@@ -607,9 +611,7 @@ def relabel(args: argparse.Namespace) -> None:
             [
                 "run",
                 "classifier_kd",
-                "data.dataset=null",
-                f"data.train_file={train_file}",
-                f"data.test_file={work / 'test.csv'}",
+                f"data.source={{train: [{train_file}], eval: [{work / 'test.csv'}]}}",
                 "data.text_column=text",
                 "data.label_column=label",
                 "teacher.model.zoo=mlp",
@@ -667,7 +669,7 @@ def peers(args: argparse.Namespace) -> None:
     work = args.work / "peers"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    section = PromptsSection(builtin="stdlib", prompt_tokens=PROMPT_TOKENS, limit=PROMPTS)
+    section = PromptsSection(prompt_tokens=PROMPT_TOKENS, limit=PROMPTS)  # {builtin: stdlib}
     prompts = load_prompts(section, load_tokenizer_folder(args.teacher))
     prompt_file = work / "prompts.jsonl"
     prompt_file.write_text("".join(json.dumps({"prompt": p.text}) + "\n" for p in prompts))

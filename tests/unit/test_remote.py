@@ -221,7 +221,7 @@ def test_config_refuses_keys_in_the_config_and_unpriced_budgets() -> None:
         EndpointGenerateConfig.model_validate(
             {
                 "teacher": {"base_url": "http://x/v1", "model": "m"},
-                "prompts": {"file": "p.jsonl"},
+                "prompts": {"source": {"train": ["p.jsonl"]}},
                 "budget": {"max_cost": 1.0},
             }
         )
@@ -441,13 +441,42 @@ def test_prompts_from_a_hugging_face_dataset_keep_their_fields(tmp_path: Path) -
 
     rows = {"id": ["a", "b"], "question": ["2+2?", "3*3?"], "answer": [4, 9]}
     datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "ds"))
-    section = PromptsSection(dataset=str(tmp_path / "ds"), prompt_field="question")
+    section = PromptsSection.model_validate(
+        {"source": {"dataset": str(tmp_path / "ds"), "prompt_field": "question"}}
+    )
     prompts = load_prompts(section, None)
     assert [(p.id, p.text, dict(p.fields)) for p in prompts] == [
         ("a", "2+2?", {"answer": 4}),
         ("b", "3*3?", {"answer": 9}),
     ]
     with pytest.raises(DistilError, match="no column 'prompt'"):
-        load_prompts(PromptsSection(dataset=str(tmp_path / "ds")), None)
-    with pytest.raises(ValueError, match="exactly one of"):
-        PromptsSection(dataset="x", file="y.jsonl")
+        load_prompts(
+            PromptsSection.model_validate({"source": {"dataset": str(tmp_path / "ds")}}), None
+        )
+    with pytest.raises(ValueError, match="prompts.source is"):  # two kinds of source at once
+        PromptsSection.model_validate({"source": {"dataset": "x", "train": ["y.jsonl"]}})
+
+
+def test_generate_config_is_the_endpoints_when_the_teacher_names_a_server() -> None:
+    from distil.generation import GenerateConfig
+    from distil.remote.config import generate_config_model
+
+    local = {"command": "generate", "teacher": {"model": {"hf": "runs/lm-teacher"}}}
+    remote = {"command": "generate", "teacher": {"base_url": "http://x/v1", "model": "m"}}
+    assert generate_config_model(local) is GenerateConfig
+    assert generate_config_model(remote) is EndpointGenerateConfig
+    assert generate_config_model({"command": "generate"}) is GenerateConfig  # all defaults
+
+
+def test_a_prompt_set_is_one_file_without_held_out_files() -> None:
+    from distil.data.prompts import PromptsSection
+
+    with pytest.raises(ValueError, match="one JSONL file"):
+        PromptsSection.model_validate({"source": {"train": ["a.jsonl", "b.jsonl"]}})
+    with pytest.raises(ValueError, match="no held-out files"):
+        PromptsSection.model_validate({"source": {"train": ["a.jsonl"], "eval": ["b.jsonl"]}})
+    with pytest.raises(ValueError, match="unknown 'stdlb'"):
+        PromptsSection.model_validate({"source": {"builtin": "stdlb"}})
+    section = PromptsSection.model_validate({"source": {"dataset": "ds", "split": "test"}})
+    assert section.dataset is not None and section.dataset.split == "test"
+    assert section.file is None and section.builtin is None

@@ -2,7 +2,7 @@
 
 When the server returned the top-k log-probs of every generated token, the records of an
 endpoint ``distil generate`` folder hold, per position, the teacher's k most likely tokens and
-their log-probs. This module turns them into what ``lm_kd teacher.cache=…`` reads: the cache
+their log-probs. This module turns them into what ``lm_kd teacher.cache.path=…`` reads: the cache
 format of ``distil cache`` (kind ``lm_topk``: top-k log-probs, their ids and the log of the tail
 mass ``log(1 − Σ top-k)``, at ``kd_temperature`` 1, the temperature servers report), plus the
 prompt/completion files whose tokens the cache is aligned with. No peer does this: token-level
@@ -42,7 +42,6 @@ import torch
 from safetensors.torch import save as safetensors_save
 
 import distil
-from distil.cache.integrity import atomic_write_bytes, sha256_file
 from distil.cache.manifest import (
     FORMAT_NAME as CACHE_FORMAT,
 )
@@ -55,6 +54,7 @@ from distil.cache.manifest import (
     write_json_atomic,
 )
 from distil.errors import DistilError
+from distil.storage import atomic_write_bytes, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -186,7 +186,7 @@ def longest_retokenisable_prefix(tokenizer: Any, ids: list[int]) -> list[int]:
 
 
 def _generated_records(folder: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    from distil.generation import generated_shard_files
+    from distil.data.generated import generated_shard_files
 
     manifest_path = folder / "manifest.json"
     if not manifest_path.is_file():
@@ -201,7 +201,7 @@ def _generated_records(folder: Path) -> tuple[dict[str, Any], list[dict[str, Any
         raise DistilError(
             f"{folder} holds text only (signal {manifest.get('signal')!r}): the server returned no "
             "top_logprobs, or generation.top_logprobs was 0. Train on the text (sequence-level KD: "
-            f"distil run lm_kd data.train_files=[{folder}] data.format=prompt_completion), or "
+            f"distil run lm_kd 'data.source={{train: [{folder}]}}' data.format=prompt_completion), or "
             "generate again with generation.top_logprobs=k from a server that returns them"
         )
     records = [json.loads(line) for f in files for line in f.read_text().splitlines() if line]

@@ -184,9 +184,9 @@ class EndpointGenerateConfig(StrictModel):
     command: Literal["generate"] = "generate"
     teacher: EndpointSection
     tokenizer: str | None = Field(
-        default=None, description="tokenizer folder: cuts prompts.builtin windows"
+        default=None, description="tokenizer folder: cuts prompts.source.builtin windows"
     )
-    prompts: PromptsSection = PromptsSection(builtin="stdlib", limit=256)
+    prompts: PromptsSection = PromptsSection(limit=256)
     variants: list[PromptVariant] = Field(default_factory=lambda: [PromptVariant()])
     generation: EndpointGeneration = EndpointGeneration()
     limits: LimitsSection = LimitsSection()
@@ -210,8 +210,8 @@ class EndpointGenerateConfig(StrictModel):
             )
         if self.prompts.builtin is not None and self.tokenizer is None:
             raise ValueError(
-                "prompts.builtin cuts windows of prompts.prompt_tokens tokens: set tokenizer to the "
-                "teacher's tokenizer folder, or use prompts.file"
+                "prompts.source.builtin cuts windows of prompts.prompt_tokens tokens: set tokenizer "
+                "to the teacher's tokenizer folder, or give a JSONL file: prompts.source={train: [F]}"
             )
         check_budget(self.budget, self.teacher.model)
         return self
@@ -233,8 +233,10 @@ def check_budget(budget: BudgetSection, model: str) -> None:
 
 def generate_config_model(data: dict[str, Any]) -> type[StrictModel]:
     """The ``distil generate`` config model for a YAML mapping: the endpoint mode's when
-    ``teacher`` is a mapping (``{base_url, model, ...}``), the local one's when it is a folder."""
-    if isinstance(data.get("teacher"), dict):
+    ``teacher`` names a server (``{base_url, model: NAME, ...}``), the local one's otherwise
+    (``teacher: {model: {hf: FOLDER}}``)."""
+    teacher = data.get("teacher")
+    if isinstance(teacher, dict) and "base_url" in teacher:
         return EndpointGenerateConfig
     from distil.generation import GenerateConfig
 

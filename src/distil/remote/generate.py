@@ -2,7 +2,7 @@
 
 The output folder has the format ``distil generate`` writes for a local teacher (JSONL shards
 listed with their sha256 in ``manifest.json``, ``complete`` when every request is answered), so
-``lm_kd`` trains on it the same way: ``data.train_files=[FOLDER]`` with
+``lm_kd`` trains on it the same way: ``data.source={train: [FOLDER]}`` with
 ``data.format=prompt_completion`` (completions API) or ``data.format=chat`` (chat API: each
 record also holds the ``messages``, the answer included).
 """

@@ -33,6 +33,10 @@ from pathlib import Path
 from typing import Any
 
 import distil
+from distil.data.generated import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+)  # what `distil generate` writes, lm_kd reads
 from distil.errors import DistilError
 from distil.remote.client import CallResult, CallStats, Choice, EndpointClient
 from distil.remote.config import (
@@ -53,8 +57,6 @@ from distil.verify import Verdict, Verifier, VerifySection, select_samples
 
 logger = logging.getLogger(__name__)
 
-FORMAT_NAME = "distil-generated-data"  # the format `distil generate` writes and lm_kd reads
-FORMAT_VERSION = 1
 PERMANENT = frozenset({ErrorClass.BAD_REQUEST, ErrorClass.CONTENT_FILTER})
 REFUSALS_BEFORE_STOP = 5
 """A job whose first requests are all refused (400/422) stops: its requests do not suit the server."""

@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from distil.cache.integrity import atomic_write_bytes, remove_temp_files, sha256_file
 from distil.cache.manifest import write_json_atomic
 from distil.errors import DistilError
+from distil.storage import atomic_write_bytes, remove_temp_files, sha256_file
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ configured labels:
 
 Anything else is not a label: the text stays unlabelled, and ``invalid.jsonl`` keeps the answer
 and the reason. The labelled rows go to ``labels.csv`` (or ``.jsonl``) with the columns ``id``,
-``text`` and ``label``; train on it with ``classifier_kd data.train_file=…/labels.csv
+``text`` and ``label``; train on it with ``classifier_kd data.source={train: […/labels.csv]}
 data.text_column=text data.label_column=label``.
 """
 
@@ -30,7 +30,6 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from distil.cache.integrity import atomic_write_bytes
 from distil.cache.manifest import write_json_atomic
 from distil.config.base import StrictModel
 from distil.data.prompts import Prompt, prompts_fingerprint
@@ -46,6 +45,7 @@ from distil.remote.config import (
 )
 from distil.remote.jobs import JobResult, JobSpec, run_job
 from distil.remote.plan import plan_requests
+from distil.storage import atomic_write_bytes
 from distil.verify import strip_fences
 
 
