@@ -82,6 +82,29 @@ def make_lm_fixture(root: Path) -> dict[str, Path]:
     }
 
 
+def make_draft_pair(
+    *, vocab_size: int = 400, padded_rows: int = 8, draft_layers: int = 1
+) -> tuple[Any, Any]:
+    """A tiny Llama target (4 layers x 32, ``vocab_size + padded_rows`` output rows, built in
+    code, no files) and a draft made of ``draft_layers`` of its layers, both in float64 so that
+    batched and one-row passes agree to the last bit on every argmax."""
+    from distil.models.lm import CausalLMSpec, build_causal_lm, init_student_from_teacher
+
+    spec = CausalLMSpec(
+        num_layers=4,
+        hidden_size=32,
+        num_heads=4,
+        intermediate_size=64,
+        vocab_size=vocab_size + padded_rows,
+        max_context=64,
+        eos_token_id=1,
+        pad_token_id=0,
+    )
+    target = build_causal_lm(spec, seed=0).double().eval()
+    draft = init_student_from_teacher(target, num_layers=draft_layers).eval()
+    return target, draft
+
+
 def base_args(lm: dict[str, Path], data: str = "text") -> list[str]:
     return [
         "run",
@@ -144,3 +167,32 @@ def delta_oracle(target: torch.Tensor, schedule: Any, prediction_type: str) -> A
         return prediction_from_x0_eps(x0, eps, alpha, sigma, prediction_type).to(x_t.dtype)
 
     return denoise
+
+
+TRICKY_TEXTS = (
+    "def f(x):\n    return x  # é 日本 😀\n",
+    "  leading spaces, then\ttabs\t\tand a run:" + " " * 20 + "end",
+    "\n\n\nclass A:\n        pass\n",
+    "naïve café — 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 and <0x41> literally",
+    "x",
+    "日本語のテキスト😀😀 mixed ASCII",
+)
+"""Texts that stress byte alignment: multi-byte characters (2, 3 and 4 bytes), emoji split into
+byte tokens, whitespace runs and indentation, leading spaces, a literal byte-piece string."""
+
+
+def make_tokenizer_pair(root: Path) -> dict[str, Path]:
+    """Tokenizers that split the same text differently, all trained on the same stdlib snippets:
+    a byte-level BPE of 500 (the teacher's kind), a BPE of 320 of the same family (nested in the
+    500) and a Metaspace Unigram of 600 with byte fallback (the student's kind)."""
+    from distil.data.corpus import (
+        stdlib_root,
+        train_bpe_tokenizer_from_texts,
+        train_unigram_tokenizer_from_texts,
+    )
+
+    texts = [p.read_text(encoding="utf-8")[:3000] for p in sorted(stdlib_root().glob("*.py"))[:20]]
+    train_bpe_tokenizer_from_texts(texts, root / "bpe500", 500)
+    train_bpe_tokenizer_from_texts(texts, root / "bpe320", 320)
+    train_unigram_tokenizer_from_texts(texts, root / "uni600", 600)
+    return {"bpe500": root / "bpe500", "bpe320": root / "bpe320", "uni600": root / "uni600"}

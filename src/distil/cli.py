@@ -1,5 +1,5 @@
 """The ``distil`` command line: run, validate, recipes, cp, report, compare, advise, cache, generate,
-sample, relabel, serve."""
+sample, speculate, relabel, serve."""
 
 from __future__ import annotations
 
@@ -675,6 +675,72 @@ def sample(
         table.add_row(record.path, f"{record.nfe_per_image:g}", f"{record.seconds_per_image:.4f}")
     console.print(table)
     console.print(f"[bold]wrote[/bold] {escape(str(target))}/grids.json", soft_wrap=True)
+
+
+@app.command()
+def speculate(
+    target: Annotated[str, typer.Argument(help="target HF causal-LM folder (with its tokenizer)")],
+    draft: Annotated[str, typer.Argument(help="draft HF causal-LM folder, same tokenizer")],
+    gamma: Annotated[
+        list[int] | None, typer.Option("--gamma", help="draft tokens per round; repeat for several")
+    ] = None,
+    temperature: Annotated[
+        list[float] | None,
+        typer.Option("--temperature", help="sampling temperature, 0 = greedy; repeat for several"),
+    ] = None,
+    prompts: Annotated[int, typer.Option("--prompts", help="prompts evaluated")] = 64,
+    prompts_file: Annotated[
+        str | None,
+        typer.Option("--prompts-file", help="JSONL, a `prompt` a line (default: held-out corpus)"),
+    ] = None,
+    prompt_tokens: Annotated[
+        int, typer.Option("--prompt-tokens", help="tokens a corpus prompt")
+    ] = 64,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 64,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="rows decoded together")] = 16,
+    speed_gamma: Annotated[int, typer.Option("--speed-gamma", help="γ of the wall-clock run")] = 4,
+    speed_prompts: Annotated[
+        int, typer.Option("--speed-prompts", help="prompts timed at batch 1; 0 = skip")
+    ] = 8,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    out: Annotated[Path, typer.Option("--out", help="report folder")] = Path("runs/speculate"),
+) -> None:
+    """Measure a draft for speculative decoding with a target: α, τ by γ (measured and from α),
+    lossless checks, costs and speed-up; writes report.{json,md,html} to --out."""
+    from distil.evaluation.drafts import SpeculateConfig, evaluate_draft
+    from distil.evaluation.report import print_report, write_report
+    from distil.training.run_dir import environment, write_env, write_resolved_config
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    options: dict[str, Any] = {
+        "target": target,
+        "draft": draft,
+        "output": str(out),
+        "prompts": prompts,
+        "prompts_file": prompts_file,
+        "prompt_tokens": prompt_tokens,
+        "max_new_tokens": max_new_tokens,
+        "batch_size": batch_size,
+        "speed_gamma": speed_gamma,
+        "speed_prompts": speed_prompts,
+        "seed": seed,
+    }
+    if gamma:
+        options["gammas"] = gamma
+    if temperature:
+        options["sampling_temperatures"] = temperature
+    try:
+        cfg = validate_config(SpeculateConfig, options, source="distil speculate")
+        report_data = evaluate_draft(cfg)
+    except DistilError as exc:
+        _fail(exc)
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    write_resolved_config(out, cfg.model_dump(mode="json"))
+    write_env(out, environment(["cpu"], 1))
+    write_report(out, report_data)
+    print_report(report_data, console)
+    console.print(f"[bold]report[/bold] {out / 'report.md'}")
 
 
 def _generate_endpoint(cfg: Any) -> None:

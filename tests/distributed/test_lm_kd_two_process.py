@@ -71,3 +71,59 @@ def test_lm_kd_two_processes_match_one_process(tmp_path: Path) -> None:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
     rows = {r["model"]: r for r in json.loads((two / "report.json").read_text())["table"]["rows"]}
     assert rows["student (KD)"]["perplexity"] > 1
+
+
+@pytest.mark.distributed
+def test_lm_kd_across_tokenizers_two_processes_match_one_process(tmp_path: Path) -> None:
+    """Across tokenizers the soft term is normalised by the window's aligned groups, counted
+    over both ranks, and each rank runs the teacher on its own tokens."""
+    if shutil.which("torchrun") is None:
+        pytest.skip("torchrun not on PATH")
+    from distil.data.corpus import stdlib_root, train_unigram_tokenizer_from_texts
+
+    lm = make_lm_fixture(tmp_path / "lm")
+    texts = [p.read_text(encoding="utf-8")[:2500] for p in sorted(stdlib_root().glob("*.py"))[:14]]
+    train_unigram_tokenizer_from_texts(texts, tmp_path / "stok", 500)
+    args = [
+        *[a for a in base_args(lm, "pc") if not a.startswith("student.model")],
+        "student.model={spec: {num_layers: 1, hidden_size: 32, num_heads: 2, intermediate_size: 64, max_context: 64}}",
+        f"student.tokenizer={tmp_path / 'stok'}",
+        "data.format=prompt_completion",
+        "eval.baseline=false",
+        "train.max_steps=4",
+        "train.device=cpu",
+        "eval.generation.prompts=0",
+        "kd.kd_weight=0.5",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one, two = tmp_path / "one", tmp_path / "two"
+    done = subprocess.run(
+        [sys.executable, "-m", "distil", *args, "--run-dir", str(one)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    proc = subprocess.run(
+        [
+            "torchrun",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            "-m",
+            "distil",
+            *args,
+            "--run-dir",
+            str(two),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "across tokenizers" in (two / "mode.txt").read_text()
+    a = load_file(str(one / "student" / "final" / "model.safetensors"))
+    b = load_file(str(two / "student" / "final" / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)

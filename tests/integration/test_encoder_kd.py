@@ -307,8 +307,9 @@ def test_teacher_cache_trains_the_live_runs_student_and_is_reused(tmp_path: Path
 
 def test_narrow_encoder_slices_by_activation_importance(tmp_path: Path) -> None:
     """Width pruning: at full width it is the same network; narrower, it drops the channels that
-    never activate and keeps the head size; the result saves and loads as a normal folder."""
-    from distil.models.encoder import narrow_encoder
+    never activate and keeps the head size; the result saves and loads as a normal folder.
+    It lives in distil.compress.encoder with the other pruning code."""
+    from distil.compress.encoder import narrow_encoder
 
     corpus = _corpus(tmp_path, n=60)
     teacher = load_encoder(_teacher_folder(tmp_path, corpus), max_length=16)

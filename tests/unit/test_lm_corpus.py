@@ -16,6 +16,7 @@ from distil.data.corpus import (
     list_stdlib_files,
     stdlib_root,
     train_bpe_tokenizer,
+    train_unigram_tokenizer,
 )
 from distil.errors import DistilError
 
@@ -171,3 +172,50 @@ def test_eos_pad_policy_and_vocab_too_small(small_corpus: Path, tmp_path: Path) 
     assert not tokenizer.chat_template
     with pytest.raises(DistilError, match="vocab_size=100 cannot hold"):
         train_bpe_tokenizer([small_corpus], tmp_path / "small", vocab_size=100)
+
+
+def test_unigram_tokenizer_is_lossless_deterministic_and_loadable(
+    small_corpus: Path, tmp_path: Path
+) -> None:
+    """The second tokenizer of cross-tokenizer distillation: Metaspace pieces, byte fallback for
+    characters no piece covers, the same special tokens and ids as the BPE."""
+    from transformers import AutoTokenizer
+
+    first = train_unigram_tokenizer([small_corpus], tmp_path / "u1", vocab_size=600)
+    second = train_unigram_tokenizer([small_corpus], tmp_path / "u2", vocab_size=600)
+    assert (first / "tokenizer.json").read_bytes() == (second / "tokenizer.json").read_bytes()
+    tokenizer = AutoTokenizer.from_pretrained(str(first))
+    assert len(tokenizer) <= 600
+    assert tokenizer.eos_token_id == 0 and tokenizer.pad_token_id == 1
+    pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    assert sum(p.startswith("<0x") for p in pieces) == 256
+    assert any(p.startswith("▁") and len(p) > 1 for p in pieces)
+    for text in ("def résumé(x):\n    return x  # ünïcode ✓ 😀\n", "  leading", "<0x41> literal"):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert tokenizer.decode(ids) == text
+    indent = tokenizer.convert_ids_to_tokens(
+        tokenizer("x\n        y", add_special_tokens=False)["input_ids"]
+    )
+    assert indent.count("▁") >= 7  # Metaspace: a space starts a piece, indentation is one per space
+    assert (
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+        )
+        == "<|user|>\nhi<|endoftext|><|assistant|>\n"
+    )
+    with pytest.raises(DistilError, match="vocab_size=200 cannot hold"):
+        train_unigram_tokenizer([small_corpus], tmp_path / "small", vocab_size=200)
+
+
+def test_a_smaller_bpe_of_the_same_corpus_is_nested(small_corpus: Path, tmp_path: Path) -> None:
+    """The easy control: BPE merges are learned in order, so a smaller vocabulary trained on the
+    same corpus is a prefix of the larger one."""
+    from transformers import AutoTokenizer
+
+    small = AutoTokenizer.from_pretrained(
+        str(train_bpe_tokenizer([small_corpus], tmp_path / "s", 300))
+    )
+    large = AutoTokenizer.from_pretrained(
+        str(train_bpe_tokenizer([small_corpus], tmp_path / "l", 400))
+    )
+    assert small.get_vocab().items() <= large.get_vocab().items()

@@ -342,3 +342,19 @@ def test_tvd_plus_plus_gradient_raises_logits_where_teacher_is_higher() -> None:
         dv.tvd_plus_plus(student, t).backward()
         opt.step()
     assert float(dv.total_variation(student.detach(), t)) < 0.5 * before
+
+
+def test_tvd_plus_plus_ignores_padded_vocab_entries() -> None:
+    # Ids no token maps to (-inf on both sides) leave the reward statistics, the mean and the
+    # gradient of the real vocabulary unchanged, as they do for the divergences above.
+    s, t = rand_logits(3, 6, seed=31), rand_logits(3, 6, seed=32)
+    pad = torch.full((3, 2), float("-inf"), dtype=F64)
+    s_pad = torch.cat([s, pad], -1).requires_grad_()
+    s_real = s.clone().requires_grad_()
+    got = dv.tvd_plus_plus(s_pad, torch.cat([t, pad], -1))
+    want = dv.tvd_plus_plus(s_real, t)
+    (grad,) = torch.autograd.grad(got, s_pad)
+    (grad_real,) = torch.autograd.grad(want, s_real)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(grad[:, :6], grad_real)
+    assert bool((grad[:, 6:] == 0).all())

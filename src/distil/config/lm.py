@@ -9,8 +9,11 @@ from __future__ import annotations
 from enum import Enum
 from typing import Any
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, model_validator
 
+from distil.alignment.groups import AlignmentKind
+from distil.alignment.offsets import ByteOffsetMethod
+from distil.alignment.vocab import VocabMatch
 from distil.config.base import StrictModel
 from distil.config.sources import (
     BuiltinData,
@@ -20,9 +23,12 @@ from distil.config.sources import (
     LayerSubset,
     ModelSource,
     TeacherCache,
+    check_paths,
+    missing_path,
     require_builtin,
     require_kind,
 )
+from distil.losses.cross_tokenizer import CrossTokenizerLoss, GroupMerge
 from distil.losses.divergences import Divergence
 
 BUILTIN_CORPORA = ["stdlib"]  # the CPython standard-library corpus (distil.data.corpus)
@@ -94,6 +100,52 @@ class LMDataSection(StrictModel):
         return getattr(self.source, "builtin", None)
 
 
+class CrossTokenizerSection(StrictModel):
+    """Distillation between a teacher and a student with different tokenizers (used when
+    ``student.tokenizer`` differs from the teacher's). The hybrid and MinED losses apply
+    ``kd.divergence`` (with ``kd.divergence_params``) where they compare entries directly."""
+
+    loss: CrossTokenizerLoss = Field(
+        default=CrossTokenizerLoss.HYBRID,
+        description="uld (sorted L1), hybrid (kd.divergence on shared entries + uld on the rest, "
+        "TRL GOLD) or min_ed (kd.divergence after FuseLLM's edit-distance vocabulary map)",
+    )
+    alignment: AlignmentKind = Field(
+        default=AlignmentKind.BYTE_SPAN,
+        description="byte_span (tokens covering the same bytes) or positional (no offsets needed)",
+    )
+    merge: GroupMerge = Field(
+        default=GroupMerge.OBSERVED,
+        description="how a run of several tokens becomes one distribution: observed or bayesian",
+    )
+    byte_offsets: ByteOffsetMethod = Field(
+        default=ByteOffsetMethod.OFFSETS,
+        description="offsets (fast tokenizers) or decode (explicit fallback without offsets)",
+    )
+    vocab_match: VocabMatch = Field(
+        default=VocabMatch.SURFACE,
+        description="hybrid: pair entries by the bytes they stand for (surface) or by identical "
+        "vocabulary strings (raw, GOLD's rule)",
+    )
+    matched_weight: float | None = Field(
+        default=None,
+        ge=0,
+        description="hybrid: weight of the shared part; adaptive M/V_t when null",
+    )
+    unmatched_weight: float | None = Field(
+        default=None, ge=0, description="hybrid: weight of the uld part; 1 - adaptive when null"
+    )
+
+    @model_validator(mode="after")
+    def _weights_together(self) -> CrossTokenizerSection:
+        if (self.matched_weight is None) != (self.unmatched_weight is None):
+            raise ValueError(
+                "kd.cross_tokenizer: set both matched_weight and unmatched_weight, or neither "
+                "(adaptive weights)"
+            )
+        return self
+
+
 class KDSection(StrictModel):
     kd_weight: float = Field(
         default=0.5,
@@ -110,6 +162,10 @@ class KDSection(StrictModel):
         default=None, description="chunked loss from hidden states; auto: on for large vocabularies"
     )
     chunk_size: int | None = Field(default=None, ge=1)
+    cross_tokenizer: CrossTokenizerSection = Field(
+        default_factory=CrossTokenizerSection,
+        description="the loss and alignment when student.tokenizer differs from the teacher's",
+    )
 
 
 class OnPolicySection(StrictModel):
@@ -269,10 +325,24 @@ class StudentSection(StrictModel):
         default_factory=lambda: FromTeacher(from_teacher=LayerSubset(num_layers=2)),
         description="{from_teacher: {layers|num_layers}}, {hf: FOLDER} or {spec: {...}}",
     )
+    tokenizer: str | None = Field(
+        default=None,
+        description="the student's own tokenizer folder, to distil across tokenizers "
+        "(kd.cross_tokenizer); the teacher's when null",
+    )
 
     @model_validator(mode="after")
-    def _kinds(self) -> StudentSection:
+    def _kinds(self, info: ValidationInfo) -> StudentSection:
         require_kind(self.model, LM_STUDENT_KINDS, "student.model")
+        if self.tokenizer is not None and check_paths(info):
+            problem = missing_path(self.tokenizer, "student.tokenizer:")
+            if problem:
+                raise ValueError(problem)
+        if self.tokenizer is not None and isinstance(self.model, FromTeacher):
+            raise ValueError(
+                "student.model.from_teacher copies the teacher's blocks and vocabulary: with "
+                "student.tokenizer use student.model={spec: ...} or {hf: FOLDER}"
+            )
         return self
 
 

@@ -31,6 +31,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 from distil.errors import DistilError
 from distil.progress import is_main_process, phase_progress
@@ -386,14 +387,9 @@ def train_bpe_tokenizer_from_texts(
 ) -> Path:
     """Train a byte-level BPE tokenizer on in-memory documents; see ``train_bpe_tokenizer``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     pad_policy = PadTokenPolicy(pad_policy)
-    special_tokens = [EOS_TOKEN]
-    if pad_policy is PadTokenPolicy.DEDICATED:
-        special_tokens.append(DEDICATED_PAD_TOKEN)
-    if chat_template is not None:
-        special_tokens.extend(CHAT_ROLE_TOKENS)
+    special_tokens = _special_tokens(pad_policy, chat_template)
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     if vocab_size < len(alphabet) + len(special_tokens):
         raise DistilError(
@@ -427,6 +423,45 @@ def train_bpe_tokenizer_from_texts(
 
         backend.train_from_iterator(feed(), trainer, length=len(documents))
 
+    _save_tokenizer(backend, out_dir, pad_policy, chat_template, model_max_length)
+    logger.info(
+        "trained byte-level BPE tokenizer: %d tokens (asked %d) on %d documents, pad policy %s, chat template %s -> %s",
+        backend.get_vocab_size(),
+        vocab_size,
+        len(documents),
+        pad_policy.value,
+        _template_name(chat_template),
+        out_dir,
+    )
+    return Path(out_dir)
+
+
+def _template_name(chat_template: str | None) -> str:
+    if chat_template == DEFAULT_CHAT_TEMPLATE:
+        return "default"
+    return "custom" if chat_template else "none"
+
+
+def _special_tokens(pad_policy: PadTokenPolicy, chat_template: str | None) -> list[str]:
+    """EOS first (id 0), then the dedicated pad token (id 1) and the chat role tokens."""
+    special_tokens = [EOS_TOKEN]
+    if pad_policy is PadTokenPolicy.DEDICATED:
+        special_tokens.append(DEDICATED_PAD_TOKEN)
+    if chat_template is not None:
+        special_tokens.extend(CHAT_ROLE_TOKENS)
+    return special_tokens
+
+
+def _save_tokenizer(
+    backend: Any,
+    out_dir: Path,
+    pad_policy: PadTokenPolicy,
+    chat_template: str | None,
+    model_max_length: int | None,
+) -> None:
+    """Wrap a trained ``tokenizers.Tokenizer`` as a transformers tokenizer folder."""
+    from transformers import PreTrainedTokenizerFast
+
     pad_token = DEDICATED_PAD_TOKEN if pad_policy is PadTokenPolicy.DEDICATED else EOS_TOKEN
     tokenizer_kwargs: dict[str, object] = {"eos_token": EOS_TOKEN, "pad_token": pad_token}
     if model_max_length is not None:
@@ -437,15 +472,147 @@ def train_bpe_tokenizer_from_texts(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(str(out_dir))
+
+
+UNK_TOKEN = "<unk>"
+_BYTE_FALLBACK_SCORE = -1e6  # far below any learned piece: a byte piece never matches text
+_SCORE_DECIMALS = 6
+
+
+def _canonical_pieces(pieces: list[tuple[str, float]]) -> list[list[object]]:
+    """The trained pieces in an order that is the same on every run.
+
+    The Unigram trainer's scores differ between runs in the last bits (hash-map summation
+    order), and the characters it keeps only because they occur get descending scores
+    (``min − 0.0001·k``) in hash-set order. Scores are rounded and pieces sorted by score; that
+    tail of single characters is sorted by character and given the same descending scores.
+    """
+    rounded = [(piece, round(score, _SCORE_DECIMALS)) for piece, score in pieces]
+    multi = [score for piece, score in rounded if len(piece) > 1]
+    floor = min(multi) if multi else float("inf")
+    tail = [(p, s) for p, s in rounded if len(p) == 1 and s < floor]
+    head = sorted(set(rounded) - set(tail), key=lambda entry: (-entry[1], entry[0]))
+    tail_scores = sorted((s for _, s in tail), reverse=True)
+    tail_pieces = sorted(p for p, _ in tail)
+    return [[p, s] for p, s in head] + [
+        [p, s] for p, s in zip(tail_pieces, tail_scores, strict=True)
+    ]
+
+
+def train_unigram_tokenizer(
+    files: Sequence[Path],
+    out_dir: Path,
+    vocab_size: int,
+    *,
+    max_piece_length: int = 16,
+    pad_policy: PadTokenPolicy = PadTokenPolicy.DEDICATED,
+    chat_template: str | None = DEFAULT_CHAT_TEMPLATE,
+    model_max_length: int | None = None,
+    text_field: str = "text",
+) -> Path:
+    """Train a Unigram tokenizer with Metaspace pre-tokenisation and byte fallback.
+
+    A tokenizer that splits text very differently from the byte-level BPE of
+    ``train_bpe_tokenizer`` (spaces become ``"▁"`` and start a new piece, so indentation runs
+    become one token per space), for cross-tokenizer distillation. It is lossless: characters
+    the pieces do not cover fall back to 256 ``<0xHH>`` byte pieces, there is no normaliser, and
+    no ``"▁"`` is prepended, so ``decode(encode(text)) == text`` for every text.
+
+    Args:
+        files: Training documents (corpus JSONL or text files); see ``read_corpus_texts``.
+        out_dir: Folder for the transformers tokenizer files.
+        vocab_size: Total vocabulary size: special tokens, ``<unk>``, 256 byte pieces and the
+            learned pieces (e.g. 4096).
+        max_piece_length: Longest learned piece, in characters.
+        pad_policy: ``dedicated`` adds ``<|pad|>``; ``eos`` pads with ``<|endoftext|>``.
+        chat_template: Jinja chat template stored with the tokenizer; ``None`` stores none.
+        model_max_length: Context length recorded in the tokenizer config, if known.
+        text_field: The JSONL key holding the text.
+
+    Returns:
+        ``out_dir``, loadable with ``AutoTokenizer.from_pretrained(out_dir)``.
+
+    Raises:
+        DistilError: If ``vocab_size`` cannot hold the special and byte tokens plus some
+            pieces, or the files hold no text.
+    """
+    texts = list(read_corpus_texts(files, text_field=text_field))
+    return train_unigram_tokenizer_from_texts(
+        texts,
+        out_dir,
+        vocab_size,
+        max_piece_length=max_piece_length,
+        pad_policy=pad_policy,
+        chat_template=chat_template,
+        model_max_length=model_max_length,
+    )
+
+
+def train_unigram_tokenizer_from_texts(
+    texts: Iterable[str],
+    out_dir: Path,
+    vocab_size: int,
+    *,
+    max_piece_length: int = 16,
+    pad_policy: PadTokenPolicy = PadTokenPolicy.DEDICATED,
+    chat_template: str | None = DEFAULT_CHAT_TEMPLATE,
+    model_max_length: int | None = None,
+) -> Path:
+    """Train a Metaspace Unigram tokenizer on in-memory documents; see
+    ``train_unigram_tokenizer``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    pad_policy = PadTokenPolicy(pad_policy)
+    special_tokens = [*_special_tokens(pad_policy, chat_template), UNK_TOKEN]
+    reserved = len(special_tokens) + 256
+    if vocab_size <= reserved:
+        raise DistilError(
+            f"vocab_size={vocab_size} cannot hold {len(special_tokens)} special tokens, 256 byte "
+            f"pieces and any learned piece; use more than {reserved}"
+        )
+    documents = [text for text in texts if text]
+    if not documents:
+        raise DistilError("no text to train the tokenizer on")
+
+    backend = Tokenizer(models.Unigram())
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
+    trainer = trainers.UnigramTrainer(
+        vocab_size=vocab_size - 256,
+        special_tokens=special_tokens,
+        unk_token=UNK_TOKEN,
+        max_piece_length=max_piece_length,
+        # Every printable ASCII character is a piece, so text such as a literal "<0x41>" always
+        # has a path through learned pieces and is never read as a byte piece.
+        initial_alphabet=[chr(c) for c in range(33, 127)] + ["\t", "\n", "▁"],
+        show_progress=False,
+    )
+    backend.train_from_iterator(documents, trainer, length=len(documents))
+
+    # Insert the byte pieces after the special tokens (fixed ids) and switch byte fallback on.
+    spec = json.loads(backend.to_str())
+    vocab = spec["model"]["vocab"]
+    n_special = len(special_tokens)
+    byte_pieces = [[f"<0x{b:02X}>", _BYTE_FALLBACK_SCORE] for b in range(256)]
+    byte_names = {piece for piece, _ in byte_pieces}
+    learned = _canonical_pieces([(p, s) for p, s in vocab[n_special:] if p not in byte_names])
+    spec["model"]["vocab"] = vocab[:n_special] + byte_pieces + learned
+    spec["model"]["unk_id"] = special_tokens.index(UNK_TOKEN)
+    spec["model"]["byte_fallback"] = True
+    backend = Tokenizer.from_str(json.dumps(spec))
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
+    _save_tokenizer(backend, out_dir, pad_policy, chat_template, model_max_length)
     logger.info(
-        "trained byte-level BPE tokenizer: %d tokens (asked %d) on %d documents, pad policy %s, chat template %s -> %s",
+        "trained Metaspace Unigram tokenizer: %d tokens (asked %d: %d special, 256 bytes, %d "
+        "learned) on %d documents, pad policy %s, chat template %s -> %s",
         backend.get_vocab_size(),
         vocab_size,
+        n_special,
+        len(learned),
         len(documents),
         pad_policy.value,
-        "default"
-        if chat_template == DEFAULT_CHAT_TEMPLATE
-        else ("custom" if chat_template else "none"),
+        _template_name(chat_template),
         out_dir,
     )
-    return out_dir
+    return Path(out_dir)

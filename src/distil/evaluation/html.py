@@ -2,7 +2,7 @@
 rendered from the report dict, so every number on it is the one in ``report.json``.
 
 Sections, each an element with a stable ``id`` (tests read them): ``summary``, ``quality``,
-``fidelity``, ``cost``, ``curves``, ``config``, ``environment``, then free ``sections`` and
+``fidelity``, ``cost``, ``speculative``, ``curves``, ``config``, ``environment``, then free ``sections`` and
 ``details``.
 """
 
@@ -509,6 +509,11 @@ def render_html(report: Mapping[str, Any], run_dir: Path, images: Mapping[str, b
         parts.append(("fidelity", "Fidelity", _fidelity(report["fidelity"], student, images)))
     if report.get("cost"):
         parts.append(("cost", "Cost", _cost(report["cost"], student, images)))
+    if report.get("speculative"):
+        from distil.evaluation.speculative_render import speculative_html
+
+        body = speculative_html(report["speculative"], images, table_html, img)
+        parts.append(("speculative", "Speculative decoding", body))
     if report.get("curves"):
         parts.append(("curves", "Training curves", _curves(report["curves"], images)))
     if report.get("monitor"):

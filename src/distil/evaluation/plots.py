@@ -1,5 +1,5 @@
 """Report plots as PNG bytes: reliability diagrams, confusion matrices, per-class bars, training
-time, training curves.
+time, training curves, speculative-decoding acceptance by position and block efficiency by γ.
 
 Figures are built with ``matplotlib.figure.Figure`` and rendered by the Agg canvas directly, so
 nothing here touches pyplot's global state or needs a display; matplotlib is imported only
@@ -354,6 +354,84 @@ def curve_plots(metrics_rows: Sequence[Mapping[str, Any]]) -> dict[str, bytes]:
     return out
 
 
+def acceptance_by_position_plot(
+    by_position: Mapping[str, Mapping[str, Sequence[float | None]]], alpha: Mapping[str, float]
+) -> bytes:
+    """Speculative decoding: acceptance of the j-th draft token of a round, given the ones
+    before it were accepted, one line per γ and one panel per decoding mode; the dashed line is
+    α measured on the target's text (the i.i.d. model puts every point on it).
+
+    Args:
+        by_position: ``{mode: {γ: [acceptance at j = 1..γ]}}`` (``None`` where no round got there).
+        alpha: ``{mode: α}``.
+    """
+    modes = list(by_position)
+    fig = new_figure(4.2 * len(modes), 3.2)
+    axes = fig.subplots(1, len(modes), squeeze=False)[0]
+    for ax, mode in zip(axes, modes, strict=True):
+        for i, (gamma, values) in enumerate(by_position[mode].items()):
+            points = [(j + 1, v) for j, v in enumerate(values) if v is not None]
+            ax.plot(
+                [p[0] for p in points],
+                [p[1] for p in points],
+                marker="o",
+                markersize=3.5,
+                linewidth=1.2,
+                color=EXTRA_COLORS[i % len(EXTRA_COLORS)],
+                label=f"γ={gamma}",
+            )
+        if mode in alpha:
+            ax.axhline(alpha[mode], linestyle="--", color="#4d4d4d", linewidth=1, label="α")
+        longest = max((len(v) for v in by_position[mode].values()), default=1)
+        ax.set_xticks(range(1, longest + 1))
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("position j of the draft token in its round", fontsize=8)
+        ax.set_title(f"{mode}: acceptance given 1..j-1 accepted", fontsize=9)
+        ax.legend(fontsize=7, frameon=False)
+        _style(ax)
+    return to_png(fig)
+
+
+def block_efficiency_plot(rows: Sequence[Mapping[str, Any]]) -> bytes:
+    """Speculative decoding: τ measured (markers) and predicted from α (line) against γ, one
+    colour per decoding mode; rows are the ``speculative`` table rows (``mode``, ``gamma``,
+    ``tau``, ``tau_predicted``)."""
+    fig = new_figure(4.6, 3.2)
+    ax = fig.subplots()
+    modes = list(dict.fromkeys(str(r["mode"]) for r in rows))
+    for i, mode in enumerate(modes):
+        mine = sorted((r for r in rows if r["mode"] == mode), key=lambda r: r["gamma"])
+        color = EXTRA_COLORS[i % len(EXTRA_COLORS)]
+        gammas = [r["gamma"] for r in mine]
+        ax.plot(
+            gammas,
+            [r["tau_predicted"] for r in mine],
+            "--",
+            color=color,
+            linewidth=1.1,
+            label=f"{mode}: from α",
+        )
+        measured = [(r["gamma"], r["tau"]) for r in mine if r.get("tau") is not None]
+        ax.plot(
+            [m[0] for m in measured],
+            [m[1] for m in measured],
+            "o",
+            color=color,
+            markersize=5,
+            label=f"{mode}: measured",
+        )
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(
+        sorted({r["gamma"] for r in rows}), [str(g) for g in sorted({r["gamma"] for r in rows})]
+    )
+    ax.set_xlabel("γ (draft tokens per round)", fontsize=8)
+    ax.set_ylabel("τ (tokens per target call)", fontsize=8)
+    ax.set_title("block efficiency by γ", fontsize=9)
+    ax.legend(fontsize=7, frameon=False)
+    _style(ax)
+    return to_png(fig)
+
+
 def report_plots(
     report: Mapping[str, Any], metrics_rows: Sequence[Mapping[str, Any]]
 ) -> dict[str, bytes]:
@@ -379,6 +457,12 @@ def report_plots(
     if training and training.get("phases"):
         out["training_time"] = training_time_plot(training["phases"])
     out.update(curve_plots(metrics_rows))
+    speculative = report.get("speculative")
+    if speculative:
+        out["speculative_position"] = acceptance_by_position_plot(
+            speculative["by_position"], speculative["alpha"]
+        )
+        out["speculative_tau"] = block_efficiency_plot(speculative["table"]["rows"])
     if report.get("monitor"):
         from distil.evaluation.hacking import monitor_plot
 

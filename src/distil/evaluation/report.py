@@ -22,6 +22,9 @@ A report is a dict. Every recipe fills the same parts, so the renderers, ``disti
   and ``training`` (wall time per phase), the latter filled from ``metrics.jsonl``.
 - ``curves``: filled by :func:`complete_report` from ``metrics.jsonl`` (steps and final value of
   every logged series per phase); the plots are drawn from the same file.
+- ``speculative`` (optional): a draft measured for speculative decoding with a target
+  (:mod:`distil.evaluation.drafts`): the τ-by-γ ``table``, ``alpha``, ``by_position``,
+  ``costs``, ``speed``, ``lossless`` checks and the ``lowest``-acceptance tokens.
 - ``monitor`` (optional): the teacher-hacking verdict of
   :func:`distil.evaluation.hacking.hacking_verdict` (``flag``, ``text``, best/last values).
 - ``summary``: a flat ``{label: value}`` of headline numbers, what ``distil compare`` lines up.
@@ -492,6 +495,10 @@ def render_markdown(report: dict[str, Any], plots: Mapping[str, str] | None = No
                     f"The live teacher made the KD phase {relative_time_text(training['teacher_overhead'])} than the baseline."
                 )
             lines.append("")
+    if report.get("speculative"):
+        from distil.evaluation.speculative_render import speculative_markdown
+
+        lines += speculative_markdown(report["speculative"], plots)
     curves = report.get("curves")
     if curves and curves.get("phases"):
         lines += ["## Training curves", ""]

@@ -4,6 +4,7 @@
   generalised JSD, skew KL, TVD, TVD++) and the :data:`DIVERGENCES` table;
 * :mod:`~distil.losses.sparse` the same against top-k + tail or importance-sampled teachers;
 * :mod:`~distil.losses.chunked` memory-efficient path from hidden states for large vocabularies;
+* :mod:`~distil.losses.cross_tokenizer` ULD, GOLD's hybrid and MinED between different tokenizers;
 * :mod:`~distil.losses.classifier` Hinton KD, DKD, PLD, logit standardisation, mixup targets;
 * :mod:`~distil.losses.representation` hint/cosine, attention transfer, CWD, relational KD, MI-α;
 * :mod:`~distil.losses.objective` the one place where terms, weights and T² are combined;
@@ -30,6 +31,14 @@ from distil.losses.classifier import (
     standardize_logits,
     standardized_kd,
 )
+from distil.losses.cross_tokenizer import (
+    CROSS_TOKENIZER_LOSSES,
+    CrossTokenizerLoss,
+    GroupMerge,
+    hybrid_uld,
+    min_ed,
+    uld,
+)
 from distil.losses.divergences import (
     DIVERGENCE_TERMS,
     DIVERGENCES,
@@ -51,6 +60,7 @@ from distil.losses.objective import (
     ObjectiveOutput,
     WeightedTerm,
     classifier_objective,
+    cross_tokenizer_objective,
     feature_objective,
     mixup_classifier_objective,
     token_objective,
@@ -85,13 +95,16 @@ from distil.losses.sparse import (
 
 __all__ = [
     "CLASSIFIER_LOSSES",
+    "CROSS_TOKENIZER_LOSSES",
     "DIVERGENCES",
     "DIVERGENCE_TERMS",
     "IGNORE_INDEX",
     "REPRESENTATION_LOSSES",
     "ChunkedLossParts",
     "ClassifierLoss",
+    "CrossTokenizerLoss",
     "Divergence",
+    "GroupMerge",
     "ObjectiveOutput",
     "ProjectorKind",
     "Reduction",
@@ -109,6 +122,7 @@ __all__ = [
     "classifier_objective",
     "compute_divergence",
     "cosine_loss",
+    "cross_tokenizer_objective",
     "default_chunk_size",
     "divergence_per_position",
     "dkd",
@@ -118,9 +132,11 @@ __all__ = [
     "generalized_jsd",
     "hint_loss",
     "hinton_kd",
+    "hybrid_uld",
     "make_projector",
     "mi_alpha_bound",
     "mi_alpha_loss",
+    "min_ed",
     "mixed_targets",
     "mixup_classifier_objective",
     "per_position_from_logits",
@@ -144,4 +160,5 @@ __all__ = [
     "topk_divergence",
     "total_variation",
     "tvd_plus_plus",
+    "uld",
 ]

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from distil.alignment.groups import AlignedGroups
 from distil.losses.chunked import (
     ChunkedLossParts,
     chunked_logits_loss,
@@ -37,6 +38,7 @@ from distil.losses.classifier import (
     soft_target_cross_entropy,
     standardize_logits,
 )
+from distil.losses.cross_tokenizer import CROSS_TOKENIZER_LOSSES, CrossTokenizerLoss
 from distil.losses.divergences import DIVERGENCES, Divergence, check_kd_temperature, upcast
 from distil.losses.reduction import NumItems, divide_by, normalizer
 from distil.losses.sparse import SampledTargets, TopKTargets, sampled_divergence, topk_divergence
@@ -46,6 +48,7 @@ __all__ = [
     "ObjectiveOutput",
     "WeightedTerm",
     "classifier_objective",
+    "cross_tokenizer_objective",
     "feature_objective",
     "mixup_classifier_objective",
     "token_objective",
@@ -340,6 +343,57 @@ def token_objective(
         **divergence_params,
     )
     return _token_output(parts, denominator, ce_coef, kd_coef, has_teacher)
+
+
+def cross_tokenizer_objective(
+    student_logits: Tensor,
+    teacher_logits: Tensor | None,
+    groups: AlignedGroups,
+    *,
+    kd_weight: float,
+    kd_temperature: float,
+    loss: CrossTokenizerLoss | str = CrossTokenizerLoss.ULD,
+    num_items: NumItems = None,
+    num_groups: NumItems = None,
+    **loss_params: Any,
+) -> ObjectiveOutput:
+    """Hard CE on the student's own tokens mixed with a cross-tokenizer loss over aligned groups.
+
+    ``loss = (1 − w)·CE_sum/N + w·T²·KD_sum/G``: the CE is normalised by the supervised
+    student tokens ``N``, the soft term by the aligned groups ``G`` (its positions); under
+    gradient accumulation pass both counts of the whole window. The T² factor is applied as for
+    every soft term (no effect at the default T = 1).
+
+    Args:
+        student_logits: ``(B, T_s, V_s)``, aligned with ``groups.student_targets``.
+        teacher_logits: ``(B, T_t, V_t)`` in the teacher's own tokenization, or None with
+            ``teacher_group_log_probs`` (a cache's merged distributions) in ``loss_params``.
+        groups: the batch's aligned groups (they carry both sides' next-token targets).
+        kd_weight: in [0, 1].
+        kd_temperature: T > 0 of the soft term (the CE uses T = 1).
+        loss: a :data:`~distil.losses.cross_tokenizer.CROSS_TOKENIZER_LOSSES` name.
+        num_items: supervised student tokens over the window; default this call's.
+        num_groups: aligned groups over the window; default this call's.
+        **loss_params: the loss's own parameters (``merge``, ``shared_vocabulary``,
+            ``vocab_map``, ``beta``, ...).
+
+    Returns:
+        :class:`ObjectiveOutput` with ``hard_ce`` and ``kd`` components.
+    """
+    _check_mix(kd_weight, kd_temperature)
+    targets = groups.student_targets
+    mask = targets != IGNORE_INDEX  # (B, T_s)
+    ce_sum = F.cross_entropy(upcast(student_logits[mask]), targets[mask], reduction="sum")
+    ce_raw = divide_by(ce_sum, normalizer(_supervised_count(mask, num_items), 0))
+    kd_raw = CROSS_TOKENIZER_LOSSES[_name(loss)](
+        student_logits,
+        teacher_logits,
+        groups,
+        kd_temperature=kd_temperature,
+        num_items=num_groups,
+        **loss_params,
+    )
+    return _mix(ce_raw, kd_raw, kd_weight, kd_temperature)
 
 
 def _linear(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:

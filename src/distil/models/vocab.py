@@ -6,8 +6,9 @@ both must read the same tokenizer. Two cases are handled here, before step 0:
 - Same tokenizer, different embedding sizes (models often pad their embedding to a multiple of
   64 or 128): both logit tensors are sliced to the tokenizer's real size. Padded rows are never
   scored and nothing is ever padded with zero logits (a zero logit is not a zero probability).
-- Different tokenizers (compared by token strings, ids and special tokens): a hard error, since
-  cross-tokenizer distillation is not supported yet.
+- Different tokenizers (compared by token strings, ids and special tokens): a hard error for
+  token-level losses, which name ``student.tokenizer`` (distillation across tokenizers,
+  ``docs/cross-tokenizer.md``) as the way to distil anyway.
 
 ``tokenizer_fingerprint`` hashes everything that decides which ids a text becomes, for caches.
 """
@@ -139,8 +140,7 @@ def check_same_tokenizer(
     normalizer or pre-tokenizer), a warning is logged: the same text may still split differently.
 
     Raises:
-        DistilError: Naming the differences, saying cross-tokenizer distillation is not
-            supported yet and what to do instead.
+        DistilError: Naming the differences and what to do instead.
     """
     teacher_vocab = teacher_tokenizer.get_vocab()
     student_vocab = student_tokenizer.get_vocab()
@@ -179,10 +179,12 @@ def check_same_tokenizer(
         raise DistilError(
             "teacher and student tokenizers differ ("
             + "; ".join(problems)
-            + "). Cross-tokenizer distillation is not supported yet: token-level losses compare "
-            "distributions id by id. Give the student the teacher's tokenizer (and an embedding of at "
-            "least its size, e.g. a student initialised from the teacher), or distil on teacher-generated "
-            "text (sequence-level KD), which needs no shared vocabulary."
+            + "). Token-level losses compare distributions id by id. To distil across "
+            "tokenizers, name the student's tokenizer in student.tokenizer (cross-tokenizer losses "
+            "over byte-aligned token groups, docs/cross-tokenizer.md); otherwise give the student "
+            "the teacher's tokenizer (and an embedding of at least its size, e.g. a student "
+            "initialised from the teacher), or distil on teacher-generated text (sequence-level "
+            "KD), which needs no shared vocabulary."
         )
     if tokenizer_fingerprint(teacher_tokenizer) != tokenizer_fingerprint(student_tokenizer):
         logger.warning(

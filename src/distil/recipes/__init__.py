@@ -44,6 +44,11 @@ RECIPES: dict[str, RecipeEntry] = {
         "Diffusion teacher → faster sampler: progressive (halving steps), guidance (one pass instead of CFG's two), consistency (LCM-style, 1-4 steps) or adapter guidance distillation",
         "diffusion_distill.yaml",
     ),
+    "compress": RecipeEntry(
+        "distil.recipes.compress",
+        "Prune → distil → quantise → distil (quantisation-aware) → export in one resumable pipeline: a causal LM (lm_kd's loss) or a CNN classifier (classifier_kd's) recovers from its own unpruned, full-precision self; LoRA-KD optional",
+        "compress.yaml",
+    ),
     "lm_pretrain": RecipeEntry(
         "distil.recipes.lm_pretrain",
         "Pre-train a causal LM from scratch with next-token CE (makes the built-in teacher from the CPython stdlib corpus)",

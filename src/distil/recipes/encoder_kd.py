@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from distil.cache.examples import ExampleCache, write_example_cache
 from distil.cache.manifest import teacher_fingerprint
+from distil.compress.encoder import narrow_encoder
 from distil.config.base import StrictModel
 from distil.config.sections import RunSection, TrainSection, require_unsharded
 from distil.config.sources import (
@@ -67,7 +68,6 @@ from distil.models.encoder import (
     encode,
     load_encoder,
     mean_pool,
-    narrow_encoder,
     package_model_folder,
     save_sentence_encoder,
     subset_layers,

@@ -27,10 +27,13 @@ from distil.config.base import StrictModel
 from distil.config.lm import (
     STUDENT_SEED,
     TEACHER_SEED,
+    CacheTargets,
     EvalSection,
     KDSection,
+    LMDataFormat,
     LMDataSection,
     OnPolicySection,
+    OverlengthPolicy,
     StudentSection,
     TeacherSection,
     cache_job,
@@ -84,7 +87,9 @@ from distil.models.vocab import (
     check_vocab_alignment,
     load_tokenizer_folder,
     output_vocab_rows,
+    tokenizer_fingerprint,
 )
+from distil.recipes import lm_kd_cross
 from distil.teachers import LiveLMTeacher, Teacher, TeacherSignal, head_of, hidden_path_matches
 from distil.teachers.cached import CachedTeacher, open_lm_cache
 from distil.teachers.ensemble import EnsembleTeacher
@@ -156,7 +161,52 @@ class Config(StrictModel):
             bad = [k for k, on in blocked.items() if on]
             if bad:
                 raise ValueError(f"train.sharding=fsdp does not go with {', '.join(bad)}")
+        if self.student.tokenizer is not None:
+            self._cross_tokenizer_checks(ensemble)
         return self
+
+    def _cross_tokenizer_checks(self, ensemble: bool) -> None:
+        """What distillation across tokenizers (``student.tokenizer``) cannot do."""
+        cache = self.teacher.cache
+        refusals = [
+            (
+                self.kd.chunked is True,
+                "kd.chunked: the cross-tokenizer losses compare full "
+                "distributions: set kd.chunked=null or false",
+            ),
+            (ensemble, "teacher.model.ensemble: an ensemble is not supported across tokenizers"),
+            (
+                self.train.sharding is Sharding.fsdp,
+                "train.sharding=fsdp: the student is trained with DDP across tokenizers",
+            ),
+            (
+                self.data.format is LMDataFormat.CHAT,
+                "data.format=chat: the two chat templates "
+                "render different text around the turns; use text or prompt_completion data",
+            ),
+            (
+                self.data.format is LMDataFormat.PROMPT_COMPLETION
+                and self.data.overlength is OverlengthPolicy.TRUNCATE,
+                "data.overlength=truncate: cutting both tokenizations at the same text is not "
+                "supported; filter or shorten the examples",
+            ),
+            (
+                self.eval.monitor.every > 0,
+                "eval.monitor: the teacher-hacking monitor measures "
+                "token-level KL, which needs one vocabulary; set eval.monitor.every=0",
+            ),
+            (
+                cache is not None
+                and (cache.targets is not CacheTargets.TOPK or cache.tail_samples > 0),
+                "teacher.cache: a cross-tokenizer cache stores the top-k of each merged group "
+                "distribution: use targets=topk and tail_samples=0",
+            ),
+        ]
+        problems = [message for refused, message in refusals if refused]
+        if problems:
+            raise ValueError(
+                "student.tokenizer (distillation across tokenizers): " + "; ".join(problems)
+            )
 
 
 @dataclass(frozen=True)
@@ -409,6 +459,11 @@ def write_teacher_cache(cfg: Config, session: Callable[[], Session]) -> tuple[Pa
     """``distil cache``: write (or complete) ``teacher.cache`` ahead of training. The writer
     splits shards over ``RANK``/``WORLD_SIZE`` itself; returns the folder, whether this process
     merged the manifest, and what it did."""
+    if cfg.student.tokenizer is not None:
+        raise DistilError(
+            "a cross-tokenizer cache (student.tokenizer is set) is written by the run itself: "
+            "run `distil run` with teacher.cache.write=auto"
+        )
     result = write_cache(cache_job(cfg))
     merging = "" if result.merged else "; rank 0 merges the manifest"
     done = f"wrote {result.shards_written} shard(s), {result.shards_skipped} already complete"
@@ -419,6 +474,13 @@ def main(cfg: Config, s: Session) -> dict[str, Any]:
     """Run the recipe in the session's run folder; return the report."""
     acc = s.accelerator
     tokenizer = load_run_tokenizer(cfg.tokenizer, cfg.teacher.model)
+    if cfg.student.tokenizer is not None:
+        student_tokenizer = load_student_tokenizer(cfg.student.tokenizer)
+        if tokenizer_fingerprint(student_tokenizer) != tokenizer_fingerprint(tokenizer):
+            return lm_kd_cross.run(cfg, s, tokenizer, student_tokenizer)
+        s.announce(
+            "lm_kd: student.tokenizer tokenizes like the teacher's: token-level distillation"
+        )
     members = [load_lm(m, tokenizer, seed=TEACHER_SEED) for m in teacher_sources(cfg.teacher.model)]
     teacher_model = members[0]
     student_init, student_source = make_student(
@@ -538,6 +600,34 @@ def main(cfg: Config, s: Session) -> dict[str, Any]:
     write_report(s.run_dir, report)
     print_report(report, s.console)
     return report
+
+
+def load_student_tokenizer(folder: str) -> PreTrainedTokenizerBase:
+    """The student's own tokenizer; a folder that is not a text tokenizer is refused.
+
+    Raises:
+        DistilError: If the folder holds no tokenizer, or one that does not turn text into ids
+            and back (e.g. an image processor: alignment across tokenizers is for text).
+    """
+    tokenizer = load_tokenizer_folder(folder)
+    probe = "def f(x):\n    return x"
+    try:
+        ids = tokenizer.encode(probe, add_special_tokens=False)
+        text = tokenizer.decode(ids)
+    except Exception as error:  # a processor of another modality fails in its own way
+        raise DistilError(
+            f"student.tokenizer {folder} does not encode and decode text ({error}); distillation "
+            "across tokenizers aligns text, not another modality"
+        ) from error
+    if not ids or not isinstance(text, str):
+        raise DistilError(
+            f"student.tokenizer {folder} turns text into no ids; it is not a text tokenizer"
+        )
+    if tokenizer.eos_token_id is None:
+        raise DistilError(
+            f"student.tokenizer {folder} has no EOS token; packed text and completions need one"
+        )
+    return tokenizer
 
 
 def teacher_sources(source: ModelSource) -> list[ModelSource]:

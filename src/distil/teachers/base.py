@@ -59,6 +59,8 @@ class TeacherOutput:
         embedding: ``(B, D)`` pooled sentence embeddings (encoders).
         features: Named intermediate outputs (feature KD), e.g. ``{"stages.1": (B, C, H, W)}``.
         attentions: Per-layer attention probabilities ``(B, heads, T, T)`` (encoders).
+        group_log_probs: ``(G, V_t)`` merged log-probabilities of a batch's aligned token
+            groups (a cross-tokenizer cache; ``distil.losses.cross_tokenizer``).
     """
 
     logits: Tensor | None = None
@@ -70,6 +72,7 @@ class TeacherOutput:
     embedding: Tensor | None = None
     features: dict[str, Tensor] = field(default_factory=dict)
     attentions: tuple[Tensor, ...] | None = None
+    group_log_probs: Tensor | None = None
 
 
 @runtime_checkable
