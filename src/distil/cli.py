@@ -1,5 +1,5 @@
 """The ``distil`` command line: run, validate, recipes, cp, report, compare, advise, search, cache,
-generate, problems, sample, speculate."""
+generate, problems, sample, speculate, relabel, serve."""
 
 from __future__ import annotations
 
@@ -62,7 +62,12 @@ DEFAULT_CONFIG = "classifier_kd"
 
 # Commands other than `run` that read a config of their own: its YAML says `command: NAME` instead
 # of `recipe:`, and `validate` checks it against the model named here (imported when needed).
-CONFIG_COMMANDS: dict[str, str] = {"generate": "distil.generation:GenerateConfig"}
+# The target is a config model, or a function that picks one from the YAML mapping (generate:
+# a local teacher folder or an endpoint).
+CONFIG_COMMANDS: dict[str, str] = {
+    "generate": "distil.remote.config:generate_config_model",
+    "relabel": "distil.remote.relabel:RelabelConfig",
+}
 
 
 def shipped_configs() -> dict[str, Path]:
@@ -152,9 +157,9 @@ def load_command_config(command: str, spec: str, overrides: list[str]) -> Any:
             source=config_source(path),
         )
     module, _, name = CONFIG_COMMANDS[command].partition(":")
-    return validate_config(
-        getattr(importlib.import_module(module), name), data, source=config_source(path)
-    )
+    target = getattr(importlib.import_module(module), name)
+    model = target if isinstance(target, type) else target(data)  # a function picks the model
+    return validate_config(model, data, source=config_source(path))
 
 
 def _fail(exc: Exception) -> None:
@@ -603,16 +608,68 @@ def _cache_inspect(path: Path, *, verify: bool) -> None:
         console.print("[green]ok[/green]: every shard matches its sha256 in the manifest")
 
 
+def _cache_from_api(args: list[str]) -> None:
+    from distil.remote.api_cache import from_api
+
+    usage = (
+        "usage: distil cache from-api GENERATED OUT tokenizer=DIR [max_length=256] "
+        "[eval_fraction=0.05] [examples_per_shard=256]"
+    )
+    positional = [a for a in args if "=" not in a]
+    options = dict(a.split("=", 1) for a in args if "=" in a)
+    unknown = set(options) - {"tokenizer", "max_length", "eval_fraction", "examples_per_shard"}
+    if len(positional) != 2 or "tokenizer" not in options or unknown:
+        raise DistilError(usage + (f" (unknown: {sorted(unknown)})" if unknown else ""))
+    try:
+        max_length = int(options.get("max_length", "256"))
+        eval_fraction = float(options.get("eval_fraction", "0.05"))
+        per_shard = int(options.get("examples_per_shard", "256"))
+    except ValueError as exc:
+        raise DistilError(f"{usage} ({exc})") from exc
+    result = from_api(
+        Path(positional[0]),
+        Path(positional[1]),
+        tokenizer_path=Path(options["tokenizer"]),
+        max_length=max_length,
+        eval_fraction=eval_fraction,
+        examples_per_shard=per_shard,
+    )
+    left = dict(result.excluded) or "none"
+    console.print(
+        f"[bold]from-api[/bold] {escape(str(result.out))}: {result.examples} training examples "
+        f"({result.positions} positions with top-k targets), {result.eval_examples} held out; "
+        f"records left out: {left}; cut: {dict(result.cut) or 'none'}",
+        soft_wrap=True,
+    )
+    evals = f", eval: [{result.eval_file}]" if result.eval_file else ""
+    console.print(
+        f"train on it (token-level KD, kd.kd_temperature=1): distil run lm_kd 'teacher.model={{hf: TEACHER}}' "
+        f"'data.source={{train: [{result.train_file}]{evals}}}' data.format=prompt_completion "
+        f"data.max_length={max_length} teacher.cache.path={result.cache} kd.kd_temperature=1",
+        markup=False,
+        soft_wrap=True,
+    )
+    _cache_inspect(result.cache, verify=False)
+
+
 @app.command()
 def cache(
-    args: Annotated[list[str], typer.Argument(help="CONFIG \\[overrides], or: inspect PATH")],
+    args: Annotated[
+        list[str],
+        typer.Argument(
+            help="CONFIG \\[overrides], or: inspect PATH, or: from-api GENERATED OUT ..."
+        ),
+    ],
     verify: Annotated[
         bool, typer.Option("--verify", help="with inspect: re-check every shard's sha256")
     ] = False,
 ) -> None:
-    """Run the teacher once and store its top-k outputs: `distil cache CONFIG \\[overrides]`, e.g. `distil cache lm_kd \\[cache.k=8 ...]`; summarise a cache: `distil cache inspect PATH \\[--verify]`."""
+    """Run the teacher once and store its top-k outputs: `distil cache CONFIG \\[overrides]`, e.g. `distil cache lm_kd \\[teacher.cache.k=8 ...]`; summarise a cache: `distil cache inspect PATH \\[--verify]`; turn an endpoint's top_logprobs into a cache: `distil cache from-api GENERATED OUT tokenizer=DIR \\[max_length=N]`."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        if args[0] == "from-api":
+            _cache_from_api(args[1:])
+            return
         if args[0] == "inspect":
             if len(args) != 2:
                 raise DistilError("usage: distil cache inspect PATH [--verify]")
@@ -633,8 +690,9 @@ def generate(
         typer.Argument(help="dotted overrides, e.g. generation.max_new_tokens=128"),
     ] = None,
 ) -> None:
-    """Sequence-level KD data: the teacher writes completions for a prompt set, in resumable shards that `lm_kd` trains on (data.train_files=\\[OUTPUT], data.format=prompt_completion)."""
+    """Sequence-level KD data: the teacher (a local folder, or an OpenAI-compatible endpoint) writes completions for a prompt set, in resumable shards that `lm_kd` trains on (data.source={train: \\[OUTPUT]}, data.format=prompt_completion)."""
     from distil.generation import write_generations
+    from distil.remote.config import EndpointGenerateConfig
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     overrides = list(overrides or [])
@@ -643,7 +701,11 @@ def generate(
     ):  # `distil generate output=...`: the shipped config
         overrides, config = [config, *overrides], "generate"
     try:
-        result = write_generations(load_command_config("generate", config, overrides))
+        cfg = load_command_config("generate", config, overrides)
+        if isinstance(cfg, EndpointGenerateConfig):
+            _generate_endpoint(cfg)
+            return
+        result = write_generations(cfg)
     except DistilError as exc:
         _fail(exc)
         return
@@ -655,7 +717,7 @@ def generate(
         soft_wrap=True,
     )
     console.print(
-        f"train on it: distil run lm_kd data.builtin=null data.train_files=[{result.path}] data.format=prompt_completion",
+        f"train on it: distil run lm_kd 'data.source={{train: [{result.path}]}}' data.format=prompt_completion",
         markup=False,
         soft_wrap=True,
     )
@@ -851,6 +913,114 @@ def problems(
         markup=False,
         soft_wrap=True,
     )
+
+
+def _generate_endpoint(cfg: Any) -> None:
+    from distil.remote.generate import generate_from_endpoint
+
+    def say(text: str) -> None:
+        console.print(f"[bold]mode[/bold] {escape(text)}", soft_wrap=True)
+
+    result = generate_from_endpoint(cfg, announce=say)
+    m = result.manifest
+    counts, ledger, run = m["counts"], m["ledger"], result.run
+    state = "complete" if m["complete"] else f"incomplete ({counts['missing']} missing"
+    state += "" if m["complete"] else f"; stopped: {m['stopped']})" if m["stopped"] else ")"
+    console.print(
+        f"[bold]generate[/bold] {escape(str(result.path))}: {state}; {counts['records']} records "
+        f"({run['records_new']} new, {counts['rejected']} rejected, {counts['failed']} failed for good); "
+        f"this run sent {run['requests_sent']} request(s), {run['retries']} retries, errors "
+        f"{run['errors'] or 'none'}; ledger {ledger['prompt_tokens']:,} prompt + "
+        f"{ledger['completion_tokens']:,} completion tokens, {ledger['cost']:.6g} {ledger['currency']}",
+        soft_wrap=True,
+    )
+    if m["stopped"] == "budget":
+        console.print(
+            "budget reached: raise budget.max_cost / budget.max_tokens and re-run the same command "
+            "to continue (nothing answered is sent again)",
+            soft_wrap=True,
+        )
+    fmt = "chat" if m["teacher"]["api"] == "chat" else "prompt_completion"
+    console.print(
+        f"train on it: distil run lm_kd 'data.source={{train: [{result.path}]}}' data.format={fmt}",
+        markup=False,
+        soft_wrap=True,
+    )
+    if m["signal"].startswith("text+top_logprobs"):
+        console.print(
+            f"token-level KD: distil cache from-api {result.path} CACHE tokenizer=TEACHER_TOKENIZER",
+            markup=False,
+            soft_wrap=True,
+        )
+
+
+@app.command()
+def relabel(
+    config: Annotated[str, typer.Argument(help="YAML file with `command: relabel`")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="dotted overrides")] = None,
+) -> None:
+    """Label unlabelled text with a teacher behind an OpenAI-compatible endpoint (resumable,
+    budgeted); writes labels.csv that `classifier_kd` trains on (data.source={train: \\[FILE]})."""
+    from distil.remote.relabel import relabel as run_relabel
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    def say(text: str) -> None:
+        console.print(f"[bold]mode[/bold] {escape(text)}", soft_wrap=True)
+
+    try:
+        result = run_relabel(load_command_config("relabel", config, overrides or []), announce=say)
+    except DistilError as exc:
+        _fail(exc)
+        return
+    ledger = result.job.manifest["ledger"]
+    console.print(
+        f"[bold]relabel[/bold] {escape(str(result.label_file))}: {result.labelled} labelled "
+        f"{result.label_counts}, {result.invalid} invalid answers (invalid.jsonl), "
+        f"{result.unanswered} unanswered; labels bought {result.job.manifest['counts']['records']}, "
+        f"{ledger['total_tokens']:,} tokens, {ledger['cost']:.6g} {ledger['currency']}",
+        soft_wrap=True,
+    )
+    console.print(
+        f"train on it: distil run classifier_kd 'data.source={{train: [{result.label_file}]}}' "
+        "data.text_column=text data.label_column=label",
+        markup=False,
+        soft_wrap=True,
+    )
+
+
+@app.command()
+def serve(
+    folder: Annotated[Path, typer.Argument(help="Hugging Face causal-LM (or classifier) folder")],
+    port: Annotated[int, typer.Option("--port", help="port on 127.0.0.1")] = 8765,
+    model_name: Annotated[
+        str | None, typer.Option("--model-name", help="name clients send (default: folder name)")
+    ] = None,
+    api_key_env: Annotated[
+        str | None,
+        typer.Option("--api-key-env", help="require the key held in this environment variable"),
+    ] = None,
+    usage_log: Annotated[
+        Path | None, typer.Option("--usage-log", help="append each answer's usage (JSONL)")
+    ] = None,
+    threads: Annotated[int | None, typer.Option("--threads", help="torch CPU threads")] = None,
+) -> None:
+    """Serve a local model behind an OpenAI-compatible API on 127.0.0.1 (completions, chat,
+    n, seed, logprobs/top_logprobs, usage), for `distil generate` / `distil relabel`."""
+    from distil.remote.server import serve as run_server
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        run_server(
+            folder,
+            port=port,
+            model_name=model_name,
+            api_key_env=api_key_env,
+            usage_log=usage_log,
+            threads=threads,
+        )
+    except DistilError as exc:
+        _fail(exc)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -1,7 +1,7 @@
 """``distil generate``: sequence-level KD data, i.e. a teacher LM's completions for a prompt set.
 
 Sequence-level KD (Kim & Rush, 2016) trains the student on what the teacher *writes*, not on its
-token distributions: train on an output folder with ``lm_kd`` (``data.train_files=[FOLDER]``,
+token distributions: train on an output folder with ``lm_kd`` (``data.source={train: [FOLDER]}``,
 ``data.format=prompt_completion``; ``kd.kd_weight=0`` is plain fine-tuning on the teacher's text).
 
 The folder holds ``shard-00000.jsonl``… (shard ``i`` = prompts ``[i·S, (i+1)·S)``, one line
@@ -248,7 +248,8 @@ def _settings(cfg: GenerateConfig, dtype: torch.dtype) -> dict[str, Any]:
     """The config values that decide the output, by dotted key (the prompts file path is not one:
     its content is, through the prompt-set fingerprint)."""
     p = cfg.prompts
-    out: dict[str, Any] = {"prompts.source": p.builtin or "file", "prompts.limit": p.limit}
+    source = p.builtin or ("dataset" if p.dataset is not None else "file")
+    out: dict[str, Any] = {"prompts.source": source, "prompts.limit": p.limit}
     if p.builtin is not None:
         out |= {
             "prompts.prompt_tokens": p.prompt_tokens,

@@ -97,7 +97,7 @@ def test_help_texts_say_what_they_mean() -> None:
     assert "MNIST" in main and "digits, CNN" not in main  # the default job is MNIST-5k
     cache = _help("cache")
     assert "distil cache CONFIG [overrides]" in cache  # brackets not eaten as Rich markup
-    assert "[cache.k=8 ...]" in cache and "inspect PATH [--verify]" in cache
+    assert "[teacher.cache.k=8 ...]" in cache and "inspect PATH [--verify]" in cache
     generate = _help("generate")
     assert "resumable shards that `lm_kd` trains on" in generate  # one paragraph, no stray break
 
