@@ -122,7 +122,8 @@ def test_greedy_writes_shards_and_manifest_equal_to_one_prompt_at_a_time(
     records = _records(out)
     prompts = [json.loads(line) for line in fx["prompts"].read_text().splitlines()]
     assert [(r["id"], r["prompt"]) for r in records] == [(p["id"], p["prompt"]) for p in prompts]
-    assert set(records[0]) == {"id", "prompt", "completion"}
+    assert set(records[0]) == {"id", "prompt", "completion", "prompt_ids", "completion_ids"}
+    assert manifest["token_ids"] == ["prompt_ids", "completion_ids"]
     # batched with left padding, yet each completion is what the prompt alone gives
     for record in records:
         ids = torch.tensor(tok(record["prompt"])["input_ids"])
