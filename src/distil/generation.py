@@ -5,11 +5,15 @@ token distributions: train on an output folder with ``lm_kd`` (``data.source={tr
 ``data.format=prompt_completion``; ``kd.kd_weight=0`` is plain fine-tuning on the teacher's text).
 
 The folder holds ``shard-00000.jsonl``… (shard ``i`` = prompts ``[i·S, (i+1)·S)``, one line
-``{"id", "prompt", "completion"}`` per completion, plus ``"sample"`` when there are several per
-prompt) and ``manifest.json`` (settings, teacher/tokenizer/prompt-set fingerprints, shards with
-sha256 and id range, counts). Each shard and then the manifest are written atomically, so a
-killed run, re-run with the same config, keeps the shards whose sha256 matches the manifest and
-regenerates the rest. Sampling draws row ``r``'s tokens from a generator seeded with
+``{"id", "prompt", "completion", "prompt_ids", "completion_ids"}`` per completion, plus
+``"sample"`` when there are several per prompt) and ``manifest.json`` (settings,
+teacher/tokenizer/prompt-set fingerprints, the record fields holding token ids, shards with
+sha256 and id range, counts). ``prompt_ids`` are what the teacher was given and
+``completion_ids`` what it wrote (up to, not including, EOS): training with the same tokenizer
+(same ``tokenizer_fingerprint``) uses them instead of re-tokenising the text, which can merge
+the teacher's tokens into others. Each shard and then the manifest are written atomically, so
+a killed run, re-run with the same config, keeps the shards whose sha256 matches the manifest
+and regenerates the rest. Sampling draws row ``r``'s tokens from a generator seeded with
 ``(seed, prompt id, sample)``, never from the global RNG, so a prompt's text does not depend on
 the prompts batched beside it and a resumed run writes byte-identical shards.
 """
@@ -32,7 +36,14 @@ from distil.cache.manifest import teacher_fingerprint, write_json_atomic
 from distil.config.base import StrictModel
 from distil.config.lm import TeacherSection, TorchDtype
 from distil.config.sources import HFModel
-from distil.data.generated import FORMAT_NAME, FORMAT_VERSION, MANIFEST
+from distil.data.generated import (
+    COMPLETION_IDS,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST,
+    PROMPT_IDS,
+    TOKEN_IDS,
+)
 from distil.data.lm import pad_token_id_for
 from distil.data.prompts import Prompt, PromptsSection, load_prompts, prompts_fingerprint
 from distil.errors import DistilError
@@ -223,16 +234,22 @@ def generate_shard(
             logits_processor=LogitsProcessorList([decoding]),
         )
         step_logprobs = torch.stack(decoding.step_logprobs, 1) if settings.logprobs else None
-        for r, (p, _, j) in enumerate(batch):
+        for r, (p, prompt_ids_of_row, j) in enumerate(batch):
             new = out[r, width:].tolist()
             end = next((i for i, t in enumerate(new) if t in eos_ids), None)
             kept = new if end is None else new[:end]
             counts["generated_tokens"] += len(kept) + (end is not None)
             counts["ended_by_eos"] += end is not None
             text = tokenizer.decode(kept, skip_special_tokens=True)
-            record = {"id": p.id, "prompt": p.text, "completion": text} | (
-                {"sample": j} if n > 1 else {}
-            )
+            # The ids as the teacher wrote them: decoding and re-encoding the text can merge
+            # them into other tokens (16 "." become 8 ".."), which the teacher never produced.
+            record = {
+                "id": p.id,
+                "prompt": p.text,
+                "completion": text,
+                PROMPT_IDS: list(prompt_ids_of_row),
+                COMPLETION_IDS: kept,
+            } | ({"sample": j} if n > 1 else {})
             if step_logprobs is not None:  # the generated ids through the first EOS
                 generated = len(kept) + (end is not None)
                 record["token_ids"] = new[:generated]
@@ -271,7 +288,14 @@ def _check_same(out: Path, old: dict[str, Any], new: dict[str, Any]) -> None:
         raise DistilError(
             f"{out}/{MANIFEST} is not a `distil generate` manifest; use another output"
         )
-    fingerprints = ["teacher_fingerprint", "tokenizer_fingerprint", "prompts_fingerprint"]
+    # TOKEN_IDS too: a folder written before records carried ids is not completed with shards
+    # that do, so a reader sees one kind of record per folder
+    fingerprints = [
+        "teacher_fingerprint",
+        "tokenizer_fingerprint",
+        "prompts_fingerprint",
+        TOKEN_IDS,
+    ]
     mine, theirs = {**new, **new["settings"]}, {**old, **old.get("settings", {})}
     keys = ["format_version", *new["settings"], *fingerprints]
     differ = [
@@ -326,6 +350,7 @@ def write_generations(cfg: GenerateConfig) -> GenerateResult:
         "settings": _settings(cfg, model.dtype),
         "teacher_fingerprint": teacher_fingerprint(model),
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        TOKEN_IDS: [PROMPT_IDS, COMPLETION_IDS],  # record fields made by that tokenizer
         "prompts_fingerprint": prompts_fingerprint(prompts),
         "num_prompts": len(prompts),
     }

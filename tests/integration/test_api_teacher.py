@@ -568,6 +568,9 @@ def test_sequence_level_kd_trains_on_the_endpoint_records(
     flat = " ".join(result.output.split())
     assert result.exit_code == 0, flat
     assert "kd_weight=0: fine-tuning on the data alone" in flat
+    # an API returns text only: it is tokenized, and the mode line says so
+    mode = " ".join((tmp_path / "run" / "mode.txt").read_text().split())
+    assert "(text re-tokenised:" in mode and "stores no token ids (made by an endpoint" in mode
 
 
 def _classifier_folder(root: Path) -> Path:

@@ -122,7 +122,8 @@ def test_greedy_writes_shards_and_manifest_equal_to_one_prompt_at_a_time(
     records = _records(out)
     prompts = [json.loads(line) for line in fx["prompts"].read_text().splitlines()]
     assert [(r["id"], r["prompt"]) for r in records] == [(p["id"], p["prompt"]) for p in prompts]
-    assert set(records[0]) == {"id", "prompt", "completion"}
+    assert set(records[0]) == {"id", "prompt", "completion", "prompt_ids", "completion_ids"}
+    assert manifest["token_ids"] == ["prompt_ids", "completion_ids"]
     # batched with left padding, yet each completion is what the prompt alone gives
     for record in records:
         ids = torch.tensor(tok(record["prompt"])["input_ids"])
@@ -324,6 +325,107 @@ def test_bad_input_is_refused_with_the_fix(fx: dict[str, Path], tmp_path: Path) 
     )
 
 
+def _examples(folder: Path, tokenizer: Any) -> tuple[list[dict[str, Any]], str]:
+    """The examples lm_kd builds from ``folder`` (train and held-out, in record order), and the
+    note on where their token ids came from."""
+    from distil.config.lm import LMDataSection
+    from distil.data.lm import load_lm_data
+
+    section = LMDataSection.model_validate(
+        {"source": {"train": [str(folder)]}, "format": "prompt_completion", "max_length": 64}
+    )
+    # files, not the built-in corpus: the accelerator is never asked to synchronise
+    data = load_lm_data(section, tokenizer, folder.parent / "work", None)
+    rows = [*data.train, *data.eval]
+    return sorted(rows, key=lambda row: row["example_id"]), data.token_ids
+
+
+def _strip_token_ids(folder: Path) -> None:
+    """Make ``folder`` look like one written before records carried token ids."""
+    from distil.storage import sha256_file
+
+    manifest = json.loads((folder / "manifest.json").read_text())
+    del manifest["token_ids"]
+    for shard in manifest["shards"]:
+        path = folder / shard["file"]
+        lines = [json.loads(line) for line in path.read_text().splitlines()]
+        path.write_text(
+            "".join(
+                json.dumps({k: v for k, v in r.items() if not k.endswith("_ids")}) + "\n"
+                for r in lines
+            )
+        )
+        shard["sha256"] = sha256_file(path)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_lm_kd_trains_on_the_teachers_own_token_ids_not_its_retokenised_text(
+    fx: dict[str, Path], tmp_path: Path
+) -> None:
+    """Issue 13, item 5: decoding the teacher's ids and tokenizing the text again can give other
+    ids; the examples built from a generated folder are the ids the teacher wrote."""
+    from distil.models.vocab import load_tokenizer_folder
+
+    out = tmp_path / "generated"
+    assert _generate(fx, out)[0] == 0
+    tok = load_tokenizer_folder(fx["gen_teacher"])
+    eos = tok.eos_token_id
+    records = _records(out)
+    for r in records:
+        assert r["prompt_ids"] == tok(r["prompt"])["input_ids"]
+        assert tok.decode(r["completion_ids"], skip_special_tokens=True) == r["completion"]
+    retokenised = [tok(r["completion"], add_special_tokens=False)["input_ids"] for r in records]
+    differ = [
+        r["id"] for r, ids in zip(records, retokenised, strict=True) if ids != r["completion_ids"]
+    ]
+    assert differ, "the teacher's text should re-tokenise to other ids for some records"
+
+    examples, note = _examples(out, tok)
+    assert note.startswith("the teacher's stored token ids")
+    assert len(examples) == len(records)
+    for r, example in zip(records, examples, strict=True):
+        completion = [*r["completion_ids"], eos]
+        assert example["input_ids"] == r["prompt_ids"] + completion, r["id"]
+        assert example["labels"] == [-100] * len(r["prompt_ids"]) + completion, r["id"]
+
+
+def test_another_tokenizer_and_old_folders_retokenise_the_text(
+    fx: dict[str, Path], tmp_path: Path
+) -> None:
+    from distil.data.corpus import stdlib_root, train_bpe_tokenizer_from_texts
+    from distil.models.vocab import load_tokenizer_folder
+
+    out = tmp_path / "generated"
+    assert _generate(fx, out)[0] == 0
+    records = _records(out)
+
+    def retokenised(tok: Any) -> list[list[int]]:
+        return [
+            [
+                *tok(r["prompt"])["input_ids"],
+                *tok(r["completion"], add_special_tokens=False)["input_ids"],
+                tok.eos_token_id,
+            ]
+            for r in records
+        ]
+
+    texts = [p.read_text(encoding="utf-8")[:2000] for p in sorted(stdlib_root().glob("*.py"))[:6]]
+    other = load_tokenizer_folder(train_bpe_tokenizer_from_texts(texts, tmp_path / "tok2", 320))
+    examples, note = _examples(out, other)
+    assert note.startswith("text re-tokenised: the token ids in") and "another tokenizer" in note
+    assert [e["input_ids"] for e in examples] == retokenised(other)
+
+    # a folder written before records carried ids still loads, from its text
+    tok = load_tokenizer_folder(fx["gen_teacher"])
+    _strip_token_ids(out)
+    examples, note = _examples(out, tok)
+    assert note.startswith("text re-tokenised:") and "stores no token ids" in note
+    assert [e["input_ids"] for e in examples] == retokenised(tok)
+    # and is not completed with shards of the new kind
+    code, text = _generate(fx, out)
+    assert code == 2 and "token_ids: None there, ['prompt_ids', 'completion_ids'] now" in text, text
+
+
 @pytest.mark.parametrize("kd_weight", ["0", "0.5"])
 def test_lm_kd_trains_on_the_generated_folder(
     fx: dict[str, Path], tmp_path: Path, kd_weight: str
@@ -347,7 +449,7 @@ def test_lm_kd_trains_on_the_generated_folder(
     steps = [m for m in metrics if m.get("phase") == "student" and "hard_ce/raw" in m]
     assert len(steps) == 2 and all(m["hard_ce/raw"] > 0 for m in steps), metrics
     mode = (run_dir / "mode.txt").read_text()
-    assert "data prompt_completion" in mode
+    assert "data prompt_completion (the teacher's stored token ids" in mode
     # kd_weight 0 is fine-tuning on the teacher's text: the teacher is not run while training
     assert ("the teacher only evaluates" in mode) == (kd_weight == "0")
     assert all(("kd/raw" in m) == (kd_weight != "0") for m in steps)

@@ -253,6 +253,51 @@ def test_too_long_examples_are_an_error_unless_truncation_is_asked(tokenizer: An
     ]
 
 
+def test_stored_token_ids_replace_the_text_with_the_same_masking_and_truncation(
+    tokenizer: Any,
+) -> None:
+    # Single-space tokens, as a teacher may write them: the text re-tokenises to merged tokens.
+    space = tokenizer.convert_tokens_to_ids("\u0120")  # byte-level BPE's " "
+    teacher_completion = [space] * 8
+    text = tokenizer.decode(teacher_completion)
+    assert text == " " * 8 and _encode(tokenizer, text) != teacher_completion  # not vacuous
+    prompt_ids = list(tokenizer("x =")["input_ids"])
+    eos = tokenizer.eos_token_id
+    rows = {
+        "prompt": ["x =", "a"],
+        "completion": [text, "b"],
+        "prompt_ids": [prompt_ids, None],  # the second row has none: its text is tokenized
+        "completion_ids": [teacher_completion, None],
+    }
+    options = LMDataOptions(LMDataFormat.PROMPT_COMPLETION, max_length=64, stored_token_ids=True)
+
+    examples = build_lm_dataset(_records(rows), tokenizer, options)
+
+    assert examples[0]["input_ids"] == prompt_ids + teacher_completion + [eos]
+    assert examples[0]["labels"] == [IGNORE_INDEX] * len(prompt_ids) + teacher_completion + [eos]
+    plain = _encode(tokenizer, "a"), _encode(tokenizer, "b")
+    assert examples[1]["input_ids"] == plain[0] + plain[1] + [eos]
+    # without the option the ids columns are ignored: what distil did before
+    retokenised = build_lm_dataset(
+        _records(rows), tokenizer, LMDataOptions(options.data_format, 64)
+    )
+    assert retokenised[0]["input_ids"] == prompt_ids + _encode(tokenizer, text) + [eos]
+    # the length policy sees the stored ids: 12 tokens keep the prompt and the first ones
+    with pytest.raises(DistilError, match="longer than max_length=6"):
+        build_lm_dataset(_records(rows), tokenizer, dataclasses.replace(options, max_length=6))
+    cut = build_lm_dataset(
+        _records(rows),
+        tokenizer,
+        dataclasses.replace(options, max_length=6, overlength=OverlengthPolicy.TRUNCATE),
+    )
+    kept = 6 - len(prompt_ids)
+    assert cut[0]["input_ids"] == prompt_ids + teacher_completion[:kept]
+    assert cut[0]["labels"] == [IGNORE_INDEX] * len(prompt_ids) + teacher_completion[:kept]
+    bad = {**rows, "completion_ids": [[-1], None]}
+    with pytest.raises(DistilError, match="'completion_ids' must hold a list of token ids"):
+        build_lm_dataset(_records(bad), tokenizer, options)
+
+
 def test_collate_is_int64_deterministic_and_carries_example_ids(tokenizer: Any) -> None:
     rows = {
         "prompt": ["p", "pp q", "r"],

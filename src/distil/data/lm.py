@@ -5,7 +5,9 @@ Three source formats, each turned into examples ``{"example_id", "input_ids", "l
 - ``text``: raw documents, tokenized, joined with EOS after every document and cut into
   fixed blocks of ``max_length`` tokens (packing); every token is supervised.
 - ``prompt_completion``: prompt tokens are masked; the completion gets EOS appended, and that
-  EOS stays supervised (also when the tokenizer pads with EOS).
+  EOS stays supervised (also when the tokenizer pads with EOS). From a ``distil generate``
+  folder whose tokenizer fingerprint is this tokenizer's, the teacher's stored token ids are
+  used instead of re-tokenising its text (:func:`token_id_source` decides, and says so).
 - ``chat``: a list of ``{"role", "content"}`` messages rendered by the tokenizer's chat template;
   only the assistant turns (with their end-of-turn token) are supervised.
 
@@ -28,6 +30,7 @@ caches, so the same files, tokenizer and options always give the same ids.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -40,7 +43,13 @@ import torch
 from distil.config.lm import LMDataFormat, LMDataSection, OverlengthPolicy
 from distil.config.sources import FileData
 from distil.data.corpus import build_stdlib_corpus
-from distil.data.generated import generated_shard_files
+from distil.data.generated import (
+    COMPLETION_IDS,
+    PROMPT_IDS,
+    generated_shard_files,
+    generated_token_ids,
+)
+from distil.data.tokenizer_identity import tokenizer_fingerprint
 from distil.errors import DistilError
 from distil.progress import phase_progress
 
@@ -79,6 +88,10 @@ class LMDataOptions:
         completion_field: Column with the completion (``prompt_completion`` format).
         messages_field: Column with the chat messages (``chat`` format).
         example_id_field: Column with caller-given integer ids; row numbers when absent.
+        stored_token_ids: ``prompt_completion`` only: take a row's ids from its ``prompt_ids``
+            and ``completion_ids`` columns where they hold a list, instead of tokenizing its
+            text. Set it only when those ids come from this very tokenizer
+            (:func:`token_id_source`).
     """
 
     data_format: LMDataFormat
@@ -90,6 +103,7 @@ class LMDataOptions:
     completion_field: str = "completion"
     messages_field: str = "messages"
     example_id_field: str = "example_id"
+    stored_token_ids: bool = False
 
 
 def load_local_records(
@@ -234,13 +248,19 @@ def tokenize_prompt_completion(
 
     Prompt and completion are tokenized separately (prompt with the tokenizer's special tokens,
     e.g. BOS; completion without), which is how the model sees them at generation time. EOS is
-    appended unless the completion already ends with it.
+    appended unless the completion already ends with it. With ``options.stored_token_ids``, a
+    row's ``prompt_ids``/``completion_ids`` (the ids a ``distil generate`` teacher was given and
+    wrote) replace the tokenized prompt/completion where present; masking, EOS and the length
+    policy are the same for both.
     """
     _require_columns(records, [options.prompt_field, options.completion_field])
     eos_id = _eos_token_id(tokenizer)
     example_ids = _example_ids(records, options.example_id_field)
+    stored_prompts = _stored_ids(records, PROMPT_IDS, options.stored_token_ids)
+    stored_completions = _stored_ids(records, COMPLETION_IDS, options.stored_token_ids)
     input_ids: list[list[int]] = []
     labels: list[list[int]] = []
+    row = 0
     progress = phase_progress(f"tokenizing {len(records):,} examples", len(records), unit="ex")
     with progress as done:
         for prompts, completions in zip(
@@ -248,19 +268,116 @@ def tokenize_prompt_completion(
             _column_batches(records, options.completion_field),
             strict=True,
         ):
-            # verbose=False: over-long examples are handled by options.overlength below
-            prompt_ids = tokenizer(prompts, add_special_tokens=True, verbose=False)["input_ids"]
-            completion_ids = tokenizer(completions, add_special_tokens=False, verbose=False)[
-                "input_ids"
-            ]
+            rows = slice(row, row + len(prompts))
+            prompt_ids = _ids_or_encode(tokenizer, prompts, stored_prompts[rows], special=True)
+            completion_ids = _ids_or_encode(
+                tokenizer, completions, stored_completions[rows], special=False
+            )
             for prompt, completion in zip(prompt_ids, completion_ids, strict=True):
                 completion = list(completion)
                 if not completion or completion[-1] != eos_id:
                     completion.append(eos_id)
                 input_ids.append(list(prompt) + completion)
                 labels.append([IGNORE_INDEX] * len(prompt) + completion)
+            row += len(prompts)
             done(len(prompts))
+    if options.stored_token_ids:
+        used = sum(ids is not None for ids in stored_completions)
+        logger.info(
+            "prompt/completion: %d of %d examples take the teacher's stored token ids, "
+            "%d are tokenized from their text (no stored ids)",
+            used,
+            len(records),
+            len(records) - used,
+        )
     return _finish_examples(example_ids, input_ids, labels, options, source="prompt/completion")
+
+
+def _stored_ids(records: datasets.Dataset, column: str, wanted: bool) -> list[list[int] | None]:
+    """Each row's stored ids from ``column`` (``None`` where it has none, or when not wanted)."""
+    if not wanted or column not in records.column_names:
+        return [None] * len(records)
+    values: list[list[int] | None] = list(records[column])
+    for index, ids in enumerate(values):
+        if ids is not None and not all(isinstance(t, int) and t >= 0 for t in ids):
+            raise DistilError(
+                f"row {index}: column {column!r} must hold a list of token ids (integers >= 0)"
+            )
+    return values
+
+
+def _ids_or_encode(
+    tokenizer: PreTrainedTokenizerBase,
+    texts: list[str],
+    stored: list[list[int] | None],
+    *,
+    special: bool,
+) -> list[list[int]]:
+    """``stored[i]`` where given, else ``texts[i]`` tokenized (one tokenizer call for those)."""
+    missing = [i for i, ids in enumerate(stored) if ids is None]
+    # verbose=False: over-long examples are handled by options.overlength
+    encoded = (
+        tokenizer([texts[i] for i in missing], add_special_tokens=special, verbose=False)[
+            "input_ids"
+        ]
+        if missing
+        else []
+    )
+    out: list[list[int]] = [list(ids) if ids is not None else [] for ids in stored]
+    for i, ids in zip(missing, encoded, strict=True):
+        out[i] = list(ids)
+    return out
+
+
+@dataclass(frozen=True)
+class TokenIdSource:
+    """Where a prompt/completion split's token ids come from.
+
+    Attributes:
+        stored: Use the teacher's ids stored in the records (same tokenizer), not the text.
+        note: What was chosen and why, for the log and the mode line; empty when no data path
+            is a ``distil generate`` folder (there is no choice to report then).
+    """
+
+    stored: bool
+    note: str
+
+
+def token_id_source(
+    paths: Sequence[Path | str], tokenizer: PreTrainedTokenizerBase
+) -> TokenIdSource:
+    """Decide whether the ``distil generate`` folders among ``paths`` give their token ids.
+
+    Re-tokenising a teacher's decoded text can merge its tokens into others (16 ``.`` tokens
+    come back as 8 ``..``), so the ids it wrote are used whenever they are valid for
+    ``tokenizer``: only if every generated folder stores ids, made by a tokenizer with this
+    tokenizer's fingerprint. Otherwise all text is re-tokenised and the note names the folder
+    that forced it.
+    """
+    found = [
+        stored
+        for path in paths
+        if Path(path).is_dir() and (stored := generated_token_ids(Path(path))) is not None
+    ]
+    if not found:
+        return TokenIdSource(False, "")
+    text_only = [g for g in found if COMPLETION_IDS not in g.fields]
+    if text_only:
+        return TokenIdSource(
+            False,
+            f"text re-tokenised: {text_only[0].folder} stores no token ids (made by an endpoint, "
+            "or before `distil generate` stored them)",
+        )
+    mine = tokenizer_fingerprint(tokenizer)
+    other = [g for g in found if g.tokenizer_fingerprint != mine]
+    if other:
+        theirs = other[0].tokenizer_fingerprint or "none"
+        return TokenIdSource(
+            False,
+            f"text re-tokenised: the token ids in {other[0].folder} come from another tokenizer "
+            f"(fingerprint {theirs[:12]}…, this run's {mine[:12]}…)",
+        )
+    return TokenIdSource(True, "the teacher's stored token ids (same tokenizer fingerprint)")
 
 
 def tokenize_chat(
@@ -607,6 +724,7 @@ class LMData:
     eval: datasets.Dataset
     targets_per_example: np.ndarray  # supervised next-token targets of each training example
     pad_token_id: int
+    token_ids: str = ""  # where prompt/completion ids came from (``TokenIdSource.note``)
 
     def collate(self, split: datasets.Dataset, indices: list[int]) -> dict[str, torch.Tensor]:
         """Collate the examples at ``indices`` (int64 tensors, right-padded)."""
@@ -651,6 +769,12 @@ def load_lm_data(
     """
     train_files, eval_files = data_files(section, work_dir, accelerator)
     options = options_from(section)
+    ids = TokenIdSource(False, "")
+    if LMDataFormat(options.data_format) is LMDataFormat.PROMPT_COMPLETION:
+        ids = token_id_source([*train_files, *(eval_files or [])], tokenizer)
+        options = dataclasses.replace(options, stored_token_ids=ids.stored)
+        if ids.note:
+            logger.info("data: token ids: %s", ids.note)
     train = build_lm_dataset(load_local_records(train_files), tokenizer, options)
     if eval_files is not None:
         held_out = build_lm_dataset(load_local_records(eval_files), tokenizer, options)
@@ -678,7 +802,13 @@ def load_lm_data(
         section.max_length,
     )
     _release_freed_memory()
-    return LMData(train, held_out, np.asarray(counts, dtype=np.int64), pad_token_id_for(tokenizer))
+    return LMData(
+        train,
+        held_out,
+        np.asarray(counts, dtype=np.int64),
+        pad_token_id_for(tokenizer),
+        token_ids=ids.note,
+    )
 
 
 def _release_freed_memory() -> None:

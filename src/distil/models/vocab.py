@@ -10,21 +10,22 @@ both must read the same tokenizer. Two cases are handled here, before step 0:
   token-level losses, which name ``student.tokenizer`` (distillation across tokenizers,
   ``docs/cross-tokenizer.md``) as the way to distil anyway.
 
-``tokenizer_fingerprint`` hashes everything that decides which ids a text becomes, for caches.
+``tokenizer_fingerprint`` (from :mod:`distil.data.tokenizer_identity`) hashes everything that
+decides which ids a text becomes, for caches.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from distil.data.tokenizer_identity import special_tokens as _special_tokens
+from distil.data.tokenizer_identity import tokenizer_fingerprint as tokenizer_fingerprint
 from distil.errors import DistilError
 
 if TYPE_CHECKING:
@@ -41,7 +42,6 @@ TOKENIZER_FILES = (
     "tokenizer.model",
     "spiece.model",
 )
-_FINGERPRINT_SECTIONS = ("model", "normalizer", "pre_tokenizer", "post_processor", "added_tokens")
 _MAX_LISTED = 5
 
 
@@ -327,41 +327,3 @@ class KnownIdsOnly:
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         return mask_unknown_ids(scores, self.vocab_size)
-
-
-def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
-    """A sha256 over what decides token ids: vocabulary, merges, special and added tokens.
-
-    For fast tokenizers it hashes the ``model`` (type, vocab, merges), ``normalizer``,
-    ``pre_tokenizer``, ``post_processor`` and ``added_tokens`` sections of ``tokenizer.json``
-    plus the special-token map, as canonical JSON (sorted keys). The decoder, padding and
-    truncation state and the chat template are left out: they do not change the ids of a text.
-    Other tokenizers are hashed by their vocabulary and special tokens only (logged).
-
-    Returns:
-        A 64-character hex digest, equal for tokenizers that tokenize identically.
-    """
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    canonical: dict[str, Any] = {"special_tokens": _special_tokens(tokenizer)}
-    if backend is not None:
-        serialized = json.loads(backend.to_str())
-        canonical.update({section: serialized.get(section) for section in _FINGERPRINT_SECTIONS})
-    else:
-        logger.warning(
-            "%s is not a fast tokenizer; fingerprinting its vocabulary only",
-            type(tokenizer).__name__,
-        )
-        canonical["vocab"] = sorted(
-            tokenizer.get_vocab().items(), key=lambda item: (item[1], item[0])
-        )
-    payload = json.dumps(canonical, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
-
-
-def _special_tokens(tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
-    """The special-token map as plain strings (or lists of strings), for comparison and hashing."""
-    special = getattr(tokenizer, "special_tokens_map", {}) or {}
-    return {
-        name: [str(token) for token in value] if isinstance(value, list | tuple) else str(value)
-        for name, value in sorted(special.items())
-    }

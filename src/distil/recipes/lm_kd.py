@@ -557,7 +557,8 @@ def main(cfg: Config, s: Session) -> dict[str, Any]:
         f"({'chunked from hidden states' if chunked else 'full logits'}, loss in chunks of {rows}); "
         f"vocab policy: tokenizer {vocab} ids, logits sliced to it (teacher "
         f"{output_vocab_rows(teacher_model)} rows, student {output_vocab_rows(student_init)}); "
-        f"data {cfg.data.format.value}, {len(data.train)} train / {len(data.eval)} held-out examples; "
+        f"data {cfg.data.format.value}{f' ({data.token_ids})' if data.token_ids else ''}, "
+        f"{len(data.train)} train / {len(data.eval)} held-out examples; "
         f"{_regime(kd.kd_weight, opc.fraction)}; {acc.num_processes} process(es) on {acc.device}, "
         "each running the teacher on its own shard"
     )
