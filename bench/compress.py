@@ -13,7 +13,7 @@ with the same tokens gives the share of full KD's gain recovered. Optionally (#7
 model is distilled on the teacher's own continuations of stdlib prompts instead.
 
 Vision: a Fashion-MNIST CNN teacher (``--vision-teacher`` weights, else trained here with
-``classifier_kd-fashion-mnist``'s teacher settings) pruned by channels, distilled one epoch,
+``classifier_kd-fashion-mnist``'s teacher settings) pruned by channels, distilled (--vision-epochs, default one),
 quantised to static int8 (PT2E, x86 Inductor quantizer) and exported.
 
 Latency: the final models of each table are timed together, interleaved round by round
@@ -334,7 +334,7 @@ def vision_config(
             "kd": {"kd_weight": 0.5, "kd_temperature": 2.0},
         },
         "train": {
-            "epochs": 1,
+            "epochs": args.vision_epochs,
             "max_steps": args.vision_max_steps,
             "batch_size": 128,
             "lr": 3.0e-3,
@@ -374,6 +374,7 @@ def run_vision(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "int8_weights": weight_storage,
         "teacher": teacher_timing,
         "channels": channels,
+        "epochs": args.vision_epochs,
     }
 
 
@@ -386,10 +387,12 @@ def vision_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
             rows.append(_vision_row("-", "teacher", teacher, teacher, None))
         kwargs = stage_of(report, "prune")["details"]["zoo_kwargs"]
         quantised_dir = Path(stage_of(report, "quantise")["folder"]) / "model"
+        n = result["epochs"]
+        epochs = f"{n} epoch{'s' if n > 1 else ''}"
         entries = [
             ("pruned, no training", r["prune (prune)"], None),
-            ("pruned + KD (1 epoch)", r["distil (distil)"], None),
-            ("same shape from scratch (1 epoch)", r["baseline (scratch, same shape)"], None),
+            (f"pruned + KD ({epochs})", r["distil (distil)"], None),
+            (f"same shape from scratch ({epochs})", r["baseline (scratch, same shape)"], None),
             (
                 "pruned + KD, static int8 (PT2E)",
                 r["quantise (quantise)"],
@@ -637,6 +640,7 @@ def main() -> None:
         "--vision-channels", type=lambda s: [int(c) for c in s.split(",")], default=FASHION_CHANNELS
     )
     parser.add_argument("--vision-teacher-epochs", type=int, default=3)
+    parser.add_argument("--vision-epochs", type=int, default=1, help="distil and scratch epochs")
     parser.add_argument("--eval-limit", type=int, default=64, help="held-out LM examples")
     parser.add_argument("--calibration-examples", type=int, default=256)
     parser.add_argument("--vision-max-steps", type=int, default=None, help="smoke runs only")
