@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from distil.cli import app
+from distil.cli import app, load_config
 
 FAST = [
     "data.source={builtin: digits}",
@@ -82,6 +82,72 @@ def test_default_job_small_writes_full_run_folder(tmp_path: Path) -> None:
     # `distil report` re-renders from report.json
     code, out = _run(["report", str(run_dir)])
     assert code == 0 and "student (KD)" in out
+
+
+def test_student_labels_hides_labels_from_the_student_and_shrinks_the_baseline(
+    tmp_path: Path,
+) -> None:
+    from distil.recipes.classifier_kd import hide_labels, labelled_subset
+
+    _, cfg, _ = load_config("classifier_kd", [*FAST, "data.student_labels=200"])
+    labels = torch.arange(1347) % 10
+    keep = labelled_subset(cfg, labels)
+    assert keep is not None and len(keep) == len(set(keep.tolist())) == 200
+    _, other_seed, _ = load_config("classifier_kd", [*FAST, "data.student_labels=200", "seed=3"])
+    again = labelled_subset(other_seed, labels)  # the same subset for every seed
+    assert again is not None and torch.equal(keep, again)
+    hidden = hide_labels(labels, keep)
+    assert torch.equal(hidden[keep], labels[keep]) and int((hidden == -100).sum()) == 1147
+    assert (
+        labelled_subset(
+            cfg.model_copy(update={"data": cfg.data.model_copy(update={"student_labels": 5000})}),
+            labels,
+        )
+        is None
+    )  # more than there are: every label
+
+    run_dir = tmp_path / "run"
+    code, out = _run(
+        ["run", "classifier_kd", *FAST, "data.student_labels=200", "--run-dir", str(run_dir)]
+    )
+    assert code == 0, out
+    assert "see 200 of the 1347 training labels" in " ".join(out.split())
+    # the KD student reads every training example (the teacher's soft labels), the baseline
+    # only the labelled ones
+    student = json.loads((run_dir / "student" / "seen-epoch0-rank0.json").read_text())
+    baseline = json.loads((run_dir / "baseline" / "seen-epoch0-rank0.json").read_text())
+    assert len(student) == (1347 // 64) * 64 and len(baseline) == (200 // 64) * 64
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in metrics if m["phase"] == "student" and "hard_ce/raw" in m]
+    # the hard CE is summed over the labelled examples only and divided by the whole batch
+    assert steps and all(np.isfinite(m["kd/raw"]) and m["hard_ce/raw"] >= 0 for m in steps)
+
+
+def test_mixup_drops_the_hard_target_of_a_mix_with_an_unlabelled_example() -> None:
+    from distil.recipes.classifier_kd import KDStep, kd_loss_step
+    from distil.teachers.models import LiveClassifierTeacher
+
+    _, cfg, _ = load_config("classifier_kd", [*FAST, "kd.mixup_alpha=0.4"])
+    torch.manual_seed(0)
+    inputs = {"x": torch.randn(8, 5)}
+    student, teacher = torch.nn.Linear(5, 3), torch.nn.Linear(5, 3)
+    cpu = torch.device("cpu")
+    live = LiveClassifierTeacher(teacher, inputs, device=cpu)
+    ids = torch.arange(8)
+
+    def loss(labels: torch.Tensor) -> dict[str, float]:
+        torch.manual_seed(1)  # the same mix plan for each call
+        ctx = KDStep(student, student, inputs, labels, cfg.kd, True, cpu, live)
+        out = kd_loss_step(ctx, ids, 8.0)
+        assert torch.isfinite(out.loss)
+        return {k: float(v) for k, v in out.components.items()}
+
+    hidden = loss(torch.full((8,), -100))  # no labels: the KD term alone
+    assert hidden["hard_ce/raw"] == 0.0 and hidden["kd/raw"] > 0
+    some = loss(torch.tensor([0, 1, 2, 0, -100, -100, -100, -100]))
+    full = loss(torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]))
+    assert 0 <= some["hard_ce/raw"] < full["hard_ce/raw"]
+    assert some["kd/raw"] == hidden["kd/raw"] == full["kd/raw"]  # labels never touch the KD term
 
 
 def _cli(args: list[str]) -> list[str]:

@@ -101,6 +101,14 @@ def test_model_source_names_exactly_one_kind() -> None:
         load_config("classifier_kd", ["student.model={package: torch}"])
 
 
+def test_student_labels_refuses_dkd_which_needs_every_label() -> None:
+    _, cfg, _ = load_config("classifier_kd", ["data.student_labels=100", "kd.mixup_alpha=0.2"])
+    assert cfg.data.student_labels == 100
+    with pytest.raises(ConfigError, match="data.student_labels .*dkd.*data.student_labels=null"):
+        load_config("classifier_kd", ["data.student_labels=100", "kd.divergence=dkd"])
+    load_config("classifier_kd", ["data.student_labels=null", "kd.divergence=dkd"])
+
+
 def test_config_is_frozen() -> None:
     _, cfg, _ = load_config("classifier_kd", [])
     with pytest.raises(Exception, match="frozen"):

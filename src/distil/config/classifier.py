@@ -63,6 +63,14 @@ class ClassifierDataSection(StrictModel):
     train_limit: int | None = Field(
         default=None, ge=1, description="use only this many training examples"
     )
+    student_labels: int | None = Field(
+        default=None,
+        ge=1,
+        description="the student and the baseline see the labels of only this many training "
+        "examples (a random subset drawn with split_seed); the KD student also learns the "
+        "teacher's soft labels on the rest (a transfer set of unlabelled inputs), the baseline "
+        "trains on the labelled ones alone; the teacher trains on every label",
+    )
 
     @model_validator(mode="after")
     def _source(self) -> ClassifierDataSection:

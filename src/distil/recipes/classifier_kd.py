@@ -46,6 +46,7 @@ from distil.evaluation.cost import interleaved_speeds, peak_forward_memory_bytes
 from distil.evaluation.report import cost_part, print_report, quality_part, write_report
 from distil.losses.classifier import mixed_targets
 from distil.losses.objective import (
+    IGNORE_INDEX,
     ObjectiveOutput,
     classifier_objective,
     feature_objective,
@@ -215,6 +216,12 @@ class Config(StrictModel):
             )
             if on
         ]
+        if self.data.student_labels is not None and self.kd.divergence is ClassifierDivergence.DKD:
+            raise ValueError(
+                "data.student_labels leaves some training examples without a label, but "
+                "kd.divergence=dkd splits the teacher at every example's label; set "
+                "data.student_labels=null or choose another divergence"
+            )
         if self.teacher.cache is not None and mixing:
             raise ValueError(
                 f"teacher.cache stores the teacher's logits on the unmixed training examples, but {', '.join(mixing)} "
@@ -288,7 +295,11 @@ def kd_loss_step(ctx: KDStep, ids: torch.Tensor, window_items: float) -> Objecti
     if plan is None:
         out = classifier_objective(student_logits, t_logits, y, **mix)
     else:
-        soft = mixed_targets(y, y[plan.perm], plan.lam, student_logits.shape[-1])
+        y_b = y[plan.perm]
+        soft = mixed_targets(y.clamp_min(0), y_b.clamp_min(0), plan.lam, student_logits.shape[-1])
+        # a mix with an unlabelled example (data.student_labels) has no hard target: a zero row
+        # drops it from the CE, the KD term still reads the teacher on it
+        soft = soft * ((y != IGNORE_INDEX) & (y_b != IGNORE_INDEX)).unsqueeze(-1)
         out = mixup_classifier_objective(student_logits, t_logits, soft, **mix)
     if fkd is not None:
         out = feature_objective(fkd.terms(s_feats, t_out.features, window_items), out)
@@ -590,6 +601,27 @@ def splits(cfg: Config) -> tuple[ClassificationData, Split | None]:
     ), validation
 
 
+def labelled_subset(cfg: Config, labels: torch.Tensor) -> torch.Tensor | None:
+    """The sorted indices of the training examples whose labels the student and the baseline
+    see (``data.student_labels`` of them, drawn with ``split_seed`` so every seed shares them),
+    or None when they see every label."""
+    n = cfg.data.student_labels
+    if n is None or n >= len(labels):
+        return None
+    g = torch.Generator().manual_seed(cfg.data.split_seed)
+    return torch.randperm(len(labels), generator=g)[:n].sort().values
+
+
+def hide_labels(labels: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """The labels with every one outside ``keep`` set to the ignore index: the hard CE drops
+    those examples, the KD term still reads the teacher on them."""
+    if keep is None:
+        return labels
+    hidden = torch.full_like(labels, IGNORE_INDEX)
+    hidden[keep] = labels[keep]
+    return hidden
+
+
 def fresh_student(cfg: Config, data: ClassificationData) -> BuiltModel:
     """The student's initial weights: the same for the KD student and the baseline."""
     torch.manual_seed(cfg.seed + 17)
@@ -666,6 +698,13 @@ def main(cfg: Config, s: Session) -> dict[str, Any]:
     feature_names = sorted({t.teacher for t in features})
     teacher = make_teacher(cfg, s, members, data.train, train_labels, feature_names)
     s.announce(f"classifier_kd: the student learns from the {teacher.describe()}")
+    keep = labelled_subset(cfg, train_labels)
+    if keep is not None:
+        s.announce(
+            f"classifier_kd: the student and the baseline see {len(keep)} of the "
+            f"{len(train_labels)} training labels; the KD student also learns the teacher's soft "
+            "labels on the rest, the baseline trains on the labelled ones alone"
+        )
     evaluate = split_of(student, check)
     train_phase(
         "student",
@@ -673,7 +712,7 @@ def main(cfg: Config, s: Session) -> dict[str, Any]:
         student,
         cfg,
         cfg.train,
-        (s_train, train_labels),
+        (s_train, hide_labels(train_labels, keep)),
         log,
         evaluate,
         teacher,
@@ -688,7 +727,12 @@ def main(cfg: Config, s: Session) -> dict[str, Any]:
         )
     if cfg.eval.baseline and not same_objective:
         baseline = fresh_student(cfg, data)
-        train_phase("baseline", s, baseline, cfg, cfg.train, (s_train, train_labels), log, evaluate)
+        b_data = (
+            (s_train, train_labels)
+            if keep is None
+            else (_take(s_train, keep, torch.device("cpu")), train_labels[keep])
+        )
+        train_phase("baseline", s, baseline, cfg, cfg.train, b_data, log, evaluate)
     if not acc.is_main_process:
         return {}
     report = build_report(cfg, s, data, members, student, baseline, test_labels, validation)
