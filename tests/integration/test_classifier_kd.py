@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -148,6 +149,34 @@ def test_mixup_drops_the_hard_target_of_a_mix_with_an_unlabelled_example() -> No
     full = loss(torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]))
     assert 0 <= some["hard_ce/raw"] < full["hard_ce/raw"]
     assert some["kd/raw"] == hidden["kd/raw"] == full["kd/raw"]  # labels never touch the KD term
+
+
+def test_the_baseline_under_mixup_learns_the_mixed_labels() -> None:
+    """Without a teacher the CE is against λ·y + (1 − λ)·y[perm] of the mixed images, the same
+    targets the KD student's CE uses (it once read the first image's label alone)."""
+    from distil.data.mixing import apply_mix, sample_mix
+    from distil.losses.classifier import mixed_targets
+    from distil.recipes.classifier_kd import KDStep, kd_loss_step
+
+    _, cfg, _ = load_config("classifier_kd", [*FAST, "kd.mixup_alpha=0.4"])
+    torch.manual_seed(0)
+    inputs = {"x": torch.randn(8, 5)}
+    student = torch.nn.Linear(5, 3)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    cpu = torch.device("cpu")
+    torch.manual_seed(1)
+    out = kd_loss_step(
+        KDStep(student, student, inputs, labels, cfg.kd, True, cpu, None), torch.arange(8), 8.0
+    )
+    torch.manual_seed(1)  # the same plan again, for the reference
+    plan = sample_mix(8, mixup_alpha=0.4, cutmix_alpha=0.0)
+    assert plan is not None and 0 < plan.lam < 1 and not torch.equal(labels, labels[plan.perm])
+    mixed = apply_mix(inputs["x"], plan)
+    target = mixed_targets(labels, labels[plan.perm], plan.lam, 3)
+    expected = -(target * torch.log_softmax(student(mixed), dim=-1)).sum(-1).mean()
+    assert float(out.loss) == pytest.approx(float(expected), rel=1e-5)
+    first_only = torch.nn.functional.cross_entropy(student(mixed), labels)
+    assert float(out.loss) != pytest.approx(float(first_only), rel=1e-3)
 
 
 def _cli(args: list[str]) -> list[str]:

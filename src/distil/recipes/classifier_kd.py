@@ -266,6 +266,15 @@ class KDStep:
     features: FeatureDistiller | None = None
 
 
+def _mixed_hard_targets(y: torch.Tensor, plan: Any, num_classes: int) -> torch.Tensor:
+    """The label distribution of a mixed batch: ``λ·onehot(y) + (1 − λ)·onehot(y[perm])``. A mix
+    with an unlabelled example (``data.student_labels``) has no hard target: its row is zero,
+    which drops it from the CE while a KD term still reads the teacher on it."""
+    y_b = y[plan.perm]
+    soft = mixed_targets(y.clamp_min(0), y_b.clamp_min(0), plan.lam, num_classes)
+    return soft * ((y != IGNORE_INDEX) & (y_b != IGNORE_INDEX)).unsqueeze(-1)
+
+
 def kd_loss_step(ctx: KDStep, ids: torch.Tensor, window_items: float) -> ObjectiveOutput:
     """One micro-batch of Hinton KD: ``(1 - w)·CE + w·T²·D(teacher_T ‖ student_T)`` (CE alone
     without a teacher), on mixed images when mixup/cutmix is on, plus the feature terms."""
@@ -278,11 +287,20 @@ def kd_loss_step(ctx: KDStep, ids: torch.Tensor, window_items: float) -> Objecti
         x_s = {k: apply_mix(v, plan) for k, v in x_s.items()}
     with capture_features(ctx.student, fkd.student_names if fkd else []) as s_feats:
         student_logits = logits_of(ctx.model, x_s).float()  # (b, C)
-    if ctx.teacher is None:
-        return classifier_objective(
+    if ctx.teacher is None:  # the baseline: CE alone, on the mixed labels of mixed images
+        if plan is None:
+            return classifier_objective(
+                student_logits,
+                None,
+                y,
+                kd_weight=kd.kd_weight,
+                kd_temperature=kd.kd_temperature,
+                num_items=window_items,
+            )
+        return mixup_classifier_objective(
             student_logits,
             None,
-            y,
+            _mixed_hard_targets(y, plan, student_logits.shape[-1]),
             kd_weight=kd.kd_weight,
             kd_temperature=kd.kd_temperature,
             num_items=window_items,
@@ -295,11 +313,7 @@ def kd_loss_step(ctx: KDStep, ids: torch.Tensor, window_items: float) -> Objecti
     if plan is None:
         out = classifier_objective(student_logits, t_logits, y, **mix)
     else:
-        y_b = y[plan.perm]
-        soft = mixed_targets(y.clamp_min(0), y_b.clamp_min(0), plan.lam, student_logits.shape[-1])
-        # a mix with an unlabelled example (data.student_labels) has no hard target: a zero row
-        # drops it from the CE, the KD term still reads the teacher on it
-        soft = soft * ((y != IGNORE_INDEX) & (y_b != IGNORE_INDEX)).unsqueeze(-1)
+        soft = _mixed_hard_targets(y, plan, student_logits.shape[-1])
         out = mixup_classifier_objective(student_logits, t_logits, soft, **mix)
     if fkd is not None:
         out = feature_objective(fkd.terms(s_feats, t_out.features, window_items), out)
