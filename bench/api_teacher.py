@@ -821,12 +821,50 @@ def table(_: argparse.Namespace) -> None:
         out.append("")
     relabel_rows = [r for (b, _), r in latest.items() if b == "relabel"]
     if relabel_rows:
-        out += ["## Relabelling (Rotten Tomatoes, ADE-style)", ""]
-        for r in relabel_rows:
-            shown = {k: v for k, v in r.items() if k not in ("bench", "row", "time", "load_avg")}
-            out.append(f"- {r['row']}: {_fmt(shown)[:1500]}")
-        out.append("")
+        out += relabel_table(relabel_rows)
     (RESULTS / "api_teacher.md").write_text("\n".join(out) + "\n")
+
+
+def _student_accuracy(row: dict[str, Any]) -> float | None:
+    """The KD student's test accuracy in a ``classifier_kd`` report row list."""
+    for model in row.get("models", []):
+        if model.get("model") == "student (KD)":
+            return float(model["accuracy"])
+    return None
+
+
+def relabel_table(rows: list[dict[str, Any]]) -> list[str]:
+    """The relabelling rows as one table: the API teacher, what its labels cost and how right
+    they are, and the same student trained on API labels, on 500 gold labels, on gold labels of
+    the same texts."""
+    by = {r["row"]: r for r in rows}
+    out = ["## Relabelling (Rotten Tomatoes, ADE-style)", ""]
+    relabel = by.get("distil relabel")
+    if relabel is not None:
+        teacher = relabel["teacher_rows"][0]
+        ledger = relabel["ledger"]
+        out += [
+            f"API teacher: MiniLM-L6 fine-tuned on 500 gold labels, {teacher['accuracy']:.2%} on "
+            f"the gold test split, served by `distil serve`. `distil relabel` labelled "
+            f"{relabel['labelled']:,} texts ({relabel['labels_bought']:,} labels bought, "
+            f"{relabel['invalid']} invalid, {relabel['unanswered']} unanswered; "
+            f"{ledger['total_tokens']:,} tokens, {ledger['cost']:.4f} {ledger['currency']} at the "
+            f"config's prices) in {relabel['wall_s']:.0f} s; its labels agree with the gold "
+            f"labels on {relabel['silver_label_accuracy']:.2%} of those texts.",
+            "",
+            "| n-gram MLP student (65k params) trained on | test accuracy |",
+            "|---|---:|",
+        ]
+    names = {
+        "student on the 500 gold labels": "the 500 gold labels the teacher was tuned on",
+        "student on API labels": "the API teacher's labels of the unlabelled texts",
+        "student on gold labels of the same texts": "gold labels of the same texts (upper bound)",
+    }
+    for key, what in names.items():
+        accuracy = _student_accuracy(by.get(key, {}))
+        if accuracy is not None:
+            out.append(f"| {what} | {accuracy:.2%} |")
+    return [*out, ""]
 
 
 def main() -> None:
