@@ -250,6 +250,9 @@ def test_ctrl_c_says_how_to_resume(tmp_path: Path) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # a shell that starts the tests in the background (`cmd &`) makes its children ignore
+        # SIGINT, and Python then installs no KeyboardInterrupt handler: give the run the default
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.time() + 120
     while time.time() < deadline and not (run_dir / "metrics.jsonl").is_file():
