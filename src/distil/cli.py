@@ -33,6 +33,13 @@ app = typer.Typer(
 console = Console()
 err_console = Console(stderr=True)
 
+# transformers imports torchao when it is installed (the compress extra); on a CPU build torchao
+# then logs, at every start, that its CUDA kernels and Triton are missing, and torch logs the
+# enum registrations torchao makes. None of it concerns a distil run (the compress recipe names
+# which quantisation paths run), so those loggers speak only of errors.
+for _noisy in ("torchao", "torchao.kernel.intmm", "torch.utils._pytree"):
+    logging.getLogger(_noisy).setLevel(logging.ERROR)
+
 
 def _version(value: bool) -> None:
     if value:
