@@ -3,7 +3,7 @@
 For every supervised next-token position (where training computes a loss) a shard stores the
 teacher's top-k log-probs at ``kd_temperature`` (fp16 or bf16), their token ids (the smallest
 integer type that holds the vocabulary) and the log of the remaining tail mass. Examples are
-tokenised by the same code as training (:func:`distil.recipes.lm_setup.load_lm_data`) and keyed
+tokenised by the same code as training (:func:`distil.data.lm.load_lm_data`) and keyed
 by example id, plus a hash of their tokens, so a shuffled or resumed run finds its targets.
 
 Shard ``i`` holds examples ``[i·S, (i+1)·S)`` of the training split in dataset order, computed in
