@@ -180,3 +180,51 @@ def test_cross_cache_rebuilds_the_merged_distributions(
             output_device=torch.device("cpu"),
         )
     assert math.isfinite(float(rebuilt.max()))
+
+
+@pytest.mark.parametrize("loss", ["hybrid", "min_ed"])
+def test_the_cross_path_with_one_tokenizer_is_same_tokenizer_kd(
+    tokenizer_pair: dict[str, Any], loss: str
+) -> None:
+    """The whole cross-tokenizer path (paired examples, byte-span groups, the group merge and the
+    loss) with the teacher's tokenizer on both sides must be same-tokenizer forward-KL KD: every
+    group is one-to-one and matched, so loss and gradient equal ``token_objective``'s."""
+    from distil.alignment.vocab import shared_vocabulary
+    from distil.losses.objective import cross_tokenizer_objective, token_objective
+
+    tok = tokenizer_pair["bpe500"]
+    records = datasets.Dataset.from_dict({"text": TEXTS})
+    pairs, stats = build_paired_examples(
+        records, _section(max_length=32), tok, tok, teacher_max_length=32
+    )
+    assert stats["one_to_one"] == pytest.approx(1.0)
+    data = PairedLMData(pairs, pairs, *(np.zeros(len(pairs), np.int64),) * 3, 1, 1, stats)
+    cols = data.collate(data.train, list(range(min(4, len(pairs)))))
+    assert torch.equal(cols["input_ids"], cols["teacher_input_ids"])
+    targets = shift_for_next_token(cols["labels"])
+    groups = batch_groups(
+        "byte_span", cols["groups"], targets, shift_for_next_token(cols["teacher_labels"])
+    )
+    assert groups.num_groups == int((targets != -100).sum())  # one group per supervised target
+    vocab = len(tok)
+    g = torch.Generator().manual_seed(0)
+    t_logits = 2 * torch.randn(*cols["input_ids"].shape, vocab, generator=g)
+    s_logits = torch.randn(*cols["input_ids"].shape, vocab, generator=g).requires_grad_(True)
+    ref = token_objective(
+        s_logits, t_logits, targets, kd_weight=0.9, kd_temperature=1.0, divergence="forward_kl"
+    )
+    params: dict[str, Any] = {"merge": "observed"}
+    if loss == "hybrid":
+        params |= {
+            "shared_vocabulary": shared_vocabulary(tok, tok),
+            "matched_divergence": "forward_kl",
+        }
+    else:
+        params |= {"vocab_map": torch.arange(vocab), "divergence": "forward_kl"}
+    out = cross_tokenizer_objective(
+        s_logits, t_logits, groups, kd_weight=0.9, kd_temperature=1.0, loss=loss, **params
+    )
+    assert float(out.loss.detach()) == pytest.approx(float(ref.loss.detach()), rel=1e-5)
+    (g_ref,) = torch.autograd.grad(ref.loss, s_logits)
+    (g_out,) = torch.autograd.grad(out.loss, s_logits)
+    torch.testing.assert_close(g_out, g_ref, rtol=1e-4, atol=1e-7)
