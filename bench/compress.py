@@ -21,7 +21,7 @@ Latency: the final models of each table are timed together, interleaved round by
 runs themselves measure size and quality only. Every run records its wall time, the CPU time of
 its process and the load average.
 
-    python bench/compress.py --teacher /work/scratch/lm-teacher --work /work/scratch/compress/bench
+    python bench/compress.py --teacher runs/lm-teacher --work runs/bench-compress
 
 One JSON line per row on stdout; ``bench/results/compress.{jsonl,md}``.
 """

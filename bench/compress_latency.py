@@ -8,7 +8,7 @@ are the size), then timed on one forward pass of ``batch x tokens`` random ids a
 eager and ``torch.compile``d, interleaved round by round (``distil.compress.latency``): median
 and p10-p90 of the rounds, with the load average and this process's CPU time.
 
-    python bench/compress_latency.py --teacher /work/scratch/lm-teacher --tokens 64 --repeats 10
+    python bench/compress_latency.py --teacher runs/lm-teacher --tokens 64 --repeats 10
 
 One JSON line per measurement on stdout; ``bench/results/compress_latency.{jsonl,md}``.
 """

@@ -22,8 +22,8 @@ the same held-out text: the built-in corpus's validation split (capped by ``--ev
 Each arm is ``distil run lm_kd`` in a fresh process (one thread), resumable: an arm whose
 ``report.json`` exists is not run again.
 
-    python bench/cross_tokenizer.py --teacher /work/scratch/lm-teacher \\
-        --hard-tokenizer toks/unigram-4096 --easy-tokenizer toks/bpe-2048 --work /tmp/xt-bench
+    python bench/cross_tokenizer.py --teacher runs/lm-teacher \\
+        --hard-tokenizer toks/unigram-4096 --easy-tokenizer toks/bpe-2048 --work runs/xt-bench
 
 Writes ``bench/results/cross_tokenizer.jsonl`` and ``.md``.
 """

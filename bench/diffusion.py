@@ -19,7 +19,7 @@ Goals (issue 20): paper #1 at 8 steps within 10 % of DDIM-64's distance; PD at 4
 10 % of two-pass CFG at the same steps; consistency at 1-2 steps better than PD at the same NFE.
 
     python bench/diffusion.py --work bench/artifacts/diffusion            # hours on this CPU
-    python bench/diffusion.py --work /tmp/diffusion-quick --quick         # minutes: digits 8x8
+    python bench/diffusion.py --work runs/diffusion-quick --quick        # minutes: digits 8x8
 
 Finished runs are reused (an unfinished one is resumed), so the command can be repeated. One
 JSON line per row goes to ``bench/results/diffusion.jsonl`` as it is scored; the Markdown table,

@@ -17,7 +17,7 @@ parameters, 5.3x smaller than the 8.4M target) and the same tokenizer:
 plus ``pretrained`` (the shared starting point, fewer steps). Training is ``distil run lm_kd``
 through the CLI (no training loop here)::
 
-    flock /work/heavy.lock nice -n 5 env OMP_NUM_THREADS=1 \\
+    nice -n 5 env OMP_NUM_THREADS=1 \\
         python bench/drafts.py train --target TARGET_FOLDER --work WORK_DIR
 
 Evaluation (``distil.evaluation.speculative``): exact α on the target's own continuations of

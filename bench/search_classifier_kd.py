@@ -20,7 +20,7 @@ Protocol (the search never reads a test-split number):
 5. ``distil advise classifier_kd``: its capacity-gap student size against the search's.
 
     nohup nice -n 10 env OMP_NUM_THREADS=1 PYTHONPATH=src \\
-        python bench/search_classifier_kd.py --out /work/scratch/search/study > log 2>&1 &
+        python bench/search_classifier_kd.py --out runs/search-study > log 2>&1 &
 
 Writes ``bench/results/search_classifier_kd.{json,md}`` (times, load averages, process CPU time,
 trial states around each kill, selection, final test, accuracy by student size, advise's check).
