@@ -196,3 +196,23 @@ def make_tokenizer_pair(root: Path) -> dict[str, Path]:
     train_bpe_tokenizer_from_texts(texts, root / "bpe320", 320)
     train_unigram_tokenizer_from_texts(texts, root / "uni600", 600)
     return {"bpe500": root / "bpe500", "bpe320": root / "bpe320", "uni600": root / "uni600"}
+
+
+def word_level_tokenizer(texts: list[str]) -> Any:
+    """A whitespace word-level BERT-style tokenizer ([PAD], [UNK], [CLS], [SEP]) trained on
+    ``texts``, for tiny Hugging Face encoder and classifier folders."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(
+        texts, trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]"])
+    )
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+    )

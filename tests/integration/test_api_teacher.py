@@ -27,7 +27,7 @@ from fastapi import FastAPI, Request
 from typer.testing import CliRunner
 
 from distil.cli import app
-from tests.helpers import free_port, make_lm_fixture
+from tests.helpers import free_port, make_lm_fixture, word_level_tokenizer
 
 runner = CliRunner()
 KEY_ENV = "DISTIL_TEST_API_KEY"
@@ -575,7 +575,6 @@ def test_sequence_level_kd_trains_on_the_endpoint_records(
 
 def _classifier_folder(root: Path) -> Path:
     import transformers
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     words = [
         "a",
@@ -593,18 +592,7 @@ def _classifier_folder(root: Path) -> Path:
         "was",
         "and",
     ]
-    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(
-        words, trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]"])
-    )
-    fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="[PAD]",
-        unk_token="[UNK]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-    )
+    fast = word_level_tokenizer(words)
     config = transformers.BertConfig(
         vocab_size=fast.vocab_size,
         hidden_size=16,

@@ -9,10 +9,10 @@ from pathlib import Path
 import pandas as pd
 import torch
 import transformers
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from typer.testing import CliRunner
 
 from distil.cli import app
+from tests.helpers import word_level_tokenizer
 
 runner = CliRunner()
 WORDS_POS = ["good", "great", "fine", "lovely", "superb", "fun"]
@@ -38,18 +38,7 @@ def _text_data(tmp_path: Path) -> Path:
 
 
 def _bert_folder(tmp_path: Path, texts: list[str]) -> Path:
-    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(
-        texts, trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]"])
-    )
-    fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="[PAD]",
-        unk_token="[UNK]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-    )
+    fast = word_level_tokenizer(texts)
     config = transformers.BertConfig(
         vocab_size=fast.vocab_size,
         hidden_size=16,

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from distil.compress.artifacts import LoadedModel
 from distil.compress.config import Calibration, ModelKind, PipelineConfig
@@ -19,7 +18,7 @@ from distil.compress.export import save_zoo_classifier
 from distil.compress.pipeline import PipelineHooks, StageStatus, run_pipeline
 from distil.models.classifier import SmallCNN
 from distil.models.encoder import encode, load_encoder, save_sentence_encoder
-from tests.helpers import make_lm_fixture
+from tests.helpers import make_lm_fixture, word_level_tokenizer
 
 
 def _pipeline(source: Path, kind: str, out: Path, *stages: dict[str, object]) -> PipelineConfig:
@@ -90,18 +89,7 @@ def _encoder_source(tmp_path: Path) -> Path:
     sentences = [
         " ".join(words[i] for i in torch.randint(len(words), (5,), generator=g)) for _ in range(40)
     ]
-    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(
-        sentences, trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]"])
-    )
-    fast = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="[PAD]",
-        unk_token="[UNK]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-    )
+    fast = word_level_tokenizer(sentences)
     config = transformers.BertConfig(
         vocab_size=fast.vocab_size,
         hidden_size=16,
