@@ -13,8 +13,10 @@ Arms per pair: no teacher (the run's baseline phase); sequence-level KD (cross-e
 teacher samples: ``distil generate`` at temperature 1, each prompt + continuation a document);
 ULD (positional pairs, Boizard et al.); GOLD's byte-span ULD; GOLD's hybrid (forward KL on the
 shared vocabulary entries + ULD on the rest); MinED (forward KL after FuseLLM's edit-distance
-map). Upper reference: the same student on the teacher's own tokenizer with token-level forward
-KL (and its own no-teacher baseline). Finally the hybrid on the hard pair trained from a
+map); the longest-prefix map (forward KL after carrying each teacher entry to the longest
+student entry its bytes start with: the teacher's probability of the student's next token).
+Upper reference: the same student on the teacher's own tokenizer with token-level forward KL
+(and its own no-teacher baseline). Finally the hybrid on the hard pair trained from a
 cross-tokenizer teacher cache, against the same run with the live teacher.
 
 Every final model (and the teacher) is then scored with ``distil.evaluation.bits_per_byte`` on
@@ -50,6 +52,7 @@ METHODS = {
     "byte_span_uld": ["kd.cross_tokenizer.loss=uld"],
     "hybrid": ["kd.cross_tokenizer.loss=hybrid"],
     "min_ed": ["kd.cross_tokenizer.loss=min_ed"],
+    "prefix": ["kd.cross_tokenizer.loss=prefix"],
 }
 LABELS = {
     "baseline": "no teacher",
@@ -58,6 +61,7 @@ LABELS = {
     "byte_span_uld": "ULD on byte-span groups (GOLD)",
     "hybrid": "byte-span + hybrid (GOLD)",
     "min_ed": "MinED (FuseLLM)",
+    "prefix": "byte-span + longest-prefix map",
     "hybrid_cache": "byte-span + hybrid, from a teacher cache",
     "same_tokenizer_kd": "same-tokenizer KD (upper reference)",
     "same_tokenizer_baseline": "no teacher, teacher's tokenizer",
@@ -297,7 +301,16 @@ def write_table(
         "| pair | method | bits/byte | vs no teacher | share of same-tokenizer gain | train wall (s) | load |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
-    order = ["baseline", "seqkd", "uld", "byte_span_uld", "hybrid", "min_ed", "hybrid_cache"]
+    order = [
+        "baseline",
+        "seqkd",
+        "uld",
+        "byte_span_uld",
+        "hybrid",
+        "min_ed",
+        "prefix",
+        "hybrid_cache",
+    ]
     rows = [("same", "same_tokenizer_baseline"), ("same", "same_tokenizer_kd")]
     for pair in ("hard", "easy"):
         rows += [(pair, arm) for arm in order]

@@ -1,4 +1,4 @@
-"""Token surfaces, shared vocabulary entries and the MinED map."""
+"""Token surfaces, shared vocabulary entries, the MinED map and the longest-prefix map."""
 
 from __future__ import annotations
 
@@ -8,7 +8,13 @@ from typing import Any
 import pytest
 import torch
 
-from distil.alignment import VocabMatch, min_edit_distance_map, shared_vocabulary, token_surfaces
+from distil.alignment import (
+    VocabMatch,
+    longest_prefix_map,
+    min_edit_distance_map,
+    shared_vocabulary,
+    token_surfaces,
+)
 from distil.alignment.vocab import (
     byte_level_decoder_table,
     levenshtein_bit_parallel,
@@ -138,3 +144,35 @@ def test_min_edit_distance_map_sends_eos_to_eos(tokenizer_pair: dict[str, Any]) 
     assert mapping.shape == (len(teacher),)
     assert int(mapping[teacher.eos_token_id]) == student.eos_token_id
     assert int(mapping.max()) < len(student)
+
+
+def test_longest_prefix_map_sends_each_entry_to_its_longest_student_prefix(
+    tokenizer_pair: dict[str, Any],
+) -> None:
+    teacher, student = tokenizer_pair["bpe500"], tokenizer_pair["uni600"]
+    mapping = longest_prefix_map(teacher, student).tolist()
+    assert len(mapping) == len(teacher) and max(mapping) < len(student)
+    t_surfaces, s_surfaces = token_surfaces(teacher), token_surfaces(student)
+    checked = 0
+    for i, j in enumerate(mapping):
+        surface = t_surfaces[i]
+        if not surface:
+            continue
+        prefixes = [k for k, s in enumerate(s_surfaces) if s and surface.startswith(s)]
+        if not prefixes:
+            continue  # a MinED fallback
+        longest = max(len(s_surfaces[k] or b"") for k in prefixes)
+        assert s_surfaces[j] is not None and surface.startswith(s_surfaces[j])
+        assert len(s_surfaces[j]) == longest, (surface, s_surfaces[j])
+        checked += 1
+    assert checked > 0.9 * len(teacher)
+    assert mapping[teacher.eos_token_id] == student.eos_token_id
+
+
+def test_longest_prefix_map_of_identical_tokenizers_is_the_identity_up_to_duplicates(
+    tokenizer_pair: dict[str, Any],
+) -> None:
+    tokenizer = tokenizer_pair["bpe320"]
+    surfaces = token_surfaces(tokenizer)
+    for i, j in enumerate(longest_prefix_map(tokenizer, tokenizer).tolist()):
+        assert j == i or (surfaces[i] is not None and surfaces[i] == surfaces[j] and j < i)

@@ -32,6 +32,7 @@ from distil.alignment.packing import AlignedBlock, cut_aligned_blocks
 from distil.alignment.vocab import (
     SharedVocabulary,
     VocabMatch,
+    longest_prefix_map,
     min_edit_distance_map,
     shared_vocabulary,
     token_surfaces,
@@ -55,6 +56,7 @@ __all__ = [
     "collate_groups",
     "cut_aligned_blocks",
     "groups_from_padded",
+    "longest_prefix_map",
     "min_edit_distance_map",
     "positional_alignment",
     "shared_vocabulary",

@@ -1,4 +1,4 @@
-"""Vocabulary correspondences between two tokenizers: token surfaces, shared entries, MinED map.
+"""Vocabulary correspondences between two tokenizers: surfaces, shared entries, MinED/prefix maps.
 
 A token's **surface** is the UTF-8 byte string it stands for in running text: ``"Ġdef"`` of a
 byte-level BPE and ``"▁def"`` of a Metaspace Unigram both stand for ``b" def"``. Surfaces are what
@@ -11,6 +11,9 @@ makes vocabulary entries of two tokenizers comparable:
   tokenizer). Special tokens pair by their content (``<|endoftext|>`` with ``<|endoftext|>``).
 * :func:`min_edit_distance_map` maps every teacher entry to the student entry with the smallest
   Levenshtein distance between surfaces (FuseLLM's MinED vocabulary mapping).
+* :func:`longest_prefix_map` maps every teacher entry to the longest student entry its surface
+  begins with: the token the student would start the same bytes with, so the teacher's
+  next-token probabilities carried through it are its probabilities of the student's next token.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ __all__ = [
     "is_byte_level",
     "levenshtein_bit_parallel",
     "levenshtein_block",
+    "longest_prefix_map",
     "min_edit_distance_map",
     "shared_vocabulary",
     "special_token_ids",
@@ -390,6 +394,59 @@ def _bit_parallel(peq: Tensor, m: int, b: Tensor) -> Tensor:
         pv = (mh | ~(xv | ph)) & mask
         mv = ph & xv & mask
     return score
+
+
+def longest_prefix_map(
+    teacher_tokenizer: PreTrainedTokenizerBase, student_tokenizer: PreTrainedTokenizerBase
+) -> Tensor:
+    """Each teacher entry → the longest student entry that its surface starts with.
+
+    At a position where both tokenizations start a token at the same byte (the start of every
+    byte-span group), the teacher's next token ``v`` and the student's next token ``u`` both
+    begin the same text, and ``u`` is (for a tokenizer that splits greedily from the left) the
+    longest student entry that is a prefix of ``v``'s bytes. Adding up the teacher's
+    probabilities of every ``v`` mapped to ``u`` gives the teacher's probability that the
+    student's next token is ``u``: a marginal on the student's vocabulary, where MinED's map
+    sends ``v`` to a similar-looking entry that may spell different text. This is our own
+    first-token form of the idea behind byte-level cross-tokenizer likelihood matching (not a
+    seed paper's method); Unigram and BPE tokenizers do not always split greedily, so it is an
+    approximation there.
+
+    Special tokens map to the student special with the same content; entries without a
+    student prefix (a character the student vocabulary lacks) or without a surface fall back
+    to the MinED map.
+
+    Args:
+        teacher_tokenizer: the teacher's tokenizer (``V_t`` entries).
+        student_tokenizer: the student's tokenizer (``V_s`` entries).
+
+    Returns:
+        ``(V_t,)`` int64 student ids.
+    """
+    student_specials = {text: i for i, text in special_token_ids(student_tokenizer).items()}
+    by_surface: dict[bytes, int] = {}
+    for j, surface in enumerate(token_surfaces(student_tokenizer)):
+        if surface:
+            by_surface.setdefault(surface, j)
+    longest = max((len(k) for k in by_surface), default=0)
+    teacher_specials = special_token_ids(teacher_tokenizer)
+    out = np.full(len(teacher_tokenizer), -1, dtype=np.int64)
+    for i, surface in enumerate(token_surfaces(teacher_tokenizer)):
+        if i in teacher_specials:
+            out[i] = student_specials.get(teacher_specials[i], -1)
+            continue
+        for n in range(min(len(surface or b""), longest), 0, -1):
+            match = by_surface.get(surface[:n]) if surface else None
+            if match is not None:
+                out[i] = match
+                break
+    missing = np.flatnonzero(out < 0)
+    if missing.size:
+        keys_t, keys_s = _edit_keys(teacher_tokenizer), _edit_keys(student_tokenizer)
+        fallback = min_edit_distance_map_from_keys([keys_t[i] for i in missing], keys_s)
+        out[missing] = fallback.numpy()
+        logger.info("longest-prefix map: %d teacher entries fell back to MinED", missing.size)
+    return torch.from_numpy(out)
 
 
 def min_edit_distance_map_from_keys(

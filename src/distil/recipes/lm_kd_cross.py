@@ -27,7 +27,12 @@ from torch import Tensor, nn
 
 from distil.alignment.groups import AlignmentKind, align_spans, batch_groups
 from distil.alignment.offsets import ByteSpanEncoder, Special, TokenSpans
-from distil.alignment.vocab import SharedVocabulary, min_edit_distance_map, shared_vocabulary
+from distil.alignment.vocab import (
+    SharedVocabulary,
+    longest_prefix_map,
+    min_edit_distance_map,
+    shared_vocabulary,
+)
 from distil.cache.manifest import teacher_fingerprint
 from distil.cache.writer import cache_complete, id_dtype
 from distil.config.lm import STUDENT_SEED, TEACHER_SEED
@@ -342,10 +347,13 @@ def loss_parameters(
             "unmatched_weight": xt.unmatched_weight,
             **kd.divergence_params,
         }
-    elif xt.loss is CrossTokenizerLoss.MIN_ED:
+    elif xt.loss in (CrossTokenizerLoss.MIN_ED, CrossTokenizerLoss.PREFIX):
         started = time.perf_counter()
-        vocab_map = min_edit_distance_map(teacher_tokenizer, student_tokenizer)
-        logger.info("MinED vocabulary map in %.1f s", time.perf_counter() - started)
+        mapper = (
+            min_edit_distance_map if xt.loss is CrossTokenizerLoss.MIN_ED else longest_prefix_map
+        )
+        vocab_map = mapper(teacher_tokenizer, student_tokenizer)
+        logger.info("%s vocabulary map in %.1f s", xt.loss.value, time.perf_counter() - started)
         params |= {
             "vocab_map": vocab_map.to(s.accelerator.device),
             "divergence": kd.divergence.value,
@@ -500,7 +508,11 @@ def run(cfg: Config, s: Session, teacher_tokenizer: Any, student_tokenizer: Any)
             if shared is not None
             else ""
         )
-        + (f", {kd.divergence.value} after the MinED map" if "vocab_map" in params else "")
+        + (
+            f", {kd.divergence.value} after the {xt.loss.value} vocabulary map"
+            if "vocab_map" in params
+            else ""
+        )
         + f"); alignment of the training data: {stats['coverage']:.1%} of the student's text "
         f"covered, {stats['one_to_one']:.1%} of {int(stats['groups']):,} groups one-to-one, the "
         f"largest {int(stats['max_group_tokens'])} tokens; data {cfg.data.format.value}, "
