@@ -13,8 +13,8 @@ Arms per pair: no teacher (the run's baseline phase); sequence-level KD (cross-e
 teacher samples: ``distil generate`` at temperature 1, each prompt + continuation a document);
 ULD (positional pairs, Boizard et al.); GOLD's byte-span ULD; GOLD's hybrid (forward KL on the
 shared vocabulary entries + ULD on the rest); MinED (forward KL after FuseLLM's edit-distance
-map); the longest-prefix map (forward KL after carrying each teacher entry to the longest
-student entry its bytes start with: the teacher's probability of the student's next token).
+map); the first-token map (forward KL after carrying each teacher entry to the first token of
+the student's encoding of its text: the teacher's probability of the student's next token).
 Upper reference: the same student on the teacher's own tokenizer with token-level forward KL
 (and its own no-teacher baseline). Finally the hybrid on the hard pair trained from a
 cross-tokenizer teacher cache, against the same run with the live teacher.
@@ -52,7 +52,7 @@ METHODS = {
     "byte_span_uld": ["kd.cross_tokenizer.loss=uld"],
     "hybrid": ["kd.cross_tokenizer.loss=hybrid"],
     "min_ed": ["kd.cross_tokenizer.loss=min_ed"],
-    "prefix": ["kd.cross_tokenizer.loss=prefix"],
+    "first_token": ["kd.cross_tokenizer.loss=first_token"],
 }
 LABELS = {
     "baseline": "no teacher",
@@ -61,7 +61,7 @@ LABELS = {
     "byte_span_uld": "ULD on byte-span groups (GOLD)",
     "hybrid": "byte-span + hybrid (GOLD)",
     "min_ed": "MinED (FuseLLM)",
-    "prefix": "byte-span + longest-prefix map",
+    "first_token": "byte-span + first-token map (ours)",
     "hybrid_cache": "byte-span + hybrid, from a teacher cache",
     "same_tokenizer_kd": "same-tokenizer KD (upper reference)",
     "same_tokenizer_baseline": "no teacher, teacher's tokenizer",
@@ -308,7 +308,7 @@ def write_table(
         "byte_span_uld",
         "hybrid",
         "min_ed",
-        "prefix",
+        "first_token",
         "hybrid_cache",
     ]
     rows = [("same", "same_tokenizer_baseline"), ("same", "same_tokenizer_kd")]

@@ -182,14 +182,14 @@ def test_cross_cache_rebuilds_the_merged_distributions(
     assert math.isfinite(float(rebuilt.max()))
 
 
-@pytest.mark.parametrize("loss", ["hybrid", "min_ed", "prefix"])
+@pytest.mark.parametrize("loss", ["hybrid", "min_ed", "first_token"])
 def test_the_cross_path_with_one_tokenizer_is_same_tokenizer_kd(
     tokenizer_pair: dict[str, Any], loss: str
 ) -> None:
     """The whole cross-tokenizer path (paired examples, byte-span groups, the group merge and the
     loss) with the teacher's tokenizer on both sides must be same-tokenizer forward-KL KD: every
     group is one-to-one and matched, so loss and gradient equal ``token_objective``'s."""
-    from distil.alignment.vocab import longest_prefix_map, shared_vocabulary
+    from distil.alignment.vocab import first_token_map, shared_vocabulary
     from distil.losses.objective import cross_tokenizer_objective, token_objective
 
     tok = tokenizer_pair["bpe500"]
@@ -221,8 +221,8 @@ def test_the_cross_path_with_one_tokenizer_is_same_tokenizer_kd(
         }
     elif loss == "min_ed":
         params |= {"vocab_map": torch.arange(vocab), "divergence": "forward_kl"}
-    else:  # the real prefix map: the identity when both sides share one tokenizer
-        vocab_map = longest_prefix_map(tok, tok)
+    else:  # the real first-token map: the identity when both sides share one tokenizer
+        vocab_map = first_token_map(tok, tok)
         assert torch.equal(vocab_map, torch.arange(vocab))
         params |= {"vocab_map": vocab_map, "divergence": "forward_kl"}
     out = cross_tokenizer_objective(

@@ -32,7 +32,7 @@ from distil.alignment.packing import AlignedBlock, cut_aligned_blocks
 from distil.alignment.vocab import (
     SharedVocabulary,
     VocabMatch,
-    longest_prefix_map,
+    first_token_map,
     min_edit_distance_map,
     shared_vocabulary,
     token_surfaces,
@@ -55,8 +55,8 @@ __all__ = [
     "char_to_byte_table",
     "collate_groups",
     "cut_aligned_blocks",
+    "first_token_map",
     "groups_from_padded",
-    "longest_prefix_map",
     "min_edit_distance_map",
     "positional_alignment",
     "shared_vocabulary",

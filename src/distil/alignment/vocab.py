@@ -11,9 +11,12 @@ makes vocabulary entries of two tokenizers comparable:
   tokenizer). Special tokens pair by their content (``<|endoftext|>`` with ``<|endoftext|>``).
 * :func:`min_edit_distance_map` maps every teacher entry to the student entry with the smallest
   Levenshtein distance between surfaces (FuseLLM's MinED vocabulary mapping).
-* :func:`longest_prefix_map` maps every teacher entry to the longest student entry its surface
-  begins with: the token the student would start the same bytes with, so the teacher's
-  next-token probabilities carried through it are its probabilities of the student's next token.
+* :func:`first_token_map` maps every teacher entry to the student token its text starts with
+  (the first token of the student's encoding of it), so the teacher's next-token probabilities
+  carried through it are its probabilities of the student's next token.
+* Where several entries share a surface (a Unigram's ``"▁"`` and its byte piece ``<0x20>``),
+  every correspondence here uses the one the tokenizer itself writes
+  (:func:`canonical_surface_ids`).
 """
 
 from __future__ import annotations
@@ -38,10 +41,11 @@ __all__ = [
     "SharedVocabulary",
     "VocabMatch",
     "byte_level_decoder_table",
+    "canonical_surface_ids",
+    "first_token_map",
     "is_byte_level",
     "levenshtein_bit_parallel",
     "levenshtein_block",
-    "longest_prefix_map",
     "min_edit_distance_map",
     "shared_vocabulary",
     "special_token_ids",
@@ -241,26 +245,30 @@ def shared_vocabulary(
             strings, TRL GOLD's rule).
 
     Returns:
-        One-to-one pairs sorted by teacher id. Where several entries of one side share a key
-        (e.g. two ids decoding to the same bytes), the lowest id is used.
+        One-to-one pairs sorted by teacher id. Where several entries of one side share a
+        surface, the one the tokenizer writes is used (:func:`canonical_surface_ids`); with
+        ``"raw"`` keys, the lowest id.
     """
     match = VocabMatch(match)
+    student_keys = _match_keys(student_tokenizer, match)
     student_index: dict[object, int] = {}
-    for i, key in enumerate(_match_keys(student_tokenizer, match)):
+    for i in _canonical_first(student_tokenizer, match):
+        key = student_keys[i]
         if key is not None and key not in student_index:
             student_index[key] = i
-    teacher_ids: list[int] = []
-    student_ids: list[int] = []
+    pairs: list[tuple[int, int]] = []
     taken: set[int] = set()
-    for i, key in enumerate(_match_keys(teacher_tokenizer, match)):
+    teacher_keys = _match_keys(teacher_tokenizer, match)
+    for i in _canonical_first(teacher_tokenizer, match):
+        key = teacher_keys[i]
         j = student_index.get(key) if key is not None else None
         if j is not None and j not in taken:
-            teacher_ids.append(i)
-            student_ids.append(j)
+            pairs.append((i, j))
             taken.add(j)
+    pairs.sort()
     shared = SharedVocabulary(
-        torch.tensor(teacher_ids, dtype=torch.long),
-        torch.tensor(student_ids, dtype=torch.long),
+        torch.tensor([i for i, _ in pairs], dtype=torch.long),
+        torch.tensor([j for _, j in pairs], dtype=torch.long),
         len(teacher_tokenizer),
         len(student_tokenizer),
         match,
@@ -275,6 +283,14 @@ def shared_vocabulary(
         len(student_tokenizer),
     )
     return shared
+
+
+def _canonical_first(tokenizer: PreTrainedTokenizerBase, match: VocabMatch) -> list[int]:
+    """Every id, the canonical entry of each surface first (surface matching only)."""
+    if match is not VocabMatch.SURFACE:
+        return list(range(len(tokenizer)))
+    canonical = set(canonical_surface_ids(tokenizer).values())
+    return sorted(range(len(tokenizer)), key=lambda i: (i not in canonical, i))
 
 
 def _edit_keys(tokenizer: PreTrainedTokenizerBase) -> list[bytes]:
@@ -324,7 +340,9 @@ def min_edit_distance_map(
 
     Distance is the Levenshtein distance between surfaces (UTF-8 bytes, so ``" def"`` and
     ``"def"`` differ by one; FuseLLM strips the space markers instead, which makes them equal).
-    Special tokens compare by their content. Ties go to the lowest student id.
+    Special tokens compare by their content. Ties go to the lowest student id, except that of
+    several entries with one surface the one the student tokenizer writes is used
+    (:func:`canonical_surface_ids`).
 
     Args:
         teacher_tokenizer: the teacher's tokenizer (``V_t`` entries).
@@ -333,8 +351,15 @@ def min_edit_distance_map(
     Returns:
         ``(V_t,)`` int64 student ids.
     """
-    return min_edit_distance_map_from_keys(
+    mapping = min_edit_distance_map_from_keys(
         _edit_keys(teacher_tokenizer), _edit_keys(student_tokenizer)
+    )
+    # An entry and its duplicates (same surface) are at the same distance from everything:
+    # the tie goes to the one the student tokenizer writes.
+    canonical = canonical_surface_ids(student_tokenizer)
+    surfaces = token_surfaces(student_tokenizer)
+    return torch.tensor(
+        [canonical.get(surfaces[j] or b"", j) for j in mapping.tolist()], dtype=torch.long
     )
 
 
@@ -396,25 +421,75 @@ def _bit_parallel(peq: Tensor, m: int, b: Tensor) -> Tensor:
     return score
 
 
-def longest_prefix_map(
+def canonical_surface_ids(tokenizer: PreTrainedTokenizerBase) -> dict[bytes, int]:
+    """Surface → the one entry that stands for it in this tokenizer's own output.
+
+    Several entries can share a surface: a Unigram with byte fallback has the piece ``"!"`` and
+    the byte piece ``<0x21>``, the piece ``"▁"`` and ``<0x20>``. The tokenizer only ever writes
+    one of them (the byte pieces score far below any learned piece), so a correspondence that
+    picks the other (the lowest id, say) sends the teacher's probability of a space or a
+    punctuation mark to an entry the student never sees as a target. The canonical entry is
+    the one the tokenizer produces when it encodes that text alone; failing that, an entry that
+    is not a ``<0xHH>`` byte piece; failing that, the lowest id.
+
+    Args:
+        tokenizer: any Hugging Face tokenizer.
+
+    Returns:
+        One id per distinct surface (special tokens have none).
+    """
+    by_surface: dict[bytes, list[int]] = {}
+    for i, surface in enumerate(token_surfaces(tokenizer)):
+        if surface:
+            by_surface.setdefault(surface, []).append(i)
+    out = {surface: ids[0] for surface, ids in by_surface.items()}
+    repeated = {surface: ids for surface, ids in by_surface.items() if len(ids) > 1}
+    if not repeated:
+        return out
+    pieces = tokenizer.convert_ids_to_tokens([i for ids in repeated.values() for i in ids])
+    is_byte_piece = {
+        i: _BYTE_PIECE.match(piece or "") is not None
+        for i, piece in zip([i for ids in repeated.values() for i in ids], pieces, strict=True)
+    }
+    texts: dict[bytes, str] = {}
+    for surface in repeated:
+        try:
+            texts[surface] = surface.decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+    encoded = (
+        tokenizer(list(texts.values()), add_special_tokens=False)["input_ids"] if texts else []
+    )
+    produced = {surface: ids for surface, ids in zip(texts, encoded, strict=True)}
+    for surface, ids in repeated.items():
+        written = produced.get(surface, [])
+        if len(written) == 1 and written[0] in ids:
+            out[surface] = int(written[0])
+        else:
+            out[surface] = next((i for i in ids if not is_byte_piece[i]), ids[0])
+    return out
+
+
+def first_token_map(
     teacher_tokenizer: PreTrainedTokenizerBase, student_tokenizer: PreTrainedTokenizerBase
 ) -> Tensor:
-    """Each teacher entry → the longest student entry that its surface starts with.
+    """Each teacher entry → the student token that the same bytes start with.
 
     At a position where both tokenizations start a token at the same byte (the start of every
-    byte-span group), the teacher's next token ``v`` and the student's next token ``u`` both
-    begin the same text, and ``u`` is (for a tokenizer that splits greedily from the left) the
-    longest student entry that is a prefix of ``v``'s bytes. Adding up the teacher's
-    probabilities of every ``v`` mapped to ``u`` gives the teacher's probability that the
-    student's next token is ``u``: a marginal on the student's vocabulary, where MinED's map
-    sends ``v`` to a similar-looking entry that may spell different text. This is our own
-    first-token form of the idea behind byte-level cross-tokenizer likelihood matching (not a
-    seed paper's method); Unigram and BPE tokenizers do not always split greedily, so it is an
-    approximation there.
+    byte-span group), the teacher's next token ``v`` and the student's next token ``u`` begin
+    the same text, and ``u`` is the first token of the student's own tokenization of that text.
+    Adding up the teacher's probabilities of every ``v`` mapped to ``u`` gives the teacher's
+    probability that the student's next token is ``u``: a marginal on the student's
+    vocabulary, where MinED's map sends ``v`` to a similar-looking entry that may spell other
+    text. ``u`` is read from the student tokenizer's encoding of ``v``'s text alone, so BPE
+    merge order and Unigram's best segmentation are respected (in running text the bytes after
+    ``v`` can still change the split: an approximation). This is our own first-token form of
+    byte-level likelihood matching between tokenizers, not a seed paper's method.
 
-    Special tokens map to the student special with the same content; entries without a
-    student prefix (a character the student vocabulary lacks) or without a surface fall back
-    to the MinED map.
+    Special tokens map to the student special with the same content. An entry whose text the
+    student does not start with one of its tokens (a piece of a multi-byte character) maps to
+    the longest student surface it starts with; an entry with neither falls back to its MinED
+    match.
 
     Args:
         teacher_tokenizer: the teacher's tokenizer (``V_t`` entries).
@@ -424,19 +499,37 @@ def longest_prefix_map(
         ``(V_t,)`` int64 student ids.
     """
     student_specials = {text: i for i, text in special_token_ids(student_tokenizer).items()}
-    by_surface: dict[bytes, int] = {}
-    for j, surface in enumerate(token_surfaces(student_tokenizer)):
-        if surface:
-            by_surface.setdefault(surface, j)
-    longest = max((len(k) for k in by_surface), default=0)
+    canonical = canonical_surface_ids(student_tokenizer)
+    student_surfaces = token_surfaces(student_tokenizer)
+    longest = max((len(k) for k in canonical), default=0)
     teacher_specials = special_token_ids(teacher_tokenizer)
+    teacher_surfaces = token_surfaces(teacher_tokenizer)
     out = np.full(len(teacher_tokenizer), -1, dtype=np.int64)
-    for i, surface in enumerate(token_surfaces(teacher_tokenizer)):
+    texts: dict[int, str] = {}
+    for i, surface in enumerate(teacher_surfaces):
         if i in teacher_specials:
             out[i] = student_specials.get(teacher_specials[i], -1)
+        elif surface:
+            try:
+                texts[i] = surface.decode("utf-8")
+            except UnicodeDecodeError:
+                continue
+    encoded = (
+        student_tokenizer(list(texts.values()), add_special_tokens=False)["input_ids"]
+        if texts
+        else []
+    )
+    for i, ids in zip(texts, encoded, strict=True):
+        first = student_surfaces[ids[0]] if ids else None
+        surface = teacher_surfaces[i]
+        if first and surface and surface.startswith(first):
+            out[i] = canonical.get(first, ids[0])
+    for i in np.flatnonzero(out < 0):
+        surface = teacher_surfaces[i]
+        if i in teacher_specials or not surface:
             continue
-        for n in range(min(len(surface or b""), longest), 0, -1):
-            match = by_surface.get(surface[:n]) if surface else None
+        for n in range(min(len(surface), longest), 0, -1):
+            match = canonical.get(surface[:n])
             if match is not None:
                 out[i] = match
                 break
@@ -445,7 +538,7 @@ def longest_prefix_map(
         keys_t, keys_s = _edit_keys(teacher_tokenizer), _edit_keys(student_tokenizer)
         fallback = min_edit_distance_map_from_keys([keys_t[i] for i in missing], keys_s)
         out[missing] = fallback.numpy()
-        logger.info("longest-prefix map: %d teacher entries fell back to MinED", missing.size)
+        logger.info("first-token map: %d teacher entries fell back to MinED", missing.size)
     return torch.from_numpy(out)
 
 

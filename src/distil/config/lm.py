@@ -108,9 +108,9 @@ class CrossTokenizerSection(StrictModel):
     loss: CrossTokenizerLoss = Field(
         default=CrossTokenizerLoss.HYBRID,
         description="uld (sorted L1), hybrid (kd.divergence on shared entries + uld on the rest, "
-        "TRL GOLD), min_ed (kd.divergence after FuseLLM's edit-distance vocabulary map) or prefix "
-        "(kd.divergence after mapping each teacher entry to the longest student entry it starts "
-        "with)",
+        "TRL GOLD), min_ed (kd.divergence after FuseLLM's edit-distance vocabulary map) or "
+        "first_token (kd.divergence after mapping each teacher entry to the student token its "
+        "text starts with)",
     )
     alignment: AlignmentKind = Field(
         default=AlignmentKind.BYTE_SPAN,

@@ -33,9 +33,10 @@ token (the semantics its documentation states).
   onto the student vocabulary through the MinED map (each teacher entry → the student entry with
   the smallest edit distance; probabilities of entries mapped to the same student entry add up),
   then any divergence of ``distil.losses.divergences`` (default forward KL) against the student.
-* ``prefix``: ``min_ed``'s projection through :func:`distil.alignment.longest_prefix_map` (each
-  teacher entry → the longest student entry its bytes start with), so the projected teacher
-  distribution is its probability of the student's next token at the group start.
+* ``first_token``: ``min_ed``'s projection through :func:`distil.alignment.first_token_map`
+  (each teacher entry → the first token of the student's encoding of its text), so the
+  projected teacher distribution is its probability of the student's next token at the group
+  start.
 
 **Reduction** follows ``distil.losses.reduction`` with groups as positions: ``"mean"`` divides the
 sum over groups by ``num_items`` (default: the groups of this call; under gradient accumulation
@@ -99,7 +100,7 @@ class CrossTokenizerLoss(str, Enum):
     ULD = "uld"
     HYBRID = "hybrid"
     MIN_ED = "min_ed"
-    PREFIX = "prefix"
+    FIRST_TOKEN = "first_token"
 
 
 def group_log_probs(
@@ -504,8 +505,8 @@ CROSS_TOKENIZER_LOSSES: dict[str, Callable[..., Tensor]] = {
     CrossTokenizerLoss.ULD.value: uld,
     CrossTokenizerLoss.HYBRID.value: hybrid_uld,
     CrossTokenizerLoss.MIN_ED.value: min_ed,
-    CrossTokenizerLoss.PREFIX.value: min_ed,  # the same projection, through the prefix map
+    CrossTokenizerLoss.FIRST_TOKEN.value: min_ed,  # the same projection, another map
 }
 """Name → function table: ``fn(student_logits, teacher_logits, groups, *, kd_temperature,
 num_items, reduction, merge, ...)``; ``hybrid`` also takes ``shared_vocabulary``, ``min_ed``
-``vocab_map`` (``prefix`` too: its map is :func:`distil.alignment.longest_prefix_map`)."""
+``vocab_map`` (``first_token`` too: its map is :func:`distil.alignment.first_token_map`)."""

@@ -29,7 +29,7 @@ from distil.alignment.groups import AlignmentKind, align_spans, batch_groups
 from distil.alignment.offsets import ByteSpanEncoder, Special, TokenSpans
 from distil.alignment.vocab import (
     SharedVocabulary,
-    longest_prefix_map,
+    first_token_map,
     min_edit_distance_map,
     shared_vocabulary,
 )
@@ -347,11 +347,9 @@ def loss_parameters(
             "unmatched_weight": xt.unmatched_weight,
             **kd.divergence_params,
         }
-    elif xt.loss in (CrossTokenizerLoss.MIN_ED, CrossTokenizerLoss.PREFIX):
+    elif xt.loss in (CrossTokenizerLoss.MIN_ED, CrossTokenizerLoss.FIRST_TOKEN):
         started = time.perf_counter()
-        mapper = (
-            min_edit_distance_map if xt.loss is CrossTokenizerLoss.MIN_ED else longest_prefix_map
-        )
+        mapper = min_edit_distance_map if xt.loss is CrossTokenizerLoss.MIN_ED else first_token_map
         vocab_map = mapper(teacher_tokenizer, student_tokenizer)
         logger.info("%s vocabulary map in %.1f s", xt.loss.value, time.perf_counter() - started)
         params |= {
