@@ -3,7 +3,8 @@
 The built-in teacher (``lm_pretrain``: Llama 4 x 256, byte-level BPE of 8,192) is distilled into
 the same student (Llama 2 x 128, 2 heads, MLP 512, tied embeddings: ``lm_kd``'s shipped student)
 with the same budget (``--steps`` optimiser steps of 8 blocks of 256 of the student's own tokens,
-lr 1e-3, linear decay, 10 warm-up steps, kd_weight 0.9, T = 1, seed 0), on two tokenizer pairs:
+lr 1e-3, linear decay, 10 warm-up steps, kd_weight 0.9 unless ``--kd-weight``, T = 1, seed 0),
+on two tokenizer pairs:
 
 * **hard**: the student reads a Unigram of 4,096 with Metaspace pre-tokenisation (about half of
   the aligned groups one-to-one);
@@ -83,7 +84,7 @@ def common(args: argparse.Namespace) -> list[str]:
         f"data.max_length={args.max_length}",
         f"data.train_limit={8 * args.steps}",  # one epoch: every arm reads the same blocks
         "data.eval_limit=16",
-        "kd.kd_weight=0.9",
+        f"kd.kd_weight={args.kd_weight}",
         "kd.kd_temperature=1.0",
         "kd.divergence=forward_kl",
         "eval.generation.prompts=0",
@@ -231,6 +232,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--seqkd-prompts", type=int, default=1024)
     ap.add_argument("--cache-k", type=int, default=32)
+    ap.add_argument("--kd-weight", type=float, default=0.9, help="kd.kd_weight of every KD arm")
+    ap.add_argument(
+        "--only",
+        nargs="+",
+        default=None,
+        metavar="PAIR-ARM",
+        help="run these arms only, e.g. hard-hybrid",
+    )
     ap.add_argument("--eval-bytes", type=int, default=200_000)
     ap.add_argument("--max-length", type=int, default=256, help="tokens per block")
     ap.add_argument("--corpus-max-bytes", type=int, default=None, help="smoke tests only")
@@ -242,6 +251,8 @@ def main() -> None:
     seqkd = seqkd_texts(args)
     lines: list[dict[str, Any]] = []
     for pair, arm, overrides in arms(args, seqkd):
+        if args.only and f"{pair}-{arm}" not in args.only:
+            continue
         run_dir = args.work / "runs" / f"{pair}-{arm}"
         timing_file = run_dir / "bench-timing.json"
         if not (run_dir / "report.json").is_file():
@@ -292,7 +303,8 @@ def write_table(
         "",
         f"Held-out bits per byte on {int(scores['teacher']['bytes']):,} bytes of the built-in "
         f"corpus's validation split; student Llama 2x128 trained {args.steps} steps of 8 x 256 of "
-        "its own tokens (one epoch over the same training blocks) from the same initialisation; "
+        "its own tokens (one epoch over the same training blocks) from the same initialisation, "
+        f"kd_weight {args.kd_weight:g}; "
         "teacher bits per byte "
         f'{scores["teacher"]["bits_per_byte"]:.4f}. "share of same-tokenizer gain" = '
         "(no teacher − method) / (no teacher − same-tokenizer KD), each against the no-teacher "

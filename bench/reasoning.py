@@ -111,7 +111,9 @@ def run_arm(args: argparse.Namespace, name: str, seed: int) -> dict[str, Any]:
         "load_before": load_before,
         "load_after": os.getloadavg()[0],
         "run_dir": str(
-            run_dir.relative_to(ROOT) if run_dir.resolve().is_relative_to(ROOT) else run_dir
+            run_dir.resolve().relative_to(ROOT)
+            if run_dir.resolve().is_relative_to(ROOT)
+            else run_dir
         ),
     }
 
@@ -197,11 +199,19 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--work", default=str(ROOT / "runs" / "bench-reasoning"))
     parser.add_argument("--name", default="reasoning")
+    parser.add_argument(
+        "--finished-only",
+        action="store_true",
+        help="run nothing: tabulate the arms and seeds whose runs have finished",
+    )
     args = parser.parse_args()
     Path(args.work).mkdir(parents=True, exist_ok=True)
     rows = []
     for seed in args.seeds:
         for arm in args.arms:
+            done = Path(args.work) / f"seed{seed}-{_slug(arm)}" / "report.json"
+            if args.finished_only and not done.is_file():
+                continue
             row = run_arm(args, arm, seed)
             print(json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)
             rows.append(row)
