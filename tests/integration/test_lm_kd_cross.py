@@ -77,14 +77,16 @@ def test_text_kd_across_tokenizers_reports_bits_per_byte(
     assert len(_kd_steps(run_dir)) == 3
 
 
+@pytest.mark.parametrize("loss", ["min_ed", "first_token"])
 def test_a_cache_with_every_entry_trains_like_the_live_teacher(
-    lm: dict[str, Path], tmp_path: Path
+    lm: dict[str, Path], tmp_path: Path, loss: str
 ) -> None:
     """The alignment and the merged teacher distributions live in the cache; with k = V the
-    student sees the live teacher's numbers to float16 precision."""
+    student sees the live teacher's numbers to float16 precision (through either vocabulary
+    map)."""
     common = (
         "eval.baseline=false",
-        "kd.cross_tokenizer.loss=min_ed",
+        f"kd.cross_tokenizer.loss={loss}",
         "kd.cross_tokenizer.merge=bayesian",
     )
     code, out = run_cli(_args(lm, tmp_path / "live", *common))
