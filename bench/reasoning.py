@@ -95,6 +95,11 @@ def run_arm(args: argparse.Namespace, name: str, seed: int) -> dict[str, Any]:
         wall = time.perf_counter() - started
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        timing = {"wall_s": wall, "cpu_s": cpu, "load_before": load_before}
+        (run_dir / "bench-timing.json").write_text(json.dumps(timing))
+    elif (run_dir / "bench-timing.json").is_file():  # run earlier, maybe by another process
+        timing = json.loads((run_dir / "bench-timing.json").read_text())
+        wall, cpu, load_before = timing["wall_s"], timing["cpu_s"], timing["load_before"]
     report = json.loads((run_dir / "report.json").read_text())
     row = report["quality"]["table"]["rows"][-1]
     cost = report["cost"]["table"]["rows"][-1]
