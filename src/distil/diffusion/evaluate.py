@@ -150,11 +150,21 @@ def distance_vs_nfe_png(
         groups.setdefault(str(row["model"]), []).append(
             (float(row["nfe_per_image"]), float(row[metric]))
         )
-    for i, (name, points) in enumerate(groups.items()):
+    used: dict[str, int] = {}  # lines sharing a colour (every "teacher ..." line) get their own
+    for i, (name, points) in enumerate(groups.items()):  # marker and dash pattern
         points.sort()
         xs, ys = zip(*points, strict=True)
+        color = color_for(name, i)
+        k = used[color] = used.get(color, -1) + 1
         ax.plot(
-            xs, ys, marker="o", linewidth=1.4, markersize=4, label=name, color=color_for(name, i)
+            xs,
+            ys,
+            marker="osD^vP"[k % 6],
+            linestyle=("-", "--", "-.", ":")[k % 4],
+            linewidth=1.4,
+            markersize=4,
+            label=name,
+            color=color,
         )
     if floor is not None:
         ax.axhline(floor, linestyle="--", color="#888888", linewidth=1, label="real vs real")
