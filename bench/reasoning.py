@@ -182,8 +182,15 @@ def write_curve(rows: list[dict[str, Any]], out: Path) -> None:
         for ax, x in zip(axes, ("examples", "tokens"), strict=True):
             xs = [statistics.mean(c[j][x] for c in curves) for j in range(n)]
             ys = [statistics.mean(c[j]["held_out/pass@1"] for c in curves) for j in range(n)]
-            ax.plot(
-                xs, ys, marker="o", markersize=3, linewidth=1.1, color=color_for(arm, i), label=arm
+            ax.plot(  # 12 arms, 7 colours: the line style and marker tell repeats apart
+                xs,
+                ys,
+                marker="os^"[i // 7 % 3],
+                linestyle=("-", "--", ":")[i // 7 % 3],
+                markersize=3,
+                linewidth=1.1,
+                color=color_for(arm, i),
+                label=arm,
             )
     for ax, x in zip(axes, ("training sequences", "training tokens"), strict=True):
         ax.set_xlabel(x, fontsize=8)
