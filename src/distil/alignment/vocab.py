@@ -524,14 +524,14 @@ def first_token_map(
         surface = teacher_surfaces[i]
         if first and surface and surface.startswith(first):
             out[i] = canonical.get(first, ids[0])
-    for i in np.flatnonzero(out < 0):
-        surface = teacher_surfaces[i]
-        if i in teacher_specials or not surface:
+    for k in np.flatnonzero(out < 0).tolist():
+        surface = teacher_surfaces[k]
+        if k in teacher_specials or not surface:
             continue
         for n in range(min(len(surface), longest), 0, -1):
             match = canonical.get(surface[:n])
             if match is not None:
-                out[i] = match
+                out[k] = match
                 break
     missing = np.flatnonzero(out < 0)
     if missing.size:
