@@ -217,16 +217,21 @@ def token_surfaces(tokenizer: PreTrainedTokenizerBase) -> list[bytes | None]:
 
 
 def _match_keys(tokenizer: PreTrainedTokenizerBase, match: VocabMatch) -> list[object]:
-    """A hashable key per id; None for entries that never match."""
+    """A hashable key per id; None for entries that never match (by surface: also every
+    duplicate of a surface but the one the tokenizer writes)."""
     specials = special_token_ids(tokenizer)
     if match is VocabMatch.RAW:
         return list(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))))
+    surfaces = token_surfaces(tokenizer)
+    canonical = canonical_surface_ids(tokenizer, surfaces)
     keys: list[object] = []
-    for i, surface in enumerate(token_surfaces(tokenizer)):
+    for i, surface in enumerate(surfaces):
         if i in specials:
             keys.append(("special", specials[i]))
+        elif surface is None or canonical.get(surface, i) != i:
+            keys.append(None)
         else:
-            keys.append(None if surface is None else ("text", surface))
+            keys.append(("text", surface))
     return keys
 
 
@@ -250,25 +255,22 @@ def shared_vocabulary(
         ``"raw"`` keys, the lowest id.
     """
     match = VocabMatch(match)
-    student_keys = _match_keys(student_tokenizer, match)
     student_index: dict[object, int] = {}
-    for i in _canonical_first(student_tokenizer, match):
-        key = student_keys[i]
+    for i, key in enumerate(_match_keys(student_tokenizer, match)):
         if key is not None and key not in student_index:
             student_index[key] = i
-    pairs: list[tuple[int, int]] = []
+    teacher_ids: list[int] = []
+    student_ids: list[int] = []
     taken: set[int] = set()
-    teacher_keys = _match_keys(teacher_tokenizer, match)
-    for i in _canonical_first(teacher_tokenizer, match):
-        key = teacher_keys[i]
+    for i, key in enumerate(_match_keys(teacher_tokenizer, match)):
         j = student_index.get(key) if key is not None else None
         if j is not None and j not in taken:
-            pairs.append((i, j))
+            teacher_ids.append(i)
+            student_ids.append(j)
             taken.add(j)
-    pairs.sort()
     shared = SharedVocabulary(
-        torch.tensor([i for i, _ in pairs], dtype=torch.long),
-        torch.tensor([j for _, j in pairs], dtype=torch.long),
+        torch.tensor(teacher_ids, dtype=torch.long),
+        torch.tensor(student_ids, dtype=torch.long),
         len(teacher_tokenizer),
         len(student_tokenizer),
         match,
@@ -285,20 +287,15 @@ def shared_vocabulary(
     return shared
 
 
-def _canonical_first(tokenizer: PreTrainedTokenizerBase, match: VocabMatch) -> list[int]:
-    """Every id, the canonical entry of each surface first (surface matching only)."""
-    if match is not VocabMatch.SURFACE:
-        return list(range(len(tokenizer)))
-    canonical = set(canonical_surface_ids(tokenizer).values())
-    return sorted(range(len(tokenizer)), key=lambda i: (i not in canonical, i))
-
-
-def _edit_keys(tokenizer: PreTrainedTokenizerBase) -> list[bytes]:
-    """Byte strings compared by MinED: the surface, or the special token's / piece's text."""
+def _edit_keys(
+    tokenizer: PreTrainedTokenizerBase, surfaces: Sequence[bytes | None] | None = None
+) -> list[bytes]:
+    """Byte strings compared by MinED: the surface, or the special token's / piece's text
+    (``surfaces``: the tokenizer's :func:`token_surfaces`, when the caller has them)."""
     specials = special_token_ids(tokenizer)
     pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
     out = []
-    for i, surface in enumerate(token_surfaces(tokenizer)):
+    for i, surface in enumerate(token_surfaces(tokenizer) if surfaces is None else surfaces):
         if surface is not None:
             out.append(surface)
         else:
@@ -351,13 +348,13 @@ def min_edit_distance_map(
     Returns:
         ``(V_t,)`` int64 student ids.
     """
+    surfaces = token_surfaces(student_tokenizer)
     mapping = min_edit_distance_map_from_keys(
-        _edit_keys(teacher_tokenizer), _edit_keys(student_tokenizer)
+        _edit_keys(teacher_tokenizer), _edit_keys(student_tokenizer, surfaces)
     )
     # An entry and its duplicates (same surface) are at the same distance from everything:
     # the tie goes to the one the student tokenizer writes.
-    canonical = canonical_surface_ids(student_tokenizer)
-    surfaces = token_surfaces(student_tokenizer)
+    canonical = canonical_surface_ids(student_tokenizer, surfaces)
     return torch.tensor(
         [canonical.get(surfaces[j] or b"", j) for j in mapping.tolist()], dtype=torch.long
     )
@@ -421,7 +418,9 @@ def _bit_parallel(peq: Tensor, m: int, b: Tensor) -> Tensor:
     return score
 
 
-def canonical_surface_ids(tokenizer: PreTrainedTokenizerBase) -> dict[bytes, int]:
+def canonical_surface_ids(
+    tokenizer: PreTrainedTokenizerBase, surfaces: Sequence[bytes | None] | None = None
+) -> dict[bytes, int]:
     """Surface → the one entry that stands for it in this tokenizer's own output.
 
     Several entries can share a surface: a Unigram with byte fallback has the piece ``"!"`` and
@@ -434,23 +433,23 @@ def canonical_surface_ids(tokenizer: PreTrainedTokenizerBase) -> dict[bytes, int
 
     Args:
         tokenizer: any Hugging Face tokenizer.
+        surfaces: its :func:`token_surfaces`, when the caller has them (computed otherwise).
 
     Returns:
         One id per distinct surface (special tokens have none).
     """
     by_surface: dict[bytes, list[int]] = {}
-    for i, surface in enumerate(token_surfaces(tokenizer)):
+    for i, surface in enumerate(token_surfaces(tokenizer) if surfaces is None else surfaces):
         if surface:
             by_surface.setdefault(surface, []).append(i)
     out = {surface: ids[0] for surface, ids in by_surface.items()}
     repeated = {surface: ids for surface, ids in by_surface.items() if len(ids) > 1}
     if not repeated:
         return out
-    pieces = tokenizer.convert_ids_to_tokens([i for ids in repeated.values() for i in ids])
-    is_byte_piece = {
-        i: _BYTE_PIECE.match(piece or "") is not None
-        for i, piece in zip([i for ids in repeated.values() for i in ids], pieces, strict=True)
-    }
+
+    def is_byte_piece(i: int) -> bool:
+        return _BYTE_PIECE.match(str(tokenizer.convert_ids_to_tokens(i) or "")) is not None
+
     texts: dict[bytes, str] = {}
     for surface in repeated:
         try:
@@ -466,7 +465,7 @@ def canonical_surface_ids(tokenizer: PreTrainedTokenizerBase) -> dict[bytes, int
         if len(written) == 1 and written[0] in ids:
             out[surface] = int(written[0])
         else:
-            out[surface] = next((i for i in ids if not is_byte_piece[i]), ids[0])
+            out[surface] = next((i for i in ids if not is_byte_piece(i)), ids[0])
     return out
 
 
@@ -499,8 +498,8 @@ def first_token_map(
         ``(V_t,)`` int64 student ids.
     """
     student_specials = {text: i for i, text in special_token_ids(student_tokenizer).items()}
-    canonical = canonical_surface_ids(student_tokenizer)
     student_surfaces = token_surfaces(student_tokenizer)
+    canonical = canonical_surface_ids(student_tokenizer, student_surfaces)
     longest = max((len(k) for k in canonical), default=0)
     teacher_specials = special_token_ids(teacher_tokenizer)
     teacher_surfaces = token_surfaces(teacher_tokenizer)
@@ -535,7 +534,8 @@ def first_token_map(
                 break
     missing = np.flatnonzero(out < 0)
     if missing.size:
-        keys_t, keys_s = _edit_keys(teacher_tokenizer), _edit_keys(student_tokenizer)
+        keys_t = _edit_keys(teacher_tokenizer, teacher_surfaces)
+        keys_s = _edit_keys(student_tokenizer, student_surfaces)
         fallback = min_edit_distance_map_from_keys([keys_t[i] for i in missing], keys_s)
         out[missing] = fallback.numpy()
         logger.info("first-token map: %d teacher entries fell back to MinED", missing.size)
