@@ -59,9 +59,14 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
 
 
+def arm_dir(args: argparse.Namespace, name: str, seed: int) -> Path:
+    """The run folder of one arm and seed (its log sits next to it, ``<folder>.log``)."""
+    return Path(args.work) / f"seed{seed}-{_slug(name)}"
+
+
 def run_arm(args: argparse.Namespace, name: str, seed: int) -> dict[str, Any]:
     """One arm and seed: run it (unless finished) and read its report."""
-    run_dir = Path(args.work) / f"seed{seed}-{_slug(name)}"
+    run_dir = arm_dir(args, name, seed)
     data = Path(args.data)
     command = [
         sys.executable,
@@ -90,7 +95,7 @@ def run_arm(args: argparse.Namespace, name: str, seed: int) -> dict[str, Any]:
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.perf_counter()
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        with open(Path(args.work) / f"seed{seed}-{_slug(name)}.log", "w") as log:
+        with open(run_dir.parent / f"{run_dir.name}.log", "w") as log:
             subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
         wall = time.perf_counter() - started
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -221,8 +226,7 @@ def main() -> None:
     rows = []
     for seed in args.seeds:
         for arm in args.arms:
-            done = Path(args.work) / f"seed{seed}-{_slug(arm)}" / "report.json"
-            if args.finished_only and not done.is_file():
+            if args.finished_only and not (arm_dir(args, arm, seed) / "report.json").is_file():
                 continue
             row = run_arm(args, arm, seed)
             print(json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)

@@ -1,4 +1,4 @@
-"""Vocabulary correspondences between two tokenizers: surfaces, shared entries, MinED/prefix maps.
+"""Vocabulary correspondences between two tokenizers: surfaces, shared entries, MinED/first-token maps.
 
 A token's **surface** is the UTF-8 byte string it stands for in running text: ``"Ġdef"`` of a
 byte-level BPE and ``"▁def"`` of a Metaspace Unigram both stand for ``b" def"``. Surfaces are what
