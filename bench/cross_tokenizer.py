@@ -313,16 +313,7 @@ def write_table(
         "| pair | method | bits/byte | vs no teacher | share of same-tokenizer gain | train wall (s) | load |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
-    order = [
-        "baseline",
-        "seqkd",
-        "uld",
-        "byte_span_uld",
-        "hybrid",
-        "min_ed",
-        "first_token",
-        "hybrid_cache",
-    ]
+    order = ["baseline", "seqkd", *METHODS, "hybrid_cache"]
     rows = [("same", "same_tokenizer_baseline"), ("same", "same_tokenizer_kd")]
     for pair in ("hard", "easy"):
         rows += [(pair, arm) for arm in order]
